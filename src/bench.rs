@@ -1,0 +1,183 @@
+//! `atelier bench`: one FLUX transformer step timed on a chosen device, and the peak
+//! resident memory of loading its checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use burn::tensor::{DType, Tensor, TensorData};
+
+use crate::engine::device::SelectedDevice;
+use crate::engine::flux::{self, FluxConfig, FluxInput};
+use crate::engine::noise::{Mt19937, torch_randn};
+use crate::engine::weights::write_safetensors_f32;
+
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    /// An existing checkpoint; when absent, a random one of `config` is written to a temp file.
+    pub checkpoint: Option<PathBuf>,
+    pub config: FluxConfig,
+    pub img_tokens: usize,
+    pub txt_tokens: usize,
+    pub batch: usize,
+    pub steps: usize,
+    pub dtype: DType,
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    pub device: String,
+    pub file_bytes: u64,
+    pub rss_before_load: u64,
+    pub peak_rss_during_load: u64,
+    pub load_seconds: f64,
+    pub step_seconds: Vec<f64>,
+}
+
+impl BenchReport {
+    pub fn median_step(&self) -> f64 {
+        let mut s = self.step_seconds.clone();
+        s.sort_by(|a, b| a.total_cmp(b));
+        s[s.len() / 2]
+    }
+
+    pub fn print(&self, spec: &BenchSpec) {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let c = &spec.config;
+        println!("device: {}", self.device);
+        println!(
+            "config: hidden {} ({} heads), {} double + {} single blocks, mlp {}, {} image + {} text tokens, batch {}, {:?}",
+            c.hidden_size, c.num_heads, c.depth, c.depth_single_blocks, c.mlp_hidden_dim,
+            spec.img_tokens, spec.txt_tokens, spec.batch, spec.dtype
+        );
+        println!(
+            "load: {:.2} s; checkpoint {:.1} MiB; peak RSS during load {:.1} MiB ({:.1} MiB before load, {:.2}x the file)",
+            self.load_seconds,
+            mib(self.file_bytes),
+            mib(self.peak_rss_during_load),
+            mib(self.rss_before_load),
+            self.peak_rss_during_load as f64 / self.file_bytes as f64
+        );
+        let list: Vec<String> = self.step_seconds.iter().map(|s| format!("{s:.3}")).collect();
+        println!("step: median {:.3} s over {} runs [{}]", self.median_step(), list.len(), list.join(", "));
+    }
+}
+
+/// Current and peak resident set size of this process, from /proc (Linux).
+fn rss_bytes() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Restarts the kernel's peak-RSS counter so VmHWM measures only what follows.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Writes a random checkpoint of `config` in BFL layout, values ~ U(-1,1)/sqrt(fan_in).
+pub fn write_random_checkpoint(config: &FluxConfig, path: &Path, seed: u64) -> Result<()> {
+    let mut rng = Mt19937::new(seed);
+    let axes = serde_json::to_string(&config.axes_dim)?;
+    write_safetensors_f32(path, &config.parameters(), &[("axes_dims_rope", &axes)], |name, shape| {
+        let n: usize = shape.iter().product();
+        if name.ends_with(".scale") {
+            return vec![1.0; n];
+        }
+        let fan_in = if shape.len() == 2 { shape[1] } else { shape[0] } as f32;
+        let bound = 1.0 / fan_in.sqrt();
+        (0..n).map(|_| (rng.next_u32() as f32 / u32::MAX as f32 * 2.0 - 1.0) * bound).collect()
+    })
+}
+
+pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
+    if spec.steps == 0 || spec.img_tokens == 0 || spec.batch == 0 {
+        bail!("steps, image tokens and batch must be at least 1");
+    }
+    let temp;
+    let path = match &spec.checkpoint {
+        Some(p) => p.clone(),
+        None => {
+            temp = TempFile(std::env::temp_dir().join(format!("atelier-bench-{}.safetensors", std::process::id())));
+            eprintln!("writing a random checkpoint to {}", temp.0.display());
+            write_random_checkpoint(&spec.config, &temp.0, 0)?;
+            temp.0.clone()
+        }
+    };
+    let file_bytes = crate::engine::weights::WeightSet::open(&path)?.file_bytes();
+
+    let (rss_before_load, _) = rss_bytes();
+    reset_peak_rss();
+    let t0 = Instant::now();
+    let model = flux::load_transformer(&path, &device.device, spec.dtype, None)?;
+    device.device.sync().ok();
+    let load_seconds = t0.elapsed().as_secs_f64();
+    let (_, peak_rss_during_load) = rss_bytes();
+
+    let c = model.config.clone();
+    let dev = &device.device;
+    let upload = |seed: u64, shape: [usize; 3]| {
+        Tensor::<3>::from_data(TensorData::new(torch_randn(seed, &shape), shape), dev).cast(spec.dtype)
+    };
+    let img = upload(1, [spec.batch, spec.img_tokens, c.in_channels]);
+    let txt = upload(2, [spec.batch, spec.txt_tokens, c.context_in_dim]);
+    let y = Tensor::<2>::from_data(
+        TensorData::new(torch_randn(3, &[spec.batch, c.vec_in_dim]), [spec.batch, c.vec_in_dim]),
+        dev,
+    )
+    .cast(spec.dtype);
+    let (rows, cols) = grid_for(spec.img_tokens);
+    let rope = model.rope(spec.txt_tokens, rows, cols, dev);
+    let timesteps = vec![0.5f32; spec.batch];
+    let guidance = vec![3.5f32; spec.batch];
+
+    let mut step_seconds = Vec::new();
+    // One untimed warm-up step: kernel compilation and autotuning on GPUs.
+    for i in 0..=spec.steps {
+        let t = Instant::now();
+        let out = model.forward(FluxInput {
+            img: img.clone(),
+            txt: txt.clone(),
+            y: y.clone(),
+            timesteps: &timesteps,
+            guidance: c.guidance_embed.then_some(&guidance[..]),
+            rope: &rope,
+        })?;
+        let _ = out.into_data();
+        if i > 0 {
+            step_seconds.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(BenchReport {
+        device: device.description.clone(),
+        file_bytes,
+        rss_before_load,
+        peak_rss_during_load,
+        load_seconds,
+        step_seconds,
+    })
+}
+
+/// A latent grid with `n` cells, as square as possible.
+fn grid_for(n: usize) -> (usize, usize) {
+    let mut rows = (n as f64).sqrt() as usize;
+    while rows > 1 && n % rows != 0 {
+        rows -= 1;
+    }
+    (rows.max(1), n / rows.max(1))
+}
+
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

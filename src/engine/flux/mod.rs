@@ -1,0 +1,43 @@
+//! FLUX.1 transformer: configuration, checkpoint layouts, RoPE and the network itself.
+
+pub mod config;
+pub mod layout;
+pub mod model;
+pub mod rope;
+
+pub use config::{DiffusersConfig, FluxConfig};
+pub use layout::{Layout, TransformerWeights};
+pub use model::{Flux, FluxInput};
+pub use rope::Rope;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use burn::tensor::{DType, Device};
+
+/// Opens a transformer from a BFL/ComfyUI file or a diffusers `transformer/` folder,
+/// infers its configuration and loads it onto `device`.
+pub fn load_transformer(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+    axes_hint: Option<&DiffusersConfig>,
+) -> Result<Flux> {
+    let weights = TransformerWeights::open(path)?;
+    let own_config = if path.is_dir() { read_diffusers_config(&path.join("config.json"))? } else { None };
+    let hint = own_config.as_ref().or(axes_hint);
+    let config = FluxConfig::infer(&weights, hint)
+        .with_context(|| format!("reading the transformer configuration of {}", path.display()))?;
+    Flux::load(&weights, config, device, dtype)
+        .with_context(|| format!("loading the transformer {}", path.display()))
+}
+
+/// A diffusers `config.json`, if present.
+pub fn read_diffusers_config(path: &Path) -> Result<Option<DiffusersConfig>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let config = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(Some(config))
+}

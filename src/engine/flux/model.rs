@@ -1,0 +1,462 @@
+//! The FLUX.1 MMDiT: double-stream blocks (separate image and text weights, joint
+//! attention) followed by single-stream blocks over the concatenated sequence.
+//! Field names are the checkpoint's own key segments, so loading is a walk over names.
+
+use anyhow::{Result, bail};
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::activation::{gelu_approximate, silu};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use super::config::FluxConfig;
+use super::layout::TransformerWeights;
+use super::rope::{Rope, timestep_embedding};
+
+const EPS: f64 = 1e-6;
+
+/// Loads BFL-named tensors onto a device as burn modules.
+pub(crate) struct Loader<'a> {
+    pub weights: &'a TransformerWeights,
+    pub device: &'a Device,
+    pub dtype: DType,
+}
+
+impl Loader<'_> {
+    fn tensor<const D: usize>(&self, name: &str) -> Result<Tensor<D>> {
+        let t = self.weights.read(name)?;
+        if t.shape.len() != D {
+            bail!("{name}: expected {D} dims, found shape {:?}", t.shape);
+        }
+        Ok(self.upload(TensorData::new(t.data, t.shape)))
+    }
+
+    fn upload<const D: usize>(&self, data: TensorData) -> Tensor<D> {
+        let t = Tensor::from_data(data, self.device);
+        if self.dtype == DType::F32 { t } else { t.cast(self.dtype) }
+    }
+
+    /// PyTorch stores [out, in]; burn's `Linear` multiplies by [in, out]. Transposing
+    /// here, once, keeps every forward a plain contiguous matmul.
+    fn linear(&self, path: &str, bias: bool) -> Result<Linear> {
+        let w = self.weights.read(&format!("{path}.weight"))?;
+        let [out, inp] = w.shape[..] else {
+            bail!("{path}.weight: expected a matrix, found shape {:?}", w.shape);
+        };
+        let mut t = vec![0f32; w.data.len()];
+        for o in 0..out {
+            for i in 0..inp {
+                t[i * out + o] = w.data[o * inp + i];
+            }
+        }
+        drop(w);
+        let weight = Param::from_tensor(self.upload(TensorData::new(t, [inp, out])));
+        let bias = if bias {
+            Some(Param::from_tensor(self.tensor::<1>(&format!("{path}.bias"))?))
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+}
+
+/// BFL's `MLPEmbedder`: Linear → SiLU → Linear.
+#[derive(Module, Debug)]
+pub struct MlpEmbedder {
+    pub in_layer: Linear,
+    pub out_layer: Linear,
+}
+
+impl MlpEmbedder {
+    fn load(l: &Loader, path: &str) -> Result<Self> {
+        Ok(MlpEmbedder {
+            in_layer: l.linear(&format!("{path}.in_layer"), true)?,
+            out_layer: l.linear(&format!("{path}.out_layer"), true)?,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.out_layer.forward(silu(self.in_layer.forward(x)))
+    }
+}
+
+/// RMSNorm over the head dim for queries and keys, computed in f32.
+#[derive(Module, Debug)]
+pub struct QkNorm {
+    pub query_norm: Param<Tensor<1>>,
+    pub key_norm: Param<Tensor<1>>,
+}
+
+impl QkNorm {
+    fn load(l: &Loader, path: &str) -> Result<Self> {
+        Ok(QkNorm {
+            query_norm: Param::from_tensor(l.tensor(&format!("{path}.query_norm.scale"))?),
+            key_norm: Param::from_tensor(l.tensor(&format!("{path}.key_norm.scale"))?),
+        })
+    }
+
+    /// Returns f32 queries and keys, ready for RoPE.
+    pub fn forward(&self, q: Tensor<4>, k: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        (rms_norm(q, &self.query_norm.val()), rms_norm(k, &self.key_norm.val()))
+    }
+}
+
+fn rms_norm(x: Tensor<4>, scale: &Tensor<1>) -> Tensor<4> {
+    let x = x.cast(DType::F32);
+    let rrms = (x.clone().square().mean_dim(3) + EPS).sqrt().recip();
+    let scale = scale.clone().cast(DType::F32).reshape([1, 1, 1, -1]);
+    x * rrms * scale
+}
+
+/// LayerNorm without affine parameters (eps 1e-6), computed in f32.
+fn layer_norm(x: Tensor<3>) -> Tensor<3> {
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
+    let (var, mean) = x.clone().var_mean_bias(2);
+    ((x - mean) / (var + EPS).sqrt()).cast(dtype)
+}
+
+/// One (shift, scale, gate) triple, each [B, 1, hidden].
+pub struct ModulationOut {
+    pub shift: Tensor<3>,
+    pub scale: Tensor<3>,
+    pub gate: Tensor<3>,
+}
+
+impl ModulationOut {
+    /// (1 + scale) · x + shift
+    fn modulate(&self, x: Tensor<3>) -> Tensor<3> {
+        (self.scale.clone() + 1.0) * x + self.shift.clone()
+    }
+}
+
+/// Projects the conditioning vector to `chunks` modulation vectors.
+#[derive(Module, Debug)]
+pub struct Modulation {
+    pub lin: Linear,
+    pub chunks: usize,
+}
+
+impl Modulation {
+    fn load(l: &Loader, path: &str, chunks: usize) -> Result<Self> {
+        Ok(Modulation { lin: l.linear(&format!("{path}.lin"), true)?, chunks })
+    }
+
+    pub fn forward(&self, vec: Tensor<2>) -> Vec<Tensor<3>> {
+        self.lin.forward(silu(vec)).unsqueeze_dim::<3>(1).chunk(self.chunks, 2)
+    }
+
+    fn triples(&self, vec: Tensor<2>) -> Vec<ModulationOut> {
+        let parts = self.forward(vec);
+        parts
+            .chunks(3)
+            .map(|c| ModulationOut { shift: c[0].clone(), scale: c[1].clone(), gate: c[2].clone() })
+            .collect()
+    }
+}
+
+/// Splits fused [B, L, 3·H·D] projections into q, k, v of [B, H, L, D].
+fn split_qkv(qkv: Tensor<3>, heads: usize) -> [Tensor<4>; 3] {
+    let [b, l, three_hd] = qkv.dims();
+    let hd = three_hd / 3;
+    let head = |i: usize| {
+        qkv.clone()
+            .narrow(2, i * hd, hd)
+            .reshape([b, l, heads, hd / heads])
+            .swap_dims(1, 2)
+    };
+    [head(0), head(1), head(2)]
+}
+
+/// RoPE on f32 q and k, then scaled dot-product attention in the model dtype;
+/// returns [B, L, H·D].
+fn rope_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, rope: &Rope) -> Tensor<3> {
+    let dtype = v.dtype();
+    let q = rope.apply(q).cast(dtype);
+    let k = rope.apply(k).cast(dtype);
+    let x = attention(q, k, v, None, None, AttentionModuleOptions::default());
+    let [b, h, l, d] = x.dims();
+    x.swap_dims(1, 2).reshape([b, l, h * d])
+}
+
+/// Attention weights of one stream in a double block.
+#[derive(Module, Debug)]
+pub struct SelfAttention {
+    pub qkv: Linear,
+    pub norm: QkNorm,
+    pub proj: Linear,
+}
+
+impl SelfAttention {
+    fn load(l: &Loader, path: &str, qkv_bias: bool) -> Result<Self> {
+        Ok(SelfAttention {
+            qkv: l.linear(&format!("{path}.qkv"), qkv_bias)?,
+            norm: QkNorm::load(l, &format!("{path}.norm"))?,
+            proj: l.linear(&format!("{path}.proj"), true)?,
+        })
+    }
+
+    /// Normalized (f32) q, k and v for this stream.
+    fn qkv(&self, x: Tensor<3>, heads: usize) -> [Tensor<4>; 3] {
+        let [q, k, v] = split_qkv(self.qkv.forward(x), heads);
+        let (q, k) = self.norm.forward(q, k);
+        [q, k, v]
+    }
+}
+
+/// Linear → GELU(tanh) → Linear, BFL's `img_mlp` / `txt_mlp` (`0` and `2` in its Sequential).
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+impl Mlp {
+    fn load(l: &Loader, path: &str) -> Result<Self> {
+        Ok(Mlp { fc1: l.linear(&format!("{path}.0"), true)?, fc2: l.linear(&format!("{path}.2"), true)? })
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.fc2.forward(gelu_approximate(self.fc1.forward(x)))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DoubleStreamBlock {
+    pub img_mod: Modulation,
+    pub img_attn: SelfAttention,
+    pub img_mlp: Mlp,
+    pub txt_mod: Modulation,
+    pub txt_attn: SelfAttention,
+    pub txt_mlp: Mlp,
+    pub num_heads: usize,
+}
+
+impl DoubleStreamBlock {
+    fn load(l: &Loader, path: &str, c: &FluxConfig) -> Result<Self> {
+        let p = |s: &str| format!("{path}.{s}");
+        Ok(DoubleStreamBlock {
+            img_mod: Modulation::load(l, &p("img_mod"), 6)?,
+            img_attn: SelfAttention::load(l, &p("img_attn"), c.qkv_bias)?,
+            img_mlp: Mlp::load(l, &p("img_mlp"))?,
+            txt_mod: Modulation::load(l, &p("txt_mod"), 6)?,
+            txt_attn: SelfAttention::load(l, &p("txt_attn"), c.qkv_bias)?,
+            txt_mlp: Mlp::load(l, &p("txt_mlp"))?,
+            num_heads: c.num_heads,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        img: Tensor<3>,
+        txt: Tensor<3>,
+        vec: Tensor<2>,
+        rope: &Rope,
+    ) -> (Tensor<3>, Tensor<3>) {
+        let [img_mod1, img_mod2]: [ModulationOut; 2] =
+            self.img_mod.triples(vec.clone()).try_into().ok().expect("6 chunks");
+        let [txt_mod1, txt_mod2]: [ModulationOut; 2] =
+            self.txt_mod.triples(vec).try_into().ok().expect("6 chunks");
+
+        let [img_q, img_k, img_v] =
+            self.img_attn.qkv(img_mod1.modulate(layer_norm(img.clone())), self.num_heads);
+        let [txt_q, txt_k, txt_v] =
+            self.txt_attn.qkv(txt_mod1.modulate(layer_norm(txt.clone())), self.num_heads);
+
+        // Joint attention over text then image tokens.
+        let q = Tensor::cat(vec![txt_q, img_q], 2);
+        let k = Tensor::cat(vec![txt_k, img_k], 2);
+        let v = Tensor::cat(vec![txt_v, img_v], 2);
+        let attn = rope_attention(q, k, v, rope);
+        let txt_len = txt.dims()[1];
+        let txt_attn = attn.clone().narrow(1, 0, txt_len);
+        let img_attn = attn.narrow(1, txt_len, img.dims()[1]);
+
+        let img = img + img_mod1.gate * self.img_attn.proj.forward(img_attn);
+        let img = img.clone()
+            + img_mod2.gate.clone() * self.img_mlp.forward(img_mod2.modulate(layer_norm(img)));
+        let txt = txt + txt_mod1.gate * self.txt_attn.proj.forward(txt_attn);
+        let txt = txt.clone()
+            + txt_mod2.gate.clone() * self.txt_mlp.forward(txt_mod2.modulate(layer_norm(txt)));
+        (img, txt)
+    }
+}
+
+/// Parallel attention + MLP over the joint sequence, with fused input and output projections.
+#[derive(Module, Debug)]
+pub struct SingleStreamBlock {
+    /// → q, k, v and the MLP's hidden input, in that order.
+    pub linear1: Linear,
+    /// ← attention output and activated MLP hidden, concatenated.
+    pub linear2: Linear,
+    pub norm: QkNorm,
+    pub modulation: Modulation,
+    pub num_heads: usize,
+    pub hidden_size: usize,
+}
+
+impl SingleStreamBlock {
+    fn load(l: &Loader, path: &str, c: &FluxConfig) -> Result<Self> {
+        let p = |s: &str| format!("{path}.{s}");
+        Ok(SingleStreamBlock {
+            linear1: l.linear(&p("linear1"), true)?,
+            linear2: l.linear(&p("linear2"), true)?,
+            norm: QkNorm::load(l, &p("norm"))?,
+            modulation: Modulation::load(l, &p("modulation"), 3)?,
+            num_heads: c.num_heads,
+            hidden_size: c.hidden_size,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<3>, vec: Tensor<2>, rope: &Rope) -> Tensor<3> {
+        let m = self.modulation.triples(vec).pop().expect("3 chunks");
+        let h = self.linear1.forward(m.modulate(layer_norm(x.clone())));
+        let mlp_dim = h.dims()[2] - 3 * self.hidden_size;
+        let qkv = h.clone().narrow(2, 0, 3 * self.hidden_size);
+        let mlp = h.narrow(2, 3 * self.hidden_size, mlp_dim);
+        let [q, k, v] = split_qkv(qkv, self.num_heads);
+        let (q, k) = self.norm.forward(q, k);
+        let attn = rope_attention(q, k, v, rope);
+        let out = self.linear2.forward(Tensor::cat(vec![attn, gelu_approximate(mlp)], 2));
+        x + m.gate * out
+    }
+}
+
+/// AdaLN (shift, scale) then the projection back to packed latent channels.
+#[derive(Module, Debug)]
+pub struct LastLayer {
+    /// BFL's `adaLN_modulation.1` (index 0 of its Sequential is the SiLU).
+    pub ada_ln_modulation: Linear,
+    pub linear: Linear,
+}
+
+impl LastLayer {
+    fn load(l: &Loader) -> Result<Self> {
+        Ok(LastLayer {
+            ada_ln_modulation: l.linear("final_layer.adaLN_modulation.1", true)?,
+            linear: l.linear("final_layer.linear", true)?,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<3>, vec: Tensor<2>) -> Tensor<3> {
+        let mut parts = self.ada_ln_modulation.forward(silu(vec)).unsqueeze_dim::<3>(1).chunk(2, 2);
+        let scale = parts.pop().unwrap();
+        let shift = parts.pop().unwrap();
+        self.linear.forward((scale + 1.0) * layer_norm(x) + shift)
+    }
+}
+
+/// The whole transformer.
+#[derive(Module, Debug)]
+pub struct Flux {
+    pub img_in: Linear,
+    pub txt_in: Linear,
+    pub time_in: MlpEmbedder,
+    pub vector_in: MlpEmbedder,
+    pub guidance_in: Option<MlpEmbedder>,
+    pub double_blocks: Vec<DoubleStreamBlock>,
+    pub single_blocks: Vec<SingleStreamBlock>,
+    pub final_layer: LastLayer,
+    #[module(skip)]
+    pub config: FluxConfig,
+}
+
+/// Conditioning for one forward pass; `timesteps` and `guidance` have one value per batch
+/// item, timesteps in [0, 1] (sigma), as diffusers passes them.
+pub struct FluxInput<'a> {
+    /// Packed latents [B, L_img, in_channels].
+    pub img: Tensor<3>,
+    /// T5 states [B, L_txt, context_in_dim].
+    pub txt: Tensor<3>,
+    /// CLIP pooled [B, vec_in_dim].
+    pub y: Tensor<2>,
+    pub timesteps: &'a [f32],
+    pub guidance: Option<&'a [f32]>,
+    /// Built from text ids then image ids.
+    pub rope: &'a Rope,
+}
+
+impl Flux {
+    /// Builds the module tree from a checkpoint, tensor by tensor, in `dtype` on `device`.
+    pub fn load(
+        weights: &TransformerWeights,
+        config: FluxConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        weights.check_complete(&config.parameter_names())?;
+        let l = Loader { weights, device, dtype };
+        Ok(Flux {
+            img_in: l.linear("img_in", true)?,
+            txt_in: l.linear("txt_in", true)?,
+            time_in: MlpEmbedder::load(&l, "time_in")?,
+            vector_in: MlpEmbedder::load(&l, "vector_in")?,
+            guidance_in: if config.guidance_embed {
+                Some(MlpEmbedder::load(&l, "guidance_in")?)
+            } else {
+                None
+            },
+            double_blocks: (0..config.depth)
+                .map(|i| DoubleStreamBlock::load(&l, &format!("double_blocks.{i}"), &config))
+                .collect::<Result<_>>()?,
+            single_blocks: (0..config.depth_single_blocks)
+                .map(|i| SingleStreamBlock::load(&l, &format!("single_blocks.{i}"), &config))
+                .collect::<Result<_>>()?,
+            final_layer: LastLayer::load(&l)?,
+            config,
+        })
+    }
+
+    /// RoPE tables for a text length and a packed latent grid.
+    pub fn rope(&self, txt_len: usize, rows: usize, cols: usize, device: &Device) -> Rope {
+        let mut ids = super::rope::text_ids(txt_len);
+        ids.extend(super::rope::image_ids(rows, cols));
+        Rope::new(&ids, &self.config.axes_dim, self.config.theta, device)
+    }
+
+    /// Predicts the flow velocity for packed latents: [B, L_img, out_channels].
+    pub fn forward(&self, input: FluxInput) -> Result<Tensor<3>> {
+        let FluxInput { img, txt, y, timesteps, guidance, rope } = input;
+        let [batch, img_len, channels] = img.dims();
+        let [txt_batch, txt_len, txt_dim] = txt.dims();
+        let c = &self.config;
+        if channels != c.in_channels || txt_dim != c.context_in_dim || y.dims() != [batch, c.vec_in_dim] {
+            bail!(
+                "input sizes img {:?}, txt {:?}, y {:?} do not fit this model ({} / {} / {})",
+                img.dims(), txt.dims(), y.dims(), c.in_channels, c.context_in_dim, c.vec_in_dim
+            );
+        }
+        if txt_batch != batch || timesteps.len() != batch {
+            bail!("batch sizes differ: img {batch}, txt {txt_batch}, timesteps {}", timesteps.len());
+        }
+        if rope.cos.dims()[2] != txt_len + img_len {
+            bail!("RoPE table covers {} tokens, input has {}", rope.cos.dims()[2], txt_len + img_len);
+        }
+        let device = img.device();
+        let dtype = img.dtype();
+        let embed = |v: &[f32]| timestep_embedding(v, 256, &device).cast(dtype);
+
+        let img = self.img_in.forward(img);
+        let mut vec = self.time_in.forward(embed(timesteps));
+        match (&self.guidance_in, guidance) {
+            (Some(g_in), Some(g)) if g.len() == batch => vec = vec + g_in.forward(embed(g)),
+            (Some(_), Some(g)) => bail!("{} guidance values for a batch of {batch}", g.len()),
+            (Some(_), None) => bail!("this model (FLUX.1-dev style) needs a guidance value"),
+            (None, _) => {} // schnell ignores guidance, as the reference does
+        }
+        let vec = vec + self.vector_in.forward(y);
+        let mut txt = self.txt_in.forward(txt);
+
+        let mut img = img;
+        for block in &self.double_blocks {
+            (img, txt) = block.forward(img, txt, vec.clone(), rope);
+        }
+        let mut x = Tensor::cat(vec![txt, img], 1);
+        for block in &self.single_blocks {
+            x = block.forward(x, vec.clone(), rope);
+        }
+        let img = x.narrow(1, txt_len, img_len);
+        Ok(self.final_layer.forward(img, vec))
+    }
+}

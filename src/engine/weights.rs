@@ -1,0 +1,334 @@
+//! Reading safetensors checkpoints without a second copy in memory.
+//!
+//! Files are memory-mapped; each tensor is converted (BF16/F16/F32/F64 → f32) straight out of
+//! the mapping when a model asks for it, and the pages it came from are then handed back to the
+//! kernel, so loading a multi-GB file peaks near the size of the loaded model, not twice it.
+//! Shards of a diffusers folder are opened together and look like one file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
+
+/// A tensor on the host, row-major, in f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Stacks tensors along their first dimension (the rows of a PyTorch weight).
+    pub fn concat_rows(parts: Vec<HostTensor>) -> Result<HostTensor> {
+        let first = parts.first().ok_or_else(|| anyhow!("nothing to concatenate"))?;
+        let tail = first.shape[1..].to_vec();
+        let mut rows = 0;
+        for p in &parts {
+            if p.shape[1..] != tail[..] {
+                bail!("cannot stack shapes {:?} and {:?}", first.shape, p.shape);
+            }
+            rows += p.shape[0];
+        }
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.numel()).sum());
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
+        let mut shape = vec![rows];
+        shape.extend(tail);
+        Ok(HostTensor { shape, data })
+    }
+
+    /// Swaps the two halves along the first dimension: (a, b) → (b, a).
+    pub fn swap_row_halves(mut self) -> Result<HostTensor> {
+        if self.shape.is_empty() || self.shape[0] % 2 != 0 {
+            bail!("cannot split shape {:?} into two halves", self.shape);
+        }
+        let half = self.numel() / 2;
+        self.data.rotate_left(half);
+        Ok(self)
+    }
+}
+
+/// One memory-mapped `.safetensors` file.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+    metadata: HashMap<String, String>,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: the mapping is read-only; a file truncated underneath us by another process
+        // is outside what we can defend against, as for every mmap-based loader.
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot memory-map {}", path.display()))?;
+        let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            anyhow!(
+                "{} is not a valid safetensors file ({}); is it truncated or a different format?",
+                path.display(),
+                describe_safetensors_error(&e)
+            )
+        })?;
+        let tensors = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + header_len,
+            tensors,
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    fn read(&self, name: &str) -> Result<HostTensor> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("tensor {name} not in {}", self.path.display()))?;
+        let (start, end) = info.data_offsets;
+        let bytes = &self.mmap[self.data_start + start..self.data_start + end];
+        let data = decode_floats(bytes, info.dtype)
+            .with_context(|| format!("tensor {name} in {}", self.path.display()))?;
+        // The tensor now lives in `data`; drop the file pages it came from so the mapping does
+        // not double the resident size. They are re-read from disk if ever touched again.
+        // SAFETY: the mapping is private and read-only, so discarding pages loses nothing.
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(
+                UncheckedAdvice::DontNeed,
+                self.data_start + start,
+                end - start,
+            );
+        }
+        Ok(HostTensor { shape: info.shape.clone(), data })
+    }
+}
+
+fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::MetadataIncompleteBuffer => "the data section is shorter or longer than its header says".into(),
+        E::HeaderTooSmall | E::InvalidHeaderLength => "the header is cut short".into(),
+        other => other.to_string(),
+    }
+}
+
+fn decode_floats(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
+    // Little-endian per the safetensors spec; the mapping is not necessarily aligned.
+    Ok(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
+        other => bail!("dtype {other:?} is not supported (expected F32, F16, BF16 or F64)"),
+    })
+}
+
+/// All tensors of a checkpoint, possibly spread over several files.
+pub struct WeightSet {
+    files: Vec<SafetensorsFile>,
+    index: BTreeMap<String, usize>,
+}
+
+impl WeightSet {
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        if paths.is_empty() {
+            bail!("no weight files given");
+        }
+        let mut files = Vec::new();
+        let mut index = BTreeMap::new();
+        for path in paths {
+            let file = SafetensorsFile::open(path)?;
+            for name in file.tensors.keys() {
+                if let Some(prev) = index.insert(name.clone(), files.len()) {
+                    let prev: &SafetensorsFile = &files[prev];
+                    bail!(
+                        "tensor {name} appears in both {} and {}",
+                        prev.path.display(),
+                        path.display()
+                    );
+                }
+            }
+            files.push(file);
+        }
+        Ok(WeightSet { files, index })
+    }
+
+    /// A single `.safetensors` file, or a diffusers component folder (sharded or not).
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Self::open_files(&diffusers_weight_files(path)?)
+        } else if path.exists() {
+            Self::open_files(&[path.to_path_buf()])
+        } else {
+            bail!("{} does not exist", path.display())
+        }
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(|k| k.as_str())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        let file = &self.files[*self.index.get(name)?];
+        Some(&file.tensors[name].shape)
+    }
+
+    pub fn read(&self, name: &str) -> Result<HostTensor> {
+        let file = self.index.get(name).ok_or_else(|| anyhow!("missing tensor {name}"))?;
+        self.files[*file].read(name)
+    }
+
+    /// `__metadata__` entries of all files.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.files.iter().find_map(|f| f.metadata.get(key).map(|s| s.as_str()))
+    }
+
+    pub fn paths(&self) -> Vec<&Path> {
+        self.files.iter().map(|f| f.path()).collect()
+    }
+
+    /// Total bytes of tensor data across files.
+    pub fn file_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.mmap.len() as u64).sum()
+    }
+}
+
+/// The weight files of a diffusers component folder: the shards named by
+/// `*.safetensors.index.json`, or the single `*.safetensors` file in it.
+pub fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    if let Some(index) = entries
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
+    {
+        let text = std::fs::read_to_string(index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| anyhow!("{} has no weight_map", index.display()))?;
+        let mut shards: Vec<String> =
+            map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+        shards.sort();
+        shards.dedup();
+        return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
+    }
+    let mut singles: Vec<PathBuf> = entries
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    singles.sort();
+    match singles.len() {
+        0 => bail!("no .safetensors file in {}", dir.display()),
+        1 => Ok(singles),
+        _ => bail!(
+            "{} holds several .safetensors files but no index.json saying which belong together",
+            dir.display()
+        ),
+    }
+}
+
+/// Writes an f32 safetensors file tensor by tensor, so a large synthetic checkpoint
+/// never has to sit in memory whole. `fill` produces each tensor's values in order.
+pub fn write_safetensors_f32(
+    path: &Path,
+    tensors: &[(String, Vec<usize>)],
+    metadata: &[(&str, &str)],
+    mut fill: impl FnMut(&str, &[usize]) -> Vec<f32>,
+) -> Result<()> {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let meta: serde_json::Map<String, serde_json::Value> =
+            metadata.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect();
+        header.insert("__metadata__".into(), meta.into());
+    }
+    let mut offset = 0usize;
+    for (name, shape) in tensors {
+        let bytes = shape.iter().product::<usize>() * 4;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut header = serde_json::to_string(&header)?.into_bytes();
+    // Pad so the data section starts 8-byte aligned, as the reference writer does.
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(&header)?;
+    for (name, shape) in tensors {
+        let values = fill(name, shape);
+        if values.len() != shape.iter().product::<usize>() {
+            bail!("{name}: {} values for shape {shape:?}", values.len());
+        }
+        for v in values {
+            out.write_all(&v.to_le_bytes())?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_half_precision() {
+        let one_bf16 = half::bf16::from_f32(1.5).to_le_bytes();
+        let one_f16 = half::f16::from_f32(-2.25).to_le_bytes();
+        assert_eq!(decode_floats(&one_bf16, Dtype::BF16).unwrap(), vec![1.5]);
+        assert_eq!(decode_floats(&one_f16, Dtype::F16).unwrap(), vec![-2.25]);
+        assert!(decode_floats(&[0u8; 4], Dtype::I32).is_err());
+    }
+
+    #[test]
+    fn swaps_halves() {
+        let t = HostTensor { shape: vec![4, 1], data: vec![1., 2., 3., 4.] };
+        assert_eq!(t.swap_row_halves().unwrap().data, vec![3., 4., 1., 2.]);
+    }
+}

@@ -1,0 +1,5 @@
+//! atelier: a self-hosted FLUX.1 generation server with its own metering.
+
+pub mod bench;
+pub mod config;
+pub mod engine;

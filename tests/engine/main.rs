@@ -1,0 +1,7 @@
+//! Engine tests against reference goldens made by `tests/reference/make_goldens.py`.
+
+mod common;
+mod flux_golden;
+mod flux_errors;
+mod noise_golden;
+mod sampler_golden;
