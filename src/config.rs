@@ -2,8 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
+
+use crate::ledger::{MeteringConfig, PlanConfig, PlansConfig, PricingConfig};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -11,6 +15,10 @@ pub struct Config {
     pub server: ServerConfig,
     pub engine: EngineConfig,
     pub limits: Limits,
+    /// `[metering]`, `[plans.*]`, `[pricing]`: read by the ledger (see `Config::plans`).
+    pub metering: MeteringConfig,
+    pub plans: BTreeMap<String, PlanConfig>,
+    pub pricing: PricingConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -38,7 +46,15 @@ pub struct Limits {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { server: Default::default(), engine: Default::default(), limits: Default::default() }
+        let plans = PlansConfig::shipped();
+        Config {
+            server: Default::default(),
+            engine: Default::default(),
+            limits: Default::default(),
+            metering: plans.metering,
+            plans: plans.plans,
+            pricing: plans.pricing,
+        }
     }
 }
 
@@ -76,7 +92,14 @@ impl Config {
         Ok(config)
     }
 
+    /// The metering configuration, validated; a config without `[plans.*]` keeps the shipped plans.
+    pub fn plans(&self) -> Result<PlansConfig> {
+        let plans = if self.plans.is_empty() { PlansConfig::shipped().plans } else { self.plans.clone() };
+        Ok(PlansConfig::from_parts(self.metering.clone(), plans, self.pricing.clone())?)
+    }
+
     pub fn validate(&self) -> Result<()> {
+        self.plans()?;
         self.engine.device.parse::<crate::engine::device::DeviceChoice>()?;
         crate::engine::parse_dtype(&self.engine.dtype)?;
         let l = &self.limits;

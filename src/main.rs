@@ -11,6 +11,7 @@ use atelier::config::Config;
 use atelier::engine::device::{self, DeviceChoice};
 use atelier::engine::flux::{self, FluxConfig, TransformerWeights};
 use atelier::engine::parse_dtype;
+use atelier::ledger::{self, SystemClock};
 
 #[derive(Parser)]
 #[command(name = "atelier", version, about = "Self-hosted FLUX.1 generation with metering")]
@@ -18,7 +19,7 @@ struct Cli {
     /// Configuration file (defaults to the built-in config.toml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// Data directory (database, images); overrides the config.
+    /// Data directory (database `atelier.db`, images); overrides the config.
     #[arg(long, global = true)]
     data: Option<PathBuf>,
     #[command(subcommand)]
@@ -34,6 +35,9 @@ enum Command {
         /// A BFL / ComfyUI .safetensors file or a diffusers transformer folder.
         path: PathBuf,
     },
+    /// Users, plans and prices: `user add|set-plan|grant|cancel|show`, `plan list`, `price`.
+    #[command(flatten)]
+    Ledger(ledger::cli::LedgerCommand),
 }
 
 #[derive(Args)]
@@ -83,10 +87,25 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let _config = Config::load(cli.config.as_deref())?;
+    let config = Config::load(cli.config.as_deref())?;
+    let data_dir = cli.data.clone().unwrap_or_else(|| config.server.data_dir.clone());
     match cli.command {
         Command::Bench(args) => run_bench(args),
         Command::Inspect { path } => inspect(&path),
+        Command::Ledger(cmd) => {
+            let out = ledger::cli::run(
+                &data_dir,
+                &cmd,
+                std::sync::Arc::new(config.plans()?),
+                std::sync::Arc::new(SystemClock),
+                &mut std::io::stdin().lock(),
+            )?;
+            print!("{out}");
+            if !out.is_empty() && !out.ends_with('\n') {
+                println!();
+            }
+            Ok(())
+        }
     }
 }
 

@@ -37,21 +37,16 @@ impl Loader<'_> {
         if self.dtype == DType::F32 { t } else { t.cast(self.dtype) }
     }
 
-    /// PyTorch stores [out, in]; burn's `Linear` multiplies by [in, out]. Transposing
-    /// here, once, keeps every forward a plain contiguous matmul.
+    /// PyTorch stores [out, in]; burn's `Linear` multiplies by [in, out]. The weight is
+    /// uploaded as stored and viewed transposed (a stride swap, as burn's
+    /// `LinearLayout::Col` does): no copy at load, and the backends' strided matmul reads it
+    /// in place.
     fn linear(&self, path: &str, bias: bool) -> Result<Linear> {
         let w = self.weights.read(&format!("{path}.weight"))?;
-        let [out, inp] = w.shape[..] else {
+        if w.shape.len() != 2 {
             bail!("{path}.weight: expected a matrix, found shape {:?}", w.shape);
-        };
-        let mut t = vec![0f32; w.data.len()];
-        for o in 0..out {
-            for i in 0..inp {
-                t[i * out + o] = w.data[o * inp + i];
-            }
         }
-        drop(w);
-        let weight = Param::from_tensor(self.upload(TensorData::new(t, [inp, out])));
+        let weight = Param::from_tensor(self.upload::<2>(TensorData::new(w.data, w.shape)).transpose());
         let bias = if bias {
             Some(Param::from_tensor(self.tensor::<1>(&format!("{path}.bias"))?))
         } else {
