@@ -267,6 +267,30 @@ pub fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
 }
 
+/// Runs a checkpoint load so that it peaks near the size of what it loads.
+///
+/// Loading allocates and frees one buffer per tensor. glibc raises its mmap threshold after
+/// such frees and then serves later buffers from the heap, where freed space stays resident;
+/// pinning the threshold low for the load keeps each buffer an mmap that goes back to the
+/// kernel when freed. Afterwards a high threshold keeps the per-step activations on the heap,
+/// where reusing them is cheaper than mapping fresh zeroed pages every step.
+pub fn low_peak_load<T>(load: impl FnOnce() -> T) -> T {
+    set_mmap_threshold(1 << 20);
+    let out = load();
+    set_mmap_threshold(64 << 20);
+    out
+}
+
+fn set_mmap_threshold(bytes: i32) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator's policy for later allocations.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, bytes);
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = bytes;
+}
+
 /// Writes an f32 safetensors file tensor by tensor, so a large synthetic checkpoint
 /// never has to sit in memory whole. `fill` produces each tensor's values in order.
 pub fn write_safetensors_f32(

@@ -28,7 +28,7 @@ pub fn load_transformer(
     let hint = own_config.as_ref().or(axes_hint);
     let config = FluxConfig::infer(&weights, hint)
         .with_context(|| format!("reading the transformer configuration of {}", path.display()))?;
-    Flux::load(&weights, config, device, dtype)
+    crate::engine::weights::low_peak_load(|| Flux::load(&weights, config, device, dtype))
         .with_context(|| format!("loading the transformer {}", path.display()))
 }
 
