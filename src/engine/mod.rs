@@ -4,6 +4,7 @@ pub mod device;
 pub mod flux;
 pub mod noise;
 pub mod sampler;
+pub mod vae;
 pub mod weights;
 
 use anyhow::{Result, bail};

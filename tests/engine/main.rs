@@ -5,3 +5,4 @@ mod flux_golden;
 mod flux_errors;
 mod noise_golden;
 mod sampler_golden;
+mod vae_golden;

@@ -1,0 +1,34 @@
+//! The FLUX autoencoder: checkpoint layouts and the network.
+
+pub mod layout;
+pub mod model;
+
+pub use layout::{VaeLayout, VaeWeights};
+pub use model::{Vae, VaeConfig, VaeHint};
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use burn::tensor::{DType, Device};
+
+use crate::engine::weights::WeightSet;
+
+/// Opens a VAE from BFL's `ae.safetensors` or a diffusers `vae/` folder (whose `config.json`
+/// supplies the GroupNorm groups and latent scaling; `hint` does for single files).
+pub fn load_vae(path: &Path, device: &Device, dtype: DType, hint: Option<&VaeHint>) -> Result<Vae> {
+    let weights = VaeWeights::new(WeightSet::open(path)?)?;
+    let own = if path.is_dir() { read_hint(&path.join("config.json"))? } else { None };
+    let config = VaeConfig::infer(&weights, own.as_ref().or(hint))
+        .with_context(|| format!("reading the VAE configuration of {}", path.display()))?;
+    crate::engine::weights::low_peak_load(|| Vae::load(&weights, config, device, dtype))
+        .with_context(|| format!("loading the VAE {}", path.display()))
+}
+
+/// A diffusers `vae/config.json`, if present.
+pub fn read_hint(path: &Path) -> Result<Option<VaeHint>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?))
+}
