@@ -15,10 +15,23 @@ pub struct Config {
     pub server: ServerConfig,
     pub engine: EngineConfig,
     pub limits: Limits,
+    /// `[models.<id>]`: the models this installation serves.
+    pub models: BTreeMap<String, ModelEntry>,
     /// `[metering]`, `[plans.*]`, `[pricing]`: read by the ledger (see `Config::plans`).
     pub metering: MeteringConfig,
     pub plans: BTreeMap<String, PlanConfig>,
     pub pricing: PricingConfig,
+}
+
+/// One model: a diffusers folder (`path`), or single files (BFL / ComfyUI layouts).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelEntry {
+    pub path: Option<PathBuf>,
+    pub transformer: Option<PathBuf>,
+    pub vae: Option<PathBuf>,
+    pub clip: Option<PathBuf>,
+    pub t5: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -51,6 +64,7 @@ impl Default for Config {
             server: Default::default(),
             engine: Default::default(),
             limits: Default::default(),
+            models: Default::default(),
             metering: plans.metering,
             plans: plans.plans,
             pricing: plans.pricing,

@@ -30,6 +30,8 @@ struct Cli {
 enum Command {
     /// Time one FLUX transformer step and the peak memory of loading it.
     Bench(BenchArgs),
+    /// Text to image: prompt → PNG (with A1111 `parameters` metadata).
+    Generate(GenerateArgs),
     /// Show what a transformer checkpoint is: its layout and inferred configuration.
     Inspect {
         /// A BFL / ComfyUI .safetensors file or a diffusers transformer folder.
@@ -38,6 +40,48 @@ enum Command {
     /// Users, plans and prices: `user add|set-plan|grant|cancel|show`, `plan list`, `price`.
     #[command(flatten)]
     Ledger(ledger::cli::LedgerCommand),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A diffusers pipeline folder, or a model id from config.toml.
+    #[arg(long)]
+    model: Option<String>,
+    /// Single files instead of --model (BFL / ComfyUI layouts).
+    #[arg(long)]
+    transformer: Option<PathBuf>,
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    #[arg(long)]
+    clip: Option<PathBuf>,
+    #[arg(long)]
+    t5: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Seed of the first image; image i of a batch uses seed + i.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Default: 4 for schnell, 28 for dev.
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long, default_value_t = 1024)]
+    width: usize,
+    #[arg(long, default_value_t = 1024)]
+    height: usize,
+    /// Distilled guidance (dev models); default 3.5.
+    #[arg(long)]
+    guidance: Option<f32>,
+    /// T5 tokens; default 256 for schnell, 512 for dev.
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// auto, cpu, wgpu or vulkan.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Output PNG; a batch writes <stem>-<i>.png.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -92,6 +136,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(args) => run_bench(args),
         Command::Inspect { path } => inspect(&path),
+        Command::Generate(args) => run_generate(args, &config),
         Command::Ledger(cmd) => {
             let out = ledger::cli::run(
                 &data_dir,
@@ -142,6 +187,102 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     let device = device::select(a.device.parse::<DeviceChoice>()?)?;
     let report = bench::run(&spec, &device)?;
     report.print(&spec);
+    Ok(())
+}
+
+fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
+    use atelier::engine::pipeline::{self, GenerateRequest, ModelFiles, Progress};
+    use std::io::{IsTerminal, Write};
+
+    let limits = &config.limits;
+    if a.width > limits.max_width as usize || a.height > limits.max_height as usize {
+        anyhow::bail!("size {}x{} is above the configured maximum {}x{}", a.width, a.height, limits.max_width, limits.max_height);
+    }
+    if a.width < 16 || a.height < 16 {
+        anyhow::bail!("width and height must be at least 16 pixels");
+    }
+    if let Some(s) = a.steps {
+        if s == 0 || s > limits.max_steps as usize {
+            anyhow::bail!("--steps must be between 1 and {} (limits.max_steps)", limits.max_steps);
+        }
+    }
+    if a.batch == 0 || a.batch > 64 {
+        anyhow::bail!("--batch must be between 1 and 64");
+    }
+    if a.prompt.trim().is_empty() {
+        anyhow::bail!("--prompt is empty");
+    }
+    // A tokenizers folder under weights_dir overrides the built-in copies.
+    let tokenizers = Some(config.engine.weights_dir.join("tokenizers")).filter(|p| p.join("t5/tokenizer.json").exists());
+    let singles = |t: PathBuf, v: Option<PathBuf>, c: Option<PathBuf>, t5: Option<PathBuf>| -> Result<ModelFiles> {
+        let need = |p: Option<PathBuf>, what: &str| p.ok_or_else(|| anyhow::anyhow!("with single files, --{what} is needed too"));
+        Ok(ModelFiles { transformer: t, vae: need(v, "vae")?, clip: need(c, "clip")?, t5: need(t5, "t5")?, scheduler: None, tokenizers: tokenizers.clone() })
+    };
+    let (files, model_name) = match (&a.model, a.transformer.clone()) {
+        (Some(m), None) => match config.models.get(m) {
+            Some(entry) => match (&entry.path, &entry.transformer) {
+                (Some(p), _) => (ModelFiles::from_diffusers(p, tokenizers.as_deref())?, m.clone()),
+                (None, Some(t)) => (singles(t.clone(), entry.vae.clone(), entry.clip.clone(), entry.t5.clone())?, m.clone()),
+                (None, None) => anyhow::bail!("model {m} in the config names neither path nor transformer"),
+            },
+            None if std::path::Path::new(m).is_dir() => {
+                let name = std::path::Path::new(m).file_name().map_or(m.clone(), |n| n.to_string_lossy().into_owned());
+                (ModelFiles::from_diffusers(std::path::Path::new(m), tokenizers.as_deref())?, name)
+            }
+            None => anyhow::bail!(
+                "--model {m}: not a folder and not a model id in the config (known: {})",
+                config.models.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        },
+        (None, Some(t)) => {
+            let name = t.file_stem().map_or("flux".into(), |n| n.to_string_lossy().into_owned());
+            (singles(t, a.vae.clone(), a.clip.clone(), a.t5.clone())?, name)
+        }
+        _ => anyhow::bail!("give either --model or --transformer (with --vae, --clip, --t5)"),
+    };
+    let device = device::select(a.device.parse::<DeviceChoice>()?)?;
+    let req = GenerateRequest {
+        prompt: a.prompt.clone(),
+        seed: a.seed,
+        steps: a.steps,
+        width: a.width,
+        height: a.height,
+        guidance: a.guidance,
+        max_sequence_length: a.max_sequence_length,
+        batch: a.batch,
+    };
+    let terminal = std::io::stderr().is_terminal();
+    let out = pipeline::generate(&files, &req, &device.device, |p| match p {
+        Progress::Stage(s) => log::info!("{s}"),
+        Progress::Step { image, step, steps, seconds } => {
+            let rate = step as f64 / seconds.max(1e-9);
+            let eta = (steps - step) as f64 / rate;
+            let line = format!("image {}/{}  step {step}/{steps}  {rate:.2} it/s  ETA {eta:.0}s", image + 1, a.batch);
+            if terminal {
+                eprint!("\r{line}   ");
+                if step == steps {
+                    eprintln!();
+                }
+                let _ = std::io::stderr().flush();
+            } else if step == steps {
+                eprintln!("{line}");
+            }
+        }
+    })?;
+    for w in &out.warnings {
+        log::warn!("{w}");
+    }
+    for (i, (img, seed)) in out.images.iter().zip(&out.seeds).enumerate() {
+        let path = if out.images.len() == 1 {
+            a.out.clone()
+        } else {
+            let stem = a.out.file_stem().map_or("image".into(), |s| s.to_string_lossy().into_owned());
+            a.out.with_file_name(format!("{stem}-{i}.png"))
+        };
+        let params = pipeline::a1111_parameters(&a.prompt, out.steps, *seed, out.width, out.height, &model_name, out.guidance);
+        pipeline::write_png(&path, img, &params)?;
+        println!("{}", path.display());
+    }
     Ok(())
 }
 

@@ -1,9 +1,14 @@
 //! The model code. It takes a burn `Device` as a parameter and knows nothing of HTTP or SQL.
 
+pub mod clip;
 pub mod device;
 pub mod flux;
+pub mod layers;
 pub mod noise;
+pub mod pipeline;
 pub mod sampler;
+pub mod t5;
+pub mod tokenize;
 pub mod vae;
 pub mod weights;
 

@@ -4,5 +4,7 @@ mod common;
 mod flux_golden;
 mod flux_errors;
 mod noise_golden;
+mod pipeline_golden;
 mod sampler_golden;
+mod text_golden;
 mod vae_golden;

@@ -5,10 +5,12 @@
 use anyhow::{Result, bail};
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::activation::{sigmoid, silu};
+use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor};
+
+use crate::engine::layers::{self, gelu_tanh};
 
 use super::config::FluxConfig;
 use super::layout::TransformerWeights;
@@ -25,52 +27,14 @@ pub(crate) struct Loader<'a> {
 
 impl Loader<'_> {
     fn tensor<const D: usize>(&self, name: &str) -> Result<Tensor<D>> {
-        let t = self.weights.read(name)?;
-        if t.shape.len() != D {
-            bail!("{name}: expected {D} dims, found shape {:?}", t.shape);
-        }
-        Ok(self.upload(TensorData::new(t.data, t.shape)))
+        layers::upload(self.weights.read(name)?, name, self.device, self.dtype)
     }
 
-    fn upload<const D: usize>(&self, data: TensorData) -> Tensor<D> {
-        let t = Tensor::from_data(data, self.device);
-        if self.dtype == DType::F32 { t } else { t.cast(self.dtype) }
-    }
-
-    /// PyTorch stores [out, in]; burn's `Linear` multiplies by [in, out]. Transposing once
-    /// here keeps every forward a contiguous matmul (measurably faster on the CPU backend than
-    /// a strided view, see `examples/cpu_ops.rs`); the stored copy is freed before upload.
     fn linear(&self, path: &str, bias: bool) -> Result<Linear> {
-        let w = self.weights.read(&format!("{path}.weight"))?;
-        let [out, inp] = w.shape[..] else {
-            bail!("{path}.weight: expected a matrix, found shape {:?}", w.shape);
-        };
-        let t = transpose(&w.data, out, inp);
-        drop(w);
-        let weight = Param::from_tensor(self.upload(TensorData::new(t, [inp, out])));
-        let bias = if bias {
-            Some(Param::from_tensor(self.tensor::<1>(&format!("{path}.bias"))?))
-        } else {
-            None
-        };
-        Ok(Linear { weight, bias })
+        let weight = self.weights.read(&format!("{path}.weight"))?;
+        let bias = if bias { Some(self.weights.read(&format!("{path}.bias"))?) } else { None };
+        layers::linear(weight, bias, path, self.device, self.dtype)
     }
-}
-
-/// Row-major [rows, cols] → [cols, rows], in cache-sized tiles.
-fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const TILE: usize = 32;
-    let mut dst = vec![0f32; src.len()];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
-                }
-            }
-        }
-    }
-    dst
 }
 
 /// BFL's `MLPEmbedder`: Linear → SiLU → Linear.
@@ -121,21 +85,9 @@ fn rms_norm(x: Tensor<4>, scale: &Tensor<1>) -> Tensor<4> {
     x * rrms * scale
 }
 
-/// GELU with the tanh approximation, written as x·σ(2z) with z = √(2/π)(x + 0.044715x³):
-/// the same function (½(1 + tanh z) = σ(2z)), but sigmoid is several times cheaper than tanh
-/// on the CPU backend, and this runs over the widest activations of every block.
-fn gelu_tanh(x: Tensor<3>) -> Tensor<3> {
-    let c = 2.0 * (2.0 / std::f64::consts::PI).sqrt();
-    let z = x.clone() * (x.clone() * x.clone() * (0.044715 * c) + c);
-    x * sigmoid(z)
-}
-
 /// LayerNorm without affine parameters (eps 1e-6), computed in f32.
 fn layer_norm(x: Tensor<3>) -> Tensor<3> {
-    let dtype = x.dtype();
-    let x = x.cast(DType::F32);
-    let (var, mean) = x.clone().var_mean_bias(2);
-    ((x - mean) / (var + EPS).sqrt()).cast(dtype)
+    layers::layer_norm(x, EPS, None)
 }
 
 /// One (shift, scale, gate) triple, each [B, 1, hidden].

@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use burn::tensor::activation::silu;
 use burn::tensor::module::{attention, conv2d};
 use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor};
 
 use super::layout::VaeWeights;
 
@@ -150,12 +150,7 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn tensor<const D: usize>(&self, name: &str) -> Result<Tensor<D>> {
-        let t = self.w.read(name)?;
-        if t.shape.len() != D {
-            bail!("{name}: expected {D} dims, found {:?}", t.shape);
-        }
-        let t = Tensor::<D>::from_data(TensorData::new(t.data, t.shape), self.device);
-        Ok(if self.dtype == DType::F32 { t } else { t.cast(self.dtype) })
+        crate::engine::layers::upload(self.w.read(name)?, name, self.device, self.dtype)
     }
 
     fn conv(&self, p: &str, stride: usize, padding: (usize, usize)) -> Result<Conv> {
@@ -413,5 +408,66 @@ impl Vae {
     /// Transformer latents → image: undo the scaling and shift, then decode.
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
         self.decode_raw(latents / self.config.scaling_factor + self.config.shift_factor)
+    }
+
+    /// [`Vae::decode`] in overlapping tiles of `tile` latent pixels, blended linearly across
+    /// `overlap`, so a large image never needs the mid-block attention over all its pixels
+    /// (at 2048² that matrix alone is 17 GB). Like every tiled decoder this is an
+    /// approximation: GroupNorm and attention see one tile at a time. Small inputs (one tile)
+    /// decode exactly as `decode`. Returns [1, 3, 8h, 8w] on the host as CHW f32.
+    pub fn decode_tiled(&self, latents: Tensor<4>, tile: usize, overlap: usize) -> Vec<f32> {
+        let [b, c, h, w] = latents.dims();
+        assert!(b == 1 && tile > overlap, "one image, and tiles larger than their overlap");
+        let read = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().expect("f32 image");
+        if h <= tile && w <= tile {
+            return read(self.decode(latents));
+        }
+        let (ph, pw) = (8 * h, 8 * w);
+        let mut sum = vec![0f32; 3 * ph * pw];
+        let mut weight = vec![0f32; ph * pw];
+        let starts = |len: usize| -> Vec<usize> {
+            let stride = tile - overlap;
+            let mut v: Vec<usize> = (0..).map(|i| i * stride).take_while(|&s| s + tile < len).collect();
+            v.push(len.saturating_sub(tile));
+            v.dedup();
+            v
+        };
+        let ramp = |p: usize, len: usize, at_start: bool, at_end: bool| -> f32 {
+            let o = (8 * overlap).max(1) as f32;
+            let mut r = 1f32;
+            if !at_start {
+                r = r.min((p as f32 + 0.5) / o);
+            }
+            if !at_end {
+                r = r.min((len - p) as f32 / o);
+            }
+            r.max(1e-3)
+        };
+        for &y0 in &starts(h) {
+            for &x0 in &starts(w) {
+                let (th, tw) = (tile.min(h - y0), tile.min(w - x0));
+                let part = latents.clone().narrow(2, y0, th).narrow(3, x0, tw);
+                let pixels = read(self.decode(part));
+                let (tph, tpw) = (8 * th, 8 * tw);
+                for y in 0..tph {
+                    let wy = ramp(y, tph, y0 == 0, y0 + th == h);
+                    for x in 0..tpw {
+                        let wt = wy * ramp(x, tpw, x0 == 0, x0 + tw == w);
+                        let at = (8 * y0 + y) * pw + 8 * x0 + x;
+                        weight[at] += wt;
+                        for ch in 0..3 {
+                            sum[ch * ph * pw + at] += wt * pixels[(ch * tph + y) * tpw + x];
+                        }
+                    }
+                }
+            }
+        }
+        let _ = c;
+        for ch in 0..3 {
+            for i in 0..ph * pw {
+                sum[ch * ph * pw + i] /= weight[i];
+            }
+        }
+        sum
     }
 }

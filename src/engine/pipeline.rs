@@ -1,0 +1,299 @@
+//! Prompt → images, as diffusers' `FluxPipeline` does it. Components are loaded in stages and
+//! dropped when done (text encoders, then the transformer, then the VAE), so peak memory is the
+//! largest component rather than the sum.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use crate::engine::clip::ClipText;
+use crate::engine::flux::{self, FluxInput};
+use crate::engine::noise::torch_randn;
+use crate::engine::sampler::{ScheduleConfig, euler_step};
+use crate::engine::t5::T5Encoder;
+use crate::engine::tokenize::FluxTokenizers;
+use crate::engine::vae;
+
+/// Where each component of a model comes from.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub transformer: PathBuf,
+    pub vae: PathBuf,
+    pub clip: PathBuf,
+    pub t5: PathBuf,
+    /// A diffusers `scheduler_config.json`; without one the kind's preset is used.
+    pub scheduler: Option<PathBuf>,
+    /// Folder with `t5/tokenizer.json` and `clip/tokenizer.json` (or a diffusers folder with
+    /// `tokenizer*/tokenizer.json`); None: the tokenizers built into the binary.
+    pub tokenizers: Option<PathBuf>,
+}
+
+impl ModelFiles {
+    /// A diffusers pipeline folder (`model_index.json`, `transformer/`, `vae/`, `text_encoder/`,
+    /// `text_encoder_2/`, `scheduler/`). Its own `tokenizer*/tokenizer.json` files win over
+    /// `tokenizers`.
+    pub fn from_diffusers(dir: &Path, tokenizers: Option<&Path>) -> Result<Self> {
+        if !dir.join("model_index.json").exists() {
+            bail!("{} is not a diffusers pipeline folder (no model_index.json)", dir.display());
+        }
+        for sub in ["transformer", "vae", "text_encoder", "text_encoder_2"] {
+            if !dir.join(sub).is_dir() {
+                bail!("diffusers folder {} has no {sub}/", dir.display());
+            }
+        }
+        let scheduler = dir.join("scheduler/scheduler_config.json");
+        let own_tokenizers = dir.join("tokenizer/tokenizer.json").exists() && dir.join("tokenizer_2/tokenizer.json").exists();
+        Ok(ModelFiles {
+            transformer: dir.join("transformer"),
+            vae: dir.join("vae"),
+            clip: dir.join("text_encoder"),
+            t5: dir.join("text_encoder_2"),
+            scheduler: scheduler.exists().then_some(scheduler),
+            tokenizers: if own_tokenizers { Some(dir.to_path_buf()) } else { tokenizers.map(Path::to_path_buf) },
+        })
+    }
+
+    fn load_tokenizers(&self) -> Result<FluxTokenizers> {
+        let Some(dir) = &self.tokenizers else { return FluxTokenizers::builtin() };
+        if dir.join("tokenizer_2/tokenizer.json").exists() {
+            FluxTokenizers::from_files(&dir.join("tokenizer_2/tokenizer.json"), &dir.join("tokenizer/tokenizer.json"))
+        } else {
+            FluxTokenizers::from_dir(dir)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub seed: u64,
+    /// None: the model kind's default (schnell 4, dev 28).
+    pub steps: Option<usize>,
+    pub width: usize,
+    pub height: usize,
+    /// Distilled guidance (dev only); None: 3.5.
+    pub guidance: Option<f32>,
+    /// T5 length; None: 256 for schnell, 512 for dev.
+    pub max_sequence_length: Option<usize>,
+    /// Images to make; image i uses seed + i.
+    pub batch: usize,
+}
+
+/// Progress of a running generation.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    Stage(&'static str),
+    Step { image: usize, step: usize, steps: usize, seconds: f64 },
+}
+
+/// What was generated, with the settings actually used.
+pub struct Generated {
+    pub images: Vec<image::RgbImage>,
+    /// Seeds per image.
+    pub seeds: Vec<u64>,
+    pub steps: usize,
+    pub width: usize,
+    pub height: usize,
+    pub guidance: Option<f32>,
+    pub is_dev: bool,
+    pub warnings: Vec<String>,
+}
+
+/// Size rounded down to a multiple of 16 (the VAE's 8 × the 2×2 packing), as the reference does.
+pub fn snap_size(width: usize, height: usize) -> (usize, usize, Vec<String>) {
+    let mut warnings = Vec::new();
+    let snap = |v: usize, what: &str, warnings: &mut Vec<String>| {
+        let s = v / 16 * 16;
+        if s != v {
+            warnings.push(format!("{what} {v} is not a multiple of 16; using {s}"));
+        }
+        s
+    };
+    (snap(width, "width", &mut warnings), snap(height, "height", &mut warnings), warnings)
+}
+
+/// Packs latents [16, H, W] into tokens [(H/2)(W/2), 64], channels in (c, dy, dx) order.
+pub fn pack(latents: &[f32], channels: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(latents.len());
+    for r in 0..h / 2 {
+        for c in 0..w / 2 {
+            for ch in 0..channels {
+                for dy in 0..2 {
+                    for dx in 0..2 {
+                        out.push(latents[(ch * h + 2 * r + dy) * w + 2 * c + dx]);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`pack`].
+pub fn unpack(tokens: &[f32], channels: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; tokens.len()];
+    let mut i = 0;
+    for r in 0..h / 2 {
+        for c in 0..w / 2 {
+            for ch in 0..channels {
+                for dy in 0..2 {
+                    for dx in 0..2 {
+                        out[(ch * h + 2 * r + dy) * w + 2 * c + dx] = tokens[i];
+                        i += 1;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Runs text → image for every image of the request on `device`.
+pub fn generate(
+    files: &ModelFiles,
+    req: &GenerateRequest,
+    device: &Device,
+    mut progress: impl FnMut(Progress),
+) -> Result<Generated> {
+    if req.prompt.trim().is_empty() {
+        bail!("the prompt is empty");
+    }
+    if req.batch == 0 {
+        bail!("batch must be at least 1");
+    }
+    let (width, height, mut warnings) = snap_size(req.width, req.height);
+    if width < 16 || height < 16 {
+        bail!("width and height must be at least 16 pixels");
+    }
+
+    // The transformer's own weights say whether it is dev (guidance embedding) or schnell.
+    let weights = flux::TransformerWeights::open(&files.transformer)?;
+    let hint = if files.transformer.is_dir() { flux::read_diffusers_config(&files.transformer.join("config.json"))? } else { None };
+    let flux_config = flux::FluxConfig::infer(&weights, hint.as_ref())?;
+    drop(weights);
+    let is_dev = flux_config.guidance_embed;
+    let steps = req.steps.unwrap_or(if is_dev { 28 } else { 4 });
+    if steps == 0 {
+        bail!("steps must be at least 1");
+    }
+    let max_len = req.max_sequence_length.unwrap_or(if is_dev { 512 } else { 256 });
+    let guidance = is_dev.then(|| req.guidance.unwrap_or(3.5));
+
+    progress(Progress::Stage("encoding the prompt"));
+    let tokenizers = files.load_tokenizers()?;
+    let t5_tokens = tokenizers.t5(&req.prompt, max_len)?;
+    let clip_tokens = tokenizers.clip(&req.prompt)?;
+    if t5_tokens.truncated() {
+        warnings.push(format!(
+            "the prompt has {} T5 tokens; only the first {max_len} are used (raise --max-sequence-length)",
+            t5_tokens.untruncated_len
+        ));
+    }
+    if clip_tokens.truncated() {
+        warnings.push(format!("the prompt has {} CLIP tokens; CLIP sees only the first 77", clip_tokens.untruncated_len));
+    }
+    let txt = {
+        let t5 = T5Encoder::load(&files.t5, device, None)?;
+        t5.forward(&[t5_tokens.ids.clone()], device)?
+    };
+    let y = {
+        let clip = ClipText::load(&files.clip, device, None)?;
+        clip.forward(&[clip_tokens.ids.clone()], device)?.pooled
+    };
+
+    progress(Progress::Stage("loading the transformer"));
+    let model = flux::load_transformer(&files.transformer, device, DType::F32, None)?;
+    let (lh, lw) = (2 * (height / 16), 2 * (width / 16));
+    let channels = model.config.in_channels / 4;
+    let seq_len = (lh / 2) * (lw / 2);
+    let schedule = match &files.scheduler {
+        Some(path) => ScheduleConfig::from_file(path)?,
+        None if is_dev => ScheduleConfig::dev(),
+        None => ScheduleConfig::schnell(),
+    };
+    let sigmas = schedule.sigmas(steps, seq_len);
+    let timesteps = schedule.timesteps(&sigmas);
+    let rope = model.rope(max_len, lh / 2, lw / 2, device);
+
+    let mut latents_all = Vec::new();
+    let seeds: Vec<u64> = (0..req.batch as u64).map(|i| req.seed.wrapping_add(i)).collect();
+    for (index, &seed) in seeds.iter().enumerate() {
+        let noise = torch_randn(seed, &[1, channels, lh, lw]);
+        let mut x = Tensor::<3>::from_data(TensorData::new(pack(&noise, channels, lh, lw), [1, seq_len, channels * 4]), device);
+        let started = Instant::now();
+        for i in 0..steps {
+            // diffusers hands the transformer timestep / 1000, in f32.
+            let t = [timesteps[i] / 1000.0];
+            let g = guidance.map(|g| [g]);
+            let v = model.forward(FluxInput {
+                img: x.clone(),
+                txt: txt.clone(),
+                y: y.clone(),
+                timesteps: &t,
+                guidance: g.as_ref().map(|g| &g[..]),
+                rope: &rope,
+            })?;
+            x = euler_step(x, v, sigmas[i], sigmas[i + 1]);
+            progress(Progress::Step { image: index, step: i + 1, steps, seconds: started.elapsed().as_secs_f64() });
+        }
+        latents_all.push(x.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading latents: {e:?}"))?);
+    }
+    drop(model);
+
+    progress(Progress::Stage("decoding"));
+    let vae = vae::load_vae(&files.vae, device, DType::F32, None)?;
+    let mut images = Vec::new();
+    for tokens in latents_all {
+        let z = Tensor::<4>::from_data(TensorData::new(unpack(&tokens, channels, lh, lw), [1, channels, lh, lw]), device);
+        // Up to 1024² in one piece; larger images in 512-pixel tiles with 128 pixels of overlap.
+        let pixels = vae.decode_tiled(z, 128, 16);
+        images.push(to_rgb(&pixels, width, height));
+    }
+    Ok(Generated { images, seeds, steps, width, height, guidance, is_dev, warnings })
+}
+
+/// Decoded [3, H, W] in about [-1, 1] → 8-bit RGB: (x/2 + 0.5) clamped, rounded.
+pub fn to_rgb(chw: &[f32], width: usize, height: usize) -> image::RgbImage {
+    let plane = width * height;
+    image::RgbImage::from_fn(width as u32, height as u32, |x, y| {
+        let i = y as usize * width + x as usize;
+        let q = |c: usize| ((chw[c * plane + i] / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8;
+        image::Rgb([q(0), q(1), q(2)])
+    })
+}
+
+/// The A1111 `parameters` text that tools read back from PNGs.
+pub fn a1111_parameters(prompt: &str, steps: usize, seed: u64, width: usize, height: usize, model: &str, guidance: Option<f32>) -> String {
+    let mut s = format!("{prompt}\nSteps: {steps}, Sampler: Euler, Seed: {seed}, Size: {width}x{height}, Model: {model}");
+    if let Some(g) = guidance {
+        s += &format!(", Guidance: {g}");
+    }
+    s
+}
+
+/// Writes a PNG with a `parameters` tEXt chunk.
+pub fn write_png(path: &Path, img: &image::RgbImage, parameters: &str) -> Result<()> {
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), img.width(), img.height());
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.add_text_chunk("parameters".into(), parameters.into())?;
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(img.as_raw())?;
+    writer.finish()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pack_and_unpack_are_inverse() {
+        let v: Vec<f32> = (0..2 * 4 * 6).map(|i| i as f32).collect();
+        let p = super::pack(&v, 2, 4, 6);
+        // Token 0 holds channel 0's 2×2 patch then channel 1's.
+        assert_eq!(&p[..8], &[0., 1., 6., 7., 24., 25., 30., 31.]);
+        assert_eq!(super::unpack(&p, 2, 4, 6), v);
+    }
+}

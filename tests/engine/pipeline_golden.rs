@@ -1,0 +1,67 @@
+//! Prompt → image end to end against diffusers' `FluxPipeline` (tiny random components, real
+//! tokenizers, 80×48, 3 steps, seed 42).
+
+use std::path::PathBuf;
+
+use atelier::engine::pipeline::{self, GenerateRequest, ModelFiles};
+use burn::tensor::Device;
+
+use crate::common::{Golden, fixture};
+
+fn check(kind: &str) {
+    let golden = Golden::open(&format!("pipeline/{kind}/golden.safetensors"));
+    let settings: serde_json::Value = serde_json::from_str(golden.0.metadata("settings").unwrap()).unwrap();
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/tokenizers");
+    let files = ModelFiles::from_diffusers(&fixture(&format!("pipeline/{kind}/diffusers")), Some(&shipped)).unwrap();
+    let req = GenerateRequest {
+        prompt: settings["prompt"].as_str().unwrap().into(),
+        seed: 42,
+        steps: Some(3),
+        width: 80,
+        height: 48,
+        guidance: Some(3.5),
+        max_sequence_length: Some(32),
+        batch: 1,
+    };
+    let mut steps_seen = 0;
+    let out = pipeline::generate(&files, &req, &Device::flex(), |p| {
+        if let pipeline::Progress::Step { .. } = p {
+            steps_seen += 1;
+        }
+    })
+    .unwrap();
+    assert_eq!(steps_seen, 3);
+    assert_eq!(out.is_dev, kind == "dev");
+    let img = &out.images[0];
+    assert_eq!((img.width(), img.height()), (80, 48));
+    let expected = golden.vec("image_u8");
+    let mut worst = 0i32;
+    for (ours, theirs) in img.as_raw().iter().zip(&expected) {
+        worst = worst.max((*ours as i32 - *theirs as i32).abs());
+    }
+    eprintln!("{kind}: worst pixel difference {worst}/255");
+    assert!(worst <= 2, "{kind}: a pixel differs by {worst}/255");
+}
+
+#[test]
+fn schnell_image_equals_diffusers() {
+    check("schnell");
+}
+
+#[test]
+fn dev_image_equals_diffusers() {
+    check("dev");
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/tokenizers");
+    // None: the tokenizers built into the binary.
+    let files = ModelFiles::from_diffusers(&fixture("pipeline/schnell/diffusers"), None).unwrap();
+    let req = GenerateRequest { prompt: "  ".into(), seed: 1, steps: Some(1), width: 64, height: 64, guidance: None, max_sequence_length: Some(8), batch: 1 };
+    let err = pipeline::generate(&files, &req, &Device::flex(), |_| {}).err().unwrap();
+    assert!(err.to_string().contains("prompt is empty"));
+    let tiny = GenerateRequest { prompt: "x".into(), width: 8, ..req.clone() };
+    assert!(pipeline::generate(&files, &tiny, &Device::flex(), |_| {}).err().unwrap().to_string().contains("at least 16"));
+    assert!(ModelFiles::from_diffusers(&fixture("flux/schnell"), Some(&shipped)).is_err());
+}
