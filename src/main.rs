@@ -79,6 +79,10 @@ struct GenerateArgs {
     /// auto, cpu, wgpu or vulkan.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Keep every component loaded for the whole run instead of loading each in its stage
+    /// (faster when memory allows; peak memory becomes the sum of the components).
+    #[arg(long)]
+    keep_resident: bool,
     /// Output PNG; a batch writes <stem>-<i>.png.
     #[arg(long)]
     out: PathBuf,
@@ -252,7 +256,8 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
         batch: a.batch,
     };
     let terminal = std::io::stderr().is_terminal();
-    let out = pipeline::generate(&files, &req, &device.device, |p| match p {
+    let mut resident = pipeline::Resident::new(a.keep_resident);
+    let out = pipeline::generate_with(&files, &req, &device.device, &mut resident, |p| match p {
         Progress::Stage(s) => log::info!("{s}"),
         Progress::Step { image, step, steps, seconds } => {
             let rate = step as f64 / seconds.max(1e-9);

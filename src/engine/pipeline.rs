@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::engine::clip::ClipText;
-use crate::engine::flux::{self, FluxInput};
+use crate::engine::flux::{self, Flux, FluxInput};
 use crate::engine::noise::torch_randn;
 use crate::engine::sampler::{ScheduleConfig, euler_step};
 use crate::engine::t5::T5Encoder;
@@ -150,11 +150,55 @@ pub fn unpack(tokens: &[f32], channels: usize, h: usize, w: usize) -> Vec<f32> {
     out
 }
 
-/// Runs text → image for every image of the request on `device`.
+/// Components kept loaded between generations (`keep_resident`), or loaded per stage and
+/// dropped after it (the default), so that peak memory is the largest component.
+#[derive(Default)]
+pub struct Resident {
+    pub keep: bool,
+    t5: Option<T5Encoder>,
+    clip: Option<ClipText>,
+    flux: Option<Flux>,
+    vae: Option<vae::Vae>,
+}
+
+impl Resident {
+    pub fn new(keep: bool) -> Self {
+        Resident { keep, ..Default::default() }
+    }
+
+    /// The component in `slot`, loading it if it is not resident.
+    fn take<T>(slot: &mut Option<T>, load: impl FnOnce() -> Result<T>) -> Result<T> {
+        match slot.take() {
+            Some(t) => Ok(t),
+            None => load(),
+        }
+    }
+
+    /// Puts a component back when memory may be kept; otherwise it is dropped here.
+    fn give_back<T>(keep: bool, slot: &mut Option<T>, value: T) {
+        if keep {
+            *slot = Some(value);
+        }
+    }
+}
+
+/// Runs text → image for every image of the request on `device`, loading each component in
+/// its stage and dropping it afterwards.
 pub fn generate(
     files: &ModelFiles,
     req: &GenerateRequest,
     device: &Device,
+    progress: impl FnMut(Progress),
+) -> Result<Generated> {
+    generate_with(files, req, device, &mut Resident::new(false), progress)
+}
+
+/// [`generate`] with components kept in `resident` between calls when `resident.keep` is set.
+pub fn generate_with(
+    files: &ModelFiles,
+    req: &GenerateRequest,
+    device: &Device,
+    resident: &mut Resident,
     mut progress: impl FnMut(Progress),
 ) -> Result<Generated> {
     if req.prompt.trim().is_empty() {
@@ -194,17 +238,16 @@ pub fn generate(
     if clip_tokens.truncated() {
         warnings.push(format!("the prompt has {} CLIP tokens; CLIP sees only the first 77", clip_tokens.untruncated_len));
     }
-    let txt = {
-        let t5 = T5Encoder::load(&files.t5, device, None)?;
-        t5.forward(&[t5_tokens.ids.clone()], device)?
-    };
-    let y = {
-        let clip = ClipText::load(&files.clip, device, None)?;
-        clip.forward(&[clip_tokens.ids.clone()], device)?.pooled
-    };
+    let keep = resident.keep;
+    let t5 = Resident::take(&mut resident.t5, || T5Encoder::load(&files.t5, device, None))?;
+    let txt = t5.forward(&[t5_tokens.ids.clone()], device)?;
+    Resident::give_back(keep, &mut resident.t5, t5);
+    let clip = Resident::take(&mut resident.clip, || ClipText::load(&files.clip, device, None))?;
+    let y = clip.forward(&[clip_tokens.ids.clone()], device)?.pooled;
+    Resident::give_back(keep, &mut resident.clip, clip);
 
     progress(Progress::Stage("loading the transformer"));
-    let model = flux::load_transformer(&files.transformer, device, DType::F32, None)?;
+    let model = Resident::take(&mut resident.flux, || flux::load_transformer(&files.transformer, device, DType::F32, None))?;
     let (lh, lw) = (2 * (height / 16), 2 * (width / 16));
     let channels = model.config.in_channels / 4;
     let seq_len = (lh / 2) * (lw / 2);
@@ -240,10 +283,10 @@ pub fn generate(
         }
         latents_all.push(x.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading latents: {e:?}"))?);
     }
-    drop(model);
+    Resident::give_back(keep, &mut resident.flux, model);
 
     progress(Progress::Stage("decoding"));
-    let vae = vae::load_vae(&files.vae, device, DType::F32, None)?;
+    let vae = Resident::take(&mut resident.vae, || vae::load_vae(&files.vae, device, DType::F32, None))?;
     let mut images = Vec::new();
     for tokens in latents_all {
         let z = Tensor::<4>::from_data(TensorData::new(unpack(&tokens, channels, lh, lw), [1, channels, lh, lw]), device);
@@ -251,6 +294,7 @@ pub fn generate(
         let pixels = vae.decode_tiled(z, 128, 16);
         images.push(to_rgb(&pixels, width, height));
     }
+    Resident::give_back(keep, &mut resident.vae, vae);
     Ok(Generated { images, seeds, steps, width, height, guidance, is_dev, warnings })
 }
 

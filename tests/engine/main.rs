@@ -1,5 +1,6 @@
 //! Engine tests against reference goldens made by `tests/reference/make_goldens.py`.
 
+mod all_in_one;
 mod common;
 mod flux_golden;
 mod flux_errors;

@@ -65,3 +65,23 @@ fn bad_requests_are_refused() {
     assert!(pipeline::generate(&files, &tiny, &Device::flex(), |_| {}).err().unwrap().to_string().contains("at least 16"));
     assert!(ModelFiles::from_diffusers(&fixture("flux/schnell"), Some(&shipped)).is_err());
 }
+
+#[test]
+fn resident_components_are_reused_and_give_the_same_image() {
+    let files = ModelFiles::from_diffusers(&fixture("pipeline/schnell/diffusers"), None).unwrap();
+    let req = GenerateRequest { prompt: "a fox".into(), seed: 3, steps: Some(2), width: 32, height: 32, guidance: None, max_sequence_length: Some(8), batch: 1 };
+    let device = Device::flex();
+    let staged = pipeline::generate(&files, &req, &device, |_| {}).unwrap();
+    let mut resident = pipeline::Resident::new(true);
+    let mut stages = Vec::new();
+    for _ in 0..2 {
+        let out = pipeline::generate_with(&files, &req, &device, &mut resident, |p| {
+            if let pipeline::Progress::Stage(s) = p {
+                stages.push(s)
+            }
+        })
+        .unwrap();
+        assert_eq!(out.images[0], staged.images[0]);
+    }
+    assert_eq!(stages.len(), 6, "each run reports its three stages");
+}
