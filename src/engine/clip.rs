@@ -13,8 +13,7 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::engine::layers::{self, gelu_tanh};
-use crate::engine::t5::{prefix_of, read_json};
-use crate::engine::weights::WeightSet;
+use crate::engine::weights::{WeightSet, read_config_json};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipConfig {
@@ -67,14 +66,14 @@ impl ClipText {
     /// `text_encoder/` folder (transformers 5 writes the keys without `text_model.`).
     pub fn load(path: &Path, device: &Device, hint: Option<&ClipHint>) -> Result<Self> {
         let set = WeightSet::open(path)?;
-        let own: Option<ClipHint> = if path.is_dir() { read_json(&path.join("config.json"))? } else { None };
+        let own: Option<ClipHint> = if path.is_dir() { read_config_json(&path.join("config.json"))? } else { None };
         let hint = own.as_ref().or(hint).cloned().unwrap_or_default();
         crate::engine::weights::low_peak_load(|| Self::from_weights(&set, device, &hint))
             .with_context(|| format!("loading the CLIP text encoder {}", path.display()))
     }
 
     fn from_weights(set: &WeightSet, device: &Device, hint: &ClipHint) -> Result<Self> {
-        let p = prefix_of(set, "embeddings.position_embedding.weight", "CLIP text")?;
+        let p = set.prefix_of("embeddings.position_embedding.weight", "CLIP text")?;
         let key = |n: &str| format!("{p}{n}");
         let dims = |n: &str| set.shape(&key(n)).map(|s| s.to_vec()).ok_or_else(|| anyhow!("CLIP checkpoint has no {n}"));
         let tok = dims("embeddings.token_embedding.weight")?;

@@ -13,7 +13,7 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::engine::layers::{self, gelu_tanh};
-use crate::engine::weights::WeightSet;
+use crate::engine::weights::{WeightSet, read_config_json};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct T5Config {
@@ -56,28 +56,18 @@ struct T5Block {
     wo: Linear,
 }
 
-/// Finds the key prefix in front of `anchor` (e.g. `text_encoders.t5xxl.transformer.`).
-pub(crate) fn prefix_of(set: &WeightSet, anchor: &str, what: &str) -> Result<String> {
-    set.keys()
-        .find_map(|k| k.strip_suffix(anchor).filter(|p| p.is_empty() || p.ends_with('.')).map(String::from))
-        .ok_or_else(|| {
-            let sample: Vec<&str> = set.keys().take(4).collect();
-            anyhow!("not a {what} checkpoint: no {anchor} (first keys: {})", sample.join(", "))
-        })
-}
-
 impl T5Encoder {
     /// A `t5xxl_*.safetensors` file or a transformers `text_encoder_2/` folder.
     pub fn load(path: &Path, device: &Device, hint: Option<&T5Hint>) -> Result<Self> {
         let set = WeightSet::open(path)?;
-        let own: Option<T5Hint> = if path.is_dir() { read_json(&path.join("config.json"))? } else { None };
+        let own: Option<T5Hint> = if path.is_dir() { read_config_json(&path.join("config.json"))? } else { None };
         let hint = own.as_ref().or(hint).cloned().unwrap_or_default();
         crate::engine::weights::low_peak_load(|| Self::from_weights(&set, device, &hint))
             .with_context(|| format!("loading the T5 encoder {}", path.display()))
     }
 
     fn from_weights(set: &WeightSet, device: &Device, hint: &T5Hint) -> Result<Self> {
-        let p = prefix_of(set, "encoder.final_layer_norm.weight", "T5 encoder")?;
+        let p = set.prefix_of("encoder.final_layer_norm.weight", "T5 encoder")?;
         let key = |n: &str| format!("{p}{n}");
         let dims = |n: &str| set.shape(&key(n)).map(|s| s.to_vec()).ok_or_else(|| anyhow!("T5 checkpoint has no {n}"));
         let shared_name = if set.contains(&key("shared.weight")) { "shared.weight" } else { "encoder.embed_tokens.weight" };
@@ -204,14 +194,6 @@ fn relative_bucket(relative: i64, buckets: usize, max_distance: usize) -> usize 
 fn rms_norm(x: Tensor<3>, weight: &Tensor<1>, eps: f64) -> Tensor<3> {
     let rrms = (x.clone().square().mean_dim(2) + eps).sqrt().recip();
     x * rrms * weight.clone().unsqueeze::<3>()
-}
-
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?))
 }
 
 #[cfg(test)]

@@ -217,6 +217,17 @@ impl WeightSet {
         self.files.iter().find_map(|f| f.metadata.get(key).map(|s| s.as_str()))
     }
 
+    /// The key prefix in front of `anchor` (e.g. `text_encoders.t5xxl.transformer.` in a
+    /// ComfyUI all-in-one file); an error naming `what` when no key ends in `anchor`.
+    pub fn prefix_of(&self, anchor: &str, what: &str) -> Result<String> {
+        self.keys()
+            .find_map(|k| k.strip_suffix(anchor).filter(|p| p.is_empty() || p.ends_with('.')).map(String::from))
+            .ok_or_else(|| {
+                let sample: Vec<&str> = self.keys().take(4).collect();
+                anyhow!("not a {what} checkpoint: no {anchor} (first keys: {})", sample.join(", "))
+            })
+    }
+
     pub fn paths(&self) -> Vec<&Path> {
         self.files.iter().map(|f| f.path()).collect()
     }
@@ -225,6 +236,15 @@ impl WeightSet {
     pub fn file_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.mmap.len() as u64).sum()
     }
+}
+
+/// A component's `config.json` (diffusers / transformers), or None when the file is absent.
+pub fn read_config_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?))
 }
 
 /// The weight files of a diffusers component folder: the shards named by

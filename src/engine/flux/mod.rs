@@ -32,12 +32,7 @@ pub fn load_transformer(
         .with_context(|| format!("loading the transformer {}", path.display()))
 }
 
-/// A diffusers `config.json`, if present.
+/// A diffusers `transformer/config.json`, if present.
 pub fn read_diffusers_config(path: &Path) -> Result<Option<DiffusersConfig>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let config = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    Ok(Some(config))
+    crate::engine::weights::read_config_json(path)
 }

@@ -26,9 +26,5 @@ pub fn load_vae(path: &Path, device: &Device, dtype: DType, hint: Option<&VaeHin
 
 /// A diffusers `vae/config.json`, if present.
 pub fn read_hint(path: &Path) -> Result<Option<VaeHint>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?))
+    crate::engine::weights::read_config_json(path)
 }
