@@ -118,3 +118,31 @@ fn wgpu_matches_diffusers() {
         assert!(err <= 1e-3, "{model} on wgpu: relative error {err:.3e} > 1e-3");
     }
 }
+
+#[test]
+fn half_precision_compute_stays_close() {
+    // f16 and bf16 weights and activations on the CPU backend; QK-norm, RoPE and the norms
+    // run in f32 inside, as the reference does.
+    let device = Device::flex();
+    let golden = Golden::open("flux/dev/golden.safetensors");
+    for (dtype, bound) in [(DType::F16, 1e-2), (DType::BF16, 5e-2)] {
+        let path = fixture("flux/dev/bfl.safetensors");
+        let model = flux::load_transformer(&path, &device, dtype, Some(&axes_hint("dev"))).unwrap();
+        let rope = model.rope(7, 3, 5, &device);
+        let out = model
+            .forward(FluxInput {
+                img: golden.tensor::<3>("img", &device).cast(dtype),
+                txt: golden.tensor::<3>("txt", &device).cast(dtype),
+                y: golden.tensor::<2>("y", &device).cast(dtype),
+                timesteps: &golden.vec("timesteps"),
+                guidance: Some(&golden.vec("guidance")),
+                rope: &rope,
+            })
+            .unwrap();
+        assert_eq!(out.dtype(), dtype);
+        let out = out.cast(DType::F32).into_data().try_to_vec::<f32>().unwrap();
+        let err = relative_error(&out, &golden.vec("out"));
+        eprintln!("dev in {dtype:?}: relative error {err:.2e}");
+        assert!(err <= bound, "{dtype:?}: relative error {err:.3e} > {bound}");
+    }
+}
