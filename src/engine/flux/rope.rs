@@ -4,20 +4,21 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-/// cos/sin tables for one sequence of ids, shaped [1, 1, L, head_dim/2, 1] for broadcasting
-/// against queries and keys viewed as [B, H, L, head_dim/2, 2].
+/// Rotation tables for one sequence of ids, [1, 1, L, head_dim]: `cos` holds each pair's
+/// cosine twice, `sin` holds (−sin, +sin), so that rotating interleaved pairs is
+/// x·cos + swap_pairs(x)·sin.
 #[derive(Debug, Clone)]
 pub struct Rope {
-    pub cos: Tensor<5>,
-    pub sin: Tensor<5>,
+    pub cos: Tensor<4>,
+    pub sin: Tensor<4>,
 }
 
 impl Rope {
     /// `ids` are the text ids followed by the image ids, each (axis0, row, col).
     pub fn new(ids: &[[f32; 3]], axes_dim: &[usize], theta: f64, device: &Device) -> Self {
-        let half: usize = axes_dim.iter().sum::<usize>() / 2;
-        let mut cos = Vec::with_capacity(ids.len() * half);
-        let mut sin = Vec::with_capacity(ids.len() * half);
+        let dim: usize = axes_dim.iter().sum();
+        let mut cos = Vec::with_capacity(ids.len() * dim);
+        let mut sin = Vec::with_capacity(ids.len() * dim);
         for id in ids {
             for (axis, &dim) in axes_dim.iter().enumerate() {
                 let pos = id[axis] as f64;
@@ -25,27 +26,25 @@ impl Rope {
                     // omega_j = theta^(-2j/dim), as BFL's `rope` and diffusers' float64 path.
                     let omega = 1.0 / theta.powf((2 * j) as f64 / dim as f64);
                     let angle = pos * omega;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
+                    let (c, s) = (angle.cos() as f32, angle.sin() as f32);
+                    cos.extend([c, c]);
+                    sin.extend([-s, s]);
                 }
             }
         }
-        let shape = [1, 1, ids.len(), half, 1];
+        let shape = [1, 1, ids.len(), dim];
         Rope {
             cos: Tensor::from_data(TensorData::new(cos, shape), device),
             sin: Tensor::from_data(TensorData::new(sin, shape), device),
         }
     }
 
-    /// Rotates interleaved pairs (x[2i], x[2i+1]) of `x` [B, H, L, D]; in f32.
+    /// Rotates interleaved pairs (x[2i], x[2i+1]) of `x` [B, H, L, D] by their angles:
+    /// (x0·cos − x1·sin, x0·sin + x1·cos); in f32.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, h, l, d] = x.dims();
-        let x = x.reshape([b, h, l, d / 2, 2]);
-        let x0 = x.clone().narrow(4, 0, 1);
-        let x1 = x.narrow(4, 1, 1);
-        let out0 = self.cos.clone() * x0.clone() - self.sin.clone() * x1.clone();
-        let out1 = self.sin.clone() * x0 + self.cos.clone() * x1;
-        Tensor::cat(vec![out0, out1], 4).reshape([b, h, l, d])
+        let swapped = x.clone().reshape([b, h, l, d / 2, 2]).flip([4]).reshape([b, h, l, d]);
+        x * self.cos.clone() + swapped * self.sin.clone()
     }
 }
 
