@@ -293,7 +293,7 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
 
 fn inspect(path: &std::path::Path) -> Result<()> {
     let weights = TransformerWeights::open(path)?;
-    let hint = if path.is_dir() { flux::read_diffusers_config(&path.join("config.json"))? } else { None };
+    let hint = atelier::engine::weights::component_config::<flux::DiffusersConfig>(path, None)?;
     let config = FluxConfig::infer(&weights, hint.as_ref())
         .with_context(|| format!("inferring the configuration of {}", path.display()))?;
     weights.check_complete(&config.parameter_names())?;

@@ -9,11 +9,11 @@ use burn::nn::Linear;
 use burn::tensor::activation::sigmoid;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::engine::layers::{self, gelu_tanh};
-use crate::engine::weights::{WeightSet, read_config_json};
+use crate::engine::weights::{WeightSet, component_config};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipConfig {
@@ -66,8 +66,7 @@ impl ClipText {
     /// `text_encoder/` folder (transformers 5 writes the keys without `text_model.`).
     pub fn load(path: &Path, device: &Device, hint: Option<&ClipHint>) -> Result<Self> {
         let set = WeightSet::open(path)?;
-        let own: Option<ClipHint> = if path.is_dir() { read_config_json(&path.join("config.json"))? } else { None };
-        let hint = own.as_ref().or(hint).cloned().unwrap_or_default();
+        let hint = component_config(path, hint)?.unwrap_or_default();
         crate::engine::weights::low_peak_load(|| Self::from_weights(&set, device, &hint))
             .with_context(|| format!("loading the CLIP text encoder {}", path.display()))
     }
@@ -144,19 +143,14 @@ impl ClipText {
     }
 
     /// Token ids [B][L] → final states and pooled output.
-    pub fn forward(&self, ids: &[Vec<u32>], device: &Device) -> Result<ClipOutput> {
+    pub fn forward(&self, ids: &[Vec<u32>]) -> Result<ClipOutput> {
         let c = &self.config;
         let batch = ids.len();
         let len = ids.first().map_or(0, |r| r.len());
         if batch == 0 || len == 0 || len > c.positions || ids.iter().any(|r| r.len() != len) {
             bail!("CLIP needs a non-empty batch of equal-length rows of at most {} tokens", c.positions);
         }
-        if let Some(bad) = ids.iter().flatten().find(|&&t| t as usize >= c.vocab) {
-            bail!("token id {bad} is outside CLIP's vocabulary of {}", c.vocab);
-        }
-        let flat: Vec<i32> = ids.iter().flatten().map(|&t| t as i32).collect();
-        let index = Tensor::<1, Int>::from_data(TensorData::new(flat, [batch * len]), device);
-        let tokens = self.token_embedding.clone().select(0, index).reshape([batch, len, c.hidden]);
+        let tokens = layers::embed(&self.token_embedding, ids, "CLIP")?;
         let positions = self.position_embedding.clone().narrow(0, 0, len).unsqueeze::<3>();
         let mut x = tokens + positions;
         let head_dim = c.hidden / c.heads;

@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::activation::sigmoid;
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::engine::weights::HostTensor;
 
@@ -16,6 +16,19 @@ pub fn upload<const D: usize>(t: HostTensor, name: &str, device: &Device, dtype:
     }
     let t = Tensor::<D>::from_data(TensorData::new(t.data, t.shape), device);
     Ok(if dtype == DType::F32 { t } else { t.cast(dtype) })
+}
+
+/// Rows of an embedding table [vocab, dim] for token ids [B][L] → [B, L, dim]; ids outside
+/// the table are an error naming `what`, never an out-of-bounds read.
+pub fn embed(table: &Tensor<2>, ids: &[Vec<u32>], what: &str) -> Result<Tensor<3>> {
+    let [vocab, dim] = table.dims();
+    let (batch, len) = (ids.len(), ids.first().map_or(0, |r| r.len()));
+    if let Some(bad) = ids.iter().flatten().find(|&&t| t as usize >= vocab) {
+        bail!("token id {bad} is outside {what}'s vocabulary of {vocab}");
+    }
+    let flat: Vec<i32> = ids.iter().flatten().map(|&t| t as i32).collect();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(flat, [batch * len]), &table.device());
+    Ok(table.clone().select(0, index).reshape([batch, len, dim]))
 }
 
 /// A linear layer from PyTorch's [out, in] weight. burn's `Linear` multiplies by [in, out];

@@ -214,7 +214,7 @@ pub fn generate_with(
 
     // The transformer's own weights say whether it is dev (guidance embedding) or schnell.
     let weights = flux::TransformerWeights::open(&files.transformer)?;
-    let hint = if files.transformer.is_dir() { flux::read_diffusers_config(&files.transformer.join("config.json"))? } else { None };
+    let hint = crate::engine::weights::component_config::<flux::DiffusersConfig>(&files.transformer, None)?;
     let flux_config = flux::FluxConfig::infer(&weights, hint.as_ref())?;
     drop(weights);
     let is_dev = flux_config.guidance_embed;
@@ -243,7 +243,7 @@ pub fn generate_with(
     let txt = t5.forward(&[t5_tokens.ids.clone()], device)?;
     Resident::give_back(keep, &mut resident.t5, t5);
     let clip = Resident::take(&mut resident.clip, || ClipText::load(&files.clip, device, None))?;
-    let y = clip.forward(&[clip_tokens.ids.clone()], device)?.pooled;
+    let y = clip.forward(&[clip_tokens.ids.clone()])?.pooled;
     Resident::give_back(keep, &mut resident.clip, clip);
 
     progress(Progress::Stage("loading the transformer"));

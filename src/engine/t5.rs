@@ -9,11 +9,11 @@ use anyhow::{Context, Result, anyhow, bail};
 use burn::nn::Linear;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::engine::layers::{self, gelu_tanh};
-use crate::engine::weights::{WeightSet, read_config_json};
+use crate::engine::weights::{WeightSet, component_config};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct T5Config {
@@ -60,8 +60,7 @@ impl T5Encoder {
     /// A `t5xxl_*.safetensors` file or a transformers `text_encoder_2/` folder.
     pub fn load(path: &Path, device: &Device, hint: Option<&T5Hint>) -> Result<Self> {
         let set = WeightSet::open(path)?;
-        let own: Option<T5Hint> = if path.is_dir() { read_config_json(&path.join("config.json"))? } else { None };
-        let hint = own.as_ref().or(hint).cloned().unwrap_or_default();
+        let hint = component_config(path, hint)?.unwrap_or_default();
         crate::engine::weights::low_peak_load(|| Self::from_weights(&set, device, &hint))
             .with_context(|| format!("loading the T5 encoder {}", path.display()))
     }
@@ -137,12 +136,7 @@ impl T5Encoder {
             bail!("T5 needs a non-empty batch of equal-length token rows");
         }
         let c = &self.config;
-        if let Some(bad) = ids.iter().flatten().find(|&&t| t as usize >= c.vocab) {
-            bail!("token id {bad} is outside T5's vocabulary of {}", c.vocab);
-        }
-        let flat: Vec<i32> = ids.iter().flatten().map(|&t| t as i32).collect();
-        let index = Tensor::<1, Int>::from_data(TensorData::new(flat, [batch * len]), device);
-        let mut x = self.shared.clone().select(0, index).reshape([batch, len, c.d_model]);
+        let mut x = layers::embed(&self.shared, ids, "T5")?;
         let bias = self.position_bias(len, device).expand([batch, c.heads, len, len]);
         let options = AttentionModuleOptions { scale: Some(1.0), ..Default::default() };
         for b in &self.blocks {

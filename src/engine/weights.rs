@@ -247,6 +247,13 @@ pub fn read_config_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<O
     Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?))
 }
 
+/// The configuration that goes with a component: a folder's own `config.json` when `path` is
+/// a folder that has one, otherwise `fallback` (given by the caller for single files).
+pub fn component_config<T: serde::de::DeserializeOwned + Clone>(path: &Path, fallback: Option<&T>) -> Result<Option<T>> {
+    let own = if path.is_dir() { read_config_json(&path.join("config.json"))? } else { None };
+    Ok(own.or_else(|| fallback.cloned()))
+}
+
 /// The weight files of a diffusers component folder: the shards named by
 /// `*.safetensors.index.json`, or the single `*.safetensors` file in it.
 pub fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {

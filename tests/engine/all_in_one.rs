@@ -43,7 +43,7 @@ fn every_component_loads_from_one_comfyui_file() {
 
     let hint: ClipHint = serde_json::from_str(&std::fs::read_to_string(fixture("pipeline/schnell/diffusers/text_encoder/config.json")).unwrap()).unwrap();
     let clip = ClipText::load(&path, &device, Some(&hint)).unwrap();
-    let pooled = clip.forward(&ids("clip_ids"), &device).unwrap().pooled.into_data().try_to_vec::<f32>().unwrap();
+    let pooled = clip.forward(&ids("clip_ids")).unwrap().pooled.into_data().try_to_vec::<f32>().unwrap();
     assert!(relative_error(&pooled, &golden.vec("clip_pooled")) <= 1e-4);
 
     let vae_hint = vae::read_hint(&fixture("pipeline/schnell/diffusers/vae/config.json")).unwrap();

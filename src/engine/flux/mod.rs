@@ -24,9 +24,8 @@ pub fn load_transformer(
     axes_hint: Option<&DiffusersConfig>,
 ) -> Result<Flux> {
     let weights = TransformerWeights::open(path)?;
-    let own_config = if path.is_dir() { read_diffusers_config(&path.join("config.json"))? } else { None };
-    let hint = own_config.as_ref().or(axes_hint);
-    let config = FluxConfig::infer(&weights, hint)
+    let hint = crate::engine::weights::component_config(path, axes_hint)?;
+    let config = FluxConfig::infer(&weights, hint.as_ref())
         .with_context(|| format!("reading the transformer configuration of {}", path.display()))?;
     crate::engine::weights::low_peak_load(|| Flux::load(&weights, config, device, dtype))
         .with_context(|| format!("loading the transformer {}", path.display()))

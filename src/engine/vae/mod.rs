@@ -17,8 +17,8 @@ use crate::engine::weights::WeightSet;
 /// supplies the GroupNorm groups and latent scaling; `hint` does for single files).
 pub fn load_vae(path: &Path, device: &Device, dtype: DType, hint: Option<&VaeHint>) -> Result<Vae> {
     let weights = VaeWeights::new(WeightSet::open(path)?)?;
-    let own = if path.is_dir() { read_hint(&path.join("config.json"))? } else { None };
-    let config = VaeConfig::infer(&weights, own.as_ref().or(hint))
+    let hint = crate::engine::weights::component_config(path, hint)?;
+    let config = VaeConfig::infer(&weights, hint.as_ref())
         .with_context(|| format!("reading the VAE configuration of {}", path.display()))?;
     crate::engine::weights::low_peak_load(|| Vae::load(&weights, config, device, dtype))
         .with_context(|| format!("loading the VAE {}", path.display()))
