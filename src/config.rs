@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
-use crate::ledger::{MeteringConfig, PlanConfig, PlansConfig, PricingConfig};
+use crate::ledger::{MeteringConfig, ModelPricing, PlanConfig, PlansConfig, PricingConfig};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -15,6 +15,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub engine: EngineConfig,
     pub limits: Limits,
+    pub queue: QueueConfig,
     /// `[models.<id>]`: the models this installation serves.
     pub models: BTreeMap<String, ModelEntry>,
     /// `[metering]`, `[plans.*]`, `[pricing]`: read by the ledger (see `Config::plans`).
@@ -23,7 +24,25 @@ pub struct Config {
     pub pricing: PricingConfig,
 }
 
-/// One model: a diffusers folder (`path`), or single files (BFL / ComfyUI layouts).
+/// Which FLUX.1 a transformer is: dev has a guidance embedding, schnell does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FluxKind {
+    Schnell,
+    Dev,
+}
+
+impl FluxKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FluxKind::Schnell => "schnell",
+            FluxKind::Dev => "dev",
+        }
+    }
+}
+
+/// One model: a diffusers folder (`path`), or single files (BFL / ComfyUI layouts), and how the
+/// server offers it.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelEntry {
@@ -32,6 +51,100 @@ pub struct ModelEntry {
     pub vae: Option<PathBuf>,
     pub clip: Option<PathBuf>,
     pub t5: Option<PathBuf>,
+    /// schnell or dev; read off the transformer's weights when not given.
+    pub kind: Option<FluxKind>,
+    /// The name users see; the id when not given.
+    pub label: Option<String>,
+    /// The `[pricing.models.<id>]` entry that prices the model and carries its access tags.
+    /// Default: the entry with the model's own id, else `flux-<kind>`.
+    pub price_as: Option<String>,
+    /// Access tags (dev, uncensored, beta, ...) overriding those of the pricing entry.
+    pub tags: Option<Vec<String>>,
+    /// Steps a job gets when it names none (default: the pricing entry's).
+    pub default_steps: Option<u32>,
+    /// The size the UI starts with (default 1024×1024).
+    pub default_width: Option<u32>,
+    pub default_height: Option<u32>,
+}
+
+impl ModelEntry {
+    /// The pricing entry this model is priced as (and takes its tags from), when it can be
+    /// named without reading the weights.
+    pub fn pricing_id(&self, id: &str, pricing: &PricingConfig, kind: Option<FluxKind>) -> Option<String> {
+        if let Some(p) = &self.price_as {
+            return Some(p.clone());
+        }
+        if pricing.models.contains_key(id) {
+            return Some(id.to_string());
+        }
+        self.kind.or(kind).map(|k| format!("flux-{}", k.as_str()))
+    }
+
+    /// The ledger's view of this model: its pricing entry with this entry's tags and default
+    /// steps laid over it.
+    pub fn derived_pricing(&self, id: &str, pricing: &PricingConfig, kind: Option<FluxKind>) -> Result<Option<ModelPricing>> {
+        let Some(base_id) = self.pricing_id(id, pricing, kind) else { return Ok(None) };
+        let Some(base) = pricing.models.get(&base_id) else {
+            bail!("[models.{id}] is priced as {base_id:?}, which has no [pricing.models.{base_id}] entry");
+        };
+        let mut m = base.clone();
+        if let Some(tags) = &self.tags {
+            m.tags = tags.clone();
+        }
+        if let Some(steps) = self.default_steps {
+            m.default_steps = steps;
+        }
+        Ok(Some(m))
+    }
+}
+
+/// `[queue]`: how jobs wait for the device.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Jobs one user may have waiting at once (queued, not yet running).
+    pub max_queued_per_user: u32,
+    /// Share of the device each queue class gets while several classes wait: a class with
+    /// weight 8 starts 8 jobs for every one of a class with weight 1 (none ever starves).
+    pub weights: QueueWeights,
+    /// A preview image every this many steps (0: none).
+    pub preview_every: u32,
+    /// Keep the model's components loaded between jobs (fast; needs the memory of all of
+    /// them) instead of loading each per stage.
+    pub keep_resident: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueWeights {
+    pub standard: u32,
+    pub priority: u32,
+    pub fastest: u32,
+    pub instant: u32,
+}
+
+impl QueueWeights {
+    pub fn of(&self, class: crate::ledger::QueueClass) -> u32 {
+        use crate::ledger::QueueClass::*;
+        match class {
+            Standard => self.standard,
+            Priority => self.priority,
+            Fastest => self.fastest,
+            Instant => self.instant,
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { max_queued_per_user: 8, weights: QueueWeights::default(), preview_every: 1, keep_resident: false }
+    }
+}
+
+impl Default for QueueWeights {
+    fn default() -> Self {
+        QueueWeights { standard: 1, priority: 2, fastest: 4, instant: 8 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -39,6 +152,15 @@ pub struct ModelEntry {
 pub struct ServerConfig {
     pub listen: String,
     pub data_dir: PathBuf,
+    /// Days a login session lasts.
+    pub session_days: u32,
+    /// Failed logins allowed per account (4× as many per client address) in `login_window_secs`;
+    /// more are answered 429 until the window passes.
+    pub login_attempts: u32,
+    pub login_window_secs: u64,
+    /// Mark the session cookie `Secure`: "auto" (when the request came over https, directly or
+    /// as a proxy's X-Forwarded-Proto says), "always" or "never".
+    pub secure_cookies: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -64,7 +186,8 @@ impl Default for Config {
             server: Default::default(),
             engine: Default::default(),
             limits: Default::default(),
-            models: Default::default(),
+            queue: Default::default(),
+            models: shipped_models(),
             metering: plans.metering,
             plans: plans.plans,
             pricing: plans.pricing,
@@ -74,7 +197,14 @@ impl Default for Config {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: "127.0.0.1:8188".into(), data_dir: "data".into() }
+        ServerConfig {
+            listen: "127.0.0.1:8188".into(),
+            data_dir: "data".into(),
+            session_days: 30,
+            login_attempts: 5,
+            login_window_secs: 300,
+            secure_cookies: "auto".into(),
+        }
     }
 }
 
@@ -92,6 +222,13 @@ impl Default for Limits {
 
 pub const DEFAULT_TOML: &str = include_str!("../config.toml");
 
+/// The `[models.*]` tables of the shipped config.toml (the demo models).
+fn shipped_models() -> BTreeMap<String, ModelEntry> {
+    // The file is part of the binary and a test parses it: failing here is a build bug.
+    let table: toml::Table = toml::from_str(DEFAULT_TOML).expect("config.toml parses");
+    table.get("models").cloned().map(|m| m.try_into().expect("config.toml's [models] parse")).unwrap_or_default()
+}
+
 impl Config {
     pub fn load(path: Option<&Path>) -> Result<Self> {
         let config: Config = match path {
@@ -107,9 +244,26 @@ impl Config {
     }
 
     /// The metering configuration, validated; a config without `[plans.*]` keeps the shipped plans.
+    /// Every `[models.<id>]` whose pricing can be named without reading weights is added to
+    /// `[pricing.models]` under its own id (see [`ModelEntry::derived_pricing`]), so the ledger
+    /// prices and entitles served models by the ids users send.
     pub fn plans(&self) -> Result<PlansConfig> {
+        self.plans_with_kinds(&|_| None)
+    }
+
+    /// [`Config::plans`], with the kinds of models read off their weights (`kind_of`).
+    pub fn plans_with_kinds(&self, kind_of: &dyn Fn(&str) -> Option<FluxKind>) -> Result<PlansConfig> {
         let plans = if self.plans.is_empty() { PlansConfig::shipped().plans } else { self.plans.clone() };
-        Ok(PlansConfig::from_parts(self.metering.clone(), plans, self.pricing.clone())?)
+        let mut pricing = self.pricing.clone();
+        for (id, entry) in &self.models {
+            if pricing.models.contains_key(id) && entry.tags.is_none() && entry.default_steps.is_none() {
+                continue;
+            }
+            if let Some(m) = entry.derived_pricing(id, &self.pricing, kind_of(id))? {
+                pricing.models.insert(id.clone(), m);
+            }
+        }
+        Ok(PlansConfig::from_parts(self.metering.clone(), plans, pricing)?)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -122,6 +276,18 @@ impl Config {
         }
         if l.max_steps == 0 {
             bail!("limits.max_steps must be at least 1");
+        }
+        let w = &self.queue.weights;
+        if [w.standard, w.priority, w.fastest, w.instant].contains(&0) {
+            bail!("queue.weights must all be at least 1");
+        }
+        if !["auto", "always", "never"].contains(&self.server.secure_cookies.as_str()) {
+            bail!("server.secure_cookies must be auto, always or never (not {:?})", self.server.secure_cookies);
+        }
+        for (id, m) in &self.models {
+            if m.path.is_none() && m.transformer.is_none() {
+                bail!("[models.{id}] names neither path (a diffusers folder) nor transformer (single files)");
+            }
         }
         Ok(())
     }

@@ -1,6 +1,11 @@
 //! atelier: a self-hosted FLUX.1 generation server with its own metering.
 
+pub mod accounts;
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod jobs;
 pub mod ledger;
+pub mod models;
+pub mod secret;
+pub mod server;

@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use atelier::bench::{self, BenchSpec};
-use atelier::config::Config;
+use atelier::config::{Config, ModelEntry};
+use atelier::models;
 use atelier::engine::device::{self, DeviceChoice};
 use atelier::engine::flux::{self, FluxConfig, TransformerWeights};
 use atelier::engine::parse_dtype;
@@ -37,9 +38,24 @@ enum Command {
         /// A BFL / ComfyUI .safetensors file or a diffusers transformer folder.
         path: PathBuf,
     },
-    /// Users, plans and prices: `user add|set-plan|grant|cancel|show`, `plan list`, `price`.
+    /// Run the server: browser UI, HTTP API and OpenAI-compatible API, with the job queue.
+    Serve(ServeArgs),
+    /// Users, plans and prices: `user add|set-plan|grant|cancel|show|api-key`, `plan list`, `price`.
     #[command(flatten)]
     Ledger(ledger::cli::LedgerCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (default: server.listen, loopback only). For the LAN: 0.0.0.0:8188.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Serve a model: <id>=<diffusers folder or all-in-one .safetensors> (repeatable).
+    #[arg(long = "model")]
+    models: Vec<String>,
+    /// auto, cpu, wgpu or vulkan (default: engine.device).
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Args)]
@@ -141,6 +157,16 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => run_bench(args),
         Command::Inspect { path } => inspect(&path),
         Command::Generate(args) => run_generate(args, &config),
+        Command::Serve(args) => {
+            let extra_models = args.models.iter().map(|m| models::parse_cli_model(m)).collect::<Result<Vec<_>>>()?;
+            atelier::server::serve(atelier::server::ServeOptions {
+                config,
+                data_dir,
+                listen: args.listen,
+                extra_models,
+                device: args.device,
+            })
+        }
         Command::Ledger(cmd) => {
             let out = ledger::cli::run(
                 &data_dir,
@@ -217,18 +243,10 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
         anyhow::bail!("--prompt is empty");
     }
     // A tokenizers folder under weights_dir overrides the built-in copies.
-    let tokenizers = Some(config.engine.weights_dir.join("tokenizers")).filter(|p| p.join("t5/tokenizer.json").exists());
-    let singles = |t: PathBuf, v: Option<PathBuf>, c: Option<PathBuf>, t5: Option<PathBuf>| -> Result<ModelFiles> {
-        let need = |p: Option<PathBuf>, what: &str| p.ok_or_else(|| anyhow::anyhow!("with single files, --{what} is needed too"));
-        Ok(ModelFiles { transformer: t, vae: need(v, "vae")?, clip: need(c, "clip")?, t5: need(t5, "t5")?, scheduler: None, tokenizers: tokenizers.clone() })
-    };
+    let tokenizers = models::tokenizers_dir(config);
     let (files, model_name) = match (&a.model, a.transformer.clone()) {
         (Some(m), None) => match config.models.get(m) {
-            Some(entry) => match (&entry.path, &entry.transformer) {
-                (Some(p), _) => (ModelFiles::from_diffusers(p, tokenizers.as_deref())?, m.clone()),
-                (None, Some(t)) => (singles(t.clone(), entry.vae.clone(), entry.clip.clone(), entry.t5.clone())?, m.clone()),
-                (None, None) => anyhow::bail!("model {m} in the config names neither path nor transformer"),
-            },
+            Some(entry) => (models::resolve_files(m, entry, tokenizers.as_deref())?, m.clone()),
             None if std::path::Path::new(m).is_dir() => {
                 let name = std::path::Path::new(m).file_name().map_or(m.clone(), |n| n.to_string_lossy().into_owned());
                 (ModelFiles::from_diffusers(std::path::Path::new(m), tokenizers.as_deref())?, name)
@@ -240,7 +258,8 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
         },
         (None, Some(t)) => {
             let name = t.file_stem().map_or("flux".into(), |n| n.to_string_lossy().into_owned());
-            (singles(t, a.vae.clone(), a.clip.clone(), a.t5.clone())?, name)
+            let entry = ModelEntry { transformer: Some(t), vae: a.vae.clone(), clip: a.clip.clone(), t5: a.t5.clone(), ..Default::default() };
+            (models::resolve_files(&name, &entry, tokenizers.as_deref()).map_err(|e| anyhow::anyhow!("{e:#} (with --transformer, give --vae, --clip and --t5 too)"))?, name)
         }
         _ => anyhow::bail!("give either --model or --transformer (with --vae, --clip, --t5)"),
     };
@@ -254,11 +273,13 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
         guidance: a.guidance,
         max_sequence_length: a.max_sequence_length,
         batch: a.batch,
+        ..Default::default()
     };
     let terminal = std::io::stderr().is_terminal();
     let mut resident = pipeline::Resident::new(a.keep_resident);
     let out = pipeline::generate_with(&files, &req, &device.device, &mut resident, |p| match p {
         Progress::Stage(s) => log::info!("{s}"),
+        Progress::Preview { .. } => {}
         Progress::Step { image, step, steps, seconds } => {
             let rate = step as f64 / seconds.max(1e-9);
             let eta = (steps - step) as f64 / rate;

@@ -67,6 +67,10 @@ impl ModelFiles {
 
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
+    /// Set from another thread to stop between steps; `generate` then fails with [`Canceled`].
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// A [`Progress::Preview`] every this many steps (and at the last); 0: none.
+    pub preview_every: usize,
     pub prompt: String,
     pub seed: u64,
     /// None: the model kind's default (schnell 4, dev 28).
@@ -81,11 +85,36 @@ pub struct GenerateRequest {
     pub batch: usize,
 }
 
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        GenerateRequest {
+            cancel: None,
+            preview_every: 0,
+            prompt: String::new(),
+            seed: 0,
+            steps: None,
+            width: 1024,
+            height: 1024,
+            guidance: None,
+            max_sequence_length: None,
+            batch: 1,
+        }
+    }
+}
+
+/// The error `generate` returns when [`GenerateRequest::cancel`] was set.
+#[derive(Debug, thiserror::Error)]
+#[error("canceled")]
+pub struct Canceled;
+
 /// Progress of a running generation.
 #[derive(Debug, Clone)]
 pub enum Progress {
     Stage(&'static str),
     Step { image: usize, step: usize, steps: usize, seconds: f64 },
+    /// A cheap look at the current denoised estimate: the latents projected linearly to RGB at
+    /// 1/8 of the image size (see [`crate::engine::preview`]).
+    Preview { image: usize, step: usize, rgb: image::RgbImage },
 }
 
 /// What was generated, with the settings actually used.
@@ -260,6 +289,7 @@ pub fn generate_with(
     let timesteps = schedule.timesteps(&sigmas);
     let rope = model.rope(max_len, lh / 2, lw / 2, device);
 
+    let canceled = || req.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
     let mut latents_all = Vec::new();
     let seeds: Vec<u64> = (0..req.batch as u64).map(|i| req.seed.wrapping_add(i)).collect();
     for (index, &seed) in seeds.iter().enumerate() {
@@ -267,6 +297,9 @@ pub fn generate_with(
         let mut x = Tensor::<3>::from_data(TensorData::new(pack(&noise, channels, lh, lw), [1, seq_len, channels * 4]), device);
         let started = Instant::now();
         for i in 0..steps {
+            if canceled() {
+                return Err(Canceled.into());
+            }
             // diffusers hands the transformer timestep / 1000, in f32.
             let t = [timesteps[i] / 1000.0];
             let g = guidance.map(|g| [g]);
@@ -278,6 +311,14 @@ pub fn generate_with(
                 guidance: g.as_ref().map(|g| &g[..]),
                 rope: &rope,
             })?;
+            let every = req.preview_every;
+            if every > 0 && ((i + 1) % every == 0 || i + 1 == steps) {
+                // The flow's estimate of the clean latents: x0 = x_t − σ·v.
+                let x0 = x.clone() - v.clone() * sigmas[i];
+                let tokens = x0.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading latents: {e:?}"))?;
+                let rgb = crate::engine::preview::latents_to_rgb(&unpack(&tokens, channels, lh, lw), channels, lh, lw);
+                progress(Progress::Preview { image: index, step: i + 1, rgb });
+            }
             x = euler_step(x, v, sigmas[i], sigmas[i + 1]);
             progress(Progress::Step { image: index, step: i + 1, steps, seconds: started.elapsed().as_secs_f64() });
         }
@@ -285,6 +326,9 @@ pub fn generate_with(
     }
     Resident::give_back(keep, &mut resident.flux, model);
 
+    if canceled() {
+        return Err(Canceled.into());
+    }
     progress(Progress::Stage("decoding"));
     let vae = Resident::take(&mut resident.vae, || vae::load_vae(&files.vae, device, DType::F32, None))?;
     let mut images = Vec::new();

@@ -7,6 +7,7 @@
 //! atelier --data <dir> user set-plan <name> <free|starter|pro|ultra|max> [--yearly|--weekly]
 //! atelier --data <dir> user grant <name> <credits> [--expires <RFC3339>]
 //! atelier --data <dir> user cancel <name>
+//! atelier --data <dir> user api-key <name> [--label <text>]
 //! atelier --data <dir> user show <name> [--json]
 //! atelier --data <dir> plan list [--json]
 //! atelier --data <dir> price --model <id> --width <px> --height <px> [--steps <n>] [--batch <n>] [--seconds <s>] [--json]
@@ -75,6 +76,13 @@ pub enum UserCommand {
     },
     /// Cancel the subscription at the end of its period.
     Cancel { name: String },
+    /// Create an API key for the user (printed once; send it as `Authorization: Bearer <key>`).
+    ApiKey {
+        name: String,
+        /// What the key is for (shown in the key list).
+        #[arg(long, default_value = "cli")]
+        label: String,
+    },
     /// Show a user's plan, credits, grants, allowance and entitlements.
     Show {
         name: String,
@@ -150,6 +158,14 @@ pub fn run_user_command(
     let mut ledger = Ledger::open_data_dir(data_dir, cfg.clone(), clock)
         .with_context(|| format!("opening the ledger in {}", data_dir.display()))?;
     match cmd {
+        UserCommand::ApiKey { name, label } => {
+            let user = ledger.user_by_name(name)?;
+            let conn = crate::ledger::schema::open_connection(ledger.path())?;
+            crate::accounts::migrate(&conn).context("migrating the account tables")?;
+            let now = ledger.clock().now().timestamp();
+            let (key, _) = crate::accounts::create_api_key(&conn, user.id, label, now)?;
+            Ok(key)
+        }
         UserCommand::Add { name, admin, password_stdin } => {
             let password = if *password_stdin {
                 let mut line = String::new();
@@ -239,6 +255,13 @@ fn parse_expiry(s: Option<&str>) -> Result<Option<DateTime<Utc>>> {
 /// The `user show --json` object.
 pub fn show_json(ledger: &mut Ledger, name: &str) -> Result<serde_json::Value> {
     let user = ledger.user_by_name(name)?;
+    account_json(ledger, &user)
+}
+
+/// A user's plan, credits (each grant with its expiry), training allowance, weekly quotas and
+/// entitlements, with renewals caught up first. `user show --json` and the server's usage
+/// endpoint both answer with it.
+pub fn account_json(ledger: &mut Ledger, user: &crate::ledger::User) -> Result<serde_json::Value> {
     ledger.catch_up_user(user.id)?;
     let sub = ledger.subscription(user.id)?;
     let credits = ledger.balance(user.id, Resource::Credits)?;

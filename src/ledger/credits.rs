@@ -410,6 +410,18 @@ pub(crate) fn balance(t: &Tx<'_>, user: UserId, resource: Resource) -> Result<Ba
     )?)
 }
 
+fn open_holds_where(t: &Tx<'_>, user: Option<UserId>) -> Result<Vec<Hold>, LedgerError> {
+    let mut st = t.prepare_cached(&format!(
+        "SELECT {HOLD_COLS} FROM holds WHERE status = 'held' AND (?1 IS NULL OR user_id = ?1) ORDER BY id"
+    ))?;
+    let mut rows = st.query(params![user])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(hold_from_row(r)?);
+    }
+    Ok(out)
+}
+
 fn load_hold(t: &Tx<'_>, id: HoldId) -> Result<Hold, LedgerError> {
     let mut st = t.prepare_cached(&format!("SELECT {HOLD_COLS} FROM holds WHERE id = ?1"))?;
     let mut rows = st.query(params![id])?;
@@ -819,17 +831,14 @@ impl Ledger {
         self.read(|t| hold_by_key(t, user, idempotency_key))
     }
 
-    /// Holds not yet settled, oldest first.
+    /// A user's holds not yet settled, oldest first.
     pub fn open_holds(&mut self, user: UserId) -> Result<Vec<Hold>, LedgerError> {
-        self.read(|t| {
-            let mut st = t.prepare(&format!("SELECT {HOLD_COLS} FROM holds WHERE user_id = ?1 AND status = 'held' ORDER BY id"))?;
-            let mut rows = st.query(params![user])?;
-            let mut out = Vec::new();
-            while let Some(r) = rows.next()? {
-                out.push(hold_from_row(r)?);
-            }
-            Ok(out)
-        })
+        self.read(|t| open_holds_where(t, Some(user)))
+    }
+
+    /// Everyone's holds not yet settled, oldest first (for reconciling jobs after a restart).
+    pub fn all_open_holds(&mut self) -> Result<Vec<Hold>, LedgerError> {
+        self.read(|t| open_holds_where(t, None))
     }
 
     /// A user's totals for one resource now.

@@ -390,6 +390,16 @@ impl Ledger {
         self.read(|t| user_row(t, name))
     }
 
+    pub fn user_by_id(&mut self, id: UserId) -> Result<User, LedgerError> {
+        self.read(|t| {
+            t.query_row("SELECT id, name, is_admin, created_at FROM users WHERE id = ?1", params![id], |r| {
+                Ok(User { id: r.get(0)?, name: r.get(1)?, is_admin: r.get(2)?, created_at: from_unix(r.get(3)?) })
+            })
+            .optional()?
+            .ok_or_else(|| LedgerError::UnknownUser(format!("#{id}")))
+        })
+    }
+
     pub fn users(&mut self) -> Result<Vec<User>, LedgerError> {
         self.read(|t| {
             let mut st = t.prepare("SELECT id, name, is_admin, created_at FROM users ORDER BY id")?;

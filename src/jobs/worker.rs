@@ -1,0 +1,228 @@
+//! The worker: one thread per device that takes the next job, runs the pipeline on it and
+//! settles its hold. It never runs on the async threads.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use burn::tensor::Device;
+
+use crate::engine::pipeline::{self, Canceled, GenerateRequest, Progress, Resident};
+use crate::jobs::db::Conn;
+use crate::jobs::progress::JobEvent;
+use crate::jobs::store::{self, ImageMeta, Job, JobStatus};
+use crate::jobs::{Jobs, gallery};
+use crate::ledger::HoldStatus;
+
+pub struct Worker {
+    handle: Option<std::thread::JoinHandle<()>>,
+    jobs: Arc<Jobs>,
+}
+
+impl Worker {
+    /// Starts the worker for `device`. `keep_resident` keeps the last model's components
+    /// loaded between jobs.
+    pub fn spawn(jobs: Arc<Jobs>, db: Conn, device: Device, keep_resident: bool) -> Worker {
+        let j = jobs.clone();
+        let handle = std::thread::Builder::new()
+            .name("atelier-worker".into())
+            .spawn(move || run(&j, db, &device, keep_resident))
+            .expect("spawning the worker thread");
+        Worker { handle: Some(handle), jobs }
+    }
+
+    /// Stops after the current job.
+    pub fn stop(mut self) {
+        self.jobs.stop();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn run(jobs: &Jobs, mut db: Conn, device: &Device, keep_resident: bool) {
+    let mut resident: Option<(String, Resident)> = None;
+    while !jobs.stopping.load(Ordering::Relaxed) {
+        let next = match store::waiting(&db.app) {
+            Ok(waiting) => {
+                let mut s = jobs.scheduler.lock().unwrap_or_else(|p| p.into_inner());
+                s.pick(&waiting).map(|i| waiting[i].job_id.clone())
+            }
+            Err(e) => {
+                log::error!("reading the queue: {e}");
+                None
+            }
+        };
+        match next {
+            Some(id) => {
+                if let Err(e) = run_one(jobs, &mut db, device, keep_resident, &mut resident, &id) {
+                    log::error!("job {id}: {e:#}");
+                }
+            }
+            None => {
+                let (lock, cv) = &jobs.wake;
+                let mut woken = lock.lock().unwrap_or_else(|p| p.into_inner());
+                if !*woken {
+                    woken = cv.wait_timeout(woken, Duration::from_secs(2)).unwrap_or_else(|p| p.into_inner()).0;
+                }
+                *woken = false;
+            }
+        }
+    }
+}
+
+/// Ends a job that did not succeed: status, hold released, event.
+fn end_without_images(jobs: &Jobs, db: &mut Conn, job: &Job, status: JobStatus, error: Option<String>) -> anyhow::Result<()> {
+    store::finish(&db.app, &job.id, &[JobStatus::Running], status, error.as_deref(), db.now())?;
+    db.ledger.release(job.hold_id)?;
+    let event = match (status, error) {
+        (JobStatus::Canceled, _) => JobEvent::Canceled,
+        (_, e) => JobEvent::Failed { error: e.unwrap_or_else(|| "failed".into()) },
+    };
+    jobs.hub.publish(&job.id, job.user_id, event);
+    Ok(())
+}
+
+fn run_one(
+    jobs: &Jobs,
+    db: &mut Conn,
+    device: &Device,
+    keep_resident: bool,
+    resident: &mut Option<(String, Resident)>,
+    id: &str,
+) -> anyhow::Result<()> {
+    if !store::mark_running(&db.app, id, db.now())? {
+        return Ok(()); // canceled just now
+    }
+    let job = store::get_job(&db.app, id)?.ok_or_else(|| anyhow::anyhow!("job vanished"))?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    *jobs.running.lock().unwrap_or_else(|p| p.into_inner()) = Some((job.id.clone(), cancel.clone()));
+    jobs.hub.publish(&job.id, job.user_id, JobEvent::Started);
+    jobs.publish_positions(db);
+    let out = execute(jobs, db, device, keep_resident, resident, &job, cancel);
+    *jobs.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    out
+}
+
+fn execute(
+    jobs: &Jobs,
+    db: &mut Conn,
+    device: &Device,
+    keep_resident: bool,
+    resident: &mut Option<(String, Resident)>,
+    job: &Job,
+    cancel: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    if db.ledger.hold(job.hold_id)?.status != HoldStatus::Held {
+        return end_without_images(jobs, db, job, JobStatus::Failed, Some("the job's credit hold expired before it could run".into()));
+    }
+    let model = match jobs.models.get(&job.model) {
+        Some(m) if m.is_ready() && m.files.is_some() => m.clone(),
+        _ => return end_without_images(jobs, db, job, JobStatus::Failed, Some(format!("model {} is not available", job.model))),
+    };
+    let files = model.files.clone().expect("checked above");
+    let spec = &job.spec;
+    let steps = spec.steps.unwrap_or(model.default_steps).max(1) as usize;
+    let req = GenerateRequest {
+        cancel: Some(cancel),
+        preview_every: jobs.queue.preview_every as usize,
+        prompt: spec.prompt.clone(),
+        seed: job.seed,
+        steps: Some(steps),
+        width: spec.width as usize,
+        height: spec.height as usize,
+        guidance: spec.guidance.map(|g| g as f32),
+        max_sequence_length: None,
+        batch: spec.batch as usize,
+    };
+    if resident.as_ref().is_none_or(|(m, _)| m != &job.model) {
+        *resident = Some((job.model.clone(), Resident::new(keep_resident)));
+    }
+    let res = &mut resident.as_mut().expect("set above").1;
+    let images = spec.batch as usize;
+    let mut last_seconds = 0.0;
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        pipeline::generate_with(&files, &req, device, res, |p| match p {
+            Progress::Stage(s) => jobs.hub.publish(&job.id, job.user_id, JobEvent::Stage { stage: s.to_string() }),
+            Progress::Step { image, step, steps, seconds } => {
+                let dt = if step == 1 { seconds } else { seconds - last_seconds };
+                last_seconds = seconds;
+                let m = &jobs.metrics;
+                m.steps.fetch_add(1, Ordering::Relaxed);
+                m.step_micros.fetch_add((dt * 1e6) as u64, Ordering::Relaxed);
+                m.last_step_micros.store((dt * 1e6) as u64, Ordering::Relaxed);
+                let rate = step as f64 / seconds.max(1e-9);
+                let left = (steps - step) + (images - image - 1) * steps;
+                jobs.hub.publish(
+                    &job.id,
+                    job.user_id,
+                    JobEvent::Step { image, images, step, steps, it_per_s: rate, eta_s: left as f64 / rate },
+                );
+            }
+            Progress::Preview { image, step, rgb } => {
+                let data_url = gallery::png_data_url(&rgb);
+                jobs.hub.publish(&job.id, job.user_id, JobEvent::Preview { image, step, data_url });
+            }
+        })
+    }));
+    let generated = match result {
+        Ok(Ok(g)) => g,
+        Ok(Err(e)) if e.is::<Canceled>() => return end_without_images(jobs, db, job, JobStatus::Canceled, None),
+        Ok(Err(e)) => return end_without_images(jobs, db, job, JobStatus::Failed, Some(format!("{e:#}"))),
+        Err(panic) => {
+            // The components may be half-updated: load them afresh next time.
+            *resident = None;
+            let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            let msg = format!("the engine stopped with an internal error: {}", msg.unwrap_or_default());
+            return end_without_images(jobs, db, job, JobStatus::Failed, Some(msg));
+        }
+    };
+    for w in &generated.warnings {
+        log::warn!("job {}: {w}", job.id);
+    }
+    let dir = jobs.images_dir();
+    let now = db.now();
+    let mut metas = Vec::new();
+    for (i, (img, seed)) in generated.images.iter().zip(&generated.seeds).enumerate() {
+        let parameters =
+            pipeline::a1111_parameters(&spec.prompt, generated.steps, *seed, generated.width, generated.height, &job.model, generated.guidance);
+        match gallery::save(dir, img, &parameters) {
+            Ok(id) => metas.push(ImageMeta {
+                id,
+                user_id: job.user_id,
+                job_id: job.id.clone(),
+                index: i as u32,
+                width: generated.width as u32,
+                height: generated.height as u32,
+                seed: *seed,
+                model: job.model.clone(),
+                prompt: spec.prompt.clone(),
+                steps: generated.steps as u32,
+                guidance: generated.guidance.map(|g| g as f64),
+                parameters,
+                created_at: chrono::DateTime::from_timestamp(now, 0).unwrap_or_default(),
+            }),
+            Err(e) => {
+                metas.iter().for_each(|m| gallery::remove(dir, &m.id));
+                return end_without_images(jobs, db, job, JobStatus::Failed, Some(format!("saving the image: {e:#}")));
+            }
+        }
+    }
+    // Images and `succeeded` in one transaction, then the capture. A crash in between leaves a
+    // succeeded job with an open hold, which `reconcile` captures at the next start.
+    if !store::complete_job(&db.app, &job.id, &metas, now)? {
+        metas.iter().for_each(|m| gallery::remove(dir, &m.id));
+        db.ledger.release(job.hold_id)?;
+        jobs.hub.publish(&job.id, job.user_id, JobEvent::Canceled);
+        return Ok(());
+    }
+    jobs.metrics.images.fetch_add(metas.len() as u64, Ordering::Relaxed);
+    let captured = db.ledger.capture(job.hold_id, None)?;
+    jobs.hub.publish(
+        &job.id,
+        job.user_id,
+        JobEvent::Succeeded { images: metas.into_iter().map(|m| m.id).collect(), credits_charged: captured.hold.captured },
+    );
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! The models an installation serves: `[models.<id>]` entries (and `--model <id>=<path>`)
+//! resolved to files, with their kind read off the weights and a state the UI and API show.
+//! A model whose files are missing or unreadable is listed with the reason; it never stops the
+//! server from starting.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Serialize;
+
+use crate::config::{Config, FluxKind, ModelEntry};
+use crate::engine::flux::{self, FluxConfig, TransformerWeights};
+use crate::engine::pipeline::ModelFiles;
+use crate::ledger::PlansConfig;
+
+/// Whether a model can run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ModelState {
+    Ready,
+    Missing { reason: String },
+}
+
+/// One served model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServedModel {
+    pub id: String,
+    pub label: String,
+    pub kind: Option<FluxKind>,
+    #[serde(flatten)]
+    pub state: ModelState,
+    /// Access tags from the model's pricing entry (what plans are checked against).
+    pub tags: Vec<String>,
+    pub default_steps: u32,
+    pub default_width: u32,
+    pub default_height: u32,
+    #[serde(skip)]
+    pub files: Option<ModelFiles>,
+}
+
+impl ServedModel {
+    pub fn is_ready(&self) -> bool {
+        self.state == ModelState::Ready
+    }
+}
+
+/// Parses `--model <id>=<path>`: a diffusers folder, or one all-in-one checkpoint file.
+pub fn parse_cli_model(arg: &str) -> Result<(String, ModelEntry)> {
+    let (id, path) = arg.split_once('=').ok_or_else(|| anyhow!("--model {arg:?}: expected <id>=<path>"))?;
+    let id = id.trim();
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        bail!("--model {arg:?}: the id must be letters, digits, '-', '_' or '.'");
+    }
+    let path = PathBuf::from(path);
+    let entry = if path.is_file() {
+        // One file holding all four components (ComfyUI's all-in-one checkpoints).
+        ModelEntry {
+            transformer: Some(path.clone()),
+            vae: Some(path.clone()),
+            clip: Some(path.clone()),
+            t5: Some(path),
+            ..Default::default()
+        }
+    } else {
+        ModelEntry { path: Some(path), ..Default::default() }
+    };
+    Ok((id.to_string(), entry))
+}
+
+/// The tokenizers folder under `weights_dir`, when the studio put one there (it overrides the
+/// copies built into the binary).
+pub fn tokenizers_dir(config: &Config) -> Option<PathBuf> {
+    Some(config.engine.weights_dir.join("tokenizers")).filter(|p| p.join("t5/tokenizer.json").exists())
+}
+
+/// The files of a config entry.
+pub fn resolve_files(id: &str, entry: &ModelEntry, tokenizers: Option<&Path>) -> Result<ModelFiles> {
+    match (&entry.path, &entry.transformer) {
+        (Some(p), _) => ModelFiles::from_diffusers(p, tokenizers),
+        (None, Some(t)) => {
+            let need = |p: &Option<PathBuf>, what: &str| {
+                p.clone().ok_or_else(|| anyhow!("[models.{id}] names a transformer file but no {what}"))
+            };
+            Ok(ModelFiles {
+                transformer: t.clone(),
+                vae: need(&entry.vae, "vae")?,
+                clip: need(&entry.clip, "clip")?,
+                t5: need(&entry.t5, "t5")?,
+                scheduler: None,
+                tokenizers: tokenizers.map(Path::to_path_buf),
+            })
+        }
+        (None, None) => bail!("[models.{id}] names neither path nor transformer"),
+    }
+}
+
+/// schnell or dev, from the transformer's weights (dev has the guidance embedding).
+pub fn read_kind(files: &ModelFiles) -> Result<FluxKind> {
+    let weights = TransformerWeights::open(&files.transformer)?;
+    let hint = crate::engine::weights::component_config::<flux::DiffusersConfig>(&files.transformer, None)?;
+    let config = FluxConfig::infer(&weights, hint.as_ref())
+        .with_context(|| format!("reading the transformer {}", files.transformer.display()))?;
+    Ok(if config.guidance_embed { FluxKind::Dev } else { FluxKind::Schnell })
+}
+
+/// Every served model, by id.
+#[derive(Debug, Clone, Default)]
+pub struct ModelRegistry {
+    pub models: BTreeMap<String, ServedModel>,
+}
+
+impl ModelRegistry {
+    /// Resolves every `[models.*]` entry of `config` (plus `extra` from the command line, which
+    /// win over config entries of the same id), reads each one's kind, and returns the
+    /// registry with the plans config that prices and entitles those ids.
+    pub fn build(config: &Config, extra: &[(String, ModelEntry)]) -> Result<(ModelRegistry, PlansConfig)> {
+        let mut entries = config.models.clone();
+        for (id, e) in extra {
+            entries.insert(id.clone(), e.clone());
+        }
+        let tokenizers = tokenizers_dir(config);
+        let mut found: BTreeMap<String, (Option<ModelFiles>, Option<FluxKind>, ModelState)> = BTreeMap::new();
+        for (id, entry) in &entries {
+            let checked = resolve_files(id, entry, tokenizers.as_deref()).and_then(|files| {
+                for (what, p) in [("vae", &files.vae), ("clip", &files.clip), ("t5", &files.t5)] {
+                    if !p.exists() {
+                        bail!("its {what} {} does not exist", p.display());
+                    }
+                }
+                let kind = read_kind(&files)?;
+                if let Some(declared) = entry.kind {
+                    if declared != kind {
+                        bail!("declared kind {} but the transformer is {}", declared.as_str(), kind.as_str());
+                    }
+                }
+                Ok((files, kind))
+            });
+            let row = match checked {
+                Ok((files, kind)) => (Some(files), Some(kind), ModelState::Ready),
+                Err(e) => {
+                    log::warn!("model {id} is not available: {e:#}");
+                    (None, entry.kind, ModelState::Missing { reason: format!("{e:#}") })
+                }
+            };
+            found.insert(id.clone(), row);
+        }
+        let mut with_extra = config.clone();
+        with_extra.models = entries.clone();
+        let plans = with_extra.plans_with_kinds(&|id| found.get(id).and_then(|f| f.1))?;
+        let mut models = BTreeMap::new();
+        for (id, entry) in &entries {
+            let (files, kind, mut state) = found.remove(id).expect("every entry was checked");
+            let pricing = plans.pricing.models.get(id);
+            if pricing.is_none() && state == ModelState::Ready {
+                state = ModelState::Missing {
+                    reason: format!("no pricing: add price_as or kind to [models.{id}], or a [pricing.models.{id}] table"),
+                };
+            }
+            models.insert(
+                id.clone(),
+                ServedModel {
+                    id: id.clone(),
+                    label: entry.label.clone().unwrap_or_else(|| id.clone()),
+                    kind,
+                    state,
+                    tags: pricing.map(|p| p.tags.clone()).unwrap_or_default(),
+                    default_steps: pricing.map_or(4, |p| p.default_steps),
+                    default_width: entry.default_width.unwrap_or(1024),
+                    default_height: entry.default_height.unwrap_or(1024),
+                    files,
+                },
+            );
+        }
+        if models.values().all(|m| !m.is_ready()) {
+            log::warn!("no usable model: the server runs, but jobs are refused until one is added to [models] in the config");
+        }
+        Ok((ModelRegistry { models }, plans))
+    }
+
+    pub fn get(&self, id: &str) -> Option<&ServedModel> {
+        self.models.get(id)
+    }
+}

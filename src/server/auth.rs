@@ -1,0 +1,93 @@
+//! Who is calling: a session cookie (browser) or `Authorization: Bearer <API key>`.
+//! Changes made with the cookie must carry the session's CSRF token in `X-CSRF-Token`
+//! (a cross-site page can make the browser send the cookie, but cannot read the token).
+//! Bearer keys are not sent by browsers on their own, so they need no CSRF token.
+
+use actix_web::dev::Payload;
+use actix_web::http::Method;
+use actix_web::{FromRequest, HttpRequest, web};
+use futures_util::future::LocalBoxFuture;
+
+use crate::accounts;
+use crate::ledger::User;
+use crate::server::error::ApiError;
+use crate::server::state::AppState;
+
+pub const SESSION_COOKIE: &str = "atelier_session";
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Via {
+    Session { token: String, csrf: String },
+    ApiKey,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: User,
+    pub via: Via,
+}
+
+impl Caller {
+    pub fn is_admin(&self) -> bool {
+        self.user.is_admin
+    }
+
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.user.is_admin { Ok(()) } else { Err(ApiError::forbidden("this needs an admin account")) }
+    }
+
+    /// Whether the caller may see something owned by `owner`: its owner or an admin.
+    pub fn may_see(&self, owner: crate::ledger::UserId) -> bool {
+        self.user.id == owner || self.user.is_admin
+    }
+}
+
+fn bearer(req: &HttpRequest) -> Option<String> {
+    let h = req.headers().get("authorization")?.to_str().ok()?;
+    let (scheme, token) = h.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
+}
+
+impl FromRequest for Caller {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Caller, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let state = req.app_data::<web::Data<AppState>>().cloned();
+        let key = bearer(req);
+        let cookie = req.cookie(SESSION_COOKIE).map(|c| c.value().to_string());
+        let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+        let csrf_sent = req.headers().get("x-csrf-token").and_then(|v| v.to_str().ok()).map(str::to_string);
+        Box::pin(async move {
+            let state = state.ok_or_else(|| ApiError::internal("no app state"))?;
+            let caller = state
+                .db(move |c| {
+                    let now = c.now();
+                    let (user_id, via) = if let Some(key) = key {
+                        let id = accounts::api_key_user(&c.app, &key, now)?
+                            .ok_or_else(|| ApiError::unauthorized("the API key is not valid (revoked or mistyped)"))?;
+                        (id, Via::ApiKey)
+                    } else if let Some(token) = cookie {
+                        let s = accounts::session(&c.app, &token, now)?
+                            .ok_or_else(|| ApiError::unauthorized("your session has ended; log in again"))?;
+                        (s.user_id, Via::Session { token, csrf: s.csrf })
+                    } else {
+                        return Err(ApiError::unauthorized("log in, or send an API key as Authorization: Bearer <key>"));
+                    };
+                    if accounts::is_disabled(&c.app, user_id)? {
+                        return Err(ApiError::forbidden("this account is disabled"));
+                    }
+                    let user = c.ledger.user_by_id(user_id)?;
+                    Ok(Caller { user, via })
+                })
+                .await?;
+            if let Via::Session { csrf, .. } = &caller.via {
+                if !safe && !csrf_sent.is_some_and(|sent| crate::secret::constant_time_eq(&sent, csrf)) {
+                    return Err(ApiError::forbidden("missing or wrong CSRF token (send X-CSRF-Token)"));
+                }
+            }
+            Ok(caller)
+        })
+    }
+}

@@ -1,0 +1,142 @@
+//! Every error the API answers, as JSON in OpenAI's error shape (so OpenAI clients read it):
+//! `{"error": {"message", "type", "code", "details"}}` with a matching HTTP status.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+use crate::jobs::SubmitError;
+use crate::ledger::{LedgerError, Refusal};
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub details: Option<serde_json::Value>,
+    /// Seconds to wait (429), sent as Retry-After.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), details: None, retry_after: None }
+    }
+    pub fn bad_request(m: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m)
+    }
+    pub fn unauthorized(m: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", m)
+    }
+    pub fn forbidden(m: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", m)
+    }
+    pub fn not_found(what: &str) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+    }
+    pub fn conflict(m: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "conflict", m)
+    }
+    pub fn internal(e: impl std::fmt::Display) -> ApiError {
+        log::error!("internal error: {e}");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
+    }
+    pub fn with_details(mut self, d: serde_json::Value) -> ApiError {
+        self.details = Some(d);
+        self
+    }
+
+    /// A plan or balance refusal: 402 when credits or a quota run out (with when they
+    /// renew), 403 when the plan does not include the model, parameters or batch size.
+    pub fn refusal(r: Refusal) -> ApiError {
+        let (status, code) = match &r {
+            Refusal::OutOfCredits { .. } => (StatusCode::PAYMENT_REQUIRED, "insufficient_credits"),
+            Refusal::QuotaExhausted { .. } => (StatusCode::PAYMENT_REQUIRED, "quota_exhausted"),
+            Refusal::InvalidParams { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Refusal::UnknownModel { .. } => (StatusCode::NOT_FOUND, "model_not_found"),
+            _ => (StatusCode::FORBIDDEN, "not_in_plan"),
+        };
+        let details = serde_json::to_value(&r).unwrap_or_default();
+        ApiError::new(status, code, r.to_string()).with_details(details)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status, self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let kind = match self.status.as_u16() {
+            400 | 404 | 409 | 413 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            402 => "insufficient_quota",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            503 => "service_unavailable",
+            _ => "server_error",
+        };
+        let mut r = HttpResponse::build(self.status);
+        if let Some(s) = self.retry_after {
+            r.insert_header(("Retry-After", s.to_string()));
+        }
+        r.json(json!({"error": {"message": self.message, "type": kind, "code": self.code, "details": self.details}}))
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(e: LedgerError) -> ApiError {
+        match e {
+            LedgerError::Refused(r) => ApiError::refusal(r),
+            LedgerError::UnknownUser(_) => ApiError::not_found("user"),
+            LedgerError::UserExists(n) => ApiError::conflict(format!("user {n:?} already exists")),
+            e @ (LedgerError::UnknownPlan { .. } | LedgerError::Invalid(_) | LedgerError::IdempotencyConflict { .. }) => {
+                ApiError::bad_request(e.to_string())
+            }
+            e @ LedgerError::HoldSettled { .. } => ApiError::conflict(e.to_string()),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> ApiError {
+        match e {
+            SubmitError::Invalid(m) => ApiError::bad_request(m),
+            SubmitError::UnknownModel(m) => {
+                ApiError::new(StatusCode::NOT_FOUND, "model_not_found", format!("unknown model {m:?}"))
+            }
+            e @ SubmitError::ModelUnavailable { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", e.to_string())
+            }
+            e @ SubmitError::QueueFull { .. } => {
+                let mut err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string());
+                err.retry_after = Some(10);
+                err
+            }
+            SubmitError::Refused(r) => ApiError::refusal(r),
+            SubmitError::Internal(e) => ApiError::internal(format!("{e:#}")),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for ApiError {
+    fn from(e: rusqlite::Error) -> ApiError {
+        ApiError::internal(e)
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> ApiError {
+        match e.downcast::<LedgerError>() {
+            Ok(l) => l.into(),
+            Err(e) => ApiError::internal(format!("{e:#}")),
+        }
+    }
+}

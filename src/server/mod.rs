@@ -1,0 +1,117 @@
+//! `atelier serve`: the HTTP server (actix-web on tokio) in front of the ledger and the jobs.
+
+pub mod auth;
+pub mod error;
+pub mod routes;
+pub mod state;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{App, HttpServer, web};
+use anyhow::{Context, Result};
+
+use crate::config::{Config, ModelEntry};
+use crate::engine::device::{self, DeviceChoice};
+use crate::jobs::db::Pool;
+use crate::jobs::{Jobs, Worker};
+use crate::ledger::{Clock, Sweeper, SystemClock};
+use crate::models::ModelRegistry;
+use crate::server::state::{AppState, LoginLimiter};
+
+pub struct ServeOptions {
+    pub config: Config,
+    pub data_dir: PathBuf,
+    /// Overrides `server.listen`.
+    pub listen: Option<String>,
+    /// `--model <id>=<path>` entries.
+    pub extra_models: Vec<(String, ModelEntry)>,
+    /// Overrides `engine.device`.
+    pub device: Option<String>,
+}
+
+/// Creates the first admin when there is none: `admin` with a random password, printed once
+/// and written to `<data>/initial-admin-password` (readable by the owner only).
+fn bootstrap_admin(pool: &Pool) -> Result<()> {
+    pool.with(|c| -> Result<()> {
+        if c.ledger.users()?.iter().any(|u| u.is_admin) {
+            return Ok(());
+        }
+        let password = crate::secret::random_hex(12);
+        let name = if c.ledger.user_by_name("admin").is_ok() { format!("admin-{}", &password[..4]) } else { "admin".into() };
+        c.ledger.add_user(&name, true, Some(&password))?;
+        let path = pool.data_dir().join("initial-admin-password");
+        std::fs::write(&path, format!("{name}\n{password}\n")).with_context(|| format!("writing {}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        }
+        log::warn!(
+            "no admin account existed: created {name:?} with password {password:?} (also in {}); log in and change it, or create your own with `atelier user add <name> --admin --password-stdin`",
+            path.display()
+        );
+        Ok(())
+    })?
+}
+
+/// Runs the server until it is stopped (Ctrl-C / SIGTERM).
+pub fn serve(opts: ServeOptions) -> Result<()> {
+    let config = opts.config;
+    let listen = opts.listen.unwrap_or_else(|| config.server.listen.clone());
+    let (registry, plans) = ModelRegistry::build(&config, &opts.extra_models)?;
+    for m in registry.models.values() {
+        match &m.state {
+            crate::models::ModelState::Ready => {
+                log::info!("model {} ({}) ready", m.id, m.kind.map_or("?", |k| k.as_str()))
+            }
+            crate::models::ModelState::Missing { reason } => log::warn!("model {} missing: {reason}", m.id),
+        }
+    }
+    let plans = Arc::new(plans);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let data_dir = opts.data_dir;
+    let pool = Arc::new(Pool::new(&data_dir, plans.clone(), clock.clone())?);
+    bootstrap_admin(&pool)?;
+
+    let jobs = Arc::new(Jobs::new(Arc::new(registry), config.limits.clone(), config.queue.clone(), data_dir.join("images")));
+    let settled = pool.with(|c| jobs.reconcile(c))??;
+    if settled > 0 {
+        log::warn!("settled {settled} credit holds left open by the last run");
+    }
+    let choice: DeviceChoice = opts.device.as_deref().unwrap_or(&config.engine.device).parse()?;
+    let dev = device::select(choice)?;
+    log::info!("device: {}", dev.description);
+    let worker = Worker::spawn(jobs.clone(), pool.open()?, dev.device.clone(), config.queue.keep_resident);
+    let sweeper = Sweeper::spawn(pool.data_dir().join(crate::ledger::DB_FILE), plans.clone(), clock.clone(), |e| {
+        log::error!("ledger sweep: {e}")
+    })?;
+
+    let state = web::Data::new(AppState {
+        pool: pool.clone(),
+        jobs: jobs.clone(),
+        limiter: LoginLimiter::new(config.server.login_attempts, Duration::from_secs(config.server.login_window_secs)),
+        config: Arc::new(config),
+        device: dev.description.clone(),
+    });
+    let system = actix_web::rt::System::new();
+    let result = system.block_on(async move {
+        let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes::configure))
+            .bind(&listen)
+            .with_context(|| format!("cannot listen on {listen}"))?
+            // Progress streams stay open for a long time: keep-alive and shutdown must allow it.
+            .shutdown_timeout(5)
+            .backlog(2048)
+            .max_connection_rate(1024);
+        for addr in server.addrs() {
+            // Tests and scripts read this line to find the port (with --listen 127.0.0.1:0).
+            println!("listening on http://{addr}");
+            log::info!("listening on http://{addr}");
+        }
+        server.run().await.context("running the HTTP server")
+    });
+    worker.stop();
+    sweeper.stop();
+    result
+}

@@ -1,0 +1,153 @@
+//! Log in and out, the session, API keys, plans and the user's own subscription.
+
+use actix_web::cookie::{Cookie, SameSite};
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::accounts;
+use crate::server::auth::{Caller, SESSION_COOKIE, Via};
+use crate::server::error::ApiError;
+use crate::server::state::AppState;
+
+type Data = web::Data<AppState>;
+
+#[derive(Deserialize)]
+pub struct Login {
+    name: String,
+    password: String,
+}
+
+fn secure(req: &HttpRequest, setting: &str) -> bool {
+    match setting {
+        "always" => true,
+        "never" => false,
+        _ => req.connection_info().scheme() == "https",
+    }
+}
+
+fn session_cookie(req: &HttpRequest, state: &AppState, value: String, max_age_days: i64) -> Cookie<'static> {
+    Cookie::build(SESSION_COOKIE, value)
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .secure(secure(req, &state.config.server.secure_cookies))
+        .max_age(actix_web::cookie::time::Duration::days(max_age_days))
+        .finish()
+}
+
+/// POST /api/login {name, password}: a session cookie and the CSRF token.
+pub async fn login(req: HttpRequest, state: Data, body: web::Json<Login>) -> Result<HttpResponse, ApiError> {
+    let Login { name, password } = body.into_inner();
+    let ip = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let keys = vec![format!("user:{name}"), format!("ip:{ip}")];
+    if let Some(wait) = state.limiter.blocked(&keys) {
+        let mut e = ApiError::new(
+            actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_logins",
+            format!("too many failed logins; try again in {wait} s"),
+        );
+        e.retry_after = Some(wait);
+        return Err(e);
+    }
+    let days = state.config.server.session_days;
+    let n = name.clone();
+    let result = state
+        .db(move |c| {
+            // Unknown user and wrong password look the same to the caller.
+            let ok = match c.ledger.verify_password(&n, &password) {
+                Ok(ok) => ok,
+                Err(crate::ledger::LedgerError::UnknownUser(_)) => false,
+                Err(e) => return Err(e.into()),
+            };
+            if !ok {
+                return Ok(None);
+            }
+            let user = c.ledger.user_by_name(&n)?;
+            if accounts::is_disabled(&c.app, user.id)? {
+                return Err(ApiError::forbidden("this account is disabled"));
+            }
+            let (token, session) = accounts::create_session(&c.app, user.id, days, c.now())?;
+            Ok(Some((user, token, session)))
+        })
+        .await?;
+    let Some((user, token, session)) = result else {
+        state.limiter.fail(&keys);
+        return Err(ApiError::unauthorized("wrong name or password"));
+    };
+    state.limiter.succeed(&keys[0]);
+    Ok(HttpResponse::Ok()
+        .cookie(session_cookie(&req, &state, token, days as i64))
+        .json(json!({"user": user, "csrf_token": session.csrf, "expires_at": session.expires_at})))
+}
+
+/// POST /api/logout: revokes the session.
+pub async fn logout(req: HttpRequest, state: Data, caller: Caller) -> Result<HttpResponse, ApiError> {
+    if let Via::Session { token, .. } = caller.via {
+        state.db(move |c| Ok(accounts::revoke_session(&c.app, &token, c.now())?)).await?;
+    }
+    let mut gone = session_cookie(&req, &state, String::new(), 0);
+    gone.make_removal();
+    Ok(HttpResponse::Ok().cookie(gone).json(json!({"ok": true})))
+}
+
+/// GET /api/session: who is logged in, and the CSRF token for changes.
+pub async fn session(caller: Caller) -> Result<HttpResponse, ApiError> {
+    let csrf = match &caller.via {
+        Via::Session { csrf, .. } => Some(csrf.clone()),
+        Via::ApiKey => None,
+    };
+    Ok(HttpResponse::Ok().json(json!({"user": caller.user, "csrf_token": csrf})))
+}
+
+/// GET /api/keys
+pub async fn list_keys(state: Data, caller: Caller) -> Result<HttpResponse, ApiError> {
+    let id = caller.user.id;
+    let keys = state.db(move |c| Ok(accounts::list_api_keys(&c.app, id)?)).await?;
+    Ok(HttpResponse::Ok().json(json!({"keys": keys})))
+}
+
+#[derive(Deserialize)]
+pub struct NewKey {
+    #[serde(default)]
+    label: String,
+}
+
+/// POST /api/keys {label}: the new key, shown only in this answer.
+pub async fn create_key(state: Data, caller: Caller, body: web::Json<NewKey>) -> Result<HttpResponse, ApiError> {
+    let label = body.into_inner().label.trim().to_string();
+    if label.len() > 100 {
+        return Err(ApiError::bad_request("the label is longer than 100 characters"));
+    }
+    let id = caller.user.id;
+    let (key, info) = state.db(move |c| Ok(accounts::create_api_key(&c.app, id, &label, c.now())?)).await?;
+    Ok(HttpResponse::Created().json(json!({"key": key, "info": info})))
+}
+
+/// DELETE /api/keys/{id}
+pub async fn revoke_key(state: Data, caller: Caller, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let key_id: i64 = path.parse().map_err(|_| ApiError::not_found("API key"))?;
+    let user = caller.user.id;
+    let ok = state.db(move |c| Ok(accounts::revoke_api_key(&c.app, user, key_id, c.now())?)).await?;
+    if !ok {
+        return Err(ApiError::not_found("API key"));
+    }
+    Ok(HttpResponse::Ok().json(json!({"revoked": key_id})))
+}
+
+/// GET /api/plans: the plan comparison, from the config.
+pub async fn plans(state: Data) -> Result<HttpResponse, ApiError> {
+    let cfg = state.pool.plans().clone();
+    let mut out = Vec::new();
+    for id in cfg.plan_ids_by_rank() {
+        out.push(cfg.entitlements(&id, None)?);
+    }
+    Ok(HttpResponse::Ok().json(json!({"plans": out, "limited_per_week": cfg.metering.limited_per_week})))
+}
+
+/// POST /api/subscription/cancel: cancels at the end of the period.
+pub async fn cancel_subscription(state: Data, caller: Caller) -> Result<HttpResponse, ApiError> {
+    let user = caller.user.id;
+    let change = state.db(move |c| Ok(c.ledger.cancel(user)?)).await?;
+    Ok(HttpResponse::Ok().json(change))
+}

@@ -1,0 +1,61 @@
+//! The HTTP routes. Handlers are thin: parse, authorize, call the ledger or the jobs, answer.
+
+pub mod account;
+pub mod admin;
+pub mod gallery;
+pub mod jobs;
+pub mod openai;
+pub mod ops;
+pub mod ui;
+pub mod usage;
+
+use actix_web::web;
+
+use crate::server::error::ApiError;
+
+/// Mounts every route on an app.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(web::JsonConfig::default().limit(256 * 1024).error_handler(|e, _| {
+        ApiError::bad_request(format!("invalid JSON body: {e}")).into()
+    }))
+    .app_data(web::QueryConfig::default().error_handler(|e, _| ApiError::bad_request(format!("invalid query: {e}")).into()))
+    .app_data(web::PathConfig::default().error_handler(|e, _| ApiError::bad_request(format!("invalid path: {e}")).into()))
+    .route("/healthz", web::get().to(ops::healthz))
+    .route("/metrics", web::get().to(ops::metrics))
+    .route("/v1/models", web::get().to(openai::models))
+    .route("/v1/images/generations", web::post().to(openai::generations))
+    .service(
+        web::scope("/api")
+            .route("/login", web::post().to(account::login))
+            .route("/logout", web::post().to(account::logout))
+            .route("/session", web::get().to(account::session))
+            .route("/keys", web::get().to(account::list_keys))
+            .route("/keys", web::post().to(account::create_key))
+            .route("/keys/{id}", web::delete().to(account::revoke_key))
+            .route("/plans", web::get().to(account::plans))
+            .route("/subscription/cancel", web::post().to(account::cancel_subscription))
+            .route("/usage", web::get().to(usage::usage))
+            .route("/models", web::get().to(usage::models))
+            .route("/price", web::get().to(usage::price))
+            .route("/jobs", web::post().to(jobs::create))
+            .route("/jobs", web::get().to(jobs::list))
+            .route("/jobs/{id}", web::get().to(jobs::get))
+            .route("/jobs/{id}/cancel", web::post().to(jobs::cancel))
+            .route("/jobs/{id}/events", web::get().to(jobs::job_events))
+            .route("/events", web::get().to(jobs::user_events))
+            .route("/images", web::get().to(gallery::list))
+            .route("/images/{id}", web::get().to(gallery::get))
+            .route("/images/{id}", web::delete().to(gallery::delete))
+            .route("/images/{id}/file", web::get().to(gallery::file))
+            .route("/admin/users", web::get().to(admin::users))
+            .route("/admin/users", web::post().to(admin::create_user))
+            .route("/admin/users/{id}", web::get().to(admin::user))
+            .route("/admin/users/{id}/plan", web::post().to(admin::set_plan))
+            .route("/admin/users/{id}/grant", web::post().to(admin::grant))
+            .route("/admin/users/{id}/disable", web::post().to(admin::disable))
+            .route("/admin/queue", web::get().to(admin::queue))
+            .route("/admin/models", web::get().to(admin::models))
+            .default_service(web::to(|| async { Err::<actix_web::HttpResponse, _>(ApiError::not_found("API route")) })),
+    )
+    .default_service(web::get().to(ui::asset));
+}

@@ -1,0 +1,178 @@
+//! What a user has and may do: balance and grants, holds, daily history, warnings, plan,
+//! entitlements, allowance; the models with the caller's access to each; the price of a job.
+
+use actix_web::{HttpResponse, web};
+use chrono::Duration;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::jobs::Jobs;
+use crate::jobs::db::Conn;
+use crate::jobs::store::JobSpec;
+use crate::ledger::{ModelAccess, Refusal, Resource, User};
+use crate::server::auth::Caller;
+use crate::server::error::ApiError;
+use crate::server::state::AppState;
+
+type Data = web::Data<AppState>;
+
+/// The usage document of `user` (also what admins see for a user).
+pub fn usage_json(c: &mut Conn, user: &User, days: i64) -> Result<serde_json::Value, ApiError> {
+    let mut v = crate::ledger::cli::account_json(&mut c.ledger, user)?;
+    let today = c.ledger.clock().now().date_naive();
+    let history = c.ledger.usage(user.id, today - Duration::days(days - 1), today)?;
+    let holds = c.ledger.open_holds(user.id)?;
+    let events = c.ledger.events(user.id, 50)?;
+    let available = v["credits_available"].as_i64().unwrap_or(0);
+    let ent = &v["entitlements"];
+    let per_period = ent["credits_per_period"].as_i64().unwrap_or(0);
+    let base = if per_period > 0 { per_period } else { ent["signup_credits"].as_i64().unwrap_or(0) };
+    let pct = ent["low_balance_pct"].as_i64().unwrap_or(20);
+    v["low_balance"] = json!(base > 0 && available * 100 < base * pct);
+    v["history"] = json!(history);
+    v["holds"] = json!(holds);
+    v["events"] = json!(events);
+    v["training_available"] = json!(c.ledger.balance(user.id, Resource::Training)?.available);
+    Ok(v)
+}
+
+/// GET /api/usage
+pub async fn usage(state: Data, caller: Caller) -> Result<HttpResponse, ApiError> {
+    let user = caller.user.clone();
+    let v = state.db(move |c| usage_json(c, &user, 30)).await?;
+    Ok(HttpResponse::Ok().json(v))
+}
+
+/// Each model with the caller's access: "yes", "limited" (with the weekly quota left) or
+/// "locked" (with why and the plans that unlock it).
+fn models_for(c: &mut Conn, jobs: &Jobs, user: &User) -> Result<serde_json::Value, ApiError> {
+    c.ledger.catch_up_user(user.id)?;
+    let sub = c.ledger.subscription(user.id)?;
+    let cfg = c.ledger.config_arc();
+    let ent = cfg.entitlements(&sub.plan, sub.period)?;
+    let mut out = Vec::new();
+    for m in jobs.models.models.values() {
+        let mut v = serde_json::to_value(m).unwrap_or_default();
+        let (mut access, mut reason, mut allowing, mut quota) = ("yes", None, Vec::<String>::new(), None);
+        if let Ok(pricing) = cfg.model(&m.id) {
+            let params = crate::ledger::JobParams::new(m.default_width, m.default_height);
+            match cfg.check_job(&sub.plan, sub.period, pricing, &params) {
+                Err(r) => {
+                    access = "locked";
+                    reason = Some(r.to_string());
+                    if let Refusal::ModelNotInPlan { plans_allowing, .. } = &r {
+                        allowing = plans_allowing.clone();
+                    }
+                }
+                Ok(cl) => {
+                    for q in &cl.quotas {
+                        let used = c.ledger.quota_used(user.id, &q.tag)?;
+                        access = "limited";
+                        quota = Some(json!({"tag": q.tag, "limit": q.limit, "used": used, "left": q.limit.saturating_sub(used)}));
+                        if used >= q.limit {
+                            access = "locked";
+                            reason = Some(format!("the weekly quota of {} {} images is used up; it resets on Monday 00:00 UTC", q.limit, q.tag));
+                            allowing = cfg
+                                .plan_ids_by_rank()
+                                .into_iter()
+                                .filter(|p| cfg.plans[p].models.get(&q.tag) == Some(&ModelAccess::Yes))
+                                .collect();
+                        }
+                    }
+                }
+            }
+        }
+        if !m.is_ready() {
+            access = "unavailable";
+        }
+        v["access"] = json!(access);
+        v["reason"] = json!(reason);
+        v["plans_allowing"] = json!(allowing);
+        v["quota"] = json!(quota);
+        out.push(v);
+    }
+    Ok(json!({
+        "models": out,
+        "plan": sub.plan,
+        "parameters": ent.parameters,
+        "max_batch": ent.max_batch,
+        "size_presets": cfg.metering.size_presets,
+        "limits": {"max_width": jobs_limits(jobs).0, "max_height": jobs_limits(jobs).1, "max_steps": jobs_limits(jobs).2},
+    }))
+}
+
+fn jobs_limits(jobs: &Jobs) -> (u32, u32, u32) {
+    let l = jobs.limits();
+    (l.max_width, l.max_height, l.max_steps)
+}
+
+/// GET /api/models
+pub async fn models(state: Data, caller: Caller) -> Result<HttpResponse, ApiError> {
+    let jobs = state.jobs.clone();
+    let user = caller.user.clone();
+    let v = state.db(move |c| models_for(c, &jobs, &user)).await?;
+    Ok(HttpResponse::Ok().json(v))
+}
+
+#[derive(Deserialize)]
+pub struct PriceQuery {
+    model: String,
+    width: u32,
+    height: u32,
+    steps: Option<u32>,
+    seed: Option<u64>,
+    guidance: Option<f64>,
+    batch: Option<u32>,
+}
+
+/// GET /api/price?model=&width=&height=[&steps=&seed=&guidance=&batch=]: the price of that
+/// job and whether the caller's plan and balance allow it (nothing is held).
+pub async fn price(state: Data, caller: Caller, q: web::Query<PriceQuery>) -> Result<HttpResponse, ApiError> {
+    let q = q.into_inner();
+    let spec = JobSpec {
+        model: q.model,
+        prompt: "price".into(),
+        width: q.width,
+        height: q.height,
+        steps: q.steps,
+        seed: q.seed,
+        guidance: q.guidance,
+        batch: q.batch.unwrap_or(1),
+    };
+    let jobs = state.jobs.clone();
+    let user = caller.user.id;
+    let v = state
+        .db(move |c| {
+            jobs.validate(&spec)?;
+            let cfg = c.ledger.config_arc();
+            let params = Jobs::params(&spec);
+            let price = cfg.price_job(&spec.model, &params).map_err(ApiError::refusal)?;
+            c.ledger.catch_up_user(user)?;
+            let sub = c.ledger.subscription(user)?;
+            let available = c.ledger.balance(user, Resource::Credits)?.available;
+            let refusal = match cfg.check_job_by_id(&sub.plan, sub.period, &spec.model, &params) {
+                Err(r) => Some(ApiError::refusal(r)),
+                Ok(_) if price.total > available => Some(ApiError::refusal(Refusal::OutOfCredits {
+                    resource: "credits".into(),
+                    needed: price.total,
+                    available,
+                    next_renewal_at: sub.next_renewal_at(),
+                    plans_allowing: Vec::new(),
+                })),
+                Ok(_) => None,
+            };
+            let (level, why) = params.required_level(&cfg.metering.size_presets);
+            Ok(json!({
+                "price": price,
+                "credits_available": available,
+                "allowed": refusal.is_none(),
+                "status": refusal.as_ref().map(|r| r.status.as_u16()),
+                "message": refusal.as_ref().map(|r| r.message.clone()),
+                "details": refusal.and_then(|r| r.details),
+                "parameter_level": level,
+                "parameters_needing_level": why,
+            }))
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(v))
+}

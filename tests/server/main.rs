@@ -1,0 +1,9 @@
+//! The server end to end: a real `atelier serve` on loopback, real SQLite files in a temporary
+//! folder, the shipped tiny demo models, and HTTP from this process.
+
+mod access;
+mod common;
+mod crash;
+mod flow;
+mod openai;
+mod queue_order;
