@@ -288,8 +288,13 @@ impl Jobs {
         cv.notify_all();
     }
 
+    /// Stops the worker: the running job stops at its next step (failed, credits released);
+    /// queued jobs stay queued for the next start.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        if let Some((_, flag)) = self.running.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            flag.store(true, Ordering::Relaxed);
+        }
         self.wake();
     }
 

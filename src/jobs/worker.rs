@@ -168,6 +168,10 @@ fn execute(
     }));
     let generated = match result {
         Ok(Ok(g)) => g,
+        Ok(Err(e)) if e.is::<Canceled>() && jobs.stopping.load(Ordering::Relaxed) => {
+            let why = "the server was stopped during this job; its credits were released".to_string();
+            return end_without_images(jobs, db, job, JobStatus::Failed, Some(why));
+        }
         Ok(Err(e)) if e.is::<Canceled>() => return end_without_images(jobs, db, job, JobStatus::Canceled, None),
         Ok(Err(e)) => return end_without_images(jobs, db, job, JobStatus::Failed, Some(format!("{e:#}"))),
         Err(panic) => {

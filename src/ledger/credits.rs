@@ -855,6 +855,11 @@ impl Ledger {
     }
 
     /// Units of a "limited" tag used this calendar week.
+    /// When this week's "limited" quotas reset (next Monday 00:00 UTC).
+    pub fn quota_resets_at(&self) -> DateTime<Utc> {
+        from_unix(week_start(crate::ledger::clock::unix(self.clock.now())) + 7 * 86_400)
+    }
+
     pub fn quota_used(&mut self, user: UserId, tag: &str) -> Result<u32, LedgerError> {
         self.read(|t| quota_used(t, user, tag))
     }

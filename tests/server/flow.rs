@@ -125,6 +125,8 @@ fn refusals_say_why_out_of_credits_402_not_in_plan_403() {
     );
     add_user(data, Some(&config), "dave", "dave-pass-1", "starter", false);
     add_user(data, Some(&config), "bob", "bob-pass-12", "free", false);
+    add_user(data, Some(&config), "fay", "fay-pass-12", "free", false);
+    cli(data, Some(&config), &["user", "grant", "fay", "100"], "");
     let server = Server::start(data, Some(&config));
     let dave = Client::login(&server.url, "dave", "dave-pass-1");
     let bob = Client::login(&server.url, "bob", "bob-pass-12");
@@ -149,6 +151,26 @@ fn refusals_say_why_out_of_credits_402_not_in_plan_403() {
     assert_eq!(dev["access"], "limited");
     assert_eq!(dev["quota"]["left"], 5);
     assert_eq!(bob.balance(), 50, "refusals hold nothing");
+
+    // Free has dev models "limited": 5 images a week, then 402 until Monday.
+    let fay = Client::login(&server.url, "fay", "fay-pass-12");
+    let dev = json!({"model": "demo-dev", "prompt": "d", "width": 512, "height": 512});
+    for _ in 0..5 {
+        let j = fay.submit(dev.clone());
+        assert_eq!(fay.wait_job(j["id"].as_str().unwrap())["status"], "succeeded");
+    }
+    let r = fay.post("/api/jobs", dev.clone());
+    assert_eq!(r.status, 402, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["details"]["reason"], "quota_exhausted");
+    assert!(r.json()["error"]["details"]["resets_at"].is_string());
+    assert!(r.json()["error"]["details"]["plans_allowing"].as_array().unwrap().iter().any(|p| p == "starter"));
+    let m = fay.get("/api/models").json();
+    let d = m["models"].as_array().unwrap().iter().find(|m| m["id"] == "demo-dev").unwrap().clone();
+    assert_eq!((d["access"].as_str(), d["quota"]["left"].as_u64()), (Some("locked"), Some(0)), "{d}");
+    let q = fay.get("/api/price?model=demo-dev&width=512&height=512").json();
+    assert_eq!((q["allowed"].as_bool(), q["status"].as_u64()), (Some(false), Some(402)), "{q}");
+    // Schnell has no tag: still open.
+    fay.submit(schnell("still fine"));
 
     // 400: bad input.
     for bad in [

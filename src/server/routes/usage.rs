@@ -71,7 +71,12 @@ fn models_for(c: &mut Conn, jobs: &Jobs, user: &User) -> Result<serde_json::Valu
                         quota = Some(json!({"tag": q.tag, "limit": q.limit, "used": used, "left": q.limit.saturating_sub(used)}));
                         if used >= q.limit {
                             access = "locked";
-                            reason = Some(format!("the weekly quota of {} {} images is used up; it resets on Monday 00:00 UTC", q.limit, q.tag));
+                            reason = Some(format!(
+                                "the weekly quota of {} {} images is used up; it resets at {}",
+                                q.limit,
+                                q.tag,
+                                c.ledger.quota_resets_at().format("%Y-%m-%d %H:%M UTC")
+                            ));
                             allowing = cfg
                                 .plan_ids_by_rank()
                                 .into_iter()
@@ -150,8 +155,26 @@ pub async fn price(state: Data, caller: Caller, q: web::Query<PriceQuery>) -> Re
             c.ledger.catch_up_user(user)?;
             let sub = c.ledger.subscription(user)?;
             let available = c.ledger.balance(user, Resource::Credits)?.available;
+            let mut quota_refusal = None;
+            if let Ok(cl) = cfg.check_job_by_id(&sub.plan, sub.period, &spec.model, &params) {
+                for q in &cl.quotas {
+                    let used = c.ledger.quota_used(user, &q.tag)?;
+                    if used + q.units > q.limit {
+                        let resets_at = c.ledger.quota_resets_at();
+                        quota_refusal = Some(Refusal::QuotaExhausted {
+                            tag: q.tag.clone(),
+                            limit: q.limit,
+                            used,
+                            requested: q.units,
+                            resets_at,
+                            plans_allowing: Vec::new(),
+                        });
+                    }
+                }
+            }
             let refusal = match cfg.check_job_by_id(&sub.plan, sub.period, &spec.model, &params) {
                 Err(r) => Some(ApiError::refusal(r)),
+                Ok(_) if quota_refusal.is_some() => quota_refusal.map(ApiError::refusal),
                 Ok(_) if price.total > available => Some(ApiError::refusal(Refusal::OutOfCredits {
                     resource: "credits".into(),
                     needed: price.total,

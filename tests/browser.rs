@@ -1,0 +1,70 @@
+//! The browser UI in headless Chromium: tests/browser/ui.test.mjs (playwright-core driving
+//! Debian's /usr/bin/chromium) against a real `atelier serve` with the demo models. Screenshots
+//! of every page at desktop and phone widths land in tests/browser/screenshots/.
+//!
+//! Needs node, `npm ci` in tests/browser and chromium; `.ci/run` installs them, so in CI their
+//! absence is a failure and elsewhere a skip.
+
+#[path = "server/common.rs"]
+#[allow(dead_code)]
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn missing_prerequisite() -> Option<String> {
+    if Command::new("node").arg("--version").output().map(|o| !o.status.success()).unwrap_or(true) {
+        return Some("node is not installed".into());
+    }
+    if !repo().join("tests/browser/node_modules/playwright-core").is_dir() {
+        return Some("run `npm ci` in tests/browser".into());
+    }
+    if !Path::new("/usr/bin/chromium").exists() {
+        return Some("apt-get install chromium".into());
+    }
+    None
+}
+
+#[test]
+fn the_ui_works_in_headless_chromium() {
+    if let Some(why) = missing_prerequisite() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the browser test: {why} (see .ci/install-deps)");
+        eprintln!("skipping the browser test: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    add_user(data, None, "admin", "adminpass1", "free", true);
+    add_user(data, None, "alice", "alicepass1", "starter", false);
+    add_user(data, None, "bob", "bobpass12", "free", false);
+    // Bob's five dev images cost more than Free's 50 sign-up credits.
+    cli(data, None, &["user", "grant", "bob", "200"], "");
+    let server = Server::start(data, None);
+    let shots = repo().join("tests/browser/screenshots");
+    let _ = std::fs::remove_dir_all(&shots);
+    std::fs::create_dir_all(&shots).unwrap();
+    let out = Command::new("node")
+        .arg(repo().join("tests/browser/ui.test.mjs"))
+        .current_dir(repo().join("tests/browser"))
+        .env("ATELIER_URL", &server.url)
+        .env("SCREENSHOT_DIR", &shots)
+        .env("ADMIN_USER", "admin")
+        .env("ADMIN_PASS", "adminpass1")
+        .env("ALICE", "alice")
+        .env("ALICE_PASS", "alicepass1")
+        .env("BOB", "bob")
+        .env("BOB_PASS", "bobpass12")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("{text}");
+    assert!(out.status.success(), "the browser test failed:\n{text}\nserver log:\n{}", server.log());
+    let pngs: Vec<_> = std::fs::read_dir(&shots).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "png")).collect();
+    assert!(pngs.len() >= 12, "expected screenshots of 6 pages × 2 widths, found {}", pngs.len());
+    for p in &pngs {
+        let len = p.metadata().unwrap().len();
+        assert!(len > 10_000, "{} is {len} bytes: blank?", p.path().display());
+    }
+}
