@@ -38,22 +38,7 @@ const MIGRATIONS: &[&str] = &[r#"
 "#];
 
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS app_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")?;
-    let version: usize = conn
-        .query_row("SELECT value FROM app_meta WHERE key = 'accounts_schema'", [], |r| r.get::<_, String>(0))
-        .optional()?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.unchecked_transaction()?;
-        tx.execute_batch(sql)?;
-        tx.execute(
-            "INSERT INTO app_meta (key, value) VALUES ('accounts_schema', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1",
-            params![(i + 1).to_string()],
-        )?;
-        tx.commit()?;
-    }
-    Ok(())
+    crate::jobs::db::migrate_part(conn, "accounts_schema", MIGRATIONS)
 }
 
 fn ts(v: i64) -> DateTime<Utc> {

@@ -258,8 +258,13 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
         },
         (None, Some(t)) => {
             let name = t.file_stem().map_or("flux".into(), |n| n.to_string_lossy().into_owned());
+            for (flag, given) in [("vae", &a.vae), ("clip", &a.clip), ("t5", &a.t5)] {
+                if given.is_none() {
+                    anyhow::bail!("with single files, --{flag} is needed too");
+                }
+            }
             let entry = ModelEntry { transformer: Some(t), vae: a.vae.clone(), clip: a.clip.clone(), t5: a.t5.clone(), ..Default::default() };
-            (models::resolve_files(&name, &entry, tokenizers.as_deref()).map_err(|e| anyhow::anyhow!("{e:#} (with --transformer, give --vae, --clip and --t5 too)"))?, name)
+            (models::resolve_files(&name, &entry, tokenizers.as_deref())?, name)
         }
         _ => anyhow::bail!("give either --model or --transformer (with --vae, --clip, --t5)"),
     };

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::ledger::{Clock, Ledger, PlansConfig, schema};
 
@@ -76,4 +76,26 @@ impl Pool {
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
+}
+
+/// Brings one part of the app's tables (jobs, accounts) up to date: `migrations[i]` moves it
+/// from version `i` to `i + 1`; the version is kept in `app_meta` under `key`. Append only;
+/// never edit a migration that has shipped.
+pub fn migrate_part(conn: &Connection, key: &str, migrations: &[&str]) -> rusqlite::Result<()> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS app_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")?;
+    let version: usize = conn
+        .query_row("SELECT value FROM app_meta WHERE key = ?1", params![key], |r| r.get::<_, String>(0))
+        .optional()?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    for (i, sql) in migrations.iter().enumerate().skip(version) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO app_meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+            params![key, (i + 1).to_string()],
+        )?;
+        tx.commit()?;
+    }
+    Ok(())
 }

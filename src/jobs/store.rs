@@ -51,22 +51,7 @@ const MIGRATIONS: &[&str] = &[r#"
 "#];
 
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS app_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")?;
-    let version: i64 = conn
-        .query_row("SELECT value FROM app_meta WHERE key = 'jobs_schema'", [], |r| r.get::<_, String>(0))
-        .optional()?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let tx = conn.unchecked_transaction()?;
-        tx.execute_batch(sql)?;
-        tx.execute(
-            "INSERT INTO app_meta (key, value) VALUES ('jobs_schema', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1",
-            params![(i + 1).to_string()],
-        )?;
-        tx.commit()?;
-    }
-    Ok(())
+    crate::jobs::db::migrate_part(conn, "jobs_schema", MIGRATIONS)
 }
 
 /// What a user asked for. `steps` and `seed` are `None` when not given (then the model's

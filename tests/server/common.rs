@@ -58,6 +58,11 @@ pub struct Server {
 
 impl Server {
     pub fn start(data: &Path, config: Option<&Path>) -> Server {
+        Server::start_with(data, config, &[])
+    }
+
+    /// With more `serve` arguments (e.g. `--model id=path`).
+    pub fn start_with(data: &Path, config: Option<&Path>, extra: &[&str]) -> Server {
         let log = data.join(format!("server-{}.log", std::process::id()));
         let mut cmd = Command::new(bin());
         cmd.current_dir(repo()).env("RUST_LOG", "info").arg("--data").arg(data);
@@ -67,6 +72,7 @@ impl Server {
         let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let mut child = cmd
             .args(["serve", "--listen", "127.0.0.1:0", "--device", "cpu"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(err)
             .spawn()

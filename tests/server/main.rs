@@ -5,5 +5,6 @@ mod access;
 mod common;
 mod crash;
 mod flow;
+mod models;
 mod openai;
 mod queue_order;
