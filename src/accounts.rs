@@ -85,7 +85,16 @@ pub fn revoke_session(conn: &Connection, token: &str, now: i64) -> rusqlite::Res
 }
 
 pub fn revoke_user_sessions(conn: &Connection, user: UserId, now: i64) -> rusqlite::Result<usize> {
-    conn.execute("UPDATE sessions SET revoked_at = ?2 WHERE user_id = ?1 AND revoked_at IS NULL", params![user, now])
+    revoke_user_sessions_except(conn, user, None, now)
+}
+
+/// Ends all of a user's sessions but the one with cookie token `keep`.
+pub fn revoke_user_sessions_except(conn: &Connection, user: UserId, keep: Option<&str>, now: i64) -> rusqlite::Result<usize> {
+    let keep = keep.map(token_hash).unwrap_or_default();
+    conn.execute(
+        "UPDATE sessions SET revoked_at = ?2 WHERE user_id = ?1 AND revoked_at IS NULL AND token_hash != ?3",
+        params![user, now, keep],
+    )
 }
 
 /// An API key as listed (never the key itself).

@@ -340,6 +340,18 @@ fn validate_name(name: &str) -> Result<(), LedgerError> {
     Ok(())
 }
 
+/// An argon2id hash of `password` with a fresh salt.
+fn hash_password(password: &str) -> Result<String, LedgerError> {
+    if password.is_empty() {
+        return Err(LedgerError::Invalid("the password is empty".into()));
+    }
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| LedgerError::Invalid(format!("hashing the password: {e}")))
+}
+
 fn user_row(t: &Tx<'_>, name: &str) -> Result<User, LedgerError> {
     t.query_row("SELECT id, name, is_admin, created_at FROM users WHERE name = ?1", params![name], |r| {
         Ok(User { id: r.get(0)?, name: r.get(1)?, is_admin: r.get(2)?, created_at: from_unix(r.get(3)?) })
@@ -353,17 +365,7 @@ impl Ledger {
     /// The password, if any, is stored as an argon2id hash.
     pub fn add_user(&mut self, name: &str, is_admin: bool, password: Option<&str>) -> Result<User, LedgerError> {
         validate_name(name)?;
-        let hash = match password {
-            None => None,
-            Some("") => return Err(LedgerError::Invalid("the password is empty".into())),
-            Some(pw) => {
-                let salt = SaltString::generate(&mut OsRng);
-                let h = Argon2::default()
-                    .hash_password(pw.as_bytes(), &salt)
-                    .map_err(|e| LedgerError::Invalid(format!("hashing the password: {e}")))?;
-                Some(h.to_string())
-            }
-        };
+        let hash = password.map(hash_password).transpose()?;
         self.write(|t| {
             let exists: Option<i64> =
                 t.query_row("SELECT id FROM users WHERE name = ?1", params![name], |r| r.get(0)).optional()?;
@@ -383,6 +385,18 @@ impl Ledger {
                 credits::insert_grant(t, id, Resource::Credits, signup, GrantSource::Signup, None, t.now, None, 0, Some(&key))?;
             }
             user_row(t, name)
+        })
+    }
+
+    /// Replaces a user's password (stored as an argon2id hash).
+    pub fn set_password(&mut self, user: UserId, password: &str) -> Result<(), LedgerError> {
+        let hash = hash_password(password)?;
+        self.write(|t| {
+            let n = t.execute("UPDATE users SET password_hash = ?2 WHERE id = ?1", params![user, hash])?;
+            if n == 0 {
+                return Err(LedgerError::UnknownUser(format!("#{user}")));
+            }
+            Ok(())
         })
     }
 

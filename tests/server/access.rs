@@ -103,6 +103,17 @@ fn nobody_reaches_anyone_elses_things() {
     // An admin may open anyone's image.
     assert_eq!(root.get(&format!("/api/images/{image}/file")).status, 200);
 
+    // A password change needs the current one and ends the other sessions.
+    let anna_other = Client::login(&server.url, "anna", "anna-pass-1");
+    let r = anna.post("/api/password", json!({"current": "wrong", "new": "anna-pass-2"}));
+    assert_eq!(r.status, 403);
+    let r = anna.post("/api/password", json!({"current": "anna-pass-1", "new": "anna-pass-2"}));
+    assert_eq!(r.status, 200);
+    assert_eq!(anna_other.get("/api/usage").status, 401);
+    assert_eq!(anna.get("/api/usage").status, 200);
+    let r = anna.post("/api/password", json!({"current": "anna-pass-2", "new": "anna-pass-1"}));
+    assert_eq!(r.status, 200);
+
     // Revoked key, logged-out session, disabled account.
     assert_eq!(anna.request("DELETE", &format!("/api/keys/{key_id}"), None).status, 200);
     assert_eq!(via_key.get("/api/usage").status, 401);

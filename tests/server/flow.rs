@@ -169,6 +169,7 @@ fn refusals_say_why_out_of_credits_402_not_in_plan_403() {
     assert_eq!((d["access"].as_str(), d["quota"]["left"].as_u64()), (Some("locked"), Some(0)), "{d}");
     let q = fay.get("/api/price?model=demo-dev&width=512&height=512").json();
     assert_eq!((q["allowed"].as_bool(), q["status"].as_u64()), (Some(false), Some(402)), "{q}");
+    assert_eq!(q["details"]["plans_allowing"][0], "starter", "{q}");
     // Schnell has no tag: still open.
     fay.submit(schnell("still fine"));
 

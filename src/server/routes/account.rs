@@ -151,3 +151,35 @@ pub async fn cancel_subscription(state: Data, caller: Caller) -> Result<HttpResp
     let change = state.db(move |c| Ok(c.ledger.cancel(user)?)).await?;
     Ok(HttpResponse::Ok().json(change))
 }
+
+#[derive(Deserialize)]
+pub struct NewPassword {
+    current: String,
+    new: String,
+}
+
+/// POST /api/password {current, new}: changes the caller's password and ends their other
+/// sessions (this one stays).
+pub async fn change_password(state: Data, caller: Caller, body: web::Json<NewPassword>) -> Result<HttpResponse, ApiError> {
+    let NewPassword { current, new } = body.into_inner();
+    if new.chars().count() < 8 {
+        return Err(ApiError::bad_request("the new password must have at least 8 characters"));
+    }
+    let user = caller.user.clone();
+    let keep = match &caller.via {
+        Via::Session { token, .. } => Some(token.clone()),
+        Via::ApiKey => None,
+    };
+    state
+        .db(move |c| {
+            if !c.ledger.verify_password(&user.name, &current)? {
+                return Err(ApiError::forbidden("the current password is wrong"));
+            }
+            c.ledger.set_password(user.id, &new)?;
+            let now = c.now();
+            accounts::revoke_user_sessions_except(&c.app, user.id, keep.as_deref(), now)?;
+            Ok(())
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({"ok": true})))
+}

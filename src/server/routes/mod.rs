@@ -29,6 +29,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/login", web::post().to(account::login))
             .route("/logout", web::post().to(account::logout))
             .route("/session", web::get().to(account::session))
+            .route("/password", web::post().to(account::change_password))
             .route("/keys", web::get().to(account::list_keys))
             .route("/keys", web::post().to(account::create_key))
             .route("/keys/{id}", web::delete().to(account::revoke_key))

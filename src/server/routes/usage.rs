@@ -77,11 +77,7 @@ fn models_for(c: &mut Conn, jobs: &Jobs, user: &User) -> Result<serde_json::Valu
                                 q.tag,
                                 c.ledger.quota_resets_at().format("%Y-%m-%d %H:%M UTC")
                             ));
-                            allowing = cfg
-                                .plan_ids_by_rank()
-                                .into_iter()
-                                .filter(|p| cfg.plans[p].models.get(&q.tag) == Some(&ModelAccess::Yes))
-                                .collect();
+                            allowing = plans_without_quota(&cfg, &q.tag);
                         }
                     }
                 }
@@ -91,7 +87,10 @@ fn models_for(c: &mut Conn, jobs: &Jobs, user: &User) -> Result<serde_json::Valu
             access = "unavailable";
         }
         v["access"] = json!(access);
-        v["reason"] = json!(reason);
+        if reason.is_some() || v.get("reason").is_none() {
+            // A missing model keeps the reason its state gives.
+            v["reason"] = json!(reason);
+        }
         v["plans_allowing"] = json!(allowing);
         v["quota"] = json!(quota);
         out.push(v);
@@ -104,6 +103,11 @@ fn models_for(c: &mut Conn, jobs: &Jobs, user: &User) -> Result<serde_json::Valu
         "size_presets": cfg.metering.size_presets,
         "limits": {"max_width": jobs_limits(jobs).0, "max_height": jobs_limits(jobs).1, "max_steps": jobs_limits(jobs).2},
     }))
+}
+
+/// Plans (lowest rank first) with full access to `tag`: what lifts a weekly quota.
+fn plans_without_quota(cfg: &crate::ledger::PlansConfig, tag: &str) -> Vec<String> {
+    cfg.plan_ids_by_rank().into_iter().filter(|p| cfg.plans[p].models.get(tag) == Some(&ModelAccess::Yes)).collect()
 }
 
 fn jobs_limits(jobs: &Jobs) -> (u32, u32, u32) {
@@ -167,7 +171,7 @@ pub async fn price(state: Data, caller: Caller, q: web::Query<PriceQuery>) -> Re
                             used,
                             requested: q.units,
                             resets_at,
-                            plans_allowing: Vec::new(),
+                            plans_allowing: plans_without_quota(&cfg, &q.tag),
                         });
                     }
                 }

@@ -1,0 +1,514 @@
+// Browser test of atelier's web UI against a running server (Playwright + system Chromium).
+//
+//   ATELIER_URL=http://127.0.0.1:8188 SCREENSHOT_DIR=/tmp/shots \
+//   ADMIN_USER=admin ADMIN_PASS=... ALICE=alice ALICE_PASS=... BOB=bob BOB_PASS=... \
+//   node tests/browser/ui.test.mjs
+//
+// Expects: alice on the starter plan, bob on the free plan with 200 extra credits and his dev
+// quota unused, an admin; the demo models demo-schnell and demo-dev served. Prints one line
+// per passed step; exits 1 on the first failure (with screenshots of the pages involved).
+
+import { chromium } from 'playwright-core';
+import fs from 'node:fs';
+import path from 'node:path';
+import crypto from 'node:crypto';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const env = process.env;
+const BASE = (env.ATELIER_URL || '').replace(/\/+$/, '');
+const SHOTS = path.resolve(env.SCREENSHOT_DIR || path.join(here, 'screenshots'));
+const CHROMIUM = env.CHROMIUM_PATH || '/usr/bin/chromium';
+const ADMIN = { name: env.ADMIN_USER || 'admin', pass: env.ADMIN_PASS };
+const ALICE = { name: env.ALICE || 'alice', pass: env.ALICE_PASS };
+const BOB = { name: env.BOB || 'bob', pass: env.BOB_PASS };
+const JOB_TIMEOUT = Number(env.JOB_TIMEOUT_MS || 180000);
+const DESKTOP = { width: 1280, height: 800 };
+const PHONE = { width: 390, height: 844 };
+
+class TestFailure extends Error {}
+function assert(cond, msg) {
+  if (!cond) throw new TestFailure(msg);
+}
+
+for (const [k, v] of Object.entries({ ATELIER_URL: BASE, ADMIN_PASS: ADMIN.pass, ALICE_PASS: ALICE.pass, BOB_PASS: BOB.pass })) {
+  if (!v) {
+    console.error(`FAIL setup: the environment variable ${k} is not set`);
+    process.exit(2);
+  }
+}
+if (!fs.existsSync(CHROMIUM)) {
+  console.error(`FAIL setup: no Chromium at ${CHROMIUM} (install it, or set CHROMIUM_PATH)`);
+  process.exit(2);
+}
+fs.mkdirSync(SHOTS, { recursive: true });
+
+// ------------------------------------------------------------------ harness
+
+const pages = new Set(); // every open page, for failure screenshots
+const problems = []; // uncaught page errors and CSP violations: each fails the run
+const started = Date.now();
+
+async function newPage(browser, label, viewport = DESKTOP) {
+  const context = await browser.newContext({ viewport, deviceScaleFactor: 1, locale: 'en-US', timezoneId: 'UTC' });
+  const page = await context.newPage();
+  page.label = label;
+  page.setDefaultTimeout(20000);
+  page.on('pageerror', (e) => problems.push(`[${label}] uncaught error in the page: ${e.message}`));
+  page.on('console', (m) => {
+    const t = m.text();
+    if (/Content[- ]Security[- ]Policy/i.test(t)) problems.push(`[${label}] CSP violation: ${t}`);
+    else if (m.type() === 'error' && !/Failed to load resource/.test(t)) console.log(`  [${label}] console.error: ${t}`);
+  });
+  pages.add(page);
+  return page;
+}
+
+function checkProblems() {
+  if (problems.length) throw new TestFailure(`the page reported errors:\n    ${problems.join('\n    ')}`);
+}
+
+async function step(name, fn) {
+  const t = Date.now();
+  try {
+    await fn();
+    checkProblems();
+  } catch (e) {
+    console.error(`FAIL ${name}: ${e instanceof TestFailure ? e.message : e.stack || e.message}`);
+    if (problems.length && !(e instanceof TestFailure && e.message.startsWith('the page reported errors'))) {
+      console.error(`  the page also reported:\n    ${problems.join('\n    ')}`);
+    }
+    for (const p of pages) {
+      if (p.isClosed()) continue;
+      const file = path.join(SHOTS, `failure-${name.replace(/[^a-z0-9]+/gi, '-').toLowerCase()}-${p.label}.png`);
+      try {
+        await p.screenshot({ path: file, fullPage: true });
+        const toast = await p.evaluate(() => {
+          const t = document.getElementById('toast');
+          return t && !t.hidden ? t.innerText : '';
+        });
+        console.error(`  screenshot: ${file}${toast ? ` — toast: ${toast.replace(/\s+/g, ' ')}` : ''}`);
+      } catch {
+        /* the page may be gone */
+      }
+    }
+    throw e;
+  }
+  console.log(`ok   ${name} (${((Date.now() - t) / 1000).toFixed(1)} s)`);
+}
+
+async function waitFor(fn, { timeout = 20000, interval = 200, message = 'condition' } = {}) {
+  const end = Date.now() + timeout;
+  let last;
+  for (;;) {
+    last = await fn();
+    if (last) return last;
+    if (Date.now() > end) throw new TestFailure(`timed out after ${timeout / 1000} s waiting for ${message}`);
+    await new Promise((r) => setTimeout(r, interval));
+  }
+}
+
+const num = (s) => {
+  const m = String(s || '').replace(/[,\u00a0\u202f ]/g, '').match(/-?\d+/);
+  return m ? parseInt(m[0], 10) : NaN;
+};
+
+async function login(page, who) {
+  await page.goto(`${BASE}/#/generate`);
+  await page.waitForSelector('#login-name', { state: 'visible' });
+  await page.fill('#login-name', who.name);
+  await page.fill('#login-password', who.pass);
+  await page.click('#login-submit');
+  await page.waitForFunction((n) => document.getElementById('user-name')?.textContent === n && !document.getElementById('topbar').hidden, who.name);
+  await page.waitForSelector('#balance[data-state="ok"]');
+}
+
+async function balance(page) {
+  await page.waitForSelector('#balance[data-state="ok"]');
+  const n = num(await page.textContent('#balance'));
+  assert(Number.isFinite(n), `#balance shows no number: ${await page.textContent('#balance')}`);
+  return n;
+}
+
+async function waitBalance(page, expected, what) {
+  let seen;
+  await waitFor(async () => {
+    seen = await balance(page);
+    return seen === expected;
+  }, { timeout: 20000, message: `#balance to show ${expected} (${what}); it shows ${seen}` }).catch(async (e) => {
+    throw new TestFailure(`${e.message}; last seen ${seen}`);
+  });
+}
+
+async function priceOf(page) {
+  await page.waitForSelector('#price[data-state="ok"]', { timeout: 20000 });
+  const t = await page.textContent('#price');
+  const n = num(t);
+  assert(Number.isFinite(n) && n > 0, `#price shows no total: "${t}"`);
+  return n;
+}
+
+/** Records #progress data-state changes and the step texts shown while running. */
+async function watchProgress(page) {
+  await page.evaluate(() => {
+    const log = { states: [], steps: [] };
+    window.__progressLog = log;
+    const p = document.getElementById('progress');
+    const s = document.getElementById('progress-step');
+    const note = () => {
+      const st = p.dataset.state;
+      if (log.states[log.states.length - 1] !== st) log.states.push(st);
+      if (st === 'running') log.steps.push(s.textContent);
+    };
+    if (window.__progressObserver) window.__progressObserver.disconnect();
+    window.__progressObserver = new MutationObserver(note);
+    window.__progressObserver.observe(p, { attributes: true, subtree: true, childList: true, characterData: true });
+  });
+}
+
+/** Clicks Generate and waits for the job to end; returns {job, state, log}. */
+async function generateAndWait(page, { keyboard = false } = {}) {
+  const prev = await page.getAttribute('#progress', 'data-job');
+  await page.waitForSelector('#generate-btn:not([disabled])', { timeout: 20000 });
+  await watchProgress(page);
+  if (keyboard) {
+    await page.focus('#prompt');
+    await page.keyboard.press('Control+Enter');
+  } else await page.click('#generate-btn');
+  const job = await waitFor(async () => {
+    const j = await page.getAttribute('#progress', 'data-job');
+    return j && j !== prev ? j : null;
+  }, { timeout: 20000, message: 'the submitted job to show in #progress' }).catch(async (e) => {
+    const msg = await page.evaluate(() => [document.getElementById('price-msg')?.textContent, document.getElementById('toast')?.innerText].filter(Boolean).join(' / '));
+    throw new TestFailure(`${e.message}${msg ? ` (page says: ${msg})` : ''}`);
+  });
+  await page.waitForSelector('#progress[data-state="succeeded"], #progress[data-state="failed"], #progress[data-state="canceled"]', { timeout: JOB_TIMEOUT });
+  const state = await page.getAttribute('#progress', 'data-state');
+  const log = await page.evaluate(() => window.__progressLog);
+  if (state !== 'succeeded') {
+    const why = await page.textContent('#progress-stage');
+    throw new TestFailure(`job ${job} ended ${state}: ${why}`);
+  }
+  return { job, state, log };
+}
+
+async function resultLoaded(page, jobId) {
+  const sel = `img.result[data-job="${jobId}"]`;
+  await page.waitForSelector(sel, { state: 'attached', timeout: 20000 });
+  await page.waitForFunction((s) => {
+    const imgs = [...document.querySelectorAll(s)];
+    return imgs.length && imgs.every((i) => i.complete && i.naturalWidth > 0);
+  }, sel, { timeout: 20000 }).catch(() => {
+    throw new TestFailure(`the result image of job ${jobId} did not load (naturalWidth 0)`);
+  });
+  return page.$$eval(sel, (imgs) => imgs.map((i) => ({ id: i.dataset.id, w: i.naturalWidth })));
+}
+
+async function galleryIds(page) {
+  // A fresh document: no stale grid from an earlier visit.
+  await page.goto(`${BASE}/#/gallery`);
+  await page.reload();
+  await page.waitForSelector('#gallery-grid[aria-busy="false"]');
+  return page.$$eval('#gallery-grid img.thumb', (imgs) => imgs.map((i) => i.dataset.id));
+}
+
+/** A screenshot with the checks that it shows something; returns its bytes. */
+const shotHashes = new Map();
+async function screenshot(page, name, { fullPage = true } = {}) {
+  await page.waitForLoadState('networkidle').catch(() => {});
+  await page.evaluate(() => document.fonts && document.fonts.ready);
+  // Transient toasts would float over the middle of a full-page capture.
+  await page.evaluate(() => ['toast', 'notice'].forEach((id) => { const t = document.getElementById(id); if (t) t.hidden = true; }));
+  await page.waitForTimeout(250);
+  const visible = await page.evaluate(() => {
+    const text = document.body.innerText.trim().length;
+    const boxes = [...document.querySelectorAll('main section:not([hidden]), dialog[open]')].map((e) => e.getBoundingClientRect());
+    const area = boxes.reduce((s, b) => s + b.width * b.height, 0);
+    return { text, area };
+  });
+  assert(visible.text > 20 && visible.area > 10000, `${name}: the page shows nothing (text ${visible.text} chars, content area ${Math.round(visible.area)} px²)`);
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert(overflow <= 1, `${name}: the page is ${overflow} px wider than the window (horizontal scrolling)`);
+  const file = path.join(SHOTS, `${name}.png`);
+  const buf = await page.screenshot({ path: file, fullPage });
+  assert(buf.length > 10 * 1024, `${name}.png is only ${buf.length} bytes (blank?)`);
+  const hash = crypto.createHash('sha256').update(buf).digest('hex');
+  assert(!shotHashes.has(hash), `${name}.png is identical to ${shotHashes.get(hash)}.png`);
+  shotHashes.set(hash, name);
+  return buf;
+}
+
+// ------------------------------------------------------------------ the test
+
+const browser = await chromium.launch({
+  executablePath: CHROMIUM,
+  headless: true,
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'],
+});
+
+let exitCode = 0;
+try {
+  const alice = await newPage(browser, 'alice');
+  const bob = await newPage(browser, 'bob');
+  const admin = await newPage(browser, 'admin');
+  const shared = {};
+
+  await step('0. login page and a wrong password', async () => {
+    const anon = await newPage(browser, 'anon');
+    await anon.goto(`${BASE}/`);
+    await anon.waitForSelector('#login-name', { state: 'visible' });
+    assert(await anon.isHidden('#topbar'), 'the top bar shows before logging in');
+    await anon.fill('#login-name', ALICE.name);
+    await anon.fill('#login-password', 'definitely-wrong');
+    await anon.click('#login-submit');
+    await anon.waitForSelector('#login-error:not([hidden])');
+    const msg = await anon.textContent('#login-error');
+    assert(/wrong name or password/i.test(msg), `the login error says "${msg}"`);
+    await anon.waitForSelector('#toast:not([hidden])');
+    assert((await anon.getAttribute('#toast', 'role')) === 'alert', '#toast lacks role=alert');
+    await anon.context().close();
+    pages.delete(anon);
+  });
+
+  await step('1. alice generates an image and pays its price', async () => {
+    await login(alice, ALICE);
+    assert((await alice.textContent('#plan-badge')).trim().toLowerCase() === 'starter', `alice's plan badge says "${await alice.textContent('#plan-badge')}"`);
+    assert(await alice.isHidden('a[href="#/admin"]'), 'alice (not an admin) sees the Admin link');
+    await alice.waitForSelector('#model option[value="demo-schnell"]', { state: 'attached' });
+    await alice.selectOption('#model', 'demo-schnell');
+    // Starter = "standard" parameters: seed and steps yes, guidance and custom size no.
+    assert(await alice.isEnabled('#seed'), 'alice (starter) cannot set a seed');
+    assert(await alice.isEnabled('#steps'), 'alice (starter) cannot set steps');
+    assert(await alice.isDisabled('#guidance'), 'alice (starter) can set guidance');
+    assert(/Pro/.test(await alice.textContent('#guidance-note')), `the guidance note does not name the Pro plan: "${await alice.textContent('#guidance-note')}"`);
+    assert((await alice.getAttribute('#batch', 'max')) === '4', `alice's batch max is ${await alice.getAttribute('#batch', 'max')}, not 4`);
+    const P = await priceOf(alice);
+    // The price follows the parameters.
+    await alice.fill('#batch', '2');
+    await alice.dispatchEvent('#batch', 'change');
+    await waitFor(async () => (await alice.getAttribute('#price', 'data-state')) === 'ok' && num(await alice.textContent('#price')) === 2 * P, { message: `#price to show ${2 * P} for a batch of 2` });
+    await alice.fill('#batch', '1');
+    await alice.dispatchEvent('#batch', 'change');
+    await waitFor(async () => (await alice.getAttribute('#price', 'data-state')) === 'ok' && num(await alice.textContent('#price')) === P, { message: `#price to come back to ${P}` });
+    await alice.click('#dice');
+    const seed = await alice.inputValue('#seed');
+    assert(/^\d+$/.test(seed), `the dice gave the seed "${seed}"`);
+    const B = await balance(alice);
+    const prompt = 'a lighthouse on a cliff at dawn, oil painting';
+    await alice.fill('#prompt', prompt);
+    assert(num(await alice.textContent('#price')) === P, 'the price changed with the prompt');
+    const { job, log } = await generateAndWait(alice);
+    assert(log.states.includes('running'), `#progress never showed data-state=running (states: ${log.states.join(' → ')})`);
+    assert(log.steps.some((t) => /step [1-9]\d*\/\d+/.test(t)), `no "step i/N" text while running (seen: ${[...new Set(log.steps)].join(', ') || 'none'})`);
+    const imgs = await resultLoaded(alice, job);
+    assert(imgs.length === 1 && imgs[0].w > 0, `expected 1 result image, got ${JSON.stringify(imgs)}`);
+    await waitBalance(alice, B - P, `${B} − ${P}`);
+    shared.alice = { job, imageId: imgs[0].id, prompt, seed, price: P };
+  });
+
+  await step('2. bob (free) uses up the weekly dev quota; demo-dev locks', async () => {
+    await login(bob, BOB);
+    assert((await bob.textContent('#plan-badge')).trim().toLowerCase() === 'free', `bob's plan badge says "${await bob.textContent('#plan-badge')}"`);
+    await bob.waitForSelector('#model option[value="demo-dev"]', { state: 'attached' });
+    // Free = "basic" parameters: presets and batch only, and a note naming the plan that unlocks more.
+    assert(await bob.isDisabled('#seed'), 'bob (free) can set a seed');
+    assert(await bob.isDisabled('#dice'), 'bob (free) can roll a seed');
+    assert(await bob.isDisabled('#steps'), 'bob (free) can set steps');
+    assert(await bob.isDisabled('#guidance'), 'bob (free) can set guidance');
+    assert(await bob.isDisabled('#width'), 'bob (free) can set a custom width');
+    const seedNote = await bob.textContent('#seed-note');
+    assert(/Seed needs the Starter plan/i.test(seedNote), `the seed note says "${seedNote}"`);
+    assert((await bob.getAttribute('#batch', 'max')) === '1', 'bob (free) may ask for a batch above 1');
+    const devText = await bob.textContent('#model option[value="demo-dev"]');
+    assert(!(await bob.$eval('#model option[value="demo-dev"]', (o) => o.disabled)), `demo-dev is disabled for bob before any use ("${devText}")`);
+    assert(/5\/5/.test(devText), `the demo-dev option does not show 5/5 left: "${devText}"`);
+    await bob.selectOption('#model', 'demo-dev');
+    const P = await priceOf(bob);
+    const B0 = await balance(bob);
+    for (let i = 1; i <= 5; i++) {
+      await bob.selectOption('#model', 'demo-dev');
+      await bob.fill('#prompt', `bob's dev test ${i}: a red fox in snow`);
+      await priceOf(bob);
+      const { job } = await generateAndWait(bob, { keyboard: i === 3 }); // Ctrl+Enter submits too
+      await resultLoaded(bob, job);
+    }
+    await waitBalance(bob, B0 - 5 * P, `${B0} − 5 × ${P}`);
+    await bob.reload();
+    await bob.waitForSelector('#model option[value="demo-dev"]', { state: 'attached' });
+    const opt = await bob.$eval('#model option[value="demo-dev"]', (o) => ({ disabled: o.disabled, text: o.textContent }));
+    assert(opt.disabled, `demo-dev is still selectable after the quota is used up ("${opt.text}")`);
+    assert(/locked/i.test(opt.text), `the demo-dev option does not say "locked": "${opt.text}"`);
+    const why = await bob.textContent('#model-locked [data-model="demo-dev"]');
+    assert(/quota/i.test(why) && /unlocks with/i.test(why), `the locked demo-dev note lacks the quota reason or the plans: "${why}"`);
+    assert((await bob.inputValue('#model')) !== 'demo-dev', 'the locked demo-dev is still the selected model');
+    // The server refuses a 6th dev job with 402 too.
+    const r = await bob.evaluate(async () => {
+      const s = await (await fetch('/api/session')).json();
+      const res = await fetch('/api/jobs', { method: 'POST', headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': s.csrf_token }, body: JSON.stringify({ model: 'demo-dev', prompt: 'one more', width: 512, height: 512, batch: 1 }) });
+      return { status: res.status, body: await res.json() };
+    });
+    assert(r.status === 402, `a 6th dev job answered ${r.status}: ${JSON.stringify(r.body)}`);
+    shared.bob = { devPrice: P };
+  });
+
+  await step('3. galleries are private', async () => {
+    const aliceIds = await galleryIds(alice);
+    assert(aliceIds.includes(shared.alice.imageId), `alice's gallery lacks her new image ${shared.alice.imageId} (has ${aliceIds.join(', ')})`);
+    await alice.click(`#gallery-grid img.thumb[data-id="${shared.alice.imageId}"]`);
+    await alice.waitForSelector('#image-modal[open]');
+    await alice.waitForFunction((p) => document.getElementById('modal-params').textContent.includes(p), shared.alice.prompt);
+    const params = await alice.textContent('#modal-params');
+    assert(params.includes(shared.alice.seed), `the modal does not show the seed ${shared.alice.seed}: ${params}`);
+    assert(/demo-schnell/.test(params), `the modal does not name the model: ${params}`);
+    const href = await alice.getAttribute('#download-link', 'href');
+    assert(href === `/api/images/${shared.alice.imageId}/file?download=true`, `the download link is ${href}`);
+    shared.modalShot = await screenshot(alice, 'gallery-modal-desktop', { fullPage: false });
+    await alice.click('#reuse-btn');
+    await alice.waitForFunction(() => location.hash === '#/generate');
+    await alice.waitForFunction((p) => document.getElementById('prompt').value === p, shared.alice.prompt);
+    assert((await alice.inputValue('#seed')) === shared.alice.seed, `"Use these settings" did not fill the seed (${await alice.inputValue('#seed')})`);
+
+    const bobIds = await galleryIds(bob);
+    assert(bobIds.length === 5, `bob's gallery shows ${bobIds.length} images, not 5`);
+    const leaked = bobIds.filter((id) => aliceIds.includes(id));
+    assert(!leaked.length, `bob's gallery shows alice's images ${leaked.join(', ')}`);
+    const status = await bob.evaluate(async (id) => [(await fetch(`/api/images/${id}`)).status, (await fetch(`/api/images/${id}/file`)).status], shared.alice.imageId);
+    assert(status[0] === 404 && status[1] === 404, `bob fetching alice's image got ${status.join(' / ')}, not 404`);
+    // Delete (with confirmation) removes the image.
+    const victim = bobIds[bobIds.length - 1];
+    await bob.click(`#gallery-grid img.thumb[data-id="${victim}"]`);
+    await bob.waitForSelector('#image-modal[open]');
+    await bob.click('#delete-btn');
+    await bob.waitForSelector('#confirm-dialog[open]');
+    await bob.click('#confirm-ok');
+    await bob.waitForFunction((id) => !document.querySelector(`#gallery-grid img.thumb[data-id="${id}"]`), victim);
+    await bob.click('#modal-close');
+    await bob.waitForSelector('#image-modal:not([open])', { state: 'attached' });
+    const after = await galleryIds(bob);
+    assert(after.length === 4 && !after.includes(victim), `after the delete bob's gallery shows ${after.length} images`);
+  });
+
+  await step('4. admin grants bob 77 credits', async () => {
+    await login(admin, ADMIN);
+    assert(await admin.isVisible('a[href="#/admin"]'), 'the admin does not see the Admin link');
+    await bob.reload();
+    const before = await balance(bob);
+    await admin.goto(`${BASE}/#/admin`);
+    const row = `#admin-users tr[data-user="${BOB.name}"]`;
+    await admin.waitForSelector(row);
+    await admin.fill(`${row} input.grant-amount`, '77');
+    await admin.click(`${row} button.grant-btn`);
+    await admin.waitForSelector('#notice:not([hidden])');
+    await admin.waitForFunction(([sel, n]) => {
+      const el = document.querySelector(`${sel} .credits-available`);
+      return el && parseInt(el.textContent.replace(/[^\d]/g, ''), 10) === n;
+    }, [row, before + 77]);
+    await bob.reload();
+    await waitBalance(bob, before + 77, `${before} + 77`);
+    // Queue and models panels.
+    await admin.waitForFunction(() => /succeeded/.test(document.getElementById('admin-queue').textContent));
+    const models = await admin.textContent('#admin-models');
+    assert(/demo-schnell/.test(models) && /demo-dev/.test(models) && /ready/.test(models), `#admin-models: ${models}`);
+    // A refusal shows in the alert area: a password that is too short.
+    await admin.fill('#new-user-name', 'carol');
+    await admin.fill('#new-user-password', 'short');
+    await admin.click('#new-user-submit');
+    await admin.waitForSelector('#toast:not([hidden])');
+    const toast = await admin.textContent('#toast');
+    assert(/8 characters/.test(toast), `the toast says "${toast}"`);
+    await admin.fill('#new-user-password', 'carolpass1');
+    await admin.selectOption('#new-user-plan', 'pro');
+    await admin.click('#new-user-submit');
+    await admin.waitForSelector('#admin-users tr[data-user="carol"]');
+    assert(/Pro/.test(await admin.textContent('#admin-users tr[data-user="carol"]')), 'carol was not created on the Pro plan');
+  });
+
+  await step('5. usage dashboard', async () => {
+    await alice.goto(`${BASE}/#/usage`);
+    await alice.waitForSelector('#usage-balance .big');
+    const shown = num(await alice.textContent('#usage-available'));
+    const top = await balance(alice);
+    assert(shown === top, `#usage-balance shows ${shown}, the top bar ${top}`);
+    assert((await alice.$$('#grants-table tbody tr')).length >= 1, 'the grants table is empty');
+    const bars = await alice.$$eval('#usage-chart .chart-col', (cols) => cols.map((c) => Number(c.dataset.credits)));
+    assert(bars.length === 30, `the chart has ${bars.length} days, not 30`);
+    assert(bars[29] >= shared.alice.price, `today's bar shows ${bars[29]} credits spent`);
+    const plans = await alice.textContent('#plans-table');
+    for (const n of ['Free', 'Starter', 'Pro', 'Ultra', 'Max']) assert(plans.includes(n), `the plan table lacks ${n}`);
+    assert(await alice.isVisible('#cancel-sub'), 'alice (weekly starter) has no "Cancel at period end" button');
+    assert(await alice.$('#allowance'), 'no #allowance');
+    assert(await alice.$('#low-balance-banner'), 'no #low-balance-banner element');
+    await bob.goto(`${BASE}/#/usage`);
+    await bob.waitForSelector('#usage-balance .big');
+    assert(!(await bob.$('#cancel-sub')), 'bob (free, no period) has a cancel button');
+    assert(/0 of 5/.test(await bob.textContent('#allowance')), `bob's allowance does not show the used-up dev quota: ${await bob.textContent('#allowance')}`);
+  });
+
+  await step('6. screenshots at desktop and phone sizes', async () => {
+    const anon = await newPage(browser, 'anon-shots');
+    const shots = [
+      ['login', anon, async (p) => { await p.goto(`${BASE}/`); await p.waitForSelector('#login-name', { state: 'visible' }); }],
+      ['generate', alice, async (p) => {
+        await p.goto(`${BASE}/#/generate`);
+        await p.waitForSelector('#price[data-state="ok"]');
+        await p.waitForSelector('img.result');
+        await p.waitForFunction(() => [...document.querySelectorAll('img.result')].slice(0, 4).every((i) => i.complete));
+      }],
+      ['gallery', alice, async (p) => { await p.goto(`${BASE}/#/gallery`); await p.waitForSelector('#gallery-grid img.thumb'); await p.waitForFunction(() => [...document.querySelectorAll('img.thumb')].every((i) => i.complete)); }],
+      ['gallery-modal', alice, async (p) => {
+        await p.goto(`${BASE}/#/gallery`);
+        await p.waitForSelector('#gallery-grid img.thumb');
+        await p.click('#gallery-grid img.thumb');
+        await p.waitForSelector('#image-modal[open]');
+        await p.waitForFunction(() => document.getElementById('modal-img').complete && document.getElementById('modal-params').textContent.length > 20);
+      }, { fullPage: false }],
+      ['usage', alice, async (p) => { await p.goto(`${BASE}/#/usage`); await p.waitForSelector('#usage-chart .chart-col'); await p.waitForSelector('#plans-table tbody tr'); }],
+      ['admin', admin, async (p) => { await p.goto(`${BASE}/#/admin`); await p.waitForSelector('#admin-users tbody tr'); await p.waitForSelector('#admin-models table'); }],
+    ];
+    const written = [];
+    for (const [size, vp] of [['desktop', DESKTOP], ['phone', PHONE]]) {
+      for (const [name, p, open, opts] of shots) {
+        await p.setViewportSize(vp);
+        if (await p.$('#image-modal[open]')) await p.keyboard.press('Escape');
+        if (name === 'gallery-modal' && size === 'desktop' && shared.modalShot) {
+          written.push(`${name}-${size}.png`);
+          continue; // taken in step 3
+        }
+        await open(p);
+        await screenshot(p, `${name}-${size}`, opts);
+        written.push(`${name}-${size}.png`);
+      }
+    }
+    for (const p of [alice, bob, admin]) await p.setViewportSize(DESKTOP);
+    console.log(`     ${written.length} screenshots in ${SHOTS}: ${written.join(', ')}`);
+  });
+
+  await step('7. cancel at period end, API key, logout', async () => {
+    await alice.goto(`${BASE}/#/usage`);
+    await alice.waitForSelector('#cancel-sub');
+    await alice.click('#cancel-sub');
+    await alice.waitForSelector('#confirm-dialog[open]');
+    await alice.click('#confirm-ok');
+    await alice.waitForSelector('#cancel-sub', { state: 'detached' });
+    assert(/period end/i.test(await alice.textContent('#usage-plan')), `the plan card does not say it ends at period end: ${await alice.textContent('#usage-plan')}`);
+    await alice.fill('#new-key-label', 'browser test');
+    await alice.click('#new-key-btn');
+    await alice.waitForSelector('#new-key-value');
+    const key = await alice.inputValue('#new-key-value');
+    assert(/^atk_/.test(key), `the new API key looks wrong: ${key}`);
+    const viaKey = await alice.evaluate(async (k) => (await fetch('/api/usage', { headers: { Authorization: `Bearer ${k}` }, credentials: 'omit' })).status, key);
+    assert(viaKey === 200, `the new key does not work (${viaKey})`);
+    await alice.click('#logout');
+    await alice.waitForSelector('#login-name', { state: 'visible' });
+    await alice.goto(`${BASE}/#/gallery`);
+    await alice.waitForSelector('#login-name', { state: 'visible' });
+    assert(await alice.isHidden('#gallery-grid'), 'the gallery shows after logging out');
+  });
+
+  console.log(`PASS all steps in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+} catch (e) {
+  exitCode = 1;
+} finally {
+  await browser.close().catch(() => {});
+}
+process.exit(exitCode);
