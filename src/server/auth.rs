@@ -26,6 +26,8 @@ pub enum Via {
 pub struct Caller {
     pub user: User,
     pub via: Via,
+    /// When the session ends (None with an API key).
+    pub session_expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Caller {
@@ -64,14 +66,14 @@ impl FromRequest for Caller {
             let caller = state
                 .db(move |c| {
                     let now = c.now();
-                    let (user_id, via) = if let Some(key) = key {
+                    let (user_id, via, expires) = if let Some(key) = key {
                         let id = accounts::api_key_user(&c.app, &key, now)?
                             .ok_or_else(|| ApiError::unauthorized("the API key is not valid (revoked or mistyped)"))?;
-                        (id, Via::ApiKey)
+                        (id, Via::ApiKey, None)
                     } else if let Some(token) = cookie {
                         let s = accounts::session(&c.app, &token, now)?
                             .ok_or_else(|| ApiError::unauthorized("your session has ended; log in again"))?;
-                        (s.user_id, Via::Session { token, csrf: s.csrf })
+                        (s.user_id, Via::Session { token, csrf: s.csrf }, Some(s.expires_at))
                     } else {
                         return Err(ApiError::unauthorized("log in, or send an API key as Authorization: Bearer <key>"));
                     };
@@ -79,12 +81,16 @@ impl FromRequest for Caller {
                         return Err(ApiError::forbidden("this account is disabled"));
                     }
                     let user = c.ledger.user_by_id(user_id)?;
-                    Ok(Caller { user, via })
+                    Ok(Caller { user, via, session_expires_at: expires })
                 })
                 .await?;
             if let Via::Session { csrf, .. } = &caller.via {
                 if !safe && !csrf_sent.is_some_and(|sent| crate::secret::constant_time_eq(&sent, csrf)) {
-                    return Err(ApiError::forbidden("missing or wrong CSRF token (send X-CSRF-Token)"));
+                    return Err(ApiError::new(
+                        actix_web::http::StatusCode::FORBIDDEN,
+                        "csrf",
+                        "missing or wrong CSRF token (send X-CSRF-Token)",
+                    ));
                 }
             }
             Ok(caller)

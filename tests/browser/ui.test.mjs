@@ -5,7 +5,8 @@
 //   node tests/browser/ui.test.mjs
 //
 // Expects: alice on the starter plan, bob on the free plan with 200 extra credits and his dev
-// quota unused, an admin; the demo models demo-schnell and demo-dev served. Prints one line
+// quota unused, an admin; the demo models demo-schnell and demo-dev served. Changes alice's
+// password and sets it back to ALICE_PASS (her other sessions end). Prints one line
 // per passed step; exits 1 on the first failure (with screenshots of the pages involved).
 
 import { chromium } from 'playwright-core';
@@ -246,9 +247,24 @@ const browser = await chromium.launch({
   args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'],
 });
 
+// Step 6 changes alice's password and back; should it stop halfway, the catch below sets the
+// original again, so that a rerun against the same server can still log in.
+let alicePassNow = ALICE.pass;
+let alicePage = null;
+async function restoreAlicePassword() {
+  if (alicePassNow === ALICE.pass || !alicePage || alicePage.isClosed()) return;
+  const status = await alicePage.evaluate(async ([current, next]) => {
+    const s = await (await fetch('/api/session')).json();
+    const r = await fetch('/api/password', { method: 'POST', headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': s.csrf_token }, body: JSON.stringify({ current, new: next }) });
+    return r.status;
+  }, [alicePassNow, ALICE.pass]);
+  console.error(`  set alice's password back to ALICE_PASS: HTTP ${status}`);
+}
+
 let exitCode = 0;
 try {
   const alice = await newPage(browser, 'alice');
+  alicePage = alice;
   const bob = await newPage(browser, 'bob');
   const admin = await newPage(browser, 'admin');
   const shared = {};
@@ -444,7 +460,92 @@ try {
     assert(/0 of 5/.test(await bob.textContent('#allowance')), `bob's allowance does not show the used-up dev quota: ${await bob.textContent('#allowance')}`);
   });
 
-  await step('6. screenshots at desktop and phone sizes', async () => {
+  await step('6. alice changes her password (wrong, right, and back)', async () => {
+    const NEW_PASS = `${ALICE.pass}-Changed9`;
+    // A second session of alice's: a password change must end it.
+    const other = await newPage(browser, 'alice-2');
+    await login(other, ALICE);
+    const sessionStatus = (p) => p.evaluate(async () => (await fetch('/api/session', { cache: 'no-store' })).status);
+    assert((await sessionStatus(other)) === 200, 'alice\'s second session does not work');
+
+    await alice.goto(`${BASE}/#/usage`);
+    await alice.waitForSelector('#pw-submit');
+    const requests = [];
+    const onRequest = (r) => {
+      if (new URL(r.url()).pathname === '/api/password') requests.push(r.method());
+    };
+    alice.on('request', onRequest);
+    const fillPw = async (current, next, repeat = next) => {
+      await alice.fill('#pw-current', current);
+      await alice.fill('#pw-new', next);
+      await alice.fill('#pw-repeat', repeat);
+    };
+    const hideMessages = () => alice.evaluate(() => ['toast', 'notice'].forEach((id) => { document.getElementById(id).hidden = true; }));
+    const change = async (current, next, expect) => {
+      await hideMessages();
+      await fillPw(current, next);
+      const res = alice.waitForResponse((r) => new URL(r.url()).pathname === '/api/password' && r.request().method() === 'POST');
+      await alice.click('#pw-submit');
+      const r = await res;
+      const body = await r.json().catch(() => null);
+      assert(r.status() === expect, `POST /api/password answered ${r.status()} (expected ${expect}): ${JSON.stringify(body)}`);
+      await alice.waitForSelector('#pw-submit:not([disabled])');
+      return body;
+    };
+
+    // Checks in the browser: nothing is sent.
+    await fillPw(ALICE.pass, 'short7!');
+    await alice.click('#pw-submit');
+    await alice.waitForSelector('#pw-error:not([hidden])');
+    assert(/8 characters/.test(await alice.textContent('#pw-error')), `a short new password says "${await alice.textContent('#pw-error')}"`);
+    assert(await alice.$('#pw-new.invalid'), 'a short new password does not mark #pw-new');
+    await fillPw(ALICE.pass, NEW_PASS, `${NEW_PASS}x`);
+    await alice.click('#pw-submit');
+    await alice.waitForFunction(() => /differ/i.test(document.getElementById('pw-error').textContent));
+    assert(await alice.$('#pw-repeat.invalid'), 'different new passwords do not mark #pw-repeat');
+    await alice.waitForTimeout(300);
+    assert(!requests.length, `the browser checks still sent ${requests.length} request(s) to /api/password`);
+
+    // A wrong current password: 403, the error toast, nothing changes.
+    const wrong = await change('not-my-password', NEW_PASS, 403);
+    assert(/current password is wrong/i.test(wrong?.error?.message || ''), `the 403 says ${JSON.stringify(wrong)}`);
+    await alice.waitForSelector('#toast:not([hidden])');
+    const toastText = await alice.innerText('#toast');
+    assert(/current password is wrong/i.test(toastText), `the toast says "${toastText.replace(/\s+/g, ' ')}"`);
+    assert(await alice.$('#pw-current.invalid'), 'a wrong current password does not mark #pw-current');
+    assert((await sessionStatus(other)) === 200, 'a refused password change ended alice\'s other session');
+
+    // The right one: 200, the notice, the fields cleared, the other session ended, this one kept.
+    const ok = await change(ALICE.pass, NEW_PASS, 200);
+    alicePassNow = NEW_PASS;
+    assert(ok && ok.ok === true, `the 200 answer is ${JSON.stringify(ok)}`);
+    await alice.waitForSelector('#notice:not([hidden])');
+    const noticeText = await alice.innerText('#notice');
+    assert(/Password changed; your other sessions were logged out/i.test(noticeText), `the notice says "${noticeText.replace(/\s+/g, ' ')}"`);
+    assert(await alice.isHidden('#toast'), 'the error toast still shows after the success');
+    assert(await alice.isHidden('#pw-error'), '#pw-error still shows after the success');
+    for (const id of ['#pw-current', '#pw-new', '#pw-repeat']) assert((await alice.inputValue(id)) === '', `${id} was not cleared`);
+    assert((await sessionStatus(alice)) === 200, 'the password change ended the session that made it');
+    assert((await sessionStatus(other)) === 401, 'alice\'s other session still works after the password change');
+    // The new password logs in; the old one does not.
+    const loginStatus = (pass) => other.evaluate(async ([name, password]) => (await fetch('/api/login', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ name, password }) })).status, [ALICE.name, pass]);
+    assert((await loginStatus(ALICE.pass)) === 401, 'the old password still logs in');
+    assert((await loginStatus(NEW_PASS)) === 200, 'the new password does not log in');
+
+    // Back to the original, so that the rest of the run (and later runs) are unaffected.
+    await change(NEW_PASS, ALICE.pass, 200);
+    alicePassNow = ALICE.pass;
+    await alice.waitForSelector('#notice:not([hidden])');
+    assert((await sessionStatus(other)) === 401, 'alice\'s other session survived changing the password back');
+    assert((await loginStatus(ALICE.pass)) === 200, 'the original password does not log in after changing it back');
+    alice.off('request', onRequest);
+    assert((await sessionStatus(alice)) === 200, 'alice\'s session ended after changing the password back');
+    await hideMessages();
+    await other.context().close();
+    pages.delete(other);
+  });
+
+  await step('7. screenshots at desktop and phone sizes', async () => {
     const anon = await newPage(browser, 'anon-shots');
     const shots = [
       ['login', anon, async (p) => { await p.goto(`${BASE}/`); await p.waitForSelector('#login-name', { state: 'visible' }); }],
@@ -483,7 +584,7 @@ try {
     console.log(`     ${written.length} screenshots in ${SHOTS}: ${written.join(', ')}`);
   });
 
-  await step('7. cancel at period end, API key, logout', async () => {
+  await step('8. cancel at period end, API key, logout', async () => {
     await alice.goto(`${BASE}/#/usage`);
     await alice.waitForSelector('#cancel-sub');
     await alice.click('#cancel-sub');
@@ -508,6 +609,7 @@ try {
   console.log(`PASS all steps in ${((Date.now() - started) / 1000).toFixed(1)} s`);
 } catch (e) {
   exitCode = 1;
+  await restoreAlicePassword().catch(() => {});
 } finally {
   await browser.close().catch(() => {});
 }

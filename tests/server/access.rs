@@ -113,6 +113,9 @@ fn nobody_reaches_anyone_elses_things() {
     assert_eq!(anna.get("/api/usage").status, 200);
     let r = anna.post("/api/password", json!({"current": "anna-pass-2", "new": "anna-pass-1"}));
     assert_eq!(r.status, 200);
+    // Not with an API key: a leaked key must not be able to lock the owner out.
+    let r = via_key.post("/api/password", json!({"current": "anna-pass-1", "new": "taken-over"}));
+    assert_eq!(r.status, 403);
 
     // Revoked key, logged-out session, disabled account.
     assert_eq!(anna.request("DELETE", &format!("/api/keys/{key_id}"), None).status, 200);

@@ -1,5 +1,6 @@
 // The Usage page: balance, grants, 30-day spending chart, training allowance and quotas, plan
-// and period, the plan comparison, cancel at period end, API keys, recent account events.
+// and period, the plan comparison, cancel at period end, API keys, change password, recent
+// account events.
 
 import { get, post, del } from './api.js';
 import { h, clear, toast, notice, confirmDialog, busy, fmtNum, fmtDate, fmtDateTime, fmtRelative, cap, pill } from './ui.js';
@@ -21,6 +22,7 @@ export function mount(root) {
   el.grants = h('table', { id: 'grants-table', class: 'table' });
   el.plans = h('table', { id: 'plans-table', class: 'table compare' });
   el.keys = h('div', { id: 'api-keys', class: 'keys-block' });
+  el.password = passwordForm();
   el.events = h('ul', { id: 'usage-events', class: 'events' });
   root.append(
     h('div', { class: 'page-head' }, h('div', {}, h('h1', { text: 'Usage & plan' }), h('span', { class: 'muted', id: 'usage-sub' }))),
@@ -34,8 +36,9 @@ export function mount(root) {
       el.chart),
     card('Credit grants', 'c-grants', h('div', { class: 'table-wrap' }, el.grants)),
     card('Compare plans', 'c-plans', h('div', { class: 'table-wrap' }, el.plans)),
-    h('div', { class: 'cards cards-2' },
+    h('div', { class: 'cards cards-3 cards-account' },
       card('API keys', 'c-keys', el.keys),
+      card('Change password', 'c-password', el.password),
       card('Recent activity', 'c-events', el.events)));
 }
 
@@ -348,4 +351,65 @@ function renderKeys(keys, fresh) {
     });
   });
   el.keys.append(list, form);
+}
+
+// ---- password ----
+
+const MIN_PASSWORD = 8;
+
+function passwordForm() {
+  const input = (id, autocomplete, extra = {}) =>
+    h('input', { id, name: id, type: 'password', autocomplete, autocapitalize: 'off', spellcheck: 'false', 'aria-describedby': 'pw-error', ...extra });
+  // Lets password managers tie the new password to this account.
+  const user = h('input', { type: 'text', name: 'username', autocomplete: 'username', class: 'visually-hidden', tabindex: '-1', 'aria-hidden': 'true', readOnly: true, value: (store.user && store.user.name) || '' });
+  const cur = input('pw-current', 'current-password');
+  const pw = input('pw-new', 'new-password', { minlength: String(MIN_PASSWORD), 'aria-describedby': 'pw-hint pw-error' });
+  const rep = input('pw-repeat', 'new-password', { minlength: String(MIN_PASSWORD) });
+  const err = h('p', { id: 'pw-error', class: 'form-error', role: 'alert', hidden: true });
+  const submit = h('button', { type: 'submit', id: 'pw-submit', class: 'btn btn-primary', text: 'Change password' });
+  const field = (label, control, hint) => h('label', { class: 'field' }, h('span', { class: 'label', text: label }), control, hint || null);
+  const form = h('form', { id: 'password-form', class: 'password-form', novalidate: true },
+    user,
+    field('Current password', cur),
+    field('New password', pw, h('span', { class: 'hint', id: 'pw-hint', text: `At least ${MIN_PASSWORD} characters.` })),
+    field('Repeat new password', rep),
+    err,
+    h('div', { class: 'card-actions' }, submit));
+
+  const fields = [cur, pw, rep];
+  const showError = (message, bad) => {
+    for (const f of fields) f.classList.toggle('invalid', f === bad);
+    err.textContent = message || '';
+    err.hidden = !message;
+    if (bad) bad.focus();
+  };
+  for (const f of fields) f.addEventListener('input', () => f.classList.remove('invalid'));
+
+  form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    if (submit.disabled) return;
+    user.value = (store.user && store.user.name) || '';
+    if (!cur.value) return showError('Enter your current password.', cur);
+    if (Array.from(pw.value).length < MIN_PASSWORD) return showError(`The new password needs at least ${MIN_PASSWORD} characters.`, pw);
+    if (rep.value !== pw.value) return showError('The two new passwords differ; type the same one twice.', rep);
+    showError('');
+    busy(submit, async () => {
+      try {
+        await post('/api/password', { current: cur.value, new: pw.value });
+      } catch (ex) {
+        if (ex && (ex.status === 400 || ex.status === 403)) {
+          // 403 is also what a stale CSRF token gets: only blame the field the server names.
+          const wrongCurrent = ex.status === 403 && /current password/i.test(ex.message);
+          showError(`${cap(ex.message)}.`, wrongCurrent ? cur : ex.status === 400 && /new password/i.test(ex.message) ? pw : null);
+          if (wrongCurrent) cur.select();
+          toast(ex, 'Password not changed');
+          return;
+        }
+        throw ex;
+      }
+      for (const f of fields) f.value = '';
+      notice('Password changed; your other sessions were logged out.');
+    });
+  });
+  return form;
 }

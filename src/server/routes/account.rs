@@ -97,7 +97,7 @@ pub async fn session(caller: Caller) -> Result<HttpResponse, ApiError> {
         Via::Session { csrf, .. } => Some(csrf.clone()),
         Via::ApiKey => None,
     };
-    Ok(HttpResponse::Ok().json(json!({"user": caller.user, "csrf_token": csrf})))
+    Ok(HttpResponse::Ok().json(json!({"user": caller.user, "csrf_token": csrf, "expires_at": caller.session_expires_at})))
 }
 
 /// GET /api/keys
@@ -159,27 +159,42 @@ pub struct NewPassword {
 }
 
 /// POST /api/password {current, new}: changes the caller's password and ends their other
-/// sessions (this one stays).
+/// sessions (this one stays). Only from a logged-in session (not with an API key), and wrong
+/// current passwords count against the login rate limit.
 pub async fn change_password(state: Data, caller: Caller, body: web::Json<NewPassword>) -> Result<HttpResponse, ApiError> {
     let NewPassword { current, new } = body.into_inner();
+    let Via::Session { token, .. } = &caller.via else {
+        return Err(ApiError::forbidden("change the password from a logged-in browser session, not with an API key"));
+    };
+    let keys = vec![format!("user:{}", caller.user.name)];
+    if let Some(wait) = state.limiter.blocked(&keys) {
+        let mut e = ApiError::new(
+            actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_attempts",
+            format!("too many wrong passwords; try again in {wait} s"),
+        );
+        e.retry_after = Some(wait);
+        return Err(e);
+    }
     if new.chars().count() < 8 {
         return Err(ApiError::bad_request("the new password must have at least 8 characters"));
     }
     let user = caller.user.clone();
-    let keep = match &caller.via {
-        Via::Session { token, .. } => Some(token.clone()),
-        Via::ApiKey => None,
-    };
-    state
+    let keep = token.clone();
+    let changed = state
         .db(move |c| {
             if !c.ledger.verify_password(&user.name, &current)? {
-                return Err(ApiError::forbidden("the current password is wrong"));
+                return Ok(false);
             }
             c.ledger.set_password(user.id, &new)?;
             let now = c.now();
-            accounts::revoke_user_sessions_except(&c.app, user.id, keep.as_deref(), now)?;
-            Ok(())
+            accounts::revoke_user_sessions_except(&c.app, user.id, Some(&keep), now)?;
+            Ok(true)
         })
         .await?;
+    if !changed {
+        state.limiter.fail(&keys);
+        return Err(ApiError::new(actix_web::http::StatusCode::FORBIDDEN, "wrong_password", "the current password is wrong"));
+    }
     Ok(HttpResponse::Ok().json(json!({"ok": true})))
 }
