@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example loadgen -- http://127.0.0.1:8188 <api-key> requests <threads> <seconds> /healthz /api/usage ...
 //! cargo run --release --example loadgen -- http://127.0.0.1:8188 <api-key> sse <clients>
+//! cargo run --release --example loadgen -- http://127.0.0.1:8188 <api-key> hold <clients> <seconds>
 //! ```
 //! `requests`: keep-alive connections, one per thread, cycling through the paths; prints
 //! requests/s and latency percentiles. `sse`: opens that many `/api/events` streams, submits
@@ -142,6 +143,50 @@ fn sse(url: &str, key: &str, clients: usize) {
     println!("{} of {clients} streams received the job's event ({:.2} s after submitting)", seen.load(Ordering::Relaxed), t1.elapsed().as_secs_f64());
 }
 
+/// Opens `clients` `/api/events` streams and keeps them for `seconds`; reports how many opened
+/// and how many were still open at the end (run request load beside it).
+fn hold(url: &str, key: &str, clients: usize, seconds: u64) {
+    let host = host_port(url);
+    let opened = Arc::new(AtomicUsize::new(0));
+    let alive = Arc::new(AtomicUsize::new(0));
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            let (host, key, opened, alive) = (host.clone(), key.to_string(), opened.clone(), alive.clone());
+            std::thread::spawn(move || {
+                let Ok(mut s) = TcpStream::connect(&host) else { return };
+                if write!(s, "GET /api/events HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n\r\n").is_err() {
+                    return;
+                }
+                s.set_read_timeout(Some(Duration::from_millis(500))).ok();
+                let mut r = BufReader::new(s);
+                let mut line = String::new();
+                let mut open = false;
+                while Instant::now() < end {
+                    line.clear();
+                    match r.read_line(&mut line) {
+                        Ok(0) => return, // closed by the server
+                        Ok(_) => {
+                            if line.starts_with("retry:") && !open {
+                                open = true;
+                                opened.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(_) => {} // read timeout: still open
+                    }
+                }
+                if open {
+                    alive.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().ok();
+    }
+    println!("{clients} streams: {} opened, {} still open after {seconds} s", opened.load(Ordering::Relaxed), alive.load(Ordering::Relaxed));
+}
+
 fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
     if a.len() < 3 {
@@ -151,6 +196,7 @@ fn main() {
     match a[2].as_str() {
         "requests" => requests(&a[0], &a[1], a[3].parse().unwrap(), a[4].parse().unwrap(), a[5..].to_vec()),
         "sse" => sse(&a[0], &a[1], a[3].parse().unwrap()),
+        "hold" => hold(&a[0], &a[1], a[3].parse().unwrap(), a[4].parse().unwrap()),
         other => {
             eprintln!("unknown mode {other}");
             std::process::exit(2);
