@@ -8,6 +8,7 @@
 //! atelier --data <dir> user grant <name> <credits> [--expires <RFC3339>]
 //! atelier --data <dir> user cancel <name>
 //! atelier --data <dir> user api-key <name> [--label <text>]
+//! atelier --data <dir> user passwd <name>            (the password on standard input)
 //! atelier --data <dir> user show <name> [--json]
 //! atelier --data <dir> plan list [--json]
 //! atelier --data <dir> price --model <id> --width <px> --height <px> [--steps <n>] [--batch <n>] [--seconds <s>] [--json]
@@ -76,6 +77,8 @@ pub enum UserCommand {
     },
     /// Cancel the subscription at the end of its period.
     Cancel { name: String },
+    /// Set a user's password (read from the first line of standard input).
+    Passwd { name: String },
     /// Create an API key for the user (printed once; send it as `Authorization: Bearer <key>`).
     ApiKey {
         name: String,
@@ -166,18 +169,14 @@ pub fn run_user_command(
             let (key, _) = crate::accounts::create_api_key(&conn, user.id, label, now)?;
             Ok(key)
         }
+        UserCommand::Passwd { name } => {
+            let user = ledger.user_by_name(name)?;
+            let pw = read_password(stdin)?;
+            ledger.set_password(user.id, &pw)?;
+            Ok(format!("password of {} changed\n", user.name))
+        }
         UserCommand::Add { name, admin, password_stdin } => {
-            let password = if *password_stdin {
-                let mut line = String::new();
-                stdin.read_line(&mut line).context("reading the password from standard input")?;
-                let pw = line.trim_end_matches(['\r', '\n']).to_string();
-                if pw.is_empty() {
-                    bail!("--password-stdin: standard input held no password");
-                }
-                Some(pw)
-            } else {
-                None
-            };
+            let password = if *password_stdin { Some(read_password(stdin)?) } else { None };
             let user = ledger.add_user(name, *admin, password.as_deref())?;
             let sub = ledger.subscription(user.id)?;
             let bal = ledger.balance(user.id, Resource::Credits)?;
@@ -250,6 +249,17 @@ fn parse_expiry(s: Option<&str>) -> Result<Option<DateTime<Utc>>> {
         })
     })
     .transpose()
+}
+
+/// The first line of standard input, which must not be empty.
+fn read_password(stdin: &mut dyn BufRead) -> Result<String> {
+    let mut line = String::new();
+    stdin.read_line(&mut line).context("reading the password from standard input")?;
+    let pw = line.trim_end_matches(['\r', '\n']).to_string();
+    if pw.is_empty() {
+        bail!("--password-stdin: standard input held no password");
+    }
+    Ok(pw)
 }
 
 /// The `user show --json` object.

@@ -74,6 +74,11 @@ fn user_lifecycle_through_the_cli() {
     let out = env.try_run("user add alice --admin --password-stdin", "hunter22\n").unwrap();
     assert!(out.contains("alice") && out.contains("50"), "{out}");
     assert!(env.dir.path().join("data/atelier.db").exists());
+    env.try_run("user passwd alice", "hunter23\n").unwrap();
+    let mut l = ledger::Ledger::open_data_dir(&env.dir.path().join("data"), Arc::new(PlansConfig::defaults()), Arc::new(env.clock.clone())).unwrap();
+    assert!(l.verify_password("alice", "hunter23").unwrap() && !l.verify_password("alice", "hunter22").unwrap());
+    assert!(env.try_run("user passwd alice", "\n").is_err());
+    assert!(env.try_run("user passwd nobody", "x\n").is_err());
 
     let v = env.show("alice");
     assert_eq!(v["plan"], "free");
