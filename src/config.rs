@@ -281,6 +281,9 @@ impl Config {
         if [w.standard, w.priority, w.fastest, w.instant].contains(&0) {
             bail!("queue.weights must all be at least 1");
         }
+        if self.server.login_attempts == 0 || self.server.login_window_secs == 0 {
+            bail!("server.login_attempts and login_window_secs must be at least 1");
+        }
         if !["auto", "always", "never"].contains(&self.server.secure_cookies.as_str()) {
             bail!("server.secure_cookies must be auto, always or never (not {:?})", self.server.secure_cookies);
         }

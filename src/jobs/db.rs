@@ -83,19 +83,21 @@ impl Pool {
 /// never edit a migration that has shipped.
 pub fn migrate_part(conn: &Connection, key: &str, migrations: &[&str]) -> rusqlite::Result<()> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS app_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")?;
-    let version: usize = conn
-        .query_row("SELECT value FROM app_meta WHERE key = ?1", params![key], |r| r.get::<_, String>(0))
-        .optional()?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    for (i, sql) in migrations.iter().enumerate().skip(version) {
-        let tx = conn.unchecked_transaction()?;
+    loop {
+        // The write lock first, then the version: two processes opening at once apply each
+        // migration once.
+        let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+        let version: usize = tx
+            .query_row("SELECT value FROM app_meta WHERE key = ?1", params![key], |r| r.get::<_, String>(0))
+            .optional()?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let Some(sql) = migrations.get(version) else { return tx.commit() };
         tx.execute_batch(sql)?;
         tx.execute(
             "INSERT INTO app_meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
-            params![key, (i + 1).to_string()],
+            params![key, (version + 1).to_string()],
         )?;
         tx.commit()?;
     }
-    Ok(())
 }

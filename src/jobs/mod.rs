@@ -198,8 +198,14 @@ impl Jobs {
             user,
             &JobRequest { job_id: job_id.clone(), idempotency_key: key.clone(), model_id: spec.model.clone(), params: Self::params(&spec) },
         )?;
-        // A replayed hold without a job: the process died between the two writes before.
+        // The key was used before: its hold is answered with the job id it was placed for.
         let job_id = auth.hold.job_id.clone();
+        if auth.replayed {
+            if let Some(job) = store::get_job(&db.app, &job_id)? {
+                return Ok(Submitted { job, replayed: true });
+            }
+            // Else the process died between the hold and the job row: make the row now.
+        }
         let seed = spec.seed.unwrap_or_else(|| crate::secret::random_u32() as u64);
         let now = db.now();
         let new = NewJob {
@@ -214,9 +220,16 @@ impl Jobs {
             now,
         };
         if let Err(e) = store::insert_job(&db.app, &new) {
-            // Not queued, so not charged.
-            if let Err(r) = db.ledger.release(auth.hold.id) {
-                log::error!("releasing hold {} after a failed insert: {r}", auth.hold.id);
+            // A concurrent retry with the same key saved it first: that is this job.
+            if let Some(job) = store::get_job(&db.app, &job_id)? {
+                return Ok(Submitted { job, replayed: true });
+            }
+            // Not queued, so not charged. (A replayed hold is left to `reconcile`: the request
+            // that placed it may still be saving its job.)
+            if !auth.replayed {
+                if let Err(r) = db.ledger.release(auth.hold.id) {
+                    log::error!("releasing hold {} after a failed insert: {r}", auth.hold.id);
+                }
             }
             return Err(e.into());
         }
@@ -250,6 +263,8 @@ impl Jobs {
     }
 
     fn cancel_running(&self, job_id: &str) {
+        // The worker registers a job here before it marks it running, so a job seen running
+        // is always found.
         if let Some((id, flag)) = self.running.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             if id == job_id {
                 flag.store(true, Ordering::Relaxed);

@@ -68,6 +68,9 @@ struct Live {
 pub struct ProgressHub {
     tx: broadcast::Sender<Arc<Envelope>>,
     live: Mutex<HashMap<String, Live>>,
+    /// Jobs that ended recently: a late non-final event (a queue position computed just
+    /// before a cancel) must not bring them back.
+    ended: Mutex<(std::collections::HashSet<String>, std::collections::VecDeque<String>)>,
 }
 
 impl Default for ProgressHub {
@@ -80,7 +83,7 @@ impl ProgressHub {
     pub fn new() -> ProgressHub {
         // A slow client that falls this far behind skips events (it is told so and resyncs).
         let (tx, _) = broadcast::channel(4096);
-        ProgressHub { tx, live: Mutex::new(HashMap::new()) }
+        ProgressHub { tx, live: Mutex::new(HashMap::new()), ended: Mutex::new(Default::default()) }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Envelope>> {
@@ -88,6 +91,20 @@ impl ProgressHub {
     }
 
     pub fn publish(&self, job_id: &str, user_id: UserId, event: JobEvent) {
+        {
+            let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+            if event.is_final() {
+                if ended.0.insert(job_id.to_string()) {
+                    ended.1.push_back(job_id.to_string());
+                    if ended.1.len() > 10_000 {
+                        let old = ended.1.pop_front().expect("not empty");
+                        ended.0.remove(&old);
+                    }
+                }
+            } else if ended.0.contains(job_id) {
+                return;
+            }
+        }
         {
             let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
             if event.is_final() {

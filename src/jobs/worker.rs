@@ -92,15 +92,30 @@ fn run_one(
     resident: &mut Option<(String, Resident)>,
     id: &str,
 ) -> anyhow::Result<()> {
-    if !store::mark_running(&db.app, id, db.now())? {
-        return Ok(()); // canceled just now
-    }
-    let job = store::get_job(&db.app, id)?.ok_or_else(|| anyhow::anyhow!("job vanished"))?;
+    // Registered before the job is marked running, so a cancel that sees it running finds it.
     let cancel = Arc::new(AtomicBool::new(false));
-    *jobs.running.lock().unwrap_or_else(|p| p.into_inner()) = Some((job.id.clone(), cancel.clone()));
-    jobs.hub.publish(&job.id, job.user_id, JobEvent::Started);
-    jobs.publish_positions(db);
-    let out = execute(jobs, db, device, keep_resident, resident, &job, cancel);
+    *jobs.running.lock().unwrap_or_else(|p| p.into_inner()) = Some((id.to_string(), cancel.clone()));
+    let out = match store::mark_running(&db.app, id, db.now()) {
+        Ok(false) => Ok(()), // canceled just now
+        Ok(true) => match store::get_job(&db.app, id) {
+            Ok(Some(job)) => {
+                jobs.hub.publish(&job.id, job.user_id, JobEvent::Started);
+                jobs.publish_positions(db);
+                let out = execute(jobs, db, device, keep_resident, resident, &job, cancel);
+                if let Err(e) = &out {
+                    // Whatever went wrong, the job must not stay running with its hold open.
+                    let msg = format!("internal error: {e:#}");
+                    if let Err(e2) = end_without_images(jobs, db, &job, JobStatus::Failed, Some(msg)) {
+                        log::error!("job {}: could not record the failure: {e2:#}", job.id);
+                    }
+                }
+                out
+            }
+            Ok(None) => Err(anyhow::anyhow!("job vanished")),
+            Err(e) => Err(e.into()),
+        },
+        Err(e) => Err(e.into()),
+    };
     *jobs.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
     out
 }
@@ -114,9 +129,12 @@ fn execute(
     job: &Job,
     cancel: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    if db.ledger.hold(job.hold_id)?.status != HoldStatus::Held {
+    // Renewed now and while it runs, so the sweeper (which releases holds nobody touched for
+    // `hold_max_age_secs`) never releases the hold of a job that is working.
+    if !db.ledger.renew_hold(job.hold_id)? || db.ledger.hold(job.hold_id)?.status != HoldStatus::Held {
         return end_without_images(jobs, db, job, JobStatus::Failed, Some("the job's credit hold expired before it could run".into()));
     }
+    let mut renewed = std::time::Instant::now();
     let model = match jobs.models.get(&job.model) {
         Some(m) if m.is_ready() && m.files.is_some() => m.clone(),
         _ => return end_without_images(jobs, db, job, JobStatus::Failed, Some(format!("model {} is not available", job.model))),
@@ -146,6 +164,12 @@ fn execute(
         pipeline::generate_with(&files, &req, device, res, |p| match p {
             Progress::Stage(s) => jobs.hub.publish(&job.id, job.user_id, JobEvent::Stage { stage: s.to_string() }),
             Progress::Step { image, step, steps, seconds } => {
+                if renewed.elapsed() > Duration::from_secs(60) {
+                    renewed = std::time::Instant::now();
+                    if let Err(e) = db.ledger.renew_hold(job.hold_id) {
+                        log::warn!("job {}: renewing its hold: {e}", job.id);
+                    }
+                }
                 let dt = if step == 1 { seconds } else { seconds - last_seconds };
                 last_seconds = seconds;
                 let m = &jobs.metrics;

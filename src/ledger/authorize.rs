@@ -56,7 +56,8 @@ fn authorize_job(t: &Tx<'_>, user: UserId, req: &JobRequest) -> Result<JobAuthor
     let price = cfg.price_job(&req.model_id, &req.params)?;
     if let Some(h) = credits::hold_by_key(t, user, &req.idempotency_key)? {
         // A retry: answer with the hold placed then, whatever changed since.
-        let out = credits::place_hold(t, &HoldRequest::credits(user, &req.job_id, &req.idempotency_key, h.amount))?;
+        // Replayed under the job id it was placed for (the retry's own id is new).
+        let out = credits::place_hold(t, &HoldRequest::credits(user, &h.job_id, &req.idempotency_key, h.amount))?;
         let sub = subscriptions::load(t, user)?;
         let queue = cfg.plan(&sub.plan).map(|p| p.queue_for(sub.period)).unwrap_or(QueueClass::Standard);
         let price = Price { per_item: out.hold.amount / req.params.batch.max(1) as i64, batch: req.params.batch, total: out.hold.amount };

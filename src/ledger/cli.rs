@@ -173,7 +173,11 @@ pub fn run_user_command(
             let user = ledger.user_by_name(name)?;
             let pw = read_password(stdin)?;
             ledger.set_password(user.id, &pw)?;
-            Ok(format!("password of {} changed\n", user.name))
+            // A reset is often because of a leak: the old sessions end with it.
+            let conn = crate::ledger::schema::open_connection(ledger.path())?;
+            crate::accounts::migrate(&conn).context("migrating the account tables")?;
+            let ended = crate::accounts::revoke_user_sessions(&conn, user.id, ledger.clock().now().timestamp())?;
+            Ok(format!("password of {} changed; {ended} sessions ended\n", user.name))
         }
         UserCommand::Add { name, admin, password_stdin } => {
             let password = if *password_stdin { Some(read_password(stdin)?) } else { None };

@@ -669,7 +669,9 @@ pub(crate) fn settle(t: &Tx<'_>, hold_id: HoldId, how: Settle) -> Result<HoldOut
 pub(crate) fn release_stale(t: &Tx<'_>) -> Result<usize, LedgerError> {
     let cutoff = t.now - t.cfg.metering.hold_max_age_secs;
     let ids: Vec<HoldId> = {
-        let mut st = t.prepare_cached("SELECT id FROM holds WHERE status = 'held' AND created_at <= ?1 ORDER BY id")?;
+        let mut st = t.prepare_cached(
+            "SELECT id FROM holds WHERE status = 'held' AND COALESCE(renewed_at, created_at) <= ?1 ORDER BY id",
+        )?;
         st.query_map(params![cutoff], |r| r.get(0))?.collect::<Result<_, _>>()?
     };
     for id in &ids {
@@ -869,7 +871,15 @@ impl Ledger {
         self.write(|t| expire_due(t, None))
     }
 
-    /// Releases holds older than `metering.hold_max_age_secs`. Returns how many.
+    /// Marks an open hold as still in use (its job is running), so the sweeper, which releases
+    /// holds untouched for `metering.hold_max_age_secs`, leaves it alone. Returns false when
+    /// the hold is no longer held.
+    pub fn renew_hold(&mut self, hold: HoldId) -> Result<bool, LedgerError> {
+        self.write(|t| Ok(t.execute("UPDATE holds SET renewed_at = ?2 WHERE id = ?1 AND status = 'held'", params![hold, t.now])? == 1))
+    }
+
+    /// Releases holds untouched (placed or renewed) for `metering.hold_max_age_secs`. Returns
+    /// how many.
     pub fn release_stale_holds(&mut self) -> Result<usize, LedgerError> {
         self.write(release_stale)
     }

@@ -131,6 +131,11 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX events_user ON events (user_id, at);
     "#,
+    // 2: a hold whose job is still working is renewed, so the sweeper only releases holds
+    // that nothing has touched for `hold_max_age_secs`.
+    r#"
+    ALTER TABLE holds ADD COLUMN renewed_at INTEGER;
+    "#,
 ];
 
 /// The schema version this code writes.

@@ -340,6 +340,12 @@ fn validate_name(name: &str) -> Result<(), LedgerError> {
     Ok(())
 }
 
+/// A hash made once to verify against when there is no real one (the result is ignored).
+fn dummy_hash() -> &'static str {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| hash_password("no such account").unwrap_or_default())
+}
+
 /// An argon2id hash of `password` with a fresh salt.
 fn hash_password(password: &str) -> Result<String, LedgerError> {
     if password.is_empty() {
@@ -426,12 +432,19 @@ impl Ledger {
 
     /// Whether `password` matches the user's stored argon2 hash (false without one).
     pub fn verify_password(&mut self, name: &str, password: &str) -> Result<bool, LedgerError> {
-        let stored: Option<String> = self.read(|t| {
-            t.query_row("SELECT password_hash FROM users WHERE name = ?1", params![name], |r| r.get(0))
-                .optional()?
-                .ok_or_else(|| LedgerError::UnknownUser(name.to_string()))
+        let row: Option<Option<String>> = self.read(|t| {
+            Ok(t.query_row("SELECT password_hash FROM users WHERE name = ?1", params![name], |r| r.get(0)).optional()?)
         })?;
-        let Some(stored) = stored else { return Ok(false) };
+        let Some(Some(stored)) = row else {
+            // Unknown user or no password: spend the time of a real check anyway, so response
+            // times do not tell which names exist.
+            let dummy = PasswordHash::new(dummy_hash()).map_err(|e| LedgerError::Corrupt(format!("dummy hash: {e}")))?;
+            let _ = Argon2::default().verify_password(password.as_bytes(), &dummy);
+            return match row {
+                None => Err(LedgerError::UnknownUser(name.to_string())),
+                Some(_) => Ok(false),
+            };
+        };
         let parsed = PasswordHash::new(&stored).map_err(|e| LedgerError::Corrupt(format!("password hash: {e}")))?;
         Ok(Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
     }

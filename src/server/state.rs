@@ -53,8 +53,9 @@ impl LoginLimiter {
                 v.retain(|t| now.duration_since(*t) < self.window);
                 // A whole studio may share one address (NAT, a proxy): allow it more.
                 let max = if k.starts_with("ip:") { self.max * 4 } else { self.max };
-                if v.len() as u32 >= max {
-                    let oldest = v[0];
+                if v.len() as u32 >= max
+                    && let Some(&oldest) = v.first()
+                {
                     let secs = (self.window - now.duration_since(oldest)).as_secs() + 1;
                     wait = Some(wait.map_or(secs, |w: u64| w.max(secs)));
                 }
@@ -75,7 +76,17 @@ impl LoginLimiter {
         }
     }
 
-    pub fn succeed(&self, account_key: &str) {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(account_key);
+    /// Takes back the attempt `fail` recorded for `keys` (it succeeded) and forgets the
+    /// account's earlier failures.
+    pub fn succeed(&self, keys: &[String]) {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(account) = keys.first() {
+            f.remove(account);
+        }
+        for k in &keys[1.min(keys.len())..] {
+            if let Some(v) = f.get_mut(k) {
+                v.pop();
+            }
+        }
     }
 }

@@ -306,6 +306,28 @@ fn stale_holds_are_released_by_the_sweeper() {
 }
 
 #[test]
+fn a_renewed_hold_outlives_its_placement_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut l, clock) = open(&dir, PlansConfig::defaults());
+    let u = l.add_user("cy", false, None).unwrap().id;
+    let h = l.place_hold(&HoldRequest::credits(u, "j", "k", 20)).unwrap().hold;
+    // Its job is still running 20 h later and says so.
+    clock.advance_secs(20 * 3600);
+    assert!(l.renew_hold(h.id).unwrap());
+    clock.advance_secs(5 * 3600);
+    assert_eq!(l.sweep().unwrap().holds_released, 0, "25 h after placing, 5 h after renewing");
+    assert_eq!(l.capture(h.id, None).unwrap().hold.status, HoldStatus::Captured);
+    assert!(!l.renew_hold(h.id).unwrap(), "a settled hold is not renewed");
+    // An unrenewed one goes at its age.
+    let h2 = l.place_hold(&HoldRequest::credits(u, "j2", "k2", 10)).unwrap().hold;
+    clock.advance_secs(20 * 3600);
+    assert!(l.renew_hold(h2.id).unwrap());
+    clock.advance_secs(86_400);
+    assert_eq!(l.sweep().unwrap().holds_released, 1);
+    audit(&mut l);
+}
+
+#[test]
 fn authorize_job_checks_plan_quota_and_credits() {
     let dir = tempfile::tempdir().unwrap();
     let (mut l, clock) = open(&dir, PlansConfig::defaults());

@@ -69,4 +69,26 @@ fn a_hold_without_its_job_is_released_at_start() {
     assert_eq!((b.held, b.available), (0, 50));
     // And a second start finds nothing left to settle.
     assert_eq!(jobs.reconcile(&mut conn).unwrap(), 0);
+
+    // The client retries with the same key after such a crash: the job is made under the hold
+    // placed then, and nothing more is held.
+    let req = JobRequest { job_id: "orphan2".into(), idempotency_key: "retry-key".into(), ..req };
+    let auth = conn.ledger.authorize_job(user.id, &req).unwrap();
+    let spec = atelier::jobs::store::JobSpec {
+        model: "demo-schnell".into(),
+        prompt: "p".into(),
+        width: 512,
+        height: 512,
+        steps: None,
+        seed: None,
+        guidance: None,
+        batch: 1,
+    };
+    let s = jobs.submit(&mut conn, user.id, spec.clone(), Some("retry-key".into())).unwrap();
+    assert_eq!((s.job.id.as_str(), s.job.price), ("orphan2", auth.hold.amount));
+    let again = jobs.submit(&mut conn, user.id, spec, Some("retry-key".into())).unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.job.id, "orphan2");
+    assert_eq!(conn.ledger.balance(user.id, atelier::ledger::Resource::Credits).unwrap().held, auth.hold.amount);
+    assert_eq!(jobs.reconcile(&mut conn).unwrap(), 0, "a queued job keeps its hold");
 }

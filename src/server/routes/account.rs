@@ -39,6 +39,9 @@ fn session_cookie(req: &HttpRequest, state: &AppState, value: String, max_age_da
 /// POST /api/login {name, password}: a session cookie and the CSRF token.
 pub async fn login(req: HttpRequest, state: Data, body: web::Json<Login>) -> Result<HttpResponse, ApiError> {
     let Login { name, password } = body.into_inner();
+    if name.len() > 64 || password.len() > 1024 {
+        return Err(ApiError::unauthorized("wrong name or password"));
+    }
     let ip = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let keys = vec![format!("user:{name}"), format!("ip:{ip}")];
     if let Some(wait) = state.limiter.blocked(&keys) {
@@ -50,6 +53,9 @@ pub async fn login(req: HttpRequest, state: Data, body: web::Json<Login>) -> Res
         e.retry_after = Some(wait);
         return Err(e);
     }
+    // Counted before checking, so a burst of parallel guesses cannot all slip past the limit;
+    // a success takes its attempt back.
+    state.limiter.fail(&keys);
     let days = state.config.server.session_days;
     let n = name.clone();
     let result = state
@@ -72,10 +78,9 @@ pub async fn login(req: HttpRequest, state: Data, body: web::Json<Login>) -> Res
         })
         .await?;
     let Some((user, token, session)) = result else {
-        state.limiter.fail(&keys);
         return Err(ApiError::unauthorized("wrong name or password"));
     };
-    state.limiter.succeed(&keys[0]);
+    state.limiter.succeed(&keys);
     Ok(HttpResponse::Ok()
         .cookie(session_cookie(&req, &state, token, days as i64))
         .json(json!({"user": user, "csrf_token": session.csrf, "expires_at": session.expires_at})))
@@ -179,6 +184,7 @@ pub async fn change_password(state: Data, caller: Caller, body: web::Json<NewPas
     if new.chars().count() < 8 {
         return Err(ApiError::bad_request("the new password must have at least 8 characters"));
     }
+    state.limiter.fail(&keys);
     let user = caller.user.clone();
     let keep = token.clone();
     let changed = state
@@ -193,8 +199,8 @@ pub async fn change_password(state: Data, caller: Caller, body: web::Json<NewPas
         })
         .await?;
     if !changed {
-        state.limiter.fail(&keys);
         return Err(ApiError::new(actix_web::http::StatusCode::FORBIDDEN, "wrong_password", "the current password is wrong"));
     }
+    state.limiter.succeed(&keys);
     Ok(HttpResponse::Ok().json(json!({"ok": true})))
 }

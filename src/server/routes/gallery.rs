@@ -21,7 +21,7 @@ pub struct Page {
 /// GET /api/images?page=1&per_page=24: the caller's images, newest first.
 pub async fn list(state: Data, caller: Caller, q: web::Query<Page>) -> Result<HttpResponse, ApiError> {
     let per_page = q.per_page.unwrap_or(24).clamp(1, 200);
-    let page = q.page.unwrap_or(1).max(1);
+    let page = q.page.unwrap_or(1).clamp(1, 1_000_000);
     let user = caller.user.id;
     let (images, total) = state.db(move |c| Ok(store::list_images(&c.app, user, (page - 1) * per_page, per_page)?)).await?;
     Ok(HttpResponse::Ok().json(json!({

@@ -127,13 +127,11 @@ fn sse_frame(e: &Envelope) -> Bytes {
 /// A server-sent event stream of the events `keep` selects, starting with `first`; it ends
 /// after a final event when `end_on_final`.
 fn sse(
-    state: &Data,
     rx: tokio::sync::broadcast::Receiver<Arc<Envelope>>,
     first: Vec<Envelope>,
     keep: impl Fn(&Envelope) -> bool + 'static,
     end_on_final: bool,
 ) -> HttpResponse {
-    let _ = state;
     let (tx, out) = tokio::sync::mpsc::channel::<Bytes>(256);
     actix_web::rt::spawn(async move {
         let mut rx = rx;
@@ -152,19 +150,21 @@ fn sse(
             tokio::select! {
                 got = rx.recv() => match got {
                     Ok(e) if keep(&e) => {
-                        if tx.send(sse_frame(&e)).await.is_err() || (end_on_final && e.event.is_final()) {
+                        // A client that stops reading is dropped rather than left holding
+                        // events (its channel is full), so it cannot pin the broadcast buffer.
+                        if tx.try_send(sse_frame(&e)).is_err() || (end_on_final && e.event.is_final()) {
                             return;
                         }
                     }
                     Ok(_) => {}
                     Err(RecvError::Lagged(n)) => {
                         let note = format!("data: {}\n\n", json!({"type": "lagged", "missed": n}));
-                        if tx.send(Bytes::from(note)).await.is_err() { return; }
+                        if tx.try_send(Bytes::from(note)).is_err() { return; }
                     }
                     Err(RecvError::Closed) => return,
                 },
                 _ = ping.tick() => {
-                    if tx.send(Bytes::from_static(b": ping\n\n")).await.is_err() { return; }
+                    if tx.try_send(Bytes::from_static(b": ping\n\n")).is_err() { return; }
                 }
             }
         }
@@ -189,7 +189,7 @@ pub async fn job_events(state: Data, caller: Caller, path: web::Path<String>) ->
         None => state.jobs.hub.snapshot(Some(&job.id), None),
     };
     let id = job.id.clone();
-    Ok(sse(&state, rx, first, move |e| e.job_id == id, true))
+    Ok(sse(rx, first, move |e| e.job_id == id, true))
 }
 
 /// GET /api/events: progress of all the caller's jobs, for as long as the client listens.
@@ -197,5 +197,5 @@ pub async fn user_events(state: Data, caller: Caller) -> Result<HttpResponse, Ap
     let rx = state.jobs.hub.subscribe();
     let user: UserId = caller.user.id;
     let first = state.jobs.hub.snapshot(None, Some(user));
-    Ok(sse(&state, rx, first, move |e| e.user_id == user, false))
+    Ok(sse(rx, first, move |e| e.user_id == user, false))
 }

@@ -101,18 +101,13 @@ fn models_for(c: &mut Conn, jobs: &Jobs, user: &User) -> Result<serde_json::Valu
         "parameters": ent.parameters,
         "max_batch": ent.max_batch,
         "size_presets": cfg.metering.size_presets,
-        "limits": {"max_width": jobs_limits(jobs).0, "max_height": jobs_limits(jobs).1, "max_steps": jobs_limits(jobs).2},
+        "limits": {"max_width": jobs.limits().max_width, "max_height": jobs.limits().max_height, "max_steps": jobs.limits().max_steps},
     }))
 }
 
 /// Plans (lowest rank first) with full access to `tag`: what lifts a weekly quota.
 fn plans_without_quota(cfg: &crate::ledger::PlansConfig, tag: &str) -> Vec<String> {
     cfg.plan_ids_by_rank().into_iter().filter(|p| cfg.plans[p].models.get(tag) == Some(&ModelAccess::Yes)).collect()
-}
-
-fn jobs_limits(jobs: &Jobs) -> (u32, u32, u32) {
-    let l = jobs.limits();
-    (l.max_width, l.max_height, l.max_steps)
 }
 
 /// GET /api/models
