@@ -272,29 +272,30 @@ impl Jobs {
         }
     }
 
+    /// The waiting jobs in the order they would start (what queue positions are).
+    fn queue_order(&self, db: &mut Conn) -> rusqlite::Result<Vec<store::Waiting>> {
+        let mut waiting = store::waiting(&db.app)?;
+        let order = self.scheduler.lock().unwrap_or_else(|p| p.into_inner()).order(&waiting);
+        waiting.sort_by_key(|w| order.iter().position(|id| id == &w.job_id));
+        Ok(waiting)
+    }
+
     /// Sends every queued job its position.
     pub fn publish_positions(&self, db: &mut Conn) {
-        let waiting = match store::waiting(&db.app) {
-            Ok(w) => w,
-            Err(e) => {
-                log::warn!("reading the queue: {e}");
-                return;
+        match self.queue_order(db) {
+            Ok(order) => {
+                let n = order.len();
+                for (i, w) in order.iter().enumerate() {
+                    self.hub.publish(&w.job_id, w.user_id, JobEvent::Queued { position: i + 1, queue_length: n });
+                }
             }
-        };
-        let order = self.scheduler.lock().unwrap_or_else(|p| p.into_inner()).order(&waiting);
-        let n = order.len();
-        for (i, id) in order.iter().enumerate() {
-            if let Some(w) = waiting.iter().find(|w| &w.job_id == id) {
-                self.hub.publish(id, w.user_id, JobEvent::Queued { position: i + 1, queue_length: n });
-            }
+            Err(e) => log::warn!("reading the queue: {e}"),
         }
     }
 
     /// Queue positions of the waiting jobs (job id → 1-based position).
     pub fn positions(&self, db: &mut Conn) -> anyhow::Result<Vec<(String, usize)>> {
-        let waiting = store::waiting(&db.app)?;
-        let order = self.scheduler.lock().unwrap_or_else(|p| p.into_inner()).order(&waiting);
-        Ok(order.into_iter().enumerate().map(|(i, id)| (id, i + 1)).collect())
+        Ok(self.queue_order(db)?.into_iter().enumerate().map(|(i, w)| (w.job_id, i + 1)).collect())
     }
 
     pub fn wake(&self) {

@@ -41,6 +41,12 @@ impl ApiError {
         log::error!("internal error: {e}");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
     }
+    /// 429 with a Retry-After of `wait_secs`.
+    pub fn too_many(code: &'static str, message: impl Into<String>, wait_secs: u64) -> ApiError {
+        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message);
+        e.retry_after = Some(wait_secs);
+        e
+    }
     pub fn with_details(mut self, d: serde_json::Value) -> ApiError {
         self.details = Some(d);
         self
@@ -115,11 +121,7 @@ impl From<SubmitError> for ApiError {
             e @ SubmitError::ModelUnavailable { .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", e.to_string())
             }
-            e @ SubmitError::QueueFull { .. } => {
-                let mut err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string());
-                err.retry_after = Some(10);
-                err
-            }
+            e @ SubmitError::QueueFull { .. } => ApiError::too_many("queue_full", e.to_string(), 10),
             SubmitError::Refused(r) => ApiError::refusal(r),
             SubmitError::Internal(e) => ApiError::internal(format!("{e:#}")),
         }

@@ -45,13 +45,7 @@ pub async fn login(req: HttpRequest, state: Data, body: web::Json<Login>) -> Res
     let ip = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let keys = vec![format!("user:{name}"), format!("ip:{ip}")];
     if let Some(wait) = state.limiter.blocked(&keys) {
-        let mut e = ApiError::new(
-            actix_web::http::StatusCode::TOO_MANY_REQUESTS,
-            "too_many_logins",
-            format!("too many failed logins; try again in {wait} s"),
-        );
-        e.retry_after = Some(wait);
-        return Err(e);
+        return Err(ApiError::too_many("too_many_logins", format!("too many failed logins; try again in {wait} s"), wait));
     }
     // Counted before checking, so a burst of parallel guesses cannot all slip past the limit;
     // a success takes its attempt back.
@@ -173,13 +167,7 @@ pub async fn change_password(state: Data, caller: Caller, body: web::Json<NewPas
     };
     let keys = vec![format!("user:{}", caller.user.name)];
     if let Some(wait) = state.limiter.blocked(&keys) {
-        let mut e = ApiError::new(
-            actix_web::http::StatusCode::TOO_MANY_REQUESTS,
-            "too_many_attempts",
-            format!("too many wrong passwords; try again in {wait} s"),
-        );
-        e.retry_after = Some(wait);
-        return Err(e);
+        return Err(ApiError::too_many("too_many_attempts", format!("too many wrong passwords; try again in {wait} s"), wait));
     }
     if new.chars().count() < 8 {
         return Err(ApiError::bad_request("the new password must have at least 8 characters"));

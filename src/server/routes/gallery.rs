@@ -52,17 +52,23 @@ pub struct FileQuery {
 /// GET /api/images/{id}/file[?download=true]: the PNG (with its A1111 parameters).
 pub async fn file(state: Data, caller: Caller, path: web::Path<String>, q: web::Query<FileQuery>) -> Result<HttpResponse, ApiError> {
     let m = own_image(&state, &caller, path.into_inner()).await?;
-    let p = gallery::image_path(state.jobs.images_dir(), &m.id).ok_or_else(|| ApiError::not_found("image"))?;
-    let bytes = web::block(move || std::fs::read(p)).await.map_err(ApiError::internal)?.map_err(|e| {
-        log::error!("image {} is in the gallery but its file is unreadable: {e}", m.id);
-        ApiError::not_found("image file")
-    })?;
+    let bytes = read_png(&state, &m.id).await?;
     let mut r = HttpResponse::Ok();
     r.insert_header(("Content-Type", "image/png")).insert_header(("Cache-Control", "private, max-age=31536000, immutable"));
     if q.download.unwrap_or(false) {
         r.insert_header(("Content-Disposition", format!("attachment; filename=\"atelier-{}-{}.png\"", m.seed, &m.id[..8])));
     }
     Ok(r.body(bytes))
+}
+
+/// The PNG file of gallery image `id` (whose access the caller has checked).
+pub async fn read_png(state: &Data, id: &str) -> Result<Vec<u8>, ApiError> {
+    let p = gallery::image_path(state.jobs.images_dir(), id).ok_or_else(|| ApiError::not_found("image"))?;
+    let id = id.to_string();
+    web::block(move || std::fs::read(p)).await.map_err(ApiError::internal)?.map_err(|e| {
+        log::error!("image {id} is in the gallery but its file is unreadable: {e}");
+        ApiError::not_found("image file")
+    })
 }
 
 /// DELETE /api/images/{id}

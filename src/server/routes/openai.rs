@@ -9,7 +9,6 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::jobs::gallery;
 use crate::jobs::progress::JobEvent;
 use crate::jobs::store::JobSpec;
 use crate::ledger::Resource;
@@ -114,8 +113,7 @@ pub async fn generations(req: HttpRequest, state: Data, caller: Caller, body: we
         if format == "url" {
             data.push(json!({"url": format!("{}://{}/api/images/{id}/file", info.scheme(), info.host()), "revised_prompt": null}));
         } else {
-            let path = gallery::image_path(state.jobs.images_dir(), id).ok_or_else(|| ApiError::not_found("image"))?;
-            let bytes = web::block(move || std::fs::read(path)).await.map_err(ApiError::internal)?.map_err(ApiError::internal)?;
+            let bytes = crate::server::routes::gallery::read_png(&state, id).await?;
             data.push(json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(bytes), "revised_prompt": null}));
         }
     }
