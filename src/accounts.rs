@@ -161,6 +161,30 @@ pub fn revoke_api_key(conn: &Connection, user: UserId, id: i64, now: i64) -> rus
     )? == 1)
 }
 
+/// Revokes every live API key of `user`; returns how many.
+pub fn revoke_user_api_keys(conn: &Connection, user: UserId, now: i64) -> rusqlite::Result<usize> {
+    conn.execute(
+        "UPDATE api_keys SET revoked_at = ?2 WHERE user_id = ?1 AND revoked_at IS NULL",
+        params![user, now],
+    )
+}
+
+/// What a password change ends: every session but `keep` (the one that made the change, if
+/// any) and every API key, since a change is often made because something leaked. Returns
+/// (sessions ended, keys revoked). Every way of changing a password calls this.
+pub fn end_credentials_after_password_change(
+    conn: &Connection,
+    user: UserId,
+    keep: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<(usize, usize)> {
+    let tx = conn.unchecked_transaction()?;
+    let sessions = revoke_user_sessions_except(&tx, user, keep, now)?;
+    let keys = revoke_user_api_keys(&tx, user, now)?;
+    tx.commit()?;
+    Ok((sessions, keys))
+}
+
 pub fn is_disabled(conn: &Connection, user: UserId) -> rusqlite::Result<bool> {
     Ok(conn
         .prepare_cached("SELECT disabled FROM account_flags WHERE user_id = ?1")?

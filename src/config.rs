@@ -154,13 +154,22 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Days a login session lasts.
     pub session_days: u32,
-    /// Failed logins allowed per account (4× as many per client address) in `login_window_secs`;
-    /// more are answered 429 until the window passes.
+    /// Failed logins allowed per (account, client address) in `login_window_secs` (20× as many
+    /// per address across accounts); past that each failure doubles the wait, answered 429.
     pub login_attempts: u32,
     pub login_window_secs: u64,
-    /// Mark the session cookie `Secure`: "auto" (when the request came over https, directly or
-    /// as a proxy's X-Forwarded-Proto says), "always" or "never".
+    /// Mark the session cookie `Secure`: "auto" (when a trusted proxy's X-Forwarded-Proto says
+    /// the request came over https), "always" or "never".
     pub secure_cookies: String,
+    /// The address clients reach the server at (e.g. `https://atelier.studio.lan`), for links
+    /// the API hands out (the OpenAI route's `url`). Unset: the listen address when it is a
+    /// specific one, else relative links.
+    pub public_url: Option<String>,
+    /// Reverse proxies whose `X-Forwarded-For` / `X-Forwarded-Proto` / `Forwarded` headers are
+    /// believed (IP addresses). Headers from anyone else are ignored.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// `/metrics` for anyone; otherwise only for admins and requests from this machine.
+    pub metrics_public: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -204,6 +213,9 @@ impl Default for ServerConfig {
             login_attempts: 5,
             login_window_secs: 300,
             secure_cookies: "auto".into(),
+            public_url: None,
+            trusted_proxies: Vec::new(),
+            metrics_public: false,
         }
     }
 }
@@ -285,11 +297,26 @@ impl Config {
             bail!("server.login_attempts and login_window_secs must be at least 1");
         }
         if !["auto", "always", "never"].contains(&self.server.secure_cookies.as_str()) {
-            bail!("server.secure_cookies must be auto, always or never (not {:?})", self.server.secure_cookies);
+            bail!(
+                "server.secure_cookies must be auto, always or never (not {:?})",
+                self.server.secure_cookies
+            );
+        }
+        if let Some(u) = &self.server.public_url {
+            let rest = u
+                .strip_prefix("https://")
+                .or_else(|| u.strip_prefix("http://"));
+            if rest.is_none_or(|r| r.is_empty() || r.contains(['?', '#', ' ', '"', '<', '>'])) {
+                bail!(
+                    "server.public_url must be an http:// or https:// address like \"https://atelier.studio.lan\" (not {u:?})"
+                );
+            }
         }
         for (id, m) in &self.models {
             if m.path.is_none() && m.transformer.is_none() {
-                bail!("[models.{id}] names neither path (a diffusers folder) nor transformer (single files)");
+                bail!(
+                    "[models.{id}] names neither path (a diffusers folder) nor transformer (single files)"
+                );
             }
         }
         Ok(())

@@ -65,6 +65,9 @@ impl ModelFiles {
     }
 }
 
+/// FLUX.1-dev's distilled guidance when none is given (diffusers' `FluxPipeline` default).
+pub const DEFAULT_GUIDANCE: f32 = 3.5;
+
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
     /// Set from another thread to stop between steps; `generate` then fails with [`Canceled`].
@@ -77,7 +80,7 @@ pub struct GenerateRequest {
     pub steps: Option<usize>,
     pub width: usize,
     pub height: usize,
-    /// Distilled guidance (dev only); None: 3.5.
+    /// Distilled guidance (dev only); None: [`DEFAULT_GUIDANCE`].
     pub guidance: Option<f32>,
     /// T5 length; None: 256 for schnell, 512 for dev.
     pub max_sequence_length: Option<usize>,
@@ -252,7 +255,7 @@ pub fn generate_with(
         bail!("steps must be at least 1");
     }
     let max_len = req.max_sequence_length.unwrap_or(if is_dev { 512 } else { 256 });
-    let guidance = is_dev.then(|| req.guidance.unwrap_or(3.5));
+    let guidance = is_dev.then(|| req.guidance.unwrap_or(DEFAULT_GUIDANCE));
 
     progress(Progress::Stage("encoding the prompt"));
     let tokenizers = files.load_tokenizers()?;

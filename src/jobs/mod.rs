@@ -43,6 +43,16 @@ pub enum SubmitError {
     /// The plan or the balance does not allow it (402 / 403).
     #[error("{0}")]
     Refused(Refusal),
+    /// The Idempotency-Key was used before for a different request (422).
+    #[error(
+        "the Idempotency-Key {key:?} was already used for a different request (job {job_id}); send the same request again, or use a new key for a new one"
+    )]
+    KeyReused { key: String, job_id: String },
+    /// The Idempotency-Key's first request has not made its job (409).
+    #[error(
+        "a request with the Idempotency-Key {key:?} is still being processed; try again shortly"
+    )]
+    KeyInProgress { key: String },
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -50,11 +60,17 @@ pub enum SubmitError {
 impl From<LedgerError> for SubmitError {
     fn from(e: LedgerError) -> Self {
         match e {
-            LedgerError::Refused(Refusal::InvalidParams { message }) => SubmitError::Invalid(message),
-            LedgerError::Refused(Refusal::UnknownModel { model }) => SubmitError::UnknownModel(model),
+            LedgerError::Refused(Refusal::InvalidParams { message }) => {
+                SubmitError::Invalid(message)
+            }
+            LedgerError::Refused(Refusal::UnknownModel { model }) => {
+                SubmitError::UnknownModel(model)
+            }
             LedgerError::Refused(r) => SubmitError::Refused(r),
             LedgerError::Invalid(m) => SubmitError::Invalid(m),
-            e @ LedgerError::IdempotencyConflict { .. } => SubmitError::Invalid(e.to_string()),
+            LedgerError::IdempotencyConflict { key, job_id, .. } => {
+                SubmitError::KeyReused { key, job_id }
+            }
             other => SubmitError::Internal(other.into()),
         }
     }
@@ -64,6 +80,17 @@ impl From<rusqlite::Error> for SubmitError {
     fn from(e: rusqlite::Error) -> Self {
         SubmitError::Internal(e.into())
     }
+}
+
+/// An Idempotency-Key must be 1 to 200 visible ASCII characters (as HTTP headers carry them
+/// reliably); anything else is refused rather than ignored, so a retry never charges twice.
+pub fn validate_idempotency_key(key: &str) -> Result<(), SubmitError> {
+    if key.is_empty() || key.len() > 200 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(SubmitError::Invalid(
+            "Idempotency-Key must be 1 to 200 visible ASCII characters (letters, digits, punctuation; no spaces)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Counters for /metrics.
@@ -175,91 +202,141 @@ impl Jobs {
         }
     }
 
-    /// Submits a job for `user`, all or nothing: validated, authorized by the ledger (plan,
-    /// quota, price, hold), persisted, then queued. The same `idempotency_key` again returns
-    /// the job made the first time and charges nothing more.
-    pub fn submit(&self, db: &mut Conn, user: UserId, spec: JobSpec, idempotency_key: Option<String>) -> Result<Submitted, SubmitError> {
-        self.validate(&spec)?;
-        if let Some(key) = &idempotency_key {
-            if key.is_empty() || key.len() > 200 {
-                return Err(SubmitError::Invalid("Idempotency-Key must be 1 to 200 characters".into()));
-            }
-            if let Some(job) = store::job_by_key(&db.app, user, key)? {
-                return Ok(Submitted { job, replayed: true });
+    /// What an idempotency key is bound to: the spec with the model's defaults filled in,
+    /// hashed. (A missing seed stays missing: each attempt would pick another.)
+    fn request_hash(&self, spec: &JobSpec) -> String {
+        use sha2::Digest;
+        let mut full = spec.clone();
+        if let Some(m) = self.models.get(&spec.model) {
+            full.steps = Some(spec.steps.unwrap_or(m.default_steps));
+            if m.kind == Some(crate::config::FluxKind::Dev) {
+                full.guidance = Some(
+                    spec.guidance
+                        .unwrap_or(crate::engine::pipeline::DEFAULT_GUIDANCE as f64),
+                );
             }
         }
-        let max = self.queue.max_queued_per_user;
-        if store::count_queued(&db.app, user)? >= max {
-            return Err(SubmitError::QueueFull { max });
+        let json = serde_json::to_string(&full).expect("a JobSpec serializes");
+        format!("{:x}", sha2::Sha256::digest(json.as_bytes()))
+    }
+
+    /// Submits a job for `user`, all or nothing: validated, then in one transaction the
+    /// per-user queue limit counted, the ledger's authorization (plan, quota, price, hold) and
+    /// the job row. The same `idempotency_key` with the same request returns the job made the
+    /// first time and charges nothing more; with another request it is refused.
+    pub fn submit(
+        &self,
+        db: &mut Conn,
+        user: UserId,
+        spec: JobSpec,
+        idempotency_key: Option<String>,
+    ) -> Result<Submitted, SubmitError> {
+        self.validate(&spec)?;
+        if let Some(key) = &idempotency_key {
+            validate_idempotency_key(key)?;
         }
         let job_id = crate::secret::random_hex(16);
         let key = idempotency_key.unwrap_or_else(|| job_id.clone());
-        let auth = db.ledger.authorize_job(
-            user,
-            &JobRequest { job_id: job_id.clone(), idempotency_key: key.clone(), model_id: spec.model.clone(), params: Self::params(&spec) },
-        )?;
-        // The key was used before: its hold is answered with the job id it was placed for.
-        let job_id = auth.hold.job_id.clone();
-        if auth.replayed {
-            if let Some(job) = store::get_job(&db.app, &job_id)? {
-                return Ok(Submitted { job, replayed: true });
-            }
-            // Else the process died between the hold and the job row: make the row now.
-        }
-        let seed = spec.seed.unwrap_or_else(|| crate::secret::random_u32() as u64);
-        let now = db.now();
-        let new = NewJob {
-            id: &job_id,
-            user_id: user,
-            spec: &spec,
-            seed,
-            queue: auth.queue,
-            hold_id: auth.hold.id,
-            price: auth.hold.amount,
-            idempotency_key: &key,
-            now,
+        let request = JobRequest {
+            job_id: job_id.clone(),
+            idempotency_key: key.clone(),
+            model_id: spec.model.clone(),
+            params: Self::params(&spec),
+            request_hash: Some(self.request_hash(&spec)),
         };
-        if let Err(e) = store::insert_job(&db.app, &new) {
-            // A concurrent retry with the same key saved it first: that is this job.
-            if let Some(job) = store::get_job(&db.app, &job_id)? {
-                return Ok(Submitted { job, replayed: true });
-            }
-            // Not queued, so not charged. (A replayed hold is left to `reconcile`: the request
-            // that placed it may still be saving its job.)
-            if !auth.replayed {
-                if let Err(r) = db.ledger.release(auth.hold.id) {
-                    log::error!("releasing hold {} after a failed insert: {r}", auth.hold.id);
+        let seed = spec
+            .seed
+            .unwrap_or_else(|| crate::secret::random_u32() as u64);
+        let now = db.now();
+        let max = self.queue.max_queued_per_user;
+        let submitted = db.ledger.authorize_job_with(
+            user,
+            &request,
+            |tx| {
+                if store::count_queued(tx, user)? >= max {
+                    return Err(SubmitError::QueueFull { max });
                 }
-            }
-            return Err(e.into());
+                Ok(())
+            },
+            |tx, auth| {
+                if auth.replayed {
+                    // The job row was written with its hold; without one, the request that
+                    // placed the hold has not finished (or came from before they were one).
+                    return match store::get_job(tx, &auth.hold.job_id)? {
+                        Some(job) => Ok(Submitted {
+                            job,
+                            replayed: true,
+                        }),
+                        None => Err(SubmitError::KeyInProgress { key: key.clone() }),
+                    };
+                }
+                let new = NewJob {
+                    id: &job_id,
+                    user_id: user,
+                    spec: &spec,
+                    seed,
+                    queue: auth.queue,
+                    hold_id: auth.hold.id,
+                    price: auth.hold.amount,
+                    idempotency_key: &key,
+                    now,
+                };
+                store::insert_job(tx, &new)?;
+                let job = store::get_job(tx, &job_id)?
+                    .ok_or_else(|| anyhow::anyhow!("job {job_id} vanished"))?;
+                Ok(Submitted {
+                    job,
+                    replayed: false,
+                })
+            },
+        )?;
+        if !submitted.replayed {
+            self.publish_positions(db);
+            self.wake();
         }
-        let job = store::get_job(&db.app, &job_id)?.ok_or_else(|| anyhow::anyhow!("job {job_id} vanished"))?;
-        self.publish_positions(db);
-        self.wake();
-        Ok(Submitted { job, replayed: false })
+        Ok(submitted)
     }
 
     /// Cancels a queued job (its hold is released now) or asks the worker to stop a running
-    /// one (released when it stops). Returns the job's status after the request.
+    /// one (released when it stops). Returns the job's status after the request: when another
+    /// cancel or the worker changed it first, the status it has now.
     pub fn cancel(&self, db: &mut Conn, job: &Job) -> anyhow::Result<JobStatus> {
-        match job.status {
-            JobStatus::Queued => {
-                if store::finish(&db.app, &job.id, &[JobStatus::Queued], JobStatus::Canceled, None, db.now())? {
-                    db.ledger.release(job.hold_id)?;
-                    self.hub.publish(&job.id, job.user_id, JobEvent::Canceled);
-                    self.publish_positions(db);
-                    return Ok(JobStatus::Canceled);
-                }
-                // It started meanwhile: cancel it as a running job.
-                self.cancel_running(&job.id);
-                Ok(JobStatus::Running)
+        if job.status == JobStatus::Queued {
+            if store::finish(
+                &db.app,
+                &job.id,
+                &[JobStatus::Queued],
+                JobStatus::Canceled,
+                None,
+                db.now(),
+            )? {
+                db.ledger.release(job.hold_id)?;
+                self.hub.publish(&job.id, job.user_id, JobEvent::Canceled);
+                self.publish_positions(db);
+                return Ok(JobStatus::Canceled);
             }
-            JobStatus::Running => {
-                self.cancel_running(&job.id);
-                Ok(JobStatus::Running)
-            }
-            done => Ok(done),
         }
+        // Lost a race (or it was running): act on what the job is now.
+        let now = store::get_job(&db.app, &job.id)?.map_or(job.status, |j| j.status);
+        if now == JobStatus::Running {
+            self.cancel_running(&job.id);
+        }
+        Ok(now)
+    }
+
+    /// Cancels every queued or running job of `user` (an account being disabled); returns how
+    /// many.
+    pub fn cancel_all_of(&self, db: &mut Conn, user: UserId) -> anyhow::Result<usize> {
+        let live = store::list_jobs(
+            &db.app,
+            Some(user),
+            &[JobStatus::Queued, JobStatus::Running],
+            u32::MAX,
+        )?;
+        for job in &live {
+            self.cancel(db, job)?;
+        }
+        Ok(live.len())
     }
 
     fn cancel_running(&self, job_id: &str) {

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::ledger::{HoldId, QueueClass, UserId};
 
 /// Each entry moves the app schema from version `i` to `i + 1` (kept in `app_meta`).
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    // 1: jobs and images.
+    r#"
     CREATE TABLE jobs (
         seq              INTEGER PRIMARY KEY,           -- submission order (FIFO)
         id               TEXT    NOT NULL UNIQUE,
@@ -48,7 +50,13 @@ const MIGRATIONS: &[&str] = &[r#"
         created_at  INTEGER NOT NULL
     );
     CREATE INDEX images_user ON images (user_id, created_at DESC, id);
-"#];
+"#,
+    // 2: what went wrong inside a failed job, for admins (users see `error`, which names no
+    // server paths).
+    r#"
+    ALTER TABLE jobs ADD COLUMN error_detail TEXT;
+"#,
+];
 
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     crate::jobs::db::migrate_part(conn, "jobs_schema", MIGRATIONS)
@@ -147,12 +155,14 @@ pub struct Job {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
+    /// The internal cause of a failure (paths, engine messages): for admins only.
+    #[serde(skip)]
+    pub error_detail: Option<String>,
     /// Gallery ids of the job's images (filled in on success).
     pub images: Vec<String>,
 }
 
-const JOB_COLS: &str =
-    "id, seq, user_id, model, spec, seed, queue_class, hold_id, price, status, created_at, started_at, finished_at, error, start_seq";
+const JOB_COLS: &str = "id, seq, user_id, model, spec, seed, queue_class, hold_id, price, status, created_at, started_at, finished_at, error, start_seq, error_detail";
 
 fn ts(v: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(v, 0).unwrap_or_default()
@@ -178,6 +188,7 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
         finished_at: r.get::<_, Option<i64>>(12)?.map(ts),
         error: r.get(13)?,
         start_order: r.get(14)?,
+        error_detail: r.get(15)?,
         images: Vec::new(),
     })
 }
@@ -228,28 +239,31 @@ pub fn get_job(conn: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
     job.map(|j| with_images(conn, j)).transpose()
 }
 
-pub fn job_by_key(conn: &Connection, user: UserId, key: &str) -> rusqlite::Result<Option<Job>> {
-    let job = conn
-        .query_row(
-            &format!("SELECT {JOB_COLS} FROM jobs WHERE user_id = ?1 AND idempotency_key = ?2"),
-            params![user, key],
-            job_from_row,
-        )
-        .optional()?;
-    job.map(|j| with_images(conn, j)).transpose()
-}
-
 /// Jobs newest first: one user's (or everyone's), optionally only some statuses.
-pub fn list_jobs(conn: &Connection, user: Option<UserId>, statuses: &[JobStatus], limit: u32) -> rusqlite::Result<Vec<Job>> {
+pub fn list_jobs(
+    conn: &Connection,
+    user: Option<UserId>,
+    statuses: &[JobStatus],
+    limit: u32,
+) -> rusqlite::Result<Vec<Job>> {
     let filter = if statuses.is_empty() {
         String::new()
     } else {
-        format!(" AND status IN ({})", statuses.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(","))
+        format!(
+            " AND status IN ({})",
+            statuses
+                .iter()
+                .map(|s| format!("'{}'", s.as_str()))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
     };
     let mut st = conn.prepare(&format!(
         "SELECT {JOB_COLS} FROM jobs WHERE (?1 IS NULL OR user_id = ?1){filter} ORDER BY seq DESC LIMIT ?2"
     ))?;
-    let jobs: Vec<Job> = st.query_map(params![user, limit], job_from_row)?.collect::<rusqlite::Result<_>>()?;
+    let jobs: Vec<Job> = st
+        .query_map(params![user, limit], job_from_row)?
+        .collect::<rusqlite::Result<_>>()?;
     jobs.into_iter().map(|j| with_images(conn, j)).collect()
 }
 
@@ -318,6 +332,15 @@ pub fn finish(conn: &Connection, id: &str, from: &[JobStatus], to: JobStatus, er
         params![id, to.as_str(), error, now],
     )?;
     Ok(n == 1)
+}
+
+/// Records the internal cause of a job's failure (for admins).
+pub fn set_error_detail(conn: &Connection, id: &str, detail: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE jobs SET error_detail = ?2 WHERE id = ?1",
+        params![id, detail],
+    )?;
+    Ok(())
 }
 
 /// One generated image's metadata.

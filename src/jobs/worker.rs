@@ -84,6 +84,17 @@ fn end_without_images(jobs: &Jobs, db: &mut Conn, job: &Job, status: JobStatus, 
     Ok(())
 }
 
+/// Fails a job for a reason inside the server: users are told plainly (no server paths or
+/// engine messages), the log and the admin view keep the cause.
+fn fail_internal(jobs: &Jobs, db: &mut Conn, job: &Job, detail: String) -> anyhow::Result<()> {
+    log::error!("job {} failed: {detail}", job.id);
+    if let Err(e) = store::set_error_detail(&db.app, &job.id, &detail) {
+        log::warn!("job {}: recording the failure's cause: {e}", job.id);
+    }
+    let message = format!("the generation failed on the server (job {}); an admin can see why", job.id);
+    end_without_images(jobs, db, job, JobStatus::Failed, Some(message))
+}
+
 fn run_one(
     jobs: &Jobs,
     db: &mut Conn,
@@ -104,8 +115,7 @@ fn run_one(
                 let out = execute(jobs, db, device, keep_resident, resident, &job, cancel);
                 if let Err(e) = &out {
                     // Whatever went wrong, the job must not stay running with its hold open.
-                    let msg = format!("internal error: {e:#}");
-                    if let Err(e2) = end_without_images(jobs, db, &job, JobStatus::Failed, Some(msg)) {
+                    if let Err(e2) = fail_internal(jobs, db, &job, format!("internal error: {e:#}")) {
                         log::error!("job {}: could not record the failure: {e2:#}", job.id);
                     }
                 }
@@ -197,13 +207,12 @@ fn execute(
             return end_without_images(jobs, db, job, JobStatus::Failed, Some(why));
         }
         Ok(Err(e)) if e.is::<Canceled>() => return end_without_images(jobs, db, job, JobStatus::Canceled, None),
-        Ok(Err(e)) => return end_without_images(jobs, db, job, JobStatus::Failed, Some(format!("{e:#}"))),
+        Ok(Err(e)) => return fail_internal(jobs, db, job, format!("{e:#}")),
         Err(panic) => {
             // The components may be half-updated: load them afresh next time.
             *resident = None;
             let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-            let msg = format!("the engine stopped with an internal error: {}", msg.unwrap_or_default());
-            return end_without_images(jobs, db, job, JobStatus::Failed, Some(msg));
+            return fail_internal(jobs, db, job, format!("the engine panicked: {}", msg.unwrap_or_default()));
         }
     };
     for w in &generated.warnings {
@@ -233,7 +242,7 @@ fn execute(
             }),
             Err(e) => {
                 metas.iter().for_each(|m| gallery::remove(dir, &m.id));
-                return end_without_images(jobs, db, job, JobStatus::Failed, Some(format!("saving the image: {e:#}")));
+                return fail_internal(jobs, db, job, format!("saving the image: {e:#}"));
             }
         }
     }

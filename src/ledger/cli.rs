@@ -176,11 +176,24 @@ pub fn run_user_command(
             // A reset is often because of a leak: the old sessions end with it.
             let conn = crate::ledger::schema::open_connection(ledger.path())?;
             crate::accounts::migrate(&conn).context("migrating the account tables")?;
-            let ended = crate::accounts::revoke_user_sessions(&conn, user.id, ledger.clock().now().timestamp())?;
-            Ok(format!("password of {} changed; {ended} sessions ended\n", user.name))
+            let now = ledger.clock().now().timestamp();
+            let (sessions, keys) =
+                crate::accounts::end_credentials_after_password_change(&conn, user.id, None, now)?;
+            Ok(format!(
+                "password of {} changed; {sessions} sessions ended, {keys} API keys revoked\n",
+                user.name
+            ))
         }
-        UserCommand::Add { name, admin, password_stdin } => {
-            let password = if *password_stdin { Some(read_password(stdin)?) } else { None };
+        UserCommand::Add {
+            name,
+            admin,
+            password_stdin,
+        } => {
+            let password = if *password_stdin {
+                Some(read_password(stdin)?)
+            } else {
+                None
+            };
             let user = ledger.add_user(name, *admin, password.as_deref())?;
             let sub = ledger.subscription(user.id)?;
             let bal = ledger.balance(user.id, Resource::Credits)?;

@@ -204,6 +204,9 @@ pub struct HoldRequest {
     /// Weekly quotas ("limited" access) this job counts against; checked in the same
     /// transaction that places the hold.
     pub quotas: Vec<Quota>,
+    /// What the idempotency key is bound to (a hash of the request); `None`: only the job
+    /// id, resource and amount are compared on a retry.
+    pub request_hash: Option<String>,
 }
 
 impl HoldRequest {
@@ -218,6 +221,7 @@ impl HoldRequest {
             usage_kind: UsageKind::Images,
             units: 1,
             quotas: Vec::new(),
+            request_hash: None,
         }
     }
 }
@@ -237,6 +241,9 @@ pub struct Hold {
     pub created_at: DateTime<Utc>,
     pub settled_at: Option<DateTime<Utc>>,
     pub settled_by: Option<SettledBy>,
+    /// The hash of the request the idempotency key was first used for.
+    #[serde(skip)]
+    pub request_hash: Option<String>,
 }
 
 /// The result of place, capture or release. `replayed`: the call repeated one already done
@@ -279,7 +286,7 @@ fn grant_from_row(r: &Row<'_>) -> Result<Grant, LedgerError> {
     })
 }
 
-const HOLD_COLS: &str = "id, user_id, resource, job_id, idempotency_key, amount, captured, status, usage_kind, units, created_at, settled_at, settled_by";
+const HOLD_COLS: &str = "id, user_id, resource, job_id, idempotency_key, amount, captured, status, usage_kind, units, created_at, settled_at, settled_by, request_hash";
 
 fn hold_from_row(r: &Row<'_>) -> Result<Hold, LedgerError> {
     let resource: String = r.get(2)?;
@@ -306,6 +313,7 @@ fn hold_from_row(r: &Row<'_>) -> Result<Hold, LedgerError> {
             Some("sweeper") => Some(SettledBy::Sweeper),
             Some(other) => return Err(LedgerError::Corrupt(format!("settled_by {other:?}"))),
         },
+        request_hash: r.get(13)?,
     })
 }
 
@@ -462,13 +470,23 @@ pub(crate) fn quota_used(t: &Tx<'_>, user: UserId, tag: &str) -> Result<u32, Led
 /// Places a hold (see [`Ledger::place_hold`]).
 pub(crate) fn place_hold(t: &Tx<'_>, req: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
     if req.amount <= 0 {
-        return Err(LedgerError::Invalid(format!("a hold must be > 0 (got {})", req.amount)));
+        return Err(LedgerError::Invalid(format!(
+            "a hold must be > 0 (got {})",
+            req.amount
+        )));
     }
     if req.idempotency_key.is_empty() {
-        return Err(LedgerError::Invalid("a hold needs an idempotency key".into()));
+        return Err(LedgerError::Invalid(
+            "a hold needs an idempotency key".into(),
+        ));
     }
     if let Some(h) = hold_by_key(t, req.user_id, &req.idempotency_key)? {
-        if h.job_id != req.job_id || h.amount != req.amount || h.resource != req.resource {
+        let other_request = req.request_hash.is_some() && h.request_hash != req.request_hash;
+        if other_request
+            || h.job_id != req.job_id
+            || h.amount != req.amount
+            || h.resource != req.resource
+        {
             return Err(LedgerError::IdempotencyConflict {
                 key: req.idempotency_key.clone(),
                 job_id: h.job_id,
@@ -522,11 +540,18 @@ pub(crate) fn place_hold(t: &Tx<'_>, req: &HoldRequest) -> Result<HoldOutcome, L
     let quota_tags = if req.quotas.is_empty() {
         None
     } else {
-        Some(format!(",{},", req.quotas.iter().map(|q| q.tag.as_str()).collect::<Vec<_>>().join(",")))
+        Some(format!(
+            ",{},",
+            req.quotas
+                .iter()
+                .map(|q| q.tag.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
     };
     t.execute(
-        "INSERT INTO holds (user_id, resource, job_id, idempotency_key, amount, status, usage_kind, units, quota_tags, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, 'held', ?6, ?7, ?8, ?9)",
+        "INSERT INTO holds (user_id, resource, job_id, idempotency_key, amount, status, usage_kind, units, quota_tags, created_at, request_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'held', ?6, ?7, ?8, ?9, ?10)",
         params![
             req.user_id,
             req.resource.as_str(),
@@ -536,7 +561,8 @@ pub(crate) fn place_hold(t: &Tx<'_>, req: &HoldRequest) -> Result<HoldOutcome, L
             req.usage_kind.as_str(),
             req.units,
             quota_tags,
-            t.now
+            t.now,
+            req.request_hash
         ],
     )?;
     let hold_id = t.last_insert_rowid();

@@ -185,20 +185,47 @@ impl Ledger {
 
     /// Runs `f` in a `BEGIN IMMEDIATE` transaction; commits on `Ok`, rolls back on `Err`. The
     /// clock is read after the write lock is held.
-    pub(crate) fn write<T>(&mut self, f: impl FnOnce(&Tx<'_>) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    pub(crate) fn write<T>(
+        &mut self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
+        self.write_with(f)
+    }
+
+    /// [`Ledger::write`] for callers with their own error type.
+    pub(crate) fn write_with<T, E: From<LedgerError>>(
+        &mut self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(LedgerError::from)?;
         let now = clock::unix(self.clock.now());
-        let t = Tx { tx, now, cfg: &self.cfg };
+        let t = Tx {
+            tx,
+            now,
+            cfg: &self.cfg,
+        };
         let out = f(&t)?;
-        t.tx.commit()?;
+        t.tx.commit().map_err(LedgerError::from)?;
         Ok(out)
     }
 
     /// Runs `f` in a read transaction: one consistent snapshot.
-    pub(crate) fn read<T>(&mut self, f: impl FnOnce(&Tx<'_>) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+    pub(crate) fn read<T>(
+        &mut self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)?;
         let now = clock::unix(self.clock.now());
-        let t = Tx { tx, now, cfg: &self.cfg };
+        let t = Tx {
+            tx,
+            now,
+            cfg: &self.cfg,
+        };
         let out = f(&t)?;
         t.tx.commit()?;
         Ok(out)

@@ -136,15 +136,34 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE holds ADD COLUMN renewed_at INTEGER;
     "#,
+    // 3: an idempotency key is bound to the request it was first used for (a hash of the job
+    // spec with its defaults filled in): the same key with another request is refused.
+    r#"
+    ALTER TABLE holds ADD COLUMN request_hash TEXT;
+    "#,
 ];
 
 /// The schema version this code writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
+/// How many busy-handler attempts make the busy timeout: about one per millisecond past the
+/// first 200 (≈ 50 ms) attempts. About a minute, or `ATELIER_DB_BUSY_TIMEOUT_MS` (for
+/// operators, and for tests of what a request answers when the database stays locked).
+fn busy_attempts() -> i32 {
+    static ATTEMPTS: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *ATTEMPTS.get_or_init(|| {
+        let ms = std::env::var("ATELIER_DB_BUSY_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .unwrap_or(60_000);
+        200 + ms.clamp(0, 3_600_000)
+    })
+}
+
 /// Waits for the write lock in short sleeps (SQLite's own busy timeout sleeps up to 100 ms at a
 /// time, which starves a queue of 16 writers); gives up after about a minute.
 fn busy_wait(attempt: i32) -> bool {
-    if attempt >= 60_000 {
+    if attempt >= busy_attempts() {
         return false;
     }
     let micros = match attempt {

@@ -347,9 +347,18 @@ fn dummy_hash() -> &'static str {
 }
 
 /// An argon2id hash of `password` with a fresh salt.
+/// The longest password accepted, in bytes, wherever one is set or checked (login refuses
+/// longer ones without hashing them, so a huge body cannot cost an argon2 run).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
 fn hash_password(password: &str) -> Result<String, LedgerError> {
     if password.is_empty() {
         return Err(LedgerError::Invalid("the password is empty".into()));
+    }
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(LedgerError::Invalid(format!(
+            "a password has at most {MAX_PASSWORD_BYTES} bytes"
+        )));
     }
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()

@@ -15,10 +15,50 @@ use crate::server::state::AppState;
 
 pub const SESSION_COOKIE: &str = "atelier_session";
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub enum Via {
     Session { token: String, csrf: String },
-    ApiKey,
+    ApiKey { key: String },
+}
+
+impl std::fmt::Debug for Via {
+    // Never the secrets themselves (tokens end up in logs otherwise).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Via::Session { .. } => "Session",
+            Via::ApiKey { .. } => "ApiKey",
+        })
+    }
+}
+
+/// A live credential: whose it is, and for a session its expiry and CSRF token.
+pub struct Live {
+    pub user_id: crate::ledger::UserId,
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub csrf: Option<String>,
+}
+
+/// The credential's owner, if the credential is still live and the account is not disabled:
+/// what every request is checked against, and what an open event stream is checked against
+/// again while it lasts.
+pub fn live(c: &mut crate::jobs::db::Conn, via: &Via) -> Result<Option<Live>, ApiError> {
+    let now = c.now();
+    let found = match via {
+        Via::ApiKey { key } => accounts::api_key_user(&c.app, key, now)?.map(|user_id| Live {
+            user_id,
+            expires_at: None,
+            csrf: None,
+        }),
+        Via::Session { token, .. } => accounts::session(&c.app, token, now)?.map(|s| Live {
+            user_id: s.user_id,
+            expires_at: Some(s.expires_at),
+            csrf: Some(s.csrf),
+        }),
+    };
+    match found {
+        Some(l) if accounts::is_disabled(&c.app, l.user_id)? => Ok(None),
+        other => Ok(other),
+    }
 }
 
 /// An authenticated caller.
@@ -60,32 +100,45 @@ impl FromRequest for Caller {
         let key = bearer(req);
         let cookie = req.cookie(SESSION_COOKIE).map(|c| c.value().to_string());
         let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-        let csrf_sent = req.headers().get("x-csrf-token").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let csrf_sent = req
+            .headers()
+            .get("x-csrf-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         Box::pin(async move {
             let state = state.ok_or_else(|| ApiError::internal("no app state"))?;
+            let via = match (key, cookie) {
+                (Some(key), _) => Via::ApiKey { key },
+                (None, Some(token)) => Via::Session {
+                    token,
+                    csrf: String::new(),
+                },
+                (None, None) => {
+                    return Err(ApiError::unauthorized(
+                        "log in, or send an API key as Authorization: Bearer <key>",
+                    ));
+                }
+            };
             let caller = state
                 .db(move |c| {
-                    let now = c.now();
-                    let (user_id, via, expires) = if let Some(key) = key {
-                        let id = accounts::api_key_user(&c.app, &key, now)?
-                            .ok_or_else(|| ApiError::unauthorized("the API key is not valid (revoked or mistyped)"))?;
-                        (id, Via::ApiKey, None)
-                    } else if let Some(token) = cookie {
-                        let s = accounts::session(&c.app, &token, now)?
-                            .ok_or_else(|| ApiError::unauthorized("your session has ended; log in again"))?;
-                        (s.user_id, Via::Session { token, csrf: s.csrf }, Some(s.expires_at))
-                    } else {
-                        return Err(ApiError::unauthorized("log in, or send an API key as Authorization: Bearer <key>"));
+                    let Some(live) = live(c, &via)? else {
+                        return Err(ApiError::unauthorized(match via {
+                            Via::ApiKey { .. } => "the API key is not valid (revoked, mistyped, or its account is disabled)",
+                            Via::Session { .. } => "your session has ended; log in again",
+                        }));
                     };
-                    if accounts::is_disabled(&c.app, user_id)? {
-                        return Err(ApiError::forbidden("this account is disabled"));
-                    }
-                    let user = c.ledger.user_by_id(user_id)?;
-                    Ok(Caller { user, via, session_expires_at: expires })
+                    let via = match via {
+                        Via::Session { token, .. } => Via::Session { token, csrf: live.csrf.unwrap_or_default() },
+                        v => v,
+                    };
+                    let user = c.ledger.user_by_id(live.user_id)?;
+                    Ok(Caller { user, via, session_expires_at: live.expires_at })
                 })
                 .await?;
             if let Via::Session { csrf, .. } = &caller.via {
-                if !safe && !csrf_sent.is_some_and(|sent| crate::secret::constant_time_eq(&sent, csrf)) {
+                if !safe
+                    && !csrf_sent.is_some_and(|sent| crate::secret::constant_time_eq(&sent, csrf))
+                {
                     return Err(ApiError::new(
                         actix_web::http::StatusCode::FORBIDDEN,
                         "csrf",

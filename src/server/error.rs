@@ -8,6 +8,13 @@ use serde_json::json;
 use crate::jobs::SubmitError;
 use crate::ledger::{LedgerError, Refusal};
 
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -47,6 +54,31 @@ impl ApiError {
         e.retry_after = Some(wait_secs);
         e
     }
+    /// 503 with a Retry-After: the database stayed locked past its busy timeout (a moment of
+    /// heavy writing, a backup holding the lock); nothing was changed.
+    pub fn busy() -> ApiError {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "the server's database is busy; nothing was changed, try again in a moment",
+        );
+        e.retry_after = Some(2);
+        e
+    }
+
+    /// An internal error, or [`ApiError::busy`] when it comes from a locked database.
+    fn from_anyhow(e: &anyhow::Error) -> ApiError {
+        let busy = e.chain().any(|c| {
+            c.downcast_ref::<rusqlite::Error>().is_some_and(is_busy)
+                || matches!(c.downcast_ref::<LedgerError>(), Some(LedgerError::Sqlite(s)) if is_busy(s))
+        });
+        if busy {
+            ApiError::busy()
+        } else {
+            ApiError::internal(format!("{e:#}"))
+        }
+    }
+
     pub fn with_details(mut self, d: serde_json::Value) -> ApiError {
         self.details = Some(d);
         self
@@ -102,10 +134,14 @@ impl From<LedgerError> for ApiError {
             LedgerError::Refused(r) => ApiError::refusal(r),
             LedgerError::UnknownUser(_) => ApiError::not_found("user"),
             LedgerError::UserExists(n) => ApiError::conflict(format!("user {n:?} already exists")),
-            e @ (LedgerError::UnknownPlan { .. } | LedgerError::Invalid(_) | LedgerError::IdempotencyConflict { .. }) => {
+            e @ (LedgerError::UnknownPlan { .. } | LedgerError::Invalid(_)) => {
                 ApiError::bad_request(e.to_string())
             }
+            LedgerError::IdempotencyConflict { key, job_id, .. } => {
+                SubmitError::KeyReused { key, job_id }.into()
+            }
             e @ LedgerError::HoldSettled { .. } => ApiError::conflict(e.to_string()),
+            LedgerError::Sqlite(e) if is_busy(&e) => ApiError::busy(),
             other => ApiError::internal(other),
         }
     }
@@ -115,22 +151,48 @@ impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> ApiError {
         match e {
             SubmitError::Invalid(m) => ApiError::bad_request(m),
-            SubmitError::UnknownModel(m) => {
-                ApiError::new(StatusCode::NOT_FOUND, "model_not_found", format!("unknown model {m:?}"))
+            SubmitError::UnknownModel(m) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!("unknown model {m:?}"),
+            ),
+            SubmitError::ModelUnavailable { id, reason } => {
+                // The reason names server paths: the log and the admin view have it.
+                log::warn!("model {id} is not available: {reason}");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "model_unavailable",
+                    format!(
+                        "model {id:?} is not available on this server right now; an admin can see why on the admin page"
+                    ),
+                )
             }
-            e @ SubmitError::ModelUnavailable { .. } => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", e.to_string())
+            e @ SubmitError::QueueFull { .. } => {
+                ApiError::too_many("queue_full", e.to_string(), 10)
             }
-            e @ SubmitError::QueueFull { .. } => ApiError::too_many("queue_full", e.to_string(), 10),
             SubmitError::Refused(r) => ApiError::refusal(r),
-            SubmitError::Internal(e) => ApiError::internal(format!("{e:#}")),
+            e @ SubmitError::KeyReused { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                e.to_string(),
+            ),
+            e @ SubmitError::KeyInProgress { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_in_use",
+                e.to_string(),
+            ),
+            SubmitError::Internal(e) => ApiError::from_anyhow(&e),
         }
     }
 }
 
 impl From<rusqlite::Error> for ApiError {
     fn from(e: rusqlite::Error) -> ApiError {
-        ApiError::internal(e)
+        if is_busy(&e) {
+            ApiError::busy()
+        } else {
+            ApiError::internal(e)
+        }
     }
 }
 
@@ -138,7 +200,7 @@ impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> ApiError {
         match e.downcast::<LedgerError>() {
             Ok(l) => l.into(),
-            Err(e) => ApiError::internal(format!("{e:#}")),
+            Err(e) => ApiError::from_anyhow(&e),
         }
     }
 }

@@ -56,6 +56,30 @@ fn bootstrap_admin(pool: &Pool) -> Result<()> {
     })?
 }
 
+/// The address links are built on: `[server] public_url`, else the one address the server
+/// is bound to when it is a specific one. Listening on an unspecified address (`0.0.0.0`, the
+/// LAN setting) gives no usable host, and a request's own `Host` header must not be trusted
+/// for links, so links stay relative then.
+fn public_url(cfg: &crate::config::ServerConfig, bound: &[std::net::SocketAddr]) -> Option<String> {
+    if let Some(u) = &cfg.public_url {
+        return Some(u.trim_end_matches('/').to_string());
+    }
+    match bound.first() {
+        Some(a) if !bound.iter().any(|b| b.ip().is_unspecified()) => Some(format!("http://{a}")),
+        _ => {
+            log::warn!(
+                "[server] public_url is not set and the server listens on {}: links the API hands out (the OpenAI route's `url`) are relative; set public_url to the address clients use",
+                bound
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            None
+        }
+    }
+}
+
 /// Runs the server until it is stopped (Ctrl-C / SIGTERM).
 pub fn serve(opts: ServeOptions) -> Result<()> {
     let config = opts.config;
@@ -75,35 +99,64 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let pool = Arc::new(Pool::new(&data_dir, plans.clone(), clock.clone())?);
     bootstrap_admin(&pool)?;
 
-    let jobs = Arc::new(Jobs::new(Arc::new(registry), config.limits.clone(), config.queue.clone(), data_dir.join("images")));
+    let jobs = Arc::new(Jobs::new(
+        Arc::new(registry),
+        config.limits.clone(),
+        config.queue.clone(),
+        data_dir.join("images"),
+    ));
     let settled = pool.with(|c| jobs.reconcile(c))??;
     if settled > 0 {
         log::warn!("settled {settled} credit holds left open by the last run");
     }
-    let choice: DeviceChoice = opts.device.as_deref().unwrap_or(&config.engine.device).parse()?;
+    let choice: DeviceChoice = opts
+        .device
+        .as_deref()
+        .unwrap_or(&config.engine.device)
+        .parse()?;
     let dev = device::select(choice)?;
     log::info!("device: {}", dev.description);
-    let worker = Worker::spawn(jobs.clone(), pool.open()?, dev.device.clone(), config.queue.keep_resident);
-    let sweeper = Sweeper::spawn(pool.data_dir().join(crate::ledger::DB_FILE), plans.clone(), clock.clone(), |e| {
-        log::error!("ledger sweep: {e}")
-    })?;
+    let worker = Worker::spawn(
+        jobs.clone(),
+        pool.open()?,
+        dev.device.clone(),
+        config.queue.keep_resident,
+    );
+    let sweeper = Sweeper::spawn(
+        pool.data_dir().join(crate::ledger::DB_FILE),
+        plans.clone(),
+        clock.clone(),
+        |e| log::error!("ledger sweep: {e}"),
+    )?;
 
     let state = web::Data::new(AppState {
         pool: pool.clone(),
         jobs: jobs.clone(),
-        limiter: LoginLimiter::new(config.server.login_attempts, Duration::from_secs(config.server.login_window_secs)),
+        limiter: LoginLimiter::new(
+            config.server.login_attempts,
+            Duration::from_secs(config.server.login_window_secs),
+        ),
         config: Arc::new(config),
         device: dev.description.clone(),
+        public_url: std::sync::OnceLock::new(),
+        credentials: tokio::sync::watch::channel(0).0,
     });
+    let bound_state = state.clone();
     let system = actix_web::rt::System::new();
     let result = system.block_on(async move {
-        let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes::configure))
-            .bind(&listen)
-            .with_context(|| format!("cannot listen on {listen}"))?
-            // Progress streams stay open for a long time: keep-alive and shutdown must allow it.
-            .shutdown_timeout(5)
-            .backlog(2048)
-            .max_connection_rate(1024);
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .configure(routes::configure)
+        })
+        .bind(&listen)
+        .with_context(|| format!("cannot listen on {listen}"))?
+        // Progress streams stay open for a long time: keep-alive and shutdown must allow it.
+        .shutdown_timeout(5)
+        .backlog(2048)
+        .max_connection_rate(1024);
+        // Before the "listening" line, so whoever waits for that line also sees this warning.
+        let _ = bound_state.public_url.set(public_url(&bound_state.config.server, &server.addrs()));
         for addr in server.addrs() {
             // Tests and scripts read this line to find the port (with --listen 127.0.0.1:0).
             println!("listening on http://{addr}");

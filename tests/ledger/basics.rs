@@ -338,6 +338,7 @@ fn authorize_job_checks_plan_quota_and_credits() {
         idempotency_key: format!("key-{i}"),
         model_id: model.into(),
         params: JobParams::new(1024, 1024),
+        request_hash: None,
     };
     // Free: 5 dev images per calendar week.
     let mut holds = Vec::new();
@@ -483,6 +484,7 @@ fn video_jobs_count_against_the_weekly_video_quota_and_usage() {
         idempotency_key: format!("v{i}"),
         model_id: "clip-video".into(),
         params: JobParams::new(512, 512),
+        request_hash: None,
     };
     for i in 0..2 {
         let a = l.authorize_job(u, &job(i)).unwrap();
@@ -525,4 +527,44 @@ fn the_sweeper_thread_releases_stale_holds_on_its_own() {
     sweeper.stop();
     assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
     assert_eq!(l.balance(u, Resource::Credits).unwrap().available, 50);
+}
+
+#[test]
+fn an_idempotency_key_is_bound_to_the_request_it_was_first_used_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut l, _clock) = open(&dir, PlansConfig::defaults());
+    let u = l.add_user("ida", false, None).unwrap().id;
+    l.grant(u, &GrantRequest::credits(1000, GrantSource::TopUp, None))
+        .unwrap();
+    let req = |job: &str, batch: u32, hash: &str| JobRequest {
+        job_id: job.into(),
+        idempotency_key: "one-key".into(),
+        model_id: "flux-schnell".into(),
+        params: JobParams {
+            batch,
+            ..JobParams::new(512, 512)
+        },
+        request_hash: Some(hash.into()),
+    };
+    let first = l.authorize_job(u, &req("j1", 1, "hash-a")).unwrap();
+    assert!(!first.replayed);
+    // The same request again (a retry with a new job id): the first hold, nothing more held.
+    let again = l.authorize_job(u, &req("j2", 1, "hash-a")).unwrap();
+    assert!(again.replayed);
+    assert_eq!(
+        (again.hold.id, again.hold.job_id.as_str()),
+        (first.hold.id, "j1")
+    );
+    // Another request under the key: refused, whatever it would cost or be allowed.
+    for other in [req("j3", 1, "hash-b"), req("j4", 8, "hash-c")] {
+        match l.authorize_job(u, &other) {
+            Err(LedgerError::IdempotencyConflict { job_id, .. }) => assert_eq!(job_id, "j1"),
+            r => panic!("expected a conflict, got {r:?}"),
+        }
+    }
+    assert_eq!(
+        l.balance(u, Resource::Credits).unwrap().held,
+        first.hold.amount
+    );
+    audit(&mut l);
 }

@@ -63,15 +63,38 @@ impl Server {
 
     /// With more `serve` arguments (e.g. `--model id=path`).
     pub fn start_with(data: &Path, config: Option<&Path>, extra: &[&str]) -> Server {
+        Server::start_env(data, config, extra, &[])
+    }
+
+    /// With more `serve` arguments and environment variables.
+    pub fn start_env(
+        data: &Path,
+        config: Option<&Path>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let log = data.join(format!("server-{}.log", std::process::id()));
         let mut cmd = Command::new(bin());
-        cmd.current_dir(repo()).env("RUST_LOG", "info").arg("--data").arg(data);
+        cmd.current_dir(repo())
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .arg("--data")
+            .arg(data);
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
-        let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let mut child = cmd
-            .args(["serve", "--listen", "127.0.0.1:0", "--device", "cpu"])
+            .args(["serve", "--device", "cpu"])
+            .args(if extra.contains(&"--listen") {
+                &[][..]
+            } else {
+                &["--listen", "127.0.0.1:0"][..]
+            })
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(err)

@@ -60,19 +60,39 @@ fn a_hold_without_its_job_is_released_at_start() {
         idempotency_key: "orphan".into(),
         model_id: "demo-schnell".into(),
         params: JobParams::new(512, 512),
+        request_hash: None,
     };
     let auth = conn.ledger.authorize_job(user.id, &req).unwrap();
-    assert_eq!(conn.ledger.balance(user.id, atelier::ledger::Resource::Credits).unwrap().held, auth.hold.amount);
-    let jobs = Jobs::new(Arc::new(models), config.limits.clone(), config.queue.clone(), dir.path().join("images"));
+    assert_eq!(
+        conn.ledger
+            .balance(user.id, atelier::ledger::Resource::Credits)
+            .unwrap()
+            .held,
+        auth.hold.amount
+    );
+    let jobs = Jobs::new(
+        Arc::new(models),
+        config.limits.clone(),
+        config.queue.clone(),
+        dir.path().join("images"),
+    );
     assert_eq!(jobs.reconcile(&mut conn).unwrap(), 1);
-    let b = conn.ledger.balance(user.id, atelier::ledger::Resource::Credits).unwrap();
+    let b = conn
+        .ledger
+        .balance(user.id, atelier::ledger::Resource::Credits)
+        .unwrap();
     assert_eq!((b.held, b.available), (0, 50));
     // And a second start finds nothing left to settle.
     assert_eq!(jobs.reconcile(&mut conn).unwrap(), 0);
 
-    // The client retries with the same key after such a crash: the job is made under the hold
-    // placed then, and nothing more is held.
-    let req = JobRequest { job_id: "orphan2".into(), idempotency_key: "retry-key".into(), ..req };
+    // Holds and job rows are now written in one transaction, so a hold without its job can
+    // only come from an older version. A retry under such a key is refused (it cannot be told
+    // what request the key was for) and makes no job on a hold that the next start releases.
+    let req = JobRequest {
+        job_id: "orphan2".into(),
+        idempotency_key: "retry-key".into(),
+        ..req
+    };
     let auth = conn.ledger.authorize_job(user.id, &req).unwrap();
     let spec = atelier::jobs::store::JobSpec {
         model: "demo-schnell".into(),
@@ -84,11 +104,33 @@ fn a_hold_without_its_job_is_released_at_start() {
         guidance: None,
         batch: 1,
     };
-    let s = jobs.submit(&mut conn, user.id, spec.clone(), Some("retry-key".into())).unwrap();
-    assert_eq!((s.job.id.as_str(), s.job.price), ("orphan2", auth.hold.amount));
-    let again = jobs.submit(&mut conn, user.id, spec, Some("retry-key".into())).unwrap();
-    assert!(again.replayed);
-    assert_eq!(again.job.id, "orphan2");
-    assert_eq!(conn.ledger.balance(user.id, atelier::ledger::Resource::Credits).unwrap().held, auth.hold.amount);
-    assert_eq!(jobs.reconcile(&mut conn).unwrap(), 0, "a queued job keeps its hold");
+    let e = jobs
+        .submit(&mut conn, user.id, spec.clone(), Some("retry-key".into()))
+        .unwrap_err();
+    assert!(
+        matches!(e, atelier::jobs::SubmitError::KeyReused { .. }),
+        "{e}"
+    );
+    assert_eq!(
+        conn.ledger
+            .balance(user.id, atelier::ledger::Resource::Credits)
+            .unwrap()
+            .held,
+        auth.hold.amount
+    );
+    assert_eq!(
+        jobs.reconcile(&mut conn).unwrap(),
+        1,
+        "the orphan hold is released at the next start"
+    );
+    // A new key works as usual, and its hold and job come together.
+    let s = jobs
+        .submit(&mut conn, user.id, spec, Some("new-key".into()))
+        .unwrap();
+    assert_eq!(conn.ledger.hold(s.job.hold_id).unwrap().job_id, s.job.id);
+    assert_eq!(
+        jobs.reconcile(&mut conn).unwrap(),
+        0,
+        "a queued job keeps its hold"
+    );
 }

@@ -5,6 +5,7 @@ mod access;
 mod common;
 mod crash;
 mod flow;
+mod hardening;
 mod models;
 mod openai;
 mod queue_order;

@@ -373,6 +373,7 @@ function passwordForm() {
     field('Current password', cur),
     field('New password', pw, h('span', { class: 'hint', id: 'pw-hint', text: `At least ${MIN_PASSWORD} characters.` })),
     field('Repeat new password', rep),
+    h('p', { class: 'hint', id: 'pw-effects', text: 'Changing it logs out your other sessions and revokes all your API keys: scripts that use them will need a new key.' }),
     err,
     h('div', { class: 'card-actions' }, submit));
 
@@ -394,8 +395,9 @@ function passwordForm() {
     if (rep.value !== pw.value) return showError('The two new passwords differ; type the same one twice.', rep);
     showError('');
     busy(submit, async () => {
+      let done;
       try {
-        await post('/api/password', { current: cur.value, new: pw.value });
+        done = await post('/api/password', { current: cur.value, new: pw.value });
       } catch (ex) {
         if (ex && (ex.status === 400 || ex.status === 403)) {
           // 403 is also what a stale CSRF token gets: only blame the field the server names.
@@ -408,7 +410,8 @@ function passwordForm() {
         throw ex;
       }
       for (const f of fields) f.value = '';
-      notice('Password changed; your other sessions were logged out.');
+      const keys = (done && done.api_keys_revoked) || 0;
+      notice(`Password changed; your other sessions were logged out${keys ? ` and ${keys} API key${keys === 1 ? ' was' : 's were'} revoked` : ''}.`);
     });
   });
   return form;

@@ -149,21 +149,35 @@ pub struct Disable {
     disabled: bool,
 }
 
-/// POST /api/admin/users/{id}/disable {disabled}: a disabled user cannot log in or use keys.
-pub async fn disable(state: Data, caller: Caller, path: web::Path<String>, body: web::Json<Disable>) -> Result<HttpResponse, ApiError> {
+/// POST /api/admin/users/{id}/disable {disabled}: a disabled user cannot log in or use keys,
+/// and their queued and running jobs are canceled.
+pub async fn disable(
+    state: Data,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<Disable>,
+) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
     let id = user_id(&path)?;
     if id == caller.user.id && body.disabled {
         return Err(ApiError::bad_request("you cannot disable your own account"));
     }
     let disabled = body.disabled;
-    state
+    let jobs = state.jobs.clone();
+    let canceled = state
         .db(move |c| {
             c.ledger.user_by_id(id)?;
-            Ok(accounts::set_disabled(&c.app, id, disabled, c.now())?)
+            accounts::set_disabled(&c.app, id, disabled, c.now())?;
+            // A disabled account's waiting and running jobs stop, their credits released.
+            Ok(if disabled {
+                jobs.cancel_all_of(c, id)?
+            } else {
+                0
+            })
         })
         .await?;
-    Ok(HttpResponse::Ok().json(json!({"id": id, "disabled": disabled})))
+    state.credentials_changed();
+    Ok(HttpResponse::Ok().json(json!({"id": id, "disabled": disabled, "jobs_canceled": canceled})))
 }
 
 /// GET /api/admin/queue: running and queued jobs of everyone, in start order, with user names.
@@ -190,6 +204,7 @@ pub async fn queue(state: Data, caller: Caller) -> Result<HttpResponse, ApiError
                 .map(|j| {
                     let mut v = serde_json::to_value(&j).unwrap_or_default();
                     v["user"] = json!(names.get(&j.user_id));
+                    v["error_detail"] = json!(j.error_detail);
                     v
                 })
                 .collect();

@@ -13,18 +13,32 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::jobs::progress::{Envelope, JobEvent};
 use crate::jobs::store::{self, Job, JobSpec, JobStatus};
 use crate::ledger::{Resource, UserId};
-use crate::server::auth::Caller;
+use crate::server::auth::{Caller, Via, live};
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
 
 type Data = web::Data<AppState>;
 
-fn idempotency_key(req: &HttpRequest) -> Option<String> {
-    req.headers().get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string)
+/// The request's `Idempotency-Key`, checked: a key that is not plain ASCII is refused (400)
+/// rather than dropped, which would make every retry a new, charged job.
+pub fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(v) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII characters"))?;
+    crate::jobs::validate_idempotency_key(key)?;
+    Ok(Some(key.to_string()))
 }
 
 /// Submits `spec` for the caller; the job and the credits left.
-pub async fn submit_spec(state: &Data, caller: &Caller, spec: JobSpec, key: Option<String>) -> Result<(crate::jobs::Submitted, i64), ApiError> {
+pub async fn submit_spec(
+    state: &Data,
+    caller: &Caller,
+    spec: JobSpec,
+    key: Option<String>,
+) -> Result<(crate::jobs::Submitted, i64), ApiError> {
     let jobs = state.jobs.clone();
     let user = caller.user.id;
     state
@@ -37,9 +51,18 @@ pub async fn submit_spec(state: &Data, caller: &Caller, spec: JobSpec, key: Opti
 }
 
 /// POST /api/jobs (JobSpec; optional Idempotency-Key header): 201 with the job and its price.
-pub async fn create(req: HttpRequest, state: Data, caller: Caller, body: web::Json<JobSpec>) -> Result<HttpResponse, ApiError> {
-    let (s, left) = submit_spec(&state, &caller, body.into_inner(), idempotency_key(&req)).await?;
-    let mut r = if s.replayed { HttpResponse::Ok() } else { HttpResponse::Created() };
+pub async fn create(
+    req: HttpRequest,
+    state: Data,
+    caller: Caller,
+    body: web::Json<JobSpec>,
+) -> Result<HttpResponse, ApiError> {
+    let (s, left) = submit_spec(&state, &caller, body.into_inner(), idempotency_key(&req)?).await?;
+    let mut r = if s.replayed {
+        HttpResponse::Ok()
+    } else {
+        HttpResponse::Created()
+    };
     Ok(r.insert_header(("X-Credits-Remaining", left.to_string()))
         .json(json!({"job": s.job, "replayed": s.replayed, "credits_held": s.job.price, "credits_remaining": left})))
 }
@@ -98,41 +121,78 @@ pub async fn get(state: Data, caller: Caller, path: web::Path<String>) -> Result
 
 /// POST /api/jobs/{id}/cancel: a queued job is canceled now (credits released); a running one
 /// stops at its next step (202).
-pub async fn cancel(state: Data, caller: Caller, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn cancel(
+    state: Data,
+    caller: Caller,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let job = own_job(&state, &caller, path.into_inner()).await?;
     if job.status.is_final() {
-        return Err(ApiError::conflict(format!("the job already {}", job.status.as_str())));
+        return Err(ApiError::conflict(format!(
+            "the job already {}",
+            job.status.as_str()
+        )));
     }
     let jobs = state.jobs.clone();
     let status = state.db(move |c| Ok(jobs.cancel(c, &job)?)).await?;
     let body = json!({"status": status});
-    // 202 when a running job was asked to stop: it stops at its next step.
-    Ok(if status == JobStatus::Canceled { HttpResponse::Ok().json(body) } else { HttpResponse::Accepted().json(body) })
+    match status {
+        JobStatus::Canceled => Ok(HttpResponse::Ok().json(body)),
+        // A running job was asked to stop: it stops at its next step.
+        JobStatus::Running | JobStatus::Queued => Ok(HttpResponse::Accepted().json(body)),
+        done => Err(ApiError::conflict(format!(
+            "the job already {}",
+            done.as_str()
+        ))),
+    }
 }
 
 /// The final event of a job that has ended, from the database.
 pub fn final_event(job: &Job) -> Option<JobEvent> {
     match job.status {
-        JobStatus::Succeeded => Some(JobEvent::Succeeded { images: job.images.clone(), credits_charged: job.price }),
-        JobStatus::Failed => Some(JobEvent::Failed { error: job.error.clone().unwrap_or_default() }),
+        JobStatus::Succeeded => Some(JobEvent::Succeeded {
+            images: job.images.clone(),
+            credits_charged: job.price,
+        }),
+        JobStatus::Failed => Some(JobEvent::Failed {
+            error: job.error.clone().unwrap_or_default(),
+        }),
         JobStatus::Canceled => Some(JobEvent::Canceled),
         _ => None,
     }
 }
 
 fn sse_frame(e: &Envelope) -> Bytes {
-    Bytes::from(format!("data: {}\n\n", serde_json::to_string(e).unwrap_or_default()))
+    Bytes::from(format!(
+        "data: {}\n\n",
+        serde_json::to_string(e).unwrap_or_default()
+    ))
+}
+
+/// Whether the credential a stream was opened with still holds (a database error counts as
+/// yes: the stream is not cut for a busy moment).
+async fn still_allowed(state: &Data, via: &Via) -> bool {
+    let via = via.clone();
+    state
+        .db(move |c| Ok(live(c, &via)?.is_some()))
+        .await
+        .unwrap_or(true)
 }
 
 /// A server-sent event stream of the events `keep` selects, starting with `first`; it ends
-/// after a final event when `end_on_final`.
+/// after a final event when `end_on_final`, and as soon as the session or API key it was
+/// opened with ends (logout, password change, revoked key, disabled account): at once when
+/// this server ended it, else by the next ping.
 fn sse(
+    state: Data,
+    via: Via,
     rx: tokio::sync::broadcast::Receiver<Arc<Envelope>>,
     first: Vec<Envelope>,
     keep: impl Fn(&Envelope) -> bool + 'static,
     end_on_final: bool,
 ) -> HttpResponse {
     let (tx, out) = tokio::sync::mpsc::channel::<Bytes>(256);
+    let mut credentials = state.credentials.subscribe();
     actix_web::rt::spawn(async move {
         let mut rx = rx;
         // Tells the browser how long to wait before reconnecting.
@@ -164,7 +224,14 @@ fn sse(
                     Err(RecvError::Closed) => return,
                 },
                 _ = ping.tick() => {
-                    if tx.try_send(Bytes::from_static(b": ping\n\n")).is_err() { return; }
+                    if tx.try_send(Bytes::from_static(b": ping\n\n")).is_err() || !still_allowed(&state, &via).await {
+                        return;
+                    }
+                }
+                changed = credentials.changed() => {
+                    if changed.is_err() || !still_allowed(&state, &via).await {
+                        return;
+                    }
                 }
             }
         }
@@ -189,7 +256,14 @@ pub async fn job_events(state: Data, caller: Caller, path: web::Path<String>) ->
         None => state.jobs.hub.snapshot(Some(&job.id), None),
     };
     let id = job.id.clone();
-    Ok(sse(rx, first, move |e| e.job_id == id, true))
+    Ok(sse(
+        state,
+        caller.via,
+        rx,
+        first,
+        move |e| e.job_id == id,
+        true,
+    ))
 }
 
 /// GET /api/events: progress of all the caller's jobs, for as long as the client listens.
@@ -197,5 +271,12 @@ pub async fn user_events(state: Data, caller: Caller) -> Result<HttpResponse, Ap
     let rx = state.jobs.hub.subscribe();
     let user: UserId = caller.user.id;
     let first = state.jobs.hub.snapshot(None, Some(user));
-    Ok(sse(rx, first, move |e| e.user_id == user, false))
+    Ok(sse(
+        state,
+        caller.via,
+        rx,
+        first,
+        move |e| e.user_id == user,
+        false,
+    ))
 }

@@ -77,7 +77,7 @@ pub async fn generations(req: HttpRequest, state: Data, caller: Caller, body: we
         guidance: b.guidance,
         batch: b.n.unwrap_or(1),
     };
-    let key = req.headers().get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let key = crate::server::routes::jobs::idempotency_key(&req)?;
     // Listen before submitting so the end of a fast job is not missed.
     let mut rx = state.jobs.hub.subscribe();
     let (sub, _) = submit_spec(&state, &caller, spec, key).await?;
@@ -86,32 +86,55 @@ pub async fn generations(req: HttpRequest, state: Data, caller: Caller, body: we
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
     while outcome.is_none() {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Ok(e)) if e.job_id == job_id && e.event.is_final() => outcome = Some(e.event.clone()),
+            Ok(Ok(e)) if e.job_id == job_id && e.event.is_final() => {
+                outcome = Some(e.event.clone())
+            }
             Ok(Ok(_)) => {}
             Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
                 // Missed events: read the job's state instead.
                 let id = job_id.clone();
-                let job = state.db(move |c| Ok(crate::jobs::store::get_job(&c.app, &id)?)).await?;
-                outcome = job.as_ref().and_then(crate::server::routes::jobs::final_event);
+                let job = state
+                    .db(move |c| Ok(crate::jobs::store::get_job(&c.app, &id)?))
+                    .await?;
+                outcome = job
+                    .as_ref()
+                    .and_then(crate::server::routes::jobs::final_event);
             }
-            Ok(Err(_)) | Err(_) => return Err(ApiError::internal("the job did not finish in time")),
+            Ok(Err(_)) | Err(_) => {
+                return Err(ApiError::internal("the job did not finish in time"));
+            }
         }
     }
     let images = match outcome.expect("loop ends with an outcome") {
         JobEvent::Succeeded { images, .. } => images,
-        JobEvent::Failed { error } => return Err(ApiError::internal(format!("generation failed: {error}"))),
+        JobEvent::Failed { error } => {
+            return Err(ApiError::internal(format!("generation failed: {error}")));
+        }
         _ => return Err(ApiError::conflict("the job was canceled")),
     };
     let user = caller.user.id;
     let hold = sub.job.hold_id;
     let (charged, left) = state
-        .db(move |c| Ok((c.ledger.hold(hold)?.captured, c.ledger.balance(user, Resource::Credits)?.available)))
+        .db(move |c| {
+            Ok((
+                c.ledger.hold(hold)?.captured,
+                c.ledger.balance(user, Resource::Credits)?.available,
+            ))
+        })
         .await?;
     let mut data = Vec::new();
-    let info = req.connection_info().clone();
+    // Links are built on the configured address, never on the request's Host header.
+    let base = state
+        .public_url
+        .get()
+        .cloned()
+        .flatten()
+        .unwrap_or_default();
     for id in &images {
         if format == "url" {
-            data.push(json!({"url": format!("{}://{}/api/images/{id}/file", info.scheme(), info.host()), "revised_prompt": null}));
+            data.push(
+                json!({"url": format!("{base}/api/images/{id}/file"), "revised_prompt": null}),
+            );
         } else {
             let bytes = crate::server::routes::gallery::read_png(&state, id).await?;
             data.push(json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(bytes), "revised_prompt": null}));

@@ -85,6 +85,13 @@ fn models_for(c: &mut Conn, jobs: &Jobs, user: &User) -> Result<serde_json::Valu
         }
         if !m.is_ready() {
             access = "unavailable";
+            if !user.is_admin {
+                // The state's reason names server paths: admins see it (here and on the admin
+                // page), users a plain sentence.
+                v["reason"] = json!(
+                    "this model is not available on this server right now; an admin can see why"
+                );
+            }
         }
         v["access"] = json!(access);
         if reason.is_some() || v.get("reason").is_none() {
