@@ -269,10 +269,10 @@ pub fn generate_with(
     }
     let keep = resident.keep;
     let t5 = Resident::take(&mut resident.t5, || T5Encoder::load(&files.t5, device, None))?;
-    let txt = t5.forward(&[t5_tokens.ids.clone()], device)?;
+    let txt = t5.forward(std::slice::from_ref(&t5_tokens.ids), device)?;
     Resident::give_back(keep, &mut resident.t5, t5);
     let clip = Resident::take(&mut resident.clip, || ClipText::load(&files.clip, device, None))?;
-    let y = clip.forward(&[clip_tokens.ids.clone()])?.pooled;
+    let y = clip.forward(std::slice::from_ref(&clip_tokens.ids))?.pooled;
     Resident::give_back(keep, &mut resident.clip, clip);
 
     progress(Progress::Stage("loading the transformer"));

@@ -47,7 +47,7 @@ impl HostTensor {
 
     /// Swaps the two halves along the first dimension: (a, b) → (b, a).
     pub fn swap_row_halves(mut self) -> Result<HostTensor> {
-        if self.shape.is_empty() || self.shape[0] % 2 != 0 {
+        if self.shape.is_empty() || !self.shape[0].is_multiple_of(2) {
             bail!("cannot split shape {:?} into two halves", self.shape);
         }
         let half = self.numel() / 2;

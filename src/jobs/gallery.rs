@@ -24,12 +24,11 @@ pub fn save(dir: &Path, img: &image::RgbImage, parameters: &str) -> Result<Strin
 }
 
 pub fn remove(dir: &Path, id: &str) {
-    if let Some(p) = image_path(dir, id) {
-        if let Err(e) = std::fs::remove_file(&p) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                log::warn!("removing {}: {e}", p.display());
-            }
-        }
+    if let Some(p) = image_path(dir, id)
+        && let Err(e) = std::fs::remove_file(&p)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        log::warn!("removing {}: {e}", p.display());
     }
 }
 
