@@ -55,6 +55,28 @@ impl ModelFiles {
         })
     }
 
+    /// Reads every component's header (no tensor data): each must be a checkpoint of its kind
+    /// in a layout we load, hold the tensors its configuration needs, and be sized for the
+    /// transformer. A missing or wrong VAE or encoder is refused here, before any compute,
+    /// rather than after the whole denoise. Returns the transformer's configuration.
+    pub fn check(&self) -> Result<flux::FluxConfig> {
+        let (_, flux) = flux::open_checked(&self.transformer, None)?;
+        let (_, vae) = vae::open_checked(&self.vae, None).with_context(|| format!("the VAE {}", self.vae.display()))?;
+        let t5 = T5Encoder::check(&self.t5, None)?;
+        let clip = ClipText::check(&self.clip, None)?;
+        let fits = [
+            ("VAE's latent channels × 4", vae.z_channels * 4, flux.in_channels),
+            ("T5 encoder's width", t5.d_model, flux.context_in_dim),
+            ("CLIP encoder's width", clip.hidden, flux.vec_in_dim),
+        ];
+        for (what, has, wants) in fits {
+            if has != wants {
+                bail!("the {what} is {has} but the transformer takes {wants}: the components belong to different models");
+            }
+        }
+        Ok(flux)
+    }
+
     fn load_tokenizers(&self) -> Result<FluxTokenizers> {
         let Some(dir) = &self.tokenizers else { return FluxTokenizers::builtin() };
         if dir.join("tokenizer_2/tokenizer.json").exists() {
