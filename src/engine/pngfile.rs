@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result, bail};
 use png::text_metadata::{EncodableTextChunk, ITXtChunk, TEXtChunk};
 
-/// The keyword A1111, Forge and ComfyUI's readers look for.
+/// The keyword A1111 and Forge write the settings under and read them from.
 pub const PARAMETERS: &str = "parameters";
 
 /// A text chunk checked to encode. Latin-1 text goes in tEXt, anything else (CJK, emoji,
