@@ -168,7 +168,7 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
 /// A latent grid with `n` cells, as square as possible.
 fn grid_for(n: usize) -> (usize, usize) {
     let mut rows = (n as f64).sqrt() as usize;
-    while rows > 1 && n % rows != 0 {
+    while rows > 1 && !n.is_multiple_of(rows) {
         rows -= 1;
     }
     (rows.max(1), n / rows.max(1))

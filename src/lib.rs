@@ -7,5 +7,6 @@ pub mod engine;
 pub mod jobs;
 pub mod ledger;
 pub mod models;
+pub mod private_files;
 pub mod secret;
 pub mod server;

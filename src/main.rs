@@ -3,14 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use atelier::bench::{self, BenchSpec};
 use atelier::config::{Config, ModelEntry};
 use atelier::models;
 use atelier::engine::device::{self, DeviceChoice};
-use atelier::engine::flux::{self, FluxConfig, TransformerWeights};
+use atelier::engine::flux::{self, FluxConfig};
 use atelier::engine::parse_dtype;
 use atelier::ledger::{self, SystemClock};
 
@@ -222,6 +222,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
 
 fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
     use atelier::engine::pipeline::{self, GenerateRequest, ModelFiles, Progress};
+    use atelier::engine::pngfile::{PendingPng, PngText};
     use std::io::{IsTerminal, Write};
 
     let limits = &config.limits;
@@ -268,7 +269,7 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
         }
         _ => anyhow::bail!("give either --model or --transformer (with --vae, --clip, --t5)"),
     };
-    let device = device::select(a.device.parse::<DeviceChoice>()?)?;
+    let device_choice = a.device.parse::<DeviceChoice>()?;
     let req = GenerateRequest {
         prompt: a.prompt.clone(),
         seed: a.seed,
@@ -280,9 +281,29 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
         batch: a.batch,
         ..Default::default()
     };
+    // Whatever would stop the images from being written is checked before the device starts:
+    // the settings, every component's header, each image's PNG text and its output path.
+    let prepared = pipeline::prepare(&files, &req)?;
+    let outputs = prepared
+        .seeds(&req)
+        .into_iter()
+        .enumerate()
+        .map(|(i, seed)| {
+            let path = if a.batch == 1 {
+                a.out.clone()
+            } else {
+                let stem = a.out.file_stem().map_or("image".into(), |s| s.to_string_lossy().into_owned());
+                a.out.with_file_name(format!("{stem}-{i}.png"))
+            };
+            let text = PngText::parameters(&prepared.parameters(&a.prompt, seed, &model_name))?;
+            PendingPng::check(&path)?;
+            Ok((path, text))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let device = device::select(device_choice)?;
     let terminal = std::io::stderr().is_terminal();
     let mut resident = pipeline::Resident::new(a.keep_resident);
-    let out = pipeline::generate_with(&files, &req, &device.device, &mut resident, |p| match p {
+    let out = pipeline::generate_prepared(&files, &req, &prepared, &device.device, &mut resident, |p| match p {
         Progress::Stage(s) => log::info!("{s}"),
         Progress::Preview { .. } => {}
         Progress::Step { image, step, steps, seconds } => {
@@ -303,26 +324,16 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
     for w in &out.warnings {
         log::warn!("{w}");
     }
-    for (i, (img, seed)) in out.images.iter().zip(&out.seeds).enumerate() {
-        let path = if out.images.len() == 1 {
-            a.out.clone()
-        } else {
-            let stem = a.out.file_stem().map_or("image".into(), |s| s.to_string_lossy().into_owned());
-            a.out.with_file_name(format!("{stem}-{i}.png"))
-        };
-        let params = pipeline::a1111_parameters(&a.prompt, out.steps, *seed, out.width, out.height, &model_name, out.guidance);
-        pipeline::write_png(&path, img, &params)?;
+    for (img, (path, text)) in out.images.iter().zip(outputs) {
+        // Written beside the destination and renamed: an error leaves no partial file.
+        PendingPng::create(&path, false)?.write(img, &text)?;
         println!("{}", path.display());
     }
     Ok(())
 }
 
 fn inspect(path: &std::path::Path) -> Result<()> {
-    let weights = TransformerWeights::open(path)?;
-    let hint = atelier::engine::weights::component_config::<flux::DiffusersConfig>(path, None)?;
-    let config = FluxConfig::infer(&weights, hint.as_ref())
-        .with_context(|| format!("inferring the configuration of {}", path.display()))?;
-    weights.check_complete(&config.parameter_names())?;
+    let (weights, config) = flux::open_checked(path, None)?;
     println!("layout: {:?}", weights.layout());
     println!("{config:#?}");
     Ok(())

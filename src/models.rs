@@ -6,11 +6,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use serde::Serialize;
 
 use crate::config::{Config, FluxKind, ModelEntry};
-use crate::engine::flux::{self, FluxConfig, TransformerWeights};
 use crate::engine::pipeline::ModelFiles;
 use crate::ledger::PlansConfig;
 
@@ -95,12 +94,11 @@ pub fn resolve_files(id: &str, entry: &ModelEntry, tokenizers: Option<&Path>) ->
     }
 }
 
-/// schnell or dev, from the transformer's weights (dev has the guidance embedding).
-pub fn read_kind(files: &ModelFiles) -> Result<FluxKind> {
-    let weights = TransformerWeights::open(&files.transformer)?;
-    let hint = crate::engine::weights::component_config::<flux::DiffusersConfig>(&files.transformer, None)?;
-    let config = FluxConfig::infer(&weights, hint.as_ref())
-        .with_context(|| format!("reading the transformer {}", files.transformer.display()))?;
+/// schnell or dev, from the transformer's weights (dev has the guidance embedding), after
+/// checking every component's header, so a model whose VAE or text encoders are missing or
+/// wrong is never listed as ready.
+pub fn check_files(files: &ModelFiles) -> Result<FluxKind> {
+    let config = files.check()?;
     Ok(if config.guidance_embed { FluxKind::Dev } else { FluxKind::Schnell })
 }
 
@@ -123,16 +121,11 @@ impl ModelRegistry {
         let mut found: BTreeMap<String, (Option<ModelFiles>, Option<FluxKind>, ModelState)> = BTreeMap::new();
         for (id, entry) in &entries {
             let checked = resolve_files(id, entry, tokenizers.as_deref()).and_then(|files| {
-                for (what, p) in [("vae", &files.vae), ("clip", &files.clip), ("t5", &files.t5)] {
-                    if !p.exists() {
-                        bail!("its {what} {} does not exist", p.display());
-                    }
-                }
-                let kind = read_kind(&files)?;
-                if let Some(declared) = entry.kind {
-                    if declared != kind {
-                        bail!("declared kind {} but the transformer is {}", declared.as_str(), kind.as_str());
-                    }
+                let kind = check_files(&files)?;
+                if let Some(declared) = entry.kind
+                    && declared != kind
+                {
+                    bail!("declared kind {} but the transformer is {}", declared.as_str(), kind.as_str());
                 }
                 Ok((files, kind))
             });

@@ -10,28 +10,17 @@ fn fixture(rel: &str) -> PathBuf {
 }
 
 fn atelier(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_atelier")).current_dir(cwd).args(args).output().expect("runs")
+    // At info level the stages are logged: the tests see whether the compute started.
+    Command::new(env!("CARGO_BIN_EXE_atelier")).current_dir(cwd).env("RUST_LOG", "info").args(args).output().expect("runs")
 }
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// The A1111 `parameters` tEXt chunk of a PNG.
+/// The A1111 `parameters` text of a PNG (tEXt or iTXt), read as A1111 / Forge read it.
 fn parameters(png: &[u8]) -> String {
-    let mut i = 8;
-    while i + 8 <= png.len() {
-        let n = u32::from_be_bytes(png[i..i + 4].try_into().unwrap()) as usize;
-        if &png[i + 4..i + 8] == b"tEXt" {
-            let body = &png[i + 8..i + 8 + n];
-            let (key, value) = body.split_at(body.iter().position(|&b| b == 0).unwrap());
-            if key == b"parameters" {
-                return String::from_utf8_lossy(&value[1..]).into_owned();
-            }
-        }
-        i += 12 + n;
-    }
-    panic!("no parameters chunk");
+    atelier::engine::pngfile::read_parameters(png).unwrap().expect("a parameters chunk")
 }
 
 #[test]
@@ -122,4 +111,140 @@ fn bad_input_is_a_clear_error_not_a_panic() {
         assert!(!err.contains("panicked"), "{extra:?} panicked: {err}");
     }
     assert!(!dir.path().join("x.png").exists(), "no image is written on an error");
+}
+
+fn demo(kind: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/demo").join(kind).to_str().unwrap().to_string()
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+/// Whether the run got as far as the compute: the first stage is logged before any of it.
+fn computed(o: &Output) -> bool {
+    stderr(o).contains("encoding the prompt") || stderr(o).contains("step 1/")
+}
+
+#[test]
+fn prompts_outside_latin1_generate_and_read_back_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = [
+        "一只在雪地里的红狐狸，电影感",
+        "雪の中の赤いキツネ、写真",
+        "a fox 🦊 in the snow ❄️",
+        "“Quoted” — and ‘single’… plus café",
+    ];
+    for (i, prompt) in prompts.iter().enumerate() {
+        let out = dir.path().join(format!("p{i}.png"));
+        let o = atelier(dir.path(), &[
+            "generate", "--model", &demo("schnell"), "--prompt", prompt, "--seed", "5", "--steps", "1",
+            "--width", "32", "--height", "32", "--max-sequence-length", "16", "--device", "cpu", "--out", out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{prompt}: {}", stderr(&o));
+        let expected = format!("{prompt}\nSteps: 1, Sampler: Euler, Seed: 5, Size: 32x32, Model: schnell");
+        assert_eq!(parameters(&std::fs::read(&out).unwrap()), expected);
+    }
+    assert_eq!(files_in(dir.path()), ["p0.png", "p1.png", "p2.png", "p3.png"], "only the images, no temporary files");
+}
+
+#[test]
+fn an_output_that_cannot_be_written_fails_before_the_compute_and_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-folder/out.png");
+    let folder = dir.path().join("a-folder");
+    std::fs::create_dir(&folder).unwrap();
+    // (A batch writes <stem>-<i>.png beside --out, so a folder there is only a problem alone.)
+    for (out, expected, batch) in [(&missing, "does not exist", "1"), (&missing, "does not exist", "2"), (&folder, "is a folder", "1")] {
+        let o = atelier(dir.path(), &[
+            "generate", "--model", &demo("dev"), "--prompt", "a fox", "--steps", "1", "--width", "32", "--height", "32",
+            "--batch", batch, "--device", "cpu", "--out", out.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{out:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(expected), "{out:?}: expected {expected:?} in {}", stderr(&o));
+        assert!(!computed(&o), "{out:?}: it computed first: {}", stderr(&o));
+    }
+    assert_eq!(files_in(dir.path()), ["a-folder"]);
+    assert!(files_in(&folder).is_empty());
+}
+
+#[test]
+fn sequence_length_and_guidance_out_of_bounds_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let cases = [
+        ("--max-sequence-length", "100000000"),
+        ("--max-sequence-length", "513"),
+        ("--max-sequence-length", "0"),
+        // One token would hold `</s>` alone, no word of the prompt.
+        ("--max-sequence-length", "1"),
+        ("--guidance", "NaN"),
+        ("--guidance", "inf"),
+        ("--guidance", "-1"),
+        ("--guidance", "30.5"),
+    ];
+    for kind in ["schnell", "dev"] {
+        for (flag, value) in cases {
+            let o = atelier(dir.path(), &[
+                "generate", "--model", &demo(kind), "--prompt", "a fox", "--steps", "1", "--width", "32", "--height", "32",
+                "--device", "cpu", &format!("{flag}={value}"), "--out", out.to_str().unwrap(),
+            ]);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(1), "{kind} {flag} {value}: {err}");
+            assert!(err.contains(flag) && err.contains("must be"), "{kind} {flag} {value}: {err}");
+            assert!(!computed(&o) && !err.contains("panicked"), "{kind} {flag} {value}: {err}");
+        }
+    }
+    // The bounds themselves are fine.
+    let o = atelier(dir.path(), &[
+        "generate", "--model", &demo("dev"), "--prompt", "a fox", "--steps", "1", "--width", "32", "--height", "32",
+        "--device", "cpu", "--max-sequence-length", "2", "--guidance", "30", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(parameters(&std::fs::read(&out).unwrap()).ends_with("Guidance: 30"));
+}
+
+/// A copy of a demo model folder whose `component` file is removed (None) or replaced.
+fn broken_demo(dir: &Path, name: &str, component: &str, replacement: Option<&str>) -> PathBuf {
+    let src = PathBuf::from(demo("schnell"));
+    let copy = dir.join(name);
+    for sub in ["", "transformer", "vae", "text_encoder", "text_encoder_2", "scheduler"] {
+        std::fs::create_dir_all(copy.join(sub)).unwrap();
+        for entry in std::fs::read_dir(src.join(sub)).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                std::fs::copy(entry.path(), copy.join(sub).join(entry.file_name())).unwrap();
+            }
+        }
+    }
+    let target = std::fs::read_dir(copy.join(component)).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "safetensors")).unwrap();
+    std::fs::remove_file(&target).unwrap();
+    if let Some(other) = replacement {
+        std::fs::copy(src.join(other), &target).unwrap();
+    }
+    copy
+}
+
+#[test]
+fn a_model_with_a_missing_or_wrong_component_is_refused_before_sampling() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (broken_demo(dir.path(), "no-vae", "vae", None), "no .safetensors"),
+        (broken_demo(dir.path(), "clip-as-vae", "vae", Some("text_encoder/model.safetensors")), "not a VAE"),
+        (broken_demo(dir.path(), "clip-as-t5", "text_encoder_2", Some("text_encoder/model.safetensors")), "not a T5 encoder checkpoint"),
+        (broken_demo(dir.path(), "t5-as-clip", "text_encoder", Some("text_encoder_2/model.safetensors")), "not a CLIP text checkpoint"),
+    ];
+    for (model, expected) in cases {
+        let out = dir.path().join("x.png");
+        let o = atelier(dir.path(), &[
+            "generate", "--model", model.to_str().unwrap(), "--prompt", "a fox", "--steps", "1", "--width", "32", "--height", "32",
+            "--device", "cpu", "--out", out.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{model:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(expected), "{model:?}: expected {expected:?} in {}", stderr(&o));
+        assert!(!computed(&o), "{model:?}: it computed first: {}", stderr(&o));
+        assert!(!out.exists());
+    }
 }

@@ -61,19 +61,21 @@ pub struct ClipOutput {
     pub pooled: Tensor<2>,
 }
 
-impl ClipText {
-    /// `clip_l.safetensors` (keys under `text_model.`, any outer prefix) or a transformers
-    /// `text_encoder/` folder (transformers 5 writes the keys without `text_model.`).
-    pub fn load(path: &Path, device: &Device, hint: Option<&ClipHint>) -> Result<Self> {
-        let set = WeightSet::open(path)?;
-        let hint = component_config(path, hint)?.unwrap_or_default();
-        crate::engine::weights::low_peak_load(|| Self::from_weights(&set, device, &hint))
-            .with_context(|| format!("loading the CLIP text encoder {}", path.display()))
-    }
+/// Where a CLIP checkpoint's tensors are and the configuration they make, from its header.
+struct ClipKeys {
+    /// In front of every key (`text_model.` and any outer prefix, or none in transformers 5).
+    prefix: String,
+    config: ClipConfig,
+}
 
-    fn from_weights(set: &WeightSet, device: &Device, hint: &ClipHint) -> Result<Self> {
-        let p = set.prefix_of("embeddings.position_embedding.weight", "CLIP text")?;
-        let key = |n: &str| format!("{p}{n}");
+/// The weight and bias tensors of each layer, under `encoder.layers.{i}.`.
+const LAYER_PARTS: [&str; 8] = ["layer_norm1", "layer_norm2", "self_attn.q_proj", "self_attn.k_proj",
+    "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"];
+
+impl ClipKeys {
+    fn read(set: &WeightSet, hint: &ClipHint) -> Result<Self> {
+        let prefix = set.prefix_of("embeddings.position_embedding.weight", "CLIP text")?;
+        let key = |n: &str| format!("{prefix}{n}");
         let dims = |n: &str| set.shape(&key(n)).map(|s| s.to_vec()).ok_or_else(|| anyhow!("CLIP checkpoint has no {n}"));
         let tok = dims("embeddings.token_embedding.weight")?;
         let pos = dims("embeddings.position_embedding.weight")?;
@@ -90,22 +92,63 @@ impl ClipText {
             Some(other) => bail!("CLIP activation {other:?} is not supported"),
         };
         let config = ClipConfig { vocab: tok[0], hidden, heads, layers, positions: pos[0], eps: hint.layer_norm_eps.unwrap_or(1e-5), quick_gelu };
+        Ok(ClipKeys { prefix, config })
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// Every tensor the encoder reads must be there, and every key must be ours.
+    fn check(&self, set: &WeightSet) -> Result<()> {
+        let mut expected: Vec<String> = ["embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
+            "final_layer_norm.weight", "final_layer_norm.bias"].iter().map(|n| self.key(n)).collect();
+        for i in 0..self.config.layers {
+            for part in LAYER_PARTS {
+                expected.push(self.key(&format!("encoder.layers.{i}.{part}.weight")));
+                expected.push(self.key(&format!("encoder.layers.{i}.{part}.bias")));
+            }
+        }
+        // transformers keeps position ids as a buffer in some files; the projection of
+        // CLIPTextModelWithProjection is not used by FLUX.
+        set.check_keys("CLIP", &self.prefix, &expected, |k| k.ends_with("position_ids") || k.ends_with("text_projection.weight"))
+    }
+}
+
+impl ClipText {
+    /// `clip_l.safetensors` (keys under `text_model.`, any outer prefix) or a transformers
+    /// `text_encoder/` folder (transformers 5 writes the keys without `text_model.`).
+    pub fn load(path: &Path, device: &Device, hint: Option<&ClipHint>) -> Result<Self> {
+        let (set, keys) = Self::open_checked(path, hint)?;
+        crate::engine::weights::low_peak_load(|| Self::from_weights(&set, keys, device))
+            .with_context(|| format!("loading the CLIP text encoder {}", path.display()))
+    }
+
+    /// The configuration of a checkpoint, read off its header (no tensor data), after checking
+    /// that it holds exactly the tensors this encoder reads.
+    pub fn check(path: &Path, hint: Option<&ClipHint>) -> Result<ClipConfig> {
+        Ok(Self::open_checked(path, hint)?.1.config)
+    }
+
+    fn open_checked(path: &Path, hint: Option<&ClipHint>) -> Result<(WeightSet, ClipKeys)> {
+        let open = || -> Result<_> {
+            let set = WeightSet::open(path)?;
+            let keys = ClipKeys::read(&set, &component_config(path, hint)?.unwrap_or_default())?;
+            keys.check(&set)?;
+            Ok((set, keys))
+        };
+        open().with_context(|| format!("reading the CLIP text encoder {}", path.display()))
+    }
+
+    fn from_weights(set: &WeightSet, keys: ClipKeys, device: &Device) -> Result<Self> {
         let dt = DType::F32;
-        let vec1 = |n: &str| -> Result<Tensor<1>> { layers::upload(set.read(&key(n))?, n, device, dt) };
+        let vec1 = |n: &str| -> Result<Tensor<1>> { layers::upload(set.read(&keys.key(n))?, n, device, dt) };
         let norm = |n: &str| -> Result<(Tensor<1>, Tensor<1>)> { Ok((vec1(&format!("{n}.weight"))?, vec1(&format!("{n}.bias"))?)) };
         let linear = |n: &str| -> Result<Linear> {
-            layers::linear(set.read(&key(&format!("{n}.weight")))?, Some(set.read(&key(&format!("{n}.bias")))?), n, device, dt)
+            layers::linear(set.read(&keys.key(&format!("{n}.weight")))?, Some(set.read(&keys.key(&format!("{n}.bias")))?), n, device, dt)
         };
-        const PARTS: [&str; 8] = ["layer_norm1", "layer_norm2", "self_attn.q_proj", "self_attn.k_proj",
-            "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"];
         let mut ls = Vec::new();
-        let mut expected = vec![
-            key("embeddings.token_embedding.weight"),
-            key("embeddings.position_embedding.weight"),
-            key("final_layer_norm.weight"),
-            key("final_layer_norm.bias"),
-        ];
-        for i in 0..layers {
+        for i in 0..keys.config.layers {
             let b = |n: &str| format!("encoder.layers.{i}.{n}");
             ls.push(ClipLayer {
                 ln1: norm(&b("layer_norm1"))?,
@@ -117,28 +160,13 @@ impl ClipText {
                 fc1: linear(&b("mlp.fc1"))?,
                 fc2: linear(&b("mlp.fc2"))?,
             });
-            for part in PARTS {
-                expected.push(key(&b(&format!("{part}.weight"))));
-                expected.push(key(&b(&format!("{part}.bias"))));
-            }
-        }
-        let final_ln = norm("final_layer_norm")?;
-        let unknown: Vec<&str> = set
-            .keys()
-            .filter(|k| k.starts_with(&p) && !expected.iter().any(|e| e == k))
-            // transformers keeps position ids as a buffer in some files; the projection of
-            // CLIPTextModelWithProjection is not used by FLUX.
-            .filter(|k| !k.ends_with("position_ids") && !k.ends_with("text_projection.weight"))
-            .collect();
-        if !unknown.is_empty() {
-            bail!("CLIP checkpoint has keys this encoder does not know: {}", unknown.iter().take(8).copied().collect::<Vec<_>>().join(", "));
         }
         Ok(ClipText {
-            token_embedding: layers::upload(set.read(&key("embeddings.token_embedding.weight"))?, "token_embedding", device, dt)?,
-            position_embedding: layers::upload(set.read(&key("embeddings.position_embedding.weight"))?, "position_embedding", device, dt)?,
+            token_embedding: layers::upload(set.read(&keys.key("embeddings.token_embedding.weight"))?, "token_embedding", device, dt)?,
+            position_embedding: layers::upload(set.read(&keys.key("embeddings.position_embedding.weight"))?, "position_embedding", device, dt)?,
             layers: ls,
-            final_ln,
-            config,
+            final_ln: norm("final_layer_norm")?,
+            config: keys.config,
         })
     }
 

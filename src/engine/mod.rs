@@ -6,6 +6,7 @@ pub mod flux;
 pub mod layers;
 pub mod noise;
 pub mod pipeline;
+pub mod pngfile;
 pub mod preview;
 pub mod sampler;
 pub mod t5;

@@ -115,7 +115,7 @@ impl TorchGenerator {
         for start in (0..=numel - 16).step_by(16) {
             box_muller_16(&mut data[start..start + 16]);
         }
-        if numel % 16 != 0 {
+        if !numel.is_multiple_of(16) {
             // Torch overwrites the last 16 slots with fresh uniforms and transforms them again.
             let tail = &mut data[numel - 16..];
             for v in tail.iter_mut() {

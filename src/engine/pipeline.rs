@@ -13,7 +13,7 @@ use crate::engine::flux::{self, Flux, FluxInput};
 use crate::engine::noise::torch_randn;
 use crate::engine::sampler::{ScheduleConfig, euler_step};
 use crate::engine::t5::T5Encoder;
-use crate::engine::tokenize::FluxTokenizers;
+use crate::engine::tokenize::{FluxTokenizers, MIN_T5_LENGTH};
 use crate::engine::vae;
 
 /// Where each component of a model comes from.
@@ -53,6 +53,28 @@ impl ModelFiles {
             scheduler: scheduler.exists().then_some(scheduler),
             tokenizers: if own_tokenizers { Some(dir.to_path_buf()) } else { tokenizers.map(Path::to_path_buf) },
         })
+    }
+
+    /// Reads every component's header (no tensor data): each must be a checkpoint of its kind
+    /// in a layout we load, hold the tensors its configuration needs, and be sized for the
+    /// transformer. A missing or wrong VAE or encoder is refused here, before any compute,
+    /// rather than after the whole denoise. Returns the transformer's configuration.
+    pub fn check(&self) -> Result<flux::FluxConfig> {
+        let (_, flux) = flux::open_checked(&self.transformer, None)?;
+        let (_, vae) = vae::open_checked(&self.vae, None).with_context(|| format!("the VAE {}", self.vae.display()))?;
+        let t5 = T5Encoder::check(&self.t5, None)?;
+        let clip = ClipText::check(&self.clip, None)?;
+        let fits = [
+            ("VAE's latent channels × 4", vae.z_channels * 4, flux.in_channels),
+            ("T5 encoder's width", t5.d_model, flux.context_in_dim),
+            ("CLIP encoder's width", clip.hidden, flux.vec_in_dim),
+        ];
+        for (what, has, wants) in fits {
+            if has != wants {
+                bail!("the {what} is {has} but the transformer takes {wants}: the components belong to different models");
+            }
+        }
+        Ok(flux)
     }
 
     fn load_tokenizers(&self) -> Result<FluxTokenizers> {
@@ -214,6 +236,80 @@ impl Resident {
     }
 }
 
+/// The longest T5 sequence: what FLUX.1-dev was trained with and diffusers' maximum (schnell
+/// uses 256 by default). Beyond it the text and RoPE tables only grow, up to an allocation
+/// failure that aborts the process.
+pub const MAX_SEQUENCE_LENGTH: usize = 512;
+/// The largest distilled guidance accepted, here and by the server: far above what
+/// FLUX.1-dev is used with (about 1–10).
+pub const MAX_GUIDANCE: f32 = 30.0;
+
+/// What a request resolves to for a model, known before any compute: the settings the images
+/// will be made (and labelled) with.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub steps: usize,
+    pub width: usize,
+    pub height: usize,
+    /// Some for dev models (the guidance used), None for schnell.
+    pub guidance: Option<f32>,
+    pub is_dev: bool,
+    pub max_sequence_length: usize,
+    pub warnings: Vec<String>,
+}
+
+impl Prepared {
+    /// Seeds per image: image i uses seed + i.
+    pub fn seeds(&self, req: &GenerateRequest) -> Vec<u64> {
+        (0..req.batch as u64).map(|i| req.seed.wrapping_add(i)).collect()
+    }
+
+    /// The A1111 `parameters` text of the image made with `seed`.
+    pub fn parameters(&self, prompt: &str, seed: u64, model: &str) -> String {
+        a1111_parameters(prompt, self.steps, seed, self.width, self.height, model, self.guidance)
+    }
+}
+
+/// Checks a request against a model without computing anything: the request's bounds, every
+/// component's header (see [`ModelFiles::check`]), and the settings the model kind implies.
+pub fn prepare(files: &ModelFiles, req: &GenerateRequest) -> Result<Prepared> {
+    if req.prompt.trim().is_empty() {
+        bail!("the prompt is empty");
+    }
+    if req.batch == 0 {
+        bail!("batch must be at least 1");
+    }
+    if let Some(n) = req.max_sequence_length
+        && !(MIN_T5_LENGTH..=MAX_SEQUENCE_LENGTH).contains(&n)
+    {
+        bail!("the maximum sequence length (--max-sequence-length) must be between {MIN_T5_LENGTH} and {MAX_SEQUENCE_LENGTH} T5 tokens, not {n}");
+    }
+    if let Some(g) = req.guidance
+        && !(g.is_finite() && (0.0..=MAX_GUIDANCE).contains(&g))
+    {
+        bail!("guidance (--guidance) must be a number between 0 and {MAX_GUIDANCE}, not {g}");
+    }
+    let (width, height, warnings) = snap_size(req.width, req.height);
+    if width < 16 || height < 16 {
+        bail!("width and height must be at least 16 pixels");
+    }
+    // The transformer's own weights say whether it is dev (guidance embedding) or schnell.
+    let is_dev = files.check()?.guidance_embed;
+    let steps = req.steps.unwrap_or(if is_dev { 28 } else { 4 });
+    if steps == 0 {
+        bail!("steps must be at least 1");
+    }
+    Ok(Prepared {
+        steps,
+        width,
+        height,
+        guidance: is_dev.then(|| req.guidance.unwrap_or(DEFAULT_GUIDANCE)),
+        is_dev,
+        max_sequence_length: req.max_sequence_length.unwrap_or(if is_dev { 512 } else { 256 }),
+        warnings,
+    })
+}
+
 /// Runs text → image for every image of the request on `device`, loading each component in
 /// its stage and dropping it afterwards.
 pub fn generate(
@@ -231,31 +327,24 @@ pub fn generate_with(
     req: &GenerateRequest,
     device: &Device,
     resident: &mut Resident,
+    progress: impl FnMut(Progress),
+) -> Result<Generated> {
+    let prepared = prepare(files, req)?;
+    generate_prepared(files, req, &prepared, device, resident, progress)
+}
+
+/// [`generate_with`] for a request already [`prepare`]d (by a caller that needed the settings
+/// before the compute, e.g. to check that the images can be saved).
+pub fn generate_prepared(
+    files: &ModelFiles,
+    req: &GenerateRequest,
+    prepared: &Prepared,
+    device: &Device,
+    resident: &mut Resident,
     mut progress: impl FnMut(Progress),
 ) -> Result<Generated> {
-    if req.prompt.trim().is_empty() {
-        bail!("the prompt is empty");
-    }
-    if req.batch == 0 {
-        bail!("batch must be at least 1");
-    }
-    let (width, height, mut warnings) = snap_size(req.width, req.height);
-    if width < 16 || height < 16 {
-        bail!("width and height must be at least 16 pixels");
-    }
-
-    // The transformer's own weights say whether it is dev (guidance embedding) or schnell.
-    let weights = flux::TransformerWeights::open(&files.transformer)?;
-    let hint = crate::engine::weights::component_config::<flux::DiffusersConfig>(&files.transformer, None)?;
-    let flux_config = flux::FluxConfig::infer(&weights, hint.as_ref())?;
-    drop(weights);
-    let is_dev = flux_config.guidance_embed;
-    let steps = req.steps.unwrap_or(if is_dev { 28 } else { 4 });
-    if steps == 0 {
-        bail!("steps must be at least 1");
-    }
-    let max_len = req.max_sequence_length.unwrap_or(if is_dev { 512 } else { 256 });
-    let guidance = is_dev.then(|| req.guidance.unwrap_or(DEFAULT_GUIDANCE));
+    let Prepared { steps, width, height, guidance, is_dev, max_sequence_length: max_len, .. } = *prepared;
+    let mut warnings = prepared.warnings.clone();
 
     progress(Progress::Stage("encoding the prompt"));
     let tokenizers = files.load_tokenizers()?;
@@ -272,10 +361,10 @@ pub fn generate_with(
     }
     let keep = resident.keep;
     let t5 = Resident::take(&mut resident.t5, || T5Encoder::load(&files.t5, device, None))?;
-    let txt = t5.forward(&[t5_tokens.ids.clone()], device)?;
+    let txt = t5.forward(std::slice::from_ref(&t5_tokens.ids), device)?;
     Resident::give_back(keep, &mut resident.t5, t5);
     let clip = Resident::take(&mut resident.clip, || ClipText::load(&files.clip, device, None))?;
-    let y = clip.forward(&[clip_tokens.ids.clone()])?.pooled;
+    let y = clip.forward(std::slice::from_ref(&clip_tokens.ids))?.pooled;
     Resident::give_back(keep, &mut resident.clip, clip);
 
     progress(Progress::Stage("loading the transformer"));
@@ -294,7 +383,7 @@ pub fn generate_with(
 
     let canceled = || req.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
     let mut latents_all = Vec::new();
-    let seeds: Vec<u64> = (0..req.batch as u64).map(|i| req.seed.wrapping_add(i)).collect();
+    let seeds = prepared.seeds(req);
     for (index, &seed) in seeds.iter().enumerate() {
         let noise = torch_randn(seed, &[1, channels, lh, lw]);
         let mut x = Tensor::<3>::from_data(TensorData::new(pack(&noise, channels, lh, lw), [1, seq_len, channels * 4]), device);
@@ -362,19 +451,6 @@ pub fn a1111_parameters(prompt: &str, steps: usize, seed: u64, width: usize, hei
         s += &format!(", Guidance: {g}");
     }
     s
-}
-
-/// Writes a PNG with a `parameters` tEXt chunk.
-pub fn write_png(path: &Path, img: &image::RgbImage, parameters: &str) -> Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), img.width(), img.height());
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    encoder.add_text_chunk("parameters".into(), parameters.into())?;
-    let mut writer = encoder.write_header()?;
-    writer.write_image_data(img.as_raw())?;
-    writer.finish()?;
-    Ok(())
 }
 
 #[cfg(test)]

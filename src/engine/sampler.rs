@@ -67,7 +67,7 @@ impl ScheduleConfig {
         if self.use_dynamic_shifting && self.max_image_seq_len <= self.base_image_seq_len {
             bail!("scheduler config: max_image_seq_len must exceed base_image_seq_len");
         }
-        if !(self.shift > 0.0) {
+        if self.shift.is_nan() || self.shift <= 0.0 {
             bail!("scheduler config: shift must be positive");
         }
         if !matches!(self.time_shift_type.as_str(), "exponential" | "linear") {

@@ -56,49 +56,94 @@ struct T5Block {
     wo: Linear,
 }
 
-impl T5Encoder {
-    /// A `t5xxl_*.safetensors` file or a transformers `text_encoder_2/` folder.
-    pub fn load(path: &Path, device: &Device, hint: Option<&T5Hint>) -> Result<Self> {
-        let set = WeightSet::open(path)?;
-        let hint = component_config(path, hint)?.unwrap_or_default();
-        crate::engine::weights::low_peak_load(|| Self::from_weights(&set, device, &hint))
-            .with_context(|| format!("loading the T5 encoder {}", path.display()))
-    }
+/// Where a T5 checkpoint's tensors are and the configuration they make, from its header.
+struct T5Keys {
+    /// In front of every key (`text_encoders.t5xxl.transformer.` in an all-in-one file).
+    prefix: String,
+    /// The token embedding's name: `shared.weight`, or `encoder.embed_tokens.weight` alone.
+    shared: &'static str,
+    config: T5Config,
+}
 
-    fn from_weights(set: &WeightSet, device: &Device, hint: &T5Hint) -> Result<Self> {
-        let p = set.prefix_of("encoder.final_layer_norm.weight", "T5 encoder")?;
-        let key = |n: &str| format!("{p}{n}");
+/// The tensors of each block, under `encoder.block.{i}.layer.`.
+const BLOCK_PARTS: [&str; 9] = ["0.layer_norm", "0.SelfAttention.q", "0.SelfAttention.k", "0.SelfAttention.v",
+    "0.SelfAttention.o", "1.layer_norm", "1.DenseReluDense.wi_0", "1.DenseReluDense.wi_1", "1.DenseReluDense.wo"];
+const RELATIVE_BIAS: &str = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight";
+
+impl T5Keys {
+    fn read(set: &WeightSet, hint: &T5Hint) -> Result<Self> {
+        let prefix = set.prefix_of("encoder.final_layer_norm.weight", "T5 encoder")?;
+        let key = |n: &str| format!("{prefix}{n}");
         let dims = |n: &str| set.shape(&key(n)).map(|s| s.to_vec()).ok_or_else(|| anyhow!("T5 checkpoint has no {n}"));
-        let shared_name = if set.contains(&key("shared.weight")) { "shared.weight" } else { "encoder.embed_tokens.weight" };
-        let shared = dims(shared_name)?;
-        let bias = dims("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")?;
+        let shared = if set.contains(&key("shared.weight")) { "shared.weight" } else { "encoder.embed_tokens.weight" };
+        let embedding = dims(shared)?;
+        let bias = dims(RELATIVE_BIAS)?;
+        // Checked, not indexed blindly: a start-up check of a wrong file must not panic.
+        if bias.len() != 2 || bias[1] == 0 || embedding.len() != 2 {
+            bail!("T5 checkpoint has an embedding of shape {embedding:?} and a position bias of shape {bias:?}");
+        }
         let inner = dims("encoder.block.0.layer.0.SelfAttention.q.weight")?[0];
-        let layers = (0..).take_while(|i| set.contains(&key(&format!("encoder.block.{i}.layer.0.layer_norm.weight")))).count();
         let config = T5Config {
-            vocab: shared[0],
-            d_model: shared[1],
+            vocab: embedding[0],
+            d_model: embedding[1],
             heads: bias[1],
             d_kv: inner / bias[1],
             d_ff: dims("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
                 .context("only gated-GELU T5 (v1.1) is supported")?[0],
-            layers,
+            layers: (0..).take_while(|i| set.contains(&key(&format!("encoder.block.{i}.layer.0.layer_norm.weight")))).count(),
             buckets: bias[0],
             max_distance: hint.relative_attention_max_distance.unwrap_or(128),
             eps: hint.layer_norm_epsilon.unwrap_or(1e-6),
         };
-        // Every key must be ours: anything else means a different model.
-        let mut expected = vec![key(shared_name), key("encoder.final_layer_norm.weight"),
-            key("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")];
+        Ok(T5Keys { prefix, shared, config })
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// Every tensor the encoder reads must be there, and every key must be ours: anything
+    /// else means a different model.
+    fn check(&self, set: &WeightSet) -> Result<()> {
+        let mut expected = vec![self.key(self.shared), self.key("encoder.final_layer_norm.weight"), self.key(RELATIVE_BIAS)];
+        for i in 0..self.config.layers {
+            expected.extend(BLOCK_PARTS.iter().map(|n| self.key(&format!("encoder.block.{i}.layer.{n}.weight"))));
+        }
+        set.check_keys("T5", &self.prefix, &expected, |k| k.ends_with("encoder.embed_tokens.weight"))
+    }
+}
+
+impl T5Encoder {
+    /// A `t5xxl_*.safetensors` file or a transformers `text_encoder_2/` folder.
+    pub fn load(path: &Path, device: &Device, hint: Option<&T5Hint>) -> Result<Self> {
+        let (set, keys) = Self::open_checked(path, hint)?;
+        crate::engine::weights::low_peak_load(|| Self::from_weights(&set, keys, device))
+            .with_context(|| format!("loading the T5 encoder {}", path.display()))
+    }
+
+    /// The configuration of a checkpoint, read off its header (no tensor data), after checking
+    /// that it holds exactly the tensors this encoder reads.
+    pub fn check(path: &Path, hint: Option<&T5Hint>) -> Result<T5Config> {
+        Ok(Self::open_checked(path, hint)?.1.config)
+    }
+
+    fn open_checked(path: &Path, hint: Option<&T5Hint>) -> Result<(WeightSet, T5Keys)> {
+        let open = || -> Result<_> {
+            let set = WeightSet::open(path)?;
+            let keys = T5Keys::read(&set, &component_config(path, hint)?.unwrap_or_default())?;
+            keys.check(&set)?;
+            Ok((set, keys))
+        };
+        open().with_context(|| format!("reading the T5 encoder {}", path.display()))
+    }
+
+    fn from_weights(set: &WeightSet, keys: T5Keys, device: &Device) -> Result<Self> {
         let dt = DType::F32;
-        let tensor = |n: &str| -> Result<Tensor<1>> { layers::upload(set.read(&key(n))?, n, device, dt) };
-        let linear = |n: &str| -> Result<Linear> { layers::linear(set.read(&key(&format!("{n}.weight")))?, None, n, device, dt) };
+        let tensor = |n: &str| -> Result<Tensor<1>> { layers::upload(set.read(&keys.key(n))?, n, device, dt) };
+        let linear = |n: &str| -> Result<Linear> { layers::linear(set.read(&keys.key(&format!("{n}.weight")))?, None, n, device, dt) };
         let mut blocks = Vec::new();
-        for i in 0..layers {
+        for i in 0..keys.config.layers {
             let b = format!("encoder.block.{i}.layer");
-            for n in ["0.layer_norm", "0.SelfAttention.q", "0.SelfAttention.k", "0.SelfAttention.v", "0.SelfAttention.o",
-                      "1.layer_norm", "1.DenseReluDense.wi_0", "1.DenseReluDense.wi_1", "1.DenseReluDense.wo"] {
-                expected.push(key(&format!("{b}.{n}.weight")));
-            }
             blocks.push(T5Block {
                 attn_norm: tensor(&format!("{b}.0.layer_norm.weight"))?,
                 q: linear(&format!("{b}.0.SelfAttention.q"))?,
@@ -111,19 +156,12 @@ impl T5Encoder {
                 wo: linear(&format!("{b}.1.DenseReluDense.wo"))?,
             });
         }
-        let unknown: Vec<&str> = set
-            .keys()
-            .filter(|k| k.starts_with(&p) && !expected.iter().any(|e| e == k) && !k.ends_with("encoder.embed_tokens.weight"))
-            .collect();
-        if !unknown.is_empty() {
-            bail!("T5 checkpoint has keys this encoder does not know: {}", unknown.iter().take(8).copied().collect::<Vec<_>>().join(", "));
-        }
         Ok(T5Encoder {
-            shared: layers::upload(set.read(&key(shared_name))?, shared_name, device, dt)?,
+            shared: layers::upload(set.read(&keys.key(keys.shared))?, keys.shared, device, dt)?,
             final_layer_norm: tensor("encoder.final_layer_norm.weight")?,
-            relative_bias: set.read(&key("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"))?.data,
+            relative_bias: set.read(&keys.key(RELATIVE_BIAS))?.data,
             blocks,
-            config,
+            config: keys.config,
         })
     }
 

@@ -28,6 +28,9 @@ impl Tokens {
     }
 }
 
+/// The shortest T5 sequence: one piece of the prompt and `</s>`.
+pub const MIN_T5_LENGTH: usize = 2;
+
 pub struct FluxTokenizers {
     t5: Tokenizer,
     clip: Tokenizer,
@@ -70,8 +73,8 @@ impl FluxTokenizers {
 
     /// T5 ids padded with 0 to `max_len`; a longer prompt keeps `max_len − 1` pieces and `</s>`.
     pub fn t5(&self, prompt: &str, max_len: usize) -> Result<Tokens> {
-        if max_len < 2 {
-            bail!("max sequence length must be at least 2, not {max_len}");
+        if max_len < MIN_T5_LENGTH {
+            bail!("max sequence length must be at least {MIN_T5_LENGTH}, not {max_len}");
         }
         let raw = Self::raw(&self.t5, prompt)?;
         Ok(fit(raw, max_len, T5_EOS, T5_PAD))

@@ -5,31 +5,42 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use crate::engine::pngfile::{PendingPng, PngText};
+
 /// The file of gallery image `id`; None when `id` is not one of ours (so never a path outside
 /// the images folder).
 pub fn image_path(dir: &Path, id: &str) -> Option<PathBuf> {
     (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())).then(|| dir.join(format!("{id}.png")))
 }
 
-/// Writes a PNG (with its A1111 `parameters` text) under a new id; returns the id.
-pub fn save(dir: &Path, img: &image::RgbImage, parameters: &str) -> Result<String> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+/// Writes a PNG (with its A1111 `parameters` text) under a new id, readable by the server's
+/// user only; returns the id. Nothing is left in the folder when this fails.
+pub fn save(dir: &Path, img: &image::RgbImage, text: &PngText) -> Result<String> {
+    create_dir(dir)?;
     let id = crate::secret::random_hex(16);
     let Some(path) = image_path(dir, &id) else { bail!("bad image id {id}") };
     // Written under a temporary name and renamed, so a crash never leaves half a PNG.
-    let tmp = dir.join(format!(".{id}.tmp"));
-    crate::engine::pipeline::write_png(&tmp, img, parameters)?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
+    PendingPng::create(&path, true)?.write(img, text)?;
     Ok(id)
 }
 
+/// Checks that images can be saved in `dir` (creating it), leaving nothing there: run before a
+/// job's compute, so a job whose images could not be kept fails before it starts.
+pub fn check_writable(dir: &Path) -> Result<()> {
+    create_dir(dir)?;
+    PendingPng::check(&dir.join("check.png"))
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    crate::private_files::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+}
+
 pub fn remove(dir: &Path, id: &str) {
-    if let Some(p) = image_path(dir, id) {
-        if let Err(e) = std::fs::remove_file(&p) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                log::warn!("removing {}: {e}", p.display());
-            }
-        }
+    if let Some(p) = image_path(dir, id)
+        && let Err(e) = std::fs::remove_file(&p)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        log::warn!("removing {}: {e}", p.display());
     }
 }
 

@@ -179,8 +179,9 @@ impl Jobs {
             }
         }
         if let Some(g) = spec.guidance {
-            if !(0.0..=30.0).contains(&g) || !g.is_finite() {
-                return Err(SubmitError::Invalid("guidance must be between 0 and 30".into()));
+            let max = crate::engine::pipeline::MAX_GUIDANCE;
+            if !(0.0..=f64::from(max)).contains(&g) || !g.is_finite() {
+                return Err(SubmitError::Invalid(format!("guidance must be between 0 and {max}")));
             }
         }
         if spec.batch == 0 || spec.batch > 64 {

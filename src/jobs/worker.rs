@@ -6,9 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
+
 use burn::tensor::Device;
 
 use crate::engine::pipeline::{self, Canceled, GenerateRequest, Progress, Resident};
+use crate::engine::pngfile::PngText;
 use crate::jobs::db::Conn;
 use crate::jobs::progress::JobEvent;
 use crate::jobs::store::{self, ImageMeta, Job, JobStatus};
@@ -164,6 +167,28 @@ fn execute(
         max_sequence_length: None,
         batch: spec.batch as usize,
     };
+    // Whatever would stop the images from being kept is checked before any compute (and any
+    // progress event): every component's header, the settings, the PNG text of each image,
+    // and the images folder.
+    let dir = jobs.images_dir();
+    let ready = pipeline::prepare(&files, &req).and_then(|prepared| {
+        let texts = prepared
+            .seeds(&req)
+            .into_iter()
+            .map(|seed| {
+                let parameters = prepared.parameters(&spec.prompt, seed, &job.model);
+                PngText::parameters(&parameters).map(|text| (parameters, text))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        gallery::check_writable(dir).context("the images cannot be saved")?;
+        Ok((prepared, texts))
+    });
+    let (prepared, texts) = match ready {
+        Ok(r) => r,
+        // Settings were validated at submission, so what fails here is the server's side (a
+        // model file, the images folder): its paths stay in the admin's view.
+        Err(e) => return fail_internal(jobs, db, job, format!("before the first step: {e:#}")),
+    };
     if resident.as_ref().is_none_or(|(m, _)| m != &job.model) {
         *resident = Some((job.model.clone(), Resident::new(keep_resident)));
     }
@@ -171,7 +196,7 @@ fn execute(
     let images = spec.batch as usize;
     let mut last_seconds = 0.0;
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        pipeline::generate_with(&files, &req, device, res, |p| match p {
+        pipeline::generate_prepared(&files, &req, &prepared, device, res, |p| match p {
             Progress::Stage(s) => jobs.hub.publish(&job.id, job.user_id, JobEvent::Stage { stage: s.to_string() }),
             Progress::Step { image, step, steps, seconds } => {
                 if renewed.elapsed() > Duration::from_secs(60) {
@@ -218,13 +243,10 @@ fn execute(
     for w in &generated.warnings {
         log::warn!("job {}: {w}", job.id);
     }
-    let dir = jobs.images_dir();
     let now = db.now();
     let mut metas = Vec::new();
-    for (i, (img, seed)) in generated.images.iter().zip(&generated.seeds).enumerate() {
-        let parameters =
-            pipeline::a1111_parameters(&spec.prompt, generated.steps, *seed, generated.width, generated.height, &job.model, generated.guidance);
-        match gallery::save(dir, img, &parameters) {
+    for (i, ((img, seed), (parameters, text))) in generated.images.iter().zip(&generated.seeds).zip(texts).enumerate() {
+        match gallery::save(dir, img, &text) {
             Ok(id) => metas.push(ImageMeta {
                 id,
                 user_id: job.user_id,

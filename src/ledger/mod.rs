@@ -153,9 +153,9 @@ impl Ledger {
         Ok(Ledger { conn, cfg, clock, path: db_path.to_path_buf() })
     }
 
-    /// Opens `<data_dir>/atelier.db`, creating the directory if needed.
+    /// Opens `<data_dir>/atelier.db`, creating the directory (owner only) if needed.
     pub fn open_data_dir(data_dir: &Path, cfg: Arc<PlansConfig>, clock: Arc<dyn Clock>) -> Result<Ledger, LedgerError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| LedgerError::Io {
+        crate::private_files::create_dir_all(data_dir).map_err(|source| LedgerError::Io {
             context: format!("creating the data directory {}", data_dir.display()),
             source,
         })?;

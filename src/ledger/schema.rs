@@ -187,6 +187,7 @@ pub fn open_connection_with(path: &Path, sync: Synchronous) -> Result<Connection
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
         | OpenFlags::SQLITE_OPEN_URI;
+    create_private(path)?;
     let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_handler(Some(busy_wait))?;
     // journal_mode answers with the mode now in force.
@@ -206,6 +207,20 @@ pub fn open_connection_with(path: &Path, sync: Synchronous) -> Result<Connection
     ))?;
     migrate(&conn)?;
     Ok(conn)
+}
+
+/// Creates a new database file readable by its owner only, before SQLite opens it: SQLite
+/// gives the `-wal` and `-shm` files the database's own mode, so they are private too. An
+/// existing file keeps its mode; `:memory:` and `file:` URIs are left to SQLite.
+fn create_private(path: &Path) -> Result<(), LedgerError> {
+    if path.to_str().is_some_and(|p| p.is_empty() || p == ":memory:" || p.starts_with("file:")) {
+        return Ok(());
+    }
+    match crate::private_files::open_options().write(true).create_new(true).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(LedgerError::Io { context: format!("creating the database {}", path.display()), source }),
+    }
 }
 
 /// Applies the migrations this database has not seen, each in its own `BEGIN IMMEDIATE`

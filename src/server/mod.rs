@@ -31,8 +31,9 @@ pub struct ServeOptions {
     pub device: Option<String>,
 }
 
-/// Creates the first admin when there is none: `admin` with a random password, printed once
-/// and written to `<data>/initial-admin-password` (readable by the owner only).
+/// Creates the first admin when there is none: `admin` with a random password, written to
+/// `<data>/initial-admin-password` (readable by the owner only). The log names only the file:
+/// logs are kept, shipped and read by more people than the data folder.
 fn bootstrap_admin(pool: &Pool) -> Result<()> {
     pool.with(|c| -> Result<()> {
         if c.ledger.users()?.iter().any(|u| u.is_admin) {
@@ -42,14 +43,16 @@ fn bootstrap_admin(pool: &Pool) -> Result<()> {
         let name = if c.ledger.user_by_name("admin").is_ok() { format!("admin-{}", &password[..4]) } else { "admin".into() };
         c.ledger.add_user(&name, true, Some(&password))?;
         let path = pool.data_dir().join("initial-admin-password");
-        std::fs::write(&path, format!("{name}\n{password}\n")).with_context(|| format!("writing {}", path.display()))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-        }
+        // Created 0600 by the open itself, so the password is never readable by others.
+        crate::private_files::open_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{name}\n{password}\n").as_bytes()))
+            .with_context(|| format!("writing {}", path.display()))?;
         log::warn!(
-            "no admin account existed: created {name:?} with password {password:?} (also in {}); log in and change it, or create your own with `atelier user add <name> --admin --password-stdin`",
+            "no admin account existed: created {name:?} with the password in {}; log in and change it, or create your own with `atelier user add <name> --admin --password-stdin`",
             path.display()
         );
         Ok(())

@@ -4,6 +4,7 @@
 mod access;
 mod common;
 mod crash;
+mod files;
 mod flow;
 mod hardening;
 mod models;

@@ -65,3 +65,45 @@ fn a_server_with_no_usable_model_still_starts() {
     assert_eq!(r.status, 503);
     assert_eq!(u.balance(), 50);
 }
+
+#[test]
+fn models_with_a_missing_or_wrong_vae_or_encoder_are_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let empty = data.join("empty-vae");
+    std::fs::create_dir(&empty).unwrap();
+    let demo = "weights/demo/schnell";
+    // Single-file style entries, so each component can be pointed at the wrong thing.
+    let entry = |id: &str, vae: &str, clip: &str, t5: &str| {
+        format!(
+            "[models.{id}]\ntransformer = \"{demo}/transformer\"\nvae = \"{vae}\"\nclip = \"{clip}\"\nt5 = \"{t5}\"\nkind = \"schnell\"\n"
+        )
+    };
+    let (vae, clip, t5) = (format!("{demo}/vae"), format!("{demo}/text_encoder"), format!("{demo}/text_encoder_2"));
+    let config = config_with(
+        data,
+        &[
+            entry("whole", &vae, &clip, &t5),
+            entry("no-vae", empty.to_str().unwrap(), &clip, &t5),
+            entry("clip-as-vae", &clip, &clip, &t5),
+            entry("clip-as-t5", &vae, &clip, &clip),
+        ]
+        .concat(),
+    );
+    add_user(data, Some(&config), "root", "root-pass-1", "max", true);
+    let server = Server::start(data, Some(&config));
+    let root = Client::login(&server.url, "root", "root-pass-1");
+    let models = root.get("/api/admin/models").json()["models"].as_array().unwrap().clone();
+    let state = |id: &str| {
+        let m = models.iter().find(|m| m["id"] == id).unwrap_or_else(|| panic!("{id} listed"));
+        (m["state"].as_str().unwrap().to_string(), m["reason"].as_str().unwrap_or_default().to_string())
+    };
+    assert_eq!(state("whole").0, "ready");
+    for (id, expected) in [("no-vae", "no .safetensors"), ("clip-as-vae", "not a VAE"), ("clip-as-t5", "not a T5 encoder")] {
+        let (s, reason) = state(id);
+        assert_eq!(s, "missing", "{id}: {reason}");
+        assert!(reason.contains(expected), "{id}: expected {expected:?} in {reason:?}");
+        let r = root.post("/api/jobs", json!({"model": id, "prompt": "p", "width": 64, "height": 64}));
+        assert_eq!(r.status, 503, "{id}");
+    }
+}

@@ -23,12 +23,20 @@ pub fn load_transformer(
     dtype: DType,
     axes_hint: Option<&DiffusersConfig>,
 ) -> Result<Flux> {
+    let (weights, config) = open_checked(path, axes_hint)?;
+    crate::engine::weights::low_peak_load(|| Flux::load(&weights, config, device, dtype))
+        .with_context(|| format!("loading the transformer {}", path.display()))
+}
+
+/// Opens a transformer checkpoint and reads its configuration off the header, checking that
+/// it holds exactly the tensors of that configuration. Reads no tensor data.
+pub fn open_checked(path: &Path, axes_hint: Option<&DiffusersConfig>) -> Result<(TransformerWeights, FluxConfig)> {
     let weights = TransformerWeights::open(path)?;
     let hint = crate::engine::weights::component_config(path, axes_hint)?;
     let config = FluxConfig::infer(&weights, hint.as_ref())
         .with_context(|| format!("reading the transformer configuration of {}", path.display()))?;
-    crate::engine::weights::low_peak_load(|| Flux::load(&weights, config, device, dtype))
-        .with_context(|| format!("loading the transformer {}", path.display()))
+    weights.check_complete(&config.parameter_names())?;
+    Ok((weights, config))
 }
 
 /// A diffusers `transformer/config.json`, if present.

@@ -16,12 +16,20 @@ use crate::engine::weights::WeightSet;
 /// Opens a VAE from BFL's `ae.safetensors` or a diffusers `vae/` folder (whose `config.json`
 /// supplies the GroupNorm groups and latent scaling; `hint` does for single files).
 pub fn load_vae(path: &Path, device: &Device, dtype: DType, hint: Option<&VaeHint>) -> Result<Vae> {
+    let (weights, config) = open_checked(path, hint)?;
+    crate::engine::weights::low_peak_load(|| Vae::load(&weights, config, device, dtype))
+        .with_context(|| format!("loading the VAE {}", path.display()))
+}
+
+/// Opens a VAE checkpoint and reads its configuration off the header, checking that it holds
+/// every tensor of that configuration. Reads no tensor data.
+pub fn open_checked(path: &Path, hint: Option<&VaeHint>) -> Result<(VaeWeights, VaeConfig)> {
     let weights = VaeWeights::new(WeightSet::open(path)?)?;
     let hint = crate::engine::weights::component_config(path, hint)?;
     let config = VaeConfig::infer(&weights, hint.as_ref())
         .with_context(|| format!("reading the VAE configuration of {}", path.display()))?;
-    crate::engine::weights::low_peak_load(|| Vae::load(&weights, config, device, dtype))
-        .with_context(|| format!("loading the VAE {}", path.display()))
+    weights.check_complete(&config.parameter_names())?;
+    Ok((weights, config))
 }
 
 /// A diffusers `vae/config.json`, if present.
