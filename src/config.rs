@@ -161,6 +161,9 @@ pub struct ServerConfig {
     /// Mark the session cookie `Secure`: "auto" (when the request came over https, directly or
     /// as a proxy's X-Forwarded-Proto says), "always" or "never".
     pub secure_cookies: String,
+    /// The plan of the admin `serve` creates at first start: whoever installed the server uses
+    /// all of it (entitlements still apply to admins like everyone else).
+    pub admin_plan: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -204,6 +207,7 @@ impl Default for ServerConfig {
             login_attempts: 5,
             login_window_secs: 300,
             secure_cookies: "auto".into(),
+            admin_plan: "max".into(),
         }
     }
 }
@@ -267,7 +271,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<()> {
-        self.plans()?;
+        self.plans()?.plan(&self.server.admin_plan).context("[server] admin_plan")?;
         self.engine.device.parse::<crate::engine::device::DeviceChoice>()?;
         crate::engine::parse_dtype(&self.engine.dtype)?;
         let l = &self.limits;
@@ -304,6 +308,14 @@ mod tests {
     fn shipped_config_is_valid_and_equals_the_defaults() {
         let shipped = Config::load(Some(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")))).unwrap();
         assert_eq!(shipped, Config::default(), "config.toml and the built-in defaults drifted apart");
+    }
+
+    #[test]
+    fn an_admin_plan_that_is_no_plan_is_refused() {
+        let mut config = Config::default();
+        config.server.admin_plan = "platinum".into();
+        let err = format!("{:#}", config.validate().unwrap_err());
+        assert!(err.contains("admin_plan") && err.contains("platinum") && err.contains("max"), "{err}");
     }
 
     #[test]

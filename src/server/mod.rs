@@ -31,16 +31,20 @@ pub struct ServeOptions {
     pub device: Option<String>,
 }
 
-/// Creates the first admin when there is none: `admin` with a random password, printed once
-/// and written to `<data>/initial-admin-password` (readable by the owner only).
-fn bootstrap_admin(pool: &Pool) -> Result<()> {
+/// Creates the first admin when there is none: `admin` on `plan` (`[server] admin_plan`, so the
+/// person who installed the server is not held to the Free plan's limits) with a random
+/// password, printed once and written to `<data>/initial-admin-password` (readable by the owner
+/// only).
+fn bootstrap_admin(pool: &Pool, plan: &str) -> Result<()> {
     pool.with(|c| -> Result<()> {
         if c.ledger.users()?.iter().any(|u| u.is_admin) {
             return Ok(());
         }
         let password = crate::secret::random_hex(12);
         let name = if c.ledger.user_by_name("admin").is_ok() { format!("admin-{}", &password[..4]) } else { "admin".into() };
-        c.ledger.add_user(&name, true, Some(&password))?;
+        let admin = c.ledger.add_user(&name, true, Some(&password))?;
+        // The plan's first billing period, renewed like anyone's.
+        c.ledger.set_plan(admin.id, plan, None)?;
         let path = pool.data_dir().join("initial-admin-password");
         std::fs::write(&path, format!("{name}\n{password}\n")).with_context(|| format!("writing {}", path.display()))?;
         #[cfg(unix)]
@@ -49,7 +53,7 @@ fn bootstrap_admin(pool: &Pool) -> Result<()> {
             let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
         }
         log::warn!(
-            "no admin account existed: created {name:?} with password {password:?} (also in {}); log in and change it, or create your own with `atelier user add <name> --admin --password-stdin`",
+            "no admin account existed: created {name:?} on the {plan:?} plan with password {password:?} (also in {}); log in and change it, or create your own with `atelier user add <name> --admin --password-stdin`",
             path.display()
         );
         Ok(())
@@ -73,7 +77,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let data_dir = opts.data_dir;
     let pool = Arc::new(Pool::new(&data_dir, plans.clone(), clock.clone())?);
-    bootstrap_admin(&pool)?;
+    bootstrap_admin(&pool, &config.server.admin_plan)?;
 
     let jobs = Arc::new(Jobs::new(Arc::new(registry), config.limits.clone(), config.queue.clone(), data_dir.join("images")));
     let settled = pool.with(|c| jobs.reconcile(c))??;

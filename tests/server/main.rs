@@ -4,6 +4,7 @@
 mod access;
 mod common;
 mod crash;
+mod first_start;
 mod flow;
 mod models;
 mod openai;
