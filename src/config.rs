@@ -170,6 +170,9 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// `/metrics` for anyone; otherwise only for admins and requests from this machine.
     pub metrics_public: bool,
+    /// The plan of the admin `serve` creates at first start: whoever installed the server uses
+    /// all of it (entitlements still apply to admins like everyone else).
+    pub admin_plan: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -216,6 +219,7 @@ impl Default for ServerConfig {
             public_url: None,
             trusted_proxies: Vec::new(),
             metrics_public: false,
+            admin_plan: "max".into(),
         }
     }
 }
@@ -279,7 +283,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<()> {
-        self.plans()?;
+        self.plans()?.plan(&self.server.admin_plan).context("[server] admin_plan")?;
         self.engine.device.parse::<crate::engine::device::DeviceChoice>()?;
         crate::engine::parse_dtype(&self.engine.dtype)?;
         let l = &self.limits;
@@ -331,6 +335,14 @@ mod tests {
     fn shipped_config_is_valid_and_equals_the_defaults() {
         let shipped = Config::load(Some(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")))).unwrap();
         assert_eq!(shipped, Config::default(), "config.toml and the built-in defaults drifted apart");
+    }
+
+    #[test]
+    fn an_admin_plan_that_is_no_plan_is_refused() {
+        let mut config = Config::default();
+        config.server.admin_plan = "platinum".into();
+        let err = format!("{:#}", config.validate().unwrap_err());
+        assert!(err.contains("admin_plan") && err.contains("platinum") && err.contains("max"), "{err}");
     }
 
     #[test]

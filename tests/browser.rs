@@ -36,12 +36,14 @@ fn the_ui_works_in_headless_chromium() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    add_user(data, None, "admin", "adminpass1", "free", true);
+    // No admin: the test logs in as the one `serve` creates at first start, as a newcomer would.
     add_user(data, None, "alice", "alicepass1", "starter", false);
     add_user(data, None, "bob", "bobpass12", "free", false);
     // Bob's five dev images cost more than Free's 50 sign-up credits.
     cli(data, None, &["user", "grant", "bob", "200"], "");
     let server = Server::start(data, None);
+    let initial = std::fs::read_to_string(data.join("initial-admin-password")).unwrap();
+    let (admin, admin_pass) = initial.trim_end().split_once('\n').unwrap();
     let shots = repo().join("tests/browser/screenshots");
     let _ = std::fs::remove_dir_all(&shots);
     std::fs::create_dir_all(&shots).unwrap();
@@ -50,8 +52,8 @@ fn the_ui_works_in_headless_chromium() {
         .current_dir(repo().join("tests/browser"))
         .env("ATELIER_URL", &server.url)
         .env("SCREENSHOT_DIR", &shots)
-        .env("ADMIN_USER", "admin")
-        .env("ADMIN_PASS", "adminpass1")
+        .env("ADMIN_USER", admin)
+        .env("ADMIN_PASS", admin_pass)
         .env("ALICE", "alice")
         .env("ALICE_PASS", "alicepass1")
         .env("BOB", "bob")

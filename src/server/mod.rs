@@ -31,17 +31,20 @@ pub struct ServeOptions {
     pub device: Option<String>,
 }
 
-/// Creates the first admin when there is none: `admin` with a random password, written to
-/// `<data>/initial-admin-password` (readable by the owner only). The log names only the file:
-/// logs are kept, shipped and read by more people than the data folder.
-fn bootstrap_admin(pool: &Pool) -> Result<()> {
+/// Creates the first admin when there is none: `admin` on `plan` (`[server] admin_plan`, so the
+/// person who installed the server is not held to the Free plan's limits) with a random
+/// password, written to `<data>/initial-admin-password` (readable by the owner only). The log
+/// names only the file: logs are kept, shipped and read by more people than the data folder.
+fn bootstrap_admin(pool: &Pool, plan: &str) -> Result<()> {
     pool.with(|c| -> Result<()> {
         if c.ledger.users()?.iter().any(|u| u.is_admin) {
             return Ok(());
         }
         let password = crate::secret::random_hex(12);
         let name = if c.ledger.user_by_name("admin").is_ok() { format!("admin-{}", &password[..4]) } else { "admin".into() };
-        c.ledger.add_user(&name, true, Some(&password))?;
+        let admin = c.ledger.add_user(&name, true, Some(&password))?;
+        // The plan's first billing period, renewed like anyone's.
+        c.ledger.set_plan(admin.id, plan, None)?;
         let path = pool.data_dir().join("initial-admin-password");
         // Created 0600 by the open itself, so the password is never readable by others.
         crate::private_files::open_options()
@@ -52,7 +55,7 @@ fn bootstrap_admin(pool: &Pool) -> Result<()> {
             .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{name}\n{password}\n").as_bytes()))
             .with_context(|| format!("writing {}", path.display()))?;
         log::warn!(
-            "no admin account existed: created {name:?} with the password in {}; log in and change it, or create your own with `atelier user add <name> --admin --password-stdin`",
+            "no admin account existed: created {name:?} on the {plan:?} plan with the password in {}; log in and change it, or create your own with `atelier user add <name> --admin --password-stdin`",
             path.display()
         );
         Ok(())
@@ -100,7 +103,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let data_dir = opts.data_dir;
     let pool = Arc::new(Pool::new(&data_dir, plans.clone(), clock.clone())?);
-    bootstrap_admin(&pool)?;
+    bootstrap_admin(&pool, &config.server.admin_plan)?;
 
     let jobs = Arc::new(Jobs::new(
         Arc::new(registry),

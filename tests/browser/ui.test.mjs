@@ -5,7 +5,7 @@
 //   node tests/browser/ui.test.mjs
 //
 // Expects: alice on the starter plan, bob on the free plan with 200 extra credits and his dev
-// quota unused, an admin; the demo models demo-schnell and demo-dev served. Changes alice's
+// quota unused, an admin on the max plan (the one `serve` creates at first start); the demo models demo-schnell and demo-dev served. Changes alice's
 // password and sets it back to ALICE_PASS (her other sessions end). Prints one line
 // per passed step; exits 1 on the first failure (with screenshots of the pages involved).
 
@@ -404,9 +404,10 @@ try {
     assert(after.length === 4 && !after.includes(victim), `after the delete bob's gallery shows ${after.length} images`);
   });
 
-  await step('4. admin grants bob 77 credits', async () => {
+  await step('4. admin grants bob 77 credits and changes a plan in one step', async () => {
     await login(admin, ADMIN);
     assert(await admin.isVisible('a[href="#/admin"]'), 'the admin does not see the Admin link');
+    assert((await admin.textContent('#plan-badge')).trim().toLowerCase() === 'max', `the first admin's plan badge says "${await admin.textContent('#plan-badge')}"`);
     await bob.reload();
     const before = await balance(bob);
     await admin.goto(`${BASE}/#/admin`);
@@ -436,7 +437,14 @@ try {
     await admin.selectOption('#new-user-plan', 'pro');
     await admin.click('#new-user-submit');
     await admin.waitForSelector('#admin-users tr[data-user="carol"]');
-    assert(/Pro/.test(await admin.textContent('#admin-users tr[data-user="carol"]')), 'carol was not created on the Pro plan');
+    const carol = '#admin-users tr[data-user="carol"]';
+    assert(/Pro/.test(await admin.textContent(carol)), 'carol was not created on the Pro plan');
+    // A plan change is one control (plan and billing period together) and one click.
+    assert((await admin.$$(`${carol} .plan-td select`)).length === 1, 'the plan change takes more than one control');
+    await admin.selectOption(`${carol} select.plan-select`, 'ultra:yearly');
+    await admin.click(`${carol} button.set-plan`);
+    await admin.waitForFunction((sel) => /Ultra · yearly/.test(document.querySelector(`${sel} .plan-td .muted`)?.textContent || ''), carol);
+    assert(/Ultra/.test(await admin.textContent('#notice')), `the notice says "${await admin.textContent('#notice')}"`);
   });
 
   await step('5. usage dashboard', async () => {

@@ -5,6 +5,7 @@ mod access;
 mod common;
 mod crash;
 mod files;
+mod first_start;
 mod flow;
 mod hardening;
 mod models;

@@ -98,22 +98,26 @@ function renderUsers(users) {
   el.users.append(body);
 }
 
+// One choice per plan and billing period ("Pro · yearly"; "Free" for a plan without periods),
+// so that changing a user's plan is this one control and the Set plan button.
+function fillPlanChoices(sel, plan, period) {
+  clear(sel);
+  for (const p of store.plans) {
+    const periods = p.periods || [];
+    if (!periods.length) sel.append(h('option', { value: p.plan, text: p.name }));
+    for (const per of periods) sel.append(h('option', { value: `${p.plan}:${per}`, text: `${p.name} · ${per}` }));
+  }
+  sel.value = period ? `${plan}:${period}` : plan;
+}
+
 function userRow(u) {
   const planSel = h('select', { class: 'plan-select', 'aria-label': `Plan of ${u.name}` });
-  fillPlanSelect(planSel, u.plan);
-  const yearly = h('select', { class: 'period-select', 'aria-label': `Billing period of ${u.name}` },
-    h('option', { value: 'weekly', text: 'weekly' }), h('option', { value: 'yearly', text: 'yearly' }));
-  yearly.value = u.period === 'yearly' ? 'yearly' : 'weekly';
-  const syncPeriod = () => {
-    const p = store.plans.find((x) => x.plan === planSel.value);
-    yearly.hidden = !p || !(p.periods || []).length;
-  };
-  planSel.addEventListener('change', syncPeriod);
-  syncPeriod();
+  fillPlanChoices(planSel, u.plan, u.period);
   const setPlan = h('button', { type: 'button', class: 'btn btn-sm set-plan', text: 'Set plan' });
   setPlan.addEventListener('click', () =>
     busy(setPlan, async () => {
-      const r = await post(`/api/admin/users/${u.id}/plan`, { plan: planSel.value, yearly: yearly.value === 'yearly' });
+      const [plan, period] = planSel.value.split(':');
+      const r = await post(`/api/admin/users/${u.id}/plan`, { plan, yearly: period === 'yearly' });
       notice(describeChange(u.name, r), 'Plan updated');
       await loadUsers();
       if (store.user && u.id === store.user.id) refreshAccount().catch(() => {});
@@ -172,7 +176,7 @@ function userRow(u) {
         h('div', { class: 'muted small', text: `#${u.id}${u.created_at ? ` · joined ${fmtRelative(u.created_at)}` : ''}` })))),
     h('td', { class: 'plan-td' },
       h('div', { class: 'muted small', text: `${planName(u.plan)}${u.period ? ` · ${u.period}` : ''}${u.status && u.status !== 'active' ? ` · ${u.status.replace(/_/g, ' ')}` : ''}` }),
-      h('div', { class: 'row-controls' }, planSel, yearly, setPlan)),
+      h('div', { class: 'row-controls' }, planSel, setPlan)),
     h('td', { class: 'credits-cell' },
       h('strong', { class: 'credits-available', text: fmtNum(u.credits_available) }),
       h('div', { class: 'muted small', text: `${fmtNum(u.credits_held)} held · ${fmtNum(u.credits_spent)} spent` })),
