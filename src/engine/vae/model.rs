@@ -1,6 +1,8 @@
 //! AutoencoderKL as FLUX uses it (BFL's `flux/modules/autoencoder.py`): a convolutional encoder
 //! to 16 latent channels at 1/8 resolution and the matching decoder, GroupNorm + SiLU
 //! ResNet blocks, one single-head attention block in the middle, no quant convs.
+//! Field names are the segments of `ae.safetensors` keys; [`Vae::build`] is the one walk that
+//! loads, checks or randomizes the tree (see `engine::loader`).
 
 use anyhow::{Result, bail};
 use burn::module::Module;
