@@ -443,4 +443,31 @@ mod tests {
         assert!(msg.contains("img_in.bias has shape [3], not [16]"), "{msg}");
         assert!(msg.contains("unknown keys img_in.extra"), "{msg}");
     }
+
+    /// Every model is a burn Module whose parameters are exactly the tensors its walk reads.
+    #[test]
+    fn every_model_holds_exactly_what_its_walk_reads() {
+        use crate::engine::clip::{ClipConfig, ClipText};
+        use crate::engine::t5::{T5Config, T5Encoder};
+        use crate::engine::vae::{Vae, VaeConfig};
+        use burn::module::Module;
+
+        fn count<M: Module>(build: impl Fn(&Loader) -> Result<M>) -> (usize, usize) {
+            let walk = Walk::random(&Device::flex(), DType::F32, 3);
+            let model = build(&walk.root()).unwrap();
+            let read = walk.entries().iter().map(|e| e.shape.iter().product::<usize>()).sum();
+            (model.num_params(), read)
+        }
+        let t5 = T5Config { vocab: 20, d_model: 8, heads: 2, d_kv: 4, d_ff: 12, layers: 2, buckets: 8, max_distance: 16, eps: 1e-6 };
+        let clip = ClipConfig { vocab: 20, hidden: 8, intermediate: 16, heads: 2, layers: 2, positions: 6, eps: 1e-5, quick_gelu: true };
+        let vae = VaeConfig { ch: 8, ch_mult: vec![1, 2], num_res_blocks: 1, z_channels: 4, groups: 4, ..VaeConfig::flux() };
+        for (name, (params, read)) in [
+            ("flux", count(|l| Flux::build(l, tiny()))),
+            ("t5", count(|l| T5Encoder::build(l, t5.clone()))),
+            ("clip", count(|l| ClipText::build(l, clip.clone()))),
+            ("vae", count(|l| Vae::build(l, vae.clone()))),
+        ] {
+            assert!(params > 0 && params == read, "{name}: {params} parameters, {read} values read");
+        }
+    }
 }
