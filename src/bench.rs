@@ -8,9 +8,9 @@ use anyhow::{Result, bail};
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::engine::device::SelectedDevice;
-use crate::engine::flux::{self, FluxConfig, FluxInput};
-use crate::engine::noise::{Mt19937, torch_randn};
-use crate::engine::weights::write_safetensors_f32;
+use crate::engine::flux::{self, Flux, FluxConfig, FluxInput};
+use crate::engine::loader::{Walk, write_random};
+use crate::engine::noise::torch_randn;
 
 #[derive(Debug, Clone)]
 pub struct BenchSpec {
@@ -82,19 +82,14 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// Writes a random checkpoint of `config` in BFL layout, values ~ U(-1,1)/sqrt(fan_in).
+/// Writes a random checkpoint of `config` in BFL layout: the tensors the model's own walk
+/// reads, with the values [`Walk::random`] with `seed` gives (U(-1,1)/sqrt(fan_in), norm
+/// scales 1).
 pub fn write_random_checkpoint(config: &FluxConfig, path: &Path, seed: u64) -> Result<()> {
-    let mut rng = Mt19937::new(seed);
+    let walk = Walk::plan();
+    Flux::build(&walk.root(), config.clone())?;
     let axes = serde_json::to_string(&config.axes_dim)?;
-    write_safetensors_f32(path, &config.parameters(), &[("axes_dims_rope", &axes)], |name, shape| {
-        let n: usize = shape.iter().product();
-        if name.ends_with(".scale") {
-            return vec![1.0; n];
-        }
-        let fan_in = if shape.len() == 2 { shape[1] } else { shape[0] } as f32;
-        let bound = 1.0 / fan_in.sqrt();
-        (0..n).map(|_| (rng.next_u32() as f32 / u32::MAX as f32 * 2.0 - 1.0) * bound).collect()
-    })
+    write_random(path, &walk.entries(), &[("axes_dims_rope", &axes)], seed)
 }
 
 pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
+use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::activation::sigmoid;
 use burn::tensor::module::attention;
@@ -12,13 +13,16 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::engine::layers::{self, gelu_tanh};
+use crate::engine::layers::{Embedding, LayerNorm, gelu_tanh};
+use crate::engine::loader::{self, Loader, Prefixed, Walk};
 use crate::engine::weights::{WeightSet, component_config};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipConfig {
     pub vocab: usize,
     pub hidden: usize,
+    /// The MLP's inner width (3072 for CLIP-L).
+    pub intermediate: usize,
     pub heads: usize,
     pub layers: usize,
     pub positions: usize,
@@ -34,23 +38,73 @@ pub struct ClipHint {
     pub hidden_act: Option<String>,
 }
 
-struct ClipLayer {
-    ln1: (Tensor<1>, Tensor<1>),
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    ln2: (Tensor<1>, Tensor<1>),
-    fc1: Linear,
-    fc2: Linear,
+/// `self_attn`: the four projections, with bias.
+#[derive(Module, Debug)]
+pub struct ClipAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
 }
 
+/// `mlp`: fc1 → quick-GELU → fc2.
+#[derive(Module, Debug)]
+pub struct ClipMlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+/// `encoder.layers.{i}`.
+#[derive(Module, Debug)]
+pub struct ClipLayer {
+    pub layer_norm1: LayerNorm,
+    pub self_attn: ClipAttention,
+    pub layer_norm2: LayerNorm,
+    pub mlp: ClipMlp,
+}
+
+impl ClipLayer {
+    fn load(l: &Loader, c: &ClipConfig) -> Result<Self> {
+        let (h, a) = (c.hidden, l.pp("self_attn"));
+        Ok(ClipLayer {
+            layer_norm1: l.layer_norm("layer_norm1", h, c.eps)?,
+            self_attn: ClipAttention {
+                q_proj: a.linear("q_proj", h, h, true)?,
+                k_proj: a.linear("k_proj", h, h, true)?,
+                v_proj: a.linear("v_proj", h, h, true)?,
+                out_proj: a.linear("out_proj", h, h, true)?,
+            },
+            layer_norm2: l.layer_norm("layer_norm2", h, c.eps)?,
+            mlp: ClipMlp {
+                fc1: l.pp("mlp").linear("fc1", h, c.intermediate, true)?,
+                fc2: l.pp("mlp").linear("fc2", c.intermediate, h, true)?,
+            },
+        })
+    }
+}
+
+/// `embeddings`: token and position tables.
+#[derive(Module, Debug)]
+pub struct ClipEmbeddings {
+    pub token_embedding: Embedding,
+    pub position_embedding: Embedding,
+}
+
+/// `encoder`.
+#[derive(Module, Debug)]
+pub struct ClipEncoder {
+    pub layers: Vec<ClipLayer>,
+}
+
+/// The text model; field names are the segments of the transformers checkpoint's keys (under
+/// `text_model.`, or whatever prefix the file has).
+#[derive(Module, Debug)]
 pub struct ClipText {
+    pub embeddings: ClipEmbeddings,
+    pub encoder: ClipEncoder,
+    pub final_layer_norm: LayerNorm,
+    #[module(skip)]
     pub config: ClipConfig,
-    token_embedding: Tensor<2>,
-    position_embedding: Tensor<2>,
-    layers: Vec<ClipLayer>,
-    final_ln: (Tensor<1>, Tensor<1>),
 }
 
 /// What the encoder returns for a batch.
@@ -61,113 +115,83 @@ pub struct ClipOutput {
     pub pooled: Tensor<2>,
 }
 
-/// Where a CLIP checkpoint's tensors are and the configuration they make, from its header.
-struct ClipKeys {
-    /// In front of every key (`text_model.` and any outer prefix, or none in transformers 5).
-    prefix: String,
-    config: ClipConfig,
+/// The key prefix (`text_model.` and any outer prefix, or none in transformers 5) and the
+/// configuration, read off the header.
+fn infer_config(set: &WeightSet, hint: &ClipHint) -> Result<(String, ClipConfig)> {
+    let prefix = set.prefix_of("embeddings.position_embedding.weight", "CLIP text")?;
+    let key = |n: &str| format!("{prefix}{n}");
+    let dims = |n: &str| set.shape(&key(n)).map(|s| s.to_vec()).ok_or_else(|| anyhow!("CLIP checkpoint has no {n}"));
+    let tok = dims("embeddings.token_embedding.weight")?;
+    let pos = dims("embeddings.position_embedding.weight")?;
+    if tok.len() != 2 || pos.len() != 2 {
+        bail!("CLIP checkpoint has embeddings of shapes {tok:?} and {pos:?}");
+    }
+    let layers = (0..).take_while(|i| set.contains(&key(&format!("encoder.layers.{i}.layer_norm1.weight")))).count();
+    let hidden = tok[1];
+    // CLIP-L: 12 heads of 64; other sizes need their config.json.
+    let heads = hint.num_attention_heads.unwrap_or(hidden / 64);
+    if heads == 0 || hidden % heads != 0 {
+        bail!("cannot split CLIP width {hidden} into {heads} heads; give its config.json");
+    }
+    let quick_gelu = match hint.hidden_act.as_deref() {
+        None | Some("quick_gelu") => true,
+        Some("gelu_new") | Some("gelu_pytorch_tanh") => false,
+        Some(other) => bail!("CLIP activation {other:?} is not supported"),
+    };
+    let intermediate = set.shape(&key("encoder.layers.0.mlp.fc1.weight")).map_or(4 * hidden, |s| s[0]);
+    let eps = hint.layer_norm_eps.unwrap_or(1e-5);
+    Ok((prefix, ClipConfig { vocab: tok[0], hidden, intermediate, heads, layers, positions: pos[0], eps, quick_gelu }))
 }
 
-/// The weight and bias tensors of each layer, under `encoder.layers.{i}.`.
-const LAYER_PARTS: [&str; 8] = ["layer_norm1", "layer_norm2", "self_attn.q_proj", "self_attn.k_proj",
-    "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"];
-
-impl ClipKeys {
-    fn read(set: &WeightSet, hint: &ClipHint) -> Result<Self> {
-        let prefix = set.prefix_of("embeddings.position_embedding.weight", "CLIP text")?;
-        let key = |n: &str| format!("{prefix}{n}");
-        let dims = |n: &str| set.shape(&key(n)).map(|s| s.to_vec()).ok_or_else(|| anyhow!("CLIP checkpoint has no {n}"));
-        let tok = dims("embeddings.token_embedding.weight")?;
-        let pos = dims("embeddings.position_embedding.weight")?;
-        let layers = (0..).take_while(|i| set.contains(&key(&format!("encoder.layers.{i}.layer_norm1.weight")))).count();
-        let hidden = tok[1];
-        // CLIP-L: 12 heads of 64; other sizes need their config.json.
-        let heads = hint.num_attention_heads.unwrap_or(hidden / 64);
-        if heads == 0 || hidden % heads != 0 {
-            bail!("cannot split CLIP width {hidden} into {heads} heads; give its config.json");
-        }
-        let quick_gelu = match hint.hidden_act.as_deref() {
-            None | Some("quick_gelu") => true,
-            Some("gelu_new") | Some("gelu_pytorch_tanh") => false,
-            Some(other) => bail!("CLIP activation {other:?} is not supported"),
-        };
-        let config = ClipConfig { vocab: tok[0], hidden, heads, layers, positions: pos[0], eps: hint.layer_norm_eps.unwrap_or(1e-5), quick_gelu };
-        Ok(ClipKeys { prefix, config })
-    }
-
-    fn key(&self, name: &str) -> String {
-        format!("{}{name}", self.prefix)
-    }
-
-    /// Every tensor the encoder reads must be there, and every key must be ours.
-    fn check(&self, set: &WeightSet) -> Result<()> {
-        let mut expected: Vec<String> = ["embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
-            "final_layer_norm.weight", "final_layer_norm.bias"].iter().map(|n| self.key(n)).collect();
-        for i in 0..self.config.layers {
-            for part in LAYER_PARTS {
-                expected.push(self.key(&format!("encoder.layers.{i}.{part}.weight")));
-                expected.push(self.key(&format!("encoder.layers.{i}.{part}.bias")));
-            }
-        }
-        // transformers keeps position ids as a buffer in some files; the projection of
-        // CLIPTextModelWithProjection is not used by FLUX.
-        set.check_keys("CLIP", &self.prefix, &expected, |k| k.ends_with("position_ids") || k.ends_with("text_projection.weight"))
-    }
+/// transformers keeps position ids as a buffer in some files; the projection of
+/// CLIPTextModelWithProjection is not used by FLUX.
+fn clip_ignored(key: &str) -> bool {
+    key.ends_with("position_ids") || key.ends_with("text_projection.weight")
 }
 
 impl ClipText {
+    /// The module tree of `config`, walked once: from a checkpoint, as a check, or random.
+    pub fn build(l: &Loader, config: ClipConfig) -> Result<Self> {
+        let c = &config;
+        let e = l.pp("embeddings");
+        Ok(ClipText {
+            embeddings: ClipEmbeddings {
+                token_embedding: e.embedding("token_embedding", c.vocab, c.hidden)?,
+                position_embedding: e.embedding("position_embedding", c.positions, c.hidden)?,
+            },
+            encoder: ClipEncoder {
+                layers: (0..c.layers).map(|i| ClipLayer::load(&l.pp("encoder").pp("layers").pp(i), c)).collect::<Result<_>>()?,
+            },
+            final_layer_norm: l.layer_norm("final_layer_norm", c.hidden, c.eps)?,
+            config,
+        })
+    }
+
     /// `clip_l.safetensors` (keys under `text_model.`, any outer prefix) or a transformers
     /// `text_encoder/` folder (transformers 5 writes the keys without `text_model.`).
     pub fn load(path: &Path, device: &Device, hint: Option<&ClipHint>) -> Result<Self> {
-        let (set, keys) = Self::open_checked(path, hint)?;
-        crate::engine::weights::low_peak_load(|| Self::from_weights(&set, keys, device))
+        let (set, prefix, config) = Self::open_checked(path, hint)?;
+        let source = Prefixed { set: &set, prefix, ignored: clip_ignored };
+        let walk = Walk::load(&source, device, DType::F32);
+        crate::engine::weights::low_peak_load(|| Self::build(&walk.root(), config))
             .with_context(|| format!("loading the CLIP text encoder {}", path.display()))
     }
 
     /// The configuration of a checkpoint, read off its header (no tensor data), after checking
     /// that it holds exactly the tensors this encoder reads.
     pub fn check(path: &Path, hint: Option<&ClipHint>) -> Result<ClipConfig> {
-        Ok(Self::open_checked(path, hint)?.1.config)
+        Ok(Self::open_checked(path, hint)?.2)
     }
 
-    fn open_checked(path: &Path, hint: Option<&ClipHint>) -> Result<(WeightSet, ClipKeys)> {
+    fn open_checked(path: &Path, hint: Option<&ClipHint>) -> Result<(WeightSet, String, ClipConfig)> {
         let open = || -> Result<_> {
             let set = WeightSet::open(path)?;
-            let keys = ClipKeys::read(&set, &component_config(path, hint)?.unwrap_or_default())?;
-            keys.check(&set)?;
-            Ok((set, keys))
+            let (prefix, config) = infer_config(&set, &component_config(path, hint)?.unwrap_or_default())?;
+            let source = Prefixed { set: &set, prefix: prefix.clone(), ignored: clip_ignored };
+            loader::check(&source, "CLIP checkpoint", "the CLIP text encoder", |l| Self::build(l, config.clone()))?;
+            Ok((set, prefix, config))
         };
         open().with_context(|| format!("reading the CLIP text encoder {}", path.display()))
-    }
-
-    fn from_weights(set: &WeightSet, keys: ClipKeys, device: &Device) -> Result<Self> {
-        let dt = DType::F32;
-        let vec1 = |n: &str| -> Result<Tensor<1>> { layers::upload(set.read(&keys.key(n))?, n, device, dt) };
-        let norm = |n: &str| -> Result<(Tensor<1>, Tensor<1>)> { Ok((vec1(&format!("{n}.weight"))?, vec1(&format!("{n}.bias"))?)) };
-        let linear = |n: &str| -> Result<Linear> {
-            layers::linear(set.read(&keys.key(&format!("{n}.weight")))?, Some(set.read(&keys.key(&format!("{n}.bias")))?), n, device, dt)
-        };
-        let mut ls = Vec::new();
-        for i in 0..keys.config.layers {
-            let b = |n: &str| format!("encoder.layers.{i}.{n}");
-            ls.push(ClipLayer {
-                ln1: norm(&b("layer_norm1"))?,
-                q: linear(&b("self_attn.q_proj"))?,
-                k: linear(&b("self_attn.k_proj"))?,
-                v: linear(&b("self_attn.v_proj"))?,
-                out: linear(&b("self_attn.out_proj"))?,
-                ln2: norm(&b("layer_norm2"))?,
-                fc1: linear(&b("mlp.fc1"))?,
-                fc2: linear(&b("mlp.fc2"))?,
-            });
-        }
-        Ok(ClipText {
-            token_embedding: layers::upload(set.read(&keys.key("embeddings.token_embedding.weight"))?, "token_embedding", device, dt)?,
-            position_embedding: layers::upload(set.read(&keys.key("embeddings.position_embedding.weight"))?, "position_embedding", device, dt)?,
-            layers: ls,
-            final_ln: norm("final_layer_norm")?,
-            config: keys.config,
-        })
     }
 
     /// Token ids [B][L] → final states and pooled output.
@@ -178,22 +202,22 @@ impl ClipText {
         if batch == 0 || len == 0 || len > c.positions || ids.iter().any(|r| r.len() != len) {
             bail!("CLIP needs a non-empty batch of equal-length rows of at most {} tokens", c.positions);
         }
-        let tokens = layers::embed(&self.token_embedding, ids, "CLIP")?;
-        let positions = self.position_embedding.clone().narrow(0, 0, len).unsqueeze::<3>();
+        let tokens = self.embeddings.token_embedding.forward(ids, "CLIP")?;
+        let positions = self.embeddings.position_embedding.weight.val().narrow(0, 0, len).unsqueeze::<3>();
         let mut x = tokens + positions;
         let head_dim = c.hidden / c.heads;
         let causal = AttentionModuleOptions { is_causal: true, ..Default::default() };
-        for l in &self.layers {
-            let h = layers::layer_norm(x.clone(), c.eps, Some((&l.ln1.0, &l.ln1.1)));
+        for l in &self.encoder.layers {
+            let (a, mlp) = (&l.self_attn, &l.mlp);
+            let h = l.layer_norm1.forward(x.clone());
             let heads = |t: Tensor<3>| t.reshape([batch, len, c.heads, head_dim]).swap_dims(1, 2);
-            let a = attention(heads(l.q.forward(h.clone())), heads(l.k.forward(h.clone())), heads(l.v.forward(h)), None, None, causal);
-            x = x + l.out.forward(a.swap_dims(1, 2).reshape([batch, len, c.hidden]));
-            let h = layers::layer_norm(x.clone(), c.eps, Some((&l.ln2.0, &l.ln2.1)));
-            let h = l.fc1.forward(h);
+            let o = attention(heads(a.q_proj.forward(h.clone())), heads(a.k_proj.forward(h.clone())), heads(a.v_proj.forward(h)), None, None, causal);
+            x = x + a.out_proj.forward(o.swap_dims(1, 2).reshape([batch, len, c.hidden]));
+            let h = mlp.fc1.forward(l.layer_norm2.forward(x.clone()));
             let h = if c.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { gelu_tanh(h) };
-            x = x.clone() + l.fc2.forward(h);
+            x = x.clone() + mlp.fc2.forward(h);
         }
-        let last_hidden = layers::layer_norm(x, c.eps, Some((&self.final_ln.0, &self.final_ln.1)));
+        let last_hidden = self.final_layer_norm.forward(x);
         // transformers pools at argmax(ids): the first occurrence of the largest id, which is
         // the first end-of-text (49407) for every tokenizer output.
         let rows: Vec<Tensor<2>> = ids

@@ -2,9 +2,11 @@
 //! layers, and the activations and norms the reference implementations use.
 
 use anyhow::{Result, bail};
-use burn::module::Param;
+use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::activation::sigmoid;
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::engine::weights::HostTensor;
@@ -29,6 +31,75 @@ pub fn embed(table: &Tensor<2>, ids: &[Vec<u32>], what: &str) -> Result<Tensor<3
     let flat: Vec<i32> = ids.iter().flatten().map(|&t| t as i32).collect();
     let index = Tensor::<1, Int>::from_data(TensorData::new(flat, [batch * len]), &table.device());
     Ok(table.clone().select(0, index).reshape([batch, len, dim]))
+}
+
+/// An embedding table [count, dim] (`*.weight`).
+#[derive(Module, Debug)]
+pub struct Embedding {
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Embedding {
+    /// Rows for token ids [B][L] → [B, L, dim]; see [`embed`].
+    pub fn forward(&self, ids: &[Vec<u32>], what: &str) -> Result<Tensor<3>> {
+        embed(&self.weight.val(), ids, what)
+    }
+}
+
+/// LayerNorm with affine parameters over the last dim, statistics in f32 (see [`layer_norm`]).
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        layer_norm(x, self.eps, Some((&self.weight.val(), &self.bias.val())))
+    }
+}
+
+/// A 2-D convolution in PyTorch's layout (weight [out, in, k, k], bias [out]), same stride on
+/// both axes, `pad_before`/`pad_after` on both spatial axes.
+#[derive(Module, Debug)]
+pub struct Conv2d {
+    pub weight: Param<Tensor<4>>,
+    pub bias: Param<Tensor<1>>,
+    pub stride: usize,
+    pub pad_before: usize,
+    pub pad_after: usize,
+}
+
+impl Conv2d {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let options = ConvOptions {
+            stride: [self.stride; 2],
+            padding: [(self.pad_before, self.pad_after); 2],
+            dilation: [1; 2],
+            groups: 1,
+        };
+        conv2d(x, self.weight.val(), Some(self.bias.val()), options)
+    }
+}
+
+/// GroupNorm with affine parameters, eps 1e-6, statistics in f32.
+#[derive(Module, Debug)]
+pub struct GroupNorm {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    pub groups: usize,
+}
+
+impl GroupNorm {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let dtype = x.dtype();
+        let g = x.cast(DType::F32).reshape([b, self.groups, (c / self.groups) * h * w]);
+        let (var, mean) = g.clone().var_mean_bias(2);
+        let normed = ((g - mean) / (var + 1e-6).sqrt()).reshape([b, c, h, w]).cast(dtype);
+        normed * self.weight.val().reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1])
+    }
 }
 
 /// A linear layer from PyTorch's [out, in] weight. burn's `Linear` multiplies by [in, out];

@@ -4,6 +4,7 @@ pub mod clip;
 pub mod device;
 pub mod flux;
 pub mod layers;
+pub mod loader;
 pub mod noise;
 pub mod pipeline;
 pub mod pngfile;

@@ -11,7 +11,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use crate::engine::clip::ClipText;
 use crate::engine::flux::{self, Flux, FluxInput};
 use crate::engine::noise::torch_randn;
-use crate::engine::sampler::{ScheduleConfig, euler_step};
+use crate::engine::sampler::{ScheduleConfig, StepEvent, denoise};
 use crate::engine::t5::T5Encoder;
 use crate::engine::tokenize::{FluxTokenizers, MIN_T5_LENGTH};
 use crate::engine::vae;
@@ -204,35 +204,44 @@ pub fn unpack(tokens: &[f32], channels: usize, h: usize, w: usize) -> Vec<f32> {
     out
 }
 
-/// Components kept loaded between generations (`keep_resident`), or loaded per stage and
-/// dropped after it (the default), so that peak memory is the largest component.
-#[derive(Default)]
+/// One component: loaded when a stage needs it, and afterwards kept (when the slot keeps
+/// its component) or dropped, so that peak memory is the largest component.
+pub struct Slot<T> {
+    keep: bool,
+    value: Option<T>,
+}
+
+impl<T> Slot<T> {
+    pub fn new(keep: bool) -> Self {
+        Slot { keep, value: None }
+    }
+
+    /// Runs `stage` with the component, loading it first when it is not resident.
+    pub fn with<R>(&mut self, load: impl FnOnce() -> Result<T>, stage: impl FnOnce(&T) -> Result<R>) -> Result<R> {
+        let value = match self.value.take() {
+            Some(value) => value,
+            None => load()?,
+        };
+        let out = stage(&value);
+        if self.keep {
+            self.value = Some(value);
+        }
+        out
+    }
+}
+
+/// The components of one model, kept loaded between generations (`keep_resident`) or loaded
+/// per stage and dropped after it (the default).
 pub struct Resident {
-    pub keep: bool,
-    t5: Option<T5Encoder>,
-    clip: Option<ClipText>,
-    flux: Option<Flux>,
-    vae: Option<vae::Vae>,
+    t5: Slot<T5Encoder>,
+    clip: Slot<ClipText>,
+    flux: Slot<Flux>,
+    vae: Slot<vae::Vae>,
 }
 
 impl Resident {
     pub fn new(keep: bool) -> Self {
-        Resident { keep, ..Default::default() }
-    }
-
-    /// The component in `slot`, loading it if it is not resident.
-    fn take<T>(slot: &mut Option<T>, load: impl FnOnce() -> Result<T>) -> Result<T> {
-        match slot.take() {
-            Some(t) => Ok(t),
-            None => load(),
-        }
-    }
-
-    /// Puts a component back when memory may be kept; otherwise it is dropped here.
-    fn give_back<T>(keep: bool, slot: &mut Option<T>, value: T) {
-        if keep {
-            *slot = Some(value);
-        }
+        Resident { t5: Slot::new(keep), clip: Slot::new(keep), flux: Slot::new(keep), vae: Slot::new(keep) }
     }
 }
 
@@ -347,9 +356,111 @@ pub fn generate_prepared(
     let mut warnings = prepared.warnings.clone();
 
     progress(Progress::Stage("encoding the prompt"));
+    let prompt = encode_prompt(files, &req.prompt, max_len, device, resident, &mut warnings)?;
+
+    progress(Progress::Stage("loading the transformer"));
+    let schedule = match &files.scheduler {
+        Some(path) => ScheduleConfig::from_file(path)?,
+        None if is_dev => ScheduleConfig::dev(),
+        None => ScheduleConfig::schnell(),
+    };
+    let (grid, latents) = resident.flux.with(
+        || flux::load_transformer(&files.transformer, device, DType::F32, None),
+        |model| sample(model, &prompt, &schedule, prepared, req, device, &mut progress),
+    )?;
+
+    if is_canceled(req) {
+        return Err(Canceled.into());
+    }
+    progress(Progress::Stage("decoding"));
+    let images = decode(files, &grid, latents, device, resident)?
+        .iter()
+        .map(|pixels| to_rgb(pixels, width, height))
+        .collect();
+    Ok(Generated { images, seeds: prepared.seeds(req), steps, width, height, guidance, is_dev, warnings })
+}
+
+/// The transformer's part: for each image, its seed's noise denoised into clean latents
+/// (unpacked, on the host).
+fn sample(
+    model: &Flux,
+    prompt: &PromptEmbeds,
+    schedule: &ScheduleConfig,
+    prepared: &Prepared,
+    req: &GenerateRequest,
+    device: &Device,
+    progress: &mut impl FnMut(Progress),
+) -> Result<(LatentGrid, Vec<Vec<f32>>)> {
+    let steps = prepared.steps;
+    let grid = LatentGrid { channels: model.config.in_channels / 4, rows: 2 * (prepared.height / 16), cols: 2 * (prepared.width / 16) };
+    let sigmas = schedule.sigmas(steps, grid.tokens());
+    let timesteps = schedule.timesteps(&sigmas);
+    let rope = model.rope(prepared.max_sequence_length, grid.rows / 2, grid.cols / 2, device);
+    let guidance = prepared.guidance.map(|g| [g]);
+    // The transformer's velocity v(x, t); diffusers hands it timestep / 1000, in f32.
+    let velocity = |x: &Tensor<3>, i: usize| {
+        model.forward(FluxInput {
+            img: x.clone(),
+            txt: prompt.txt.clone(),
+            y: prompt.y.clone(),
+            timesteps: &[timesteps[i] / 1000.0],
+            guidance: guidance.as_ref().map(|g| &g[..]),
+            rope: &rope,
+        })
+    };
+    let mut latents = Vec::new();
+    for (image, seed) in prepared.seeds(req).into_iter().enumerate() {
+        let noise = grid.upload(&pack(&torch_randn(seed, &grid.shape()), grid.channels, grid.rows, grid.cols), device);
+        let started = Instant::now();
+        let x = denoise(noise, &sigmas, &velocity, |event| {
+            match event {
+                StepEvent::Start { .. } if is_canceled(req) => return Err(Canceled.into()),
+                StepEvent::Start { .. } => {}
+                StepEvent::Velocity { step, x, v, sigma } => {
+                    let every = req.preview_every;
+                    if every > 0 && ((step + 1) % every == 0 || step + 1 == steps) {
+                        // The flow's estimate of the clean latents: x0 = x_t − σ·v.
+                        let x0 = grid.read(x.clone() - v.clone() * sigma)?;
+                        let rgb = crate::engine::preview::latents_to_rgb(&x0, grid.channels, grid.rows, grid.cols);
+                        progress(Progress::Preview { image, step: step + 1, rgb });
+                    }
+                }
+                StepEvent::Done { step } => {
+                    progress(Progress::Step { image, step: step + 1, steps, seconds: started.elapsed().as_secs_f64() });
+                }
+            }
+            Ok(())
+        })?;
+        latents.push(grid.read(x)?);
+    }
+    Ok((grid, latents))
+}
+
+fn is_canceled(req: &GenerateRequest) -> bool {
+    req.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// The prompt's conditioning: T5's states and CLIP's pooled output.
+pub struct PromptEmbeds {
+    /// T5 last hidden state [1, max_len, d_model].
+    pub txt: Tensor<3>,
+    /// CLIP pooled [1, hidden].
+    pub y: Tensor<2>,
+}
+
+/// Tokenizes the prompt and runs both text encoders (each loaded in its turn); truncation is
+/// reported in `warnings`.
+pub fn encode_prompt(
+    files: &ModelFiles,
+    prompt: &str,
+    max_len: usize,
+    device: &Device,
+    resident: &mut Resident,
+    warnings: &mut Vec<String>,
+) -> Result<PromptEmbeds> {
     let tokenizers = files.load_tokenizers()?;
-    let t5_tokens = tokenizers.t5(&req.prompt, max_len)?;
-    let clip_tokens = tokenizers.clip(&req.prompt)?;
+    let t5_tokens = tokenizers.t5(prompt, max_len)?;
+    let clip_tokens = tokenizers.clip(prompt)?;
     if t5_tokens.truncated() {
         warnings.push(format!(
             "the prompt has {} T5 tokens; only the first {max_len} are used (raise --max-sequence-length)",
@@ -359,79 +470,57 @@ pub fn generate_prepared(
     if clip_tokens.truncated() {
         warnings.push(format!("the prompt has {} CLIP tokens; CLIP sees only the first 77", clip_tokens.untruncated_len));
     }
-    let keep = resident.keep;
-    let t5 = Resident::take(&mut resident.t5, || T5Encoder::load(&files.t5, device, None))?;
-    let txt = t5.forward(std::slice::from_ref(&t5_tokens.ids), device)?;
-    Resident::give_back(keep, &mut resident.t5, t5);
-    let clip = Resident::take(&mut resident.clip, || ClipText::load(&files.clip, device, None))?;
-    let y = clip.forward(std::slice::from_ref(&clip_tokens.ids))?.pooled;
-    Resident::give_back(keep, &mut resident.clip, clip);
+    let txt = resident.t5.with(
+        || T5Encoder::load(&files.t5, device, None),
+        |t5| t5.forward(std::slice::from_ref(&t5_tokens.ids), device),
+    )?;
+    let y = resident.clip.with(
+        || ClipText::load(&files.clip, device, None),
+        |clip| Ok(clip.forward(std::slice::from_ref(&clip_tokens.ids))?.pooled),
+    )?;
+    Ok(PromptEmbeds { txt, y })
+}
 
-    progress(Progress::Stage("loading the transformer"));
-    let model = Resident::take(&mut resident.flux, || flux::load_transformer(&files.transformer, device, DType::F32, None))?;
-    let (lh, lw) = (2 * (height / 16), 2 * (width / 16));
-    let channels = model.config.in_channels / 4;
-    let seq_len = (lh / 2) * (lw / 2);
-    let schedule = match &files.scheduler {
-        Some(path) => ScheduleConfig::from_file(path)?,
-        None if is_dev => ScheduleConfig::dev(),
-        None => ScheduleConfig::schnell(),
-    };
-    let sigmas = schedule.sigmas(steps, seq_len);
-    let timesteps = schedule.timesteps(&sigmas);
-    let rope = model.rope(max_len, lh / 2, lw / 2, device);
+/// Latents [channels, rows, cols] and their packed form [1, (rows/2)(cols/2), 4·channels].
+#[derive(Debug, Clone, Copy)]
+struct LatentGrid {
+    channels: usize,
+    rows: usize,
+    cols: usize,
+}
 
-    let canceled = || req.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
-    let mut latents_all = Vec::new();
-    let seeds = prepared.seeds(req);
-    for (index, &seed) in seeds.iter().enumerate() {
-        let noise = torch_randn(seed, &[1, channels, lh, lw]);
-        let mut x = Tensor::<3>::from_data(TensorData::new(pack(&noise, channels, lh, lw), [1, seq_len, channels * 4]), device);
-        let started = Instant::now();
-        for i in 0..steps {
-            if canceled() {
-                return Err(Canceled.into());
-            }
-            // diffusers hands the transformer timestep / 1000, in f32.
-            let t = [timesteps[i] / 1000.0];
-            let g = guidance.map(|g| [g]);
-            let v = model.forward(FluxInput {
-                img: x.clone(),
-                txt: txt.clone(),
-                y: y.clone(),
-                timesteps: &t,
-                guidance: g.as_ref().map(|g| &g[..]),
-                rope: &rope,
-            })?;
-            let every = req.preview_every;
-            if every > 0 && ((i + 1) % every == 0 || i + 1 == steps) {
-                // The flow's estimate of the clean latents: x0 = x_t − σ·v.
-                let x0 = x.clone() - v.clone() * sigmas[i];
-                let tokens = x0.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading latents: {e:?}"))?;
-                let rgb = crate::engine::preview::latents_to_rgb(&unpack(&tokens, channels, lh, lw), channels, lh, lw);
-                progress(Progress::Preview { image: index, step: i + 1, rgb });
-            }
-            x = euler_step(x, v, sigmas[i], sigmas[i + 1]);
-            progress(Progress::Step { image: index, step: i + 1, steps, seconds: started.elapsed().as_secs_f64() });
-        }
-        latents_all.push(x.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading latents: {e:?}"))?);
+impl LatentGrid {
+    fn tokens(&self) -> usize {
+        (self.rows / 2) * (self.cols / 2)
     }
-    Resident::give_back(keep, &mut resident.flux, model);
 
-    if canceled() {
-        return Err(Canceled.into());
+    fn shape(&self) -> [usize; 4] {
+        [1, self.channels, self.rows, self.cols]
     }
-    progress(Progress::Stage("decoding"));
-    let vae = Resident::take(&mut resident.vae, || vae::load_vae(&files.vae, device, DType::F32, None))?;
-    let mut images = Vec::new();
-    for tokens in latents_all {
-        let z = Tensor::<4>::from_data(TensorData::new(unpack(&tokens, channels, lh, lw), [1, channels, lh, lw]), device);
-        // Up to 1024² in one piece; larger images in 512-pixel tiles with 128 pixels of overlap.
-        let pixels = vae.decode_tiled(z, 128, 16);
-        images.push(to_rgb(&pixels, width, height));
+
+    fn upload(&self, packed: &[f32], device: &Device) -> Tensor<3> {
+        Tensor::from_data(TensorData::new(packed.to_vec(), [1, self.tokens(), self.channels * 4]), device)
     }
-    Resident::give_back(keep, &mut resident.vae, vae);
-    Ok(Generated { images, seeds, steps, width, height, guidance, is_dev, warnings })
+
+    /// Packed latents on the device → unpacked [channels, rows, cols] on the host.
+    fn read(&self, x: Tensor<3>) -> Result<Vec<f32>> {
+        let tokens = x.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading latents: {e:?}"))?;
+        Ok(unpack(&tokens, self.channels, self.rows, self.cols))
+    }
+}
+
+/// Latents → pixels [3, 8·rows, 8·cols] through the VAE (loaded in its turn). Up to 1024² in
+/// one piece; larger images in 512-pixel tiles with 128 pixels of overlap.
+fn decode(files: &ModelFiles, grid: &LatentGrid, latents: Vec<Vec<f32>>, device: &Device, resident: &mut Resident) -> Result<Vec<Vec<f32>>> {
+    resident.vae.with(
+        || vae::load_vae(&files.vae, device, DType::F32, None),
+        |vae| {
+            Ok(latents
+                .into_iter()
+                .map(|z| vae.decode_tiled(Tensor::<4>::from_data(TensorData::new(z, grid.shape()), device), 128, 16))
+                .collect())
+        },
+    )
 }
 
 /// Decoded [3, H, W] in about [-1, 1] → 8-bit RGB: (x/2 + 0.5) clamped, rounded.
@@ -455,6 +544,19 @@ pub fn a1111_parameters(prompt: &str, steps: usize, seed: u64, width: usize, hei
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_slot_keeps_its_component_only_when_told_to() {
+        for keep in [false, true] {
+            let mut slot = super::Slot::new(keep);
+            let mut loads = 0;
+            for _ in 0..2 {
+                let got = slot.with(|| { loads += 1; Ok(7) }, |v| Ok(*v + 1)).unwrap();
+                assert_eq!(got, 8);
+            }
+            assert_eq!(loads, if keep { 1 } else { 2 });
+        }
+    }
+
     #[test]
     fn pack_and_unpack_are_inverse() {
         let v: Vec<f32> = (0..2 * 4 * 6).map(|i| i as f32).collect();

@@ -139,6 +139,34 @@ pub fn euler_step<const D: usize>(x: Tensor<D>, velocity: Tensor<D>, sigma: f32,
     (x.cast(DType::F32) + velocity.cast(DType::F32) * (sigma_next - sigma)).cast(dtype)
 }
 
+/// What [`denoise`] reports around each step `i`.
+pub enum StepEvent<'a> {
+    /// Before the step (an error here stops the loop, e.g. a cancel).
+    Start { step: usize },
+    /// The velocity v at the current point x, with the step's σ.
+    Velocity { step: usize, x: &'a Tensor<3>, v: &'a Tensor<3>, sigma: f32 },
+    /// After the Euler step.
+    Done { step: usize },
+}
+
+/// Integrates the flow from noise to clean latents with Euler steps over `sigmas` (one more
+/// than the steps, ending at 0): x ← x + (σ_{i+1} − σ_i) · v(x, i).
+pub fn denoise(
+    mut x: Tensor<3>,
+    sigmas: &[f32],
+    mut velocity: impl FnMut(&Tensor<3>, usize) -> Result<Tensor<3>>,
+    mut on: impl FnMut(StepEvent) -> Result<()>,
+) -> Result<Tensor<3>> {
+    for step in 0..sigmas.len().saturating_sub(1) {
+        on(StepEvent::Start { step })?;
+        let v = velocity(&x, step)?;
+        on(StepEvent::Velocity { step, x: &x, v: &v, sigma: sigmas[step] })?;
+        x = euler_step(x, v, sigmas[step], sigmas[step + 1]);
+        on(StepEvent::Done { step })?;
+    }
+    Ok(x)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +175,26 @@ mod tests {
     fn schnell_four_steps_is_a_plain_linspace() {
         let s = ScheduleConfig::schnell().sigmas(4, 4096);
         assert_eq!(s, vec![1.0, 0.75, 0.5, 0.25, 0.0]);
+    }
+
+    #[test]
+    fn denoise_follows_a_constant_velocity_from_one_to_zero() {
+        let device = burn::tensor::Device::flex();
+        let x = Tensor::<3>::from_data(burn::tensor::TensorData::new(vec![2.0f32, -1.0], [1, 1, 2]), &device);
+        let v = x.clone() * 0.5;
+        let mut events = Vec::new();
+        let out = denoise(x, &[1.0, 0.75, 0.5, 0.0], |_, _| Ok(v.clone()), |e| {
+            events.push(match e {
+                StepEvent::Start { step } => (0, step),
+                StepEvent::Velocity { step, .. } => (1, step),
+                StepEvent::Done { step } => (2, step),
+            });
+            Ok(())
+        })
+        .unwrap();
+        // x(0) = x(1) − v: each step adds (σ_next − σ)·v and the σ steps sum to −1.
+        assert_eq!(out.into_data().try_to_vec::<f32>().unwrap(), vec![1.0, -0.5]);
+        assert_eq!(events, [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1), (0, 2), (1, 2), (2, 2)]);
     }
 
     #[test]

@@ -6,13 +6,15 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
+use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use serde::Deserialize;
 
-use crate::engine::layers::{self, gelu_tanh};
+use crate::engine::layers::{Embedding, gelu_tanh};
+use crate::engine::loader::{self, Init, Loader, Prefixed, Walk};
 use crate::engine::weights::{WeightSet, component_config};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -35,134 +37,194 @@ pub struct T5Hint {
     pub layer_norm_epsilon: Option<f64>,
 }
 
+/// T5's LayerNorm: RMS only, no mean, no bias.
+#[derive(Module, Debug)]
+pub struct T5LayerNorm {
+    pub weight: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl T5LayerNorm {
+    fn load(l: &Loader, c: &T5Config) -> Result<Self> {
+        Ok(T5LayerNorm { weight: l.param("weight", [c.d_model], Init::Ones)?, eps: c.eps })
+    }
+
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let rrms = (x.clone().square().mean_dim(2) + self.eps).sqrt().recip();
+        x * rrms * self.weight.val().unsqueeze::<3>()
+    }
+}
+
+/// `SelfAttention`: projections without bias; block 0 alone holds the relative position
+/// bias table [buckets, heads] every block uses.
+#[derive(Module, Debug)]
+pub struct T5Attention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub relative_attention_bias: Option<Embedding>,
+}
+
+impl T5Attention {
+    fn load(l: &Loader, c: &T5Config, first: bool) -> Result<Self> {
+        let inner = c.heads * c.d_kv;
+        Ok(T5Attention {
+            q: l.linear("q", c.d_model, inner, false)?,
+            k: l.linear("k", c.d_model, inner, false)?,
+            v: l.linear("v", c.d_model, inner, false)?,
+            o: l.linear("o", inner, c.d_model, false)?,
+            relative_attention_bias: if first { Some(l.embedding("relative_attention_bias", c.buckets, c.heads)?) } else { None },
+        })
+    }
+}
+
+/// `layer.0`: pre-norm self-attention.
+#[derive(Module, Debug)]
+pub struct T5LayerSelfAttention {
+    /// `SelfAttention`
+    pub self_attention: T5Attention,
+    pub layer_norm: T5LayerNorm,
+}
+
+/// `DenseReluDense` of T5 v1.1: gated GELU(tanh).
+#[derive(Module, Debug)]
+pub struct T5DenseGatedAct {
+    pub wi_0: Linear,
+    pub wi_1: Linear,
+    pub wo: Linear,
+}
+
+/// `layer.1`: pre-norm feed-forward.
+#[derive(Module, Debug)]
+pub struct T5LayerFf {
+    /// `DenseReluDense`
+    pub dense_relu_dense: T5DenseGatedAct,
+    pub layer_norm: T5LayerNorm,
+}
+
+/// `encoder.block.{i}`.
+#[derive(Module, Debug)]
+pub struct T5Block {
+    /// `layer.0`
+    pub layer_0: T5LayerSelfAttention,
+    /// `layer.1`
+    pub layer_1: T5LayerFf,
+}
+
+impl T5Block {
+    fn load(l: &Loader, c: &T5Config, first: bool) -> Result<Self> {
+        let (a, f) = (l.pp("layer").pp(0), l.pp("layer").pp(1));
+        let ff = f.pp("DenseReluDense");
+        Ok(T5Block {
+            layer_0: T5LayerSelfAttention {
+                self_attention: T5Attention::load(&a.pp("SelfAttention"), c, first)?,
+                layer_norm: T5LayerNorm::load(&a.pp("layer_norm"), c)?,
+            },
+            layer_1: T5LayerFf {
+                dense_relu_dense: T5DenseGatedAct {
+                    wi_0: ff.linear("wi_0", c.d_model, c.d_ff, false)?,
+                    wi_1: ff.linear("wi_1", c.d_model, c.d_ff, false)?,
+                    wo: ff.linear("wo", c.d_ff, c.d_model, false)?,
+                },
+                layer_norm: T5LayerNorm::load(&f.pp("layer_norm"), c)?,
+            },
+        })
+    }
+}
+
+/// `encoder`: the blocks and the final norm.
+#[derive(Module, Debug)]
+pub struct T5Stack {
+    pub block: Vec<T5Block>,
+    pub final_layer_norm: T5LayerNorm,
+}
+
+/// The encoder; field names are the segments of the transformers checkpoint's keys.
+#[derive(Module, Debug)]
 pub struct T5Encoder {
+    /// `shared` (or, in files without it, `encoder.embed_tokens`).
+    pub shared: Embedding,
+    pub encoder: T5Stack,
+    #[module(skip)]
     pub config: T5Config,
-    shared: Tensor<2>,
-    blocks: Vec<T5Block>,
-    final_layer_norm: Tensor<1>,
-    /// Block 0's relative attention bias table [buckets, heads], kept on the host.
-    relative_bias: Vec<f32>,
 }
 
-struct T5Block {
-    attn_norm: Tensor<1>,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    ff_norm: Tensor<1>,
-    wi_0: Linear,
-    wi_1: Linear,
-    wo: Linear,
-}
-
-/// Where a T5 checkpoint's tensors are and the configuration they make, from its header.
-struct T5Keys {
-    /// In front of every key (`text_encoders.t5xxl.transformer.` in an all-in-one file).
-    prefix: String,
-    /// The token embedding's name: `shared.weight`, or `encoder.embed_tokens.weight` alone.
-    shared: &'static str,
-    config: T5Config,
-}
-
-/// The tensors of each block, under `encoder.block.{i}.layer.`.
-const BLOCK_PARTS: [&str; 9] = ["0.layer_norm", "0.SelfAttention.q", "0.SelfAttention.k", "0.SelfAttention.v",
-    "0.SelfAttention.o", "1.layer_norm", "1.DenseReluDense.wi_0", "1.DenseReluDense.wi_1", "1.DenseReluDense.wo"];
 const RELATIVE_BIAS: &str = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight";
 
-impl T5Keys {
-    fn read(set: &WeightSet, hint: &T5Hint) -> Result<Self> {
-        let prefix = set.prefix_of("encoder.final_layer_norm.weight", "T5 encoder")?;
-        let key = |n: &str| format!("{prefix}{n}");
-        let dims = |n: &str| set.shape(&key(n)).map(|s| s.to_vec()).ok_or_else(|| anyhow!("T5 checkpoint has no {n}"));
-        let shared = if set.contains(&key("shared.weight")) { "shared.weight" } else { "encoder.embed_tokens.weight" };
-        let embedding = dims(shared)?;
-        let bias = dims(RELATIVE_BIAS)?;
-        // Checked, not indexed blindly: a start-up check of a wrong file must not panic.
-        if bias.len() != 2 || bias[1] == 0 || embedding.len() != 2 {
-            bail!("T5 checkpoint has an embedding of shape {embedding:?} and a position bias of shape {bias:?}");
-        }
-        let inner = dims("encoder.block.0.layer.0.SelfAttention.q.weight")?[0];
-        let config = T5Config {
-            vocab: embedding[0],
-            d_model: embedding[1],
-            heads: bias[1],
-            d_kv: inner / bias[1],
-            d_ff: dims("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
-                .context("only gated-GELU T5 (v1.1) is supported")?[0],
-            layers: (0..).take_while(|i| set.contains(&key(&format!("encoder.block.{i}.layer.0.layer_norm.weight")))).count(),
-            buckets: bias[0],
-            max_distance: hint.relative_attention_max_distance.unwrap_or(128),
-            eps: hint.layer_norm_epsilon.unwrap_or(1e-6),
-        };
-        Ok(T5Keys { prefix, shared, config })
+/// The key prefix (`text_encoders.t5xxl.transformer.` in an all-in-one file) and the
+/// configuration, read off the header.
+fn infer_config(set: &WeightSet, hint: &T5Hint) -> Result<(String, T5Config)> {
+    let prefix = set.prefix_of("encoder.final_layer_norm.weight", "T5 encoder")?;
+    let key = |n: &str| format!("{prefix}{n}");
+    let dims = |n: &str| set.shape(&key(n)).map(|s| s.to_vec()).ok_or_else(|| anyhow!("T5 checkpoint has no {n}"));
+    let shared = if set.contains(&key("shared.weight")) { "shared.weight" } else { "encoder.embed_tokens.weight" };
+    let embedding = dims(shared)?;
+    let bias = dims(RELATIVE_BIAS)?;
+    // Checked, not indexed blindly: a start-up check of a wrong file must not panic.
+    if bias.len() != 2 || bias[1] == 0 || embedding.len() != 2 {
+        bail!("T5 checkpoint has an embedding of shape {embedding:?} and a position bias of shape {bias:?}");
     }
+    let inner = dims("encoder.block.0.layer.0.SelfAttention.q.weight")?[0];
+    let config = T5Config {
+        vocab: embedding[0],
+        d_model: embedding[1],
+        heads: bias[1],
+        d_kv: inner / bias[1],
+        d_ff: dims("encoder.block.0.layer.1.DenseReluDense.wi_0.weight").context("only gated-GELU T5 (v1.1) is supported")?[0],
+        layers: (0..).take_while(|i| set.contains(&key(&format!("encoder.block.{i}.layer.0.layer_norm.weight")))).count(),
+        buckets: bias[0],
+        max_distance: hint.relative_attention_max_distance.unwrap_or(128),
+        eps: hint.layer_norm_epsilon.unwrap_or(1e-6),
+    };
+    Ok((prefix, config))
+}
 
-    fn key(&self, name: &str) -> String {
-        format!("{}{name}", self.prefix)
-    }
-
-    /// Every tensor the encoder reads must be there, and every key must be ours: anything
-    /// else means a different model.
-    fn check(&self, set: &WeightSet) -> Result<()> {
-        let mut expected = vec![self.key(self.shared), self.key("encoder.final_layer_norm.weight"), self.key(RELATIVE_BIAS)];
-        for i in 0..self.config.layers {
-            expected.extend(BLOCK_PARTS.iter().map(|n| self.key(&format!("encoder.block.{i}.layer.{n}.weight"))));
-        }
-        set.check_keys("T5", &self.prefix, &expected, |k| k.ends_with("encoder.embed_tokens.weight"))
-    }
+/// A tied copy a T5 file may hold beside the encoder's own tensors.
+fn t5_ignored(key: &str) -> bool {
+    key.ends_with("encoder.embed_tokens.weight")
 }
 
 impl T5Encoder {
+    /// The module tree of `config`, walked once: from a checkpoint, as a check, or random.
+    pub fn build(l: &Loader, config: T5Config) -> Result<Self> {
+        let c = &config;
+        let shared = if l.has("shared.weight") { "shared" } else { "encoder.embed_tokens" };
+        let e = l.pp("encoder");
+        Ok(T5Encoder {
+            shared: l.embedding(shared, c.vocab, c.d_model)?,
+            encoder: T5Stack {
+                block: (0..c.layers).map(|i| T5Block::load(&e.pp("block").pp(i), c, i == 0)).collect::<Result<_>>()?,
+                final_layer_norm: T5LayerNorm::load(&e.pp("final_layer_norm"), c)?,
+            },
+            config,
+        })
+    }
+
     /// A `t5xxl_*.safetensors` file or a transformers `text_encoder_2/` folder.
     pub fn load(path: &Path, device: &Device, hint: Option<&T5Hint>) -> Result<Self> {
-        let (set, keys) = Self::open_checked(path, hint)?;
-        crate::engine::weights::low_peak_load(|| Self::from_weights(&set, keys, device))
+        let (set, prefix, config) = Self::open_checked(path, hint)?;
+        let source = Prefixed { set: &set, prefix, ignored: t5_ignored };
+        let walk = Walk::load(&source, device, DType::F32);
+        crate::engine::weights::low_peak_load(|| Self::build(&walk.root(), config))
             .with_context(|| format!("loading the T5 encoder {}", path.display()))
     }
 
     /// The configuration of a checkpoint, read off its header (no tensor data), after checking
     /// that it holds exactly the tensors this encoder reads.
     pub fn check(path: &Path, hint: Option<&T5Hint>) -> Result<T5Config> {
-        Ok(Self::open_checked(path, hint)?.1.config)
+        Ok(Self::open_checked(path, hint)?.2)
     }
 
-    fn open_checked(path: &Path, hint: Option<&T5Hint>) -> Result<(WeightSet, T5Keys)> {
+    fn open_checked(path: &Path, hint: Option<&T5Hint>) -> Result<(WeightSet, String, T5Config)> {
         let open = || -> Result<_> {
             let set = WeightSet::open(path)?;
-            let keys = T5Keys::read(&set, &component_config(path, hint)?.unwrap_or_default())?;
-            keys.check(&set)?;
-            Ok((set, keys))
+            let (prefix, config) = infer_config(&set, &component_config(path, hint)?.unwrap_or_default())?;
+            let source = Prefixed { set: &set, prefix: prefix.clone(), ignored: t5_ignored };
+            loader::check(&source, "T5 checkpoint", "the T5 v1.1 encoder", |l| Self::build(l, config.clone()))?;
+            Ok((set, prefix, config))
         };
         open().with_context(|| format!("reading the T5 encoder {}", path.display()))
-    }
-
-    fn from_weights(set: &WeightSet, keys: T5Keys, device: &Device) -> Result<Self> {
-        let dt = DType::F32;
-        let tensor = |n: &str| -> Result<Tensor<1>> { layers::upload(set.read(&keys.key(n))?, n, device, dt) };
-        let linear = |n: &str| -> Result<Linear> { layers::linear(set.read(&keys.key(&format!("{n}.weight")))?, None, n, device, dt) };
-        let mut blocks = Vec::new();
-        for i in 0..keys.config.layers {
-            let b = format!("encoder.block.{i}.layer");
-            blocks.push(T5Block {
-                attn_norm: tensor(&format!("{b}.0.layer_norm.weight"))?,
-                q: linear(&format!("{b}.0.SelfAttention.q"))?,
-                k: linear(&format!("{b}.0.SelfAttention.k"))?,
-                v: linear(&format!("{b}.0.SelfAttention.v"))?,
-                o: linear(&format!("{b}.0.SelfAttention.o"))?,
-                ff_norm: tensor(&format!("{b}.1.layer_norm.weight"))?,
-                wi_0: linear(&format!("{b}.1.DenseReluDense.wi_0"))?,
-                wi_1: linear(&format!("{b}.1.DenseReluDense.wi_1"))?,
-                wo: linear(&format!("{b}.1.DenseReluDense.wo"))?,
-            });
-        }
-        Ok(T5Encoder {
-            shared: layers::upload(set.read(&keys.key(keys.shared))?, keys.shared, device, dt)?,
-            final_layer_norm: tensor("encoder.final_layer_norm.weight")?,
-            relative_bias: set.read(&keys.key(RELATIVE_BIAS))?.data,
-            blocks,
-            config: keys.config,
-        })
     }
 
     /// Token ids [B][L] → last hidden state [B, L, d_model]. No attention mask: FLUX attends
@@ -174,33 +236,37 @@ impl T5Encoder {
             bail!("T5 needs a non-empty batch of equal-length token rows");
         }
         let c = &self.config;
-        let mut x = layers::embed(&self.shared, ids, "T5")?;
-        let bias = self.position_bias(len, device).expand([batch, c.heads, len, len]);
+        let mut x = self.shared.forward(ids, "T5")?;
+        let bias = self.position_bias(len, device)?.expand([batch, c.heads, len, len]);
         let options = AttentionModuleOptions { scale: Some(1.0), ..Default::default() };
-        for b in &self.blocks {
-            let h = rms_norm(x.clone(), &b.attn_norm, c.eps);
+        for b in &self.encoder.block {
+            let (sa, ff) = (&b.layer_0.self_attention, &b.layer_1.dense_relu_dense);
+            let h = b.layer_0.layer_norm.forward(x.clone());
             let heads = |t: Tensor<3>| t.reshape([batch, len, c.heads, c.d_kv]).swap_dims(1, 2);
-            let a = attention(heads(b.q.forward(h.clone())), heads(b.k.forward(h.clone())), heads(b.v.forward(h)), None, Some(bias.clone()), options);
-            x = x + b.o.forward(a.swap_dims(1, 2).reshape([batch, len, c.heads * c.d_kv]));
-            let h = rms_norm(x.clone(), &b.ff_norm, c.eps);
-            x = x.clone() + b.wo.forward(gelu_tanh(b.wi_0.forward(h.clone())) * b.wi_1.forward(h));
+            let a = attention(heads(sa.q.forward(h.clone())), heads(sa.k.forward(h.clone())), heads(sa.v.forward(h)), None, Some(bias.clone()), options);
+            x = x + sa.o.forward(a.swap_dims(1, 2).reshape([batch, len, c.heads * c.d_kv]));
+            let h = b.layer_1.layer_norm.forward(x.clone());
+            x = x.clone() + ff.wo.forward(gelu_tanh(ff.wi_0.forward(h.clone())) * ff.wi_1.forward(h));
         }
-        Ok(rms_norm(x, &self.final_layer_norm, c.eps))
+        Ok(self.encoder.final_layer_norm.forward(x))
     }
 
     /// Bidirectional relative position bias [1, heads, L, L] from block 0's table.
-    fn position_bias(&self, len: usize, device: &Device) -> Tensor<4> {
+    fn position_bias(&self, len: usize, device: &Device) -> Result<Tensor<4>> {
         let (heads, buckets) = (self.config.heads, self.config.buckets);
+        let table = self.encoder.block.first().and_then(|b| b.layer_0.self_attention.relative_attention_bias.as_ref());
+        let table = table.ok_or_else(|| anyhow!("T5 has no blocks"))?.weight.val().cast(DType::F32);
+        let table = table.into_data().try_to_vec::<f32>().map_err(|e| anyhow!("reading T5's position bias: {e:?}"))?;
         let mut out = vec![0f32; heads * len * len];
         for q in 0..len {
             for k in 0..len {
                 let bucket = relative_bucket(k as i64 - q as i64, buckets, self.config.max_distance);
                 for h in 0..heads {
-                    out[(h * len + q) * len + k] = self.relative_bias[bucket * heads + h];
+                    out[(h * len + q) * len + k] = table[bucket * heads + h];
                 }
             }
         }
-        Tensor::from_data(TensorData::new(out, [1, heads, len, len]), device)
+        Ok(Tensor::from_data(TensorData::new(out, [1, heads, len, len]), device))
     }
 }
 
@@ -220,12 +286,6 @@ fn relative_bucket(relative: i64, buckets: usize, max_distance: usize) -> usize 
         bucket += (max_exact + scaled).min(half - 1);
     }
     bucket as usize
-}
-
-/// T5's LayerNorm: RMS only, no mean, no bias.
-fn rms_norm(x: Tensor<3>, weight: &Tensor<1>, eps: f64) -> Tensor<3> {
-    let rrms = (x.clone().square().mean_dim(2) + eps).sqrt().recip();
-    x * rrms * weight.clone().unsqueeze::<3>()
 }
 
 #[cfg(test)]

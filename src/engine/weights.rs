@@ -228,23 +228,6 @@ impl WeightSet {
             })
     }
 
-    /// Checks that every `expected` key is present and that no other key under `prefix` is
-    /// (but those `ignored` allows): a missing key means a broken file, an unknown one a
-    /// different model. `what` names the component in the error.
-    pub fn check_keys(&self, what: &str, prefix: &str, expected: &[String], ignored: impl Fn(&str) -> bool) -> Result<()> {
-        let list = |keys: Vec<&str>| keys.iter().take(8).copied().collect::<Vec<_>>().join(", ");
-        let missing: Vec<&str> = expected.iter().filter(|k| !self.contains(k)).map(String::as_str).collect();
-        if !missing.is_empty() {
-            bail!("{what} checkpoint lacks {}", list(missing));
-        }
-        let known: std::collections::HashSet<&str> = expected.iter().map(String::as_str).collect();
-        let unknown: Vec<&str> = self.keys().filter(|k| k.starts_with(prefix) && !known.contains(k) && !ignored(k)).collect();
-        if !unknown.is_empty() {
-            bail!("{what} checkpoint has keys this encoder does not know: {}", list(unknown));
-        }
-        Ok(())
-    }
-
     pub fn paths(&self) -> Vec<&Path> {
         self.files.iter().map(|f| f.path()).collect()
     }

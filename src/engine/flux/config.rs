@@ -113,55 +113,6 @@ impl FluxConfig {
             guidance_embed: weights.shape("guidance_in.in_layer.weight").is_some(),
         })
     }
-
-    /// Every tensor name (BFL layout) this configuration's module tree holds.
-    pub fn parameter_names(&self) -> Vec<String> {
-        self.parameters().into_iter().map(|(name, _)| name).collect()
-    }
-
-    /// Every tensor (BFL name, PyTorch shape) this configuration's module tree holds.
-    pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, mlp, hd) = (self.hidden_size, self.mlp_hidden_dim, self.head_dim());
-        let mut out = Vec::new();
-        let linear = |out: &mut Vec<(String, Vec<usize>)>, path: &str, o: usize, i: usize, bias: bool| {
-            out.push((format!("{path}.weight"), vec![o, i]));
-            if bias {
-                out.push((format!("{path}.bias"), vec![o]));
-            }
-        };
-        linear(&mut out, "img_in", h, self.in_channels, true);
-        linear(&mut out, "txt_in", h, self.context_in_dim, true);
-        for (emb, inp) in [("time_in", 256), ("vector_in", self.vec_in_dim)]
-            .into_iter()
-            .chain(self.guidance_embed.then_some(("guidance_in", 256)))
-        {
-            linear(&mut out, &format!("{emb}.in_layer"), h, inp, true);
-            linear(&mut out, &format!("{emb}.out_layer"), h, h, true);
-        }
-        for i in 0..self.depth {
-            for stream in ["img", "txt"] {
-                let p = format!("double_blocks.{i}.{stream}");
-                linear(&mut out, &format!("{p}_mod.lin"), 6 * h, h, true);
-                linear(&mut out, &format!("{p}_attn.qkv"), 3 * h, h, self.qkv_bias);
-                out.push((format!("{p}_attn.norm.query_norm.scale"), vec![hd]));
-                out.push((format!("{p}_attn.norm.key_norm.scale"), vec![hd]));
-                linear(&mut out, &format!("{p}_attn.proj"), h, h, true);
-                linear(&mut out, &format!("{p}_mlp.0"), mlp, h, true);
-                linear(&mut out, &format!("{p}_mlp.2"), h, mlp, true);
-            }
-        }
-        for i in 0..self.depth_single_blocks {
-            let p = format!("single_blocks.{i}");
-            linear(&mut out, &format!("{p}.linear1"), 3 * h + mlp, h, true);
-            linear(&mut out, &format!("{p}.linear2"), h, h + mlp, true);
-            out.push((format!("{p}.norm.query_norm.scale"), vec![hd]));
-            out.push((format!("{p}.norm.key_norm.scale"), vec![hd]));
-            linear(&mut out, &format!("{p}.modulation.lin"), 3 * h, h, true);
-        }
-        linear(&mut out, "final_layer.adaLN_modulation.1", 2 * h, h, true);
-        linear(&mut out, "final_layer.linear", self.out_channels, h, true);
-        out
-    }
 }
 
 fn parse_axes(text: &str) -> Result<Vec<usize>> {

@@ -5,11 +5,11 @@
 //! the fused projections (q/k/v, and q/k/v/mlp for single blocks) and store the final
 //! modulation as (scale, shift) where BFL has (shift, scale).
 
-use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::{Result, bail};
 
+use crate::engine::loader::TensorSource;
 use crate::engine::weights::{HostTensor, WeightSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,56 +116,36 @@ impl TransformerWeights {
         (0..).take_while(|i| self.shape(&format!("{prefix}{i}.{probe}")).is_some()).count()
     }
 
-    /// Checks that the file holds exactly `names` (plus other components of an all-in-one
-    /// file): every missing and every unknown key is named.
-    pub fn check_complete(&self, names: &[String]) -> Result<()> {
-        let mut missing = Vec::new();
-        let mut used = BTreeSet::new();
-        for name in names {
-            let recipe = self.recipe(name);
-            let ok = recipe.as_ref().is_some_and(|r| {
-                Self::sources(r).iter().all(|s| self.set.contains(s))
-            });
-            if !ok {
-                missing.push(name.clone());
-            }
-            if let Some(r) = recipe {
-                used.extend(Self::sources(&r).into_iter().map(String::from));
-            }
-        }
-        let unknown: Vec<&str> = self
-            .set
+    /// "Bfl transformer checkpoint", … for errors.
+    pub fn describe(&self) -> String {
+        format!("{:?} transformer checkpoint", self.layout)
+    }
+}
+
+impl TensorSource for TransformerWeights {
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        TransformerWeights::shape(self, name)
+    }
+
+    fn read(&self, name: &str) -> Result<HostTensor> {
+        TransformerWeights::read(self, name)
+    }
+
+    fn stored_keys(&self, name: &str) -> Vec<String> {
+        self.recipe(name).map_or_else(Vec::new, |r| Self::sources(&r).into_iter().map(String::from).collect())
+    }
+
+    /// Every key but those of the other components of an all-in-one ComfyUI file.
+    fn own_keys(&self) -> Vec<String> {
+        self.set
             .keys()
-            .filter(|k| !used.contains(*k))
-            .filter(|k| {
-                !(self.layout == Layout::ComfyUi
-                    && COMFY_OTHER_COMPONENTS.iter().any(|p| k.starts_with(p)))
-            })
-            .collect();
-        if missing.is_empty() && unknown.is_empty() {
-            return Ok(());
-        }
-        let list = |v: Vec<&str>| {
-            let n = v.len();
-            let shown: Vec<&str> = v.into_iter().take(12).collect();
-            if n > shown.len() {
-                format!("{} (and {} more)", shown.join(", "), n - shown.len())
-            } else {
-                shown.join(", ")
-            }
-        };
-        let mut msg = format!("{:?} transformer checkpoint does not match the FLUX layout:", self.layout);
-        if !missing.is_empty() {
-            msg += &format!(" missing {}", list(missing.iter().map(|s| s.as_str()).collect()));
-            if self.layout == Layout::Diffusers {
-                msg += " (named in BFL terms)";
-            }
-            msg += ";";
-        }
-        if !unknown.is_empty() {
-            msg += &format!(" unknown keys {};", list(unknown));
-        }
-        bail!(msg.trim_end_matches(';').to_string())
+            .filter(|k| !(self.layout == Layout::ComfyUi && COMFY_OTHER_COMPONENTS.iter().any(|p| k.starts_with(p))))
+            .map(String::from)
+            .collect()
+    }
+
+    fn naming_note(&self) -> String {
+        if self.layout == Layout::Diffusers { " (named in BFL terms)".into() } else { String::new() }
     }
 }
 

@@ -35,7 +35,8 @@ pub fn open_checked(path: &Path, axes_hint: Option<&DiffusersConfig>) -> Result<
     let hint = crate::engine::weights::component_config(path, axes_hint)?;
     let config = FluxConfig::infer(&weights, hint.as_ref())
         .with_context(|| format!("reading the transformer configuration of {}", path.display()))?;
-    weights.check_complete(&config.parameter_names())?;
+    let cfg = config.clone();
+    crate::engine::loader::check(&weights, &weights.describe(), "the FLUX layout", |l| Flux::build(l, cfg))?;
     Ok((weights, config))
 }
 

@@ -11,31 +11,13 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor};
 
 use crate::engine::layers::{self, gelu_tanh};
+use crate::engine::loader::{self, Init, Loader};
 
 use super::config::FluxConfig;
 use super::layout::TransformerWeights;
 use super::rope::{Rope, timestep_embedding};
 
 const EPS: f64 = 1e-6;
-
-/// Loads BFL-named tensors onto a device as burn modules.
-pub(crate) struct Loader<'a> {
-    pub weights: &'a TransformerWeights,
-    pub device: &'a Device,
-    pub dtype: DType,
-}
-
-impl Loader<'_> {
-    fn tensor<const D: usize>(&self, name: &str) -> Result<Tensor<D>> {
-        layers::upload(self.weights.read(name)?, name, self.device, self.dtype)
-    }
-
-    fn linear(&self, path: &str, bias: bool) -> Result<Linear> {
-        let weight = self.weights.read(&format!("{path}.weight"))?;
-        let bias = if bias { Some(self.weights.read(&format!("{path}.bias"))?) } else { None };
-        layers::linear(weight, bias, path, self.device, self.dtype)
-    }
-}
 
 /// BFL's `MLPEmbedder`: Linear → SiLU → Linear.
 #[derive(Module, Debug)]
@@ -45,11 +27,8 @@ pub struct MlpEmbedder {
 }
 
 impl MlpEmbedder {
-    fn load(l: &Loader, path: &str) -> Result<Self> {
-        Ok(MlpEmbedder {
-            in_layer: l.linear(&format!("{path}.in_layer"), true)?,
-            out_layer: l.linear(&format!("{path}.out_layer"), true)?,
-        })
+    fn load(l: &Loader, inputs: usize, hidden: usize) -> Result<Self> {
+        Ok(MlpEmbedder { in_layer: l.linear("in_layer", inputs, hidden, true)?, out_layer: l.linear("out_layer", hidden, hidden, true)? })
     }
 
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
@@ -65,10 +44,10 @@ pub struct QkNorm {
 }
 
 impl QkNorm {
-    fn load(l: &Loader, path: &str) -> Result<Self> {
+    fn load(l: &Loader, head_dim: usize) -> Result<Self> {
         Ok(QkNorm {
-            query_norm: Param::from_tensor(l.tensor(&format!("{path}.query_norm.scale"))?),
-            key_norm: Param::from_tensor(l.tensor(&format!("{path}.key_norm.scale"))?),
+            query_norm: l.pp("query_norm").param("scale", [head_dim], Init::Ones)?,
+            key_norm: l.pp("key_norm").param("scale", [head_dim], Init::Ones)?,
         })
     }
 
@@ -112,8 +91,8 @@ pub struct Modulation {
 }
 
 impl Modulation {
-    fn load(l: &Loader, path: &str, chunks: usize) -> Result<Self> {
-        Ok(Modulation { lin: l.linear(&format!("{path}.lin"), true)?, chunks })
+    fn load(l: &Loader, hidden: usize, chunks: usize) -> Result<Self> {
+        Ok(Modulation { lin: l.linear("lin", hidden, chunks * hidden, true)?, chunks })
     }
 
     pub fn forward(&self, vec: Tensor<2>) -> Vec<Tensor<3>> {
@@ -162,11 +141,12 @@ pub struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn load(l: &Loader, path: &str, qkv_bias: bool) -> Result<Self> {
+    fn load(l: &Loader, c: &FluxConfig) -> Result<Self> {
+        let h = c.hidden_size;
         Ok(SelfAttention {
-            qkv: l.linear(&format!("{path}.qkv"), qkv_bias)?,
-            norm: QkNorm::load(l, &format!("{path}.norm"))?,
-            proj: l.linear(&format!("{path}.proj"), true)?,
+            qkv: l.linear("qkv", h, 3 * h, c.qkv_bias)?,
+            norm: QkNorm::load(&l.pp("norm"), c.head_dim())?,
+            proj: l.linear("proj", h, h, true)?,
         })
     }
 
@@ -186,8 +166,8 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn load(l: &Loader, path: &str) -> Result<Self> {
-        Ok(Mlp { fc1: l.linear(&format!("{path}.0"), true)?, fc2: l.linear(&format!("{path}.2"), true)? })
+    fn load(l: &Loader, hidden: usize, mlp: usize) -> Result<Self> {
+        Ok(Mlp { fc1: l.linear("0", hidden, mlp, true)?, fc2: l.linear("2", mlp, hidden, true)? })
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
@@ -207,15 +187,15 @@ pub struct DoubleStreamBlock {
 }
 
 impl DoubleStreamBlock {
-    fn load(l: &Loader, path: &str, c: &FluxConfig) -> Result<Self> {
-        let p = |s: &str| format!("{path}.{s}");
+    fn load(l: &Loader, c: &FluxConfig) -> Result<Self> {
+        let (h, mlp) = (c.hidden_size, c.mlp_hidden_dim);
         Ok(DoubleStreamBlock {
-            img_mod: Modulation::load(l, &p("img_mod"), 6)?,
-            img_attn: SelfAttention::load(l, &p("img_attn"), c.qkv_bias)?,
-            img_mlp: Mlp::load(l, &p("img_mlp"))?,
-            txt_mod: Modulation::load(l, &p("txt_mod"), 6)?,
-            txt_attn: SelfAttention::load(l, &p("txt_attn"), c.qkv_bias)?,
-            txt_mlp: Mlp::load(l, &p("txt_mlp"))?,
+            img_mod: Modulation::load(&l.pp("img_mod"), h, 6)?,
+            img_attn: SelfAttention::load(&l.pp("img_attn"), c)?,
+            img_mlp: Mlp::load(&l.pp("img_mlp"), h, mlp)?,
+            txt_mod: Modulation::load(&l.pp("txt_mod"), h, 6)?,
+            txt_attn: SelfAttention::load(&l.pp("txt_attn"), c)?,
+            txt_mlp: Mlp::load(&l.pp("txt_mlp"), h, mlp)?,
             num_heads: c.num_heads,
         })
     }
@@ -270,13 +250,13 @@ pub struct SingleStreamBlock {
 }
 
 impl SingleStreamBlock {
-    fn load(l: &Loader, path: &str, c: &FluxConfig) -> Result<Self> {
-        let p = |s: &str| format!("{path}.{s}");
+    fn load(l: &Loader, c: &FluxConfig) -> Result<Self> {
+        let (h, mlp) = (c.hidden_size, c.mlp_hidden_dim);
         Ok(SingleStreamBlock {
-            linear1: l.linear(&p("linear1"), true)?,
-            linear2: l.linear(&p("linear2"), true)?,
-            norm: QkNorm::load(l, &p("norm"))?,
-            modulation: Modulation::load(l, &p("modulation"), 3)?,
+            linear1: l.linear("linear1", h, 3 * h + mlp, true)?,
+            linear2: l.linear("linear2", h + mlp, h, true)?,
+            norm: QkNorm::load(&l.pp("norm"), c.head_dim())?,
+            modulation: Modulation::load(&l.pp("modulation"), h, 3)?,
             num_heads: c.num_heads,
             hidden_size: c.hidden_size,
         })
@@ -305,10 +285,11 @@ pub struct LastLayer {
 }
 
 impl LastLayer {
-    fn load(l: &Loader) -> Result<Self> {
+    fn load(l: &Loader, c: &FluxConfig) -> Result<Self> {
+        let h = c.hidden_size;
         Ok(LastLayer {
-            ada_ln_modulation: l.linear("final_layer.adaLN_modulation.1", true)?,
-            linear: l.linear("final_layer.linear", true)?,
+            ada_ln_modulation: l.pp("adaLN_modulation").linear("1", h, 2 * h, true)?,
+            linear: l.linear("linear", h, c.out_channels, true)?,
         })
     }
 
@@ -351,34 +332,32 @@ pub struct FluxInput<'a> {
 }
 
 impl Flux {
-    /// Builds the module tree from a checkpoint, tensor by tensor, in `dtype` on `device`.
-    pub fn load(
-        weights: &TransformerWeights,
-        config: FluxConfig,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        weights.check_complete(&config.parameter_names())?;
-        let l = Loader { weights, device, dtype };
+    /// The module tree of `config`, walked once: from a checkpoint, as a check, or random.
+    pub fn build(l: &Loader, config: FluxConfig) -> Result<Self> {
+        let c = &config;
+        let h = c.hidden_size;
         Ok(Flux {
-            img_in: l.linear("img_in", true)?,
-            txt_in: l.linear("txt_in", true)?,
-            time_in: MlpEmbedder::load(&l, "time_in")?,
-            vector_in: MlpEmbedder::load(&l, "vector_in")?,
-            guidance_in: if config.guidance_embed {
-                Some(MlpEmbedder::load(&l, "guidance_in")?)
-            } else {
-                None
-            },
-            double_blocks: (0..config.depth)
-                .map(|i| DoubleStreamBlock::load(&l, &format!("double_blocks.{i}"), &config))
+            img_in: l.linear("img_in", c.in_channels, h, true)?,
+            txt_in: l.linear("txt_in", c.context_in_dim, h, true)?,
+            time_in: MlpEmbedder::load(&l.pp("time_in"), 256, h)?,
+            vector_in: MlpEmbedder::load(&l.pp("vector_in"), c.vec_in_dim, h)?,
+            guidance_in: c.guidance_embed.then(|| MlpEmbedder::load(&l.pp("guidance_in"), 256, h)).transpose()?,
+            double_blocks: (0..c.depth)
+                .map(|i| DoubleStreamBlock::load(&l.pp("double_blocks").pp(i), c))
                 .collect::<Result<_>>()?,
-            single_blocks: (0..config.depth_single_blocks)
-                .map(|i| SingleStreamBlock::load(&l, &format!("single_blocks.{i}"), &config))
+            single_blocks: (0..c.depth_single_blocks)
+                .map(|i| SingleStreamBlock::load(&l.pp("single_blocks").pp(i), c))
                 .collect::<Result<_>>()?,
-            final_layer: LastLayer::load(&l)?,
+            final_layer: LastLayer::load(&l.pp("final_layer"), c)?,
             config,
         })
+    }
+
+    /// Checks the checkpoint against `config`'s module tree, then loads it tensor by tensor, in
+    /// `dtype` on `device`.
+    pub fn load(weights: &TransformerWeights, config: FluxConfig, device: &Device, dtype: DType) -> Result<Self> {
+        let what = weights.describe();
+        loader::load(weights, device, dtype, (&what, "the FLUX layout"), |l| Self::build(l, config.clone()))
     }
 
     /// RoPE tables for a text length and a packed latent grid.

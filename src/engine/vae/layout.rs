@@ -4,10 +4,9 @@
 //! and stores the mid-block attention projections as linear [C, C] weights where BFL has 1×1
 //! convolutions [C, C, 1, 1].
 
-use std::collections::BTreeSet;
-
 use anyhow::{Result, bail};
 
+use crate::engine::loader::TensorSource;
 use crate::engine::weights::{HostTensor, WeightSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +67,18 @@ impl VaeWeights {
         Some(format!("{}{key}", self.prefix))
     }
 
-    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+    /// "Bfl VAE checkpoint" / "Diffusers VAE checkpoint", for errors.
+    pub fn describe(&self) -> String {
+        format!("{:?} VAE checkpoint", self.layout)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.source(name).is_some_and(|s| self.set.contains(&s))
+    }
+}
+
+impl TensorSource for VaeWeights {
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
         let mut s = self.set.shape(&self.source(name)?)?.to_vec();
         if s.len() == 2 {
             s.extend([1, 1]); // linear attention projection seen as a 1×1 conv
@@ -76,12 +86,8 @@ impl VaeWeights {
         Some(s)
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.source(name).is_some_and(|s| self.set.contains(&s))
-    }
-
     /// Reads a BFL-named tensor; attention projections always come out as [C, C, 1, 1].
-    pub fn read(&self, name: &str) -> Result<HostTensor> {
+    fn read(&self, name: &str) -> Result<HostTensor> {
         let Some(source) = self.source(name) else { bail!("{name} has no counterpart in the {:?} layout", self.layout) };
         let mut t = self.set.read(&source)?;
         if t.shape.len() == 2 && name.ends_with(".weight") {
@@ -90,37 +96,14 @@ impl VaeWeights {
         Ok(t)
     }
 
-    /// Every missing and every unknown key, named (keys of other components of an
-    /// all-in-one file are not ours to judge).
-    pub fn check_complete(&self, names: &[String]) -> Result<()> {
-        let mut missing = Vec::new();
-        let mut used = BTreeSet::new();
-        for name in names {
-            match self.source(name) {
-                Some(s) if self.set.contains(&s) => {
-                    used.insert(s);
-                }
-                _ => missing.push(name.as_str()),
-            }
-        }
-        let unknown: Vec<&str> = self
-            .set
-            .keys()
-            .filter(|k| k.starts_with(&self.prefix) && !used.contains(*k))
-            .filter(|k| self.prefix.is_empty() || !k.starts_with("model."))
-            .collect();
-        if self.prefix.is_empty() && !unknown.is_empty() || !missing.is_empty() {
-            let show = |v: &[&str]| v.iter().take(12).copied().collect::<Vec<_>>().join(", ");
-            let mut msg = format!("{:?} VAE checkpoint does not match the expected layout:", self.layout);
-            if !missing.is_empty() {
-                msg += &format!(" missing {} ({} in all);", show(&missing), missing.len());
-            }
-            if self.prefix.is_empty() && !unknown.is_empty() {
-                msg += &format!(" unknown keys {} ({} in all);", show(&unknown), unknown.len());
-            }
-            bail!(msg.trim_end_matches(';').to_string());
-        }
-        Ok(())
+    fn stored_keys(&self, name: &str) -> Vec<String> {
+        self.source(name).into_iter().collect()
+    }
+
+    /// Every key of a VAE file; nothing of an all-in-one file (its other components' keys are
+    /// not ours to judge, and its VAE part is checked for what is missing only).
+    fn own_keys(&self) -> Vec<String> {
+        if self.prefix.is_empty() { self.set.keys().map(String::from).collect() } else { Vec::new() }
     }
 }
 

@@ -28,7 +28,8 @@ pub fn open_checked(path: &Path, hint: Option<&VaeHint>) -> Result<(VaeWeights, 
     let hint = crate::engine::weights::component_config(path, hint)?;
     let config = VaeConfig::infer(&weights, hint.as_ref())
         .with_context(|| format!("reading the VAE configuration of {}", path.display()))?;
-    weights.check_complete(&config.parameter_names())?;
+    let cfg = config.clone();
+    crate::engine::loader::check(&weights, &weights.describe(), "the expected layout", |l| Vae::build(l, cfg))?;
     Ok((weights, config))
 }
 

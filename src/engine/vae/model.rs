@@ -1,12 +1,18 @@
 //! AutoencoderKL as FLUX uses it (BFL's `flux/modules/autoencoder.py`): a convolutional encoder
 //! to 16 latent channels at 1/8 resolution and the matching decoder, GroupNorm + SiLU
 //! ResNet blocks, one single-head attention block in the middle, no quant convs.
+//! Field names are the segments of `ae.safetensors` keys; [`Vae::build`] is the one walk that
+//! loads, checks or randomizes the tree (see `engine::loader`).
 
 use anyhow::{Result, bail};
+use burn::module::Module;
 use burn::tensor::activation::silu;
-use burn::tensor::module::{attention, conv2d};
-use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor};
+
+use crate::engine::layers::{Conv2d, GroupNorm};
+use crate::engine::loader::{self, Loader, TensorSource};
 
 use super::layout::VaeWeights;
 
@@ -76,62 +82,6 @@ impl VaeConfig {
         }
         Ok(config)
     }
-
-    /// Every tensor name (BFL layout) of this configuration.
-    pub fn parameter_names(&self) -> Vec<String> {
-        let mut names = Vec::new();
-        let conv = |n: &mut Vec<String>, p: &str| {
-            n.push(format!("{p}.weight"));
-            n.push(format!("{p}.bias"));
-        };
-        let resnet = |n: &mut Vec<String>, p: &str, shortcut: bool| {
-            for part in ["norm1", "conv1", "norm2", "conv2"] {
-                conv(n, &format!("{p}.{part}"));
-            }
-            if shortcut {
-                conv(n, &format!("{p}.nin_shortcut"));
-            }
-        };
-        let mid = |n: &mut Vec<String>, side: &str, c: usize| {
-            resnet(n, &format!("{side}.mid.block_1"), false);
-            for part in ["norm", "q", "k", "v", "proj_out"] {
-                conv(n, &format!("{side}.mid.attn_1.{part}"));
-            }
-            resnet(n, &format!("{side}.mid.block_2"), false);
-            let _ = c;
-        };
-        let levels = self.ch_mult.len();
-        conv(&mut names, "encoder.conv_in");
-        let mut c = self.ch;
-        for (i, m) in self.ch_mult.iter().enumerate() {
-            for j in 0..self.num_res_blocks {
-                resnet(&mut names, &format!("encoder.down.{i}.block.{j}"), c != self.ch * m);
-                c = self.ch * m;
-            }
-            if i + 1 != levels {
-                conv(&mut names, &format!("encoder.down.{i}.downsample.conv"));
-            }
-        }
-        mid(&mut names, "encoder", c);
-        conv(&mut names, "encoder.norm_out");
-        conv(&mut names, "encoder.conv_out");
-
-        conv(&mut names, "decoder.conv_in");
-        mid(&mut names, "decoder", c);
-        for i in (0..levels).rev() {
-            for j in 0..=self.num_res_blocks {
-                let out = self.ch * self.ch_mult[i];
-                resnet(&mut names, &format!("decoder.up.{i}.block.{j}"), c != out);
-                c = out;
-            }
-            if i != 0 {
-                conv(&mut names, &format!("decoder.up.{i}.upsample.conv"));
-            }
-        }
-        conv(&mut names, "decoder.norm_out");
-        conv(&mut names, "decoder.conv_out");
-        names
-    }
 }
 
 /// The fields of a diffusers `vae/config.json` that weights cannot tell.
@@ -142,90 +92,25 @@ pub struct VaeHint {
     pub shift_factor: Option<f64>,
 }
 
-struct Loader<'a> {
-    w: &'a VaeWeights,
-    device: &'a Device,
-    dtype: DType,
-}
-
-impl Loader<'_> {
-    fn tensor<const D: usize>(&self, name: &str) -> Result<Tensor<D>> {
-        crate::engine::layers::upload(self.w.read(name)?, name, self.device, self.dtype)
-    }
-
-    fn conv(&self, p: &str, stride: usize, padding: (usize, usize)) -> Result<Conv> {
-        Ok(Conv {
-            weight: self.tensor(&format!("{p}.weight"))?,
-            bias: self.tensor(&format!("{p}.bias"))?,
-            stride,
-            padding,
-        })
-    }
-
-    fn norm(&self, p: &str, groups: usize) -> Result<GroupNorm> {
-        Ok(GroupNorm { weight: self.tensor(&format!("{p}.weight"))?, bias: self.tensor(&format!("{p}.bias"))?, groups })
-    }
-}
-
-struct Conv {
-    weight: Tensor<4>,
-    bias: Tensor<1>,
-    stride: usize,
-    /// (before, after) on both spatial axes.
-    padding: (usize, usize),
-}
-
-impl Conv {
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let options = ConvOptions {
-            stride: [self.stride; 2],
-            padding: [self.padding; 2],
-            dilation: [1; 2],
-            groups: 1,
-        };
-        conv2d(x, self.weight.clone(), Some(self.bias.clone()), options)
-    }
-}
-
-/// GroupNorm with affine parameters, eps 1e-6, statistics in f32.
-struct GroupNorm {
-    weight: Tensor<1>,
-    bias: Tensor<1>,
-    groups: usize,
-}
-
-impl GroupNorm {
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let [b, c, h, w] = x.dims();
-        let dtype = x.dtype();
-        let g = x.cast(DType::F32).reshape([b, self.groups, (c / self.groups) * h * w]);
-        let (var, mean) = g.clone().var_mean_bias(2);
-        let normed = ((g - mean) / (var + 1e-6).sqrt()).reshape([b, c, h, w]).cast(dtype);
-        normed * self.weight.clone().reshape([1, c, 1, 1]) + self.bias.clone().reshape([1, c, 1, 1])
-    }
-}
-
-struct ResnetBlock {
-    norm1: GroupNorm,
-    conv1: Conv,
-    norm2: GroupNorm,
-    conv2: Conv,
-    nin_shortcut: Option<Conv>,
+/// A ResNet block: GroupNorm, SiLU, 3×3 conv, twice, with a 1×1 conv on the shortcut when
+/// the width changes.
+#[derive(Module, Debug)]
+pub struct ResnetBlock {
+    pub norm1: GroupNorm,
+    pub conv1: Conv2d,
+    pub norm2: GroupNorm,
+    pub conv2: Conv2d,
+    pub nin_shortcut: Option<Conv2d>,
 }
 
 impl ResnetBlock {
-    fn load(l: &Loader, p: &str, groups: usize) -> Result<Self> {
-        let shortcut = format!("{p}.nin_shortcut");
+    fn load(l: &Loader, inputs: usize, outputs: usize, groups: usize) -> Result<Self> {
         Ok(ResnetBlock {
-            norm1: l.norm(&format!("{p}.norm1"), groups)?,
-            conv1: l.conv(&format!("{p}.conv1"), 1, (1, 1))?,
-            norm2: l.norm(&format!("{p}.norm2"), groups)?,
-            conv2: l.conv(&format!("{p}.conv2"), 1, (1, 1))?,
-            nin_shortcut: if l.w.contains(&format!("{shortcut}.weight")) {
-                Some(l.conv(&shortcut, 1, (0, 0))?)
-            } else {
-                None
-            },
+            norm1: l.group_norm("norm1", inputs, groups)?,
+            conv1: l.conv2d("conv1", inputs, outputs, 3, 1, (1, 1))?,
+            norm2: l.group_norm("norm2", outputs, groups)?,
+            conv2: l.conv2d("conv2", outputs, outputs, 3, 1, (1, 1))?,
+            nin_shortcut: if inputs != outputs { Some(l.conv2d("nin_shortcut", inputs, outputs, 1, 1, (0, 0))?) } else { None },
         })
     }
 
@@ -241,18 +126,19 @@ impl ResnetBlock {
 }
 
 /// Single-head self-attention over all pixels, with 1×1 conv projections.
-struct AttnBlock {
-    norm: GroupNorm,
-    q: Conv,
-    k: Conv,
-    v: Conv,
-    proj_out: Conv,
+#[derive(Module, Debug)]
+pub struct AttnBlock {
+    pub norm: GroupNorm,
+    pub q: Conv2d,
+    pub k: Conv2d,
+    pub v: Conv2d,
+    pub proj_out: Conv2d,
 }
 
 impl AttnBlock {
-    fn load(l: &Loader, p: &str, groups: usize) -> Result<Self> {
-        let c = |n: &str| l.conv(&format!("{p}.{n}"), 1, (0, 0));
-        Ok(AttnBlock { norm: l.norm(&format!("{p}.norm"), groups)?, q: c("q")?, k: c("k")?, v: c("v")?, proj_out: c("proj_out")? })
+    fn load(l: &Loader, c: usize, groups: usize) -> Result<Self> {
+        let conv = |n: &str| l.conv2d(n, c, c, 1, 1, (0, 0));
+        Ok(AttnBlock { norm: l.group_norm("norm", c, groups)?, q: conv("q")?, k: conv("k")?, v: conv("v")?, proj_out: conv("proj_out")? })
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
@@ -274,18 +160,20 @@ impl AttnBlock {
     }
 }
 
-struct Mid {
-    block_1: ResnetBlock,
-    attn_1: AttnBlock,
-    block_2: ResnetBlock,
+/// The middle: ResNet, attention, ResNet at the lowest resolution.
+#[derive(Module, Debug)]
+pub struct Mid {
+    pub block_1: ResnetBlock,
+    pub attn_1: AttnBlock,
+    pub block_2: ResnetBlock,
 }
 
 impl Mid {
-    fn load(l: &Loader, p: &str, groups: usize) -> Result<Self> {
+    fn load(l: &Loader, c: usize, groups: usize) -> Result<Self> {
         Ok(Mid {
-            block_1: ResnetBlock::load(l, &format!("{p}.block_1"), groups)?,
-            attn_1: AttnBlock::load(l, &format!("{p}.attn_1"), groups)?,
-            block_2: ResnetBlock::load(l, &format!("{p}.block_2"), groups)?,
+            block_1: ResnetBlock::load(&l.pp("block_1"), c, c, groups)?,
+            attn_1: AttnBlock::load(&l.pp("attn_1"), c, groups)?,
+            block_2: ResnetBlock::load(&l.pp("block_2"), c, c, groups)?,
         })
     }
 
@@ -294,76 +182,123 @@ impl Mid {
     }
 }
 
-/// One resolution level: ResNet blocks, then a resampling conv (absent at the last level).
-struct Level {
-    blocks: Vec<ResnetBlock>,
-    resample: Option<Conv>,
+/// A resampling conv (`downsample.conv` / `upsample.conv`).
+#[derive(Module, Debug)]
+pub struct Resample {
+    pub conv: Conv2d,
 }
 
+/// One encoder level: ResNet blocks, then a stride-2 conv (absent at the last level).
+#[derive(Module, Debug)]
+pub struct Down {
+    pub block: Vec<ResnetBlock>,
+    pub downsample: Option<Resample>,
+}
+
+/// One decoder level: ResNet blocks, then ×2 upsampling and a conv (absent at level 0).
+#[derive(Module, Debug)]
+pub struct Up {
+    pub block: Vec<ResnetBlock>,
+    pub upsample: Option<Resample>,
+}
+
+#[derive(Module, Debug)]
 pub struct Encoder {
-    conv_in: Conv,
-    down: Vec<Level>,
-    mid: Mid,
-    norm_out: GroupNorm,
-    conv_out: Conv,
+    pub conv_in: Conv2d,
+    pub down: Vec<Down>,
+    pub mid: Mid,
+    pub norm_out: GroupNorm,
+    pub conv_out: Conv2d,
 }
 
+impl Encoder {
+    fn load(l: &Loader, c: &VaeConfig) -> Result<Self> {
+        let (g, levels) = (c.groups, c.ch_mult.len());
+        let conv_in = l.conv2d("conv_in", c.in_channels, c.ch, 3, 1, (1, 1))?;
+        let mut width = c.ch;
+        let mut down = Vec::new();
+        for (i, m) in c.ch_mult.iter().enumerate() {
+            let level = l.pp("down").pp(i);
+            let mut block = Vec::new();
+            for j in 0..c.num_res_blocks {
+                block.push(ResnetBlock::load(&level.pp("block").pp(j), width, c.ch * m, g)?);
+                width = c.ch * m;
+            }
+            // BFL pads right/bottom by one, then a stride-2 3×3 conv.
+            let downsample = if i + 1 != levels {
+                Some(Resample { conv: level.pp("downsample").conv2d("conv", width, width, 3, 2, (0, 1))? })
+            } else {
+                None
+            };
+            down.push(Down { block, downsample });
+        }
+        Ok(Encoder {
+            conv_in,
+            down,
+            mid: Mid::load(&l.pp("mid"), width, g)?,
+            norm_out: l.group_norm("norm_out", width, g)?,
+            conv_out: l.conv2d("conv_out", width, 2 * c.z_channels, 3, 1, (1, 1))?,
+        })
+    }
+}
+
+#[derive(Module, Debug)]
 pub struct Decoder {
-    conv_in: Conv,
-    mid: Mid,
+    pub conv_in: Conv2d,
+    pub mid: Mid,
     /// Indexed by resolution level as in BFL (`up.0` is the full-resolution level); run from
     /// the last level to the first.
-    up: Vec<Level>,
-    norm_out: GroupNorm,
-    conv_out: Conv,
+    pub up: Vec<Up>,
+    pub norm_out: GroupNorm,
+    pub conv_out: Conv2d,
 }
 
+impl Decoder {
+    fn load(l: &Loader, c: &VaeConfig) -> Result<Self> {
+        let g = c.groups;
+        let mut width = c.ch * c.ch_mult.last().copied().unwrap_or(1);
+        let conv_in = l.conv2d("conv_in", c.z_channels, width, 3, 1, (1, 1))?;
+        let mid = Mid::load(&l.pp("mid"), width, g)?;
+        let mut up = Vec::new();
+        for (i, m) in c.ch_mult.iter().enumerate().rev() {
+            let level = l.pp("up").pp(i);
+            let mut block = Vec::new();
+            for j in 0..=c.num_res_blocks {
+                block.push(ResnetBlock::load(&level.pp("block").pp(j), width, c.ch * m, g)?);
+                width = c.ch * m;
+            }
+            let upsample = if i != 0 { Some(Resample { conv: level.pp("upsample").conv2d("conv", width, width, 3, 1, (1, 1))? }) } else { None };
+            up.push(Up { block, upsample });
+        }
+        up.reverse();
+        Ok(Decoder {
+            conv_in,
+            mid,
+            up,
+            norm_out: l.group_norm("norm_out", width, g)?,
+            conv_out: l.conv2d("conv_out", width, c.out_channels, 3, 1, (1, 1))?,
+        })
+    }
+}
+
+/// The autoencoder; field names are the segments of BFL's `ae.safetensors` keys.
+#[derive(Module, Debug)]
 pub struct Vae {
-    pub config: VaeConfig,
     pub encoder: Encoder,
     pub decoder: Decoder,
+    #[module(skip)]
+    pub config: VaeConfig,
 }
 
 impl Vae {
+    /// The module tree of `config`, walked once: from a checkpoint, as a check, or random.
+    pub fn build(l: &Loader, config: VaeConfig) -> Result<Self> {
+        Ok(Vae { encoder: Encoder::load(&l.pp("encoder"), &config)?, decoder: Decoder::load(&l.pp("decoder"), &config)?, config })
+    }
+
+    /// Checks the checkpoint against `config`'s module tree, then loads it.
     pub fn load(w: &VaeWeights, config: VaeConfig, device: &Device, dtype: DType) -> Result<Self> {
-        w.check_complete(&config.parameter_names())?;
-        let l = Loader { w, device, dtype };
-        let g = config.groups;
-        let levels = config.ch_mult.len();
-        let level = |side: &str, kind: &str, i: usize, blocks: usize, resample: bool| -> Result<Level> {
-            Ok(Level {
-                blocks: (0..blocks)
-                    .map(|j| ResnetBlock::load(&l, &format!("{side}.{kind}.{i}.block.{j}"), g))
-                    .collect::<Result<_>>()?,
-                resample: if !resample {
-                    None
-                } else if kind == "down" {
-                    // BFL pads right/bottom by one, then a stride-2 3×3 conv.
-                    Some(l.conv(&format!("{side}.down.{i}.downsample.conv"), 2, (0, 1))?)
-                } else {
-                    Some(l.conv(&format!("{side}.up.{i}.upsample.conv"), 1, (1, 1))?)
-                },
-            })
-        };
-        let encoder = Encoder {
-            conv_in: l.conv("encoder.conv_in", 1, (1, 1))?,
-            down: (0..levels)
-                .map(|i| level("encoder", "down", i, config.num_res_blocks, i + 1 != levels))
-                .collect::<Result<_>>()?,
-            mid: Mid::load(&l, "encoder.mid", g)?,
-            norm_out: l.norm("encoder.norm_out", g)?,
-            conv_out: l.conv("encoder.conv_out", 1, (1, 1))?,
-        };
-        let decoder = Decoder {
-            conv_in: l.conv("decoder.conv_in", 1, (1, 1))?,
-            mid: Mid::load(&l, "decoder.mid", g)?,
-            up: (0..levels)
-                .map(|i| level("decoder", "up", i, config.num_res_blocks + 1, i != 0))
-                .collect::<Result<_>>()?,
-            norm_out: l.norm("decoder.norm_out", g)?,
-            conv_out: l.conv("decoder.conv_out", 1, (1, 1))?,
-        };
-        Ok(Vae { config, encoder, decoder })
+        loader::load(w, device, dtype, (&w.describe(), "the expected layout"), |l| Self::build(l, config.clone()))
     }
 
     /// Image in [-1, 1], [B, 3, H, W] → posterior mean [B, z, H/8, W/8] (unscaled).
@@ -371,11 +306,11 @@ impl Vae {
         let e = &self.encoder;
         let mut h = e.conv_in.forward(x);
         for level in &e.down {
-            for block in &level.blocks {
+            for block in &level.block {
                 h = block.forward(h);
             }
-            if let Some(down) = &level.resample {
-                h = down.forward(h);
+            if let Some(down) = &level.downsample {
+                h = down.conv.forward(h);
             }
         }
         let h = e.conv_out.forward(silu(e.norm_out.forward(e.mid.forward(h))));
@@ -392,14 +327,14 @@ impl Vae {
         let d = &self.decoder;
         let mut h = d.mid.forward(d.conv_in.forward(z));
         for level in d.up.iter().rev() {
-            for block in &level.blocks {
+            for block in &level.block {
                 h = block.forward(h);
             }
-            if let Some(up) = &level.resample {
+            if let Some(up) = &level.upsample {
                 let [b, c, hh, ww] = h.dims();
                 // Nearest-neighbour ×2, then the 3×3 conv.
                 let doubled = h.reshape([b, c, hh, 1, ww, 1]).expand([b, c, hh, 2, ww, 2]).reshape([b, c, 2 * hh, 2 * ww]);
-                h = up.forward(doubled);
+                h = up.conv.forward(doubled);
             }
         }
         d.conv_out.forward(silu(d.norm_out.forward(h)))

@@ -1,0 +1,473 @@
+//! One walk over a model's module tree, written once per model, serves every way a model is
+//! made: loading a checkpoint, checking a checkpoint's header (no tensor data read), and
+//! building a random model (tests, `atelier bench`).
+//!
+//! Each model's `load(l: &Loader, ..)` asks for its tensors by the checkpoint's own key
+//! segments (`l.pp("double_blocks").pp(i).linear("qkv", ..)`, as candle's `VarBuilder::pp`),
+//! giving the shape its configuration expects. The [`Walk`] behind the loader checks each
+//! shape, records every key the walk read, and so knows afterwards which keys were missing and
+//! which keys of the file no module read: there is no second, hand-kept list of names.
+//!
+//! Checkpoint layouts (ComfyUI prefixes, diffusers' split projections and renamed blocks) are
+//! mapped at the source, by a [`TensorSource`] that answers in the model's naming; the walk
+//! sees one naming only.
+//!
+//! # LoRA
+//! Every linear layer the walk makes is burn's [`Linear`] (a `Module` whose weight is a
+//! `Param<Tensor<2>>` stored [in, out], the transpose of PyTorch's [out, in]). A LoRA step can
+//! hook in two ways without touching the walks: burn's `Module::apply_lora` reparameterizes
+//! every rank-2 `Param` of the tree (fine for small models, merges per forward); or a
+//! `ModuleMapper` replaces chosen `Linear`s with a `LoraLinear { base: Linear, down, up }`
+//! whose forward is `base(x) + s·(x·Aᵀ)·Bᵀ`. The keys the walk recorded ([`Walk::entries`])
+//! name each Linear by its checkpoint path (`double_blocks.0.img_attn.qkv`), which is what
+//! kohya/ComfyUI LoRA keys are written against (see `shared/LORA.md`).
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use burn::module::{Param, ParamId};
+use burn::nn::Linear;
+use burn::tensor::{DType, Device, Tensor};
+
+use crate::engine::layers::{self, Conv2d, Embedding, GroupNorm, LayerNorm};
+use crate::engine::noise::Mt19937;
+use crate::engine::weights::{HostTensor, WeightSet, write_safetensors_f32};
+
+/// Where a walk's tensors come from: a checkpoint seen through the model's own names.
+pub trait TensorSource {
+    /// The shape the tensor `name` (model naming) has here, if the source can produce it.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// The tensor `name`, converted to f32.
+    fn read(&self, name: &str) -> Result<HostTensor>;
+    /// The stored keys `name` is made from (a layout may stack several into one).
+    fn stored_keys(&self, name: &str) -> Vec<String>;
+    /// Every stored key this source answers for: what a walk must read all of. Keys of other
+    /// components of an all-in-one file are not in it.
+    fn own_keys(&self) -> Vec<String>;
+    /// Said after the list of missing names (e.g. that they are named in another layout's terms).
+    fn naming_note(&self) -> String {
+        String::new()
+    }
+}
+
+/// A safetensors set whose keys are the model's names behind a fixed prefix (the text
+/// encoders' files: `text_encoders.t5xxl.transformer.` in an all-in-one file, or nothing).
+pub struct Prefixed<'a> {
+    pub set: &'a WeightSet,
+    pub prefix: String,
+    /// Keys under the prefix that belong to no module and are not an error (buffers, heads the
+    /// model does not use).
+    pub ignored: fn(&str) -> bool,
+}
+
+impl TensorSource for Prefixed<'_> {
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.set.shape(&format!("{}{name}", self.prefix)).map(<[usize]>::to_vec)
+    }
+
+    fn read(&self, name: &str) -> Result<HostTensor> {
+        self.set.read(&format!("{}{name}", self.prefix))
+    }
+
+    fn stored_keys(&self, name: &str) -> Vec<String> {
+        vec![format!("{}{name}", self.prefix)]
+    }
+
+    fn own_keys(&self) -> Vec<String> {
+        self.set.keys().filter(|k| k.starts_with(&self.prefix) && !(self.ignored)(k)).map(String::from).collect()
+    }
+}
+
+/// How a random walk fills a tensor (and how [`write_random`] writes it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// U(−b, b), b = 1/√fan_in.
+    Uniform(f32),
+    Ones,
+    Zeros,
+}
+
+/// One tensor a walk read: its name (model naming), PyTorch shape, and random fill.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+}
+
+enum Mode<'a> {
+    /// Read and upload every tensor; a missing or misshapen one is an error at once.
+    Load(&'a dyn TensorSource),
+    /// Only compare names and shapes with the source; modules get unmaterialized parameters.
+    Check(&'a dyn TensorSource),
+    /// Random values, drawn in walk order from one seeded stream.
+    Random,
+    /// Only record names and shapes (what a random checkpoint file holds).
+    Plan,
+}
+
+/// The state of one walk: what it reads from, where it puts tensors, what it has read.
+pub struct Walk<'a> {
+    mode: Mode<'a>,
+    device: Device,
+    dtype: DType,
+    rng: RefCell<Mt19937>,
+    entries: RefCell<Vec<Entry>>,
+    missing: RefCell<Vec<String>>,
+    misshapen: RefCell<Vec<String>>,
+}
+
+impl<'a> Walk<'a> {
+    fn new(mode: Mode<'a>, device: Device, dtype: DType, seed: u64) -> Self {
+        Walk {
+            mode,
+            device,
+            dtype,
+            rng: RefCell::new(Mt19937::new(seed)),
+            entries: RefCell::default(),
+            missing: RefCell::default(),
+            misshapen: RefCell::default(),
+        }
+    }
+
+    /// Loads every tensor from `source` onto `device` in `dtype`.
+    pub fn load(source: &'a dyn TensorSource, device: &Device, dtype: DType) -> Self {
+        Self::new(Mode::Load(source), device.clone(), dtype, 0)
+    }
+
+    /// Compares the walk with `source`'s header; [`Walk::finish`] then names every problem.
+    pub fn check(source: &'a dyn TensorSource) -> Self {
+        Self::new(Mode::Check(source), Device::flex(), DType::F32, 0)
+    }
+
+    /// Random values from `seed`: the model [`write_random`] with the same seed writes.
+    pub fn random(device: &Device, dtype: DType, seed: u64) -> Self {
+        Self::new(Mode::Random, device.clone(), dtype, seed)
+    }
+
+    /// Records names and shapes only (see [`Walk::entries`]).
+    pub fn plan() -> Self {
+        Self::new(Mode::Plan, Device::flex(), DType::F32, 0)
+    }
+
+    /// The loader at the root of the model's names.
+    pub fn root(&self) -> Loader<'_> {
+        Loader { walk: self, path: String::new() }
+    }
+
+    /// Every tensor the walk read, in walk order.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.entries.borrow().clone()
+    }
+
+    /// After a check walk: an error naming every missing, misshapen and unknown key, with
+    /// `what` ("Bfl transformer checkpoint") and `expected` ("the FLUX layout") in front.
+    pub fn finish(&self, what: &str, expected: &str) -> Result<()> {
+        let source = match self.mode {
+            Mode::Load(s) | Mode::Check(s) => s,
+            Mode::Random | Mode::Plan => return Ok(()),
+        };
+        let read: BTreeSet<String> =
+            self.entries.borrow().iter().flat_map(|e| source.stored_keys(&e.name)).collect();
+        let mut unknown: Vec<String> = source.own_keys().into_iter().filter(|k| !read.contains(k)).collect();
+        unknown.sort();
+        let (missing, misshapen) = (self.missing.borrow(), self.misshapen.borrow());
+        if missing.is_empty() && misshapen.is_empty() && unknown.is_empty() {
+            return Ok(());
+        }
+        let mut msg = format!("{what} does not match {expected}:");
+        if !missing.is_empty() {
+            msg += &format!(" missing {}{};", list(&missing), source.naming_note());
+        }
+        if !misshapen.is_empty() {
+            msg += &format!(" {};", list(&misshapen));
+        }
+        if !unknown.is_empty() {
+            msg += &format!(" unknown keys {};", list(&unknown));
+        }
+        bail!(msg.trim_end_matches(';').to_string())
+    }
+
+    /// The host values of `name`, or None where the walk makes no values (check, plan).
+    fn host(&self, name: String, shape: &[usize], init: Init) -> Result<Option<HostTensor>> {
+        let entry = Entry { name, shape: shape.to_vec(), init };
+        let out = match self.mode {
+            Mode::Load(source) => {
+                match source.shape(&entry.name) {
+                    None => bail!("checkpoint lacks {}{}", entry.name, source.naming_note()),
+                    Some(found) if found != shape => {
+                        bail!("{}: expected shape {shape:?}, found {found:?}", entry.name)
+                    }
+                    Some(_) => {}
+                }
+                Some(source.read(&entry.name)?)
+            }
+            Mode::Check(source) => {
+                match source.shape(&entry.name) {
+                    None => self.missing.borrow_mut().push(entry.name.clone()),
+                    Some(found) if found != shape => self
+                        .misshapen
+                        .borrow_mut()
+                        .push(format!("{} has shape {found:?}, not {shape:?}", entry.name)),
+                    Some(_) => {}
+                }
+                None
+            }
+            Mode::Random => Some(HostTensor { shape: shape.to_vec(), data: fill(&mut self.rng.borrow_mut(), &entry) }),
+            Mode::Plan => None,
+        };
+        self.entries.borrow_mut().push(entry);
+        Ok(out)
+    }
+
+    fn param<const D: usize>(&self, name: String, shape: [usize; D], init: Init) -> Result<Param<Tensor<D>>> {
+        Ok(match self.host(name.clone(), &shape, init)? {
+            Some(t) => Param::from_tensor(layers::upload(t, &name, &self.device, self.dtype)?),
+            None => placeholder(shape, &self.device),
+        })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        match self.mode {
+            Mode::Load(s) | Mode::Check(s) => s.shape(name).is_some(),
+            Mode::Random | Mode::Plan => true,
+        }
+    }
+}
+
+/// A parameter with a shape but no values, never materialized unless touched (check walks).
+fn placeholder<const D: usize>(shape: [usize; D], device: &Device) -> Param<Tensor<D>> {
+    Param::uninitialized(ParamId::new(), move |device, _| Tensor::zeros(shape, device), device.clone(), false, shape.into())
+}
+
+fn fill(rng: &mut Mt19937, entry: &Entry) -> Vec<f32> {
+    let n = entry.shape.iter().product();
+    match entry.init {
+        Init::Ones => vec![1.0; n],
+        Init::Zeros => vec![0.0; n],
+        Init::Uniform(bound) => (0..n).map(|_| (rng.next_u32() as f32 / u32::MAX as f32 * 2.0 - 1.0) * bound).collect(),
+    }
+}
+
+/// Writes the checkpoint a random walk with `seed` makes: `entries` from a [`Walk::plan`] of
+/// the same model, values drawn in the same order.
+pub fn write_random(path: &Path, entries: &[Entry], metadata: &[(&str, &str)], seed: u64) -> Result<()> {
+    let mut rng = Mt19937::new(seed);
+    let tensors: Vec<(String, Vec<usize>)> = entries.iter().map(|e| (e.name.clone(), e.shape.clone())).collect();
+    let mut next = entries.iter();
+    write_safetensors_f32(path, &tensors, metadata, |name, _| {
+        let entry = next.next().filter(|e| e.name == name).expect("tensors are written in entry order");
+        fill(&mut rng, entry)
+    })
+}
+
+fn list(items: &[String]) -> String {
+    let shown: Vec<&str> = items.iter().take(12).map(String::as_str).collect();
+    if items.len() > shown.len() {
+        format!("{} (and {} more)", shown.join(", "), items.len() - shown.len())
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// A position in the model's names; `pp` goes one segment deeper.
+#[derive(Clone)]
+pub struct Loader<'a> {
+    walk: &'a Walk<'a>,
+    path: String,
+}
+
+impl<'a> Loader<'a> {
+    /// The loader under `segment` (`pp` as in candle: "push prefix").
+    pub fn pp(&self, segment: impl std::fmt::Display) -> Loader<'a> {
+        Loader { walk: self.walk, path: self.key(&segment.to_string()) }
+    }
+
+    /// The full name of `name` here.
+    pub fn key(&self, name: &str) -> String {
+        if self.path.is_empty() { name.to_string() } else { format!("{}.{name}", self.path) }
+    }
+
+    /// Whether the source has the tensor `name` here (a random walk has everything).
+    pub fn has(&self, name: &str) -> bool {
+        self.walk.has(&self.key(name))
+    }
+
+    /// A tensor parameter of exactly `shape`.
+    pub fn param<const D: usize>(&self, name: &str, shape: [usize; D], init: Init) -> Result<Param<Tensor<D>>> {
+        self.walk.param(self.key(name), shape, init)
+    }
+
+    /// The tensor `name` on the host, in f32, whatever the compute dtype (small tables the
+    /// forward reads on the host). None in a check walk.
+    pub fn host(&self, name: &str, shape: &[usize], init: Init) -> Result<Option<HostTensor>> {
+        self.walk.host(self.key(name), shape, init)
+    }
+
+    /// `name.weight` [out, in] (PyTorch's layout) and, with `bias`, `name.bias` [out], as
+    /// burn's [`Linear`] (its weight stored transposed, [in, out]).
+    pub fn linear(&self, name: &str, inputs: usize, outputs: usize, bias: bool) -> Result<Linear> {
+        let l = self.pp(name);
+        let w = l.walk;
+        let bound = Init::Uniform(1.0 / (inputs as f32).sqrt());
+        let weight = w.host(l.key("weight"), &[outputs, inputs], bound)?;
+        let bias = if bias { Some(w.host(l.key("bias"), &[outputs], bound)?) } else { None };
+        match weight {
+            Some(weight) => layers::linear(weight, bias.flatten(), &l.path, &w.device, w.dtype),
+            None => Ok(Linear {
+                weight: placeholder([inputs, outputs], &w.device),
+                bias: bias.map(|_| placeholder([outputs], &w.device)),
+            }),
+        }
+    }
+
+    /// A 2-D convolution `name.{weight,bias}` of a k×k kernel.
+    pub fn conv2d(&self, name: &str, inputs: usize, outputs: usize, kernel: usize, stride: usize, padding: (usize, usize)) -> Result<Conv2d> {
+        let l = self.pp(name);
+        let bound = Init::Uniform(1.0 / ((inputs * kernel * kernel) as f32).sqrt());
+        Ok(Conv2d {
+            weight: l.param("weight", [outputs, inputs, kernel, kernel], bound)?,
+            bias: l.param("bias", [outputs], bound)?,
+            stride,
+            pad_before: padding.0,
+            pad_after: padding.1,
+        })
+    }
+
+    /// GroupNorm `name.{weight,bias}` over `channels`.
+    pub fn group_norm(&self, name: &str, channels: usize, groups: usize) -> Result<GroupNorm> {
+        let l = self.pp(name);
+        Ok(GroupNorm { weight: l.param("weight", [channels], Init::Ones)?, bias: l.param("bias", [channels], Init::Zeros)?, groups })
+    }
+
+    /// LayerNorm `name.{weight,bias}` over `channels`.
+    pub fn layer_norm(&self, name: &str, channels: usize, eps: f64) -> Result<LayerNorm> {
+        let l = self.pp(name);
+        Ok(LayerNorm { weight: l.param("weight", [channels], Init::Ones)?, bias: l.param("bias", [channels], Init::Zeros)?, eps })
+    }
+
+    /// An embedding table `name.weight` [count, dim].
+    pub fn embedding(&self, name: &str, count: usize, dim: usize) -> Result<Embedding> {
+        Ok(Embedding { weight: self.pp(name).param("weight", [count, dim], Init::Uniform(1.0))? })
+    }
+}
+
+/// Runs a walk's model builder as a check of `source` against what it reads.
+pub fn check<T>(source: &dyn TensorSource, what: &str, expected: &str, build: impl FnOnce(&Loader) -> Result<T>) -> Result<()> {
+    let walk = Walk::check(source);
+    build(&walk.root())?;
+    walk.finish(what, expected)
+}
+
+/// Checks `source` against the walk, then loads it (so a broken file fails before any data is
+/// read, naming every problem at once).
+pub fn load<T>(
+    source: &dyn TensorSource,
+    device: &Device,
+    dtype: DType,
+    (what, expected): (&str, &str),
+    build: impl Fn(&Loader) -> Result<T>,
+) -> Result<T> {
+    check(source, what, expected, &build)?;
+    let walk = Walk::load(source, device, dtype);
+    build(&walk.root())
+}
+
+impl std::fmt::Debug for Loader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Loader({:?})", self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::flux::{Flux, FluxConfig, TransformerWeights};
+
+    fn tiny() -> FluxConfig {
+        FluxConfig {
+            in_channels: 8,
+            out_channels: 8,
+            vec_in_dim: 6,
+            context_in_dim: 10,
+            hidden_size: 16,
+            mlp_hidden_dim: 32,
+            num_heads: 2,
+            depth: 1,
+            depth_single_blocks: 2,
+            axes_dim: vec![2, 2, 4],
+            ..FluxConfig::dev()
+        }
+    }
+
+    fn values<const D: usize>(p: &Param<Tensor<D>>) -> Vec<f32> {
+        p.val().into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn a_random_walk_is_the_checkpoint_its_plan_writes() {
+        let config = tiny();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("random.safetensors");
+        crate::bench::write_random_checkpoint(&config, &path, 7).unwrap();
+        let device = Device::flex();
+        let weights = TransformerWeights::open(&path).unwrap();
+        let loaded = Flux::load(&weights, config.clone(), &device, DType::F32).unwrap();
+        let walk = Walk::random(&device, DType::F32, 7);
+        let random = Flux::build(&walk.root(), config).unwrap();
+        assert_eq!(walk.entries().len(), weights.weight_set().keys().count());
+        assert_eq!(values(&loaded.img_in.weight), values(&random.img_in.weight));
+        let (a, b) = (&loaded.single_blocks[1], &random.single_blocks[1]);
+        assert_eq!(values(&a.linear2.weight), values(&b.linear2.weight));
+        assert_eq!(values(a.linear2.bias.as_ref().unwrap()), values(b.linear2.bias.as_ref().unwrap()));
+        assert_eq!(values(&a.norm.key_norm), vec![1.0; 8]);
+    }
+
+    #[test]
+    fn a_check_walk_names_missing_misshapen_and_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("random.safetensors");
+        let walk = Walk::plan();
+        Flux::build(&walk.root(), tiny()).unwrap();
+        let mut entries = walk.entries();
+        entries.retain(|e| e.name != "txt_in.bias");
+        entries.iter_mut().find(|e| e.name == "img_in.bias").unwrap().shape = vec![3];
+        entries.push(Entry { name: "img_in.extra".into(), shape: vec![1], init: Init::Zeros });
+        write_random(&path, &entries, &[], 1).unwrap();
+        let weights = TransformerWeights::open(&path).unwrap();
+        let msg = check(&weights, "test checkpoint", "the FLUX layout", |l| Flux::build(l, tiny())).unwrap_err().to_string();
+        assert!(msg.starts_with("test checkpoint does not match the FLUX layout:"), "{msg}");
+        assert!(msg.contains("missing txt_in.bias"), "{msg}");
+        assert!(msg.contains("img_in.bias has shape [3], not [16]"), "{msg}");
+        assert!(msg.contains("unknown keys img_in.extra"), "{msg}");
+    }
+
+    /// Every model is a burn Module whose parameters are exactly the tensors its walk reads.
+    #[test]
+    fn every_model_holds_exactly_what_its_walk_reads() {
+        use crate::engine::clip::{ClipConfig, ClipText};
+        use crate::engine::t5::{T5Config, T5Encoder};
+        use crate::engine::vae::{Vae, VaeConfig};
+        use burn::module::Module;
+
+        fn count<M: Module>(build: impl Fn(&Loader) -> Result<M>) -> (usize, usize) {
+            let walk = Walk::random(&Device::flex(), DType::F32, 3);
+            let model = build(&walk.root()).unwrap();
+            let read = walk.entries().iter().map(|e| e.shape.iter().product::<usize>()).sum();
+            (model.num_params(), read)
+        }
+        let t5 = T5Config { vocab: 20, d_model: 8, heads: 2, d_kv: 4, d_ff: 12, layers: 2, buckets: 8, max_distance: 16, eps: 1e-6 };
+        let clip = ClipConfig { vocab: 20, hidden: 8, intermediate: 16, heads: 2, layers: 2, positions: 6, eps: 1e-5, quick_gelu: true };
+        let vae = VaeConfig { ch: 8, ch_mult: vec![1, 2], num_res_blocks: 1, z_channels: 4, groups: 4, ..VaeConfig::flux() };
+        for (name, (params, read)) in [
+            ("flux", count(|l| Flux::build(l, tiny()))),
+            ("t5", count(|l| T5Encoder::build(l, t5.clone()))),
+            ("clip", count(|l| ClipText::build(l, clip.clone()))),
+            ("vae", count(|l| Vae::build(l, vae.clone()))),
+        ] {
+            assert!(params > 0 && params == read, "{name}: {params} parameters, {read} values read");
+        }
+    }
+}
