@@ -3,6 +3,7 @@
 pub mod accounts;
 pub mod bench;
 pub mod config;
+pub mod db;
 pub mod engine;
 pub mod jobs;
 pub mod ledger;

@@ -123,6 +123,17 @@ pub enum LedgerError {
     Io { context: String, source: std::io::Error },
 }
 
+impl From<crate::db::DbError> for LedgerError {
+    fn from(e: crate::db::DbError) -> LedgerError {
+        use crate::db::DbError;
+        match e {
+            DbError::Sqlite(e) => LedgerError::Sqlite(e),
+            DbError::Io { context, source } => LedgerError::Io { context, source },
+            e @ (DbError::Unusable(_) | DbError::TooNew { .. }) => LedgerError::Invalid(e.to_string()),
+        }
+    }
+}
+
 /// One connection to the ledger database, with the plans config and the clock.
 pub struct Ledger {
     conn: Connection,

@@ -182,7 +182,7 @@ pub async fn revoke_key(
 
 /// GET /api/plans: the plan comparison, from the config.
 pub async fn plans(state: Data) -> Result<HttpResponse, ApiError> {
-    let cfg = state.pool.plans().clone();
+    let cfg = state.pool.config().plans.clone();
     let mut out = Vec::new();
     for id in cfg.plan_ids_by_rank() {
         out.push(cfg.entitlements(&id, None)?);

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::jobs::Jobs;
-use crate::jobs::db::Conn;
+use crate::jobs::Conn;
 use crate::jobs::store::JobSpec;
 use crate::ledger::{ModelAccess, Refusal, Resource, User};
 use crate::server::auth::Caller;
