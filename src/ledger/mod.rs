@@ -2,6 +2,11 @@
 //! allowances, entitlements, prices, usage history and events, kept in SQLite.
 //!
 //! Rules this module keeps:
+//! Layers, each using only those below it: [`users`] and [`events`] at the bottom, then
+//! [`credits`] (grants and holds; a hold it cannot place is a bare shortfall), then
+//! [`subscriptions`] (sign-up, plans, renewals), then [`authorize`] (the policy on top: plans
+//! that would allow a refused job, the next renewal, the low-balance event).
+//!
 //! - [`credits`] is the only code that writes grants, holds and ledger entries. Every change
 //!   of a balance is one `BEGIN IMMEDIATE` transaction that appends rows to the append-only
 //!   `ledger_entries` table; [`Ledger::audit`] checks every grant and hold against them.
@@ -22,6 +27,7 @@ pub mod schema;
 pub mod subscriptions;
 pub mod sweeper;
 pub mod usage;
+pub mod users;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -42,9 +48,10 @@ pub use plans::{
     BatchLimit, Clearance, Entitlements, JobParams, MeteringConfig, ModelAccess, ModelKind, ModelPricing,
     ParamLevel, Period, PlanConfig, PlansConfig, Price, PricingConfig, QueueClass, Quota, Refusal, Synchronous, price,
 };
-pub use subscriptions::{PlanChange, Subscription, SubscriptionStatus, User};
+pub use subscriptions::{PlanChange, Subscription, SubscriptionStatus};
 pub use sweeper::{SweepReport, Sweeper};
 pub use usage::{UsageDay, UsageKind};
+pub use users::{MAX_PASSWORD_BYTES, User};
 
 /// The database file inside a data directory.
 pub const DB_FILE: &str = "atelier.db";

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::accounts;
-use crate::ledger::subscriptions::MAX_PASSWORD_BYTES;
+use crate::ledger::MAX_PASSWORD_BYTES;
 use crate::server::auth::{Caller, SESSION_COOKIE, Via};
 use crate::server::error::ApiError;
 use crate::server::state::{AppState, Attempt};
