@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod engine;

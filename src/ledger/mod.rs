@@ -18,13 +18,13 @@
 //! share a database file.
 
 pub mod authorize;
-pub mod cli;
 pub mod clock;
 pub mod credits;
 pub mod events;
 pub mod plans;
 pub mod schema;
 pub mod subscriptions;
+pub mod summary;
 pub mod sweeper;
 pub mod usage;
 pub mod users;
@@ -49,6 +49,7 @@ pub use plans::{
     ParamLevel, Period, PlanConfig, PlansConfig, Price, PricingConfig, QueueClass, Quota, Refusal, Synchronous, price,
 };
 pub use subscriptions::{PlanChange, Subscription, SubscriptionStatus};
+pub use summary::AccountSummary;
 pub use sweeper::{SweepReport, Sweeper};
 pub use usage::{UsageDay, UsageKind};
 pub use users::{MAX_PASSWORD_BYTES, User};

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod error;
 pub mod routes;
 pub mod state;
+pub mod views;
 
 use std::path::PathBuf;
 use std::sync::Arc;
