@@ -11,6 +11,10 @@ Prints the edges that take part in cycles, the strongly connected components (ea
 more cycles) and every elementary cycle (up to --max-cycles).
 
     python3 scripts/import_cycles.py [src] [--max-cycles N]
+
+Also prints the cycles between top-level modules (`crate::x`, all its files together; the
+crate root is `lib`), which the file-level count can miss (a module importing a file of
+another that imports its parent).
 """
 
 import os
@@ -253,6 +257,19 @@ def main():
             print(f"  (stopped at {limit} cycles)")
     print()
     print(f"{total} elementary cycle(s)")
+    top = {}
+    for a, bs in edges.items():
+        for b in bs:
+            ta, tb = (a[:1] or ("lib",))[0], (b[:1] or ("lib",))[0]
+            if ta != tb:
+                top.setdefault(ta, set()).add(tb)
+    nodes = set(top) | {x for v in top.values() for x in v}
+    top_comps = sccs(nodes, top)
+    print(f"top-level module cycles: {len(top_comps)} component(s)")
+    for comp in top_comps:
+        print("  component: " + ", ".join(comp))
+        for c in cycles(comp, top, limit):
+            print("    cycle: " + " -> ".join(c + [c[0]]))
     return 0
 
 
