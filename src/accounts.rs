@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use crate::db::{DbError, Migrations, VersionSlot};
 use crate::ledger::UserId;
 use crate::secret::{random_hex, token_hash};
 
@@ -37,8 +38,13 @@ const MIGRATIONS: &[&str] = &[r#"
     );
 "#];
 
-pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    crate::jobs::db::migrate_part(conn, "accounts_schema", MIGRATIONS)
+/// The account tables' part of the database; its version is `app_meta`'s `accounts_schema`.
+pub const ACCOUNTS_MIGRATIONS: Migrations =
+    Migrations { part: "accounts", slot: VersionSlot::AppMeta("accounts_schema"), steps: MIGRATIONS };
+
+/// Brings the account tables up to date.
+pub fn migrate(conn: &Connection) -> Result<(), DbError> {
+    crate::db::migrate(conn, &ACCOUNTS_MIGRATIONS)
 }
 
 fn ts(v: i64) -> DateTime<Utc> {

@@ -2,7 +2,9 @@
 
 pub mod accounts;
 pub mod bench;
+pub mod cli;
 pub mod config;
+pub mod db;
 pub mod engine;
 pub mod jobs;
 pub mod ledger;

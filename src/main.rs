@@ -1,10 +1,9 @@
 //! The `atelier` command line.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
 
 use atelier::bench::{self, BenchSpec};
 use atelier::config::{Config, ModelEntry};
@@ -12,130 +11,8 @@ use atelier::models;
 use atelier::engine::device::{self, DeviceChoice};
 use atelier::engine::flux::{self, FluxConfig};
 use atelier::engine::parse_dtype;
-use atelier::ledger::{self, SystemClock};
-
-#[derive(Parser)]
-#[command(name = "atelier", version, about = "Self-hosted FLUX.1 generation with metering")]
-struct Cli {
-    /// Configuration file (defaults to the built-in config.toml).
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    /// Data directory (database `atelier.db`, images); overrides the config.
-    #[arg(long, global = true)]
-    data: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Time one FLUX transformer step and the peak memory of loading it.
-    Bench(BenchArgs),
-    /// Text to image: prompt → PNG (with A1111 `parameters` metadata).
-    Generate(GenerateArgs),
-    /// Show what a transformer checkpoint is: its layout and inferred configuration.
-    Inspect {
-        /// A BFL / ComfyUI .safetensors file or a diffusers transformer folder.
-        path: PathBuf,
-    },
-    /// Run the server: browser UI, HTTP API and OpenAI-compatible API, with the job queue.
-    Serve(ServeArgs),
-    /// Users, plans and prices: `user add|set-plan|grant|cancel|show|api-key`, `plan list`, `price`.
-    #[command(flatten)]
-    Ledger(ledger::cli::LedgerCommand),
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    /// Address to listen on (default: server.listen, loopback only). For the LAN: 0.0.0.0:8188.
-    #[arg(long)]
-    listen: Option<String>,
-    /// Serve a model: <id>=<diffusers folder or all-in-one .safetensors> (repeatable).
-    #[arg(long = "model")]
-    models: Vec<String>,
-    /// auto, cpu, wgpu or vulkan (default: engine.device).
-    #[arg(long)]
-    device: Option<String>,
-}
-
-#[derive(Args)]
-struct GenerateArgs {
-    /// A diffusers pipeline folder, or a model id from config.toml.
-    #[arg(long)]
-    model: Option<String>,
-    /// Single files instead of --model (BFL / ComfyUI layouts).
-    #[arg(long)]
-    transformer: Option<PathBuf>,
-    #[arg(long)]
-    vae: Option<PathBuf>,
-    #[arg(long)]
-    clip: Option<PathBuf>,
-    #[arg(long)]
-    t5: Option<PathBuf>,
-    #[arg(long)]
-    prompt: String,
-    /// Seed of the first image; image i of a batch uses seed + i.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Default: 4 for schnell, 28 for dev.
-    #[arg(long)]
-    steps: Option<usize>,
-    #[arg(long, default_value_t = 1024)]
-    width: usize,
-    #[arg(long, default_value_t = 1024)]
-    height: usize,
-    /// Distilled guidance (dev models); default 3.5.
-    #[arg(long)]
-    guidance: Option<f32>,
-    /// T5 tokens; default 256 for schnell, 512 for dev.
-    #[arg(long)]
-    max_sequence_length: Option<usize>,
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
-    /// auto, cpu, wgpu or vulkan.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// Keep every component loaded for the whole run instead of loading each in its stage
-    /// (faster when memory allows; peak memory becomes the sum of the components).
-    #[arg(long)]
-    keep_resident: bool,
-    /// Output PNG; a batch writes <stem>-<i>.png.
-    #[arg(long)]
-    out: PathBuf,
-}
-
-#[derive(Args)]
-struct BenchArgs {
-    /// Device: auto, cpu, wgpu or vulkan.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// Compute dtype: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Benchmark this checkpoint instead of a random one.
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
-    #[arg(long, default_value_t = 768)]
-    hidden: usize,
-    #[arg(long, default_value_t = 128)]
-    head_dim: usize,
-    #[arg(long, default_value_t = 4)]
-    double_blocks: usize,
-    #[arg(long, default_value_t = 8)]
-    single_blocks: usize,
-    #[arg(long, default_value_t = 1024)]
-    img_tokens: usize,
-    #[arg(long, default_value_t = 128)]
-    txt_tokens: usize,
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
-    /// Timed steps (after one warm-up step).
-    #[arg(long, default_value_t = 3)]
-    steps: usize,
-    /// Give the model a guidance embedding (FLUX.1-dev style).
-    #[arg(long)]
-    guidance: bool,
-}
+use atelier::cli::{BenchArgs, Cli, Command, GenerateArgs};
+use atelier::ledger::SystemClock;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,wgpu_core=warn,wgpu_hal=warn,naga=warn,cubecl=warn"))
@@ -168,7 +45,7 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Ledger(cmd) => {
-            let out = ledger::cli::run(
+            let out = atelier::cli::admin::run(
                 &data_dir,
                 &cmd,
                 std::sync::Arc::new(config.plans()?),

@@ -3,7 +3,7 @@
 //! pipeline off the async threads, progress events, and settling each job's hold exactly once
 //! (captured on success, released on failure or cancel), also across restarts.
 
-pub mod db;
+mod conn;
 pub mod gallery;
 pub mod progress;
 pub mod queue;
@@ -16,13 +16,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use serde::Serialize;
 
 use crate::config::{Limits, QueueConfig};
-use crate::jobs::db::Conn;
 use crate::jobs::progress::{JobEvent, ProgressHub};
 use crate::jobs::queue::Scheduler;
 use crate::jobs::store::{Job, JobSpec, JobStatus, NewJob};
 use crate::ledger::{HoldStatus, JobParams, JobRequest, LedgerError, Refusal, UserId};
 use crate::models::ModelRegistry;
 
+pub use conn::{Conn, ConnConfig, Pool};
 pub use worker::Worker;
 
 /// Why a job was not accepted. The server maps each to an HTTP status.

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::{Deserialize, Serialize};
 
+use crate::db::{Migrations, VersionSlot};
 use crate::ledger::{HoldId, QueueClass, UserId};
 
 /// Each entry moves the app schema from version `i` to `i + 1` (kept in `app_meta`).
@@ -58,9 +59,10 @@ const MIGRATIONS: &[&str] = &[
 "#,
 ];
 
-pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    crate::jobs::db::migrate_part(conn, "jobs_schema", MIGRATIONS)
-}
+/// The jobs and gallery tables' part of the database; its version is `app_meta`'s
+/// `jobs_schema`.
+pub const JOBS_MIGRATIONS: Migrations =
+    Migrations { part: "jobs", slot: VersionSlot::AppMeta("jobs_schema"), steps: MIGRATIONS };
 
 /// What a user asked for. `steps` and `seed` are `None` when not given (then the model's
 /// default steps and a random seed are used; asking for them needs the "standard" level).

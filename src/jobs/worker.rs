@@ -12,7 +12,7 @@ use burn::tensor::Device;
 
 use crate::engine::pipeline::{self, Canceled, GenerateRequest, Progress, Resident};
 use crate::engine::pngfile::PngText;
-use crate::jobs::db::Conn;
+use crate::jobs::Conn;
 use crate::jobs::progress::JobEvent;
 use crate::jobs::store::{self, ImageMeta, Job, JobStatus};
 use crate::jobs::{Jobs, gallery};

@@ -1,13 +1,15 @@
 //! The one call a server makes before it queues a job: catch up the subscription, check the
 //! plan's entitlements and quotas, price the job and place the hold, all in one transaction.
+//! The top of the ledger: what [`credits`] answers bare (a shortfall, a used-up quota) gets the
+//! policy here: the plans that would allow it, the next renewal, and the low-balance event.
 
 use rusqlite::Connection;
 use serde::Serialize;
 
-use crate::ledger::credits::{self, Hold, HoldRequest};
+use crate::ledger::credits::{self, Hold, HoldOutcome, HoldRequest, Shortfall};
 use crate::ledger::plans::{JobParams, ModelKind, Price, QueueClass, Refusal};
 use crate::ledger::usage::UsageKind;
-use crate::ledger::{Ledger, LedgerError, Resource, Tx, UserId, subscriptions};
+use crate::ledger::{Ledger, LedgerError, Resource, Tx, UserId, events, subscriptions};
 
 /// A generation job to authorize.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +79,77 @@ fn with_plans(r: Refusal, allowing: Vec<String>) -> Refusal {
     }
 }
 
+/// The refusal for a shortfall: when the next renewal comes and which plans' period grant
+/// would cover the amount.
+fn out_of_credits(t: &Tx<'_>, user: UserId, short: Shortfall) -> Result<Refusal, LedgerError> {
+    let sub = subscriptions::load(t, user)?;
+    let plans_allowing = t
+        .cfg
+        .plan_ids_by_rank()
+        .into_iter()
+        .filter(|id| {
+            let p = &t.cfg.plans[id];
+            let per = match short.resource {
+                Resource::Credits => p.credits_weekly.max(p.credits_yearly),
+                Resource::Training => p.training_weekly.max(p.training_yearly),
+            };
+            per >= short.needed
+        })
+        .collect();
+    Ok(Refusal::OutOfCredits {
+        resource: short.resource.as_str().to_string(),
+        needed: short.needed,
+        available: short.available,
+        next_renewal_at: sub.next_renewal_at(),
+        plans_allowing,
+    })
+}
+
+/// Records a `low_balance` event (once per period) when the credits available fall below the
+/// plan's threshold: `low_balance_pct` of one period's credits (Free: of its sign-up credits).
+pub(crate) fn check_low_balance(t: &Tx<'_>, user: UserId) -> Result<(), LedgerError> {
+    let sub = subscriptions::load(t, user)?;
+    let Ok(plan) = t.cfg.plan(&sub.plan) else {
+        return Ok(()); // a plan removed from the config has no threshold
+    };
+    let per_period = match sub.period {
+        Some(p) => plan.credits_per(Some(p)),
+        None => plan.signup_credits,
+    };
+    let threshold = per_period * t.cfg.low_balance_pct(plan) as i64 / 100;
+    if threshold <= 0 {
+        return Ok(());
+    }
+    let available = credits::available(t, user, Resource::Credits)?;
+    if available < threshold {
+        let key = format!("low_balance:{user}:{}:{}", sub.plan, crate::ledger::clock::unix(sub.period_start));
+        events::record(
+            t,
+            Some(user),
+            "low_balance",
+            serde_json::json!({"available": available, "threshold": threshold, "plan": sub.plan,
+                               "next_renewal_at": sub.next_renewal_at()}),
+            Some(&key),
+        )?;
+    }
+    Ok(())
+}
+
+/// Places a hold with the policy [`credits::place_hold`] leaves out: a shortfall is refused
+/// with the next renewal and the plans that would cover it; a new credits hold checks the
+/// low-balance threshold.
+fn place_hold(t: &Tx<'_>, req: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
+    match credits::place_hold(t, req)? {
+        Ok(out) => {
+            if !out.replayed && req.resource == Resource::Credits {
+                check_low_balance(t, req.user_id)?;
+            }
+            Ok(out)
+        }
+        Err(short) => Err(out_of_credits(t, req.user_id, short)?.into()),
+    }
+}
+
 fn authorize_job(
     t: &Tx<'_>,
     user: UserId,
@@ -134,7 +207,7 @@ fn authorize_job(
         quotas: clearance.quotas,
         request_hash: req.request_hash.clone(),
     };
-    match credits::place_hold(t, &hold_req) {
+    match place_hold(t, &hold_req) {
         Ok(out) => Ok(JobAuthorization {
             hold: out.hold,
             replayed: out.replayed,
@@ -194,7 +267,7 @@ fn authorize_training(t: &Tx<'_>, user: UserId, req: &TrainingRequest) -> Result
             return Err(LedgerError::Invalid("a training needs at least one image".into()));
         }
     }
-    match credits::place_hold(t, &hold_req) {
+    match place_hold(t, &hold_req) {
         Ok(out) => Ok(JobAuthorization { hold: out.hold, replayed: out.replayed, price: one, queue }),
         Err(LedgerError::Refused(r)) => Err(with_plans(r, cfg.plans_allowing_training(req.images)).into()),
         Err(e) => Err(e),
@@ -202,6 +275,15 @@ fn authorize_training(t: &Tx<'_>, user: UserId, req: &TrainingRequest) -> Result
 }
 
 impl Ledger {
+    /// Reserves `req.amount` if at least that much is available now, taking the
+    /// soonest-expiring grants first. The same idempotency key again returns the hold it
+    /// placed (whatever its status now) with `replayed = true`; with a different job, amount
+    /// or resource it is [`LedgerError::IdempotencyConflict`]. Not enough available, or a
+    /// weekly quota used up, is [`LedgerError::Refused`].
+    pub fn place_hold(&mut self, req: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
+        self.write(|t| place_hold(t, req))
+    }
+
     /// Authorizes a generation job for `user`: renewals caught up, entitlements checked (model
     /// tags, parameter level, batch), "limited" weekly quotas counted, the price computed and
     /// held, in one `BEGIN IMMEDIATE` transaction. A refusal is [`LedgerError::Refused`] and

@@ -30,7 +30,7 @@ use serde::Serialize;
 use crate::ledger::clock::{from_unix, unix};
 use crate::ledger::plans::{Period, Quota, Refusal};
 use crate::ledger::usage::UsageKind;
-use crate::ledger::{GrantId, HoldId, Ledger, LedgerError, Resource, Tx, UserId, events, subscriptions, usage};
+use crate::ledger::{GrantId, HoldId, Ledger, LedgerError, Resource, Tx, UserId, events, usage, users};
 
 /// Where a grant came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -332,21 +332,27 @@ fn entry(
     Ok(())
 }
 
+/// A grant to insert (see [`insert_grant`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewGrant<'a> {
+    pub user: UserId,
+    pub resource: Resource,
+    pub amount: i64,
+    pub source: GrantSource,
+    /// The subscription period a period grant belongs to.
+    pub period: Option<Period>,
+    pub effective_at: i64,
+    /// Exclusive; `None` never expires.
+    pub expires_at: Option<i64>,
+    pub priority: i64,
+    /// Makes the grant happen once (period and sign-up grants).
+    pub grant_key: Option<&'a str>,
+}
+
 /// Inserts a grant and its `grant` entry. With a `grant_key` that exists already, inserts
 /// nothing and returns `None` (period grants happen once).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn insert_grant(
-    t: &Tx<'_>,
-    user: UserId,
-    resource: Resource,
-    amount: i64,
-    source: GrantSource,
-    period: Option<Period>,
-    effective_at: i64,
-    expires_at: Option<i64>,
-    priority: i64,
-    grant_key: Option<&str>,
-) -> Result<Option<GrantId>, LedgerError> {
+pub(crate) fn insert_grant(t: &Tx<'_>, g: &NewGrant<'_>) -> Result<Option<GrantId>, LedgerError> {
+    let NewGrant { user, resource, amount, source, period, effective_at, expires_at, priority, grant_key } = *g;
     if amount <= 0 {
         return Err(LedgerError::Invalid(format!("a grant must be > 0 (got {amount})")));
     }
@@ -467,8 +473,18 @@ pub(crate) fn quota_used(t: &Tx<'_>, user: UserId, tag: &str) -> Result<u32, Led
     Ok(used.clamp(0, u32::MAX as i64) as u32)
 }
 
-/// Places a hold (see [`Ledger::place_hold`]).
-pub(crate) fn place_hold(t: &Tx<'_>, req: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
+/// Not enough of a resource for a hold: what [`place_hold`] answers instead of placing it.
+/// Which plans or renewal would cover it is the caller's (policy) to say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shortfall {
+    pub resource: Resource,
+    pub needed: i64,
+    pub available: i64,
+}
+
+/// Places a hold (see [`Ledger::place_hold`]): `Ok(Err(shortfall))` when too little is
+/// available. A used-up weekly quota is [`Refusal::QuotaExhausted`] without plans.
+pub(crate) fn place_hold(t: &Tx<'_>, req: &HoldRequest) -> Result<Result<HoldOutcome, Shortfall>, LedgerError> {
     if req.amount <= 0 {
         return Err(LedgerError::Invalid(format!(
             "a hold must be > 0 (got {})",
@@ -494,9 +510,9 @@ pub(crate) fn place_hold(t: &Tx<'_>, req: &HoldRequest) -> Result<HoldOutcome, L
                 amount: h.amount,
             });
         }
-        return Ok(HoldOutcome { hold: h, replayed: true });
+        return Ok(Ok(HoldOutcome { hold: h, replayed: true }));
     }
-    subscriptions::require_user(t, req.user_id)?;
+    users::require_user(t, req.user_id)?;
     expire_due(t, Some(req.user_id))?;
     for q in &req.quotas {
         let used = quota_used(t, req.user_id, &q.tag)?;
@@ -514,28 +530,7 @@ pub(crate) fn place_hold(t: &Tx<'_>, req: &HoldRequest) -> Result<HoldOutcome, L
     }
     let avail = available(t, req.user_id, req.resource)?;
     if avail < req.amount {
-        let sub = subscriptions::load(t, req.user_id)?;
-        let plans_allowing = t
-            .cfg
-            .plan_ids_by_rank()
-            .into_iter()
-            .filter(|id| {
-                let p = &t.cfg.plans[id];
-                let per = match req.resource {
-                    Resource::Credits => p.credits_weekly.max(p.credits_yearly),
-                    Resource::Training => p.training_weekly.max(p.training_yearly),
-                };
-                per >= req.amount
-            })
-            .collect();
-        return Err(Refusal::OutOfCredits {
-            resource: req.resource.as_str().to_string(),
-            needed: req.amount,
-            available: avail,
-            next_renewal_at: sub.next_renewal_at(),
-            plans_allowing,
-        }
-        .into());
+        return Ok(Err(Shortfall { resource: req.resource, needed: req.amount, available: avail }));
     }
     let quota_tags = if req.quotas.is_empty() {
         None
@@ -594,10 +589,7 @@ pub(crate) fn place_hold(t: &Tx<'_>, req: &HoldRequest) -> Result<HoldOutcome, L
         // `available` said there was enough inside this same transaction.
         return Err(LedgerError::Corrupt(format!("hold {hold_id}: {left} could not be allocated")));
     }
-    if req.resource == Resource::Credits {
-        events::check_low_balance(t, req.user_id)?;
-    }
-    Ok(HoldOutcome { hold: load_hold(t, hold_id)?, replayed: false })
+    Ok(Ok(HoldOutcome { hold: load_hold(t, hold_id)?, replayed: false }))
 }
 
 /// How a hold is settled.
@@ -813,7 +805,7 @@ impl Ledger {
             return Err(LedgerError::Invalid("signup and period grants come from the subscription".into()));
         }
         self.write(|t| {
-            subscriptions::require_user(t, user)?;
+            users::require_user(t, user)?;
             let expires = req.expires_at.map(unix);
             if let Some(e) = expires
                 && e <= t.now
@@ -823,25 +815,24 @@ impl Ledger {
                     from_unix(e).to_rfc3339()
                 )));
             }
-            let id = insert_grant(t, user, req.resource, req.amount, req.source, None, t.now, expires, req.priority, None)?
+            let new = NewGrant {
+                user,
+                resource: req.resource,
+                amount: req.amount,
+                source: req.source,
+                period: None,
+                effective_at: t.now,
+                expires_at: expires,
+                priority: req.priority,
+                grant_key: None,
+            };
+            let id = insert_grant(t, &new)?
                 .ok_or_else(|| LedgerError::Corrupt("grant without key not inserted".into()))?;
             let g = grants_of(t, user)?.into_iter().find(|g| g.id == id);
             g.ok_or_else(|| LedgerError::Corrupt(format!("grant {id} vanished")))
         })
     }
 
-    /// Reserves `req.amount` if at least that much is available now, taking the
-    /// soonest-expiring grants first. The same idempotency key again returns the hold it
-    /// placed (whatever its status now) with `replayed = true`; with a different job, amount
-    /// or resource it is [`LedgerError::IdempotencyConflict`]. Not enough available, or a
-    /// weekly quota used up, is [`LedgerError::Refused`].
-    pub fn place_hold(&mut self, req: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
-        self.write(|t| place_hold(t, req))
-    }
-
-    /// Captures a hold: all of it (`amount = None`) or part, releasing the rest. Once only:
-    /// a second capture returns the first outcome (`replayed`), a capture after release is
-    /// [`LedgerError::HoldSettled`].
     pub fn capture(&mut self, hold: HoldId, amount: Option<i64>) -> Result<HoldOutcome, LedgerError> {
         self.write(|t| settle(t, hold, Settle::Capture(amount)))
     }
@@ -872,7 +863,7 @@ impl Ledger {
     /// A user's totals for one resource now.
     pub fn balance(&mut self, user: UserId, resource: Resource) -> Result<Balance, LedgerError> {
         self.read(|t| {
-            subscriptions::require_user(t, user)?;
+            users::require_user(t, user)?;
             balance(t, user, resource)
         })
     }

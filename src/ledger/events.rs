@@ -1,12 +1,14 @@
 //! Events the ledger records for users and admins: low balance (once per period), renewals,
-//! plan changes, cancellations, holds released by the sweeper.
+//! plan changes, cancellations, holds released by the sweeper. The bottom of the ledger with
+//! [`crate::ledger::users`]: the other modules record here; the rules that decide when
+//! (e.g. the low-balance threshold, in [`crate::ledger::authorize`]) live above.
 
 use chrono::{DateTime, Utc};
 use rusqlite::params;
 use serde::Serialize;
 
 use crate::ledger::clock::from_unix;
-use crate::ledger::{Ledger, LedgerError, Resource, Tx, UserId, credits, subscriptions};
+use crate::ledger::{Ledger, LedgerError, Tx, UserId};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Event {
@@ -31,36 +33,6 @@ pub(crate) fn record(
         params![user, kind, t.now, data.to_string(), dedupe_key],
     )?;
     Ok(n == 1)
-}
-
-/// Records a `low_balance` event (once per period) when the credits available fall below the
-/// plan's threshold: `low_balance_pct` of one period's credits (Free: of its sign-up credits).
-pub(crate) fn check_low_balance(t: &Tx<'_>, user: UserId) -> Result<(), LedgerError> {
-    let sub = subscriptions::load(t, user)?;
-    let Ok(plan) = t.cfg.plan(&sub.plan) else {
-        return Ok(()); // a plan removed from the config has no threshold
-    };
-    let per_period = match sub.period {
-        Some(p) => plan.credits_per(Some(p)),
-        None => plan.signup_credits,
-    };
-    let threshold = per_period * t.cfg.low_balance_pct(plan) as i64 / 100;
-    if threshold <= 0 {
-        return Ok(());
-    }
-    let available = credits::available(t, user, Resource::Credits)?;
-    if available < threshold {
-        let key = format!("low_balance:{user}:{}:{}", sub.plan, crate::ledger::clock::unix(sub.period_start));
-        record(
-            t,
-            Some(user),
-            "low_balance",
-            serde_json::json!({"available": available, "threshold": threshold, "plan": sub.plan,
-                               "next_renewal_at": sub.next_renewal_at()}),
-            Some(&key),
-        )?;
-    }
-    Ok(())
 }
 
 impl Ledger {

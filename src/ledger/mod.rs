@@ -2,6 +2,11 @@
 //! allowances, entitlements, prices, usage history and events, kept in SQLite.
 //!
 //! Rules this module keeps:
+//! Layers, each using only those below it: [`users`] and [`events`] at the bottom, then
+//! [`credits`] (grants and holds; a hold it cannot place is a bare shortfall), then
+//! [`subscriptions`] (sign-up, plans, renewals), then [`authorize`] (the policy on top: plans
+//! that would allow a refused job, the next renewal, the low-balance event).
+//!
 //! - [`credits`] is the only code that writes grants, holds and ledger entries. Every change
 //!   of a balance is one `BEGIN IMMEDIATE` transaction that appends rows to the append-only
 //!   `ledger_entries` table; [`Ledger::audit`] checks every grant and hold against them.
@@ -13,15 +18,16 @@
 //! share a database file.
 
 pub mod authorize;
-pub mod cli;
 pub mod clock;
 pub mod credits;
 pub mod events;
 pub mod plans;
 pub mod schema;
 pub mod subscriptions;
+pub mod summary;
 pub mod sweeper;
 pub mod usage;
+pub mod users;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -42,9 +48,11 @@ pub use plans::{
     BatchLimit, Clearance, Entitlements, JobParams, MeteringConfig, ModelAccess, ModelKind, ModelPricing,
     ParamLevel, Period, PlanConfig, PlansConfig, Price, PricingConfig, QueueClass, Quota, Refusal, Synchronous, price,
 };
-pub use subscriptions::{PlanChange, Subscription, SubscriptionStatus, User};
+pub use subscriptions::{PlanChange, Subscription, SubscriptionStatus};
+pub use summary::AccountSummary;
 pub use sweeper::{SweepReport, Sweeper};
 pub use usage::{UsageDay, UsageKind};
+pub use users::{MAX_PASSWORD_BYTES, User};
 
 /// The database file inside a data directory.
 pub const DB_FILE: &str = "atelier.db";
@@ -121,6 +129,17 @@ pub enum LedgerError {
     Sqlite(#[from] rusqlite::Error),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
+}
+
+impl From<crate::db::DbError> for LedgerError {
+    fn from(e: crate::db::DbError) -> LedgerError {
+        use crate::db::DbError;
+        match e {
+            DbError::Sqlite(e) => LedgerError::Sqlite(e),
+            DbError::Io { context, source } => LedgerError::Io { context, source },
+            e @ (DbError::Unusable(_) | DbError::TooNew { .. }) => LedgerError::Invalid(e.to_string()),
+        }
+    }
 }
 
 /// One connection to the ledger database, with the plans config and the clock.

@@ -141,14 +141,7 @@ pub enum ModelKind {
     Video,
 }
 
-/// How hard SQLite pushes each commit to disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Synchronous {
-    #[default]
-    Full,
-    Normal,
-}
+pub use crate::db::Synchronous;
 
 /// `[metering]`: settings of the ledger itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

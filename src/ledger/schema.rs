@@ -1,16 +1,12 @@
-//! The ledger's SQLite schema, its migrations (tracked in `PRAGMA user_version`) and the
-//! connection settings every connection gets: WAL, foreign keys, a busy timeout long enough for
-//! many writers to queue on `BEGIN IMMEDIATE`, and `synchronous = FULL` (the default) so that a
-//! committed change survives a crash of the process or of the machine; `NORMAL` (an admin's
-//! choice in `[metering] synchronous`) still survives a crash of the process, not a power cut.
+//! The ledger's SQLite schema and its migrations (tracked in `PRAGMA user_version`); the
+//! connection settings and the migration runner are [`crate::db`]'s.
 
 use std::path::Path;
-use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 
+use crate::db::{self, Synchronous};
 use crate::ledger::LedgerError;
-use crate::ledger::plans::Synchronous;
 
 /// Each entry moves the schema from version `i` to `i + 1`. Append only; never edit a
 /// migration that has shipped.
@@ -143,115 +139,27 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// The ledger's part of the database; its version is `PRAGMA user_version`.
+pub const LEDGER_MIGRATIONS: db::Migrations =
+    db::Migrations { part: "ledger", slot: db::VersionSlot::UserVersion, steps: MIGRATIONS };
+
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+pub const SCHEMA_VERSION: i64 = LEDGER_MIGRATIONS.version();
 
-/// How many busy-handler attempts make the busy timeout: about one per millisecond past the
-/// first 200 (≈ 50 ms) attempts. About a minute, or `ATELIER_DB_BUSY_TIMEOUT_MS` (for
-/// operators, and for tests of what a request answers when the database stays locked).
-fn busy_attempts() -> i32 {
-    static ATTEMPTS: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    *ATTEMPTS.get_or_init(|| {
-        let ms = std::env::var("ATELIER_DB_BUSY_TIMEOUT_MS")
-            .ok()
-            .and_then(|v| v.parse::<i32>().ok())
-            .unwrap_or(60_000);
-        200 + ms.clamp(0, 3_600_000)
-    })
-}
-
-/// Waits for the write lock in short sleeps (SQLite's own busy timeout sleeps up to 100 ms at a
-/// time, which starves a queue of 16 writers); gives up after about a minute.
-fn busy_wait(attempt: i32) -> bool {
-    if attempt >= busy_attempts() {
-        return false;
-    }
-    let micros = match attempt {
-        0..=19 => 50,
-        20..=199 => 250,
-        _ => 1_000,
-    };
-    std::thread::sleep(Duration::from_micros(micros));
-    true
-}
-
-/// Opens (creating if needed) the database at `path` with `synchronous = FULL` and brings its
-/// schema up to date.
+/// Opens (creating if needed) the database at `path` with `synchronous = FULL` and brings the
+/// ledger's schema up to date.
 pub fn open_connection(path: &Path) -> Result<Connection, LedgerError> {
     open_connection_with(path, Synchronous::Full)
 }
 
 /// [`open_connection`] with a chosen `synchronous` level.
 pub fn open_connection_with(path: &Path, sync: Synchronous) -> Result<Connection, LedgerError> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-        | OpenFlags::SQLITE_OPEN_CREATE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX
-        | OpenFlags::SQLITE_OPEN_URI;
-    create_private(path)?;
-    let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_handler(Some(busy_wait))?;
-    // journal_mode answers with the mode now in force.
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(LedgerError::Invalid(format!(
-            "the database at {} cannot use WAL (journal_mode is {mode})",
-            path.display()
-        )));
-    }
-    conn.execute_batch(&format!(
-        "PRAGMA foreign_keys = ON; PRAGMA synchronous = {};",
-        match sync {
-            Synchronous::Full => "FULL",
-            Synchronous::Normal => "NORMAL",
-        }
-    ))?;
+    let conn = db::open(path, sync)?;
     migrate(&conn)?;
     Ok(conn)
 }
 
-/// Creates a new database file readable by its owner only, before SQLite opens it: SQLite
-/// gives the `-wal` and `-shm` files the database's own mode, so they are private too. An
-/// existing file keeps its mode; `:memory:` and `file:` URIs are left to SQLite.
-fn create_private(path: &Path) -> Result<(), LedgerError> {
-    if path.to_str().is_some_and(|p| p.is_empty() || p == ":memory:" || p.starts_with("file:")) {
-        return Ok(());
-    }
-    match crate::private_files::open_options().write(true).create_new(true).open(path) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(source) => Err(LedgerError::Io { context: format!("creating the database {}", path.display()), source }),
-    }
-}
-
-/// Applies the migrations this database has not seen, each in its own `BEGIN IMMEDIATE`
-/// transaction together with the new `user_version`, so concurrent openers apply each once.
+/// Applies the ledger migrations this database has not seen (see [`db::migrate`]).
 pub fn migrate(conn: &Connection) -> Result<(), LedgerError> {
-    loop {
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        let step = (|| -> Result<bool, LedgerError> {
-            let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-            if version > SCHEMA_VERSION {
-                return Err(LedgerError::Invalid(format!(
-                    "the database has schema version {version}, newer than this program's {SCHEMA_VERSION}"
-                )));
-            }
-            if version == SCHEMA_VERSION {
-                return Ok(false);
-            }
-            conn.execute_batch(MIGRATIONS[version as usize])?;
-            conn.execute_batch(&format!("PRAGMA user_version = {}", version + 1))?;
-            Ok(true)
-        })();
-        match step {
-            Ok(true) => conn.execute_batch("COMMIT")?,
-            Ok(false) => {
-                conn.execute_batch("COMMIT")?;
-                return Ok(());
-            }
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e);
-            }
-        }
-    }
+    Ok(db::migrate(conn, &LEDGER_MIGRATIONS)?)
 }

@@ -1,5 +1,6 @@
-//! Users and subscriptions: sign-up (with the Free plan's one-time credits), plan changes,
-//! cancellation and renewals.
+//! Subscriptions: sign-up (a user row from [`users`], the default plan and its one-time
+//! credits), plan changes, cancellation and renewals. Above [`credits`] and [`events`]; below
+//! [`crate::ledger::authorize`].
 //!
 //! - Periods run from the subscription's anchor: week `k` is `anchor + 7k days`, year `k` is
 //!   `anchor + 12k calendar months` (always counted from the anchor, so no drift).
@@ -15,25 +16,15 @@
 
 use std::fmt;
 
-use argon2::password_hash::SaltString;
-use argon2::password_hash::rand_core::OsRng;
-use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
 use chrono::{DateTime, Months, Utc};
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
 use crate::ledger::clock::{from_unix, unix};
-use crate::ledger::credits::{self, GrantSource};
+use crate::ledger::credits::{self, GrantSource, NewGrant};
 use crate::ledger::plans::{Entitlements, Period};
+use crate::ledger::users::{self, User};
 use crate::ledger::{GrantId, Ledger, LedgerError, Resource, Tx, UserId, events};
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct User {
-    pub id: UserId,
-    pub name: String,
-    pub is_admin: bool,
-    pub created_at: DateTime<Utc>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -151,11 +142,6 @@ pub(crate) fn period_bound(anchor: i64, period: Period, index: i64) -> Result<i6
     }
 }
 
-pub(crate) fn require_user(t: &Tx<'_>, user: UserId) -> Result<(), LedgerError> {
-    let found: Option<i64> = t.query_row("SELECT id FROM users WHERE id = ?1", params![user], |r| r.get(0)).optional()?;
-    found.map(|_| ()).ok_or_else(|| LedgerError::UnknownUser(format!("#{user}")))
-}
-
 pub(crate) fn load(t: &Tx<'_>, user: UserId) -> Result<Subscription, LedgerError> {
     let row = t
         .query_row(
@@ -253,15 +239,17 @@ fn grant_period(
             let key = format!("period:{user}:{plan_id}:{period}:{anchor}:{index}:{resource}");
             let id = credits::insert_grant(
                 t,
-                user,
-                resource,
-                amount,
-                GrantSource::Period,
-                Some(period),
-                start,
-                Some(end),
-                0,
-                Some(&key),
+                &NewGrant {
+                    user,
+                    resource,
+                    amount,
+                    source: GrantSource::Period,
+                    period: Some(period),
+                    effective_at: start,
+                    expires_at: Some(end),
+                    priority: 0,
+                    grant_key: Some(&key),
+                },
             )?;
             if resource == Resource::Credits {
                 first = id;
@@ -328,134 +316,36 @@ pub(crate) fn catch_up_user(t: &Tx<'_>, user: UserId) -> Result<usize, LedgerErr
     Ok(renewals)
 }
 
-fn validate_name(name: &str) -> Result<(), LedgerError> {
-    if name.is_empty() || name.len() > 64 {
-        return Err(LedgerError::Invalid("a user name has 1 to 64 characters".into()));
-    }
-    if name.chars().any(|c| c.is_whitespace() || c.is_control()) || name.starts_with('-') {
-        return Err(LedgerError::Invalid(format!(
-            "user name {name:?}: no spaces or control characters, and no leading '-'"
-        )));
-    }
-    Ok(())
-}
-
-/// A hash made once to verify against when there is no real one (the result is ignored).
-fn dummy_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| hash_password("no such account").unwrap_or_default())
-}
-
-/// An argon2id hash of `password` with a fresh salt.
-/// The longest password accepted, in bytes, wherever one is set or checked (login refuses
-/// longer ones without hashing them, so a huge body cannot cost an argon2 run).
-pub const MAX_PASSWORD_BYTES: usize = 1024;
-
-fn hash_password(password: &str) -> Result<String, LedgerError> {
-    if password.is_empty() {
-        return Err(LedgerError::Invalid("the password is empty".into()));
-    }
-    if password.len() > MAX_PASSWORD_BYTES {
-        return Err(LedgerError::Invalid(format!(
-            "a password has at most {MAX_PASSWORD_BYTES} bytes"
-        )));
-    }
-    let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| LedgerError::Invalid(format!("hashing the password: {e}")))
-}
-
-fn user_row(t: &Tx<'_>, name: &str) -> Result<User, LedgerError> {
-    t.query_row("SELECT id, name, is_admin, created_at FROM users WHERE name = ?1", params![name], |r| {
-        Ok(User { id: r.get(0)?, name: r.get(1)?, is_admin: r.get(2)?, created_at: from_unix(r.get(3)?) })
-    })
-    .optional()?
-    .ok_or_else(|| LedgerError::UnknownUser(name.to_string()))
-}
-
 impl Ledger {
     /// Creates a user on the default plan and gives its sign-up credits (once per account).
     /// The password, if any, is stored as an argon2id hash.
     pub fn add_user(&mut self, name: &str, is_admin: bool, password: Option<&str>) -> Result<User, LedgerError> {
-        validate_name(name)?;
-        let hash = password.map(hash_password).transpose()?;
+        users::validate_name(name)?;
+        let hash = password.map(users::hash_password).transpose()?;
         self.write(|t| {
-            let exists: Option<i64> =
-                t.query_row("SELECT id FROM users WHERE name = ?1", params![name], |r| r.get(0)).optional()?;
-            if exists.is_some() {
-                return Err(LedgerError::UserExists(name.to_string()));
-            }
-            t.execute(
-                "INSERT INTO users (name, is_admin, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![name, is_admin, hash, t.now],
-            )?;
-            let id = t.last_insert_rowid();
+            let id = users::insert(t, name, is_admin, hash.as_deref())?;
             let plan_id = t.cfg.metering.default_plan.clone();
             store(t, id, &plan_id, None, SubscriptionStatus::Active, t.now, 0, t.now, None, None)?;
             let signup = t.cfg.plan(&plan_id)?.signup_credits;
             if signup > 0 {
                 let key = format!("signup:{id}");
-                credits::insert_grant(t, id, Resource::Credits, signup, GrantSource::Signup, None, t.now, None, 0, Some(&key))?;
+                credits::insert_grant(
+                    t,
+                    &NewGrant {
+                        user: id,
+                        resource: Resource::Credits,
+                        amount: signup,
+                        source: GrantSource::Signup,
+                        period: None,
+                        effective_at: t.now,
+                        expires_at: None,
+                        priority: 0,
+                        grant_key: Some(&key),
+                    },
+                )?;
             }
-            user_row(t, name)
+            users::user_row(t, name)
         })
-    }
-
-    /// Replaces a user's password (stored as an argon2id hash).
-    pub fn set_password(&mut self, user: UserId, password: &str) -> Result<(), LedgerError> {
-        let hash = hash_password(password)?;
-        self.write(|t| {
-            let n = t.execute("UPDATE users SET password_hash = ?2 WHERE id = ?1", params![user, hash])?;
-            if n == 0 {
-                return Err(LedgerError::UnknownUser(format!("#{user}")));
-            }
-            Ok(())
-        })
-    }
-
-    pub fn user_by_name(&mut self, name: &str) -> Result<User, LedgerError> {
-        self.read(|t| user_row(t, name))
-    }
-
-    pub fn user_by_id(&mut self, id: UserId) -> Result<User, LedgerError> {
-        self.read(|t| {
-            t.query_row("SELECT id, name, is_admin, created_at FROM users WHERE id = ?1", params![id], |r| {
-                Ok(User { id: r.get(0)?, name: r.get(1)?, is_admin: r.get(2)?, created_at: from_unix(r.get(3)?) })
-            })
-            .optional()?
-            .ok_or_else(|| LedgerError::UnknownUser(format!("#{id}")))
-        })
-    }
-
-    pub fn users(&mut self) -> Result<Vec<User>, LedgerError> {
-        self.read(|t| {
-            let mut st = t.prepare("SELECT id, name, is_admin, created_at FROM users ORDER BY id")?;
-            let rows = st.query_map([], |r| {
-                Ok(User { id: r.get(0)?, name: r.get(1)?, is_admin: r.get(2)?, created_at: from_unix(r.get(3)?) })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-    }
-
-    /// Whether `password` matches the user's stored argon2 hash (false without one).
-    pub fn verify_password(&mut self, name: &str, password: &str) -> Result<bool, LedgerError> {
-        let row: Option<Option<String>> = self.read(|t| {
-            Ok(t.query_row("SELECT password_hash FROM users WHERE name = ?1", params![name], |r| r.get(0)).optional()?)
-        })?;
-        let Some(Some(stored)) = row else {
-            // Unknown user or no password: spend the time of a real check anyway, so response
-            // times do not tell which names exist.
-            let dummy = PasswordHash::new(dummy_hash()).map_err(|e| LedgerError::Corrupt(format!("dummy hash: {e}")))?;
-            let _ = Argon2::default().verify_password(password.as_bytes(), &dummy);
-            return match row {
-                None => Err(LedgerError::UnknownUser(name.to_string())),
-                Some(_) => Ok(false),
-            };
-        };
-        let parsed = PasswordHash::new(&stored).map_err(|e| LedgerError::Corrupt(format!("password hash: {e}")))?;
-        Ok(Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
     }
 
     /// The subscription as stored (call `catch_up_user` first for one that is current).

@@ -41,7 +41,7 @@ pub struct Live {
 /// The credential's owner, if the credential is still live and the account is not disabled:
 /// what every request is checked against, and what an open event stream is checked against
 /// again while it lasts.
-pub fn live(c: &mut crate::jobs::db::Conn, via: &Via) -> Result<Option<Live>, ApiError> {
+pub fn live(c: &mut crate::jobs::Conn, via: &Via) -> Result<Option<Live>, ApiError> {
     let now = c.now();
     let found = match via {
         Via::ApiKey { key } => accounts::api_key_user(&c.app, key, now)?.map(|user_id| Live {

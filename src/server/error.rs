@@ -3,10 +3,10 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
-use serde_json::json;
 
 use crate::jobs::SubmitError;
 use crate::ledger::{LedgerError, Refusal};
+use crate::server::views::{ErrorBody, ErrorDetail};
 
 fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(
@@ -124,7 +124,9 @@ impl ResponseError for ApiError {
         if let Some(s) = self.retry_after {
             r.insert_header(("Retry-After", s.to_string()));
         }
-        r.json(json!({"error": {"message": self.message, "type": kind, "code": self.code, "details": self.details}}))
+        r.json(ErrorBody {
+            error: ErrorDetail { message: &self.message, kind, code: self.code, details: self.details.as_ref() },
+        })
     }
 }
 

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod error;
 pub mod routes;
 pub mod state;
+pub mod views;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use anyhow::{Context, Result};
 
 use crate::config::{Config, ModelEntry};
 use crate::engine::device::{self, DeviceChoice};
-use crate::jobs::db::Pool;
+use crate::jobs::{ConnConfig, Pool};
 use crate::jobs::{Jobs, Worker};
 use crate::ledger::{Clock, Sweeper, SystemClock};
 use crate::models::ModelRegistry;
@@ -45,7 +46,7 @@ fn bootstrap_admin(pool: &Pool, plan: &str) -> Result<()> {
         let admin = c.ledger.add_user(&name, true, Some(&password))?;
         // The plan's first billing period, renewed like anyone's.
         c.ledger.set_plan(admin.id, plan, None)?;
-        let path = pool.data_dir().join("initial-admin-password");
+        let path = pool.config().data_dir.join("initial-admin-password");
         // Created 0600 by the open itself, so the password is never readable by others.
         crate::private_files::open_options()
             .write(true)
@@ -102,7 +103,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let plans = Arc::new(plans);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let data_dir = opts.data_dir;
-    let pool = Arc::new(Pool::new(&data_dir, plans.clone(), clock.clone())?);
+    let pool = Arc::new(Pool::new(ConnConfig::new(&data_dir, plans.clone(), clock.clone()))?);
     bootstrap_admin(&pool, &config.server.admin_plan)?;
 
     let jobs = Arc::new(Jobs::new(
@@ -129,7 +130,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         config.queue.keep_resident,
     );
     let sweeper = Sweeper::spawn(
-        pool.data_dir().join(crate::ledger::DB_FILE),
+        pool.config().data_dir.join(crate::ledger::DB_FILE),
         plans.clone(),
         clock.clone(),
         |e| log::error!("ledger sweep: {e}"),

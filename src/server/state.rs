@@ -8,7 +8,7 @@ use actix_web::web;
 
 use crate::config::Config;
 use crate::jobs::Jobs;
-use crate::jobs::db::{Conn, Pool};
+use crate::jobs::{Conn, Pool};
 use crate::server::error::ApiError;
 
 pub struct AppState {

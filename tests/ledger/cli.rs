@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use chrono::{Duration, TimeZone, Utc};
 use clap::{Parser, Subcommand};
-use ledger::cli::LedgerCommand;
+use atelier::cli::admin::{self, LedgerCommand};
 use ledger::{PlansConfig, TestClock};
 
 /// Stand-in for the binary's own CLI: a global `--data` and the ledger's commands flattened
@@ -46,7 +46,7 @@ impl Env {
         let cli = Cli::try_parse_from(&argv)?;
         let Command::Ledger(cmd) = cli.command else { anyhow::bail!("not a ledger command") };
         assert_eq!(cli.data, data);
-        ledger::cli::run(
+        admin::run(
             &cli.data,
             &cmd,
             Arc::new(PlansConfig::defaults()),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use atelier::jobs::Jobs;
-use atelier::jobs::db::Conn;
+use atelier::jobs::Conn;
 use atelier::ledger::{JobParams, JobRequest, PlansConfig, SystemClock};
 
 use crate::common::*;

@@ -3,13 +3,13 @@
 use actix_web::cookie::{Cookie, SameSite};
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::accounts;
-use crate::ledger::subscriptions::MAX_PASSWORD_BYTES;
+use crate::ledger::MAX_PASSWORD_BYTES;
 use crate::server::auth::{Caller, SESSION_COOKIE, Via};
 use crate::server::error::ApiError;
 use crate::server::state::{AppState, Attempt};
+use crate::server::views::{self, KeyCreated, KeyList, KeyRevoked, PasswordChanged, PlanList, SessionView};
 
 type Data = web::Data<AppState>;
 
@@ -91,7 +91,7 @@ pub async fn login(
     state.limiter.succeed(&attempt);
     Ok(HttpResponse::Ok()
         .cookie(session_cookie(&req, &state, token, days as i64))
-        .json(json!({"user": user, "csrf_token": session.csrf, "expires_at": session.expires_at})))
+        .json(SessionView { user: &user, csrf_token: Some(&session.csrf), expires_at: Some(session.expires_at) }))
 }
 
 /// POST /api/logout: revokes the session.
@@ -108,18 +108,20 @@ pub async fn logout(
     }
     let mut gone = session_cookie(&req, &state, String::new(), 0);
     gone.make_removal();
-    Ok(HttpResponse::Ok().cookie(gone).json(json!({"ok": true})))
+    Ok(HttpResponse::Ok().cookie(gone).json(views::DONE))
 }
 
 /// GET /api/session: who is logged in, and the CSRF token for changes.
 pub async fn session(caller: Caller) -> Result<HttpResponse, ApiError> {
     let csrf = match &caller.via {
-        Via::Session { csrf, .. } => Some(csrf.clone()),
+        Via::Session { csrf, .. } => Some(csrf.as_str()),
         Via::ApiKey { .. } => None,
     };
-    Ok(HttpResponse::Ok().json(
-        json!({"user": caller.user, "csrf_token": csrf, "expires_at": caller.session_expires_at}),
-    ))
+    Ok(HttpResponse::Ok().json(SessionView {
+        user: &caller.user,
+        csrf_token: csrf,
+        expires_at: caller.session_expires_at,
+    }))
 }
 
 /// GET /api/keys
@@ -128,7 +130,7 @@ pub async fn list_keys(state: Data, caller: Caller) -> Result<HttpResponse, ApiE
     let keys = state
         .db(move |c| Ok(accounts::list_api_keys(&c.app, id)?))
         .await?;
-    Ok(HttpResponse::Ok().json(json!({"keys": keys})))
+    Ok(HttpResponse::Ok().json(KeyList { keys }))
 }
 
 #[derive(Deserialize)]
@@ -159,7 +161,7 @@ pub async fn create_key(
     let (key, info) = state
         .db(move |c| Ok(accounts::create_api_key(&c.app, id, &label, c.now())?))
         .await?;
-    Ok(HttpResponse::Created().json(json!({"key": key, "info": info})))
+    Ok(HttpResponse::Created().json(KeyCreated { key, info }))
 }
 
 /// DELETE /api/keys/{id}
@@ -177,17 +179,17 @@ pub async fn revoke_key(
         return Err(ApiError::not_found("API key"));
     }
     state.credentials_changed();
-    Ok(HttpResponse::Ok().json(json!({"revoked": key_id})))
+    Ok(HttpResponse::Ok().json(KeyRevoked { revoked: key_id }))
 }
 
 /// GET /api/plans: the plan comparison, from the config.
 pub async fn plans(state: Data) -> Result<HttpResponse, ApiError> {
-    let cfg = state.pool.plans().clone();
+    let cfg = state.pool.config().plans.clone();
     let mut out = Vec::new();
     for id in cfg.plan_ids_by_rank() {
         out.push(cfg.entitlements(&id, None)?);
     }
-    Ok(HttpResponse::Ok().json(json!({"plans": out, "limited_per_week": cfg.metering.limited_per_week})))
+    Ok(HttpResponse::Ok().json(PlanList { plans: out, limited_per_week: &cfg.metering.limited_per_week }))
 }
 
 /// POST /api/subscription/cancel: cancels at the end of the period.
@@ -266,5 +268,5 @@ pub async fn change_password(
     state.limiter.succeed(&attempt);
     state.credentials_changed();
     Ok(HttpResponse::Ok()
-        .json(json!({"ok": true, "sessions_ended": sessions, "api_keys_revoked": keys})))
+        .json(PasswordChanged { ok: true, sessions_ended: sessions, api_keys_revoked: keys }))
 }

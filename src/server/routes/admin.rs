@@ -3,15 +3,17 @@
 use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::accounts;
 use crate::jobs::store::{self, JobStatus};
 use crate::ledger::{GrantRequest, GrantSource, Period, Resource};
 use crate::server::auth::Caller;
 use crate::server::error::ApiError;
-use crate::server::routes::usage::usage_json;
+use crate::server::routes::usage::usage_view;
 use crate::server::state::AppState;
+use crate::server::views::{
+    AdminJob, AdminModels, AdminQueue, AdminUsage, AdminUserRow, AdminUsers, Disabled, GrantCreated, UserCreated,
+};
 
 type Data = web::Data<AppState>;
 
@@ -25,14 +27,21 @@ pub async fn users(state: Data, caller: Caller) -> Result<HttpResponse, ApiError
                 c.ledger.catch_up_user(u.id)?;
                 let sub = c.ledger.subscription(u.id)?;
                 let bal = c.ledger.balance(u.id, Resource::Credits)?;
-                out.push(json!({
-                    "id": u.id, "name": u.name, "admin": u.is_admin, "created_at": u.created_at,
-                    "plan": sub.plan, "period": sub.period, "status": sub.status,
-                    "credits_available": bal.available, "credits_held": bal.held, "credits_spent": bal.spent,
-                    "disabled": accounts::is_disabled(&c.app, u.id)?,
-                }));
+                out.push(AdminUserRow {
+                    disabled: accounts::is_disabled(&c.app, u.id)?,
+                    id: u.id,
+                    name: u.name,
+                    admin: u.is_admin,
+                    created_at: u.created_at,
+                    plan: sub.plan,
+                    period: sub.period,
+                    status: sub.status,
+                    credits_available: bal.available,
+                    credits_held: bal.held,
+                    credits_spent: bal.spent,
+                });
             }
-            Ok(json!({"users": out}))
+            Ok(AdminUsers { users: out })
         })
         .await?;
     Ok(HttpResponse::Ok().json(v))
@@ -73,7 +82,7 @@ pub async fn create_user(state: Data, caller: Caller, body: web::Json<NewUser>) 
                     c.ledger.set_plan(u.id, plan, per)?;
                 }
             }
-            Ok(json!({"user": u}))
+            Ok(UserCreated { user: u })
         })
         .await?;
     Ok(HttpResponse::Created().json(v))
@@ -90,9 +99,8 @@ pub async fn user(state: Data, caller: Caller, path: web::Path<String>) -> Resul
     let v = state
         .db(move |c| {
             let u = c.ledger.user_by_id(id)?;
-            let mut v = usage_json(c, &u, 30)?;
-            v["disabled"] = json!(accounts::is_disabled(&c.app, id)?);
-            Ok(v)
+            let usage = usage_view(c, &u, 30)?;
+            Ok(AdminUsage { usage, disabled: accounts::is_disabled(&c.app, id)? })
         })
         .await?;
     Ok(HttpResponse::Ok().json(v))
@@ -141,7 +149,7 @@ pub async fn grant(state: Data, caller: Caller, path: web::Path<String>, body: w
             Ok(c.ledger.grant(id, &GrantRequest::credits(b.credits, GrantSource::Admin, b.expires_at))?)
         })
         .await?;
-    Ok(HttpResponse::Created().json(json!({"grant": g})))
+    Ok(HttpResponse::Created().json(GrantCreated { grant: g }))
 }
 
 #[derive(Deserialize)]
@@ -177,7 +185,7 @@ pub async fn disable(
         })
         .await?;
     state.credentials_changed();
-    Ok(HttpResponse::Ok().json(json!({"id": id, "disabled": disabled, "jobs_canceled": canceled})))
+    Ok(HttpResponse::Ok().json(Disabled { id, disabled, jobs_canceled: canceled }))
 }
 
 /// GET /api/admin/queue: running and queued jobs of everyone, in start order, with user names.
@@ -189,26 +197,24 @@ pub async fn queue(state: Data, caller: Caller) -> Result<HttpResponse, ApiError
             let positions = jobs.positions(c)?;
             let names: std::collections::HashMap<i64, String> =
                 c.ledger.users()?.into_iter().map(|u| (u.id, u.name)).collect();
-            let mut rows = Vec::new();
+            let mut queue = Vec::new();
             for j in store::list_jobs(&c.app, None, &[JobStatus::Running, JobStatus::Queued], 1000)? {
                 let pos = positions.iter().find(|(id, _)| id == &j.id).map(|(_, p)| *p);
-                let mut v = serde_json::to_value(&j).unwrap_or_default();
-                v["position"] = json!(pos);
-                v["user"] = json!(names.get(&j.user_id));
-                rows.push(v);
+                let user = names.get(&j.user_id).cloned();
+                queue.push(AdminJob { job: j, position: Some(pos), user, error_detail: None });
             }
-            rows.sort_by_key(|v| v["position"].as_u64().unwrap_or(0));
+            queue.sort_by_key(|v| v.position.flatten().unwrap_or(0));
             let recent = store::list_jobs(&c.app, None, &[JobStatus::Succeeded, JobStatus::Failed, JobStatus::Canceled], 50)?;
-            let recent: Vec<_> = recent
+            let recent = recent
                 .into_iter()
                 .map(|j| {
-                    let mut v = serde_json::to_value(&j).unwrap_or_default();
-                    v["user"] = json!(names.get(&j.user_id));
-                    v["error_detail"] = json!(j.error_detail);
-                    v
+                    let user = names.get(&j.user_id).cloned();
+                    let detail = j.error_detail.clone();
+                    AdminJob { job: j, position: None, user, error_detail: Some(detail) }
                 })
                 .collect();
-            Ok(json!({"queue": rows, "recent": recent, "counts": store::count_by_status(&c.app)?.into_iter().map(|(s, n)| (s.as_str(), n)).collect::<std::collections::BTreeMap<_, _>>()}))
+            let counts = store::count_by_status(&c.app)?.into_iter().map(|(s, n)| (s.as_str(), n)).collect();
+            Ok(AdminQueue { queue, recent, counts })
         })
         .await?;
     Ok(HttpResponse::Ok().json(v))
@@ -217,6 +223,6 @@ pub async fn queue(state: Data, caller: Caller) -> Result<HttpResponse, ApiError
 /// GET /api/admin/models: every declared model and its state.
 pub async fn models(state: Data, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
-    let models: Vec<_> = state.jobs.models.models.values().cloned().collect();
-    Ok(HttpResponse::Ok().json(json!({"models": models, "device": state.device})))
+    let models = state.jobs.models.models.values().collect();
+    Ok(HttpResponse::Ok().json(AdminModels { models, device: &state.device }))
 }

@@ -2,13 +2,13 @@
 
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::jobs::gallery;
 use crate::jobs::store::{self, ImageMeta};
 use crate::server::auth::Caller;
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
+use crate::server::views::{ImageDeleted, ImagePage, OneImage};
 
 type Data = web::Data<AppState>;
 
@@ -24,10 +24,7 @@ pub async fn list(state: Data, caller: Caller, q: web::Query<Page>) -> Result<Ht
     let page = q.page.unwrap_or(1).clamp(1, 1_000_000);
     let user = caller.user.id;
     let (images, total) = state.db(move |c| Ok(store::list_images(&c.app, user, (page - 1) * per_page, per_page)?)).await?;
-    Ok(HttpResponse::Ok().json(json!({
-        "images": images, "page": page, "per_page": per_page, "total": total,
-        "pages": total.div_ceil(per_page),
-    })))
+    Ok(HttpResponse::Ok().json(ImagePage { images, page, per_page, total, pages: total.div_ceil(per_page) }))
 }
 
 async fn own_image(state: &Data, caller: &Caller, id: String) -> Result<ImageMeta, ApiError> {
@@ -41,7 +38,7 @@ async fn own_image(state: &Data, caller: &Caller, id: String) -> Result<ImageMet
 /// GET /api/images/{id}: the image's metadata.
 pub async fn get(state: Data, caller: Caller, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let m = own_image(&state, &caller, path.into_inner()).await?;
-    Ok(HttpResponse::Ok().json(json!({"image": m})))
+    Ok(HttpResponse::Ok().json(OneImage { image: m }))
 }
 
 #[derive(Deserialize)]
@@ -84,5 +81,5 @@ pub async fn delete(state: Data, caller: Caller, path: web::Path<String>) -> Res
             Ok(())
         })
         .await?;
-    Ok(HttpResponse::Ok().json(json!({"deleted": m.id})))
+    Ok(HttpResponse::Ok().json(ImageDeleted { deleted: m.id }))
 }

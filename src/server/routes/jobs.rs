@@ -16,6 +16,7 @@ use crate::ledger::{Resource, UserId};
 use crate::server::auth::{Caller, Via, live};
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
+use crate::server::views::{CancelStatus, JobList, JobView, OneJob, Submitted};
 
 type Data = web::Data<AppState>;
 
@@ -64,7 +65,7 @@ pub async fn create(
         HttpResponse::Created()
     };
     Ok(r.insert_header(("X-Credits-Remaining", left.to_string()))
-        .json(json!({"job": s.job, "replayed": s.replayed, "credits_held": s.job.price, "credits_remaining": left})))
+        .json(Submitted { job: &s.job, replayed: s.replayed, credits_held: s.job.price, credits_remaining: left }))
 }
 
 #[derive(Deserialize)]
@@ -91,15 +92,8 @@ pub async fn list(state: Data, caller: Caller, q: web::Query<ListQuery>) -> Resu
     let (list, positions) = state
         .db(move |c| Ok((store::list_jobs(&c.app, user, &statuses, limit)?, jobs.positions(c)?)))
         .await?;
-    let out: Vec<serde_json::Value> = list.iter().map(|j| with_position(j, &positions)).collect();
-    Ok(HttpResponse::Ok().json(json!({"jobs": out})))
-}
-
-fn with_position(job: &Job, positions: &[(String, usize)]) -> serde_json::Value {
-    let mut v = serde_json::to_value(job).unwrap_or_default();
-    let pos = positions.iter().find(|(id, _)| id == &job.id).map(|(_, p)| *p);
-    v["position"] = json!(pos);
-    v
+    let jobs = list.iter().map(|j| JobView::new(j, &positions)).collect();
+    Ok(HttpResponse::Ok().json(JobList { jobs }))
 }
 
 /// The caller's job `id`, or 404 (also for someone else's job, unless the caller is an admin).
@@ -116,7 +110,7 @@ pub async fn get(state: Data, caller: Caller, path: web::Path<String>) -> Result
     let job = own_job(&state, &caller, path.into_inner()).await?;
     let jobs = state.jobs.clone();
     let positions = state.db(move |c| Ok(jobs.positions(c)?)).await?;
-    Ok(HttpResponse::Ok().json(json!({"job": with_position(&job, &positions)})))
+    Ok(HttpResponse::Ok().json(OneJob { job: JobView::new(&job, &positions) }))
 }
 
 /// POST /api/jobs/{id}/cancel: a queued job is canceled now (credits released); a running one
@@ -135,7 +129,7 @@ pub async fn cancel(
     }
     let jobs = state.jobs.clone();
     let status = state.db(move |c| Ok(jobs.cancel(c, &job)?)).await?;
-    let body = json!({"status": status});
+    let body = CancelStatus { status };
     match status {
         JobStatus::Canceled => Ok(HttpResponse::Ok().json(body)),
         // A running job was asked to stop: it stops at its next step.

@@ -7,7 +7,6 @@ use std::time::Duration;
 use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine as _;
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::jobs::progress::JobEvent;
 use crate::jobs::store::JobSpec;
@@ -16,6 +15,7 @@ use crate::server::auth::Caller;
 use crate::server::error::ApiError;
 use crate::server::routes::jobs::submit_spec;
 use crate::server::state::AppState;
+use crate::server::views::{AtelierExtra, OpenAiImage, OpenAiImages, OpenAiList, OpenAiModel};
 
 type Data = web::Data<AppState>;
 
@@ -132,22 +132,34 @@ pub async fn generations(req: HttpRequest, state: Data, caller: Caller, body: we
         .unwrap_or_default();
     for id in &images {
         if format == "url" {
-            data.push(
-                json!({"url": format!("{base}/api/images/{id}/file"), "revised_prompt": null}),
-            );
+            data.push(OpenAiImage {
+                url: Some(format!("{base}/api/images/{id}/file")),
+                b64_json: None,
+                revised_prompt: None,
+            });
         } else {
             let bytes = crate::server::routes::gallery::read_png(&state, id).await?;
-            data.push(json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(bytes), "revised_prompt": null}));
+            data.push(OpenAiImage {
+                url: None,
+                b64_json: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                revised_prompt: None,
+            });
         }
     }
     Ok(HttpResponse::Ok()
         .insert_header(("X-Credits-Charged", charged.to_string()))
         .insert_header(("X-Credits-Remaining", left.to_string()))
-        .json(json!({
-            "created": sub.job.created_at.timestamp(),
-            "data": data,
-            "atelier": {"job_id": job_id, "images": images, "seed": sub.job.seed, "credits_charged": charged, "credits_remaining": left},
-        })))
+        .json(OpenAiImages {
+            created: sub.job.created_at.timestamp(),
+            data,
+            atelier: AtelierExtra {
+                job_id: &job_id,
+                images: &images,
+                seed: sub.job.seed,
+                credits_charged: charged,
+                credits_remaining: left,
+            },
+        }))
 }
 
 /// GET /v1/models: the models that can run.
@@ -158,7 +170,7 @@ pub async fn models(state: Data, _caller: Caller) -> Result<HttpResponse, ApiErr
         .models
         .values()
         .filter(|m| m.is_ready())
-        .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": "atelier"}))
+        .map(|m| OpenAiModel { id: &m.id, object: "model", created: 0, owned_by: "atelier" })
         .collect();
-    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
+    Ok(HttpResponse::Ok().json(OpenAiList { object: "list", data }))
 }

@@ -4,12 +4,12 @@ use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use serde_json::json;
 
 use crate::jobs::store;
 use crate::server::auth::Caller;
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
+use crate::server::views::Health;
 
 type Data = web::Data<AppState>;
 
@@ -23,7 +23,12 @@ pub async fn healthz(state: Data) -> Result<HttpResponse, ApiError> {
         .await
         .is_ok();
     let ready = models_ready(&state);
-    let body = json!({"status": if db_ok { "ok" } else { "degraded" }, "database": db_ok, "models_ready": ready, "device": state.device});
+    let body = Health {
+        status: if db_ok { "ok" } else { "degraded" },
+        database: db_ok,
+        models_ready: ready,
+        device: &state.device,
+    };
     Ok(if db_ok {
         HttpResponse::Ok().json(body)
     } else {

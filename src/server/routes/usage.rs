@@ -4,55 +4,49 @@
 use actix_web::{HttpResponse, web};
 use chrono::Duration;
 use serde::Deserialize;
-use serde_json::json;
 
-use crate::jobs::Jobs;
-use crate::jobs::db::Conn;
+use crate::jobs::{Conn, Jobs};
 use crate::jobs::store::JobSpec;
 use crate::ledger::{ModelAccess, Refusal, Resource, User};
+use crate::models::ModelState;
 use crate::server::auth::Caller;
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
+use crate::server::views::{ModelAccessView, ModelList, ModelQuota, PriceCheck, SizeLimits, Usage};
 
 type Data = web::Data<AppState>;
 
-/// The usage document of `user` (also what admins see for a user).
-pub fn usage_json(c: &mut Conn, user: &User, days: i64) -> Result<serde_json::Value, ApiError> {
-    let mut v = crate::ledger::cli::account_json(&mut c.ledger, user)?;
+/// The usage document of `user` (also what admins see for a user): the last `days` days.
+pub fn usage_view(c: &mut Conn, user: &User, days: i64) -> Result<Usage, ApiError> {
+    let account = c.ledger.account_summary(user)?;
     let today = c.ledger.clock().now().date_naive();
-    let history = c.ledger.usage(user.id, today - Duration::days(days - 1), today)?;
-    let holds = c.ledger.open_holds(user.id)?;
-    let events = c.ledger.events(user.id, 50)?;
-    let available = v["credits_available"].as_i64().unwrap_or(0);
-    let ent = &v["entitlements"];
-    let per_period = ent["credits_per_period"].as_i64().unwrap_or(0);
-    let base = if per_period > 0 { per_period } else { ent["signup_credits"].as_i64().unwrap_or(0) };
-    let pct = ent["low_balance_pct"].as_i64().unwrap_or(20);
-    v["low_balance"] = json!(base > 0 && available * 100 < base * pct);
-    v["history"] = json!(history);
-    v["holds"] = json!(holds);
-    v["events"] = json!(events);
-    v["training_available"] = json!(c.ledger.balance(user.id, Resource::Training)?.available);
-    Ok(v)
+    Ok(Usage {
+        low_balance: account.low_balance(),
+        account,
+        history: c.ledger.usage(user.id, today - Duration::days(days - 1), today)?,
+        holds: c.ledger.open_holds(user.id)?,
+        events: c.ledger.events(user.id, 50)?,
+        training_available: c.ledger.balance(user.id, Resource::Training)?.available,
+    })
 }
 
 /// GET /api/usage
 pub async fn usage(state: Data, caller: Caller) -> Result<HttpResponse, ApiError> {
     let user = caller.user.clone();
-    let v = state.db(move |c| usage_json(c, &user, 30)).await?;
+    let v = state.db(move |c| usage_view(c, &user, 30)).await?;
     Ok(HttpResponse::Ok().json(v))
 }
 
 /// Each model with the caller's access: "yes", "limited" (with the weekly quota left) or
 /// "locked" (with why and the plans that unlock it).
-fn models_for(c: &mut Conn, jobs: &Jobs, user: &User) -> Result<serde_json::Value, ApiError> {
+fn models_for(c: &mut Conn, jobs: &Jobs, user: &User) -> Result<ModelList, ApiError> {
     c.ledger.catch_up_user(user.id)?;
     let sub = c.ledger.subscription(user.id)?;
     let cfg = c.ledger.config_arc();
     let ent = cfg.entitlements(&sub.plan, sub.period)?;
     let mut out = Vec::new();
     for m in jobs.models.models.values() {
-        let mut v = serde_json::to_value(m).unwrap_or_default();
+        let mut v = ModelAccessView::new(m);
         let (mut access, mut reason, mut allowing, mut quota) = ("yes", None, Vec::<String>::new(), None);
         if let Ok(pricing) = cfg.model(&m.id) {
             let params = crate::ledger::JobParams::new(m.default_width, m.default_height);
@@ -68,7 +62,12 @@ fn models_for(c: &mut Conn, jobs: &Jobs, user: &User) -> Result<serde_json::Valu
                     for q in &cl.quotas {
                         let used = c.ledger.quota_used(user.id, &q.tag)?;
                         access = "limited";
-                        quota = Some(json!({"tag": q.tag, "limit": q.limit, "used": used, "left": q.limit.saturating_sub(used)}));
+                        quota = Some(ModelQuota {
+                            tag: q.tag.clone(),
+                            limit: q.limit,
+                            used,
+                            left: q.limit.saturating_sub(used),
+                        });
                         if used >= q.limit {
                             access = "locked";
                             reason = Some(format!(
@@ -83,33 +82,33 @@ fn models_for(c: &mut Conn, jobs: &Jobs, user: &User) -> Result<serde_json::Valu
                 }
             }
         }
-        if !m.is_ready() {
+        // A missing model keeps the reason its state gives, unless the plan refuses it too.
+        let mut state_reason = None;
+        if let ModelState::Missing { reason } = &m.state {
             access = "unavailable";
-            if !user.is_admin {
-                // The state's reason names server paths: admins see it (here and on the admin
-                // page), users a plain sentence.
-                v["reason"] = json!(
-                    "this model is not available on this server right now; an admin can see why"
-                );
-            }
+            // The state's reason names server paths: admins see it (here and on the admin
+            // page), users a plain sentence.
+            state_reason = Some(if user.is_admin {
+                reason.clone()
+            } else {
+                "this model is not available on this server right now; an admin can see why".to_string()
+            });
         }
-        v["access"] = json!(access);
-        if reason.is_some() || v.get("reason").is_none() {
-            // A missing model keeps the reason its state gives.
-            v["reason"] = json!(reason);
-        }
-        v["plans_allowing"] = json!(allowing);
-        v["quota"] = json!(quota);
+        v.access = access;
+        v.reason = reason.or(state_reason);
+        v.plans_allowing = allowing;
+        v.quota = quota;
         out.push(v);
     }
-    Ok(json!({
-        "models": out,
-        "plan": sub.plan,
-        "parameters": ent.parameters,
-        "max_batch": ent.max_batch,
-        "size_presets": cfg.metering.size_presets,
-        "limits": {"max_width": jobs.limits().max_width, "max_height": jobs.limits().max_height, "max_steps": jobs.limits().max_steps},
-    }))
+    let limits = jobs.limits();
+    Ok(ModelList {
+        models: out,
+        plan: sub.plan,
+        parameters: ent.parameters,
+        max_batch: ent.max_batch,
+        size_presets: cfg.metering.size_presets.clone(),
+        limits: SizeLimits { max_width: limits.max_width, max_height: limits.max_height, max_steps: limits.max_steps },
+    })
 }
 
 /// Plans (lowest rank first) with full access to `tag`: what lifts a weekly quota.
@@ -191,16 +190,16 @@ pub async fn price(state: Data, caller: Caller, q: web::Query<PriceQuery>) -> Re
                 Ok(_) => None,
             };
             let (level, why) = params.required_level(&cfg.metering.size_presets);
-            Ok(json!({
-                "price": price,
-                "credits_available": available,
-                "allowed": refusal.is_none(),
-                "status": refusal.as_ref().map(|r| r.status.as_u16()),
-                "message": refusal.as_ref().map(|r| r.message.clone()),
-                "details": refusal.and_then(|r| r.details),
-                "parameter_level": level,
-                "parameters_needing_level": why,
-            }))
+            Ok(PriceCheck {
+                price,
+                credits_available: available,
+                allowed: refusal.is_none(),
+                status: refusal.as_ref().map(|r| r.status.as_u16()),
+                message: refusal.as_ref().map(|r| r.message.clone()),
+                details: refusal.and_then(|r| r.details),
+                parameter_level: level,
+                parameters_needing_level: why,
+            })
         })
         .await?;
     Ok(HttpResponse::Ok().json(v))

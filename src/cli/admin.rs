@@ -1,4 +1,5 @@
-//! The admin CLI: `user …`, `plan list` and `price`. The outer binary owns the global
+//! The admin commands: `user …` (the ledger's users, plans and credits, and the accounts'
+//! API keys and sessions), `plan list` and `price`. The outer command owns the global
 //! `--data <dir>` and mounts [`LedgerCommand`] with `#[command(flatten)]`; [`run`] does the
 //! work and returns what to print (an `Err` is a clear message for a non-zero exit).
 //!
@@ -22,11 +23,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
-use serde_json::json;
+use serde::Serialize;
 
-use crate::ledger::credits::{GrantRequest, GrantSource};
 use crate::ledger::plans::{JobParams, ModelKind, Period, PlansConfig, price};
-use crate::ledger::{Clock, Ledger, Resource};
+use crate::ledger::{AccountSummary, Clock, GrantRequest, GrantSource, Ledger, Resource};
 
 /// The ledger's top-level commands, to flatten into the binary's command enum.
 #[derive(Debug, Clone, PartialEq, Subcommand)]
@@ -279,77 +279,15 @@ fn read_password(stdin: &mut dyn BufRead) -> Result<String> {
     Ok(pw)
 }
 
-/// The `user show --json` object.
-pub fn show_json(ledger: &mut Ledger, name: &str) -> Result<serde_json::Value> {
+/// The `user show` summary (renewals caught up first).
+pub fn show(ledger: &mut Ledger, name: &str) -> Result<AccountSummary> {
     let user = ledger.user_by_name(name)?;
-    account_json(ledger, &user)
+    Ok(ledger.account_summary(&user)?)
 }
 
-/// A user's plan, credits (each grant with its expiry), training allowance, weekly quotas and
-/// entitlements, with renewals caught up first. `user show --json` and the server's usage
-/// endpoint both answer with it.
-pub fn account_json(ledger: &mut Ledger, user: &crate::ledger::User) -> Result<serde_json::Value> {
-    ledger.catch_up_user(user.id)?;
-    let sub = ledger.subscription(user.id)?;
-    let credits = ledger.balance(user.id, Resource::Credits)?;
-    let training = ledger.balance(user.id, Resource::Training)?;
-    let now = ledger.clock().now();
-    let grants = ledger.grants(user.id)?;
-    let ent = ledger.config().entitlements(&sub.plan, sub.period).ok();
-    let (mut week_left, mut year_left) = (0, 0);
-    for g in grants.iter().filter(|g| g.resource == Resource::Training && g.is_live(now)) {
-        match g.period {
-            Some(Period::Weekly) => week_left += g.remaining,
-            _ => year_left += g.remaining,
-        }
-    }
-    let mut quotas = serde_json::Map::new();
-    if let Some(e) = &ent {
-        for (tag, limit) in &e.limited_per_week {
-            let used = ledger.quota_used(user.id, tag)?;
-            quotas.insert(tag.clone(), json!({"limit": limit, "used": used, "left": limit.saturating_sub(used)}));
-        }
-    }
-    let credit_grants: Vec<serde_json::Value> = grants
-        .iter()
-        .filter(|g| g.resource == Resource::Credits)
-        .map(|g| {
-            json!({
-                "id": g.id, "source": g.source, "amount": g.amount, "remaining": g.remaining,
-                "held": g.held, "spent": g.spent, "expired": g.expired,
-                "effective_at": g.effective_at, "expires_at": g.expires_at, "priority": g.priority,
-                "live": g.is_live(now),
-            })
-        })
-        .collect();
-    Ok(json!({
-        "name": user.name,
-        "id": user.id,
-        "admin": user.is_admin,
-        "plan": sub.plan,
-        "period": sub.period,
-        "status": sub.status,
-        "period_start": sub.period_start,
-        "period_end": sub.period_end,
-        "next_renewal_at": sub.next_renewal_at(),
-        "pending_plan": sub.pending_plan,
-        "pending_period": sub.pending_period,
-        "credits_available": credits.available,
-        "credits_held": credits.held,
-        "credits_spent": credits.spent,
-        "credits_expired": credits.expired,
-        "credits_granted": credits.granted,
-        "grants": credit_grants,
-        "allowance": {
-            "week_left": week_left,
-            "year_left": year_left,
-            "held": training.held,
-            "used": training.spent,
-            "images_per_lora": ent.as_ref().map(|e| e.training_images_per_lora),
-        },
-        "quotas": quotas,
-        "entitlements": ent,
-    }))
+/// The `user show --json` object (the keys in order, as `serde_json::Value` writes them).
+pub fn show_json(ledger: &mut Ledger, name: &str) -> Result<serde_json::Value> {
+    Ok(serde_json::to_value(show(ledger, name)?)?)
 }
 
 fn show_text(v: &serde_json::Value) -> String {
@@ -430,6 +368,22 @@ fn plan_list(cfg: &PlansConfig, json: bool) -> Result<String> {
     Ok(out)
 }
 
+/// The `price --json` object.
+#[derive(Serialize)]
+struct PriceJson<'a> {
+    model: &'a str,
+    kind: ModelKind,
+    tags: &'a [String],
+    width: u32,
+    height: u32,
+    steps: u32,
+    batch: u32,
+    seconds: Option<f64>,
+    per_item: i64,
+    credits: i64,
+    plans_allowing: Vec<String>,
+}
+
 fn price_command(cfg: &PlansConfig, p: &PriceArgs) -> Result<String> {
     let model = cfg.model(&p.model).map_err(|e| {
         anyhow::anyhow!("{e} (models: {})", cfg.pricing.models.keys().cloned().collect::<Vec<_>>().join(", "))
@@ -437,15 +391,21 @@ fn price_command(cfg: &PlansConfig, p: &PriceArgs) -> Result<String> {
     let pr = price(&cfg.pricing, model, p.width, p.height, p.steps, p.batch, p.seconds)?;
     if p.json {
         let params = JobParams { steps: p.steps, ..JobParams::new(p.width, p.height).with_batch(p.batch) };
-        let v = json!({
-            "model": p.model, "kind": model.kind, "tags": model.tags,
-            "width": p.width, "height": p.height,
-            "steps": p.steps.unwrap_or(model.default_steps), "batch": p.batch,
-            "seconds": if model.kind == ModelKind::Video { p.seconds.or(model.default_seconds) } else { None },
-            "per_item": pr.per_item, "credits": pr.total,
-            "plans_allowing": cfg.plans_allowing(model, &params, false, 0),
-        });
-        return Ok(format!("{}\n", serde_json::to_string_pretty(&v)?));
+        let v = PriceJson {
+            model: &p.model,
+            kind: model.kind,
+            tags: &model.tags,
+            width: p.width,
+            height: p.height,
+            steps: p.steps.unwrap_or(model.default_steps),
+            batch: p.batch,
+            seconds: if model.kind == ModelKind::Video { p.seconds.or(model.default_seconds) } else { None },
+            per_item: pr.per_item,
+            credits: pr.total,
+            plans_allowing: cfg.plans_allowing(model, &params, false, 0),
+        };
+        // Through a `Value`: the keys in the order it writes them (sorted), as always.
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&serde_json::to_value(&v)?)?));
     }
     Ok(format!("{}\n", pr.total))
 }

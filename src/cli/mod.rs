@@ -1,0 +1,134 @@
+//! The `atelier` command line: the clap definitions of every command, and the admin commands
+//! (users, plans, prices, API keys) in [`admin`]. The binary (`src/main.rs`) parses [`Cli`] and
+//! runs what it names.
+
+pub mod admin;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use admin::LedgerCommand;
+
+#[derive(Parser)]
+#[command(name = "atelier", version, about = "Self-hosted FLUX.1 generation with metering")]
+pub struct Cli {
+    /// Configuration file (defaults to the built-in config.toml).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Data directory (database `atelier.db`, images); overrides the config.
+    #[arg(long, global = true)]
+    pub data: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Time one FLUX transformer step and the peak memory of loading it.
+    Bench(BenchArgs),
+    /// Text to image: prompt → PNG (with A1111 `parameters` metadata).
+    Generate(GenerateArgs),
+    /// Show what a transformer checkpoint is: its layout and inferred configuration.
+    Inspect {
+        /// A BFL / ComfyUI .safetensors file or a diffusers transformer folder.
+        path: PathBuf,
+    },
+    /// Run the server: browser UI, HTTP API and OpenAI-compatible API, with the job queue.
+    Serve(ServeArgs),
+    /// Users, plans and prices: `user add|set-plan|grant|cancel|show|api-key`, `plan list`, `price`.
+    #[command(flatten)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on (default: server.listen, loopback only). For the LAN: 0.0.0.0:8188.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Serve a model: <id>=<diffusers folder or all-in-one .safetensors> (repeatable).
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    /// auto, cpu, wgpu or vulkan (default: engine.device).
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// A diffusers pipeline folder, or a model id from config.toml.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Single files instead of --model (BFL / ComfyUI layouts).
+    #[arg(long)]
+    pub transformer: Option<PathBuf>,
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    #[arg(long)]
+    pub clip: Option<PathBuf>,
+    #[arg(long)]
+    pub t5: Option<PathBuf>,
+    #[arg(long)]
+    pub prompt: String,
+    /// Seed of the first image; image i of a batch uses seed + i.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Default: 4 for schnell, 28 for dev.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long, default_value_t = 1024)]
+    pub width: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub height: usize,
+    /// Distilled guidance (dev models); default 3.5.
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    /// T5 tokens; default 256 for schnell, 512 for dev.
+    #[arg(long)]
+    pub max_sequence_length: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// auto, cpu, wgpu or vulkan.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Keep every component loaded for the whole run instead of loading each in its stage
+    /// (faster when memory allows; peak memory becomes the sum of the components).
+    #[arg(long)]
+    pub keep_resident: bool,
+    /// Output PNG; a batch writes <stem>-<i>.png.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Device: auto, cpu, wgpu or vulkan.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Benchmark this checkpoint instead of a random one.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    #[arg(long, default_value_t = 768)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: usize,
+    #[arg(long, default_value_t = 4)]
+    pub double_blocks: usize,
+    #[arg(long, default_value_t = 8)]
+    pub single_blocks: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub img_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub txt_tokens: usize,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Give the model a guidance embedding (FLUX.1-dev style).
+    #[arg(long)]
+    pub guidance: bool,
+}
