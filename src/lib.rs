@@ -10,3 +10,4 @@ pub mod models;
 pub mod private_files;
 pub mod secret;
 pub mod server;
+pub mod spec;
