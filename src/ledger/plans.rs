@@ -19,7 +19,7 @@ pub fn default_plans_toml() -> &'static str {
         // The file is part of the binary and covered by tests: failing here is a build bug.
         let mut table: toml::Table =
             toml::from_str(include_str!("../../config.toml")).expect("config.toml parses");
-        table.retain(|key, _| ["metering", "plans", "pricing"].contains(&&key[..]));
+        table.retain(|key, _| ["metering", "plans", "pricing"].contains(&key));
         toml::to_string(&table).expect("config.toml's metering tables serialize")
     })
 }

@@ -190,11 +190,6 @@ export class Watch {
   }
 }
 
-/** The job being watched, or `null`. */
-export function watching(id) {
-  return watchers.get(id) || null;
-}
-
 /**
  * Starts watching `job` (an /api/jobs answer) unless it is watched already. Returns the watch
  * and whether it is new.
