@@ -160,7 +160,7 @@ pub struct ServerConfig {
     pub login_window_secs: u64,
     /// Mark the session cookie `Secure`: "auto" (when a trusted proxy's X-Forwarded-Proto says
     /// the request came over https), "always" or "never".
-    pub secure_cookies: String,
+    pub secure_cookies: SecureCookies,
     /// The address clients reach the server at (e.g. `https://atelier.studio.lan`), for links
     /// the API hands out (the OpenAI route's `url`). Unset: the listen address when it is a
     /// specific one, else relative links.
@@ -175,12 +175,45 @@ pub struct ServerConfig {
     pub admin_plan: String,
 }
 
+/// `[server] secure_cookies`: when the session cookie is marked `Secure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecureCookies {
+    /// When the request came over https (as a trusted proxy's X-Forwarded-Proto says).
+    Auto,
+    Always,
+    Never,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
-    pub device: String,
-    pub dtype: String,
+    /// auto, cpu, wgpu or vulkan.
+    pub device: crate::engine::device::DeviceChoice,
+    pub dtype: Dtype,
     pub weights_dir: PathBuf,
+}
+
+/// `[engine] dtype`: the compute dtype of model weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[serde(alias = "fp32", alias = "float32")]
+    F32,
+    #[serde(alias = "fp16", alias = "float16")]
+    F16,
+    #[serde(alias = "bfloat16")]
+    Bf16,
+}
+
+impl Dtype {
+    pub fn burn(self) -> burn::tensor::DType {
+        match self {
+            Dtype::F32 => burn::tensor::DType::F32,
+            Dtype::F16 => burn::tensor::DType::F16,
+            Dtype::Bf16 => burn::tensor::DType::BF16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -215,7 +248,7 @@ impl Default for ServerConfig {
             session_days: 30,
             login_attempts: 5,
             login_window_secs: 300,
-            secure_cookies: "auto".into(),
+            secure_cookies: SecureCookies::Auto,
             public_url: None,
             trusted_proxies: Vec::new(),
             metrics_public: false,
@@ -226,7 +259,11 @@ impl Default for ServerConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { device: "auto".into(), dtype: "f32".into(), weights_dir: "weights".into() }
+        EngineConfig {
+            device: crate::engine::device::DeviceChoice::Auto,
+            dtype: Dtype::F32,
+            weights_dir: "weights".into(),
+        }
     }
 }
 
@@ -284,8 +321,6 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         self.plans()?.plan(&self.server.admin_plan).context("[server] admin_plan")?;
-        self.engine.device.parse::<crate::engine::device::DeviceChoice>()?;
-        crate::engine::parse_dtype(&self.engine.dtype)?;
         let l = &self.limits;
         if l.max_width < 16 || l.max_height < 16 {
             bail!("limits.max_width and max_height must be at least 16");
@@ -299,12 +334,6 @@ impl Config {
         }
         if self.server.login_attempts == 0 || self.server.login_window_secs == 0 {
             bail!("server.login_attempts and login_window_secs must be at least 1");
-        }
-        if !["auto", "always", "never"].contains(&self.server.secure_cookies.as_str()) {
-            bail!(
-                "server.secure_cookies must be auto, always or never (not {:?})",
-                self.server.secure_cookies
-            );
         }
         if let Some(u) = &self.server.public_url {
             let rest = u
@@ -343,6 +372,22 @@ mod tests {
         config.server.admin_plan = "platinum".into();
         let err = format!("{:#}", config.validate().unwrap_err());
         assert!(err.contains("admin_plan") && err.contains("platinum") && err.contains("max"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_setting_names_the_allowed_values() {
+        for (toml, allowed) in [
+            ("[engine]\ndevice = \"tpu\"", "auto, cpu, wgpu or vulkan"),
+            ("[engine]\ndtype = \"f64\"", "`f32`"),
+            ("[server]\nsecure_cookies = \"sometimes\"", "`auto`, `always`, `never`"),
+        ] {
+            let err = toml::from_str::<Config>(toml).unwrap_err().to_string();
+            assert!(err.contains(allowed), "{toml}: {err}");
+        }
+        let c: Config = toml::from_str("[engine]\ndevice = \"cpu\"\ndtype = \"bf16\"\n[server]\nsecure_cookies = \"never\"").unwrap();
+        assert_eq!(c.engine.device, crate::engine::device::DeviceChoice::Cpu);
+        assert_eq!(c.engine.dtype, Dtype::Bf16);
+        assert_eq!(c.server.secure_cookies, SecureCookies::Never);
     }
 
     #[test]

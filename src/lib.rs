@@ -12,3 +12,4 @@ pub mod models;
 pub mod private_files;
 pub mod secret;
 pub mod server;
+pub mod spec;

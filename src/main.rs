@@ -102,24 +102,22 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
     use atelier::engine::pngfile::{PendingPng, PngText};
     use std::io::{IsTerminal, Write};
 
-    let limits = &config.limits;
-    if a.width > limits.max_width as usize || a.height > limits.max_height as usize {
-        anyhow::bail!("size {}x{} is above the configured maximum {}x{}", a.width, a.height, limits.max_width, limits.max_height);
+    // The command line's limits: sides from 16 pixels, rounded down to a multiple of 16.
+    let spec = atelier::spec::JobSpec {
+        model: a.model.clone().unwrap_or_default(),
+        prompt: a.prompt.clone(),
+        width: u32::try_from(a.width).unwrap_or(u32::MAX),
+        height: u32::try_from(a.height).unwrap_or(u32::MAX),
+        steps: a.steps.map(|s| u32::try_from(s).unwrap_or(u32::MAX)),
+        seed: Some(a.seed),
+        guidance: a.guidance.map(f64::from),
+        batch: u32::try_from(a.batch).unwrap_or(u32::MAX),
+    };
+    let checked = spec.validate(&atelier::spec::Limits::cli(&config.limits))?;
+    for w in &checked.warnings {
+        log::warn!("{w}");
     }
-    if a.width < 16 || a.height < 16 {
-        anyhow::bail!("width and height must be at least 16 pixels");
-    }
-    if let Some(s) = a.steps {
-        if s == 0 || s > limits.max_steps as usize {
-            anyhow::bail!("--steps must be between 1 and {} (limits.max_steps)", limits.max_steps);
-        }
-    }
-    if a.batch == 0 || a.batch > 64 {
-        anyhow::bail!("--batch must be between 1 and 64");
-    }
-    if a.prompt.trim().is_empty() {
-        anyhow::bail!("--prompt is empty");
-    }
+    let (width, height) = (checked.width as usize, checked.height as usize);
     // A tokenizers folder under weights_dir overrides the built-in copies.
     let tokenizers = models::tokenizers_dir(config);
     let (files, model_name) = match (&a.model, a.transformer.clone()) {
@@ -151,8 +149,8 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
         prompt: a.prompt.clone(),
         seed: a.seed,
         steps: a.steps,
-        width: a.width,
-        height: a.height,
+        width,
+        height,
         guidance: a.guidance,
         max_sequence_length: a.max_sequence_length,
         batch: a.batch,

@@ -248,3 +248,32 @@ fn a_model_with_a_missing_or_wrong_component_is_refused_before_sampling() {
         assert!(!out.exists());
     }
 }
+
+/// `weights/demo/` holds copies of the pipeline fixtures (see weights/demo/README.md).
+#[test]
+fn the_demo_models_are_the_pipeline_fixtures() {
+    fn files(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut dirs = vec![root.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else {
+                    out.push((p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+    for kind in ["schnell", "dev"] {
+        let demo = files(Path::new(&demo(kind)));
+        let fixture = files(&fixture(&format!("pipeline/{kind}/diffusers")));
+        assert!(!demo.is_empty());
+        let names = |v: &[(PathBuf, Vec<u8>)]| v.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&demo), names(&fixture), "{kind}: the files differ");
+        assert!(demo == fixture, "{kind}: a file's contents differ");
+    }
+}

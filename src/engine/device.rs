@@ -32,6 +32,13 @@ impl FromStr for DeviceChoice {
     }
 }
 
+/// From a config file's string, as from the command line (`engine.device = "cpu"`).
+impl<'de> serde::Deserialize<'de> for DeviceChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A device ready for tensors, with a human description of what was chosen.
 #[derive(Debug, Clone)]
 pub struct SelectedDevice {

@@ -282,32 +282,23 @@ impl Prepared {
 /// Checks a request against a model without computing anything: the request's bounds, every
 /// component's header (see [`ModelFiles::check`]), and the settings the model kind implies.
 pub fn prepare(files: &ModelFiles, req: &GenerateRequest) -> Result<Prepared> {
-    if req.prompt.trim().is_empty() {
-        bail!("the prompt is empty");
-    }
-    if req.batch == 0 {
-        bail!("batch must be at least 1");
-    }
+    let checked = crate::spec::Limits::engine().check(&crate::spec::Params {
+        prompt: &req.prompt,
+        width: req.width as u64,
+        height: req.height as u64,
+        steps: req.steps.map(|s| s as u64),
+        guidance: req.guidance.map(f64::from),
+        batch: req.batch as u64,
+    })?;
     if let Some(n) = req.max_sequence_length
         && !(MIN_T5_LENGTH..=MAX_SEQUENCE_LENGTH).contains(&n)
     {
         bail!("the maximum sequence length (--max-sequence-length) must be between {MIN_T5_LENGTH} and {MAX_SEQUENCE_LENGTH} T5 tokens, not {n}");
     }
-    if let Some(g) = req.guidance
-        && !(g.is_finite() && (0.0..=MAX_GUIDANCE).contains(&g))
-    {
-        bail!("guidance (--guidance) must be a number between 0 and {MAX_GUIDANCE}, not {g}");
-    }
-    let (width, height, warnings) = snap_size(req.width, req.height);
-    if width < 16 || height < 16 {
-        bail!("width and height must be at least 16 pixels");
-    }
+    let (width, height, warnings) = (checked.width as usize, checked.height as usize, checked.warnings);
     // The transformer's own weights say whether it is dev (guidance embedding) or schnell.
     let is_dev = files.check()?.guidance_embed;
     let steps = req.steps.unwrap_or(if is_dev { 28 } else { 4 });
-    if steps == 0 {
-        bail!("steps must be at least 1");
-    }
     Ok(Prepared {
         steps,
         width,

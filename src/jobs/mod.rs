@@ -15,7 +15,8 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use serde::Serialize;
 
-use crate::config::{Limits, QueueConfig};
+use crate::config::QueueConfig;
+use crate::spec::Limits;
 use crate::jobs::progress::{JobEvent, ProgressHub};
 use crate::jobs::queue::Scheduler;
 use crate::jobs::store::{Job, JobSpec, JobStatus, NewJob};
@@ -127,12 +128,12 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    pub fn new(models: Arc<ModelRegistry>, limits: Limits, queue: QueueConfig, images_dir: std::path::PathBuf) -> Jobs {
+    pub fn new(models: Arc<ModelRegistry>, limits: crate::config::Limits, queue: QueueConfig, images_dir: std::path::PathBuf) -> Jobs {
         Jobs {
             hub: ProgressHub::new(),
             models,
             metrics: Metrics::default(),
-            limits,
+            limits: Limits::server(&limits),
             scheduler: Mutex::new(Scheduler::new(&queue.weights)),
             queue,
             images_dir,
@@ -150,43 +151,14 @@ impl Jobs {
         &self.images_dir
     }
 
-    /// Checks what the ledger does not: the prompt, the size against the configured limits,
-    /// steps, guidance, and that the model exists and can run.
+    /// Checks what the ledger does not: that the model exists and can run, then the request
+    /// against the server's limits ([`JobSpec::validate`]).
     pub fn validate(&self, spec: &JobSpec) -> Result<(), SubmitError> {
         let model = self.models.get(&spec.model).ok_or_else(|| SubmitError::UnknownModel(spec.model.clone()))?;
         if let crate::models::ModelState::Missing { reason } = &model.state {
             return Err(SubmitError::ModelUnavailable { id: spec.model.clone(), reason: reason.clone() });
         }
-        if spec.prompt.trim().is_empty() {
-            return Err(SubmitError::Invalid("the prompt is empty".into()));
-        }
-        if spec.prompt.len() > 10_000 {
-            return Err(SubmitError::Invalid("the prompt is longer than 10000 bytes".into()));
-        }
-        let l = &self.limits;
-        if spec.width < 64 || spec.height < 64 || spec.width > l.max_width || spec.height > l.max_height {
-            return Err(SubmitError::Invalid(format!(
-                "size {}x{} is outside 64x64 to {}x{}",
-                spec.width, spec.height, l.max_width, l.max_height
-            )));
-        }
-        if spec.width % 16 != 0 || spec.height % 16 != 0 {
-            return Err(SubmitError::Invalid(format!("width and height must be multiples of 16 (got {}x{})", spec.width, spec.height)));
-        }
-        if let Some(s) = spec.steps {
-            if s == 0 || s > l.max_steps {
-                return Err(SubmitError::Invalid(format!("steps must be between 1 and {}", l.max_steps)));
-            }
-        }
-        if let Some(g) = spec.guidance {
-            let max = crate::engine::pipeline::MAX_GUIDANCE;
-            if !(0.0..=f64::from(max)).contains(&g) || !g.is_finite() {
-                return Err(SubmitError::Invalid(format!("guidance must be between 0 and {max}")));
-            }
-        }
-        if spec.batch == 0 || spec.batch > 64 {
-            return Err(SubmitError::Invalid("batch must be between 1 and 64".into()));
-        }
+        spec.validate(&self.limits).map_err(|e| SubmitError::Invalid(e.0))?;
         Ok(())
     }
 

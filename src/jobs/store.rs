@@ -64,27 +64,7 @@ const MIGRATIONS: &[&str] = &[
 pub const JOBS_MIGRATIONS: Migrations =
     Migrations { part: "jobs", slot: VersionSlot::AppMeta("jobs_schema"), steps: MIGRATIONS };
 
-/// What a user asked for. `steps` and `seed` are `None` when not given (then the model's
-/// default steps and a random seed are used; asking for them needs the "standard" level).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JobSpec {
-    pub model: String,
-    pub prompt: String,
-    pub width: u32,
-    pub height: u32,
-    #[serde(default)]
-    pub steps: Option<u32>,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub guidance: Option<f64>,
-    #[serde(default = "one")]
-    pub batch: u32,
-}
-
-fn one() -> u32 {
-    1
-}
+pub use crate::spec::JobSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -126,13 +106,22 @@ impl JobStatus {
         [JobStatus::Queued, JobStatus::Running, JobStatus::Succeeded, JobStatus::Failed, JobStatus::Canceled];
 }
 
-pub fn parse_class(s: &str) -> QueueClass {
-    match s {
+/// The queue class stored in column `col`; a name that is no class is an error (a database
+/// written by something else, or damaged), never a silent `standard`.
+pub fn parse_class(s: &str, col: usize) -> rusqlite::Result<QueueClass> {
+    Ok(match s {
+        "standard" => QueueClass::Standard,
         "priority" => QueueClass::Priority,
         "fastest" => QueueClass::Fastest,
         "instant" => QueueClass::Instant,
-        _ => QueueClass::Standard,
-    }
+        other => {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                col,
+                rusqlite::types::Type::Text,
+                format!("unknown queue class {other:?} (expected standard, priority, fastest or instant)").into(),
+            ));
+        }
+    })
 }
 
 /// A job as stored.
@@ -181,7 +170,7 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
         spec: serde_json::from_str(&spec)
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(4, rusqlite::types::Type::Text, Box::new(e)))?,
         seed: r.get::<_, i64>(5)? as u64,
-        queue: parse_class(&r.get::<_, String>(6)?),
+        queue: parse_class(&r.get::<_, String>(6)?, 6)?,
         hold_id: r.get(7)?,
         price: r.get(8)?,
         status: JobStatus::parse(&status).unwrap_or(JobStatus::Failed),
@@ -290,7 +279,7 @@ pub fn waiting(conn: &Connection) -> rusqlite::Result<Vec<Waiting>> {
         Ok(Waiting {
             job_id: r.get(0)?,
             user_id: r.get(1)?,
-            queue: parse_class(&r.get::<_, String>(2)?),
+            queue: parse_class(&r.get::<_, String>(2)?, 2)?,
             seq: r.get(3)?,
             user_last_start: r.get(4)?,
         })
@@ -437,4 +426,18 @@ pub fn list_images(conn: &Connection, user: UserId, offset: u32, limit: u32) -> 
 
 pub fn delete_image(conn: &Connection, id: &str) -> rusqlite::Result<bool> {
     Ok(conn.execute("DELETE FROM images WHERE id = ?1", params![id])? == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_queue_class_is_an_error_not_standard() {
+        for c in [QueueClass::Standard, QueueClass::Priority, QueueClass::Fastest, QueueClass::Instant] {
+            assert_eq!(parse_class(&c.to_string(), 6).unwrap(), c);
+        }
+        let e = parse_class("express", 6).unwrap_err().to_string();
+        assert!(e.contains("unknown queue class \"express\""), "{e}");
+    }
 }

@@ -11,12 +11,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::ledger::LedgerError;
 
-/// The default `[metering]`, `[plans.*]` and `[pricing]` tables, as shipped: the part of the
-/// project's `config.toml` from its metering marker line on (one file holds every default).
+/// The default `[metering]`, `[plans.*]` and `[pricing]` tables, as shipped in the project's
+/// `config.toml` (one file holds every default): those three tables of it, as TOML text.
 pub fn default_plans_toml() -> &'static str {
-    const CONFIG: &str = include_str!("../../config.toml");
-    const MARKER: &str = "# ---- Metering";
-    &CONFIG[CONFIG.find(MARKER).expect("config.toml has its metering section")..]
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        // The file is part of the binary and covered by tests: failing here is a build bug.
+        let mut table: toml::Table =
+            toml::from_str(include_str!("../../config.toml")).expect("config.toml parses");
+        table.retain(|key, _| ["metering", "plans", "pricing"].contains(&key));
+        toml::to_string(&table).expect("config.toml's metering tables serialize")
+    })
 }
 
 /// Billing period of a subscription.

@@ -116,11 +116,10 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     if settled > 0 {
         log::warn!("settled {settled} credit holds left open by the last run");
     }
-    let choice: DeviceChoice = opts
-        .device
-        .as_deref()
-        .unwrap_or(&config.engine.device)
-        .parse()?;
+    let choice: DeviceChoice = match opts.device.as_deref() {
+        Some(d) => d.parse()?,
+        None => config.engine.device,
+    };
     let dev = device::select(choice)?;
     log::info!("device: {}", dev.description);
     let worker = Worker::spawn(

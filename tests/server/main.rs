@@ -8,6 +8,7 @@ mod files;
 mod first_start;
 mod flow;
 mod hardening;
+mod limits;
 mod models;
 mod openai;
 mod queue_order;

@@ -20,10 +20,11 @@ pub struct Login {
 }
 
 fn secure(req: &HttpRequest, state: &AppState) -> bool {
-    match state.config.server.secure_cookies.as_str() {
-        "always" => true,
-        "never" => false,
-        _ => state.client_scheme(req) == "https",
+    use crate::config::SecureCookies;
+    match state.config.server.secure_cookies {
+        SecureCookies::Always => true,
+        SecureCookies::Never => false,
+        SecureCookies::Auto => state.client_scheme(req) == "https",
     }
 }
 

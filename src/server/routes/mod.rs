@@ -4,6 +4,7 @@ pub mod account;
 pub mod admin;
 pub mod gallery;
 pub mod jobs;
+pub mod limits;
 pub mod openai;
 pub mod ops;
 pub mod ui;
@@ -38,6 +39,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/usage", web::get().to(usage::usage))
             .route("/models", web::get().to(usage::models))
             .route("/price", web::get().to(usage::price))
+            .route("/limits", web::get().to(limits::limits))
             .route("/jobs", web::post().to(jobs::create))
             .route("/jobs", web::get().to(jobs::list))
             .route("/jobs/{id}", web::get().to(jobs::get))
