@@ -20,7 +20,9 @@ fn main() {
     println!("cargo:rerun-if-changed=web");
     let mut files = Vec::new();
     walk(&root, &mut files);
-    let mut code = String::from("/// Files of `web/`: (path relative to web/, contents).\npub static ASSETS: &[(&str, &[u8])] = &[\n");
+    let mut code = String::from(
+        "/// Files of `web/`: (path relative to web/, contents).\npub static ASSETS: &[(&str, &[u8])] = &[\n",
+    );
     for f in &files {
         let rel = f.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
         code += &format!("    ({rel:?}, include_bytes!({:?})),\n", f.to_string_lossy());

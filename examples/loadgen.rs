@@ -48,7 +48,8 @@ fn requests(url: &str, key: &str, threads: usize, seconds: u64, paths: Vec<Strin
     let errors = Arc::new(AtomicUsize::new(0));
     let handles: Vec<_> = (0..threads)
         .map(|t| {
-            let (host, key, paths, barrier, errors) = (host.clone(), key.to_string(), paths.clone(), barrier.clone(), errors.clone());
+            let (host, key, paths, barrier, errors) =
+                (host.clone(), key.to_string(), paths.clone(), barrier.clone(), errors.clone());
             std::thread::spawn(move || {
                 let mut conn = BufReader::new(TcpStream::connect(&host).expect("connect"));
                 conn.get_ref().set_nodelay(true).ok();
@@ -140,7 +141,11 @@ fn sse(url: &str, key: &str, clients: usize) {
     for h in handles {
         h.join().ok();
     }
-    println!("{} of {clients} streams received the job's event ({:.2} s after submitting)", seen.load(Ordering::Relaxed), t1.elapsed().as_secs_f64());
+    println!(
+        "{} of {clients} streams received the job's event ({:.2} s after submitting)",
+        seen.load(Ordering::Relaxed),
+        t1.elapsed().as_secs_f64()
+    );
 }
 
 /// Opens `clients` `/api/events` streams and keeps them for `seconds`; reports how many opened
@@ -155,7 +160,8 @@ fn hold(url: &str, key: &str, clients: usize, seconds: u64) {
             let (host, key, opened, alive) = (host.clone(), key.to_string(), opened.clone(), alive.clone());
             std::thread::spawn(move || {
                 let Ok(mut s) = TcpStream::connect(&host) else { return };
-                if write!(s, "GET /api/events HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n\r\n").is_err() {
+                if write!(s, "GET /api/events HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n\r\n").is_err()
+                {
                     return;
                 }
                 s.set_read_timeout(Some(Duration::from_millis(500))).ok();
@@ -184,7 +190,11 @@ fn hold(url: &str, key: &str, clients: usize, seconds: u64) {
     for h in handles {
         h.join().ok();
     }
-    println!("{clients} streams: {} opened, {} still open after {seconds} s", opened.load(Ordering::Relaxed), alive.load(Ordering::Relaxed));
+    println!(
+        "{clients} streams: {} opened, {} still open after {seconds} s",
+        opened.load(Ordering::Relaxed),
+        alive.load(Ordering::Relaxed)
+    );
 }
 
 fn main() {

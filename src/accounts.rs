@@ -95,7 +95,12 @@ pub fn revoke_user_sessions(conn: &Connection, user: UserId, now: i64) -> rusqli
 }
 
 /// Ends all of a user's sessions but the one with cookie token `keep`.
-pub fn revoke_user_sessions_except(conn: &Connection, user: UserId, keep: Option<&str>, now: i64) -> rusqlite::Result<usize> {
+pub fn revoke_user_sessions_except(
+    conn: &Connection,
+    user: UserId,
+    keep: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<usize> {
     let keep = keep.map(token_hash).unwrap_or_default();
     conn.execute(
         "UPDATE sessions SET revoked_at = ?2 WHERE user_id = ?1 AND revoked_at IS NULL AND token_hash != ?3",
@@ -116,7 +121,12 @@ pub struct ApiKeyInfo {
 }
 
 /// Creates an API key; the key itself is returned only here.
-pub fn create_api_key(conn: &Connection, user: UserId, label: &str, now: i64) -> rusqlite::Result<(String, ApiKeyInfo)> {
+pub fn create_api_key(
+    conn: &Connection,
+    user: UserId,
+    label: &str,
+    now: i64,
+) -> rusqlite::Result<(String, ApiKeyInfo)> {
     let key = format!("atk_{}", random_hex(24));
     let prefix = key[..12].to_string();
     conn.execute(
@@ -124,7 +134,10 @@ pub fn create_api_key(conn: &Connection, user: UserId, label: &str, now: i64) ->
         params![user, label, token_hash(&key), prefix, now],
     )?;
     let id = conn.last_insert_rowid();
-    Ok((key, ApiKeyInfo { id, label: label.to_string(), prefix, created_at: ts(now), last_used_at: None, revoked: false }))
+    Ok((
+        key,
+        ApiKeyInfo { id, label: label.to_string(), prefix, created_at: ts(now), last_used_at: None, revoked: false },
+    ))
 }
 
 /// The user of a live API key (and notes its use).
@@ -169,10 +182,7 @@ pub fn revoke_api_key(conn: &Connection, user: UserId, id: i64, now: i64) -> rus
 
 /// Revokes every live API key of `user`; returns how many.
 pub fn revoke_user_api_keys(conn: &Connection, user: UserId, now: i64) -> rusqlite::Result<usize> {
-    conn.execute(
-        "UPDATE api_keys SET revoked_at = ?2 WHERE user_id = ?1 AND revoked_at IS NULL",
-        params![user, now],
-    )
+    conn.execute("UPDATE api_keys SET revoked_at = ?2 WHERE user_id = ?1 AND revoked_at IS NULL", params![user, now])
 }
 
 /// What a password change ends: every session but `keep` (the one that made the change, if

@@ -47,8 +47,15 @@ impl BenchReport {
         println!("device: {}", self.device);
         println!(
             "config: hidden {} ({} heads), {} double + {} single blocks, mlp {}, {} image + {} text tokens, batch {}, {:?}",
-            c.hidden_size, c.num_heads, c.depth, c.depth_single_blocks, c.mlp_hidden_dim,
-            spec.img_tokens, spec.txt_tokens, spec.batch, spec.dtype
+            c.hidden_size,
+            c.num_heads,
+            c.depth,
+            c.depth_single_blocks,
+            c.mlp_hidden_dim,
+            spec.img_tokens,
+            spec.txt_tokens,
+            spec.batch,
+            spec.dtype
         );
         println!(
             "load: {:.2} s; checkpoint {:.1} MiB; peak RSS during load {:.1} MiB ({:.1} MiB before load, {:.2}x the file)",

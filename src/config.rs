@@ -82,7 +82,12 @@ impl ModelEntry {
 
     /// The ledger's view of this model: its pricing entry with this entry's tags and default
     /// steps laid over it.
-    pub fn derived_pricing(&self, id: &str, pricing: &PricingConfig, kind: Option<FluxKind>) -> Result<Option<ModelPricing>> {
+    pub fn derived_pricing(
+        &self,
+        id: &str,
+        pricing: &PricingConfig,
+        kind: Option<FluxKind>,
+    ) -> Result<Option<ModelPricing>> {
         let Some(base_id) = self.pricing_id(id, pricing, kind) else { return Ok(None) };
         let Some(base) = pricing.models.get(&base_id) else {
             bail!("[models.{id}] is priced as {base_id:?}, which has no [pricing.models.{base_id}] entry");
@@ -286,8 +291,7 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Self> {
         let config: Config = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("cannot read config {}", p.display()))?;
+                let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config {}", p.display()))?;
                 toml::from_str(&text).with_context(|| format!("invalid config {}", p.display()))?
             }
             None => Config::default(),
@@ -336,9 +340,7 @@ impl Config {
             bail!("server.login_attempts and login_window_secs must be at least 1");
         }
         if let Some(u) = &self.server.public_url {
-            let rest = u
-                .strip_prefix("https://")
-                .or_else(|| u.strip_prefix("http://"));
+            let rest = u.strip_prefix("https://").or_else(|| u.strip_prefix("http://"));
             if rest.is_none_or(|r| r.is_empty() || r.contains(['?', '#', ' ', '"', '<', '>'])) {
                 bail!(
                     "server.public_url must be an http:// or https:// address like \"https://atelier.studio.lan\" (not {u:?})"
@@ -347,9 +349,7 @@ impl Config {
         }
         for (id, m) in &self.models {
             if m.path.is_none() && m.transformer.is_none() {
-                bail!(
-                    "[models.{id}] names neither path (a diffusers folder) nor transformer (single files)"
-                );
+                bail!("[models.{id}] names neither path (a diffusers folder) nor transformer (single files)");
             }
         }
         Ok(())
@@ -384,7 +384,9 @@ mod tests {
             let err = toml::from_str::<Config>(toml).unwrap_err().to_string();
             assert!(err.contains(allowed), "{toml}: {err}");
         }
-        let c: Config = toml::from_str("[engine]\ndevice = \"cpu\"\ndtype = \"bf16\"\n[server]\nsecure_cookies = \"never\"").unwrap();
+        let c: Config =
+            toml::from_str("[engine]\ndevice = \"cpu\"\ndtype = \"bf16\"\n[server]\nsecure_cookies = \"never\"")
+                .unwrap();
         assert_eq!(c.engine.device, crate::engine::device::DeviceChoice::Cpu);
         assert_eq!(c.engine.dtype, Dtype::Bf16);
         assert_eq!(c.server.secure_cookies, SecureCookies::Never);

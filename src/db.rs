@@ -70,10 +70,7 @@ impl Migrations {
 fn busy_attempts() -> i32 {
     static ATTEMPTS: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
     *ATTEMPTS.get_or_init(|| {
-        let ms = std::env::var("ATELIER_DB_BUSY_TIMEOUT_MS")
-            .ok()
-            .and_then(|v| v.parse::<i32>().ok())
-            .unwrap_or(60_000);
+        let ms = std::env::var("ATELIER_DB_BUSY_TIMEOUT_MS").ok().and_then(|v| v.parse::<i32>().ok()).unwrap_or(60_000);
         200 + ms.clamp(0, 3_600_000)
     })
 }

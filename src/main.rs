@@ -6,17 +6,19 @@ use anyhow::Result;
 use clap::Parser;
 
 use atelier::bench::{self, BenchSpec};
+use atelier::cli::{BenchArgs, Cli, Command, GenerateArgs};
 use atelier::config::{Config, ModelEntry};
-use atelier::models;
 use atelier::engine::device::{self, DeviceChoice};
 use atelier::engine::flux::{self, FluxConfig};
 use atelier::engine::parse_dtype;
-use atelier::cli::{BenchArgs, Cli, Command, GenerateArgs};
 use atelier::ledger::SystemClock;
+use atelier::models;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,wgpu_core=warn,wgpu_hal=warn,naga=warn,cubecl=warn"))
-        .init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,wgpu_core=warn,wgpu_hal=warn,naga=warn,cubecl=warn"),
+    )
+    .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -139,7 +141,13 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
                     anyhow::bail!("with single files, --{flag} is needed too");
                 }
             }
-            let entry = ModelEntry { transformer: Some(t), vae: a.vae.clone(), clip: a.clip.clone(), t5: a.t5.clone(), ..Default::default() };
+            let entry = ModelEntry {
+                transformer: Some(t),
+                vae: a.vae.clone(),
+                clip: a.clip.clone(),
+                t5: a.t5.clone(),
+                ..Default::default()
+            };
             (models::resolve_files(&name, &entry, tokenizers.as_deref())?, name)
         }
         _ => anyhow::bail!("give either --model or --transformer (with --vae, --clip, --t5)"),

@@ -147,7 +147,9 @@ impl ModelRegistry {
             let pricing = plans.pricing.models.get(id);
             if pricing.is_none() && state == ModelState::Ready {
                 state = ModelState::Missing {
-                    reason: format!("no pricing: add price_as or kind to [models.{id}], or a [pricing.models.{id}] table"),
+                    reason: format!(
+                        "no pricing: add price_as or kind to [models.{id}], or a [pricing.models.{id}] table"
+                    ),
                 };
             }
             models.insert(
@@ -166,7 +168,9 @@ impl ModelRegistry {
             );
         }
         if models.values().all(|m| !m.is_ready()) {
-            log::warn!("no usable model: the server runs, but jobs are refused until one is added to [models] in the config");
+            log::warn!(
+                "no usable model: the server runs, but jobs are refused until one is added to [models] in the config"
+            );
         }
         Ok((ModelRegistry { models }, plans))
     }

@@ -47,11 +47,7 @@ mod tests {
         super::create_dir_all(&nested).unwrap();
         assert_eq!((mode(&dir.path().join("a")), mode(&nested)), (0o700, 0o700));
         let file = nested.join("f");
-        super::open_options()
-            .write(true)
-            .create_new(true)
-            .open(&file)
-            .unwrap();
+        super::open_options().write(true).create_new(true).open(&file).unwrap();
         assert_eq!(mode(&file), 0o600);
     }
 }

@@ -166,7 +166,11 @@ impl Limits {
         if let Some(g) = p.guidance
             && !(g.is_finite() && (0.0..=self.max_guidance).contains(&g))
         {
-            return bad(format!("{} must be a number between 0 and {}, not {g}", self.name("guidance"), self.max_guidance));
+            return bad(format!(
+                "{} must be a number between 0 and {}, not {g}",
+                self.name("guidance"),
+                self.max_guidance
+            ));
         }
         if p.batch == 0 || p.batch > u64::from(self.max_batch) {
             return bad(if self.max_batch == u32::MAX {
@@ -263,7 +267,13 @@ mod tests {
             f(&mut s);
             s
         };
-        assert!(with(&|s| s.steps = Some(0)).validate(&server).unwrap_err().0.starts_with("steps must be between 1 and 100"));
+        assert!(
+            with(&|s| s.steps = Some(0))
+                .validate(&server)
+                .unwrap_err()
+                .0
+                .starts_with("steps must be between 1 and 100")
+        );
         assert!(with(&|s| s.steps = Some(101)).validate(&cli).unwrap_err().0.starts_with("--steps must be between"));
         assert!(with(&|s| s.guidance = Some(f64::NAN)).validate(&server).is_err());
         assert!(with(&|s| s.guidance = Some(30.5)).validate(&server).is_err());

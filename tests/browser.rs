@@ -63,7 +63,11 @@ fn the_ui_works_in_headless_chromium() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprintln!("{text}");
     assert!(out.status.success(), "the browser test failed:\n{text}\nserver log:\n{}", server.log());
-    let pngs: Vec<_> = std::fs::read_dir(&shots).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "png")).collect();
+    let pngs: Vec<_> = std::fs::read_dir(&shots)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
+        .collect();
     assert!(pngs.len() >= 12, "expected screenshots of 6 pages × 2 widths, found {}", pngs.len());
     for p in &pngs {
         let len = p.metadata().unwrap().len();

@@ -11,7 +11,12 @@ fn fixture(rel: &str) -> PathBuf {
 
 fn atelier(cwd: &Path, args: &[&str]) -> Output {
     // At info level the stages are logged: the tests see whether the compute started.
-    Command::new(env!("CARGO_BIN_EXE_atelier")).current_dir(cwd).env("RUST_LOG", "info").args(args).output().expect("runs")
+    Command::new(env!("CARGO_BIN_EXE_atelier"))
+        .current_dir(cwd)
+        .env("RUST_LOG", "info")
+        .args(args)
+        .output()
+        .expect("runs")
 }
 
 fn stderr(o: &Output) -> String {
@@ -28,11 +33,32 @@ fn generate_writes_the_diffusers_image_with_its_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("pipeline/dev/diffusers");
     let out = dir.path().join("fox.png");
-    let o = atelier(dir.path(), &[
-        "generate", "--model", model.to_str().unwrap(), "--prompt", "a red fox in the snow, studio photo",
-        "--seed", "42", "--steps", "3", "--width", "80", "--height", "48", "--guidance", "3.5",
-        "--max-sequence-length", "32", "--device", "cpu", "--out", out.to_str().unwrap(),
-    ]);
+    let o = atelier(
+        dir.path(),
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a red fox in the snow, studio photo",
+            "--seed",
+            "42",
+            "--steps",
+            "3",
+            "--width",
+            "80",
+            "--height",
+            "48",
+            "--guidance",
+            "3.5",
+            "--max-sequence-length",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
     assert!(o.status.success(), "generate failed: {}", stderr(&o));
     let bytes = std::fs::read(&out).unwrap();
     let params = parameters(&bytes);
@@ -55,11 +81,32 @@ fn a_batch_uses_consecutive_seeds_and_odd_sizes_are_rounded_down() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("pipeline/schnell/diffusers");
     let out = dir.path().join("b.png");
-    let o = atelier(dir.path(), &[
-        "generate", "--model", model.to_str().unwrap(), "--prompt", "hi", "--seed", "7", "--steps", "1",
-        "--width", "100", "--height", "50", "--max-sequence-length", "8", "--device", "cpu", "--batch", "2",
-        "--out", out.to_str().unwrap(),
-    ]);
+    let o = atelier(
+        dir.path(),
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--seed",
+            "7",
+            "--steps",
+            "1",
+            "--width",
+            "100",
+            "--height",
+            "50",
+            "--max-sequence-length",
+            "8",
+            "--device",
+            "cpu",
+            "--batch",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("width 100 is not a multiple of 16; using 96"), "{}", stderr(&o));
     for (i, seed) in [(0, 7), (1, 8)] {
@@ -81,24 +128,68 @@ fn bad_input_is_a_clear_error_not_a_panic() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["--model".into(), m.into(), "--prompt".into(), " ".into()], "--prompt is empty"),
         (vec!["--model".into(), m.into(), "--prompt".into(), "x".into(), "--width".into(), "8".into()], "at least 16"),
-        (vec!["--model".into(), m.into(), "--prompt".into(), "x".into(), "--width".into(), "4096".into()], "above the configured maximum"),
-        (vec!["--model".into(), m.into(), "--prompt".into(), "x".into(), "--steps".into(), "0".into()], "--steps must be between"),
-        (vec!["--model".into(), m.into(), "--prompt".into(), "x".into(), "--steps".into(), "100000".into()], "--steps must be between"),
-        (vec!["--model".into(), "/no/such/model".into(), "--prompt".into(), "x".into()], "not a folder and not a model id"),
-        (vec!["--model".into(), m.into(), "--prompt".into(), "x".into(), "--device".into(), "tpu".into()], "unknown device"),
         (
-            vec!["--transformer".into(), cut.to_str().unwrap().into(), "--vae".into(), single("ae.safetensors"),
-                 "--clip".into(), single("clip_l.safetensors"), "--t5".into(), single("t5xxl.safetensors"),
-                 "--prompt".into(), "x".into(), "--steps".into(), "1".into(), "--device".into(), "cpu".into()],
+            vec!["--model".into(), m.into(), "--prompt".into(), "x".into(), "--width".into(), "4096".into()],
+            "above the configured maximum",
+        ),
+        (
+            vec!["--model".into(), m.into(), "--prompt".into(), "x".into(), "--steps".into(), "0".into()],
+            "--steps must be between",
+        ),
+        (
+            vec!["--model".into(), m.into(), "--prompt".into(), "x".into(), "--steps".into(), "100000".into()],
+            "--steps must be between",
+        ),
+        (
+            vec!["--model".into(), "/no/such/model".into(), "--prompt".into(), "x".into()],
+            "not a folder and not a model id",
+        ),
+        (
+            vec!["--model".into(), m.into(), "--prompt".into(), "x".into(), "--device".into(), "tpu".into()],
+            "unknown device",
+        ),
+        (
+            vec![
+                "--transformer".into(),
+                cut.to_str().unwrap().into(),
+                "--vae".into(),
+                single("ae.safetensors"),
+                "--clip".into(),
+                single("clip_l.safetensors"),
+                "--t5".into(),
+                single("t5xxl.safetensors"),
+                "--prompt".into(),
+                "x".into(),
+                "--steps".into(),
+                "1".into(),
+                "--device".into(),
+                "cpu".into(),
+            ],
             "truncated",
         ),
         (
-            vec!["--transformer".into(), single("ae.safetensors"), "--vae".into(), single("ae.safetensors"),
-                 "--clip".into(), single("clip_l.safetensors"), "--t5".into(), single("t5xxl.safetensors"),
-                 "--prompt".into(), "x".into(), "--steps".into(), "1".into(), "--device".into(), "cpu".into()],
+            vec![
+                "--transformer".into(),
+                single("ae.safetensors"),
+                "--vae".into(),
+                single("ae.safetensors"),
+                "--clip".into(),
+                single("clip_l.safetensors"),
+                "--t5".into(),
+                single("t5xxl.safetensors"),
+                "--prompt".into(),
+                "x".into(),
+                "--steps".into(),
+                "1".into(),
+                "--device".into(),
+                "cpu".into(),
+            ],
             "unrecognized transformer layout",
         ),
-        (vec!["--transformer".into(), single("flux_schnell_bfl.safetensors"), "--prompt".into(), "x".into()], "--vae is needed"),
+        (
+            vec!["--transformer".into(), single("flux_schnell_bfl.safetensors"), "--prompt".into(), "x".into()],
+            "--vae is needed",
+        ),
     ];
     for (extra, expected) in cases {
         let mut args = vec!["generate".to_string()];
@@ -118,7 +209,8 @@ fn demo(kind: &str) -> String {
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     names
 }
@@ -139,10 +231,30 @@ fn prompts_outside_latin1_generate_and_read_back_identical() {
     ];
     for (i, prompt) in prompts.iter().enumerate() {
         let out = dir.path().join(format!("p{i}.png"));
-        let o = atelier(dir.path(), &[
-            "generate", "--model", &demo("schnell"), "--prompt", prompt, "--seed", "5", "--steps", "1",
-            "--width", "32", "--height", "32", "--max-sequence-length", "16", "--device", "cpu", "--out", out.to_str().unwrap(),
-        ]);
+        let o = atelier(
+            dir.path(),
+            &[
+                "generate",
+                "--model",
+                &demo("schnell"),
+                "--prompt",
+                prompt,
+                "--seed",
+                "5",
+                "--steps",
+                "1",
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--max-sequence-length",
+                "16",
+                "--device",
+                "cpu",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
         assert!(o.status.success(), "{prompt}: {}", stderr(&o));
         let expected = format!("{prompt}\nSteps: 1, Sampler: Euler, Seed: 5, Size: 32x32, Model: schnell");
         assert_eq!(parameters(&std::fs::read(&out).unwrap()), expected);
@@ -157,11 +269,31 @@ fn an_output_that_cannot_be_written_fails_before_the_compute_and_leaves_no_file(
     let folder = dir.path().join("a-folder");
     std::fs::create_dir(&folder).unwrap();
     // (A batch writes <stem>-<i>.png beside --out, so a folder there is only a problem alone.)
-    for (out, expected, batch) in [(&missing, "does not exist", "1"), (&missing, "does not exist", "2"), (&folder, "is a folder", "1")] {
-        let o = atelier(dir.path(), &[
-            "generate", "--model", &demo("dev"), "--prompt", "a fox", "--steps", "1", "--width", "32", "--height", "32",
-            "--batch", batch, "--device", "cpu", "--out", out.to_str().unwrap(),
-        ]);
+    for (out, expected, batch) in
+        [(&missing, "does not exist", "1"), (&missing, "does not exist", "2"), (&folder, "is a folder", "1")]
+    {
+        let o = atelier(
+            dir.path(),
+            &[
+                "generate",
+                "--model",
+                &demo("dev"),
+                "--prompt",
+                "a fox",
+                "--steps",
+                "1",
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--batch",
+                batch,
+                "--device",
+                "cpu",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
         assert_eq!(o.status.code(), Some(1), "{out:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(expected), "{out:?}: expected {expected:?} in {}", stderr(&o));
         assert!(!computed(&o), "{out:?}: it computed first: {}", stderr(&o));
@@ -187,10 +319,27 @@ fn sequence_length_and_guidance_out_of_bounds_are_refused() {
     ];
     for kind in ["schnell", "dev"] {
         for (flag, value) in cases {
-            let o = atelier(dir.path(), &[
-                "generate", "--model", &demo(kind), "--prompt", "a fox", "--steps", "1", "--width", "32", "--height", "32",
-                "--device", "cpu", &format!("{flag}={value}"), "--out", out.to_str().unwrap(),
-            ]);
+            let o = atelier(
+                dir.path(),
+                &[
+                    "generate",
+                    "--model",
+                    &demo(kind),
+                    "--prompt",
+                    "a fox",
+                    "--steps",
+                    "1",
+                    "--width",
+                    "32",
+                    "--height",
+                    "32",
+                    "--device",
+                    "cpu",
+                    &format!("{flag}={value}"),
+                    "--out",
+                    out.to_str().unwrap(),
+                ],
+            );
             let err = stderr(&o);
             assert_eq!(o.status.code(), Some(1), "{kind} {flag} {value}: {err}");
             assert!(err.contains(flag) && err.contains("must be"), "{kind} {flag} {value}: {err}");
@@ -198,10 +347,30 @@ fn sequence_length_and_guidance_out_of_bounds_are_refused() {
         }
     }
     // The bounds themselves are fine.
-    let o = atelier(dir.path(), &[
-        "generate", "--model", &demo("dev"), "--prompt", "a fox", "--steps", "1", "--width", "32", "--height", "32",
-        "--device", "cpu", "--max-sequence-length", "2", "--guidance", "30", "--out", out.to_str().unwrap(),
-    ]);
+    let o = atelier(
+        dir.path(),
+        &[
+            "generate",
+            "--model",
+            &demo("dev"),
+            "--prompt",
+            "a fox",
+            "--steps",
+            "1",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--device",
+            "cpu",
+            "--max-sequence-length",
+            "2",
+            "--guidance",
+            "30",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(parameters(&std::fs::read(&out).unwrap()).ends_with("Guidance: 30"));
 }
@@ -219,7 +388,11 @@ fn broken_demo(dir: &Path, name: &str, component: &str, replacement: Option<&str
             }
         }
     }
-    let target = std::fs::read_dir(copy.join(component)).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "safetensors")).unwrap();
+    let target = std::fs::read_dir(copy.join(component))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .unwrap();
     std::fs::remove_file(&target).unwrap();
     if let Some(other) = replacement {
         std::fs::copy(src.join(other), &target).unwrap();
@@ -233,15 +406,37 @@ fn a_model_with_a_missing_or_wrong_component_is_refused_before_sampling() {
     let cases = [
         (broken_demo(dir.path(), "no-vae", "vae", None), "no .safetensors"),
         (broken_demo(dir.path(), "clip-as-vae", "vae", Some("text_encoder/model.safetensors")), "not a VAE"),
-        (broken_demo(dir.path(), "clip-as-t5", "text_encoder_2", Some("text_encoder/model.safetensors")), "not a T5 encoder checkpoint"),
-        (broken_demo(dir.path(), "t5-as-clip", "text_encoder", Some("text_encoder_2/model.safetensors")), "not a CLIP text checkpoint"),
+        (
+            broken_demo(dir.path(), "clip-as-t5", "text_encoder_2", Some("text_encoder/model.safetensors")),
+            "not a T5 encoder checkpoint",
+        ),
+        (
+            broken_demo(dir.path(), "t5-as-clip", "text_encoder", Some("text_encoder_2/model.safetensors")),
+            "not a CLIP text checkpoint",
+        ),
     ];
     for (model, expected) in cases {
         let out = dir.path().join("x.png");
-        let o = atelier(dir.path(), &[
-            "generate", "--model", model.to_str().unwrap(), "--prompt", "a fox", "--steps", "1", "--width", "32", "--height", "32",
-            "--device", "cpu", "--out", out.to_str().unwrap(),
-        ]);
+        let o = atelier(
+            dir.path(),
+            &[
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt",
+                "a fox",
+                "--steps",
+                "1",
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--device",
+                "cpu",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
         assert_eq!(o.status.code(), Some(1), "{model:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(expected), "{model:?}: expected {expected:?} in {}", stderr(&o));
         assert!(!computed(&o), "{model:?}: it computed first: {}", stderr(&o));

@@ -96,14 +96,20 @@ fn sigkill_at_random_points_loses_nothing_and_charges_once() {
     let mut retried_existing = 0;
     for round in 0..ROUNDS {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["sigkill_at_random_points_loses_nothing_and_charges_once", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "sigkill_at_random_points_loses_nothing_and_charges_once",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(WORKER_ENV, format!("{}|{next}", db.display()))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
+        let reader =
+            std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
         std::thread::sleep(Duration::from_millis(rng.random_range(20..250)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();

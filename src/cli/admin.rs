@@ -155,7 +155,9 @@ pub fn run_user_command(
         cfg.plan(plan)?;
     }
     let grant_args = match cmd {
-        UserCommand::Grant { credits, expires, .. } => Some((parse_credits(credits)?, parse_expiry(expires.as_deref())?)),
+        UserCommand::Grant { credits, expires, .. } => {
+            Some((parse_credits(credits)?, parse_expiry(expires.as_deref())?))
+        }
         _ => None,
     };
     let mut ledger = Ledger::open_data_dir(data_dir, cfg.clone(), clock)
@@ -177,23 +179,11 @@ pub fn run_user_command(
             let conn = crate::ledger::schema::open_connection(ledger.path())?;
             crate::accounts::migrate(&conn).context("migrating the account tables")?;
             let now = ledger.clock().now().timestamp();
-            let (sessions, keys) =
-                crate::accounts::end_credentials_after_password_change(&conn, user.id, None, now)?;
-            Ok(format!(
-                "password of {} changed; {sessions} sessions ended, {keys} API keys revoked\n",
-                user.name
-            ))
+            let (sessions, keys) = crate::accounts::end_credentials_after_password_change(&conn, user.id, None, now)?;
+            Ok(format!("password of {} changed; {sessions} sessions ended, {keys} API keys revoked\n", user.name))
         }
-        UserCommand::Add {
-            name,
-            admin,
-            password_stdin,
-        } => {
-            let password = if *password_stdin {
-                Some(read_password(stdin)?)
-            } else {
-                None
-            };
+        UserCommand::Add { name, admin, password_stdin } => {
+            let password = if *password_stdin { Some(read_password(stdin)?) } else { None };
             let user = ledger.add_user(name, *admin, password.as_deref())?;
             let sub = ledger.subscription(user.id)?;
             let bal = ledger.balance(user.id, Resource::Credits)?;
@@ -239,20 +229,13 @@ pub fn run_user_command(
         }
         UserCommand::Show { name, json } => {
             let v = show_json(&mut ledger, name)?;
-            if *json {
-                Ok(format!("{}\n", serde_json::to_string_pretty(&v)?))
-            } else {
-                Ok(show_text(&v))
-            }
+            if *json { Ok(format!("{}\n", serde_json::to_string_pretty(&v)?)) } else { Ok(show_text(&v)) }
         }
     }
 }
 
 fn parse_credits(s: &str) -> Result<i64> {
-    let n: i64 = s
-        .trim()
-        .parse()
-        .map_err(|_| anyhow::anyhow!("credits must be a positive whole number, not {s:?}"))?;
+    let n: i64 = s.trim().parse().map_err(|_| anyhow::anyhow!("credits must be a positive whole number, not {s:?}"))?;
     if n <= 0 {
         bail!("credits must be a positive whole number, not {n}");
     }
@@ -261,9 +244,9 @@ fn parse_credits(s: &str) -> Result<i64> {
 
 fn parse_expiry(s: Option<&str>) -> Result<Option<DateTime<Utc>>> {
     s.map(|s| {
-        DateTime::parse_from_rfc3339(s.trim()).map(|t| t.with_timezone(&Utc)).map_err(|e| {
-            anyhow::anyhow!("--expires {s:?} is not an RFC 3339 time such as 2027-01-31T00:00:00Z ({e})")
-        })
+        DateTime::parse_from_rfc3339(s.trim())
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| anyhow::anyhow!("--expires {s:?} is not an RFC 3339 time such as 2027-01-31T00:00:00Z ({e})"))
     })
     .transpose()
 }
@@ -346,7 +329,16 @@ fn plan_list(cfg: &PlansConfig, json: bool) -> Result<String> {
     );
     for e in &list {
         let credits = |n: i64, on: bool| if on { n.to_string() } else { "-".into() };
-        let models: Vec<String> = e.models.iter().map(|(t, a)| format!("{t}={}", serde_json::to_value(a).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())).collect();
+        let models: Vec<String> = e
+            .models
+            .iter()
+            .map(|(t, a)| {
+                format!(
+                    "{t}={}",
+                    serde_json::to_value(a).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+                )
+            })
+            .collect();
         let _ = writeln!(
             out,
             "{:<10} {:<9} {:>15} {:>15} {:>9} {:<9} {:>6} {:<9} {}",

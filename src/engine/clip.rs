@@ -160,7 +160,9 @@ impl ClipText {
                 position_embedding: e.embedding("position_embedding", c.positions, c.hidden)?,
             },
             encoder: ClipEncoder {
-                layers: (0..c.layers).map(|i| ClipLayer::load(&l.pp("encoder").pp("layers").pp(i), c)).collect::<Result<_>>()?,
+                layers: (0..c.layers)
+                    .map(|i| ClipLayer::load(&l.pp("encoder").pp("layers").pp(i), c))
+                    .collect::<Result<_>>()?,
             },
             final_layer_norm: l.layer_norm("final_layer_norm", c.hidden, c.eps)?,
             config,
@@ -211,7 +213,14 @@ impl ClipText {
             let (a, mlp) = (&l.self_attn, &l.mlp);
             let h = l.layer_norm1.forward(x.clone());
             let heads = |t: Tensor<3>| t.reshape([batch, len, c.heads, head_dim]).swap_dims(1, 2);
-            let o = attention(heads(a.q_proj.forward(h.clone())), heads(a.k_proj.forward(h.clone())), heads(a.v_proj.forward(h)), None, None, causal);
+            let o = attention(
+                heads(a.q_proj.forward(h.clone())),
+                heads(a.k_proj.forward(h.clone())),
+                heads(a.v_proj.forward(h)),
+                None,
+                None,
+                causal,
+            );
             x = x + a.out_proj.forward(o.swap_dims(1, 2).reshape([batch, len, c.hidden]));
             let h = mlp.fc1.forward(l.layer_norm2.forward(x.clone()));
             let h = if c.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { gelu_tanh(h) };

@@ -106,7 +106,13 @@ impl GroupNorm {
 /// transposing once here keeps every forward a contiguous matmul (measurably faster on the
 /// CPU backend than a strided view, see `examples/cpu_ops.rs`). The stored copy is freed
 /// before the upload.
-pub fn linear(weight: HostTensor, bias: Option<HostTensor>, name: &str, device: &Device, dtype: DType) -> Result<Linear> {
+pub fn linear(
+    weight: HostTensor,
+    bias: Option<HostTensor>,
+    name: &str,
+    device: &Device,
+    dtype: DType,
+) -> Result<Linear> {
     let [out, inp] = weight.shape[..] else {
         bail!("{name}.weight: expected a matrix, found shape {:?}", weight.shape);
     };

@@ -169,8 +169,7 @@ impl<'a> Walk<'a> {
             Mode::Load(s) | Mode::Check(s) => s,
             Mode::Random | Mode::Plan => return Ok(()),
         };
-        let read: BTreeSet<String> =
-            self.entries.borrow().iter().flat_map(|e| source.stored_keys(&e.name)).collect();
+        let read: BTreeSet<String> = self.entries.borrow().iter().flat_map(|e| source.stored_keys(&e.name)).collect();
         let mut unknown: Vec<String> = source.own_keys().into_iter().filter(|k| !read.contains(k)).collect();
         unknown.sort();
         let (missing, misshapen) = (self.missing.borrow(), self.misshapen.borrow());
@@ -207,10 +206,9 @@ impl<'a> Walk<'a> {
             Mode::Check(source) => {
                 match source.shape(&entry.name) {
                     None => self.missing.borrow_mut().push(entry.name.clone()),
-                    Some(found) if found != shape => self
-                        .misshapen
-                        .borrow_mut()
-                        .push(format!("{} has shape {found:?}, not {shape:?}", entry.name)),
+                    Some(found) if found != shape => {
+                        self.misshapen.borrow_mut().push(format!("{} has shape {found:?}, not {shape:?}", entry.name))
+                    }
                     Some(_) => {}
                 }
                 None
@@ -239,7 +237,13 @@ impl<'a> Walk<'a> {
 
 /// A parameter with a shape but no values, never materialized unless touched (check walks).
 fn placeholder<const D: usize>(shape: [usize; D], device: &Device) -> Param<Tensor<D>> {
-    Param::uninitialized(ParamId::new(), move |device, _| Tensor::zeros(shape, device), device.clone(), false, shape.into())
+    Param::uninitialized(
+        ParamId::new(),
+        move |device, _| Tensor::zeros(shape, device),
+        device.clone(),
+        false,
+        shape.into(),
+    )
 }
 
 fn fill(rng: &mut Mt19937, entry: &Entry) -> Vec<f32> {
@@ -324,7 +328,15 @@ impl<'a> Loader<'a> {
     }
 
     /// A 2-D convolution `name.{weight,bias}` of a k×k kernel.
-    pub fn conv2d(&self, name: &str, inputs: usize, outputs: usize, kernel: usize, stride: usize, padding: (usize, usize)) -> Result<Conv2d> {
+    pub fn conv2d(
+        &self,
+        name: &str,
+        inputs: usize,
+        outputs: usize,
+        kernel: usize,
+        stride: usize,
+        padding: (usize, usize),
+    ) -> Result<Conv2d> {
         let l = self.pp(name);
         let bound = Init::Uniform(1.0 / ((inputs * kernel * kernel) as f32).sqrt());
         Ok(Conv2d {
@@ -339,13 +351,21 @@ impl<'a> Loader<'a> {
     /// GroupNorm `name.{weight,bias}` over `channels`.
     pub fn group_norm(&self, name: &str, channels: usize, groups: usize) -> Result<GroupNorm> {
         let l = self.pp(name);
-        Ok(GroupNorm { weight: l.param("weight", [channels], Init::Ones)?, bias: l.param("bias", [channels], Init::Zeros)?, groups })
+        Ok(GroupNorm {
+            weight: l.param("weight", [channels], Init::Ones)?,
+            bias: l.param("bias", [channels], Init::Zeros)?,
+            groups,
+        })
     }
 
     /// LayerNorm `name.{weight,bias}` over `channels`.
     pub fn layer_norm(&self, name: &str, channels: usize, eps: f64) -> Result<LayerNorm> {
         let l = self.pp(name);
-        Ok(LayerNorm { weight: l.param("weight", [channels], Init::Ones)?, bias: l.param("bias", [channels], Init::Zeros)?, eps })
+        Ok(LayerNorm {
+            weight: l.param("weight", [channels], Init::Ones)?,
+            bias: l.param("bias", [channels], Init::Zeros)?,
+            eps,
+        })
     }
 
     /// An embedding table `name.weight` [count, dim].
@@ -355,7 +375,12 @@ impl<'a> Loader<'a> {
 }
 
 /// Runs a walk's model builder as a check of `source` against what it reads.
-pub fn check<T>(source: &dyn TensorSource, what: &str, expected: &str, build: impl FnOnce(&Loader) -> Result<T>) -> Result<()> {
+pub fn check<T>(
+    source: &dyn TensorSource,
+    what: &str,
+    expected: &str,
+    build: impl FnOnce(&Loader) -> Result<T>,
+) -> Result<()> {
     let walk = Walk::check(source);
     build(&walk.root())?;
     walk.finish(what, expected)
@@ -437,7 +462,8 @@ mod tests {
         entries.push(Entry { name: "img_in.extra".into(), shape: vec![1], init: Init::Zeros });
         write_random(&path, &entries, &[], 1).unwrap();
         let weights = TransformerWeights::open(&path).unwrap();
-        let msg = check(&weights, "test checkpoint", "the FLUX layout", |l| Flux::build(l, tiny())).unwrap_err().to_string();
+        let msg =
+            check(&weights, "test checkpoint", "the FLUX layout", |l| Flux::build(l, tiny())).unwrap_err().to_string();
         assert!(msg.starts_with("test checkpoint does not match the FLUX layout:"), "{msg}");
         assert!(msg.contains("missing txt_in.bias"), "{msg}");
         assert!(msg.contains("img_in.bias has shape [3], not [16]"), "{msg}");
@@ -458,9 +484,29 @@ mod tests {
             let read = walk.entries().iter().map(|e| e.shape.iter().product::<usize>()).sum();
             (model.num_params(), read)
         }
-        let t5 = T5Config { vocab: 20, d_model: 8, heads: 2, d_kv: 4, d_ff: 12, layers: 2, buckets: 8, max_distance: 16, eps: 1e-6 };
-        let clip = ClipConfig { vocab: 20, hidden: 8, intermediate: 16, heads: 2, layers: 2, positions: 6, eps: 1e-5, quick_gelu: true };
-        let vae = VaeConfig { ch: 8, ch_mult: vec![1, 2], num_res_blocks: 1, z_channels: 4, groups: 4, ..VaeConfig::flux() };
+        let t5 = T5Config {
+            vocab: 20,
+            d_model: 8,
+            heads: 2,
+            d_kv: 4,
+            d_ff: 12,
+            layers: 2,
+            buckets: 8,
+            max_distance: 16,
+            eps: 1e-6,
+        };
+        let clip = ClipConfig {
+            vocab: 20,
+            hidden: 8,
+            intermediate: 16,
+            heads: 2,
+            layers: 2,
+            positions: 6,
+            eps: 1e-5,
+            quick_gelu: true,
+        };
+        let vae =
+            VaeConfig { ch: 8, ch_mult: vec![1, 2], num_res_blocks: 1, z_channels: 4, groups: 4, ..VaeConfig::flux() };
         for (name, (params, read)) in [
             ("flux", count(|l| Flux::build(l, tiny()))),
             ("t5", count(|l| T5Encoder::build(l, t5.clone()))),

@@ -44,7 +44,8 @@ impl ModelFiles {
             }
         }
         let scheduler = dir.join("scheduler/scheduler_config.json");
-        let own_tokenizers = dir.join("tokenizer/tokenizer.json").exists() && dir.join("tokenizer_2/tokenizer.json").exists();
+        let own_tokenizers =
+            dir.join("tokenizer/tokenizer.json").exists() && dir.join("tokenizer_2/tokenizer.json").exists();
         Ok(ModelFiles {
             transformer: dir.join("transformer"),
             vae: dir.join("vae"),
@@ -71,7 +72,9 @@ impl ModelFiles {
         ];
         for (what, has, wants) in fits {
             if has != wants {
-                bail!("the {what} is {has} but the transformer takes {wants}: the components belong to different models");
+                bail!(
+                    "the {what} is {has} but the transformer takes {wants}: the components belong to different models"
+                );
             }
         }
         Ok(flux)
@@ -136,10 +139,19 @@ pub struct Canceled;
 #[derive(Debug, Clone)]
 pub enum Progress {
     Stage(&'static str),
-    Step { image: usize, step: usize, steps: usize, seconds: f64 },
+    Step {
+        image: usize,
+        step: usize,
+        steps: usize,
+        seconds: f64,
+    },
     /// A cheap look at the current denoised estimate: the latents projected linearly to RGB at
     /// 1/8 of the image size (see [`crate::engine::preview`]).
-    Preview { image: usize, step: usize, rgb: image::RgbImage },
+    Preview {
+        image: usize,
+        step: usize,
+        rgb: image::RgbImage,
+    },
 }
 
 /// What was generated, with the settings actually used.
@@ -293,7 +305,9 @@ pub fn prepare(files: &ModelFiles, req: &GenerateRequest) -> Result<Prepared> {
     if let Some(n) = req.max_sequence_length
         && !(MIN_T5_LENGTH..=MAX_SEQUENCE_LENGTH).contains(&n)
     {
-        bail!("the maximum sequence length (--max-sequence-length) must be between {MIN_T5_LENGTH} and {MAX_SEQUENCE_LENGTH} T5 tokens, not {n}");
+        bail!(
+            "the maximum sequence length (--max-sequence-length) must be between {MIN_T5_LENGTH} and {MAX_SEQUENCE_LENGTH} T5 tokens, not {n}"
+        );
     }
     let (width, height, warnings) = (checked.width as usize, checked.height as usize, checked.warnings);
     // The transformer's own weights say whether it is dev (guidance embedding) or schnell.
@@ -364,10 +378,8 @@ pub fn generate_prepared(
         return Err(Canceled.into());
     }
     progress(Progress::Stage("decoding"));
-    let images = decode(files, &grid, latents, device, resident)?
-        .iter()
-        .map(|pixels| to_rgb(pixels, width, height))
-        .collect();
+    let images =
+        decode(files, &grid, latents, device, resident)?.iter().map(|pixels| to_rgb(pixels, width, height)).collect();
     Ok(Generated { images, seeds: prepared.seeds(req), steps, width, height, guidance, is_dev, warnings })
 }
 
@@ -383,7 +395,11 @@ fn sample(
     progress: &mut impl FnMut(Progress),
 ) -> Result<(LatentGrid, Vec<Vec<f32>>)> {
     let steps = prepared.steps;
-    let grid = LatentGrid { channels: model.config.in_channels / 4, rows: 2 * (prepared.height / 16), cols: 2 * (prepared.width / 16) };
+    let grid = LatentGrid {
+        channels: model.config.in_channels / 4,
+        rows: 2 * (prepared.height / 16),
+        cols: 2 * (prepared.width / 16),
+    };
     let sigmas = schedule.sigmas(steps, grid.tokens());
     let timesteps = schedule.timesteps(&sigmas);
     let rope = model.rope(prepared.max_sequence_length, grid.rows / 2, grid.cols / 2, device);
@@ -459,7 +475,8 @@ pub fn encode_prompt(
         ));
     }
     if clip_tokens.truncated() {
-        warnings.push(format!("the prompt has {} CLIP tokens; CLIP sees only the first 77", clip_tokens.untruncated_len));
+        warnings
+            .push(format!("the prompt has {} CLIP tokens; CLIP sees only the first 77", clip_tokens.untruncated_len));
     }
     let txt = resident.t5.with(
         || T5Encoder::load(&files.t5, device, None),
@@ -502,7 +519,13 @@ impl LatentGrid {
 
 /// Latents → pixels [3, 8·rows, 8·cols] through the VAE (loaded in its turn). Up to 1024² in
 /// one piece; larger images in 512-pixel tiles with 128 pixels of overlap.
-fn decode(files: &ModelFiles, grid: &LatentGrid, latents: Vec<Vec<f32>>, device: &Device, resident: &mut Resident) -> Result<Vec<Vec<f32>>> {
+fn decode(
+    files: &ModelFiles,
+    grid: &LatentGrid,
+    latents: Vec<Vec<f32>>,
+    device: &Device,
+    resident: &mut Resident,
+) -> Result<Vec<Vec<f32>>> {
     resident.vae.with(
         || vae::load_vae(&files.vae, device, DType::F32, None),
         |vae| {
@@ -525,8 +548,17 @@ pub fn to_rgb(chw: &[f32], width: usize, height: usize) -> image::RgbImage {
 }
 
 /// The A1111 `parameters` text that tools read back from PNGs.
-pub fn a1111_parameters(prompt: &str, steps: usize, seed: u64, width: usize, height: usize, model: &str, guidance: Option<f32>) -> String {
-    let mut s = format!("{prompt}\nSteps: {steps}, Sampler: Euler, Seed: {seed}, Size: {width}x{height}, Model: {model}");
+pub fn a1111_parameters(
+    prompt: &str,
+    steps: usize,
+    seed: u64,
+    width: usize,
+    height: usize,
+    model: &str,
+    guidance: Option<f32>,
+) -> String {
+    let mut s =
+        format!("{prompt}\nSteps: {steps}, Sampler: Euler, Seed: {seed}, Size: {width}x{height}, Model: {model}");
     if let Some(g) = guidance {
         s += &format!(", Guidance: {g}");
     }
@@ -541,7 +573,15 @@ mod tests {
             let mut slot = super::Slot::new(keep);
             let mut loads = 0;
             for _ in 0..2 {
-                let got = slot.with(|| { loads += 1; Ok(7) }, |v| Ok(*v + 1)).unwrap();
+                let got = slot
+                    .with(
+                        || {
+                            loads += 1;
+                            Ok(7)
+                        },
+                        |v| Ok(*v + 1),
+                    )
+                    .unwrap();
                 assert_eq!(got, 8);
             }
             assert_eq!(loads, if keep { 1 } else { 2 });

@@ -29,9 +29,7 @@ impl PngText {
         } else {
             PngText::Utf8(ITXtChunk::new(PARAMETERS, text))
         };
-        chunk
-            .encode(&mut Vec::new())
-            .context("encoding the PNG text")?;
+        chunk.encode(&mut Vec::new()).context("encoding the PNG text")?;
         Ok(chunk)
     }
 
@@ -66,18 +64,10 @@ pub fn read_parameters(bytes: &[u8]) -> Result<Option<String>> {
     reader.next_frame(&mut buf)?;
     reader.finish()?;
     let info = reader.info();
-    if let Some(c) = info
-        .uncompressed_latin1_text
-        .iter()
-        .find(|c| c.keyword == PARAMETERS)
-    {
+    if let Some(c) = info.uncompressed_latin1_text.iter().find(|c| c.keyword == PARAMETERS) {
         return Ok(Some(c.text.clone()));
     }
-    if let Some(c) = info
-        .compressed_latin1_text
-        .iter()
-        .find(|c| c.keyword == PARAMETERS)
-    {
+    if let Some(c) = info.compressed_latin1_text.iter().find(|c| c.keyword == PARAMETERS) {
         return Ok(Some(c.get_text()?));
     }
     match info.utf8_text.iter().find(|c| c.keyword == PARAMETERS) {
@@ -101,52 +91,29 @@ impl PendingPng {
     pub fn create(dest: &Path, private: bool) -> Result<PendingPng> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         if dest.is_dir() {
-            bail!(
-                "cannot write the image to {}: it is a folder",
-                dest.display()
-            );
+            bail!("cannot write the image to {}: it is a folder", dest.display());
         }
-        let name = dest
-            .file_name()
-            .with_context(|| format!("{} has no file name", dest.display()))?;
+        let name = dest.file_name().with_context(|| format!("{} has no file name", dest.display()))?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = dest.with_file_name(format!(
-            ".{}.{}-{n}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let mut options = if private {
-            crate::private_files::open_options()
-        } else {
-            std::fs::OpenOptions::new()
-        };
-        let file = options
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| {
-                let folder = match dest.parent() {
-                    Some(p) if !p.as_os_str().is_empty() => p,
-                    _ => Path::new("."),
-                };
-                match e.kind() {
-                    std::io::ErrorKind::NotFound => anyhow::anyhow!(
-                        "cannot write {}: the folder {} does not exist",
-                        dest.display(),
-                        folder.display()
-                    ),
-                    _ => anyhow::Error::new(e).context(format!(
-                        "cannot write {} (in the folder {})",
-                        dest.display(),
-                        folder.display()
-                    )),
+        let tmp = dest.with_file_name(format!(".{}.{}-{n}.tmp", name.to_string_lossy(), std::process::id()));
+        let mut options = if private { crate::private_files::open_options() } else { std::fs::OpenOptions::new() };
+        let file = options.write(true).create_new(true).open(&tmp).map_err(|e| {
+            let folder = match dest.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    anyhow::anyhow!("cannot write {}: the folder {} does not exist", dest.display(), folder.display())
                 }
-            })?;
-        Ok(PendingPng {
-            tmp,
-            dest: dest.to_path_buf(),
-            file: Some(file),
-        })
+                _ => anyhow::Error::new(e).context(format!(
+                    "cannot write {} (in the folder {})",
+                    dest.display(),
+                    folder.display()
+                )),
+            }
+        })?;
+        Ok(PendingPng { tmp, dest: dest.to_path_buf(), file: Some(file) })
     }
 
     /// Checks that `dest` can be written (its folder exists and takes a new file) without
@@ -164,9 +131,8 @@ impl PendingPng {
             .map_err(|e| e.into_error())
             .and_then(|f| f.sync_all())
             .with_context(|| format!("writing {}", self.dest.display()))?;
-        std::fs::rename(&self.tmp, &self.dest).with_context(|| {
-            format!("renaming {} to {}", self.tmp.display(), self.dest.display())
-        })?;
+        std::fs::rename(&self.tmp, &self.dest)
+            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
         self.tmp = PathBuf::new();
         Ok(())
     }
@@ -186,12 +152,7 @@ mod tests {
 
     fn round_trip(text: &str) -> (Vec<u8>, Option<String>) {
         let mut bytes = Vec::new();
-        encode(
-            &mut bytes,
-            &image::RgbImage::new(2, 2),
-            &PngText::parameters(text).unwrap(),
-        )
-        .unwrap();
+        encode(&mut bytes, &image::RgbImage::new(2, 2), &PngText::parameters(text).unwrap()).unwrap();
         let back = read_parameters(&bytes).unwrap();
         (bytes, back)
     }
@@ -208,16 +169,8 @@ mod tests {
         ] {
             let (bytes, back) = round_trip(text);
             assert_eq!(back.as_deref(), Some(text));
-            let kind: &[u8] = if text.chars().all(|c| (c as u32) < 0x100) {
-                b"tEXt"
-            } else {
-                b"iTXt"
-            };
-            assert!(
-                bytes.windows(4).any(|w| w == kind),
-                "{text} is stored as {}",
-                String::from_utf8_lossy(kind)
-            );
+            let kind: &[u8] = if text.chars().all(|c| (c as u32) < 0x100) { b"tEXt" } else { b"iTXt" };
+            assert!(bytes.windows(4).any(|w| w == kind), "{text} is stored as {}", String::from_utf8_lossy(kind));
         }
     }
 
@@ -233,8 +186,6 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         let err = PendingPng::check(&dir.path().join("no/x.png")).unwrap_err();
         assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
-        assert!(
-            format!("{:#}", PendingPng::check(dir.path()).unwrap_err()).contains("is a folder")
-        );
+        assert!(format!("{:#}", PendingPng::check(dir.path()).unwrap_err()).contains("is a folder"));
     }
 }

@@ -55,10 +55,10 @@ impl ScheduleConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading scheduler config {}", path.display()))?;
-        let config: ScheduleConfig = serde_json::from_str(&text)
-            .with_context(|| format!("parsing scheduler config {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading scheduler config {}", path.display()))?;
+        let config: ScheduleConfig =
+            serde_json::from_str(&text).with_context(|| format!("parsing scheduler config {}", path.display()))?;
         config.validate()?;
         Ok(config)
     }
@@ -78,8 +78,7 @@ impl ScheduleConfig {
 
     /// FluxPipeline's `calculate_shift`: mu as a linear function of the image token count.
     pub fn mu(&self, image_seq_len: usize) -> f64 {
-        let m = (self.max_shift - self.base_shift)
-            / (self.max_image_seq_len as f64 - self.base_image_seq_len as f64);
+        let m = (self.max_shift - self.base_shift) / (self.max_image_seq_len as f64 - self.base_image_seq_len as f64);
         let b = self.base_shift - m * self.base_image_seq_len as f64;
         image_seq_len as f64 * m + b
     }
@@ -126,10 +125,7 @@ impl ScheduleConfig {
 
     /// The timesteps the scheduler reports (sigma × num_train_timesteps), one per step.
     pub fn timesteps(&self, sigmas: &[f32]) -> Vec<f32> {
-        sigmas[..sigmas.len() - 1]
-            .iter()
-            .map(|s| s * self.num_train_timesteps as f32)
-            .collect()
+        sigmas[..sigmas.len() - 1].iter().map(|s| s * self.num_train_timesteps as f32).collect()
     }
 }
 
@@ -183,14 +179,19 @@ mod tests {
         let x = Tensor::<3>::from_data(burn::tensor::TensorData::new(vec![2.0f32, -1.0], [1, 1, 2]), &device);
         let v = x.clone() * 0.5;
         let mut events = Vec::new();
-        let out = denoise(x, &[1.0, 0.75, 0.5, 0.0], |_, _| Ok(v.clone()), |e| {
-            events.push(match e {
-                StepEvent::Start { step } => (0, step),
-                StepEvent::Velocity { step, .. } => (1, step),
-                StepEvent::Done { step } => (2, step),
-            });
-            Ok(())
-        })
+        let out = denoise(
+            x,
+            &[1.0, 0.75, 0.5, 0.0],
+            |_, _| Ok(v.clone()),
+            |e| {
+                events.push(match e {
+                    StepEvent::Start { step } => (0, step),
+                    StepEvent::Velocity { step, .. } => (1, step),
+                    StepEvent::Done { step } => (2, step),
+                });
+                Ok(())
+            },
+        )
         .unwrap();
         // x(0) = x(1) − v: each step adds (σ_next − σ)·v and the σ steps sum to −1.
         assert_eq!(out.into_data().try_to_vec::<f32>().unwrap(), vec![1.0, -0.5]);

@@ -74,7 +74,11 @@ impl T5Attention {
             k: l.linear("k", c.d_model, inner, false)?,
             v: l.linear("v", c.d_model, inner, false)?,
             o: l.linear("o", inner, c.d_model, false)?,
-            relative_attention_bias: if first { Some(l.embedding("relative_attention_bias", c.buckets, c.heads)?) } else { None },
+            relative_attention_bias: if first {
+                Some(l.embedding("relative_attention_bias", c.buckets, c.heads)?)
+            } else {
+                None
+            },
         })
     }
 }
@@ -171,8 +175,11 @@ fn infer_config(set: &WeightSet, hint: &T5Hint) -> Result<(String, T5Config)> {
         d_model: embedding[1],
         heads: bias[1],
         d_kv: inner / bias[1],
-        d_ff: dims("encoder.block.0.layer.1.DenseReluDense.wi_0.weight").context("only gated-GELU T5 (v1.1) is supported")?[0],
-        layers: (0..).take_while(|i| set.contains(&key(&format!("encoder.block.{i}.layer.0.layer_norm.weight")))).count(),
+        d_ff: dims("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
+            .context("only gated-GELU T5 (v1.1) is supported")?[0],
+        layers: (0..)
+            .take_while(|i| set.contains(&key(&format!("encoder.block.{i}.layer.0.layer_norm.weight"))))
+            .count(),
         buckets: bias[0],
         max_distance: hint.relative_attention_max_distance.unwrap_or(128),
         eps: hint.layer_norm_epsilon.unwrap_or(1e-6),
@@ -243,7 +250,14 @@ impl T5Encoder {
             let (sa, ff) = (&b.layer_0.self_attention, &b.layer_1.dense_relu_dense);
             let h = b.layer_0.layer_norm.forward(x.clone());
             let heads = |t: Tensor<3>| t.reshape([batch, len, c.heads, c.d_kv]).swap_dims(1, 2);
-            let a = attention(heads(sa.q.forward(h.clone())), heads(sa.k.forward(h.clone())), heads(sa.v.forward(h)), None, Some(bias.clone()), options);
+            let a = attention(
+                heads(sa.q.forward(h.clone())),
+                heads(sa.k.forward(h.clone())),
+                heads(sa.v.forward(h)),
+                None,
+                Some(bias.clone()),
+                options,
+            );
             x = x + sa.o.forward(a.swap_dims(1, 2).reshape([batch, len, c.heads * c.d_kv]));
             let h = b.layer_1.layer_norm.forward(x.clone());
             x = x.clone() + ff.wo.forward(gelu_tanh(ff.wi_0.forward(h.clone())) * ff.wi_1.forward(h));

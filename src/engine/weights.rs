@@ -70,8 +70,7 @@ impl SafetensorsFile {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: the mapping is read-only; a file truncated underneath us by another process
         // is outside what we can defend against, as for every mmap-based loader.
-        let mmap = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("cannot memory-map {}", path.display()))?;
+        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
         let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
             anyhow!(
                 "{} is not a valid safetensors file ({}); is it truncated or a different format?",
@@ -81,13 +80,7 @@ impl SafetensorsFile {
         })?;
         let tensors = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
         let metadata = meta.metadata().clone().unwrap_or_default();
-        Ok(SafetensorsFile {
-            path: path.to_path_buf(),
-            mmap,
-            data_start: 8 + header_len,
-            tensors,
-            metadata,
-        })
+        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start: 8 + header_len, tensors, metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -99,23 +92,16 @@ impl SafetensorsFile {
     }
 
     fn read(&self, name: &str) -> Result<HostTensor> {
-        let info = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| anyhow!("tensor {name} not in {}", self.path.display()))?;
+        let info = self.tensors.get(name).ok_or_else(|| anyhow!("tensor {name} not in {}", self.path.display()))?;
         let (start, end) = info.data_offsets;
         let bytes = &self.mmap[self.data_start + start..self.data_start + end];
-        let data = decode_floats(bytes, info.dtype)
-            .with_context(|| format!("tensor {name} in {}", self.path.display()))?;
+        let data =
+            decode_floats(bytes, info.dtype).with_context(|| format!("tensor {name} in {}", self.path.display()))?;
         // The tensor now lives in `data`; drop the file pages it came from so the mapping does
         // not double the resident size. They are re-read from disk if ever touched again.
         // SAFETY: the mapping is private and read-only, so discarding pages loses nothing.
         unsafe {
-            let _ = self.mmap.unchecked_advise_range(
-                UncheckedAdvice::DontNeed,
-                self.data_start + start,
-                end - start,
-            );
+            let _ = self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, self.data_start + start, end - start);
         }
         Ok(HostTensor { shape: info.shape.clone(), data })
     }
@@ -133,22 +119,10 @@ fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
 fn decode_floats(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
     // Little-endian per the safetensors spec; the mapping is not necessarily aligned.
     Ok(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect(),
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
         other => bail!("dtype {other:?} is not supported (expected F32, F16, BF16 or F64)"),
     })
 }
@@ -171,11 +145,7 @@ impl WeightSet {
             for name in file.tensors.keys() {
                 if let Some(prev) = index.insert(name.clone(), files.len()) {
                     let prev: &SafetensorsFile = &files[prev];
-                    bail!(
-                        "tensor {name} appears in both {} and {}",
-                        prev.path.display(),
-                        path.display()
-                    );
+                    bail!("tensor {name} appears in both {} and {}", prev.path.display(), path.display());
                 }
             }
             files.push(file);
@@ -249,7 +219,10 @@ pub fn read_config_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<O
 
 /// The configuration that goes with a component: a folder's own `config.json` when `path` is
 /// a folder that has one, otherwise `fallback` (given by the caller for single files).
-pub fn component_config<T: serde::de::DeserializeOwned + Clone>(path: &Path, fallback: Option<&T>) -> Result<Option<T>> {
+pub fn component_config<T: serde::de::DeserializeOwned + Clone>(
+    path: &Path,
+    fallback: Option<&T>,
+) -> Result<Option<T>> {
     let own = if path.is_dir() { read_config_json(&path.join("config.json"))? } else { None };
     Ok(own.or_else(|| fallback.cloned()))
 }
@@ -261,36 +234,26 @@ pub fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .with_context(|| format!("cannot read folder {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
-    if let Some(index) = entries
-        .iter()
-        .find(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
-    {
-        let text = std::fs::read_to_string(index)
-            .with_context(|| format!("cannot read {}", index.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", index.display()))?;
+    if let Some(index) = entries.iter().find(|p| p.to_string_lossy().ends_with(".safetensors.index.json")) {
+        let text = std::fs::read_to_string(index).with_context(|| format!("cannot read {}", index.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| anyhow!("{} has no weight_map", index.display()))?;
-        let mut shards: Vec<String> =
-            map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+        let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
         shards.sort();
         shards.dedup();
         return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
     }
-    let mut singles: Vec<PathBuf> = entries
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
+    let mut singles: Vec<PathBuf> =
+        entries.into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
     singles.sort();
     match singles.len() {
         0 => bail!("no .safetensors file in {}", dir.display()),
         1 => Ok(singles),
-        _ => bail!(
-            "{} holds several .safetensors files but no index.json saying which belong together",
-            dir.display()
-        ),
+        _ => bail!("{} holds several .safetensors files but no index.json saying which belong together", dir.display()),
     }
 }
 

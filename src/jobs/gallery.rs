@@ -10,7 +10,8 @@ use crate::engine::pngfile::{PendingPng, PngText};
 /// The file of gallery image `id`; None when `id` is not one of ours (so never a path outside
 /// the images folder).
 pub fn image_path(dir: &Path, id: &str) -> Option<PathBuf> {
-    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())).then(|| dir.join(format!("{id}.png")))
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+        .then(|| dir.join(format!("{id}.png")))
 }
 
 /// Writes a PNG (with its A1111 `parameters` text) under a new id, readable by the server's

@@ -16,12 +16,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use serde::Serialize;
 
 use crate::config::QueueConfig;
-use crate::spec::Limits;
 use crate::jobs::progress::{JobEvent, ProgressHub};
 use crate::jobs::queue::Scheduler;
 use crate::jobs::store::{Job, JobSpec, JobStatus, NewJob};
 use crate::ledger::{HoldStatus, JobParams, JobRequest, LedgerError, Refusal, UserId};
 use crate::models::ModelRegistry;
+use crate::spec::Limits;
 
 pub use conn::{Conn, ConnConfig, Pool};
 pub use worker::Worker;
@@ -50,9 +50,7 @@ pub enum SubmitError {
     )]
     KeyReused { key: String, job_id: String },
     /// The Idempotency-Key's first request has not made its job (409).
-    #[error(
-        "a request with the Idempotency-Key {key:?} is still being processed; try again shortly"
-    )]
+    #[error("a request with the Idempotency-Key {key:?} is still being processed; try again shortly")]
     KeyInProgress { key: String },
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -61,17 +59,11 @@ pub enum SubmitError {
 impl From<LedgerError> for SubmitError {
     fn from(e: LedgerError) -> Self {
         match e {
-            LedgerError::Refused(Refusal::InvalidParams { message }) => {
-                SubmitError::Invalid(message)
-            }
-            LedgerError::Refused(Refusal::UnknownModel { model }) => {
-                SubmitError::UnknownModel(model)
-            }
+            LedgerError::Refused(Refusal::InvalidParams { message }) => SubmitError::Invalid(message),
+            LedgerError::Refused(Refusal::UnknownModel { model }) => SubmitError::UnknownModel(model),
             LedgerError::Refused(r) => SubmitError::Refused(r),
             LedgerError::Invalid(m) => SubmitError::Invalid(m),
-            LedgerError::IdempotencyConflict { key, job_id, .. } => {
-                SubmitError::KeyReused { key, job_id }
-            }
+            LedgerError::IdempotencyConflict { key, job_id, .. } => SubmitError::KeyReused { key, job_id },
             other => SubmitError::Internal(other.into()),
         }
     }
@@ -88,7 +80,8 @@ impl From<rusqlite::Error> for SubmitError {
 pub fn validate_idempotency_key(key: &str) -> Result<(), SubmitError> {
     if key.is_empty() || key.len() > 200 || !key.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(SubmitError::Invalid(
-            "Idempotency-Key must be 1 to 200 visible ASCII characters (letters, digits, punctuation; no spaces)".into(),
+            "Idempotency-Key must be 1 to 200 visible ASCII characters (letters, digits, punctuation; no spaces)"
+                .into(),
         ));
     }
     Ok(())
@@ -128,7 +121,12 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    pub fn new(models: Arc<ModelRegistry>, limits: crate::config::Limits, queue: QueueConfig, images_dir: std::path::PathBuf) -> Jobs {
+    pub fn new(
+        models: Arc<ModelRegistry>,
+        limits: crate::config::Limits,
+        queue: QueueConfig,
+        images_dir: std::path::PathBuf,
+    ) -> Jobs {
         Jobs {
             hub: ProgressHub::new(),
             models,
@@ -183,10 +181,7 @@ impl Jobs {
         if let Some(m) = self.models.get(&spec.model) {
             full.steps = Some(spec.steps.unwrap_or(m.default_steps));
             if m.kind == Some(crate::config::FluxKind::Dev) {
-                full.guidance = Some(
-                    spec.guidance
-                        .unwrap_or(crate::engine::pipeline::DEFAULT_GUIDANCE as f64),
-                );
+                full.guidance = Some(spec.guidance.unwrap_or(crate::engine::pipeline::DEFAULT_GUIDANCE as f64));
             }
         }
         let json = serde_json::to_string(&full).expect("a JobSpec serializes");
@@ -217,9 +212,7 @@ impl Jobs {
             params: Self::params(&spec),
             request_hash: Some(self.request_hash(&spec)),
         };
-        let seed = spec
-            .seed
-            .unwrap_or_else(|| crate::secret::random_u32() as u64);
+        let seed = spec.seed.unwrap_or_else(|| crate::secret::random_u32() as u64);
         let now = db.now();
         let max = self.queue.max_queued_per_user;
         let submitted = db.ledger.authorize_job_with(
@@ -236,10 +229,7 @@ impl Jobs {
                     // The job row was written with its hold; without one, the request that
                     // placed the hold has not finished (or came from before they were one).
                     return match store::get_job(tx, &auth.hold.job_id)? {
-                        Some(job) => Ok(Submitted {
-                            job,
-                            replayed: true,
-                        }),
+                        Some(job) => Ok(Submitted { job, replayed: true }),
                         None => Err(SubmitError::KeyInProgress { key: key.clone() }),
                     };
                 }
@@ -255,12 +245,8 @@ impl Jobs {
                     now,
                 };
                 store::insert_job(tx, &new)?;
-                let job = store::get_job(tx, &job_id)?
-                    .ok_or_else(|| anyhow::anyhow!("job {job_id} vanished"))?;
-                Ok(Submitted {
-                    job,
-                    replayed: false,
-                })
+                let job = store::get_job(tx, &job_id)?.ok_or_else(|| anyhow::anyhow!("job {job_id} vanished"))?;
+                Ok(Submitted { job, replayed: false })
             },
         )?;
         if !submitted.replayed {
@@ -275,14 +261,7 @@ impl Jobs {
     /// cancel or the worker changed it first, the status it has now.
     pub fn cancel(&self, db: &mut Conn, job: &Job) -> anyhow::Result<JobStatus> {
         if job.status == JobStatus::Queued {
-            if store::finish(
-                &db.app,
-                &job.id,
-                &[JobStatus::Queued],
-                JobStatus::Canceled,
-                None,
-                db.now(),
-            )? {
+            if store::finish(&db.app, &job.id, &[JobStatus::Queued], JobStatus::Canceled, None, db.now())? {
                 db.ledger.release(job.hold_id)?;
                 self.hub.publish(&job.id, job.user_id, JobEvent::Canceled);
                 self.publish_positions(db);
@@ -300,12 +279,7 @@ impl Jobs {
     /// Cancels every queued or running job of `user` (an account being disabled); returns how
     /// many.
     pub fn cancel_all_of(&self, db: &mut Conn, user: UserId) -> anyhow::Result<usize> {
-        let live = store::list_jobs(
-            &db.app,
-            Some(user),
-            &[JobStatus::Queued, JobStatus::Running],
-            u32::MAX,
-        )?;
+        let live = store::list_jobs(&db.app, Some(user), &[JobStatus::Queued, JobStatus::Running], u32::MAX)?;
         for job in &live {
             self.cancel(db, job)?;
         }
@@ -374,7 +348,14 @@ impl Jobs {
     pub fn reconcile(&self, db: &mut Conn) -> anyhow::Result<usize> {
         let now = db.now();
         for job in store::list_jobs(&db.app, None, &[JobStatus::Running], u32::MAX)? {
-            store::finish(&db.app, &job.id, &[JobStatus::Running], JobStatus::Failed, Some("the server stopped while this job was running; its credits were released"), now)?;
+            store::finish(
+                &db.app,
+                &job.id,
+                &[JobStatus::Running],
+                JobStatus::Failed,
+                Some("the server stopped while this job was running; its credits were released"),
+                now,
+            )?;
         }
         let mut settled = 0;
         for hold in db.ledger.all_open_holds()? {
@@ -395,7 +376,14 @@ impl Jobs {
         }
         for job in store::list_jobs(&db.app, None, &[JobStatus::Queued], u32::MAX)? {
             if db.ledger.hold(job.hold_id)?.status != HoldStatus::Held {
-                store::finish(&db.app, &job.id, &[JobStatus::Queued], JobStatus::Failed, Some("the job waited longer than its credit hold lasts"), now)?;
+                store::finish(
+                    &db.app,
+                    &job.id,
+                    &[JobStatus::Queued],
+                    JobStatus::Failed,
+                    Some("the job waited longer than its credit hold lasts"),
+                    now,
+                )?;
             }
         }
         Ok(settled)

@@ -15,15 +15,36 @@ use crate::ledger::UserId;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum JobEvent {
     /// Waiting; `position` 1 is next.
-    Queued { position: usize, queue_length: usize },
+    Queued {
+        position: usize,
+        queue_length: usize,
+    },
     Started,
     /// A stage of the pipeline (encoding the prompt, loading, decoding).
-    Stage { stage: String },
-    Step { image: usize, images: usize, step: usize, steps: usize, it_per_s: f64, eta_s: f64 },
+    Stage {
+        stage: String,
+    },
+    Step {
+        image: usize,
+        images: usize,
+        step: usize,
+        steps: usize,
+        it_per_s: f64,
+        eta_s: f64,
+    },
     /// A PNG data URL of the current estimate, at 1/8 size.
-    Preview { image: usize, step: usize, data_url: String },
-    Succeeded { images: Vec<String>, credits_charged: i64 },
-    Failed { error: String },
+    Preview {
+        image: usize,
+        step: usize,
+        data_url: String,
+    },
+    Succeeded {
+        images: Vec<String>,
+        credits_charged: i64,
+    },
+    Failed {
+        error: String,
+    },
     Canceled,
 }
 

@@ -32,7 +32,12 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(weights: &QueueWeights) -> Scheduler {
-        Scheduler { weights: CLASSES.map(|c| weights.of(c).max(1) as f64), finish: [0.0; 4], now: 0.0, backlogged: [false; 4] }
+        Scheduler {
+            weights: CLASSES.map(|c| weights.of(c).max(1) as f64),
+            finish: [0.0; 4],
+            now: 0.0,
+            backlogged: [false; 4],
+        }
     }
 
     /// The index in `waiting` of the job to start next (and the scheduler advances), or None.

@@ -224,9 +224,8 @@ fn with_images(conn: &Connection, mut job: Job) -> rusqlite::Result<Job> {
 }
 
 pub fn get_job(conn: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
-    let job = conn
-        .query_row(&format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?1"), params![id], job_from_row)
-        .optional()?;
+    let job =
+        conn.query_row(&format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?1"), params![id], job_from_row).optional()?;
     job.map(|j| with_images(conn, j)).transpose()
 }
 
@@ -242,19 +241,13 @@ pub fn list_jobs(
     } else {
         format!(
             " AND status IN ({})",
-            statuses
-                .iter()
-                .map(|s| format!("'{}'", s.as_str()))
-                .collect::<Vec<_>>()
-                .join(",")
+            statuses.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(",")
         )
     };
     let mut st = conn.prepare(&format!(
         "SELECT {JOB_COLS} FROM jobs WHERE (?1 IS NULL OR user_id = ?1){filter} ORDER BY seq DESC LIMIT ?2"
     ))?;
-    let jobs: Vec<Job> = st
-        .query_map(params![user, limit], job_from_row)?
-        .collect::<rusqlite::Result<_>>()?;
+    let jobs: Vec<Job> = st.query_map(params![user, limit], job_from_row)?.collect::<rusqlite::Result<_>>()?;
     jobs.into_iter().map(|j| with_images(conn, j)).collect()
 }
 
@@ -316,7 +309,14 @@ pub fn mark_running(conn: &Connection, id: &str, now: i64) -> rusqlite::Result<b
 }
 
 /// Moves a job from one of `from` to a final status; false when it was in none of them.
-pub fn finish(conn: &Connection, id: &str, from: &[JobStatus], to: JobStatus, error: Option<&str>, now: i64) -> rusqlite::Result<bool> {
+pub fn finish(
+    conn: &Connection,
+    id: &str,
+    from: &[JobStatus],
+    to: JobStatus,
+    error: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<bool> {
     let from = from.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(",");
     let n = conn.execute(
         &format!("UPDATE jobs SET status = ?2, error = ?3, finished_at = ?4 WHERE id = ?1 AND status IN ({from})"),
@@ -327,10 +327,7 @@ pub fn finish(conn: &Connection, id: &str, from: &[JobStatus], to: JobStatus, er
 
 /// Records the internal cause of a job's failure (for admins).
 pub fn set_error_detail(conn: &Connection, id: &str, detail: &str) -> rusqlite::Result<()> {
-    conn.execute(
-        "UPDATE jobs SET error_detail = ?2 WHERE id = ?1",
-        params![id, detail],
-    )?;
+    conn.execute("UPDATE jobs SET error_detail = ?2 WHERE id = ?1", params![id, detail])?;
     Ok(())
 }
 
@@ -352,7 +349,8 @@ pub struct ImageMeta {
     pub created_at: DateTime<Utc>,
 }
 
-const IMAGE_COLS: &str = "id, user_id, job_id, idx, width, height, seed, model, prompt, steps, guidance, parameters, created_at";
+const IMAGE_COLS: &str =
+    "id, user_id, job_id, idx, width, height, seed, model, prompt, steps, guidance, parameters, created_at";
 
 fn image_from_row(r: &Row<'_>) -> rusqlite::Result<ImageMeta> {
     Ok(ImageMeta {
@@ -378,7 +376,9 @@ pub fn complete_job(conn: &Connection, job_id: &str, images: &[ImageMeta], now: 
     let tx = conn.unchecked_transaction()?;
     for m in images {
         tx.execute(
-            &format!("INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+            &format!(
+                "INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+            ),
             params![
                 m.id,
                 m.user_id,
@@ -409,12 +409,16 @@ pub fn complete_job(conn: &Connection, job_id: &str, images: &[ImageMeta], now: 
 }
 
 pub fn get_image(conn: &Connection, id: &str) -> rusqlite::Result<Option<ImageMeta>> {
-    conn.query_row(&format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1"), params![id], image_from_row)
-        .optional()
+    conn.query_row(&format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1"), params![id], image_from_row).optional()
 }
 
 /// One page of a user's images, newest first, and the user's total.
-pub fn list_images(conn: &Connection, user: UserId, offset: u32, limit: u32) -> rusqlite::Result<(Vec<ImageMeta>, u32)> {
+pub fn list_images(
+    conn: &Connection,
+    user: UserId,
+    offset: u32,
+    limit: u32,
+) -> rusqlite::Result<(Vec<ImageMeta>, u32)> {
     let total = conn.query_row("SELECT COUNT(*) FROM images WHERE user_id = ?1", params![user], |r| r.get(0))?;
     let mut st = conn.prepare_cached(&format!(
         "SELECT {IMAGE_COLS} FROM images WHERE user_id = ?1

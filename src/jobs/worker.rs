@@ -2,8 +2,8 @@
 //! settles its hold. It never runs on the async threads.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -76,7 +76,13 @@ fn run(jobs: &Jobs, mut db: Conn, device: &Device, keep_resident: bool) {
 }
 
 /// Ends a job that did not succeed: status, hold released, event.
-fn end_without_images(jobs: &Jobs, db: &mut Conn, job: &Job, status: JobStatus, error: Option<String>) -> anyhow::Result<()> {
+fn end_without_images(
+    jobs: &Jobs,
+    db: &mut Conn,
+    job: &Job,
+    status: JobStatus,
+    error: Option<String>,
+) -> anyhow::Result<()> {
     store::finish(&db.app, &job.id, &[JobStatus::Running], status, error.as_deref(), db.now())?;
     db.ledger.release(job.hold_id)?;
     let event = match (status, error) {
@@ -145,12 +151,26 @@ fn execute(
     // Renewed now and while it runs, so the sweeper (which releases holds nobody touched for
     // `hold_max_age_secs`) never releases the hold of a job that is working.
     if !db.ledger.renew_hold(job.hold_id)? || db.ledger.hold(job.hold_id)?.status != HoldStatus::Held {
-        return end_without_images(jobs, db, job, JobStatus::Failed, Some("the job's credit hold expired before it could run".into()));
+        return end_without_images(
+            jobs,
+            db,
+            job,
+            JobStatus::Failed,
+            Some("the job's credit hold expired before it could run".into()),
+        );
     }
     let mut renewed = std::time::Instant::now();
     let model = match jobs.models.get(&job.model) {
         Some(m) if m.is_ready() && m.files.is_some() => m.clone(),
-        _ => return end_without_images(jobs, db, job, JobStatus::Failed, Some(format!("model {} is not available", job.model))),
+        _ => {
+            return end_without_images(
+                jobs,
+                db,
+                job,
+                JobStatus::Failed,
+                Some(format!("model {} is not available", job.model)),
+            );
+        }
     };
     let files = model.files.clone().expect("checked above");
     let spec = &job.spec;
@@ -236,7 +256,8 @@ fn execute(
         Err(panic) => {
             // The components may be half-updated: load them afresh next time.
             *resident = None;
-            let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            let msg =
+                panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
             return fail_internal(jobs, db, job, format!("the engine panicked: {}", msg.unwrap_or_default()));
         }
     };
@@ -281,7 +302,10 @@ fn execute(
     jobs.hub.publish(
         &job.id,
         job.user_id,
-        JobEvent::Succeeded { images: metas.into_iter().map(|m| m.id).collect(), credits_charged: captured.hold.captured },
+        JobEvent::Succeeded {
+            images: metas.into_iter().map(|m| m.id).collect(),
+            credits_charged: captured.hold.captured,
+        },
     );
     Ok(())
 }

@@ -47,34 +47,12 @@ pub struct JobAuthorization {
 
 fn with_plans(r: Refusal, allowing: Vec<String>) -> Refusal {
     match r {
-        Refusal::OutOfCredits {
-            resource,
-            needed,
-            available,
-            next_renewal_at,
-            ..
-        } => Refusal::OutOfCredits {
-            resource,
-            needed,
-            available,
-            next_renewal_at,
-            plans_allowing: allowing,
-        },
-        Refusal::QuotaExhausted {
-            tag,
-            limit,
-            used,
-            requested,
-            resets_at,
-            ..
-        } => Refusal::QuotaExhausted {
-            tag,
-            limit,
-            used,
-            requested,
-            resets_at,
-            plans_allowing: allowing,
-        },
+        Refusal::OutOfCredits { resource, needed, available, next_renewal_at, .. } => {
+            Refusal::OutOfCredits { resource, needed, available, next_renewal_at, plans_allowing: allowing }
+        }
+        Refusal::QuotaExhausted { tag, limit, used, requested, resets_at, .. } => {
+            Refusal::QuotaExhausted { tag, limit, used, requested, resets_at, plans_allowing: allowing }
+        }
         other => other,
     }
 }
@@ -150,11 +128,7 @@ fn place_hold(t: &Tx<'_>, req: &HoldRequest) -> Result<HoldOutcome, LedgerError>
     }
 }
 
-fn authorize_job(
-    t: &Tx<'_>,
-    user: UserId,
-    req: &JobRequest,
-) -> Result<JobAuthorization, LedgerError> {
+fn authorize_job(t: &Tx<'_>, user: UserId, req: &JobRequest) -> Result<JobAuthorization, LedgerError> {
     let cfg = t.cfg;
     let model = cfg.model(&req.model_id)?;
     let price = cfg.price_job(&req.model_id, &req.params)?;
@@ -171,21 +145,10 @@ fn authorize_job(
             });
         }
         let sub = subscriptions::load(t, user)?;
-        let queue = cfg
-            .plan(&sub.plan)
-            .map(|p| p.queue_for(sub.period))
-            .unwrap_or(QueueClass::Standard);
-        let price = Price {
-            per_item: h.amount / req.params.batch.max(1) as i64,
-            batch: req.params.batch,
-            total: h.amount,
-        };
-        return Ok(JobAuthorization {
-            hold: h,
-            replayed: true,
-            price,
-            queue,
-        });
+        let queue = cfg.plan(&sub.plan).map(|p| p.queue_for(sub.period)).unwrap_or(QueueClass::Standard);
+        let price =
+            Price { per_item: h.amount / req.params.batch.max(1) as i64, batch: req.params.batch, total: h.amount };
+        return Ok(JobAuthorization { hold: h, replayed: true, price, queue });
     }
     subscriptions::catch_up_user(t, user)?;
     let sub = subscriptions::load(t, user)?;
@@ -208,12 +171,7 @@ fn authorize_job(
         request_hash: req.request_hash.clone(),
     };
     match place_hold(t, &hold_req) {
-        Ok(out) => Ok(JobAuthorization {
-            hold: out.hold,
-            replayed: out.replayed,
-            price,
-            queue: clearance.queue,
-        }),
+        Ok(out) => Ok(JobAuthorization { hold: out.hold, replayed: out.replayed, price, queue: clearance.queue }),
         Err(LedgerError::Refused(r)) => {
             let allowing = match &r {
                 Refusal::QuotaExhausted { .. } => cfg.plans_allowing(model, &req.params, true, 0),
@@ -289,11 +247,7 @@ impl Ledger {
     /// held, in one `BEGIN IMMEDIATE` transaction. A refusal is [`LedgerError::Refused`] and
     /// says why and which plans would allow the job (and, out of credits, when the next
     /// renewal comes). The same idempotency key again returns the same hold.
-    pub fn authorize_job(
-        &mut self,
-        user: UserId,
-        req: &JobRequest,
-    ) -> Result<JobAuthorization, LedgerError> {
+    pub fn authorize_job(&mut self, user: UserId, req: &JobRequest) -> Result<JobAuthorization, LedgerError> {
         self.write(|t| authorize_job(t, user, req))
     }
 
@@ -320,11 +274,7 @@ impl Ledger {
 
     /// Authorizes a LoRA training: one unit of the training allowance is held. Capture it when
     /// the training succeeds; release it when it fails, and the allowance comes back.
-    pub fn authorize_training(
-        &mut self,
-        user: UserId,
-        req: &TrainingRequest,
-    ) -> Result<JobAuthorization, LedgerError> {
+    pub fn authorize_training(&mut self, user: UserId, req: &TrainingRequest) -> Result<JobAuthorization, LedgerError> {
         self.write(|t| authorize_training(t, user, req))
     }
 }

@@ -262,8 +262,7 @@ pub struct AuditReport {
     pub entries: usize,
 }
 
-const GRANT_COLS: &str =
-    "id, user_id, resource, amount, remaining, held, spent, expired, source, period_kind, effective_at, expires_at, priority";
+const GRANT_COLS: &str = "id, user_id, resource, amount, remaining, held, spent, expired, source, period_kind, effective_at, expires_at, priority";
 
 fn grant_from_row(r: &Row<'_>) -> Result<Grant, LedgerError> {
     let resource: String = r.get(2)?;
@@ -390,8 +389,7 @@ pub(crate) fn expire_due(t: &Tx<'_>, user: Option<UserId>) -> Result<usize, Ledg
              WHERE remaining > 0 AND expires_at IS NOT NULL AND expires_at <= ?1
                AND (?2 IS NULL OR user_id = ?2)",
         )?;
-        st.query_map(params![t.now, user], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect::<Result<_, _>>()?
+        st.query_map(params![t.now, user], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?
     };
     for (id, uid, rem) in &due {
         t.execute("UPDATE grants SET remaining = 0, expired = expired + ?2 WHERE id = ?1", params![id, rem])?;
@@ -420,7 +418,15 @@ pub(crate) fn balance(t: &Tx<'_>, user: UserId, resource: Resource) -> Result<Ba
          FROM (SELECT *, (effective_at <= ?3 AND (expires_at IS NULL OR expires_at > ?3)) AS live
                FROM grants WHERE user_id = ?1 AND resource = ?2)",
         params![user, resource.as_str(), t.now],
-        |r| Ok(Balance { granted: r.get(0)?, available: r.get(1)?, held: r.get(2)?, spent: r.get(3)?, expired: r.get(4)? }),
+        |r| {
+            Ok(Balance {
+                granted: r.get(0)?,
+                available: r.get(1)?,
+                held: r.get(2)?,
+                spent: r.get(3)?,
+                expired: r.get(4)?,
+            })
+        },
     )?)
 }
 
@@ -446,7 +452,8 @@ fn load_hold(t: &Tx<'_>, id: HoldId) -> Result<Hold, LedgerError> {
 }
 
 pub(crate) fn hold_by_key(t: &Tx<'_>, user: UserId, key: &str) -> Result<Option<Hold>, LedgerError> {
-    let mut st = t.prepare_cached(&format!("SELECT {HOLD_COLS} FROM holds WHERE user_id = ?1 AND idempotency_key = ?2"))?;
+    let mut st =
+        t.prepare_cached(&format!("SELECT {HOLD_COLS} FROM holds WHERE user_id = ?1 AND idempotency_key = ?2"))?;
     let mut rows = st.query(params![user, key])?;
     match rows.next()? {
         Some(r) => Ok(Some(hold_from_row(r)?)),
@@ -486,23 +493,14 @@ pub(crate) struct Shortfall {
 /// available. A used-up weekly quota is [`Refusal::QuotaExhausted`] without plans.
 pub(crate) fn place_hold(t: &Tx<'_>, req: &HoldRequest) -> Result<Result<HoldOutcome, Shortfall>, LedgerError> {
     if req.amount <= 0 {
-        return Err(LedgerError::Invalid(format!(
-            "a hold must be > 0 (got {})",
-            req.amount
-        )));
+        return Err(LedgerError::Invalid(format!("a hold must be > 0 (got {})", req.amount)));
     }
     if req.idempotency_key.is_empty() {
-        return Err(LedgerError::Invalid(
-            "a hold needs an idempotency key".into(),
-        ));
+        return Err(LedgerError::Invalid("a hold needs an idempotency key".into()));
     }
     if let Some(h) = hold_by_key(t, req.user_id, &req.idempotency_key)? {
         let other_request = req.request_hash.is_some() && h.request_hash != req.request_hash;
-        if other_request
-            || h.job_id != req.job_id
-            || h.amount != req.amount
-            || h.resource != req.resource
-        {
+        if other_request || h.job_id != req.job_id || h.amount != req.amount || h.resource != req.resource {
             return Err(LedgerError::IdempotencyConflict {
                 key: req.idempotency_key.clone(),
                 job_id: h.job_id,
@@ -535,14 +533,7 @@ pub(crate) fn place_hold(t: &Tx<'_>, req: &HoldRequest) -> Result<Result<HoldOut
     let quota_tags = if req.quotas.is_empty() {
         None
     } else {
-        Some(format!(
-            ",{},",
-            req.quotas
-                .iter()
-                .map(|q| q.tag.as_str())
-                .collect::<Vec<_>>()
-                .join(",")
-        ))
+        Some(format!(",{},", req.quotas.iter().map(|q| q.tag.as_str()).collect::<Vec<_>>().join(",")))
     };
     t.execute(
         "INSERT INTO holds (user_id, resource, job_id, idempotency_key, amount, status, usage_kind, units, quota_tags, created_at, request_hash)
@@ -781,7 +772,9 @@ pub(crate) fn audit(t: &Tx<'_>) -> Result<AuditReport, LedgerError> {
                 _ => false,
             };
             if !ok {
-                problems.push(format!("hold {id} ({status}): captured {captured}, capture entries {ec}, release entries {er}"));
+                problems.push(format!(
+                    "hold {id} ({status}): captured {captured}, capture entries {ec}, release entries {er}"
+                ));
             }
         }
     }
@@ -826,8 +819,8 @@ impl Ledger {
                 priority: req.priority,
                 grant_key: None,
             };
-            let id = insert_grant(t, &new)?
-                .ok_or_else(|| LedgerError::Corrupt("grant without key not inserted".into()))?;
+            let id =
+                insert_grant(t, &new)?.ok_or_else(|| LedgerError::Corrupt("grant without key not inserted".into()))?;
             let g = grants_of(t, user)?.into_iter().find(|g| g.id == id);
             g.ok_or_else(|| LedgerError::Corrupt(format!("grant {id} vanished")))
         })
@@ -892,7 +885,10 @@ impl Ledger {
     /// holds untouched for `metering.hold_max_age_secs`, leaves it alone. Returns false when
     /// the hold is no longer held.
     pub fn renew_hold(&mut self, hold: HoldId) -> Result<bool, LedgerError> {
-        self.write(|t| Ok(t.execute("UPDATE holds SET renewed_at = ?2 WHERE id = ?1 AND status = 'held'", params![hold, t.now])? == 1))
+        self.write(|t| {
+            Ok(t.execute("UPDATE holds SET renewed_at = ?2 WHERE id = ?1 AND status = 'held'", params![hold, t.now])?
+                == 1)
+        })
     }
 
     /// Releases holds untouched (placed or renewed) for `metering.hold_max_age_secs`. Returns

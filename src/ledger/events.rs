@@ -39,8 +39,9 @@ impl Ledger {
     /// A user's events, newest first, at most `limit`.
     pub fn events(&mut self, user: UserId, limit: usize) -> Result<Vec<Event>, LedgerError> {
         self.read(|t| {
-            let mut st =
-                t.prepare("SELECT id, user_id, kind, at, data FROM events WHERE user_id = ?1 ORDER BY id DESC LIMIT ?2")?;
+            let mut st = t.prepare(
+                "SELECT id, user_id, kind, at, data FROM events WHERE user_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
             let mut rows = st.query(params![user, limit as i64])?;
             let mut out = Vec::new();
             while let Some(r) = rows.next()? {

@@ -40,13 +40,12 @@ use serde::Serialize;
 pub use authorize::{JobAuthorization, JobRequest, TrainingRequest};
 pub use clock::{Clock, SystemClock, TestClock};
 pub use credits::{
-    AuditReport, Balance, Grant, GrantRequest, GrantSource, Hold, HoldOutcome, HoldRequest, HoldStatus,
-    SettledBy,
+    AuditReport, Balance, Grant, GrantRequest, GrantSource, Hold, HoldOutcome, HoldRequest, HoldStatus, SettledBy,
 };
 pub use events::Event;
 pub use plans::{
-    BatchLimit, Clearance, Entitlements, JobParams, MeteringConfig, ModelAccess, ModelKind, ModelPricing,
-    ParamLevel, Period, PlanConfig, PlansConfig, Price, PricingConfig, QueueClass, Quota, Refusal, Synchronous, price,
+    BatchLimit, Clearance, Entitlements, JobParams, MeteringConfig, ModelAccess, ModelKind, ModelPricing, ParamLevel,
+    Period, PlanConfig, PlansConfig, Price, PricingConfig, QueueClass, Quota, Refusal, Synchronous, price,
 };
 pub use subscriptions::{PlanChange, Subscription, SubscriptionStatus};
 pub use summary::AccountSummary;
@@ -116,7 +115,9 @@ pub enum LedgerError {
     #[error("hold {id} is already {status} (by {by}); it cannot be {wanted}")]
     HoldSettled { id: HoldId, status: HoldStatus, by: SettledBy, wanted: &'static str },
     /// The idempotency key was used before for a different request.
-    #[error("idempotency key {key:?} was already used for job {job_id:?} ({resource} {amount}); not placing a second hold")]
+    #[error(
+        "idempotency key {key:?} was already used for job {job_id:?} ({resource} {amount}); not placing a second hold"
+    )]
     IdempotencyConflict { key: String, job_id: String, resource: Resource, amount: i64 },
     #[error("configuration: {0}")]
     Config(String),
@@ -204,10 +205,7 @@ impl Ledger {
 
     /// Runs `f` in a `BEGIN IMMEDIATE` transaction; commits on `Ok`, rolls back on `Err`. The
     /// clock is read after the write lock is held.
-    pub(crate) fn write<T>(
-        &mut self,
-        f: impl FnOnce(&Tx<'_>) -> Result<T, LedgerError>,
-    ) -> Result<T, LedgerError> {
+    pub(crate) fn write<T>(&mut self, f: impl FnOnce(&Tx<'_>) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
         self.write_with(f)
     }
 
@@ -216,35 +214,19 @@ impl Ledger {
         &mut self,
         f: impl FnOnce(&Tx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(LedgerError::from)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(LedgerError::from)?;
         let now = clock::unix(self.clock.now());
-        let t = Tx {
-            tx,
-            now,
-            cfg: &self.cfg,
-        };
+        let t = Tx { tx, now, cfg: &self.cfg };
         let out = f(&t)?;
         t.tx.commit().map_err(LedgerError::from)?;
         Ok(out)
     }
 
     /// Runs `f` in a read transaction: one consistent snapshot.
-    pub(crate) fn read<T>(
-        &mut self,
-        f: impl FnOnce(&Tx<'_>) -> Result<T, LedgerError>,
-    ) -> Result<T, LedgerError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+    pub(crate) fn read<T>(&mut self, f: impl FnOnce(&Tx<'_>) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
         let now = clock::unix(self.clock.now());
-        let t = Tx {
-            tx,
-            now,
-            cfg: &self.cfg,
-        };
+        let t = Tx { tx, now, cfg: &self.cfg };
         let out = f(&t)?;
         t.tx.commit()?;
         Ok(out)

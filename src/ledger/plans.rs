@@ -17,8 +17,7 @@ pub fn default_plans_toml() -> &'static str {
     static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     TEXT.get_or_init(|| {
         // The file is part of the binary and covered by tests: failing here is a build bug.
-        let mut table: toml::Table =
-            toml::from_str(include_str!("../../config.toml")).expect("config.toml parses");
+        let mut table: toml::Table = toml::from_str(include_str!("../../config.toml")).expect("config.toml parses");
         table.retain(|key, _| ["metering", "plans", "pricing"].contains(&key));
         toml::to_string(&table).expect("config.toml's metering tables serialize")
     })
@@ -388,16 +387,45 @@ pub enum Refusal {
     #[error("plan {plan} does not include {tag} models such as {model}{}", allow_hint(plans_allowing))]
     ModelNotInPlan { model: String, tag: String, plan: String, plans_allowing: Vec<String> },
     #[error("plan {plan} allows {has} parameters; this job needs {needs} for {}{}", params.join(", "), allow_hint(plans_allowing))]
-    ParameterLevel { plan: String, has: ParamLevel, needs: ParamLevel, params: Vec<String>, plans_allowing: Vec<String> },
+    ParameterLevel {
+        plan: String,
+        has: ParamLevel,
+        needs: ParamLevel,
+        params: Vec<String>,
+        plans_allowing: Vec<String>,
+    },
     #[error("plan {plan} allows batches of up to {max}; this job asks for {batch}{}", allow_hint(plans_allowing))]
     BatchTooLarge { plan: String, batch: u32, max: u32, plans_allowing: Vec<String> },
-    #[error("the weekly quota of {limit} for {tag} models is used up ({used} used, {requested} more asked); it resets at {resets_at}{}", allow_hint(plans_allowing))]
-    QuotaExhausted { tag: String, limit: u32, used: u32, requested: u32, resets_at: DateTime<Utc>, plans_allowing: Vec<String> },
-    #[error("out of {resource}: {needed} needed, {available} available; {}{}", renewal_hint(next_renewal_at), allow_hint(plans_allowing))]
-    OutOfCredits { resource: String, needed: i64, available: i64, next_renewal_at: Option<DateTime<Utc>>, plans_allowing: Vec<String> },
+    #[error(
+        "the weekly quota of {limit} for {tag} models is used up ({used} used, {requested} more asked); it resets at {resets_at}{}",
+        allow_hint(plans_allowing)
+    )]
+    QuotaExhausted {
+        tag: String,
+        limit: u32,
+        used: u32,
+        requested: u32,
+        resets_at: DateTime<Utc>,
+        plans_allowing: Vec<String>,
+    },
+    #[error(
+        "out of {resource}: {needed} needed, {available} available; {}{}",
+        renewal_hint(next_renewal_at),
+        allow_hint(plans_allowing)
+    )]
+    OutOfCredits {
+        resource: String,
+        needed: i64,
+        available: i64,
+        next_renewal_at: Option<DateTime<Utc>>,
+        plans_allowing: Vec<String>,
+    },
     #[error("plan {plan} includes no LoRA training{}", allow_hint(plans_allowing))]
     TrainingNotInPlan { plan: String, plans_allowing: Vec<String> },
-    #[error("plan {plan} trains on up to {max} images per LoRA; this training has {images}{}", allow_hint(plans_allowing))]
+    #[error(
+        "plan {plan} trains on up to {max} images per LoRA; this training has {images}{}",
+        allow_hint(plans_allowing)
+    )]
     TooManyTrainingImages { plan: String, images: u32, max: u32, plans_allowing: Vec<String> },
 }
 
@@ -456,8 +484,7 @@ impl PlansConfig {
 
     /// Parses exactly the three tables (nothing else allowed) and validates them.
     pub fn from_toml(text: &str) -> Result<PlansConfig, LedgerError> {
-        let cfg: PlansConfig =
-            toml::from_str(text).map_err(|e| LedgerError::Config(format!("plans config: {e}")))?;
+        let cfg: PlansConfig = toml::from_str(text).map_err(|e| LedgerError::Config(format!("plans config: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -465,20 +492,12 @@ impl PlansConfig {
     /// Reads `[metering]`, `[plans.*]` and `[pricing]` out of a whole `config.toml`, ignoring
     /// its other tables; a missing table takes the shipped default.
     pub fn from_config_toml(text: &str) -> Result<PlansConfig, LedgerError> {
-        let table: toml::Table =
-            toml::from_str(text).map_err(|e| LedgerError::Config(format!("config: {e}")))?;
+        let table: toml::Table = toml::from_str(text).map_err(|e| LedgerError::Config(format!("config: {e}")))?;
         let defaults = PlansConfig::shipped();
-        fn part<T: serde::de::DeserializeOwned>(
-            table: &toml::Table,
-            key: &str,
-            default: T,
-        ) -> Result<T, LedgerError> {
+        fn part<T: serde::de::DeserializeOwned>(table: &toml::Table, key: &str, default: T) -> Result<T, LedgerError> {
             match table.get(key) {
                 None => Ok(default),
-                Some(v) => v
-                    .clone()
-                    .try_into()
-                    .map_err(|e| LedgerError::Config(format!("config [{key}]: {e}"))),
+                Some(v) => v.clone().try_into().map_err(|e| LedgerError::Config(format!("config [{key}]: {e}"))),
             }
         }
         PlansConfig::from_parts(
@@ -599,11 +618,15 @@ impl PlansConfig {
                 return bad(format!("{} must be a number >= 0", at("per_mp_step")));
             }
             match (mp.kind, mp.default_seconds) {
-                (ModelKind::Video, None) => return bad(format!("{} is required for video models", at("default_seconds"))),
+                (ModelKind::Video, None) => {
+                    return bad(format!("{} is required for video models", at("default_seconds")));
+                }
                 (ModelKind::Video, Some(s)) if !(s.is_finite() && s > 0.0) => {
                     return bad(format!("{} must be > 0", at("default_seconds")));
                 }
-                (ModelKind::Image, Some(_)) => return bad(format!("{} is for video models only", at("default_seconds"))),
+                (ModelKind::Image, Some(_)) => {
+                    return bad(format!("{} is for video models only", at("default_seconds")));
+                }
                 _ => {}
             }
         }
@@ -611,10 +634,9 @@ impl PlansConfig {
     }
 
     pub fn plan(&self, id: &str) -> Result<&PlanConfig, LedgerError> {
-        self.plans.get(id).ok_or_else(|| LedgerError::UnknownPlan {
-            plan: id.to_string(),
-            known: self.plan_ids_by_rank().join(", "),
-        })
+        self.plans
+            .get(id)
+            .ok_or_else(|| LedgerError::UnknownPlan { plan: id.to_string(), known: self.plan_ids_by_rank().join(", ") })
     }
 
     pub fn model(&self, id: &str) -> Result<&ModelPricing, Refusal> {
@@ -734,7 +756,13 @@ impl PlansConfig {
 
     /// Plans (lowest rank first) that allow this job; `unlimited` asks for full (not
     /// `limited`) access, and `credits` for at least that many credits in one period.
-    pub fn plans_allowing(&self, model: &ModelPricing, params: &JobParams, unlimited: bool, credits: i64) -> Vec<String> {
+    pub fn plans_allowing(
+        &self,
+        model: &ModelPricing,
+        params: &JobParams,
+        unlimited: bool,
+        credits: i64,
+    ) -> Vec<String> {
         let (needs, _) = params.required_level(&self.metering.size_presets);
         self.plan_ids_by_rank()
             .into_iter()

@@ -94,7 +94,13 @@ impl Subscription {
 #[serde(tag = "change", rename_all = "snake_case")]
 pub enum PlanChange {
     /// Took effect now with a new period (and its grant).
-    Upgraded { from: String, to: String, period: Option<Period>, period_end: Option<DateTime<Utc>>, grant_id: Option<GrantId> },
+    Upgraded {
+        from: String,
+        to: String,
+        period: Option<Period>,
+        period_end: Option<DateTime<Utc>>,
+        grant_id: Option<GrantId>,
+    },
     /// A downgrade, taking effect at `at`.
     Scheduled { to: String, period: Option<Period>, at: DateTime<Utc> },
     /// The subscription ends at `at`; the user then falls back to the default plan.
@@ -283,7 +289,18 @@ pub(crate) fn catch_up_user(t: &Tx<'_>, user: UserId) -> Result<usize, LedgerErr
                 }
                 Some(np) => {
                     let new_end = period_bound(boundary, np, 1)?;
-                    store(t, user, next, Some(np), SubscriptionStatus::Active, boundary, 0, boundary, Some(new_end), None)?;
+                    store(
+                        t,
+                        user,
+                        next,
+                        Some(np),
+                        SubscriptionStatus::Active,
+                        boundary,
+                        0,
+                        boundary,
+                        Some(new_end),
+                        None,
+                    )?;
                     grant_period(t, user, next, np, boundary, 0)?;
                     renewals += 1;
                 }
@@ -300,7 +317,18 @@ pub(crate) fn catch_up_user(t: &Tx<'_>, user: UserId) -> Result<usize, LedgerErr
         let anchor = unix(sub.anchor_at);
         let index = sub.period_index + 1;
         let new_end = period_bound(anchor, period, index + 1)?;
-        store(t, user, &sub.plan, Some(period), SubscriptionStatus::Active, anchor, index, boundary, Some(new_end), None)?;
+        store(
+            t,
+            user,
+            &sub.plan,
+            Some(period),
+            SubscriptionStatus::Active,
+            anchor,
+            index,
+            boundary,
+            Some(new_end),
+            None,
+        )?;
         grant_period(t, user, &sub.plan, period, anchor, index)?;
         events::record(
             t,
@@ -379,9 +407,9 @@ impl Ledger {
                     return Err(LedgerError::Invalid(format!("plan {plan_id} is not offered {p}")));
                 }
                 (false, Some(p)) => Some(p),
-                (false, None) => Some(
-                    sub.period.filter(|p| new_plan.periods.contains(p)).unwrap_or(new_plan.periods[0]),
-                ),
+                (false, None) => {
+                    Some(sub.period.filter(|p| new_plan.periods.contains(p)).unwrap_or(new_plan.periods[0]))
+                }
             };
             if sub.plan == plan_id && sub.period == period {
                 if sub.status == SubscriptionStatus::CancelAtPeriodEnd || sub.pending_plan.is_some() {
@@ -390,7 +418,13 @@ impl Ledger {
                          updated_at = ?2 WHERE user_id = ?1",
                         params![user, t.now],
                     )?;
-                    events::record(t, Some(user), "resumed", serde_json::json!({"plan": plan_id, "period": period}), None)?;
+                    events::record(
+                        t,
+                        Some(user),
+                        "resumed",
+                        serde_json::json!({"plan": plan_id, "period": period}),
+                        None,
+                    )?;
                     return Ok(PlanChange::Resumed { plan: plan_id.to_string(), period });
                 }
                 return Ok(PlanChange::Unchanged {
@@ -405,14 +439,33 @@ impl Ledger {
                 (None, Some(_)) => true,
                 (Some(old_p), Some(new_p)) => match old_rank {
                     None => true,
-                    Some(r) => new_plan.rank > r || (new_plan.rank == r && old_p == Period::Weekly && new_p == Period::Yearly),
+                    Some(r) => {
+                        new_plan.rank > r || (new_plan.rank == r && old_p == Period::Weekly && new_p == Period::Yearly)
+                    }
                 },
             };
             if !upgrade {
                 if sub.period.is_none() {
                     // Between two plans without periods there is no period end to wait for.
-                    store(t, user, plan_id, None, SubscriptionStatus::Active, unix(sub.anchor_at), 0, t.now, None, None)?;
-                    events::record(t, Some(user), "plan_changed", serde_json::json!({"from": sub.plan, "to": plan_id}), None)?;
+                    store(
+                        t,
+                        user,
+                        plan_id,
+                        None,
+                        SubscriptionStatus::Active,
+                        unix(sub.anchor_at),
+                        0,
+                        t.now,
+                        None,
+                        None,
+                    )?;
+                    events::record(
+                        t,
+                        Some(user),
+                        "plan_changed",
+                        serde_json::json!({"from": sub.plan, "to": plan_id}),
+                        None,
+                    )?;
                     return Ok(PlanChange::Upgraded {
                         from: sub.plan,
                         to: plan_id.to_string(),
@@ -493,7 +546,8 @@ impl Ledger {
     /// fails, the others are still processed and the first error is returned.
     pub fn catch_up(&mut self) -> Result<usize, LedgerError> {
         let due: Vec<UserId> = self.read(|t| {
-            let mut st = t.prepare("SELECT user_id FROM subscriptions WHERE period_end IS NOT NULL AND period_end <= ?1")?;
+            let mut st =
+                t.prepare("SELECT user_id FROM subscriptions WHERE period_end IS NOT NULL AND period_end <= ?1")?;
             let rows = st.query_map(params![t.now], |r| r.get(0))?;
             Ok(rows.collect::<Result<_, _>>()?)
         })?;

@@ -21,12 +21,18 @@ pub struct User {
 
 /// `UnknownUser` unless the user exists.
 pub(crate) fn require_user(t: &Tx<'_>, user: UserId) -> Result<(), LedgerError> {
-    let found: Option<i64> = t.query_row("SELECT id FROM users WHERE id = ?1", params![user], |r| r.get(0)).optional()?;
+    let found: Option<i64> =
+        t.query_row("SELECT id FROM users WHERE id = ?1", params![user], |r| r.get(0)).optional()?;
     found.map(|_| ()).ok_or_else(|| LedgerError::UnknownUser(format!("#{user}")))
 }
 
 /// Inserts a user row (no subscription: see [`Ledger::add_user`]); returns its id.
-pub(crate) fn insert(t: &Tx<'_>, name: &str, is_admin: bool, password_hash: Option<&str>) -> Result<UserId, LedgerError> {
+pub(crate) fn insert(
+    t: &Tx<'_>,
+    name: &str,
+    is_admin: bool,
+    password_hash: Option<&str>,
+) -> Result<UserId, LedgerError> {
     let exists: Option<i64> =
         t.query_row("SELECT id FROM users WHERE name = ?1", params![name], |r| r.get(0)).optional()?;
     if exists.is_some() {
@@ -67,9 +73,7 @@ pub(crate) fn hash_password(password: &str) -> Result<String, LedgerError> {
         return Err(LedgerError::Invalid("the password is empty".into()));
     }
     if password.len() > MAX_PASSWORD_BYTES {
-        return Err(LedgerError::Invalid(format!(
-            "a password has at most {MAX_PASSWORD_BYTES} bytes"
-        )));
+        return Err(LedgerError::Invalid(format!("a password has at most {MAX_PASSWORD_BYTES} bytes")));
     }
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
@@ -126,12 +130,14 @@ impl Ledger {
     /// Whether `password` matches the user's stored argon2 hash (false without one).
     pub fn verify_password(&mut self, name: &str, password: &str) -> Result<bool, LedgerError> {
         let row: Option<Option<String>> = self.read(|t| {
-            Ok(t.query_row("SELECT password_hash FROM users WHERE name = ?1", params![name], |r| r.get(0)).optional()?)
+            Ok(t.query_row("SELECT password_hash FROM users WHERE name = ?1", params![name], |r| r.get(0))
+                .optional()?)
         })?;
         let Some(Some(stored)) = row else {
             // Unknown user or no password: spend the time of a real check anyway, so response
             // times do not tell which names exist.
-            let dummy = PasswordHash::new(dummy_hash()).map_err(|e| LedgerError::Corrupt(format!("dummy hash: {e}")))?;
+            let dummy =
+                PasswordHash::new(dummy_hash()).map_err(|e| LedgerError::Corrupt(format!("dummy hash: {e}")))?;
             let _ = Argon2::default().verify_password(password.as_bytes(), &dummy);
             return match row {
                 None => Err(LedgerError::UnknownUser(name.to_string())),

@@ -44,11 +44,9 @@ pub struct Live {
 pub fn live(c: &mut crate::jobs::Conn, via: &Via) -> Result<Option<Live>, ApiError> {
     let now = c.now();
     let found = match via {
-        Via::ApiKey { key } => accounts::api_key_user(&c.app, key, now)?.map(|user_id| Live {
-            user_id,
-            expires_at: None,
-            csrf: None,
-        }),
+        Via::ApiKey { key } => {
+            accounts::api_key_user(&c.app, key, now)?.map(|user_id| Live { user_id, expires_at: None, csrf: None })
+        }
         Via::Session { token, .. } => accounts::session(&c.app, token, now)?.map(|s| Live {
             user_id: s.user_id,
             expires_at: Some(s.expires_at),
@@ -100,30 +98,23 @@ impl FromRequest for Caller {
         let key = bearer(req);
         let cookie = req.cookie(SESSION_COOKIE).map(|c| c.value().to_string());
         let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-        let csrf_sent = req
-            .headers()
-            .get("x-csrf-token")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let csrf_sent = req.headers().get("x-csrf-token").and_then(|v| v.to_str().ok()).map(str::to_string);
         Box::pin(async move {
             let state = state.ok_or_else(|| ApiError::internal("no app state"))?;
             let via = match (key, cookie) {
                 (Some(key), _) => Via::ApiKey { key },
-                (None, Some(token)) => Via::Session {
-                    token,
-                    csrf: String::new(),
-                },
+                (None, Some(token)) => Via::Session { token, csrf: String::new() },
                 (None, None) => {
-                    return Err(ApiError::unauthorized(
-                        "log in, or send an API key as Authorization: Bearer <key>",
-                    ));
+                    return Err(ApiError::unauthorized("log in, or send an API key as Authorization: Bearer <key>"));
                 }
             };
             let caller = state
                 .db(move |c| {
                     let Some(live) = live(c, &via)? else {
                         return Err(ApiError::unauthorized(match via {
-                            Via::ApiKey { .. } => "the API key is not valid (revoked, mistyped, or its account is disabled)",
+                            Via::ApiKey { .. } => {
+                                "the API key is not valid (revoked, mistyped, or its account is disabled)"
+                            }
                             Via::Session { .. } => "your session has ended; log in again",
                         }));
                     };
@@ -136,9 +127,7 @@ impl FromRequest for Caller {
                 })
                 .await?;
             if let Via::Session { csrf, .. } = &caller.via {
-                if !safe
-                    && !csrf_sent.is_some_and(|sent| crate::secret::constant_time_eq(&sent, csrf))
-                {
+                if !safe && !csrf_sent.is_some_and(|sent| crate::secret::constant_time_eq(&sent, csrf)) {
                     return Err(ApiError::new(
                         actix_web::http::StatusCode::FORBIDDEN,
                         "csrf",

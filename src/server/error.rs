@@ -9,10 +9,7 @@ use crate::ledger::{LedgerError, Refusal};
 use crate::server::views::{ErrorBody, ErrorDetail};
 
 fn is_busy(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-    )
+    matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
 }
 
 #[derive(Debug)]
@@ -72,11 +69,7 @@ impl ApiError {
             c.downcast_ref::<rusqlite::Error>().is_some_and(is_busy)
                 || matches!(c.downcast_ref::<LedgerError>(), Some(LedgerError::Sqlite(s)) if is_busy(s))
         });
-        if busy {
-            ApiError::busy()
-        } else {
-            ApiError::internal(format!("{e:#}"))
-        }
+        if busy { ApiError::busy() } else { ApiError::internal(format!("{e:#}")) }
     }
 
     pub fn with_details(mut self, d: serde_json::Value) -> ApiError {
@@ -136,12 +129,8 @@ impl From<LedgerError> for ApiError {
             LedgerError::Refused(r) => ApiError::refusal(r),
             LedgerError::UnknownUser(_) => ApiError::not_found("user"),
             LedgerError::UserExists(n) => ApiError::conflict(format!("user {n:?} already exists")),
-            e @ (LedgerError::UnknownPlan { .. } | LedgerError::Invalid(_)) => {
-                ApiError::bad_request(e.to_string())
-            }
-            LedgerError::IdempotencyConflict { key, job_id, .. } => {
-                SubmitError::KeyReused { key, job_id }.into()
-            }
+            e @ (LedgerError::UnknownPlan { .. } | LedgerError::Invalid(_)) => ApiError::bad_request(e.to_string()),
+            LedgerError::IdempotencyConflict { key, job_id, .. } => SubmitError::KeyReused { key, job_id }.into(),
             e @ LedgerError::HoldSettled { .. } => ApiError::conflict(e.to_string()),
             LedgerError::Sqlite(e) if is_busy(&e) => ApiError::busy(),
             other => ApiError::internal(other),
@@ -153,11 +142,9 @@ impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> ApiError {
         match e {
             SubmitError::Invalid(m) => ApiError::bad_request(m),
-            SubmitError::UnknownModel(m) => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "model_not_found",
-                format!("unknown model {m:?}"),
-            ),
+            SubmitError::UnknownModel(m) => {
+                ApiError::new(StatusCode::NOT_FOUND, "model_not_found", format!("unknown model {m:?}"))
+            }
             SubmitError::ModelUnavailable { id, reason } => {
                 // The reason names server paths: the log and the admin view have it.
                 log::warn!("model {id} is not available: {reason}");
@@ -169,20 +156,14 @@ impl From<SubmitError> for ApiError {
                     ),
                 )
             }
-            e @ SubmitError::QueueFull { .. } => {
-                ApiError::too_many("queue_full", e.to_string(), 10)
-            }
+            e @ SubmitError::QueueFull { .. } => ApiError::too_many("queue_full", e.to_string(), 10),
             SubmitError::Refused(r) => ApiError::refusal(r),
-            e @ SubmitError::KeyReused { .. } => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-                e.to_string(),
-            ),
-            e @ SubmitError::KeyInProgress { .. } => ApiError::new(
-                StatusCode::CONFLICT,
-                "idempotency_key_in_use",
-                e.to_string(),
-            ),
+            e @ SubmitError::KeyReused { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", e.to_string())
+            }
+            e @ SubmitError::KeyInProgress { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "idempotency_key_in_use", e.to_string())
+            }
             SubmitError::Internal(e) => ApiError::from_anyhow(&e),
         }
     }
@@ -190,11 +171,7 @@ impl From<SubmitError> for ApiError {
 
 impl From<rusqlite::Error> for ApiError {
     fn from(e: rusqlite::Error) -> ApiError {
-        if is_busy(&e) {
-            ApiError::busy()
-        } else {
-            ApiError::internal(e)
-        }
+        if is_busy(&e) { ApiError::busy() } else { ApiError::internal(e) }
     }
 }
 

@@ -76,11 +76,7 @@ fn public_url(cfg: &crate::config::ServerConfig, bound: &[std::net::SocketAddr])
         _ => {
             log::warn!(
                 "[server] public_url is not set and the server listens on {}: links the API hands out (the OpenAI route's `url`) are relative; set public_url to the address clients use",
-                bound
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                bound.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
             );
             None
         }
@@ -106,12 +102,8 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let pool = Arc::new(Pool::new(ConnConfig::new(&data_dir, plans.clone(), clock.clone()))?);
     bootstrap_admin(&pool, &config.server.admin_plan)?;
 
-    let jobs = Arc::new(Jobs::new(
-        Arc::new(registry),
-        config.limits.clone(),
-        config.queue.clone(),
-        data_dir.join("images"),
-    ));
+    let jobs =
+        Arc::new(Jobs::new(Arc::new(registry), config.limits.clone(), config.queue.clone(), data_dir.join("images")));
     let settled = pool.with(|c| jobs.reconcile(c))??;
     if settled > 0 {
         log::warn!("settled {settled} credit holds left open by the last run");
@@ -122,26 +114,16 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     };
     let dev = device::select(choice)?;
     log::info!("device: {}", dev.description);
-    let worker = Worker::spawn(
-        jobs.clone(),
-        pool.open()?,
-        dev.device.clone(),
-        config.queue.keep_resident,
-    );
-    let sweeper = Sweeper::spawn(
-        pool.config().data_dir.join(crate::ledger::DB_FILE),
-        plans.clone(),
-        clock.clone(),
-        |e| log::error!("ledger sweep: {e}"),
-    )?;
+    let worker = Worker::spawn(jobs.clone(), pool.open()?, dev.device.clone(), config.queue.keep_resident);
+    let sweeper =
+        Sweeper::spawn(pool.config().data_dir.join(crate::ledger::DB_FILE), plans.clone(), clock.clone(), |e| {
+            log::error!("ledger sweep: {e}")
+        })?;
 
     let state = web::Data::new(AppState {
         pool: pool.clone(),
         jobs: jobs.clone(),
-        limiter: LoginLimiter::new(
-            config.server.login_attempts,
-            Duration::from_secs(config.server.login_window_secs),
-        ),
+        limiter: LoginLimiter::new(config.server.login_attempts, Duration::from_secs(config.server.login_window_secs)),
         config: Arc::new(config),
         device: dev.description.clone(),
         public_url: std::sync::OnceLock::new(),
@@ -150,17 +132,13 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let bound_state = state.clone();
     let system = actix_web::rt::System::new();
     let result = system.block_on(async move {
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(state.clone())
-                .configure(routes::configure)
-        })
-        .bind(&listen)
-        .with_context(|| format!("cannot listen on {listen}"))?
-        // Progress streams stay open for a long time: keep-alive and shutdown must allow it.
-        .shutdown_timeout(5)
-        .backlog(2048)
-        .max_connection_rate(1024);
+        let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes::configure))
+            .bind(&listen)
+            .with_context(|| format!("cannot listen on {listen}"))?
+            // Progress streams stay open for a long time: keep-alive and shutdown must allow it.
+            .shutdown_timeout(5)
+            .backlog(2048)
+            .max_connection_rate(1024);
         // Before the "listening" line, so whoever waits for that line also sees this warning.
         let _ = bound_state.public_url.set(public_url(&bound_state.config.server, &server.addrs()));
         for addr in server.addrs() {

@@ -36,38 +36,26 @@ impl AppState {
     /// Whether the request came through one of `[server] trusted_proxies`, whose forwarded
     /// headers (client address, scheme) may then be believed.
     pub fn via_trusted_proxy(&self, req: &actix_web::HttpRequest) -> bool {
-        req.peer_addr()
-            .is_some_and(|a| self.config.server.trusted_proxies.contains(&a.ip()))
+        req.peer_addr().is_some_and(|a| self.config.server.trusted_proxies.contains(&a.ip()))
     }
 
     /// The client's address: the peer's, or what a trusted proxy says it is.
     pub fn client_ip(&self, req: &actix_web::HttpRequest) -> String {
-        let peer = req
-            .peer_addr()
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default();
+        let peer = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
         if !self.via_trusted_proxy(req) {
             return peer;
         }
         let info = req.connection_info();
         // realip_remote_addr may carry a port ("1.2.3.4:5678"); the address is what counts.
         info.realip_remote_addr()
-            .map(|a| {
-                a.parse::<std::net::SocketAddr>()
-                    .map(|s| s.ip().to_string())
-                    .unwrap_or_else(|_| a.to_string())
-            })
+            .map(|a| a.parse::<std::net::SocketAddr>().map(|s| s.ip().to_string()).unwrap_or_else(|_| a.to_string()))
             .unwrap_or(peer)
     }
 
     /// The scheme the client used: the binary speaks plain HTTP, so "https" only when a
     /// trusted proxy says so.
     pub fn client_scheme(&self, req: &actix_web::HttpRequest) -> String {
-        if self.via_trusted_proxy(req) {
-            req.connection_info().scheme().to_string()
-        } else {
-            "http".into()
-        }
+        if self.via_trusted_proxy(req) { req.connection_info().scheme().to_string() } else { "http".into() }
     }
 
     /// Runs `f` with a database connection on a blocking thread.
@@ -113,11 +101,7 @@ impl Attempt {
 
 impl LoginLimiter {
     pub fn new(max: u32, window: Duration) -> LoginLimiter {
-        LoginLimiter {
-            max,
-            window,
-            failures: Mutex::new(HashMap::new()),
-        }
+        LoginLimiter { max, window, failures: Mutex::new(HashMap::new()) }
     }
 
     /// How long `times` (failures, oldest first) make the next attempt wait, past `max`.
@@ -125,16 +109,11 @@ impl LoginLimiter {
         let over = (times.len() as u32).checked_sub(max)?;
         let delay = Duration::from_secs(5u64 << over.min(20)).min(self.window);
         let last = *times.last()?;
-        delay
-            .checked_sub(now.duration_since(last))
-            .filter(|d| !d.is_zero())
+        delay.checked_sub(now.duration_since(last)).filter(|d| !d.is_zero())
     }
 
     fn limits<'a>(&self, a: &'a Attempt) -> [(&'a str, u32); 2] {
-        [
-            (&a.pair, self.max),
-            (&a.address, self.max.saturating_mul(20)),
-        ]
+        [(&a.pair, self.max), (&a.address, self.max.saturating_mul(20))]
     }
 
     /// Seconds until this attempt may be made, or None when it may be now.
@@ -160,10 +139,7 @@ impl LoginLimiter {
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         if f.len() > 100_000 {
             // Bounded memory under a flood of made-up names: forget windows that ended.
-            f.retain(|_, v| {
-                v.last()
-                    .is_some_and(|t| now.duration_since(*t) < self.window)
-            });
+            f.retain(|_, v| v.last().is_some_and(|t| now.duration_since(*t) < self.window));
         }
         for (key, max) in self.limits(a) {
             let v = f.entry(key.to_string()).or_default();
@@ -227,11 +203,7 @@ mod tests {
         for i in 0..99 {
             l.fail(&Attempt::new(&format!("user{i}"), "10.9.9.9"));
         }
-        assert_eq!(
-            l.blocked(&Attempt::new("fresh", "10.9.9.9")),
-            None,
-            "99 failures are allowed"
-        );
+        assert_eq!(l.blocked(&Attempt::new("fresh", "10.9.9.9")), None, "99 failures are allowed");
         l.fail(&Attempt::new("user99", "10.9.9.9"));
         assert_eq!(l.blocked(&Attempt::new("fresh", "10.9.9.9")), Some(5));
         assert_eq!(l.blocked(&Attempt::new("fresh", "10.9.9.10")), None);

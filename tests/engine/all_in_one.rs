@@ -18,7 +18,8 @@ fn every_component_loads_from_one_comfyui_file() {
         ("pipeline/single/clip_l.safetensors", "text_encoders.clip_l.transformer."),
         ("pipeline/single/t5xxl.safetensors", "text_encoders.t5xxl.transformer."),
     ];
-    let sets: Vec<(WeightSet, &str)> = parts.iter().map(|(p, prefix)| (WeightSet::open(&fixture(p)).unwrap(), *prefix)).collect();
+    let sets: Vec<(WeightSet, &str)> =
+        parts.iter().map(|(p, prefix)| (WeightSet::open(&fixture(p)).unwrap(), *prefix)).collect();
     let mut tensors = Vec::new();
     for (set, prefix) in &sets {
         for k in set.keys() {
@@ -41,7 +42,10 @@ fn every_component_loads_from_one_comfyui_file() {
     let out = t5.forward(&ids("t5_ids"), &device).unwrap().into_data().try_to_vec::<f32>().unwrap();
     assert!(relative_error(&out, &golden.vec("t5_out")) <= 1e-4);
 
-    let hint: ClipHint = serde_json::from_str(&std::fs::read_to_string(fixture("pipeline/schnell/diffusers/text_encoder/config.json")).unwrap()).unwrap();
+    let hint: ClipHint = serde_json::from_str(
+        &std::fs::read_to_string(fixture("pipeline/schnell/diffusers/text_encoder/config.json")).unwrap(),
+    )
+    .unwrap();
     let clip = ClipText::load(&path, &device, Some(&hint)).unwrap();
     let pooled = clip.forward(&ids("clip_ids")).unwrap().pooled.into_data().try_to_vec::<f32>().unwrap();
     assert!(relative_error(&pooled, &golden.vec("clip_pooled")) <= 1e-4);
@@ -51,7 +55,8 @@ fn every_component_loads_from_one_comfyui_file() {
     let decoded = ae.decode_raw(golden.tensor("vae_decode_input", &device)).into_data().try_to_vec::<f32>().unwrap();
     assert!(relative_error(&decoded, &golden.vec("vae_decode_output")) <= 1e-4);
 
-    let flux_hint = flux::read_diffusers_config(&fixture("pipeline/schnell/diffusers/transformer/config.json")).unwrap();
+    let flux_hint =
+        flux::read_diffusers_config(&fixture("pipeline/schnell/diffusers/transformer/config.json")).unwrap();
     let weights = flux::TransformerWeights::open(&path).unwrap();
     assert_eq!(weights.layout(), flux::Layout::ComfyUi);
     let model = flux::load_transformer(&path, &device, DType::F32, flux_hint.as_ref()).unwrap();

@@ -37,10 +37,7 @@ impl Golden {
 pub fn relative_error(actual: &[f32], expected: &[f32]) -> f64 {
     assert_eq!(actual.len(), expected.len(), "lengths differ");
     let scale = expected.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    let diff = actual
-        .iter()
-        .zip(expected)
-        .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
+    let diff = actual.iter().zip(expected).fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
     assert!(actual.iter().all(|v| v.is_finite()), "non-finite output");
     diff / scale.max(f64::MIN_POSITIVE)
 }

@@ -92,10 +92,8 @@ fn bf16_and_f16_checkpoints_convert_on_load() {
                 .collect();
             bytes.insert(k.to_string(), (t.shape, b));
         }
-        let views: Vec<(String, TensorView)> = bytes
-            .iter()
-            .map(|(k, (s, b))| (k.clone(), TensorView::new(dtype, s.clone(), b).unwrap()))
-            .collect();
+        let views: Vec<(String, TensorView)> =
+            bytes.iter().map(|(k, (s, b))| (k.clone(), TensorView::new(dtype, s.clone(), b).unwrap())).collect();
         let path = dir.path().join(format!("{dtype:?}.safetensors"));
         safetensors::serialize_to_file(views, None, &path).unwrap();
 

@@ -15,9 +15,7 @@ const LAYOUTS: [(&str, Layout); 4] = [
 
 /// The RoPE axes are not visible in weights; BFL files take them from the diffusers config.
 fn axes_hint(model: &str) -> DiffusersConfig {
-    flux::read_diffusers_config(&fixture(&format!("flux/{model}/diffusers/transformer/config.json")))
-        .unwrap()
-        .unwrap()
+    flux::read_diffusers_config(&fixture(&format!("flux/{model}/diffusers/transformer/config.json"))).unwrap().unwrap()
 }
 
 fn load(model: &str, layout_path: &str, device: &Device) -> Flux {

@@ -2,8 +2,8 @@
 
 mod all_in_one;
 mod common;
-mod flux_golden;
 mod flux_errors;
+mod flux_golden;
 mod noise_golden;
 mod pipeline_golden;
 mod sampler_golden;

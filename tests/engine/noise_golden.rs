@@ -24,10 +24,7 @@ fn noise_equals_torch_randn() {
             // transcendental functions torch's build vectorizes (log/cos/sin) may differ from
             // libm's in the last bits (measured here: at most 2e-6; ~61% bit-identical).
             // A wrong stream, pairing or tail rule would differ by O(1).
-            assert!(
-                (a - b).abs() <= 3e-6 * b.abs().max(1.0),
-                "{key}[{i}]: ours {a} torch {b}"
-            );
+            assert!((a - b).abs() <= 3e-6 * b.abs().max(1.0), "{key}[{i}]: ours {a} torch {b}");
             exact += (a == b) as usize;
         }
         total += expected.len();

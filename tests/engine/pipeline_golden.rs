@@ -59,18 +59,40 @@ fn bad_requests_are_refused() {
     let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/tokenizers");
     // None: the tokenizers built into the binary.
     let files = ModelFiles::from_diffusers(&fixture("pipeline/schnell/diffusers"), None).unwrap();
-    let req = GenerateRequest { prompt: "  ".into(), seed: 1, steps: Some(1), width: 64, height: 64, guidance: None, max_sequence_length: Some(8), batch: 1, ..Default::default() };
+    let req = GenerateRequest {
+        prompt: "  ".into(),
+        seed: 1,
+        steps: Some(1),
+        width: 64,
+        height: 64,
+        guidance: None,
+        max_sequence_length: Some(8),
+        batch: 1,
+        ..Default::default()
+    };
     let err = pipeline::generate(&files, &req, &Device::flex(), |_| {}).err().unwrap();
     assert!(err.to_string().contains("prompt is empty"));
     let tiny = GenerateRequest { prompt: "x".into(), width: 8, ..req.clone() };
-    assert!(pipeline::generate(&files, &tiny, &Device::flex(), |_| {}).err().unwrap().to_string().contains("at least 16"));
+    assert!(
+        pipeline::generate(&files, &tiny, &Device::flex(), |_| {}).err().unwrap().to_string().contains("at least 16")
+    );
     assert!(ModelFiles::from_diffusers(&fixture("flux/schnell"), Some(&shipped)).is_err());
 }
 
 #[test]
 fn resident_components_are_reused_and_give_the_same_image() {
     let files = ModelFiles::from_diffusers(&fixture("pipeline/schnell/diffusers"), None).unwrap();
-    let req = GenerateRequest { prompt: "a fox".into(), seed: 3, steps: Some(2), width: 32, height: 32, guidance: None, max_sequence_length: Some(8), batch: 1, ..Default::default() };
+    let req = GenerateRequest {
+        prompt: "a fox".into(),
+        seed: 3,
+        steps: Some(2),
+        width: 32,
+        height: 32,
+        guidance: None,
+        max_sequence_length: Some(8),
+        batch: 1,
+        ..Default::default()
+    };
     let device = Device::flex();
     let staged = pipeline::generate(&files, &req, &device, |_| {}).unwrap();
     let mut resident = pipeline::Resident::new(true);

@@ -11,8 +11,7 @@ fn schedules_match_diffusers() {
     let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     assert!(cases.len() >= 20);
     let from_file = |kind: &str| {
-        ScheduleConfig::from_file(&fixture(&format!("flux/{kind}/diffusers/scheduler/scheduler_config.json")))
-            .unwrap()
+        ScheduleConfig::from_file(&fixture(&format!("flux/{kind}/diffusers/scheduler/scheduler_config.json"))).unwrap()
     };
     for case in cases {
         let kind = case["kind"].as_str().unwrap();

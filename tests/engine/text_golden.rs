@@ -31,7 +31,9 @@ fn token_ids_equal_the_reference_tokenizers() {
     let expected: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
     assert!(expected.len() >= 5);
     for (prompt, want) in expected {
-        let as_ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+        let as_ids = |v: &serde_json::Value| {
+            v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>()
+        };
         let (t5, clip) = (as_ids(&want["t5"]), as_ids(&want["clip"]));
         let ours = tok.t5(&prompt, 512).unwrap();
         assert_eq!(&ours.ids[..t5.len()], &t5[..], "T5 ids of {prompt:?}");

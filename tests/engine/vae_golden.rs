@@ -9,8 +9,7 @@ use crate::common::{Golden, fixture, relative_error, wgpu_device};
 
 fn load(path: &str, device: &Device) -> Vae {
     let hint = vae::read_hint(&fixture("pipeline/schnell/diffusers/vae/config.json")).unwrap();
-    vae::load_vae(&fixture(path), device, DType::F32, hint.as_ref())
-        .unwrap_or_else(|e| panic!("loading {path}: {e:#}"))
+    vae::load_vae(&fixture(path), device, DType::F32, hint.as_ref()).unwrap_or_else(|e| panic!("loading {path}: {e:#}"))
 }
 
 fn outputs(vae: &Vae, golden: &Golden, device: &Device) -> [Vec<f32>; 3] {
@@ -26,7 +25,9 @@ fn vae_matches_diffusers_in_both_layouts() {
     let device = Device::flex();
     let golden = Golden::open("pipeline/schnell/golden.safetensors");
     let mut first: Option<[Vec<f32>; 3]> = None;
-    for (path, layout) in [("pipeline/single/ae.safetensors", VaeLayout::Bfl), ("pipeline/schnell/diffusers/vae", VaeLayout::Diffusers)] {
+    for (path, layout) in
+        [("pipeline/single/ae.safetensors", VaeLayout::Bfl), ("pipeline/schnell/diffusers/vae", VaeLayout::Diffusers)]
+    {
         let w = VaeWeights::new(WeightSet::open(&fixture(path)).unwrap()).unwrap();
         assert_eq!(w.layout(), layout);
         let vae = load(path, &device);

@@ -44,7 +44,11 @@ fn shipped_plans_parse_validate_and_match_the_issue() {
     ];
     for (id, cw, cy, tw, ty, level, batch) in want {
         let e = cfg.entitlements(id, None).unwrap();
-        assert_eq!((e.credits_weekly, e.credits_yearly, e.training_weekly, e.training_yearly), (cw, cy, tw, ty), "{id}");
+        assert_eq!(
+            (e.credits_weekly, e.credits_yearly, e.training_weekly, e.training_yearly),
+            (cw, cy, tw, ty),
+            "{id}"
+        );
         assert_eq!(e.parameters, level, "{id}");
         assert_eq!(e.max_batch, batch, "{id}");
     }
@@ -124,7 +128,9 @@ fn entitlements_follow_tags_levels_and_batch() {
     assert!(cfg.check_job_by_id("pro", Some(Period::Weekly), "flux-schnell", &custom).is_ok());
     let extra = JobParams { extra: vec!["sampler".into()], ..basic.clone() };
     match cfg.check_job_by_id("pro", Some(Period::Weekly), "flux-schnell", &extra).unwrap_err() {
-        Refusal::ParameterLevel { needs: ParamLevel::Full, plans_allowing, .. } => assert_eq!(plans_allowing, ["ultra", "max"]),
+        Refusal::ParameterLevel { needs: ParamLevel::Full, plans_allowing, .. } => {
+            assert_eq!(plans_allowing, ["ultra", "max"])
+        }
         other => panic!("{other:?}"),
     }
     // Batch.
@@ -135,14 +141,19 @@ fn entitlements_follow_tags_levels_and_batch() {
     }
     assert!(cfg.check_job_by_id("max", Some(Period::Weekly), "flux-schnell", &basic.clone().with_batch(500)).is_ok());
     // Bad input is a refusal, not a panic.
-    assert!(matches!(cfg.check_job_by_id("max", None, "flux-schnell", &JobParams::new(0, 5)), Err(Refusal::InvalidParams { .. })));
+    assert!(matches!(
+        cfg.check_job_by_id("max", None, "flux-schnell", &JobParams::new(0, 5)),
+        Err(Refusal::InvalidParams { .. })
+    ));
     assert!(matches!(cfg.check_job_by_id("max", None, "nope", &basic), Err(Refusal::UnknownModel { .. })));
 }
 
 #[test]
 fn prices_are_one_function_and_clamped() {
     let cfg = PlansConfig::defaults();
-    let p = |m: &str, w, h, s: Option<u32>, b| cfg.price_job(m, &JobParams { steps: s, ..JobParams::new(w, h).with_batch(b) }).unwrap();
+    let p = |m: &str, w, h, s: Option<u32>, b| {
+        cfg.price_job(m, &JobParams { steps: s, ..JobParams::new(w, h).with_batch(b) }).unwrap()
+    };
     // 4 + 1.048576 * 4 = 8.2 -> clamped up to 10 per image.
     assert_eq!(p("flux-schnell", 1024, 1024, None, 1).total, 10);
     assert_eq!(p("flux-schnell", 1024, 1024, None, 3).total, 30);
@@ -194,7 +205,13 @@ fn holds_capture_release_once_and_idempotently() {
     ));
     // Not enough available.
     match l.place_hold(&HoldRequest::credits(u, "job-3", "key-3", 21)).unwrap_err() {
-        LedgerError::Refused(Refusal::OutOfCredits { needed: 21, available: 20, next_renewal_at: None, plans_allowing, .. }) => {
+        LedgerError::Refused(Refusal::OutOfCredits {
+            needed: 21,
+            available: 20,
+            next_renewal_at: None,
+            plans_allowing,
+            ..
+        }) => {
             assert_eq!(plans_allowing, ["starter", "pro", "ultra", "max"]);
         }
         other => panic!("{other:?}"),
@@ -247,7 +264,13 @@ fn spending_takes_the_soonest_expiring_grant_first_and_expiry_is_an_entry() {
     let late = l.grant(u, &GrantRequest::credits(100, GrantSource::TopUp, Some(t0() + Duration::days(30)))).unwrap();
     let soon = l.grant(u, &GrantRequest::credits(40, GrantSource::Admin, Some(t0() + Duration::days(2)))).unwrap();
     let tie_hi = l
-        .grant(u, &GrantRequest { priority: 5, ..GrantRequest::credits(10, GrantSource::Refund, Some(t0() + Duration::days(2))) })
+        .grant(
+            u,
+            &GrantRequest {
+                priority: 5,
+                ..GrantRequest::credits(10, GrantSource::Refund, Some(t0() + Duration::days(2)))
+            },
+        )
         .unwrap();
     let h = l.place_hold(&HoldRequest::credits(u, "j", "k", 45)).unwrap().hold;
     let g = |l: &mut Ledger, id| l.grants(u).unwrap().into_iter().find(|g| g.id == id).unwrap();
@@ -415,10 +438,7 @@ fn training_uses_the_allowance_with_hold_semantics() {
         Err(LedgerError::Refused(Refusal::TooManyTrainingImages { max: 30, .. }))
     ));
     let a = l.authorize_training(u, &tr(2, 30)).unwrap();
-    assert!(matches!(
-        l.authorize_training(u, &tr(3, 30)),
-        Err(LedgerError::Refused(Refusal::OutOfCredits { .. }))
-    ));
+    assert!(matches!(l.authorize_training(u, &tr(3, 30)), Err(LedgerError::Refused(Refusal::OutOfCredits { .. }))));
     // The training failed: the allowance comes back.
     l.release(a.hold.id).unwrap();
     let a = l.authorize_training(u, &tr(4, 30)).unwrap();
@@ -534,16 +554,12 @@ fn an_idempotency_key_is_bound_to_the_request_it_was_first_used_for() {
     let dir = tempfile::tempdir().unwrap();
     let (mut l, _clock) = open(&dir, PlansConfig::defaults());
     let u = l.add_user("ida", false, None).unwrap().id;
-    l.grant(u, &GrantRequest::credits(1000, GrantSource::TopUp, None))
-        .unwrap();
+    l.grant(u, &GrantRequest::credits(1000, GrantSource::TopUp, None)).unwrap();
     let req = |job: &str, batch: u32, hash: &str| JobRequest {
         job_id: job.into(),
         idempotency_key: "one-key".into(),
         model_id: "flux-schnell".into(),
-        params: JobParams {
-            batch,
-            ..JobParams::new(512, 512)
-        },
+        params: JobParams { batch, ..JobParams::new(512, 512) },
         request_hash: Some(hash.into()),
     };
     let first = l.authorize_job(u, &req("j1", 1, "hash-a")).unwrap();
@@ -551,10 +567,7 @@ fn an_idempotency_key_is_bound_to_the_request_it_was_first_used_for() {
     // The same request again (a retry with a new job id): the first hold, nothing more held.
     let again = l.authorize_job(u, &req("j2", 1, "hash-a")).unwrap();
     assert!(again.replayed);
-    assert_eq!(
-        (again.hold.id, again.hold.job_id.as_str()),
-        (first.hold.id, "j1")
-    );
+    assert_eq!((again.hold.id, again.hold.job_id.as_str()), (first.hold.id, "j1"));
     // Another request under the key: refused, whatever it would cost or be allowed.
     for other in [req("j3", 1, "hash-b"), req("j4", 8, "hash-c")] {
         match l.authorize_job(u, &other) {
@@ -562,9 +575,6 @@ fn an_idempotency_key_is_bound_to_the_request_it_was_first_used_for() {
             r => panic!("expected a conflict, got {r:?}"),
         }
     }
-    assert_eq!(
-        l.balance(u, Resource::Credits).unwrap().held,
-        first.hold.amount
-    );
+    assert_eq!(l.balance(u, Resource::Credits).unwrap().held, first.hold.amount);
     audit(&mut l);
 }

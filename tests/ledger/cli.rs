@@ -5,9 +5,9 @@ use atelier::ledger;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use atelier::cli::admin::{self, LedgerCommand};
 use chrono::{Duration, TimeZone, Utc};
 use clap::{Parser, Subcommand};
-use atelier::cli::admin::{self, LedgerCommand};
 use ledger::{PlansConfig, TestClock};
 
 /// Stand-in for the binary's own CLI: a global `--data` and the ledger's commands flattened
@@ -36,7 +36,10 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        Env { dir: tempfile::tempdir().unwrap(), clock: TestClock::new(Utc.with_ymd_and_hms(2026, 5, 4, 9, 0, 0).unwrap()) }
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+            clock: TestClock::new(Utc.with_ymd_and_hms(2026, 5, 4, 9, 0, 0).unwrap()),
+        }
     }
 
     fn try_run(&self, args: &str, stdin: &str) -> anyhow::Result<String> {
@@ -75,7 +78,12 @@ fn user_lifecycle_through_the_cli() {
     assert!(out.contains("alice") && out.contains("50"), "{out}");
     assert!(env.dir.path().join("data/atelier.db").exists());
     env.try_run("user passwd alice", "hunter23\n").unwrap();
-    let mut l = ledger::Ledger::open_data_dir(&env.dir.path().join("data"), Arc::new(PlansConfig::defaults()), Arc::new(env.clock.clone())).unwrap();
+    let mut l = ledger::Ledger::open_data_dir(
+        &env.dir.path().join("data"),
+        Arc::new(PlansConfig::defaults()),
+        Arc::new(env.clock.clone()),
+    )
+    .unwrap();
     assert!(l.verify_password("alice", "hunter23").unwrap() && !l.verify_password("alice", "hunter22").unwrap());
     assert!(env.try_run("user passwd alice", "\n").is_err());
     assert!(env.try_run("user passwd nobody", "x\n").is_err());

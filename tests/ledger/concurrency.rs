@@ -6,7 +6,9 @@ use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
 use chrono::{TimeZone, Utc};
-use ledger::{GrantRequest, GrantSource, HoldRequest, HoldStatus, Ledger, LedgerError, PlansConfig, Refusal, Resource, TestClock};
+use ledger::{
+    GrantRequest, GrantSource, HoldRequest, HoldStatus, Ledger, LedgerError, PlansConfig, Refusal, Resource, TestClock,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -70,7 +72,10 @@ fn sixteen_connections_hammer_one_user() {
                         let (id, amount, _) = open.swap_remove(rng.random_range(0..open.len()));
                         let part = rng.random_range(0..=amount);
                         let out = l.capture(id, Some(part)).unwrap();
-                        assert_eq!((out.hold.status, out.hold.captured, out.replayed), (HoldStatus::Captured, part, false));
+                        assert_eq!(
+                            (out.hold.status, out.hold.captured, out.replayed),
+                            (HoldStatus::Captured, part, false)
+                        );
                         tally.captured += part;
                     } else if roll < 92 {
                         let (id, _, _) = open.swap_remove(rng.random_range(0..open.len()));

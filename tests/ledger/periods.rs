@@ -5,7 +5,9 @@ use atelier::ledger;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use ledger::{GrantSource, HoldRequest, Ledger, Period, PlanChange, PlansConfig, Resource, SubscriptionStatus, TestClock};
+use ledger::{
+    GrantSource, HoldRequest, Ledger, Period, PlanChange, PlansConfig, Resource, SubscriptionStatus, TestClock,
+};
 
 fn t0() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 31, 10, 30, 0).unwrap()
@@ -18,7 +20,11 @@ fn open(dir: &tempfile::TempDir) -> (Ledger, TestClock) {
 }
 
 fn period_grants(l: &mut Ledger, u: i64) -> Vec<ledger::Grant> {
-    l.grants(u).unwrap().into_iter().filter(|g| g.source == GrantSource::Period && g.resource == Resource::Credits).collect()
+    l.grants(u)
+        .unwrap()
+        .into_iter()
+        .filter(|g| g.source == GrantSource::Period && g.resource == Resource::Credits)
+        .collect()
 }
 
 fn available(l: &mut Ledger, u: i64) -> i64 {

@@ -7,7 +7,9 @@ use atelier::ledger;
 use std::sync::Arc;
 
 use chrono::{TimeZone, Utc};
-use ledger::{GrantRequest, GrantSource, HoldRequest, HoldStatus, Ledger, LedgerError, Period, PlansConfig, Resource, TestClock};
+use ledger::{
+    GrantRequest, GrantSource, HoldRequest, HoldStatus, Ledger, LedgerError, Period, PlansConfig, Resource, TestClock,
+};
 use proptest::prelude::*;
 
 const WEEK: i64 = 7 * 86_400;
@@ -136,14 +138,24 @@ impl Model {
             }
             let boundary = self.sub.end;
             if self.sub.cancel {
-                self.sub = MSub { plan: 0, paid: false, anchor: boundary, index: 0, end: 0, cancel: false, pending: None };
+                self.sub =
+                    MSub { plan: 0, paid: false, anchor: boundary, index: 0, end: 0, cancel: false, pending: None };
                 break;
             }
             if let Some(p) = self.sub.pending {
                 if p == 0 {
-                    self.sub = MSub { plan: 0, paid: false, anchor: boundary, index: 0, end: 0, cancel: false, pending: None };
+                    self.sub =
+                        MSub { plan: 0, paid: false, anchor: boundary, index: 0, end: 0, cancel: false, pending: None };
                 } else {
-                    self.sub = MSub { plan: p, paid: true, anchor: boundary, index: 0, end: boundary + WEEK, cancel: false, pending: None };
+                    self.sub = MSub {
+                        plan: p,
+                        paid: true,
+                        anchor: boundary,
+                        index: 0,
+                        end: boundary + WEEK,
+                        cancel: false,
+                        pending: None,
+                    };
                     self.add_grant(PLANS[p].1, Some(boundary + WEEK), 0);
                 }
                 continue;
@@ -179,7 +191,8 @@ fn check(l: &mut Ledger, m: &Model, u: i64) -> Result<(), TestCaseError> {
         prop_assert_eq!(
             (d.amount, d.held, d.spent, eff(d.remaining, d.expired, d.is_live(now))),
             (g.amount, g.held, g.spent, eff(g.remaining, g.expired, live(g))),
-            "grant {}", d.id
+            "grant {}",
+            d.id
         );
     }
     Ok(())
@@ -207,7 +220,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let expires = expires_in.map(|s| m.now + s);
                 let req = GrantRequest {
                     priority,
-                    ..GrantRequest::credits(amount, GrantSource::TopUp, expires.map(|e| Utc.timestamp_opt(e, 0).unwrap()))
+                    ..GrantRequest::credits(
+                        amount,
+                        GrantSource::TopUp,
+                        expires.map(|e| Utc.timestamp_opt(e, 0).unwrap()),
+                    )
                 };
                 l.grant(u, &req).unwrap();
                 m.add_grant(amount, expires, priority);
@@ -218,7 +235,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 m.expire();
                 if m.available() >= amount {
                     let hold = r.map_err(|e| TestCaseError::fail(format!("hold {amount}: {e}")))?.hold;
-                    let mut idx: Vec<usize> = (0..m.grants.len()).filter(|&i| m.grants[i].remaining > 0 && m.live(&m.grants[i])).collect();
+                    let mut idx: Vec<usize> =
+                        (0..m.grants.len()).filter(|&i| m.grants[i].remaining > 0 && m.live(&m.grants[i])).collect();
                     m.spend_order(&mut idx);
                     let mut left = amount;
                     let mut allocs = Vec::new();
@@ -236,7 +254,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 } else {
                     prop_assert!(
                         matches!(r, Err(LedgerError::Refused(ledger::Refusal::OutOfCredits { .. }))),
-                        "expected a refusal, got {:?}", r
+                        "expected a refusal, got {:?}",
+                        r
                     );
                 }
             }
@@ -300,7 +319,15 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     m.sub.pending = None;
                     m.sub.cancel = false;
                 } else if !s.paid || PLANS[plan].2 > PLANS[s.plan].2 {
-                    m.sub = MSub { plan, paid: true, anchor: m.now, index: 0, end: m.now + WEEK, cancel: false, pending: None };
+                    m.sub = MSub {
+                        plan,
+                        paid: true,
+                        anchor: m.now,
+                        index: 0,
+                        end: m.now + WEEK,
+                        cancel: false,
+                        pending: None,
+                    };
                     m.add_grant(PLANS[plan].1, Some(m.now + WEEK), 0);
                 } else {
                     m.sub.pending = Some(plan);

@@ -72,7 +72,9 @@ fn measure(sync: Synchronous) {
         h.join().unwrap();
     }
     let r3 = n as f64 / start.elapsed().as_secs_f64();
-    println!("synchronous={sync:?}: hold+capture pairs/s: one user {r1:.0}, 1,000 users {r2:.0}, 1,000 users from 4 threads {r3:.0}");
+    println!(
+        "synchronous={sync:?}: hold+capture pairs/s: one user {r1:.0}, 1,000 users {r2:.0}, 1,000 users from 4 threads {r3:.0}"
+    );
     for (l, users) in [(&mut one, &u1), (&mut many, &u2)] {
         l.audit().unwrap();
         let spent: i64 = users.iter().map(|&u| l.balance(u, Resource::Credits).unwrap().spent).sum();

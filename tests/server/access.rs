@@ -84,7 +84,12 @@ fn nobody_reaches_anyone_elses_things() {
     // A cookie without the CSRF token cannot change anything; with it, it can.
     let mut no_csrf = anna.clone();
     no_csrf.csrf = None;
-    for (method, path) in [("POST", "/api/jobs"), ("POST", "/api/keys"), ("DELETE", &*format!("/api/images/{image}")), ("POST", "/api/logout")] {
+    for (method, path) in [
+        ("POST", "/api/jobs"),
+        ("POST", "/api/keys"),
+        ("DELETE", &*format!("/api/images/{image}")),
+        ("POST", "/api/logout"),
+    ] {
         let r = no_csrf.request(method, path, Some(schnell("x")));
         assert_eq!(r.status, 403, "{method} {path} without CSRF");
     }
@@ -94,57 +99,26 @@ fn nobody_reaches_anyone_elses_things() {
 
     // Admin routes: 403 for users, open to admins.
     let root = Client::login(&server.url, "root", "root-pass-1");
-    for path in [
-        "/api/admin/users",
-        "/api/admin/queue",
-        "/api/admin/models",
-        "/api/admin/users/1",
-    ] {
+    for path in ["/api/admin/users", "/api/admin/queue", "/api/admin/models", "/api/admin/users/1"] {
         assert_eq!(ben.get(path).status, 403, "{path}");
         assert_eq!(root.get(path).status, 200, "{path}");
     }
     let anna_id = done["user_id"].as_i64().unwrap();
-    assert_eq!(
-        ben.post(
-            &format!("/api/admin/users/{anna_id}/grant"),
-            json!({"credits": 5})
-        )
-        .status,
-        403
-    );
+    assert_eq!(ben.post(&format!("/api/admin/users/{anna_id}/grant"), json!({"credits": 5})).status, 403);
     // An admin may open anyone's image.
     assert_eq!(root.get(&format!("/api/images/{image}/file")).status, 200);
 
     // A password change needs the current one, ends the other sessions and revokes the keys.
     let anna_other = Client::login(&server.url, "anna", "anna-pass-1");
-    let r = anna.post(
-        "/api/password",
-        json!({"current": "wrong", "new": "anna-pass-2"}),
-    );
+    let r = anna.post("/api/password", json!({"current": "wrong", "new": "anna-pass-2"}));
     assert_eq!(r.status, 403);
-    let r = anna.post(
-        "/api/password",
-        json!({"current": "anna-pass-1", "new": "anna-pass-2"}),
-    );
+    let r = anna.post("/api/password", json!({"current": "anna-pass-1", "new": "anna-pass-2"}));
     assert_eq!(r.status, 200);
-    assert_eq!(
-        (
-            r.json()["sessions_ended"].as_u64(),
-            r.json()["api_keys_revoked"].as_u64()
-        ),
-        (Some(1), Some(1))
-    );
+    assert_eq!((r.json()["sessions_ended"].as_u64(), r.json()["api_keys_revoked"].as_u64()), (Some(1), Some(1)));
     assert_eq!(anna_other.get("/api/usage").status, 401);
-    assert_eq!(
-        via_key.get("/api/usage").status,
-        401,
-        "the password change revoked the key"
-    );
+    assert_eq!(via_key.get("/api/usage").status, 401, "the password change revoked the key");
     assert_eq!(anna.get("/api/usage").status, 200);
-    let r = anna.post(
-        "/api/password",
-        json!({"current": "anna-pass-2", "new": "anna-pass-1"}),
-    );
+    let r = anna.post("/api/password", json!({"current": "anna-pass-2", "new": "anna-pass-1"}));
     assert_eq!(r.status, 200);
     // Not with an API key: a leaked key must not be able to lock the owner out, nor mint
     // keys that would outlive its own revocation.
@@ -152,60 +126,26 @@ fn nobody_reaches_anyone_elses_things() {
     assert_eq!(key.status, 201);
     let key_id = key.json()["info"]["id"].as_i64().unwrap();
     let via_key = anon.with_key(key.json()["key"].as_str().unwrap());
-    let r = via_key.post(
-        "/api/password",
-        json!({"current": "anna-pass-1", "new": "taken-over"}),
-    );
+    let r = via_key.post("/api/password", json!({"current": "anna-pass-1", "new": "taken-over"}));
     assert_eq!(r.status, 403);
     let r = via_key.post("/api/keys", json!({"label": "minted"}));
     assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(
-        anna.get("/api/keys").json()["keys"]
-            .as_array()
-            .unwrap()
-            .len(),
-        2,
-        "no key was minted"
-    );
+    assert_eq!(anna.get("/api/keys").json()["keys"].as_array().unwrap().len(), 2, "no key was minted");
 
     // Revoked key, logged-out session, disabled account.
-    assert_eq!(
-        anna.request("DELETE", &format!("/api/keys/{key_id}"), None)
-            .status,
-        200
-    );
+    assert_eq!(anna.request("DELETE", &format!("/api/keys/{key_id}"), None).status, 200);
     assert_eq!(via_key.get("/api/usage").status, 401);
     let anna2 = Client::login(&server.url, "anna", "anna-pass-1");
     assert_eq!(anna2.post("/api/logout", json!({})).status, 200);
     assert_eq!(anna2.get("/api/usage").status, 401);
-    assert_eq!(
-        root.post(
-            &format!("/api/admin/users/{anna_id}/disable"),
-            json!({"disabled": true})
-        )
-        .status,
-        200
-    );
-    assert_eq!(
-        anna.get("/api/usage").status,
-        401,
-        "disabling ends sessions"
-    );
+    assert_eq!(root.post(&format!("/api/admin/users/{anna_id}/disable"), json!({"disabled": true})).status, 200);
+    assert_eq!(anna.get("/api/usage").status, 401, "disabling ends sessions");
     // A disabled account answers its right password as a wrong one: a guess learns nothing.
-    let right = Client::new(&server.url).post(
-        "/api/login",
-        json!({"name": "anna", "password": "anna-pass-1"}),
-    );
-    let wrong = Client::new(&server.url).post(
-        "/api/login",
-        json!({"name": "anna", "password": "not-it-at-all"}),
-    );
+    let right = Client::new(&server.url).post("/api/login", json!({"name": "anna", "password": "anna-pass-1"}));
+    let wrong = Client::new(&server.url).post("/api/login", json!({"name": "anna", "password": "not-it-at-all"}));
     assert_eq!((right.status, right.body), (wrong.status, wrong.body));
     assert_eq!(wrong.status, 401);
-    root.post(
-        &format!("/api/admin/users/{anna_id}/disable"),
-        json!({"disabled": false}),
-    );
+    root.post(&format!("/api/admin/users/{anna_id}/disable"), json!({"disabled": false}));
 
     // Clean up Anna's running work so the server stops promptly.
     let anna = Client::login(&server.url, "anna", "anna-pass-1");
@@ -216,14 +156,10 @@ fn nobody_reaches_anyone_elses_things() {
     // Login rate limit: 5 wrong passwords, then 429 even with the right one (from this
     // address; tests/server/hardening.rs has the per-address rules).
     for _ in 0..5 {
-        let r =
-            Client::new(&server.url).post("/api/login", json!({"name": "ben", "password": "nope"}));
+        let r = Client::new(&server.url).post("/api/login", json!({"name": "ben", "password": "nope"}));
         assert_eq!(r.status, 401);
     }
-    let r = Client::new(&server.url).post(
-        "/api/login",
-        json!({"name": "ben", "password": "ben-pass-12"}),
-    );
+    let r = Client::new(&server.url).post("/api/login", json!({"name": "ben", "password": "ben-pass-12"}));
     assert_eq!(r.status, 429);
     assert!(r.header("retry-after").is_some());
 }

@@ -67,34 +67,17 @@ impl Server {
     }
 
     /// With more `serve` arguments and environment variables.
-    pub fn start_env(
-        data: &Path,
-        config: Option<&Path>,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Server {
+    pub fn start_env(data: &Path, config: Option<&Path>, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let log = data.join(format!("server-{}.log", std::process::id()));
         let mut cmd = Command::new(bin());
-        cmd.current_dir(repo())
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .arg("--data")
-            .arg(data);
+        cmd.current_dir(repo()).env("RUST_LOG", "info").envs(env.iter().copied()).arg("--data").arg(data);
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
-        let err = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
+        let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let mut child = cmd
             .args(["serve", "--device", "cpu"])
-            .args(if extra.contains(&"--listen") {
-                &[][..]
-            } else {
-                &["--listen", "127.0.0.1:0"][..]
-            })
+            .args(if extra.contains(&"--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] })
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(err)
@@ -151,7 +134,8 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON ({}): {}", self.status, String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON ({}): {}", self.status, String::from_utf8_lossy(&self.body)))
     }
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
@@ -165,7 +149,10 @@ impl Resp {
 impl Client {
     pub fn new(url: &str) -> Client {
         let agent = ureq::Agent::new_with_config(
-            ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(600))).build(),
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(600)))
+                .build(),
         );
         Client { url: url.to_string(), agent, cookie: None, csrf: None, key: None }
     }
@@ -224,7 +211,8 @@ impl Client {
         };
         let mut resp = resp.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         let status = resp.status().as_u16();
-        let headers = resp.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
+        let headers =
+            resp.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
         let mut body = Vec::new();
         resp.body_mut().as_reader().read_to_end(&mut body).unwrap();
         Resp { status, headers, body }

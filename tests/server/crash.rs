@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use atelier::jobs::Jobs;
 use atelier::jobs::Conn;
+use atelier::jobs::Jobs;
 use atelier::ledger::{JobParams, JobRequest, PlansConfig, SystemClock};
 
 use crate::common::*;
@@ -24,7 +24,10 @@ fn kill_9_mid_job_loses_no_credit_and_leaves_no_hold() {
     let (lid, qid) = (long["id"].as_str().unwrap().to_string(), queued["id"].as_str().unwrap().to_string());
     carl.sse_until(&format!("/api/jobs/{lid}/events"), |e| e["type"] == "step");
     let usage = carl.get("/api/usage").json();
-    assert_eq!((usage["credits_available"].as_i64(), usage["credits_held"].as_i64()), (Some(250 - 109 - 10), Some(119)));
+    assert_eq!(
+        (usage["credits_available"].as_i64(), usage["credits_held"].as_i64()),
+        (Some(250 - 109 - 10), Some(119))
+    );
 
     server.kill9();
     let server = Server::start(data, None);
@@ -43,7 +46,8 @@ fn kill_9_mid_job_loses_no_credit_and_leaves_no_hold() {
     drop(server);
 
     // Every grant and hold matches the append-only entries.
-    let mut ledger = atelier::ledger::Ledger::open_data_dir(data, Arc::new(PlansConfig::defaults()), Arc::new(SystemClock)).unwrap();
+    let mut ledger =
+        atelier::ledger::Ledger::open_data_dir(data, Arc::new(PlansConfig::defaults()), Arc::new(SystemClock)).unwrap();
     ledger.audit().unwrap();
 }
 
@@ -63,24 +67,10 @@ fn a_hold_without_its_job_is_released_at_start() {
         request_hash: None,
     };
     let auth = conn.ledger.authorize_job(user.id, &req).unwrap();
-    assert_eq!(
-        conn.ledger
-            .balance(user.id, atelier::ledger::Resource::Credits)
-            .unwrap()
-            .held,
-        auth.hold.amount
-    );
-    let jobs = Jobs::new(
-        Arc::new(models),
-        config.limits.clone(),
-        config.queue.clone(),
-        dir.path().join("images"),
-    );
+    assert_eq!(conn.ledger.balance(user.id, atelier::ledger::Resource::Credits).unwrap().held, auth.hold.amount);
+    let jobs = Jobs::new(Arc::new(models), config.limits.clone(), config.queue.clone(), dir.path().join("images"));
     assert_eq!(jobs.reconcile(&mut conn).unwrap(), 1);
-    let b = conn
-        .ledger
-        .balance(user.id, atelier::ledger::Resource::Credits)
-        .unwrap();
+    let b = conn.ledger.balance(user.id, atelier::ledger::Resource::Credits).unwrap();
     assert_eq!((b.held, b.available), (0, 50));
     // And a second start finds nothing left to settle.
     assert_eq!(jobs.reconcile(&mut conn).unwrap(), 0);
@@ -88,11 +78,7 @@ fn a_hold_without_its_job_is_released_at_start() {
     // Holds and job rows are now written in one transaction, so a hold without its job can
     // only come from an older version. A retry under such a key is refused (it cannot be told
     // what request the key was for) and makes no job on a hold that the next start releases.
-    let req = JobRequest {
-        job_id: "orphan2".into(),
-        idempotency_key: "retry-key".into(),
-        ..req
-    };
+    let req = JobRequest { job_id: "orphan2".into(), idempotency_key: "retry-key".into(), ..req };
     let auth = conn.ledger.authorize_job(user.id, &req).unwrap();
     let spec = atelier::jobs::store::JobSpec {
         model: "demo-schnell".into(),
@@ -104,33 +90,12 @@ fn a_hold_without_its_job_is_released_at_start() {
         guidance: None,
         batch: 1,
     };
-    let e = jobs
-        .submit(&mut conn, user.id, spec.clone(), Some("retry-key".into()))
-        .unwrap_err();
-    assert!(
-        matches!(e, atelier::jobs::SubmitError::KeyReused { .. }),
-        "{e}"
-    );
-    assert_eq!(
-        conn.ledger
-            .balance(user.id, atelier::ledger::Resource::Credits)
-            .unwrap()
-            .held,
-        auth.hold.amount
-    );
-    assert_eq!(
-        jobs.reconcile(&mut conn).unwrap(),
-        1,
-        "the orphan hold is released at the next start"
-    );
+    let e = jobs.submit(&mut conn, user.id, spec.clone(), Some("retry-key".into())).unwrap_err();
+    assert!(matches!(e, atelier::jobs::SubmitError::KeyReused { .. }), "{e}");
+    assert_eq!(conn.ledger.balance(user.id, atelier::ledger::Resource::Credits).unwrap().held, auth.hold.amount);
+    assert_eq!(jobs.reconcile(&mut conn).unwrap(), 1, "the orphan hold is released at the next start");
     // A new key works as usual, and its hold and job come together.
-    let s = jobs
-        .submit(&mut conn, user.id, spec, Some("new-key".into()))
-        .unwrap();
+    let s = jobs.submit(&mut conn, user.id, spec, Some("new-key".into())).unwrap();
     assert_eq!(conn.ledger.hold(s.job.hold_id).unwrap().job_id, s.job.id);
-    assert_eq!(
-        jobs.reconcile(&mut conn).unwrap(),
-        0,
-        "a queued job keeps its hold"
-    );
+    assert_eq!(jobs.reconcile(&mut conn).unwrap(), 0, "a queued job keeps its hold");
 }

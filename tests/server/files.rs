@@ -10,11 +10,7 @@ use serde_json::json;
 use crate::common::*;
 
 fn mode(p: &Path) -> u32 {
-    std::fs::metadata(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .permissions()
-        .mode()
-        & 0o777
+    std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o777
 }
 
 #[test]
@@ -34,57 +30,29 @@ fn data_is_private_and_prompts_in_any_script_are_kept_identical() {
     assert_eq!(job["status"], "succeeded", "{job}");
     let image = job["images"][0].as_str().unwrap();
     let png = u.get(&format!("/api/images/{image}/file")).body;
-    let expected = format!(
-        "{prompt}\nSteps: 4, Sampler: Euler, Seed: {}, Size: 64x64, Model: demo-schnell",
-        job["seed"]
-    );
-    assert_eq!(
-        atelier::engine::pngfile::read_parameters(&png)
-            .unwrap()
-            .as_deref(),
-        Some(expected.as_str())
-    );
-    assert_eq!(
-        u.get(&format!("/api/images/{image}")).json()["image"]["prompt"],
-        prompt
-    );
+    let expected =
+        format!("{prompt}\nSteps: 4, Sampler: Euler, Seed: {}, Size: 64x64, Model: demo-schnell", job["seed"]);
+    assert_eq!(atelier::engine::pngfile::read_parameters(&png).unwrap().as_deref(), Some(expected.as_str()));
+    assert_eq!(u.get(&format!("/api/images/{image}")).json()["image"]["prompt"], prompt);
 
     // Only the owner reads the data: the folder, the database and its WAL files, the images,
     // the first admin's password.
     let images = data.join("images");
     assert_eq!((mode(&data), mode(&images)), (0o700, 0o700));
-    for file in [
-        "atelier.db",
-        "atelier.db-wal",
-        "atelier.db-shm",
-        "initial-admin-password",
-    ] {
+    for file in ["atelier.db", "atelier.db-wal", "atelier.db-shm", "initial-admin-password"] {
         assert_eq!(mode(&data.join(file)), 0o600, "{file}");
     }
-    let names: Vec<String> = std::fs::read_dir(&images)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(
-        names,
-        [format!("{image}.png")],
-        "only the image, no temporary file"
-    );
+    let names: Vec<String> =
+        std::fs::read_dir(&images).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, [format!("{image}.png")], "only the image, no temporary file");
     assert_eq!(mode(&images.join(&names[0])), 0o600);
 
     // The log names the password's file, never the password.
-    let password = std::fs::read_to_string(data.join("initial-admin-password"))
-        .unwrap()
-        .lines()
-        .nth(1)
-        .unwrap()
-        .to_string();
+    let password =
+        std::fs::read_to_string(data.join("initial-admin-password")).unwrap().lines().nth(1).unwrap().to_string();
     let log = server.log();
     assert!(log.contains("initial-admin-password"), "{log}");
-    assert!(
-        !log.contains(&password),
-        "the admin password is in the log: {log}"
-    );
+    assert!(!log.contains(&password), "the admin password is in the log: {log}");
 }
 
 #[test]
@@ -101,9 +69,6 @@ fn a_job_whose_images_cannot_be_saved_fails_before_any_step() {
     assert_eq!(job["status"], "failed", "{job}");
     // No step ran, and nothing was charged.
     let metrics = String::from_utf8(Client::new(&server.url).get("/metrics").body).unwrap();
-    assert!(
-        metrics.contains("atelier_step_seconds_count 0"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("atelier_step_seconds_count 0"), "{metrics}");
     assert_eq!(u.balance(), before);
 }

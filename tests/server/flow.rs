@@ -38,7 +38,12 @@ fn generate_watch_gallery_and_pay_the_quoted_price() {
     assert_eq!(id.len(), 32);
     // While it runs, the price is held.
     let usage = alice.get("/api/usage").json();
-    assert_eq!(usage["credits_available"].as_i64().unwrap() + usage["credits_held"].as_i64().unwrap() + usage["credits_spent"].as_i64().unwrap(), before);
+    assert_eq!(
+        usage["credits_available"].as_i64().unwrap()
+            + usage["credits_held"].as_i64().unwrap()
+            + usage["credits_spent"].as_i64().unwrap(),
+        before
+    );
 
     let events = alice.sse_until(&format!("/api/jobs/{id}/events"), |e| {
         ["succeeded", "failed", "canceled"].contains(&e["type"].as_str().unwrap())
@@ -55,8 +60,13 @@ fn generate_watch_gallery_and_pay_the_quoted_price() {
     assert!(!steps.is_empty(), "no step events: {kinds:?}");
     assert!(steps.windows(2).all(|w| (w[0].0, w[0].1) < (w[1].0, w[1].1)), "{steps:?}");
     assert!(steps.iter().all(|s| s.2 == 4));
-    assert!(events.iter().any(|e| e["type"] == "preview" && e["data_url"].as_str().unwrap().starts_with("data:image/png;base64,")));
-    let images: Vec<String> = last["images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "preview" && e["data_url"].as_str().unwrap().starts_with("data:image/png;base64,"))
+    );
+    let images: Vec<String> =
+        last["images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     assert_eq!(images.len(), 2);
     assert_eq!(last["credits_charged"], quoted);
 
@@ -73,7 +83,11 @@ fn generate_watch_gallery_and_pay_the_quoted_price() {
     assert_eq!(png.header("content-type"), Some("image/png"));
     assert_eq!(&png.body[..8], b"\x89PNG\r\n\x1a\n");
     let text = String::from_utf8_lossy(&png.body);
-    assert!(text.contains("parameters") && text.contains("a lighthouse at dusk") && text.contains(&format!("Seed: {}", meta["seed"])));
+    assert!(
+        text.contains("parameters")
+            && text.contains("a lighthouse at dusk")
+            && text.contains(&format!("Seed: {}", meta["seed"]))
+    );
     let dl = alice.get(&format!("/api/images/{}/file?download=true", images[0]));
     assert!(dl.header("content-disposition").unwrap().starts_with("attachment"));
 
@@ -92,7 +106,9 @@ fn generate_watch_gallery_and_pay_the_quoted_price() {
 
     // Cancel a long job: its hold is released, nothing is charged.
     let before = alice.balance();
-    let long = alice.submit(json!({"model": "demo-dev", "prompt": "long", "width": 1024, "height": 1024, "steps": 100, "batch": 1}));
+    let long = alice.submit(
+        json!({"model": "demo-dev", "prompt": "long", "width": 1024, "height": 1024, "steps": 100, "batch": 1}),
+    );
     let held = long["price"].as_i64().unwrap();
     assert_eq!(alice.balance(), before - held);
     let r = alice.post(&format!("/api/jobs/{}/cancel", long["id"].as_str().unwrap()), json!({}));
@@ -137,10 +153,12 @@ fn refusals_say_why_out_of_credits_402_not_in_plan_403() {
     assert!(r.message().contains("beta"), "{}", r.message());
     assert_eq!(r.json()["error"]["details"]["reason"], "model_not_in_plan");
     assert!(r.json()["error"]["details"]["plans_allowing"].as_array().unwrap().iter().any(|p| p == "ultra"));
-    let r = bob.post("/api/jobs", json!({"model": "demo-schnell", "prompt": "p", "width": 512, "height": 512, "seed": 7}));
+    let r =
+        bob.post("/api/jobs", json!({"model": "demo-schnell", "prompt": "p", "width": 512, "height": 512, "seed": 7}));
     assert_eq!(r.status, 403);
     assert!(r.message().contains("seed"), "{}", r.message());
-    let r = bob.post("/api/jobs", json!({"model": "demo-schnell", "prompt": "p", "width": 512, "height": 512, "batch": 2}));
+    let r =
+        bob.post("/api/jobs", json!({"model": "demo-schnell", "prompt": "p", "width": 512, "height": 512, "batch": 2}));
     assert_eq!(r.status, 403);
     assert!(r.message().contains("batch"), "{}", r.message());
     // The models list says the same before anyone submits.
@@ -184,13 +202,17 @@ fn refusals_say_why_out_of_credits_402_not_in_plan_403() {
         assert_eq!(r.status, 400, "{bad}: {}", String::from_utf8_lossy(&r.body));
         assert!(!r.message().is_empty());
     }
-    assert_eq!(dave.post("/api/jobs", json!({"model": "nope", "prompt": "p", "width": 512, "height": 512})).status, 404);
+    assert_eq!(
+        dave.post("/api/jobs", json!({"model": "nope", "prompt": "p", "width": 512, "height": 512})).status,
+        404
+    );
 
     // 402: out of credits, saying when they renew. Dave has 250; two long dev jobs hold 218.
     let long = dave.submit(json!({"model": "demo-dev", "prompt": "a", "width": 1024, "height": 1024, "steps": 100}));
     assert_eq!(long["price"], 109);
     let long2 = dave.submit(json!({"model": "demo-dev", "prompt": "a2", "width": 1024, "height": 1024, "steps": 100}));
-    let r = dave.post("/api/jobs", json!({"model": "demo-dev", "prompt": "b", "width": 1024, "height": 1024, "steps": 100}));
+    let r = dave
+        .post("/api/jobs", json!({"model": "demo-dev", "prompt": "b", "width": 1024, "height": 1024, "steps": 100}));
     assert_eq!(r.status, 402, "{}", String::from_utf8_lossy(&r.body));
     let details = r.json()["error"]["details"].clone();
     assert_eq!(details["reason"], "out_of_credits");
@@ -206,7 +228,8 @@ fn refusals_say_why_out_of_credits_402_not_in_plan_403() {
     assert_eq!(dave.balance(), 250);
 
     // 429: too many jobs waiting (the cap is 8 per user) while one runs.
-    let blocker = dave.submit(json!({"model": "demo-dev", "prompt": "blocker", "width": 1024, "height": 1024, "steps": 100}));
+    let blocker =
+        dave.submit(json!({"model": "demo-dev", "prompt": "blocker", "width": 1024, "height": 1024, "steps": 100}));
     let mut queued = Vec::new();
     let mut refused = None;
     for i in 0..12 {

@@ -11,7 +11,15 @@ fn the_limits_the_api_states_are_the_limits_it_enforces() {
     let text = std::fs::read_to_string(repo().join("config.toml")).unwrap();
     assert!(text.contains("max_width = 2048\nmax_height = 2048\nmax_steps = 100"));
     let config = data.join("config.toml");
-    std::fs::write(&config, text.replacen("max_width = 2048\nmax_height = 2048\nmax_steps = 100", "max_width = 768\nmax_height = 1024\nmax_steps = 40", 1)).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen(
+            "max_width = 2048\nmax_height = 2048\nmax_steps = 100",
+            "max_width = 768\nmax_height = 1024\nmax_steps = 40",
+            1,
+        ),
+    )
+    .unwrap();
     add_user(data, Some(&config), "mia", "mia-pass-123", "max", false);
     cli(data, Some(&config), &["user", "grant", "mia", "100000"], "");
     let server = Server::start(data, Some(&config));
@@ -31,7 +39,8 @@ fn the_limits_the_api_states_are_the_limits_it_enforces() {
     assert_eq!(l["max_guidance"], 30.0, "{l}");
 
     let job = |edit: serde_json::Value| {
-        let mut spec = json!({"model": "demo-dev", "prompt": "a kite", "width": 64, "height": 64, "steps": 1, "batch": 1});
+        let mut spec =
+            json!({"model": "demo-dev", "prompt": "a kite", "width": 64, "height": 64, "steps": 1, "batch": 1});
         for (k, v) in edit.as_object().unwrap() {
             spec[k] = v.clone();
         }
@@ -58,7 +67,10 @@ fn the_limits_the_api_states_are_the_limits_it_enforces() {
     }
     assert_eq!(mia.balance(), before, "a refused job holds nothing");
     // The bounds themselves are accepted.
-    for edit in [json!({"width": 768, "height": 64, "steps": 1}), json!({"steps": 40, "guidance": 30.0, "prompt": "x".repeat(10_000)})] {
+    for edit in [
+        json!({"width": 768, "height": 64, "steps": 1}),
+        json!({"steps": 40, "guidance": 30.0, "prompt": "x".repeat(10_000)}),
+    ] {
         let r = job(edit.clone());
         assert_eq!(r.status, 201, "{edit}: {}", r.message());
         let id = r.json()["job"]["id"].as_str().unwrap().to_string();

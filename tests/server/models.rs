@@ -30,13 +30,23 @@ fn missing_models_are_listed_and_cli_models_are_served() {
     assert!(r.message().contains("not available"));
     let j = root.submit(json!({"model": "extra", "prompt": "p", "width": 512, "height": 512, "steps": 2}));
     assert_eq!(root.wait_job(j["id"].as_str().unwrap())["status"], "succeeded");
-    let v1: Vec<String> = root.get("/v1/models").json()["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    let v1: Vec<String> = root.get("/v1/models").json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
     assert!(v1.contains(&"extra".to_string()) && !v1.contains(&"gone".to_string()), "{v1:?}");
     // /healthz and /metrics answer without credentials.
     let anon = Client::new(&server.url);
     assert_eq!(anon.get("/healthz").json()["models_ready"], 3);
     let metrics = String::from_utf8(anon.get("/metrics").body).unwrap();
-    for line in ["atelier_queue_depth 0", "atelier_jobs{state=\"succeeded\"} 1", "atelier_step_seconds_count 2", "atelier_images_total 1"] {
+    for line in [
+        "atelier_queue_depth 0",
+        "atelier_jobs{state=\"succeeded\"} 1",
+        "atelier_step_seconds_count 2",
+        "atelier_images_total 1",
+    ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
 }
@@ -99,7 +109,9 @@ fn models_with_a_missing_or_wrong_vae_or_encoder_are_not_ready() {
         (m["state"].as_str().unwrap().to_string(), m["reason"].as_str().unwrap_or_default().to_string())
     };
     assert_eq!(state("whole").0, "ready");
-    for (id, expected) in [("no-vae", "no .safetensors"), ("clip-as-vae", "not a VAE"), ("clip-as-t5", "not a T5 encoder")] {
+    for (id, expected) in
+        [("no-vae", "no .safetensors"), ("clip-as-vae", "not a VAE"), ("clip-as-t5", "not a T5 encoder")]
+    {
         let (s, reason) = state(id);
         assert_eq!(s, "missing", "{id}: {reason}");
         assert!(reason.contains(expected), "{id}: expected {expected:?} in {reason:?}");

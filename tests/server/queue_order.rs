@@ -9,7 +9,9 @@ use crate::common::*;
 fn jobs_start_by_class_weight_then_user_turns_then_fifo() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    for (name, plan) in [("blk", "starter"), ("f1", "free"), ("f2", "free"), ("pro", "pro"), ("ult", "ultra"), ("mx", "max")] {
+    for (name, plan) in
+        [("blk", "starter"), ("f1", "free"), ("f2", "free"), ("pro", "pro"), ("ult", "ultra"), ("mx", "max")]
+    {
         add_user(data, None, name, &format!("{name}-password"), plan, false);
     }
     let server = Server::start(data, None);
@@ -17,7 +19,8 @@ fn jobs_start_by_class_weight_then_user_turns_then_fifo() {
     let (blk, f1, f2, pro, ult, mx) = (c("blk"), c("f1"), c("f2"), c("pro"), c("ult"), c("mx"));
 
     // A long standard-class job holds the worker while the others queue up.
-    let blocker = blk.submit(json!({"model": "demo-dev", "prompt": "blocker", "width": 1024, "height": 1024, "steps": 100}));
+    let blocker =
+        blk.submit(json!({"model": "demo-dev", "prompt": "blocker", "width": 1024, "height": 1024, "steps": 100}));
     let bid = blocker["id"].as_str().unwrap().to_string();
     blk.sse_until(&format!("/api/jobs/{bid}/events"), |e| e["type"] == "step");
 

@@ -89,9 +89,9 @@ impl FluxConfig {
             None => match weights.metadata("axes_dims_rope") {
                 Some(text) => parse_axes(text)?,
                 None if head_dim == 128 => vec![16, 56, 56],
-                None => bail!(
-                    "cannot tell the RoPE axes for head dim {head_dim}; give a config.json with axes_dims_rope"
-                ),
+                None => {
+                    bail!("cannot tell the RoPE axes for head dim {head_dim}; give a config.json with axes_dims_rope")
+                }
             },
         };
         if axes_dim.iter().sum::<usize>() != head_dim || axes_dim.iter().any(|a| a % 2 != 0) {

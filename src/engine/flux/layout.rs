@@ -104,9 +104,7 @@ impl TransformerWeights {
         match recipe {
             Recipe::Direct(k) => self.set.read(&k),
             Recipe::SwapHalves(k) => self.set.read(&k)?.swap_row_halves(),
-            Recipe::Rows(ks) => {
-                HostTensor::concat_rows(ks.iter().map(|k| self.set.read(k)).collect::<Result<_>>()?)
-            }
+            Recipe::Rows(ks) => HostTensor::concat_rows(ks.iter().map(|k| self.set.read(k)).collect::<Result<_>>()?),
         }
     }
 
@@ -201,9 +199,7 @@ fn diffusers_recipe(name: &str) -> Option<Recipe> {
             "img_mod.lin" => one(&m("norm1.linear")),
             "txt_mod.lin" => one(&m("norm1_context.linear")),
             "img_attn.qkv" => rows(&[&m("attn.to_q"), &m("attn.to_k"), &m("attn.to_v")]),
-            "txt_attn.qkv" => {
-                rows(&[&m("attn.add_q_proj"), &m("attn.add_k_proj"), &m("attn.add_v_proj")])
-            }
+            "txt_attn.qkv" => rows(&[&m("attn.add_q_proj"), &m("attn.add_k_proj"), &m("attn.add_v_proj")]),
             "img_attn.norm.query_norm" => one(&m("attn.norm_q")),
             "img_attn.norm.key_norm" => one(&m("attn.norm_k")),
             "txt_attn.norm.query_norm" => one(&m("attn.norm_added_q")),

@@ -28,7 +28,10 @@ pub struct MlpEmbedder {
 
 impl MlpEmbedder {
     fn load(l: &Loader, inputs: usize, hidden: usize) -> Result<Self> {
-        Ok(MlpEmbedder { in_layer: l.linear("in_layer", inputs, hidden, true)?, out_layer: l.linear("out_layer", hidden, hidden, true)? })
+        Ok(MlpEmbedder {
+            in_layer: l.linear("in_layer", inputs, hidden, true)?,
+            out_layer: l.linear("out_layer", hidden, hidden, true)?,
+        })
     }
 
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
@@ -112,12 +115,7 @@ impl Modulation {
 fn split_qkv(qkv: Tensor<3>, heads: usize) -> [Tensor<4>; 3] {
     let [b, l, three_hd] = qkv.dims();
     let hd = three_hd / 3;
-    let head = |i: usize| {
-        qkv.clone()
-            .narrow(2, i * hd, hd)
-            .reshape([b, l, heads, hd / heads])
-            .swap_dims(1, 2)
-    };
+    let head = |i: usize| qkv.clone().narrow(2, i * hd, hd).reshape([b, l, heads, hd / heads]).swap_dims(1, 2);
     [head(0), head(1), head(2)]
 }
 
@@ -200,22 +198,13 @@ impl DoubleStreamBlock {
         })
     }
 
-    pub fn forward(
-        &self,
-        img: Tensor<3>,
-        txt: Tensor<3>,
-        vec: Tensor<2>,
-        rope: &Rope,
-    ) -> (Tensor<3>, Tensor<3>) {
+    pub fn forward(&self, img: Tensor<3>, txt: Tensor<3>, vec: Tensor<2>, rope: &Rope) -> (Tensor<3>, Tensor<3>) {
         let [img_mod1, img_mod2]: [ModulationOut; 2] =
             self.img_mod.triples(vec.clone()).try_into().ok().expect("6 chunks");
-        let [txt_mod1, txt_mod2]: [ModulationOut; 2] =
-            self.txt_mod.triples(vec).try_into().ok().expect("6 chunks");
+        let [txt_mod1, txt_mod2]: [ModulationOut; 2] = self.txt_mod.triples(vec).try_into().ok().expect("6 chunks");
 
-        let [img_q, img_k, img_v] =
-            self.img_attn.qkv(img_mod1.modulate(layer_norm(img.clone())), self.num_heads);
-        let [txt_q, txt_k, txt_v] =
-            self.txt_attn.qkv(txt_mod1.modulate(layer_norm(txt.clone())), self.num_heads);
+        let [img_q, img_k, img_v] = self.img_attn.qkv(img_mod1.modulate(layer_norm(img.clone())), self.num_heads);
+        let [txt_q, txt_k, txt_v] = self.txt_attn.qkv(txt_mod1.modulate(layer_norm(txt.clone())), self.num_heads);
 
         // Joint attention over text then image tokens.
         let q = Tensor::cat(vec![txt_q, img_q], 2);
@@ -227,11 +216,9 @@ impl DoubleStreamBlock {
         let img_attn = attn.narrow(1, txt_len, img.dims()[1]);
 
         let img = img + img_mod1.gate * self.img_attn.proj.forward(img_attn);
-        let img = img.clone()
-            + img_mod2.gate.clone() * self.img_mlp.forward(img_mod2.modulate(layer_norm(img)));
+        let img = img.clone() + img_mod2.gate.clone() * self.img_mlp.forward(img_mod2.modulate(layer_norm(img)));
         let txt = txt + txt_mod1.gate * self.txt_attn.proj.forward(txt_attn);
-        let txt = txt.clone()
-            + txt_mod2.gate.clone() * self.txt_mlp.forward(txt_mod2.modulate(layer_norm(txt)));
+        let txt = txt.clone() + txt_mod2.gate.clone() * self.txt_mlp.forward(txt_mod2.modulate(layer_norm(txt)));
         (img, txt)
     }
 }
@@ -376,7 +363,12 @@ impl Flux {
         if channels != c.in_channels || txt_dim != c.context_in_dim || y.dims() != [batch, c.vec_in_dim] {
             bail!(
                 "input sizes img {:?}, txt {:?}, y {:?} do not fit this model ({} / {} / {})",
-                img.dims(), txt.dims(), y.dims(), c.in_channels, c.context_in_dim, c.vec_in_dim
+                img.dims(),
+                txt.dims(),
+                y.dims(),
+                c.in_channels,
+                c.context_in_dim,
+                c.vec_in_dim
             );
         }
         if txt_batch != batch || timesteps.len() != batch {

@@ -51,9 +51,7 @@ impl Rope {
 /// Image token ids for a packed latent grid of `rows` × `cols`: (0, row, col), as
 /// FluxPipeline's `_prepare_latent_image_ids`.
 pub fn image_ids(rows: usize, cols: usize) -> Vec<[f32; 3]> {
-    (0..rows)
-        .flat_map(|r| (0..cols).map(move |c| [0.0, r as f32, c as f32]))
-        .collect()
+    (0..rows).flat_map(|r| (0..cols).map(move |c| [0.0, r as f32, c as f32])).collect()
 }
 
 /// Text token ids: all zeros (FLUX gives text no position of its own).
@@ -66,9 +64,7 @@ pub fn text_ids(len: usize) -> Vec<[f32; 3]> {
 pub fn timestep_embedding(values: &[f32], dim: usize, device: &Device) -> Tensor<2> {
     let half = dim / 2;
     let log_period = -(10_000f64.ln() as f32);
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| ((log_period * i as f32) / half as f32).exp())
-        .collect();
+    let freqs: Vec<f32> = (0..half).map(|i| ((log_period * i as f32) / half as f32).exp()).collect();
     let mut out = Vec::with_capacity(values.len() * dim);
     for &v in values {
         let t = v * 1000.0;

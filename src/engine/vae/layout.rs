@@ -88,7 +88,9 @@ impl TensorSource for VaeWeights {
 
     /// Reads a BFL-named tensor; attention projections always come out as [C, C, 1, 1].
     fn read(&self, name: &str) -> Result<HostTensor> {
-        let Some(source) = self.source(name) else { bail!("{name} has no counterpart in the {:?} layout", self.layout) };
+        let Some(source) = self.source(name) else {
+            bail!("{name} has no counterpart in the {:?} layout", self.layout)
+        };
         let mut t = self.set.read(&source)?;
         if t.shape.len() == 2 && name.ends_with(".weight") {
             t.shape.extend([1, 1]);

@@ -110,7 +110,11 @@ impl ResnetBlock {
             conv1: l.conv2d("conv1", inputs, outputs, 3, 1, (1, 1))?,
             norm2: l.group_norm("norm2", outputs, groups)?,
             conv2: l.conv2d("conv2", outputs, outputs, 3, 1, (1, 1))?,
-            nin_shortcut: if inputs != outputs { Some(l.conv2d("nin_shortcut", inputs, outputs, 1, 1, (0, 0))?) } else { None },
+            nin_shortcut: if inputs != outputs {
+                Some(l.conv2d("nin_shortcut", inputs, outputs, 1, 1, (0, 0))?)
+            } else {
+                None
+            },
         })
     }
 
@@ -138,7 +142,13 @@ pub struct AttnBlock {
 impl AttnBlock {
     fn load(l: &Loader, c: usize, groups: usize) -> Result<Self> {
         let conv = |n: &str| l.conv2d(n, c, c, 1, 1, (0, 0));
-        Ok(AttnBlock { norm: l.group_norm("norm", c, groups)?, q: conv("q")?, k: conv("k")?, v: conv("v")?, proj_out: conv("proj_out")? })
+        Ok(AttnBlock {
+            norm: l.group_norm("norm", c, groups)?,
+            q: conv("q")?,
+            k: conv("k")?,
+            v: conv("v")?,
+            proj_out: conv("proj_out")?,
+        })
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
@@ -146,7 +156,8 @@ impl AttnBlock {
         let n = self.norm.forward(x.clone());
         // [B, C, H, W] → [B, 1, HW, C]. The flatten forces a contiguous copy: burn 0.22's wgpu
         // attention kernel returns wrong values when the last dim is strided (a transposed view).
-        let seq = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2).reshape([b * h * w * c]).reshape([b, 1, h * w, c]);
+        let seq =
+            |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2).reshape([b * h * w * c]).reshape([b, 1, h * w, c]);
         let out = attention(
             seq(self.q.forward(n.clone())),
             seq(self.k.forward(n.clone())),
@@ -267,7 +278,11 @@ impl Decoder {
                 block.push(ResnetBlock::load(&level.pp("block").pp(j), width, c.ch * m, g)?);
                 width = c.ch * m;
             }
-            let upsample = if i != 0 { Some(Resample { conv: level.pp("upsample").conv2d("conv", width, width, 3, 1, (1, 1))? }) } else { None };
+            let upsample = if i != 0 {
+                Some(Resample { conv: level.pp("upsample").conv2d("conv", width, width, 3, 1, (1, 1))? })
+            } else {
+                None
+            };
             up.push(Up { block, upsample });
         }
         up.reverse();
@@ -293,7 +308,11 @@ pub struct Vae {
 impl Vae {
     /// The module tree of `config`, walked once: from a checkpoint, as a check, or random.
     pub fn build(l: &Loader, config: VaeConfig) -> Result<Self> {
-        Ok(Vae { encoder: Encoder::load(&l.pp("encoder"), &config)?, decoder: Decoder::load(&l.pp("decoder"), &config)?, config })
+        Ok(Vae {
+            encoder: Encoder::load(&l.pp("encoder"), &config)?,
+            decoder: Decoder::load(&l.pp("decoder"), &config)?,
+            config,
+        })
     }
 
     /// Checks the checkpoint against `config`'s module tree, then loads it.
@@ -333,7 +352,8 @@ impl Vae {
             if let Some(up) = &level.upsample {
                 let [b, c, hh, ww] = h.dims();
                 // Nearest-neighbour ×2, then the 3×3 conv.
-                let doubled = h.reshape([b, c, hh, 1, ww, 1]).expand([b, c, hh, 2, ww, 2]).reshape([b, c, 2 * hh, 2 * ww]);
+                let doubled =
+                    h.reshape([b, c, hh, 1, ww, 1]).expand([b, c, hh, 2, ww, 2]).reshape([b, c, 2 * hh, 2 * ww]);
                 h = up.conv.forward(doubled);
             }
         }

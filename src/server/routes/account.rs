@@ -45,11 +45,7 @@ fn login_refused() -> ApiError {
 }
 
 /// POST /api/login {name, password}: a session cookie and the CSRF token.
-pub async fn login(
-    req: HttpRequest,
-    state: Data,
-    body: web::Json<Login>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn login(req: HttpRequest, state: Data, body: web::Json<Login>) -> Result<HttpResponse, ApiError> {
     let Login { name, password } = body.into_inner();
     if name.len() > 64 || password.len() > MAX_PASSWORD_BYTES {
         return Err(login_refused());
@@ -90,21 +86,17 @@ pub async fn login(
         return Err(login_refused());
     };
     state.limiter.succeed(&attempt);
-    Ok(HttpResponse::Ok()
-        .cookie(session_cookie(&req, &state, token, days as i64))
-        .json(SessionView { user: &user, csrf_token: Some(&session.csrf), expires_at: Some(session.expires_at) }))
+    Ok(HttpResponse::Ok().cookie(session_cookie(&req, &state, token, days as i64)).json(SessionView {
+        user: &user,
+        csrf_token: Some(&session.csrf),
+        expires_at: Some(session.expires_at),
+    }))
 }
 
 /// POST /api/logout: revokes the session.
-pub async fn logout(
-    req: HttpRequest,
-    state: Data,
-    caller: Caller,
-) -> Result<HttpResponse, ApiError> {
+pub async fn logout(req: HttpRequest, state: Data, caller: Caller) -> Result<HttpResponse, ApiError> {
     if let Via::Session { token, .. } = caller.via {
-        state
-            .db(move |c| Ok(accounts::revoke_session(&c.app, &token, c.now())?))
-            .await?;
+        state.db(move |c| Ok(accounts::revoke_session(&c.app, &token, c.now())?)).await?;
         state.credentials_changed();
     }
     let mut gone = session_cookie(&req, &state, String::new(), 0);
@@ -128,9 +120,7 @@ pub async fn session(caller: Caller) -> Result<HttpResponse, ApiError> {
 /// GET /api/keys
 pub async fn list_keys(state: Data, caller: Caller) -> Result<HttpResponse, ApiError> {
     let id = caller.user.id;
-    let keys = state
-        .db(move |c| Ok(accounts::list_api_keys(&c.app, id)?))
-        .await?;
+    let keys = state.db(move |c| Ok(accounts::list_api_keys(&c.app, id)?)).await?;
     Ok(HttpResponse::Ok().json(KeyList { keys }))
 }
 
@@ -142,40 +132,24 @@ pub struct NewKey {
 
 /// POST /api/keys {label}: the new key, shown only in this answer. Only from a logged-in
 /// session: a key must not be able to mint more keys (revoking a leaked key would not end it).
-pub async fn create_key(
-    state: Data,
-    caller: Caller,
-    body: web::Json<NewKey>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn create_key(state: Data, caller: Caller, body: web::Json<NewKey>) -> Result<HttpResponse, ApiError> {
     if !matches!(caller.via, Via::Session { .. }) {
-        return Err(ApiError::forbidden(
-            "create API keys from a logged-in browser session, not with an API key",
-        ));
+        return Err(ApiError::forbidden("create API keys from a logged-in browser session, not with an API key"));
     }
     let label = body.into_inner().label.trim().to_string();
     if label.len() > 100 {
-        return Err(ApiError::bad_request(
-            "the label is longer than 100 characters",
-        ));
+        return Err(ApiError::bad_request("the label is longer than 100 characters"));
     }
     let id = caller.user.id;
-    let (key, info) = state
-        .db(move |c| Ok(accounts::create_api_key(&c.app, id, &label, c.now())?))
-        .await?;
+    let (key, info) = state.db(move |c| Ok(accounts::create_api_key(&c.app, id, &label, c.now())?)).await?;
     Ok(HttpResponse::Created().json(KeyCreated { key, info }))
 }
 
 /// DELETE /api/keys/{id}
-pub async fn revoke_key(
-    state: Data,
-    caller: Caller,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn revoke_key(state: Data, caller: Caller, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let key_id: i64 = path.parse().map_err(|_| ApiError::not_found("API key"))?;
     let user = caller.user.id;
-    let ok = state
-        .db(move |c| Ok(accounts::revoke_api_key(&c.app, user, key_id, c.now())?))
-        .await?;
+    let ok = state.db(move |c| Ok(accounts::revoke_api_key(&c.app, user, key_id, c.now())?)).await?;
     if !ok {
         return Err(ApiError::not_found("API key"));
     }
@@ -217,9 +191,7 @@ pub async fn change_password(
 ) -> Result<HttpResponse, ApiError> {
     let NewPassword { current, new } = body.into_inner();
     let Via::Session { token, .. } = &caller.via else {
-        return Err(ApiError::forbidden(
-            "change the password from a logged-in browser session, not with an API key",
-        ));
+        return Err(ApiError::forbidden("change the password from a logged-in browser session, not with an API key"));
     };
     let attempt = Attempt::new(&caller.user.name, &state.client_ip(&req));
     if let Some(wait) = state.limiter.blocked(&attempt) {
@@ -230,33 +202,22 @@ pub async fn change_password(
         ));
     }
     if new.chars().count() < 8 {
-        return Err(ApiError::bad_request(
-            "the new password must have at least 8 characters",
-        ));
+        return Err(ApiError::bad_request("the new password must have at least 8 characters"));
     }
     if new.len() > MAX_PASSWORD_BYTES {
-        return Err(ApiError::bad_request(format!(
-            "the new password must have at most {MAX_PASSWORD_BYTES} bytes"
-        )));
+        return Err(ApiError::bad_request(format!("the new password must have at most {MAX_PASSWORD_BYTES} bytes")));
     }
     state.limiter.fail(&attempt);
     let user = caller.user.clone();
     let keep = token.clone();
     let changed = state
         .db(move |c| {
-            if current.len() > MAX_PASSWORD_BYTES
-                || !c.ledger.verify_password(&user.name, &current)?
-            {
+            if current.len() > MAX_PASSWORD_BYTES || !c.ledger.verify_password(&user.name, &current)? {
                 return Ok(None);
             }
             c.ledger.set_password(user.id, &new)?;
             let now = c.now();
-            Ok(Some(accounts::end_credentials_after_password_change(
-                &c.app,
-                user.id,
-                Some(&keep),
-                now,
-            )?))
+            Ok(Some(accounts::end_credentials_after_password_change(&c.app, user.id, Some(&keep), now)?))
         })
         .await?;
     let Some((sessions, keys)) = changed else {
@@ -268,6 +229,5 @@ pub async fn change_password(
     };
     state.limiter.succeed(&attempt);
     state.credentials_changed();
-    Ok(HttpResponse::Ok()
-        .json(PasswordChanged { ok: true, sessions_ended: sessions, api_keys_revoked: keys }))
+    Ok(HttpResponse::Ok().json(PasswordChanged { ok: true, sessions_ended: sessions, api_keys_revoked: keys }))
 }

@@ -114,7 +114,12 @@ pub struct SetPlan {
 }
 
 /// POST /api/admin/users/{id}/plan {plan, yearly?}: upgrades now, downgrades at period end.
-pub async fn set_plan(state: Data, caller: Caller, path: web::Path<String>, body: web::Json<SetPlan>) -> Result<HttpResponse, ApiError> {
+pub async fn set_plan(
+    state: Data,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<SetPlan>,
+) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
     let id = user_id(&path)?;
     let b = body.into_inner();
@@ -136,7 +141,12 @@ pub struct Grant {
 }
 
 /// POST /api/admin/users/{id}/grant {credits, expires_at?}
-pub async fn grant(state: Data, caller: Caller, path: web::Path<String>, body: web::Json<Grant>) -> Result<HttpResponse, ApiError> {
+pub async fn grant(
+    state: Data,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<Grant>,
+) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
     let id = user_id(&path)?;
     let b = body.into_inner();
@@ -177,11 +187,7 @@ pub async fn disable(
             c.ledger.user_by_id(id)?;
             accounts::set_disabled(&c.app, id, disabled, c.now())?;
             // A disabled account's waiting and running jobs stop, their credits released.
-            Ok(if disabled {
-                jobs.cancel_all_of(c, id)?
-            } else {
-                0
-            })
+            Ok(if disabled { jobs.cancel_all_of(c, id)? } else { 0 })
         })
         .await?;
     state.credentials_changed();
@@ -204,7 +210,8 @@ pub async fn queue(state: Data, caller: Caller) -> Result<HttpResponse, ApiError
                 queue.push(AdminJob { job: j, position: Some(pos), user, error_detail: None });
             }
             queue.sort_by_key(|v| v.position.flatten().unwrap_or(0));
-            let recent = store::list_jobs(&c.app, None, &[JobStatus::Succeeded, JobStatus::Failed, JobStatus::Canceled], 50)?;
+            let recent =
+                store::list_jobs(&c.app, None, &[JobStatus::Succeeded, JobStatus::Failed, JobStatus::Canceled], 50)?;
             let recent = recent
                 .into_iter()
                 .map(|j| {

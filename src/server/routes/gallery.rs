@@ -23,7 +23,8 @@ pub async fn list(state: Data, caller: Caller, q: web::Query<Page>) -> Result<Ht
     let per_page = q.per_page.unwrap_or(24).clamp(1, 200);
     let page = q.page.unwrap_or(1).clamp(1, 1_000_000);
     let user = caller.user.id;
-    let (images, total) = state.db(move |c| Ok(store::list_images(&c.app, user, (page - 1) * per_page, per_page)?)).await?;
+    let (images, total) =
+        state.db(move |c| Ok(store::list_images(&c.app, user, (page - 1) * per_page, per_page)?)).await?;
     Ok(HttpResponse::Ok().json(ImagePage { images, page, per_page, total, pages: total.div_ceil(per_page) }))
 }
 
@@ -47,13 +48,22 @@ pub struct FileQuery {
 }
 
 /// GET /api/images/{id}/file[?download=true]: the PNG (with its A1111 parameters).
-pub async fn file(state: Data, caller: Caller, path: web::Path<String>, q: web::Query<FileQuery>) -> Result<HttpResponse, ApiError> {
+pub async fn file(
+    state: Data,
+    caller: Caller,
+    path: web::Path<String>,
+    q: web::Query<FileQuery>,
+) -> Result<HttpResponse, ApiError> {
     let m = own_image(&state, &caller, path.into_inner()).await?;
     let bytes = read_png(&state, &m.id).await?;
     let mut r = HttpResponse::Ok();
-    r.insert_header(("Content-Type", "image/png")).insert_header(("Cache-Control", "private, max-age=31536000, immutable"));
+    r.insert_header(("Content-Type", "image/png"))
+        .insert_header(("Cache-Control", "private, max-age=31536000, immutable"));
     if q.download.unwrap_or(false) {
-        r.insert_header(("Content-Disposition", format!("attachment; filename=\"atelier-{}-{}.png\"", m.seed, &m.id[..8])));
+        r.insert_header((
+            "Content-Disposition",
+            format!("attachment; filename=\"atelier-{}-{}.png\"", m.seed, &m.id[..8]),
+        ));
     }
     Ok(r.body(bytes))
 }

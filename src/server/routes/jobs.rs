@@ -26,9 +26,7 @@ pub fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     let Some(v) = req.headers().get("idempotency-key") else {
         return Ok(None);
     };
-    let key = v
-        .to_str()
-        .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII characters"))?;
+    let key = v.to_str().map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII characters"))?;
     crate::jobs::validate_idempotency_key(key)?;
     Ok(Some(key.to_string()))
 }
@@ -59,13 +57,13 @@ pub async fn create(
     body: web::Json<JobSpec>,
 ) -> Result<HttpResponse, ApiError> {
     let (s, left) = submit_spec(&state, &caller, body.into_inner(), idempotency_key(&req)?).await?;
-    let mut r = if s.replayed {
-        HttpResponse::Ok()
-    } else {
-        HttpResponse::Created()
-    };
-    Ok(r.insert_header(("X-Credits-Remaining", left.to_string()))
-        .json(Submitted { job: &s.job, replayed: s.replayed, credits_held: s.job.price, credits_remaining: left }))
+    let mut r = if s.replayed { HttpResponse::Ok() } else { HttpResponse::Created() };
+    Ok(r.insert_header(("X-Credits-Remaining", left.to_string())).json(Submitted {
+        job: &s.job,
+        replayed: s.replayed,
+        credits_held: s.job.price,
+        credits_remaining: left,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -89,9 +87,8 @@ pub async fn list(state: Data, caller: Caller, q: web::Query<ListQuery>) -> Resu
     let user = (!all).then_some(caller.user.id);
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
     let jobs = state.jobs.clone();
-    let (list, positions) = state
-        .db(move |c| Ok((store::list_jobs(&c.app, user, &statuses, limit)?, jobs.positions(c)?)))
-        .await?;
+    let (list, positions) =
+        state.db(move |c| Ok((store::list_jobs(&c.app, user, &statuses, limit)?, jobs.positions(c)?))).await?;
     let jobs = list.iter().map(|j| JobView::new(j, &positions)).collect();
     Ok(HttpResponse::Ok().json(JobList { jobs }))
 }
@@ -115,17 +112,10 @@ pub async fn get(state: Data, caller: Caller, path: web::Path<String>) -> Result
 
 /// POST /api/jobs/{id}/cancel: a queued job is canceled now (credits released); a running one
 /// stops at its next step (202).
-pub async fn cancel(
-    state: Data,
-    caller: Caller,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn cancel(state: Data, caller: Caller, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let job = own_job(&state, &caller, path.into_inner()).await?;
     if job.status.is_final() {
-        return Err(ApiError::conflict(format!(
-            "the job already {}",
-            job.status.as_str()
-        )));
+        return Err(ApiError::conflict(format!("the job already {}", job.status.as_str())));
     }
     let jobs = state.jobs.clone();
     let status = state.db(move |c| Ok(jobs.cancel(c, &job)?)).await?;
@@ -134,43 +124,29 @@ pub async fn cancel(
         JobStatus::Canceled => Ok(HttpResponse::Ok().json(body)),
         // A running job was asked to stop: it stops at its next step.
         JobStatus::Running | JobStatus::Queued => Ok(HttpResponse::Accepted().json(body)),
-        done => Err(ApiError::conflict(format!(
-            "the job already {}",
-            done.as_str()
-        ))),
+        done => Err(ApiError::conflict(format!("the job already {}", done.as_str()))),
     }
 }
 
 /// The final event of a job that has ended, from the database.
 pub fn final_event(job: &Job) -> Option<JobEvent> {
     match job.status {
-        JobStatus::Succeeded => Some(JobEvent::Succeeded {
-            images: job.images.clone(),
-            credits_charged: job.price,
-        }),
-        JobStatus::Failed => Some(JobEvent::Failed {
-            error: job.error.clone().unwrap_or_default(),
-        }),
+        JobStatus::Succeeded => Some(JobEvent::Succeeded { images: job.images.clone(), credits_charged: job.price }),
+        JobStatus::Failed => Some(JobEvent::Failed { error: job.error.clone().unwrap_or_default() }),
         JobStatus::Canceled => Some(JobEvent::Canceled),
         _ => None,
     }
 }
 
 fn sse_frame(e: &Envelope) -> Bytes {
-    Bytes::from(format!(
-        "data: {}\n\n",
-        serde_json::to_string(e).unwrap_or_default()
-    ))
+    Bytes::from(format!("data: {}\n\n", serde_json::to_string(e).unwrap_or_default()))
 }
 
 /// Whether the credential a stream was opened with still holds (a database error counts as
 /// yes: the stream is not cut for a busy moment).
 async fn still_allowed(state: &Data, via: &Via) -> bool {
     let via = via.clone();
-    state
-        .db(move |c| Ok(live(c, &via)?.is_some()))
-        .await
-        .unwrap_or(true)
+    state.db(move |c| Ok(live(c, &via)?.is_some())).await.unwrap_or(true)
 }
 
 /// A server-sent event stream of the events `keep` selects, starting with `first`; it ends
@@ -230,9 +206,11 @@ fn sse(
             }
         }
     });
-    let body = futures_util::stream::unfold(out, |mut out| async move {
-        out.recv().await.map(|b| (Ok::<_, Infallible>(b), out))
-    });
+    let body =
+        futures_util::stream::unfold(
+            out,
+            |mut out| async move { out.recv().await.map(|b| (Ok::<_, Infallible>(b), out)) },
+        );
     HttpResponse::Ok()
         .insert_header(("Content-Type", "text/event-stream"))
         .insert_header(("Cache-Control", "no-cache"))
@@ -250,14 +228,7 @@ pub async fn job_events(state: Data, caller: Caller, path: web::Path<String>) ->
         None => state.jobs.hub.snapshot(Some(&job.id), None),
     };
     let id = job.id.clone();
-    Ok(sse(
-        state,
-        caller.via,
-        rx,
-        first,
-        move |e| e.job_id == id,
-        true,
-    ))
+    Ok(sse(state, caller.via, rx, first, move |e| e.job_id == id, true))
 }
 
 /// GET /api/events: progress of all the caller's jobs, for as long as the client listens.
@@ -265,12 +236,5 @@ pub async fn user_events(state: Data, caller: Caller) -> Result<HttpResponse, Ap
     let rx = state.jobs.hub.subscribe();
     let user: UserId = caller.user.id;
     let first = state.jobs.hub.snapshot(None, Some(user));
-    Ok(sse(
-        state,
-        caller.via,
-        rx,
-        first,
-        move |e| e.user_id == user,
-        false,
-    ))
+    Ok(sse(state, caller.via, rx, first, move |e| e.user_id == user, false))
 }

@@ -16,11 +16,17 @@ use crate::server::error::ApiError;
 
 /// Mounts every route on an app.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(web::JsonConfig::default().limit(256 * 1024).error_handler(|e, _| {
-        ApiError::bad_request(format!("invalid JSON body: {e}")).into()
-    }))
-    .app_data(web::QueryConfig::default().error_handler(|e, _| ApiError::bad_request(format!("invalid query: {e}")).into()))
-    .app_data(web::PathConfig::default().error_handler(|e, _| ApiError::bad_request(format!("invalid path: {e}")).into()))
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(256 * 1024)
+            .error_handler(|e, _| ApiError::bad_request(format!("invalid JSON body: {e}")).into()),
+    )
+    .app_data(
+        web::QueryConfig::default().error_handler(|e, _| ApiError::bad_request(format!("invalid query: {e}")).into()),
+    )
+    .app_data(
+        web::PathConfig::default().error_handler(|e, _| ApiError::bad_request(format!("invalid path: {e}")).into()),
+    )
     .route("/healthz", web::get().to(ops::healthz))
     .route("/metrics", web::get().to(ops::metrics))
     .route("/v1/models", web::get().to(openai::models))

@@ -45,7 +45,12 @@ fn parse_size(s: &str) -> Result<(u32, u32), ApiError> {
 }
 
 /// POST /v1/images/generations
-pub async fn generations(req: HttpRequest, state: Data, caller: Caller, body: web::Json<ImagesRequest>) -> Result<HttpResponse, ApiError> {
+pub async fn generations(
+    req: HttpRequest,
+    state: Data,
+    caller: Caller,
+    body: web::Json<ImagesRequest>,
+) -> Result<HttpResponse, ApiError> {
     let b = body.into_inner();
     let format = b.response_format.as_deref().unwrap_or("b64_json");
     if format != "b64_json" && format != "url" {
@@ -54,14 +59,9 @@ pub async fn generations(req: HttpRequest, state: Data, caller: Caller, body: we
     let model = match b.model {
         Some(m) => m,
         // No model named: the first ready one.
-        None => state
-            .jobs
-            .models
-            .models
-            .values()
-            .find(|m| m.is_ready())
-            .map(|m| m.id.clone())
-            .ok_or_else(|| ApiError::new(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "no_model", "no model is available"))?,
+        None => state.jobs.models.models.values().find(|m| m.is_ready()).map(|m| m.id.clone()).ok_or_else(|| {
+            ApiError::new(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "no_model", "no model is available")
+        })?,
     };
     let (width, height) = match &b.size {
         Some(s) => parse_size(s)?,
@@ -86,19 +86,13 @@ pub async fn generations(req: HttpRequest, state: Data, caller: Caller, body: we
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
     while outcome.is_none() {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Ok(e)) if e.job_id == job_id && e.event.is_final() => {
-                outcome = Some(e.event.clone())
-            }
+            Ok(Ok(e)) if e.job_id == job_id && e.event.is_final() => outcome = Some(e.event.clone()),
             Ok(Ok(_)) => {}
             Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
                 // Missed events: read the job's state instead.
                 let id = job_id.clone();
-                let job = state
-                    .db(move |c| Ok(crate::jobs::store::get_job(&c.app, &id)?))
-                    .await?;
-                outcome = job
-                    .as_ref()
-                    .and_then(crate::server::routes::jobs::final_event);
+                let job = state.db(move |c| Ok(crate::jobs::store::get_job(&c.app, &id)?)).await?;
+                outcome = job.as_ref().and_then(crate::server::routes::jobs::final_event);
             }
             Ok(Err(_)) | Err(_) => {
                 return Err(ApiError::internal("the job did not finish in time"));
@@ -115,21 +109,11 @@ pub async fn generations(req: HttpRequest, state: Data, caller: Caller, body: we
     let user = caller.user.id;
     let hold = sub.job.hold_id;
     let (charged, left) = state
-        .db(move |c| {
-            Ok((
-                c.ledger.hold(hold)?.captured,
-                c.ledger.balance(user, Resource::Credits)?.available,
-            ))
-        })
+        .db(move |c| Ok((c.ledger.hold(hold)?.captured, c.ledger.balance(user, Resource::Credits)?.available)))
         .await?;
     let mut data = Vec::new();
     // Links are built on the configured address, never on the request's Host header.
-    let base = state
-        .public_url
-        .get()
-        .cloned()
-        .flatten()
-        .unwrap_or_default();
+    let base = state.public_url.get().cloned().flatten().unwrap_or_default();
     for id in &images {
         if format == "url" {
             data.push(OpenAiImage {

@@ -18,10 +18,7 @@ fn models_ready(state: &AppState) -> usize {
 }
 
 pub async fn healthz(state: Data) -> Result<HttpResponse, ApiError> {
-    let db_ok = state
-        .db(|c| Ok(c.app.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
-        .await
-        .is_ok();
+    let db_ok = state.db(|c| Ok(c.app.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?)).await.is_ok();
     let ready = models_ready(&state);
     let body = Health {
         status: if db_ok { "ok" } else { "degraded" },
@@ -29,28 +26,14 @@ pub async fn healthz(state: Data) -> Result<HttpResponse, ApiError> {
         models_ready: ready,
         device: &state.device,
     };
-    Ok(if db_ok {
-        HttpResponse::Ok().json(body)
-    } else {
-        HttpResponse::ServiceUnavailable().json(body)
-    })
+    Ok(if db_ok { HttpResponse::Ok().json(body) } else { HttpResponse::ServiceUnavailable().json(body) })
 }
 
 /// GET /metrics: for admins and for requests from this machine (where a Prometheus agent
 /// usually runs), or for anyone with `[server] metrics_public = true`.
-pub async fn metrics(
-    req: HttpRequest,
-    state: Data,
-    caller: Option<Caller>,
-) -> Result<HttpResponse, ApiError> {
-    let local = state
-        .client_ip(&req)
-        .parse::<std::net::IpAddr>()
-        .is_ok_and(|ip| ip.is_loopback());
-    if !(state.config.server.metrics_public
-        || local
-        || caller.as_ref().is_some_and(Caller::is_admin))
-    {
+pub async fn metrics(req: HttpRequest, state: Data, caller: Option<Caller>) -> Result<HttpResponse, ApiError> {
+    let local = state.client_ip(&req).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !(state.config.server.metrics_public || local || caller.as_ref().is_some_and(Caller::is_admin)) {
         return Err(ApiError::forbidden(
             "/metrics is for admins and this machine (set [server] metrics_public = true to open it)",
         ));
@@ -58,32 +41,20 @@ pub async fn metrics(
     let counts = state.db(|c| Ok(store::count_by_status(&c.app)?)).await?;
     let m = &state.jobs.metrics;
     let mut out = String::new();
-    let queued = counts
-        .iter()
-        .find(|(s, _)| *s == store::JobStatus::Queued)
-        .map_or(0, |(_, n)| *n);
+    let queued = counts.iter().find(|(s, _)| *s == store::JobStatus::Queued).map_or(0, |(_, n)| *n);
     let _ = writeln!(
         out,
         "# HELP atelier_queue_depth Jobs waiting to start.\n# TYPE atelier_queue_depth gauge\natelier_queue_depth {queued}"
     );
-    let _ = writeln!(
-        out,
-        "# HELP atelier_jobs Jobs by state.\n# TYPE atelier_jobs gauge"
-    );
+    let _ = writeln!(out, "# HELP atelier_jobs Jobs by state.\n# TYPE atelier_jobs gauge");
     for (s, n) in &counts {
         let _ = writeln!(out, "atelier_jobs{{state=\"{}\"}} {n}", s.as_str());
     }
     let steps = m.steps.load(Ordering::Relaxed);
     let sum = m.step_micros.load(Ordering::Relaxed) as f64 / 1e6;
     let last = m.last_step_micros.load(Ordering::Relaxed) as f64 / 1e6;
-    let _ = writeln!(
-        out,
-        "# HELP atelier_step_seconds Time per sampling step.\n# TYPE atelier_step_seconds summary"
-    );
-    let _ = writeln!(
-        out,
-        "atelier_step_seconds_sum {sum}\natelier_step_seconds_count {steps}"
-    );
+    let _ = writeln!(out, "# HELP atelier_step_seconds Time per sampling step.\n# TYPE atelier_step_seconds summary");
+    let _ = writeln!(out, "atelier_step_seconds_sum {sum}\natelier_step_seconds_count {steps}");
     let _ = writeln!(
         out,
         "# HELP atelier_step_seconds_last The last step's time.\n# TYPE atelier_step_seconds_last gauge\natelier_step_seconds_last {last}"
@@ -103,7 +74,5 @@ pub async fn metrics(
         out,
         "# HELP atelier_models_ready Models that can run.\n# TYPE atelier_models_ready gauge\natelier_models_ready {ready}"
     );
-    Ok(HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(out))
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(out))
 }

@@ -5,8 +5,8 @@ use actix_web::{HttpResponse, web};
 use chrono::Duration;
 use serde::Deserialize;
 
-use crate::jobs::{Conn, Jobs};
 use crate::jobs::store::JobSpec;
+use crate::jobs::{Conn, Jobs};
 use crate::ledger::{ModelAccess, Refusal, Resource, User};
 use crate::models::ModelState;
 use crate::server::auth::Caller;
