@@ -64,12 +64,12 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn run_bench(a: BenchArgs) -> Result<()> {
-    if a.head_dim == 0 || a.hidden % a.head_dim != 0 || a.head_dim % 8 != 0 {
+    if a.head_dim == 0 || !a.hidden.is_multiple_of(a.head_dim) || !a.head_dim.is_multiple_of(8) {
         anyhow::bail!("--hidden must be a multiple of --head-dim, and --head-dim a multiple of 8");
     }
     let first = a.head_dim / 8;
     let rest = (a.head_dim - first) / 2;
-    let axes_dim = if (a.head_dim - first) % 4 == 0 {
+    let axes_dim = if (a.head_dim - first).is_multiple_of(4) {
         vec![first, rest, rest]
     } else {
         vec![a.head_dim / 2, a.head_dim / 4, a.head_dim / 4]

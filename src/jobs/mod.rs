@@ -260,13 +260,13 @@ impl Jobs {
     /// one (released when it stops). Returns the job's status after the request: when another
     /// cancel or the worker changed it first, the status it has now.
     pub fn cancel(&self, db: &mut Conn, job: &Job) -> anyhow::Result<JobStatus> {
-        if job.status == JobStatus::Queued {
-            if store::finish(&db.app, &job.id, &[JobStatus::Queued], JobStatus::Canceled, None, db.now())? {
-                db.ledger.release(job.hold_id)?;
-                self.hub.publish(&job.id, job.user_id, JobEvent::Canceled);
-                self.publish_positions(db);
-                return Ok(JobStatus::Canceled);
-            }
+        if job.status == JobStatus::Queued
+            && store::finish(&db.app, &job.id, &[JobStatus::Queued], JobStatus::Canceled, None, db.now())?
+        {
+            db.ledger.release(job.hold_id)?;
+            self.hub.publish(&job.id, job.user_id, JobEvent::Canceled);
+            self.publish_positions(db);
+            return Ok(JobStatus::Canceled);
         }
         // Lost a race (or it was running): act on what the job is now.
         let now = store::get_job(&db.app, &job.id)?.map_or(job.status, |j| j.status);
@@ -289,10 +289,10 @@ impl Jobs {
     fn cancel_running(&self, job_id: &str) {
         // The worker registers a job here before it marks it running, so a job seen running
         // is always found.
-        if let Some((id, flag)) = self.running.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            if id == job_id {
-                flag.store(true, Ordering::Relaxed);
-            }
+        if let Some((id, flag)) = self.running.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+            && id == job_id
+        {
+            flag.store(true, Ordering::Relaxed);
         }
     }
 

@@ -126,14 +126,15 @@ impl FromRequest for Caller {
                     Ok(Caller { user, via, session_expires_at: live.expires_at })
                 })
                 .await?;
-            if let Via::Session { csrf, .. } = &caller.via {
-                if !safe && !csrf_sent.is_some_and(|sent| crate::secret::constant_time_eq(&sent, csrf)) {
-                    return Err(ApiError::new(
-                        actix_web::http::StatusCode::FORBIDDEN,
-                        "csrf",
-                        "missing or wrong CSRF token (send X-CSRF-Token)",
-                    ));
-                }
+            if let Via::Session { csrf, .. } = &caller.via
+                && !safe
+                && !csrf_sent.is_some_and(|sent| crate::secret::constant_time_eq(&sent, csrf))
+            {
+                return Err(ApiError::new(
+                    actix_web::http::StatusCode::FORBIDDEN,
+                    "csrf",
+                    "missing or wrong CSRF token (send X-CSRF-Token)",
+                ));
             }
             Ok(caller)
         })

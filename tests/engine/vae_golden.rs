@@ -60,8 +60,7 @@ fn vae_decode_on_wgpu() {
 #[test]
 fn a_transformer_file_is_not_a_vae() {
     let err = vae::load_vae(&fixture("flux/schnell/bfl.safetensors"), &Device::flex(), DType::F32, None)
-        .err()
-        .expect("a transformer must not load as a VAE");
+        .expect_err("a transformer must not load as a VAE");
     assert!(format!("{err:#}").contains("not a VAE"), "{err:#}");
 }
 

@@ -182,10 +182,10 @@ impl Client {
         if let Some(c) = &self.cookie {
             hs.push(("Cookie".into(), c.clone()));
         }
-        if let Some(t) = &self.csrf {
-            if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("x-csrf-token")) {
-                hs.push(("X-CSRF-Token".into(), t.clone()));
-            }
+        if let Some(t) = &self.csrf
+            && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("x-csrf-token"))
+        {
+            hs.push(("X-CSRF-Token".into(), t.clone()));
         }
         if let Some(k) = &self.key {
             hs.push(("Authorization".into(), format!("Bearer {k}")));
