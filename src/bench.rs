@@ -1,15 +1,14 @@
 //! `atelier bench`: one FLUX transformer step timed on a chosen device, and the peak
 //! resident memory of loading its checkpoint.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::engine::device::SelectedDevice;
-use crate::engine::flux::{self, Flux, FluxConfig, FluxInput};
-use crate::engine::loader::{Walk, write_random};
+use crate::engine::flux::{self, FluxConfig, FluxInput};
 use crate::engine::noise::torch_randn;
 
 #[derive(Debug, Clone)]
@@ -89,16 +88,6 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// Writes a random checkpoint of `config` in BFL layout: the tensors the model's own walk
-/// reads, with the values [`Walk::random`] with `seed` gives (U(-1,1)/sqrt(fan_in), norm
-/// scales 1).
-pub fn write_random_checkpoint(config: &FluxConfig, path: &Path, seed: u64) -> Result<()> {
-    let walk = Walk::plan();
-    Flux::build(&walk.root(), config.clone())?;
-    let axes = serde_json::to_string(&config.axes_dim)?;
-    write_random(path, &walk.entries(), &[("axes_dims_rope", &axes)], seed)
-}
-
 pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
     if spec.steps == 0 || spec.img_tokens == 0 || spec.batch == 0 {
         bail!("steps, image tokens and batch must be at least 1");
@@ -109,7 +98,7 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
         None => {
             temp = TempFile(std::env::temp_dir().join(format!("atelier-bench-{}.safetensors", std::process::id())));
             eprintln!("writing a random checkpoint to {}", temp.0.display());
-            write_random_checkpoint(&spec.config, &temp.0, 0)?;
+            flux::write_random_checkpoint(&spec.config, &temp.0, 0)?;
             temp.0.clone()
         }
     };

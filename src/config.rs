@@ -14,7 +14,7 @@ use crate::ledger::{MeteringConfig, ModelPricing, PlanConfig, PlansConfig, Prici
 pub struct Config {
     pub server: ServerConfig,
     pub engine: EngineConfig,
-    pub limits: Limits,
+    pub limits: crate::spec::ConfiguredLimits,
     pub queue: QueueConfig,
     /// `[models.<id>]`: the models this installation serves.
     pub models: BTreeMap<String, ModelEntry>,
@@ -221,14 +221,6 @@ impl Dtype {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Limits {
-    pub max_width: u32,
-    pub max_height: u32,
-    pub max_steps: u32,
-}
-
 impl Default for Config {
     fn default() -> Self {
         let plans = PlansConfig::shipped();
@@ -269,12 +261,6 @@ impl Default for EngineConfig {
             dtype: Dtype::F32,
             weights_dir: "weights".into(),
         }
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits { max_width: 2048, max_height: 2048, max_steps: 100 }
     }
 }
 

@@ -50,6 +50,25 @@ pub enum Sizes {
     RoundDown,
 }
 
+/// The largest distilled guidance accepted, by the engine and the server: far above what
+/// FLUX.1-dev is used with (about 1–10).
+pub const MAX_GUIDANCE: f32 = 30.0;
+
+/// The `[limits]` section of `config.toml`: the largest image and step count this host takes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfiguredLimits {
+    pub max_width: u32,
+    pub max_height: u32,
+    pub max_steps: u32,
+}
+
+impl Default for ConfiguredLimits {
+    fn default() -> Self {
+        ConfiguredLimits { max_width: 2048, max_height: 2048, max_steps: 100 }
+    }
+}
+
 /// The bounds a request must keep, for one caller. `GET /api/limits` answers the server's.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Limits {
@@ -71,7 +90,7 @@ pub struct Limits {
 
 impl Limits {
     /// The server's: sides from 64 pixels, multiples of 16, up to the configured maximum.
-    pub fn server(config: &crate::config::Limits) -> Limits {
+    pub fn server(config: &ConfiguredLimits) -> Limits {
         Limits {
             min_side: 64,
             max_width: config.max_width,
@@ -81,14 +100,14 @@ impl Limits {
             max_steps: config.max_steps,
             max_batch: MAX_BATCH,
             max_prompt_bytes: MAX_PROMPT_BYTES,
-            max_guidance: f64::from(crate::engine::pipeline::MAX_GUIDANCE),
+            max_guidance: f64::from(MAX_GUIDANCE),
             flags: false,
         }
     }
 
     /// The command line's: sides from 16 pixels, rounded down to a multiple of 16 with a
     /// warning, up to the configured maximum.
-    pub fn cli(config: &crate::config::Limits) -> Limits {
+    pub fn cli(config: &ConfiguredLimits) -> Limits {
         Limits { min_side: SIZE_STEP, sizes: Sizes::RoundDown, flags: true, ..Limits::server(config) }
     }
 
@@ -103,7 +122,7 @@ impl Limits {
             max_steps: u32::MAX,
             max_batch: u32::MAX,
             max_prompt_bytes: usize::MAX,
-            max_guidance: f64::from(crate::engine::pipeline::MAX_GUIDANCE),
+            max_guidance: f64::from(MAX_GUIDANCE),
             flags: false,
         }
     }
@@ -242,7 +261,7 @@ mod tests {
 
     #[test]
     fn the_server_refuses_what_the_cli_rounds() {
-        let config = crate::config::Limits::default();
+        let config = ConfiguredLimits::default();
         let (server, cli) = (Limits::server(&config), Limits::cli(&config));
         assert!(spec(64, 64).validate(&server).is_ok());
         let e = spec(48, 64).validate(&server).unwrap_err().0;
@@ -260,7 +279,7 @@ mod tests {
 
     #[test]
     fn steps_guidance_batch_and_prompt_are_bounded() {
-        let server = Limits::server(&crate::config::Limits::default());
+        let server = Limits::server(&ConfiguredLimits::default());
         let cli = Limits { flags: true, ..server.clone() };
         let with = |f: &dyn Fn(&mut JobSpec)| {
             let mut s = spec(512, 512);

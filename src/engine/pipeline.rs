@@ -261,9 +261,6 @@ impl Resident {
 /// uses 256 by default). Beyond it the text and RoPE tables only grow, up to an allocation
 /// failure that aborts the process.
 pub const MAX_SEQUENCE_LENGTH: usize = 512;
-/// The largest distilled guidance accepted, here and by the server: far above what
-/// FLUX.1-dev is used with (about 1–10).
-pub const MAX_GUIDANCE: f32 = 30.0;
 
 /// What a request resolves to for a model, known before any compute: the settings the images
 /// will be made (and labelled) with.

@@ -123,7 +123,7 @@ pub struct Jobs {
 impl Jobs {
     pub fn new(
         models: Arc<ModelRegistry>,
-        limits: crate::config::Limits,
+        limits: crate::spec::ConfiguredLimits,
         queue: QueueConfig,
         images_dir: std::path::PathBuf,
     ) -> Jobs {

@@ -44,3 +44,13 @@ pub fn open_checked(path: &Path, axes_hint: Option<&DiffusersConfig>) -> Result<
 pub fn read_diffusers_config(path: &Path) -> Result<Option<DiffusersConfig>> {
     crate::engine::weights::read_config_json(path)
 }
+
+/// Writes a random checkpoint of `config` in BFL layout: the tensors the model's own walk
+/// reads, with the values `Walk::random` with `seed` gives (U(-1,1)/sqrt(fan_in), norm
+/// scales 1), so it loads like a real file (`bench`, tests).
+pub fn write_random_checkpoint(config: &FluxConfig, path: &Path, seed: u64) -> Result<()> {
+    let walk = crate::engine::loader::Walk::plan();
+    Flux::build(&walk.root(), config.clone())?;
+    let axes = serde_json::to_string(&config.axes_dim)?;
+    crate::engine::loader::write_random(path, &walk.entries(), &[("axes_dims_rope", &axes)], seed)
+}
