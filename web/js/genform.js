@@ -113,6 +113,9 @@ function diceIcon() {
 function wire(onSubmit) {
   const reprice = debounce(updatePrice, 220);
   S.reprice = () => {
+    // A quote still in flight is for the old settings: bumping the sequence now (not when the
+    // debounced request starts) keeps it from marking the new settings' price as shown.
+    S.priceSeq++;
     el.price.dataset.state = 'loading';
     S.priceOk = false;
     syncButton();
