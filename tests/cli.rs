@@ -220,6 +220,15 @@ fn computed(o: &Output) -> bool {
     stderr(o).contains("encoding the prompt") || stderr(o).contains("step 1/")
 }
 
+/// `atelier generate` of one step at 32×32 on the CPU, with `extra` arguments after those.
+fn generate_small(cwd: &Path, model: &str, prompt: &str, out: &Path, extra: &[&str]) -> Output {
+    let small = ["--steps", "1", "--width", "32", "--height", "32", "--device", "cpu"];
+    let mut args = vec!["generate", "--model", model, "--prompt", prompt, "--out", out.to_str().unwrap()];
+    args.extend(small);
+    args.extend(extra);
+    atelier(cwd, &args)
+}
+
 #[test]
 fn prompts_outside_latin1_generate_and_read_back_identical() {
     let dir = tempfile::tempdir().unwrap();
@@ -231,30 +240,8 @@ fn prompts_outside_latin1_generate_and_read_back_identical() {
     ];
     for (i, prompt) in prompts.iter().enumerate() {
         let out = dir.path().join(format!("p{i}.png"));
-        let o = atelier(
-            dir.path(),
-            &[
-                "generate",
-                "--model",
-                &demo("schnell"),
-                "--prompt",
-                prompt,
-                "--seed",
-                "5",
-                "--steps",
-                "1",
-                "--width",
-                "32",
-                "--height",
-                "32",
-                "--max-sequence-length",
-                "16",
-                "--device",
-                "cpu",
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        );
+        let o =
+            generate_small(dir.path(), &demo("schnell"), prompt, &out, &["--seed", "5", "--max-sequence-length", "16"]);
         assert!(o.status.success(), "{prompt}: {}", stderr(&o));
         let expected = format!("{prompt}\nSteps: 1, Sampler: Euler, Seed: 5, Size: 32x32, Model: schnell");
         assert_eq!(parameters(&std::fs::read(&out).unwrap()), expected);
@@ -272,28 +259,7 @@ fn an_output_that_cannot_be_written_fails_before_the_compute_and_leaves_no_file(
     for (out, expected, batch) in
         [(&missing, "does not exist", "1"), (&missing, "does not exist", "2"), (&folder, "is a folder", "1")]
     {
-        let o = atelier(
-            dir.path(),
-            &[
-                "generate",
-                "--model",
-                &demo("dev"),
-                "--prompt",
-                "a fox",
-                "--steps",
-                "1",
-                "--width",
-                "32",
-                "--height",
-                "32",
-                "--batch",
-                batch,
-                "--device",
-                "cpu",
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        );
+        let o = generate_small(dir.path(), &demo("dev"), "a fox", out, &["--batch", batch]);
         assert_eq!(o.status.code(), Some(1), "{out:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(expected), "{out:?}: expected {expected:?} in {}", stderr(&o));
         assert!(!computed(&o), "{out:?}: it computed first: {}", stderr(&o));
@@ -319,27 +285,7 @@ fn sequence_length_and_guidance_out_of_bounds_are_refused() {
     ];
     for kind in ["schnell", "dev"] {
         for (flag, value) in cases {
-            let o = atelier(
-                dir.path(),
-                &[
-                    "generate",
-                    "--model",
-                    &demo(kind),
-                    "--prompt",
-                    "a fox",
-                    "--steps",
-                    "1",
-                    "--width",
-                    "32",
-                    "--height",
-                    "32",
-                    "--device",
-                    "cpu",
-                    &format!("{flag}={value}"),
-                    "--out",
-                    out.to_str().unwrap(),
-                ],
-            );
+            let o = generate_small(dir.path(), &demo(kind), "a fox", &out, &[&format!("{flag}={value}")]);
             let err = stderr(&o);
             assert_eq!(o.status.code(), Some(1), "{kind} {flag} {value}: {err}");
             assert!(err.contains(flag) && err.contains("must be"), "{kind} {flag} {value}: {err}");
@@ -347,30 +293,8 @@ fn sequence_length_and_guidance_out_of_bounds_are_refused() {
         }
     }
     // The bounds themselves are fine.
-    let o = atelier(
-        dir.path(),
-        &[
-            "generate",
-            "--model",
-            &demo("dev"),
-            "--prompt",
-            "a fox",
-            "--steps",
-            "1",
-            "--width",
-            "32",
-            "--height",
-            "32",
-            "--device",
-            "cpu",
-            "--max-sequence-length",
-            "2",
-            "--guidance",
-            "30",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    );
+    let o =
+        generate_small(dir.path(), &demo("dev"), "a fox", &out, &["--max-sequence-length", "2", "--guidance", "30"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(parameters(&std::fs::read(&out).unwrap()).ends_with("Guidance: 30"));
 }
@@ -417,26 +341,7 @@ fn a_model_with_a_missing_or_wrong_component_is_refused_before_sampling() {
     ];
     for (model, expected) in cases {
         let out = dir.path().join("x.png");
-        let o = atelier(
-            dir.path(),
-            &[
-                "generate",
-                "--model",
-                model.to_str().unwrap(),
-                "--prompt",
-                "a fox",
-                "--steps",
-                "1",
-                "--width",
-                "32",
-                "--height",
-                "32",
-                "--device",
-                "cpu",
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        );
+        let o = generate_small(dir.path(), model.to_str().unwrap(), "a fox", &out, &[]);
         assert_eq!(o.status.code(), Some(1), "{model:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(expected), "{model:?}: expected {expected:?} in {}", stderr(&o));
         assert!(!computed(&o), "{model:?}: it computed first: {}", stderr(&o));
