@@ -199,16 +199,30 @@ pub struct EngineConfig {
     pub weights_dir: PathBuf,
 }
 
-/// `[engine] dtype`: the compute dtype of model weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// `[engine] dtype`: the compute dtype of model weights (any case: `F16`, `bf16`, `fp32`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dtype {
-    #[serde(alias = "fp32", alias = "float32")]
     F32,
-    #[serde(alias = "fp16", alias = "float16")]
     F16,
-    #[serde(alias = "bfloat16")]
     Bf16,
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Dtype::F32),
+            "f16" | "fp16" | "float16" => Ok(Dtype::F16),
+            "bf16" | "bfloat16" => Ok(Dtype::Bf16),
+            _ => Err(format!("unknown dtype {s:?}: expected f32, f16 or bf16")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Dtype {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Dtype {
@@ -364,7 +378,7 @@ mod tests {
     fn a_wrong_setting_names_the_allowed_values() {
         for (toml, allowed) in [
             ("[engine]\ndevice = \"tpu\"", "auto, cpu, wgpu or vulkan"),
-            ("[engine]\ndtype = \"f64\"", "`f32`"),
+            ("[engine]\ndtype = \"f64\"", "f32, f16 or bf16"),
             ("[server]\nsecure_cookies = \"sometimes\"", "`auto`, `always`, `never`"),
         ] {
             let err = toml::from_str::<Config>(toml).unwrap_err().to_string();
@@ -376,6 +390,9 @@ mod tests {
         assert_eq!(c.engine.device, crate::engine::device::DeviceChoice::Cpu);
         assert_eq!(c.engine.dtype, Dtype::Bf16);
         assert_eq!(c.server.secure_cookies, SecureCookies::Never);
+        // Settings read as they always were: in any case.
+        let c: Config = toml::from_str("[engine]\ndevice = \"CPU\"\ndtype = \"BF16\"").unwrap();
+        assert_eq!((c.engine.device, c.engine.dtype), (crate::engine::device::DeviceChoice::Cpu, Dtype::Bf16));
     }
 
     #[test]

@@ -167,7 +167,9 @@ impl Limits {
                 p.width, p.height
             ));
         }
-        if width > u64::from(self.max_width) || height > u64::from(self.max_height) {
+        // The maximum applies to what was asked, so rounding down never lets an oversized
+        // request through.
+        if p.width > u64::from(self.max_width) || p.height > u64::from(self.max_height) {
             return bad(format!(
                 "size {}x{} is above the configured maximum {}x{} ([limits] max_width, max_height)",
                 p.width, p.height, self.max_width, self.max_height
@@ -274,6 +276,9 @@ mod tests {
         let e = spec(15, 64).validate(&cli).unwrap_err().0;
         assert!(e.contains("at least 16"), "{e}");
         let e = spec(4096, 64).validate(&cli).unwrap_err().0;
+        assert!(e.contains("above the configured maximum"), "{e}");
+        // Rounding down never brings an oversized request within the maximum.
+        let e = spec(2050, 64).validate(&cli).unwrap_err().0;
         assert!(e.contains("above the configured maximum"), "{e}");
     }
 
