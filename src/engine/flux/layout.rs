@@ -48,6 +48,8 @@ impl TransformerWeights {
     }
 
     pub fn new(set: WeightSet) -> Result<Self> {
+        // city96's GGUF files say what they hold; a llama or T5 GGUF is refused by name.
+        set.expect_gguf_architecture("flux", "FLUX transformer")?;
         let layout = detect_layout(&set)?;
         Ok(TransformerWeights { set, layout })
     }
