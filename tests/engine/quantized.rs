@@ -121,6 +121,20 @@ fn bad_gguf_files_are_clear_errors_naming_the_file() {
         let msg = format!("{:#}", atelier::engine::flux::open_checked(&path, None).err().unwrap());
         assert!(msg.contains(path.to_str().unwrap()) && msg.contains(says), "{msg}");
     }
+    // Tensor infos whose shapes disagree with the model the other tensors describe: txt_in's
+    // dims swapped (same size, so only the walk can tell).
+    let mut patched = bytes.clone();
+    let name = b"txt_in.weight";
+    let at = patched.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    assert_eq!(&patched[at..at + 4], &2u32.to_le_bytes());
+    let (d0, d1) = (at + 4, at + 12);
+    let first: [u8; 8] = patched[d0..d0 + 8].try_into().unwrap();
+    patched.copy_within(d1..d1 + 8, d0);
+    patched[d1..d1 + 8].copy_from_slice(&first);
+    let path = dir.path().join("swapped.gguf");
+    std::fs::write(&path, &patched).unwrap();
+    let msg = format!("{:#}", atelier::engine::flux::open_checked(&path, None).err().unwrap());
+    assert!(msg.contains(path.to_str().unwrap()) && msg.contains("txt_in.weight has shape [8, 32]"), "{msg}");
     let path = dir.path().join("not.gguf");
     std::fs::write(&path, b"PK\x03\x04 a zip file").unwrap();
     let msg = format!("{:#}", GgufFile::open(&path).err().unwrap());

@@ -116,9 +116,11 @@ impl TransformerWeights {
         (0..).take_while(|i| self.shape(&format!("{prefix}{i}.{probe}")).is_some()).count()
     }
 
-    /// "Bfl transformer checkpoint", … for errors.
+    /// "Bfl transformer checkpoint <file>", … for errors.
     pub fn describe(&self) -> String {
-        format!("{:?} transformer checkpoint", self.layout)
+        let paths = self.set.paths();
+        let more = if paths.len() > 1 { format!(" (and {} more shards)", paths.len() - 1) } else { String::new() };
+        format!("{:?} transformer checkpoint {}{more}", self.layout, paths[0].display())
     }
 }
 
