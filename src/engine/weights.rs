@@ -93,7 +93,9 @@ impl SafetensorsFile {
         let side: Vec<String> = tensors
             .keys()
             .filter(|k| {
+                // The marker sits under the component's prefix in all-in-one files.
                 *k == "scaled_fp8"
+                    || k.ends_with(".scaled_fp8")
                     || WEIGHT_SCALES
                         .iter()
                         .chain(&INPUT_SCALES)
@@ -479,6 +481,24 @@ mod tests {
         assert_eq!(decode_floats(&one_bf16, Dtype::BF16).unwrap(), vec![1.5]);
         assert_eq!(decode_floats(&one_f16, Dtype::F16).unwrap(), vec![-2.25]);
         assert!(decode_floats(&[0u8; 4], Dtype::I32).is_err());
+    }
+
+    #[test]
+    fn scaled_fp8_side_tensors_are_hidden_and_applied() {
+        use safetensors::tensor::TensorView;
+        let (w, scale) = ([0x38u8, 0xB8], 0.5f32.to_le_bytes()); // e4m3fn 1.0, -1.0
+        let views = vec![
+            ("model.diffusion_model.scaled_fp8", TensorView::new(Dtype::F8_E4M3, vec![0], &[]).unwrap()),
+            ("model.diffusion_model.a.weight", TensorView::new(Dtype::F8_E4M3, vec![2, 1], &w).unwrap()),
+            ("model.diffusion_model.a.scale_weight", TensorView::new(Dtype::F32, vec![], &scale).unwrap()),
+            ("model.diffusion_model.a.input_scale", TensorView::new(Dtype::F32, vec![], &scale).unwrap()),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scaled.safetensors");
+        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+        let set = WeightSet::open(&path).unwrap();
+        assert_eq!(set.keys().collect::<Vec<_>>(), ["model.diffusion_model.a.weight"]);
+        assert_eq!(set.read("model.diffusion_model.a.weight").unwrap().data, vec![0.5, -0.5]);
     }
 
     #[test]
