@@ -122,8 +122,8 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
     let (width, height) = (checked.width as usize, checked.height as usize);
     // A tokenizers folder under weights_dir overrides the built-in copies.
     let tokenizers = models::tokenizers_dir(config);
-    let (files, model_name) = match (&a.model, a.transformer.clone()) {
-        (Some(m), None) => match config.models.get(m) {
+    let (mut files, model_name) = match (&a.model, a.transformer.clone()) {
+        (Some(m), _) => match config.models.get(m) {
             Some(entry) => (models::resolve_files(m, entry, tokenizers.as_deref())?, m.clone()),
             None if std::path::Path::new(m).is_dir() => {
                 let name = std::path::Path::new(m).file_name().map_or(m.clone(), |n| n.to_string_lossy().into_owned());
@@ -150,8 +150,23 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
             };
             (models::resolve_files(&name, &entry, tokenizers.as_deref())?, name)
         }
-        _ => anyhow::bail!("give either --model or --transformer (with --vae, --clip, --t5)"),
+        (None, None) => {
+            anyhow::bail!("give either --model or --transformer (with --vae, --clip, --t5)")
+        }
     };
+    if a.model.is_some() {
+        // Single files beside --model replace that component (e.g. a GGUF or fp8 transformer).
+        for (given, slot) in [
+            (&a.transformer, &mut files.transformer),
+            (&a.vae, &mut files.vae),
+            (&a.clip, &mut files.clip),
+            (&a.t5, &mut files.t5),
+        ] {
+            if let Some(path) = given {
+                *slot = path.clone();
+            }
+        }
+    }
     let device_choice = a.device.parse::<DeviceChoice>()?;
     let req = GenerateRequest {
         prompt: a.prompt.clone(),
@@ -216,6 +231,19 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
 }
 
 fn inspect(path: &std::path::Path) -> Result<()> {
+    if atelier::engine::gguf::is_gguf(path) {
+        let file = atelier::engine::gguf::GgufFile::open(path)?;
+        println!(
+            "GGUF v{}: architecture {}, {} tensors, {} bytes",
+            file.version(),
+            file.architecture().unwrap_or("(none)"),
+            file.tensors().len(),
+            file.len()
+        );
+        for (ty, count, bytes) in file.bytes_per_type() {
+            println!("  {:<5} {count:>5} tensors {bytes:>14} bytes", ty.name());
+        }
+    }
     let (weights, config) = flux::open_checked(path, None)?;
     println!("layout: {:?}", weights.layout());
     println!("{config:#?}");

@@ -377,3 +377,71 @@ fn the_demo_models_are_the_pipeline_fixtures() {
         assert!(demo == fixture, "{kind}: a file's contents differ");
     }
 }
+
+#[test]
+fn a_gguf_transformer_beside_a_model_generates_and_inspect_lists_its_block_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = fixture("gguf/flux_schnell_q8_0.gguf");
+    let o = atelier(dir.path(), &["inspect", gguf.to_str().unwrap()]);
+    assert!(o.status.success(), "inspect failed: {}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(text.contains("GGUF v3: architecture flux, 80 tensors"), "{text}");
+    for line in ["Q8_0 29 tensors", "F32 46 tensors", "F16 5 tensors", "layout: Bfl"] {
+        assert!(text.contains(line), "{line:?} missing from {text}");
+    }
+    let out = dir.path().join("fox.png");
+    let model = fixture("pipeline/schnell/diffusers");
+    let o = atelier(
+        dir.path(),
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--transformer",
+            gguf.to_str().unwrap(),
+            "--prompt",
+            "a red fox in the snow, studio photo",
+            "--seed",
+            "42",
+            "--steps",
+            "3",
+            "--width",
+            "80",
+            "--height",
+            "48",
+            "--max-sequence-length",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "generate failed: {}", stderr(&o));
+    let img = image::load_from_memory(&std::fs::read(&out).unwrap()).unwrap().to_rgb8();
+    let golden = safetensors_image(&fixture("pipeline/schnell/golden.safetensors"));
+    let worst = img.as_raw().iter().zip(&golden).map(|(a, b)| (*a as f32 - b).abs()).fold(0f32, f32::max);
+    assert!(worst <= 64.0, "a Q8_0 image far from the unquantized one: {worst}/255");
+    // A llama GGUF given as the transformer is refused by name before any compute.
+    let llama = dir.path().join("llama.gguf");
+    let mut bytes = std::fs::read(&gguf).unwrap();
+    let at = bytes.windows(4).position(|w| w == b"flux").unwrap();
+    bytes.splice(at..at + 4, *b"lama");
+    std::fs::write(&llama, bytes).unwrap();
+    let o = atelier(
+        dir.path(),
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--transformer",
+            llama.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--out",
+            dir.path().join("no.png").to_str().unwrap(),
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("architecture \"lama\", not a FLUX transformer"), "{}", stderr(&o));
+}

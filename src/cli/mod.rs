@@ -31,7 +31,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Show what a transformer checkpoint is: its layout and inferred configuration.
     Inspect {
-        /// A BFL / ComfyUI .safetensors file or a diffusers transformer folder.
+        /// A BFL / ComfyUI .safetensors or .gguf file, or a diffusers transformer folder
+        /// (a GGUF file's block types and bytes per type are listed first).
         path: PathBuf,
     },
     /// Run the server: browser UI, HTTP API and OpenAI-compatible API, with the job queue.
@@ -59,7 +60,8 @@ pub struct GenerateArgs {
     /// A diffusers pipeline folder, or a model id from config.toml.
     #[arg(long)]
     pub model: Option<String>,
-    /// Single files instead of --model (BFL / ComfyUI layouts).
+    /// Single files instead of --model (BFL / ComfyUI layouts, `.gguf`, fp8), or beside it to
+    /// replace that component of the model.
     #[arg(long)]
     pub transformer: Option<PathBuf>,
     #[arg(long)]

@@ -3,6 +3,7 @@
 pub mod clip;
 pub mod device;
 pub mod flux;
+pub mod gguf;
 pub mod layers;
 pub mod loader;
 pub mod noise;

@@ -13,6 +13,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
 
+use crate::engine::gguf::{self, GgufFile};
+
 /// A tensor on the host, row-major, in f32.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
@@ -62,8 +64,16 @@ pub struct SafetensorsFile {
     mmap: Mmap,
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
+    /// Scaled-fp8 side tensors (`scaled_fp8`, `*.scale_weight`, `*.weight_scale`, input
+    /// scales): not model tensors, so hidden from `tensors`; weights are multiplied by theirs.
+    aux: HashMap<String, TensorInfo>,
     metadata: HashMap<String, String>,
 }
+
+/// Per-layer scales of ComfyUI's scaled fp8 (older and newer spelling): w = fp8 · scale.
+const WEIGHT_SCALES: [&str; 2] = [".scale_weight", ".weight_scale"];
+/// Activation scales for fp8 matmuls; meaningless once weights are dequantized.
+const INPUT_SCALES: [&str; 2] = [".scale_input", ".input_scale"];
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
@@ -78,9 +88,24 @@ impl SafetensorsFile {
                 describe_safetensors_error(&e)
             )
         })?;
-        let tensors = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
+        let mut tensors: HashMap<String, TensorInfo> =
+            meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
+        let side: Vec<String> = tensors
+            .keys()
+            .filter(|k| {
+                // The marker sits under the component's prefix in all-in-one files.
+                *k == "scaled_fp8"
+                    || k.ends_with(".scaled_fp8")
+                    || WEIGHT_SCALES
+                        .iter()
+                        .chain(&INPUT_SCALES)
+                        .any(|s| k.strip_suffix(s).is_some_and(|stem| tensors.contains_key(&format!("{stem}.weight"))))
+            })
+            .cloned()
+            .collect();
+        let aux = side.into_iter().map(|k| (k.clone(), tensors.remove(&k).unwrap())).collect();
         let metadata = meta.metadata().clone().unwrap_or_default();
-        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start: 8 + header_len, tensors, metadata })
+        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start: 8 + header_len, tensors, aux, metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -95,8 +120,18 @@ impl SafetensorsFile {
         let info = self.tensors.get(name).ok_or_else(|| anyhow!("tensor {name} not in {}", self.path.display()))?;
         let (start, end) = info.data_offsets;
         let bytes = &self.mmap[self.data_start + start..self.data_start + end];
-        let data =
+        let mut data =
             decode_floats(bytes, info.dtype).with_context(|| format!("tensor {name} in {}", self.path.display()))?;
+        if let Some(stem) = name.strip_suffix(".weight")
+            && let Some((scale_name, scale)) =
+                WEIGHT_SCALES.iter().find_map(|s| self.aux.get_key_value(&format!("{stem}{s}")))
+        {
+            let (s0, s1) = scale.data_offsets;
+            let scale = decode_floats(&self.mmap[self.data_start + s0..self.data_start + s1], scale.dtype)
+                .with_context(|| format!("tensor {scale_name} in {}", self.path.display()))?;
+            apply_scale(&mut data, &info.shape, &scale)
+                .with_context(|| format!("{scale_name} in {}", self.path.display()))?;
+        }
         // The tensor now lives in `data`; drop the file pages it came from so the mapping does
         // not double the resident size. They are re-read from disk if ever touched again.
         // SAFETY: the mapping is private and read-only, so discarding pages loses nothing.
@@ -116,20 +151,109 @@ fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
     }
 }
 
+/// w · scale for a scaled-fp8 weight: one scale for the tensor, or one per output row.
+fn apply_scale(data: &mut [f32], shape: &[usize], scale: &[f32]) -> Result<()> {
+    match scale.len() {
+        1 => data.iter_mut().for_each(|w| *w *= scale[0]),
+        n if shape.first() == Some(&n) && n > 0 => {
+            let row = data.len() / n;
+            for (chunk, s) in data.chunks_mut(row).zip(scale) {
+                chunk.iter_mut().for_each(|w| *w *= s);
+            }
+        }
+        n => bail!("{n} scale values for a weight of shape {shape:?} (expected 1 or one per row)"),
+    }
+    Ok(())
+}
+
+/// float8_e4m3fn (no infinities; S.1111.111 is NaN) to f32, exactly.
+fn f8_e4m3fn(b: u8) -> f32 {
+    let (exp, man) = ((b >> 3) & 0xF, b & 7);
+    let magnitude = if exp == 0xF && man == 7 {
+        f32::NAN
+    } else if exp == 0 {
+        f32::from(man) * (1.0 / 512.0)
+    } else {
+        f32::from_bits((u32::from(exp) + 120) << 23 | u32::from(man) << 20)
+    };
+    if b & 0x80 != 0 { -magnitude } else { magnitude }
+}
+
 fn decode_floats(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
     // Little-endian per the safetensors spec; the mapping is not necessarily aligned.
     Ok(match dtype {
+        Dtype::F8_E4M3 => bytes.iter().map(|&b| f8_e4m3fn(b)).collect(),
+        // e5m2 is the upper byte of an f16.
+        Dtype::F8_E5M2 => bytes.iter().map(|&b| half::f16::from_bits(u16::from(b) << 8).to_f32()).collect(),
         Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         Dtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-        other => bail!("dtype {other:?} is not supported (expected F32, F16, BF16 or F64)"),
+        other => bail!("dtype {other:?} is not supported (expected F32, F16, BF16, F64, F8_E4M3 or F8_E5M2)"),
     })
+}
+
+/// One file of a [`WeightSet`]: safetensors, or GGUF (dequantized as it is read).
+enum WeightFile {
+    Safetensors(SafetensorsFile),
+    Gguf(GgufFile),
+}
+
+impl WeightFile {
+    fn open(path: &Path) -> Result<Self> {
+        Ok(if gguf::is_gguf(path) {
+            Self::Gguf(GgufFile::open(path)?)
+        } else {
+            Self::Safetensors(SafetensorsFile::open(path)?)
+        })
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Self::Safetensors(f) => f.path(),
+            Self::Gguf(f) => f.path(),
+        }
+    }
+
+    fn names(&self) -> Vec<&String> {
+        match self {
+            Self::Safetensors(f) => f.tensors.keys().collect(),
+            Self::Gguf(f) => f.tensors().keys().collect(),
+        }
+    }
+
+    fn shape(&self, name: &str) -> Option<&[usize]> {
+        match self {
+            Self::Safetensors(f) => f.tensors.get(name).map(|t| t.shape.as_slice()),
+            Self::Gguf(f) => f.tensors().get(name).map(|t| t.shape.as_slice()),
+        }
+    }
+
+    fn read(&self, name: &str) -> Result<HostTensor> {
+        match self {
+            Self::Safetensors(f) => f.read(name),
+            Self::Gguf(f) => f.read(name),
+        }
+    }
+
+    fn metadata(&self, key: &str) -> Option<&str> {
+        match self {
+            Self::Safetensors(f) => f.metadata.get(key).map(|s| s.as_str()),
+            Self::Gguf(f) => f.metadata().get(key).and_then(gguf::Value::as_str),
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Self::Safetensors(f) => f.mmap.len() as u64,
+            Self::Gguf(f) => f.len(),
+        }
+    }
 }
 
 /// All tensors of a checkpoint, possibly spread over several files.
 pub struct WeightSet {
-    files: Vec<SafetensorsFile>,
+    files: Vec<WeightFile>,
     index: BTreeMap<String, usize>,
 }
 
@@ -138,14 +262,13 @@ impl WeightSet {
         if paths.is_empty() {
             bail!("no weight files given");
         }
-        let mut files = Vec::new();
+        let mut files: Vec<WeightFile> = Vec::new();
         let mut index = BTreeMap::new();
         for path in paths {
-            let file = SafetensorsFile::open(path)?;
-            for name in file.tensors.keys() {
+            let file = WeightFile::open(path)?;
+            for name in file.names() {
                 if let Some(prev) = index.insert(name.clone(), files.len()) {
-                    let prev: &SafetensorsFile = &files[prev];
-                    bail!("tensor {name} appears in both {} and {}", prev.path.display(), path.display());
+                    bail!("tensor {name} appears in both {} and {}", files[prev].path().display(), path.display());
                 }
             }
             files.push(file);
@@ -153,7 +276,7 @@ impl WeightSet {
         Ok(WeightSet { files, index })
     }
 
-    /// A single `.safetensors` file, or a diffusers component folder (sharded or not).
+    /// A single `.safetensors` or `.gguf` file, or a diffusers component folder (sharded or not).
     pub fn open(path: &Path) -> Result<Self> {
         if path.is_dir() {
             Self::open_files(&diffusers_weight_files(path)?)
@@ -173,8 +296,7 @@ impl WeightSet {
     }
 
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        let file = &self.files[*self.index.get(name)?];
-        Some(&file.tensors[name].shape)
+        self.files[*self.index.get(name)?].shape(name)
     }
 
     pub fn read(&self, name: &str) -> Result<HostTensor> {
@@ -182,9 +304,30 @@ impl WeightSet {
         self.files[*file].read(name)
     }
 
-    /// `__metadata__` entries of all files.
+    /// `__metadata__` entries of all files (string metadata of GGUF files).
     pub fn metadata(&self, key: &str) -> Option<&str> {
-        self.files.iter().find_map(|f| f.metadata.get(key).map(|s| s.as_str()))
+        self.files.iter().find_map(|f| f.metadata(key))
+    }
+
+    /// The GGUF files of the set (none for safetensors checkpoints).
+    pub fn gguf_files(&self) -> impl Iterator<Item = &GgufFile> {
+        self.files.iter().filter_map(|f| if let WeightFile::Gguf(g) = f { Some(g) } else { None })
+    }
+
+    /// An error naming the file when a GGUF file of the set is of another architecture than
+    /// `expected` (`general.architecture`), e.g. a llama model given as a FLUX transformer.
+    pub fn expect_gguf_architecture(&self, expected: &str, what: &str) -> Result<()> {
+        for f in self.gguf_files() {
+            match f.architecture() {
+                Some(a) if a == expected => {}
+                found => bail!(
+                    "{} is a GGUF file of architecture {}, not a {what} (general.architecture = {expected})",
+                    f.path().display(),
+                    found.map_or_else(|| "(none given)".to_string(), |a| format!("{a:?}"))
+                ),
+            }
+        }
+        Ok(())
     }
 
     /// The key prefix in front of `anchor` (e.g. `text_encoders.t5xxl.transformer.` in a
@@ -204,7 +347,7 @@ impl WeightSet {
 
     /// Total bytes of tensor data across files.
     pub fn file_bytes(&self) -> u64 {
-        self.files.iter().map(|f| f.mmap.len() as u64).sum()
+        self.files.iter().map(|f| f.len()).sum()
     }
 }
 
@@ -338,6 +481,24 @@ mod tests {
         assert_eq!(decode_floats(&one_bf16, Dtype::BF16).unwrap(), vec![1.5]);
         assert_eq!(decode_floats(&one_f16, Dtype::F16).unwrap(), vec![-2.25]);
         assert!(decode_floats(&[0u8; 4], Dtype::I32).is_err());
+    }
+
+    #[test]
+    fn scaled_fp8_side_tensors_are_hidden_and_applied() {
+        use safetensors::tensor::TensorView;
+        let (w, scale) = ([0x38u8, 0xB8], 0.5f32.to_le_bytes()); // e4m3fn 1.0, -1.0
+        let views = vec![
+            ("model.diffusion_model.scaled_fp8", TensorView::new(Dtype::F8_E4M3, vec![0], &[]).unwrap()),
+            ("model.diffusion_model.a.weight", TensorView::new(Dtype::F8_E4M3, vec![2, 1], &w).unwrap()),
+            ("model.diffusion_model.a.scale_weight", TensorView::new(Dtype::F32, vec![], &scale).unwrap()),
+            ("model.diffusion_model.a.input_scale", TensorView::new(Dtype::F32, vec![], &scale).unwrap()),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scaled.safetensors");
+        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+        let set = WeightSet::open(&path).unwrap();
+        assert_eq!(set.keys().collect::<Vec<_>>(), ["model.diffusion_model.a.weight"]);
+        assert_eq!(set.read("model.diffusion_model.a.weight").unwrap().data, vec![0.5, -0.5]);
     }
 
     #[test]

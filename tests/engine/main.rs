@@ -6,6 +6,7 @@ mod flux_errors;
 mod flux_golden;
 mod noise_golden;
 mod pipeline_golden;
+mod quantized;
 mod sampler_golden;
 mod text_golden;
 mod vae_golden;

@@ -48,6 +48,8 @@ impl TransformerWeights {
     }
 
     pub fn new(set: WeightSet) -> Result<Self> {
+        // city96's GGUF files say what they hold; a llama or T5 GGUF is refused by name.
+        set.expect_gguf_architecture("flux", "FLUX transformer")?;
         let layout = detect_layout(&set)?;
         Ok(TransformerWeights { set, layout })
     }
@@ -114,9 +116,11 @@ impl TransformerWeights {
         (0..).take_while(|i| self.shape(&format!("{prefix}{i}.{probe}")).is_some()).count()
     }
 
-    /// "Bfl transformer checkpoint", … for errors.
+    /// "Bfl transformer checkpoint <file>", … for errors.
     pub fn describe(&self) -> String {
-        format!("{:?} transformer checkpoint", self.layout)
+        let paths = self.set.paths();
+        let more = if paths.len() > 1 { format!(" (and {} more shards)", paths.len() - 1) } else { String::new() };
+        format!("{:?} transformer checkpoint {}{more}", self.layout, paths[0].display())
     }
 }
 
