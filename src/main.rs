@@ -10,7 +10,6 @@ use atelier::cli::{BenchArgs, Cli, Command, GenerateArgs};
 use atelier::config::{Config, ModelEntry};
 use atelier::engine::device::{self, DeviceChoice};
 use atelier::engine::flux::{self, FluxConfig};
-use atelier::engine::parse_dtype;
 use atelier::ledger::SystemClock;
 use atelier::models;
 
@@ -91,7 +90,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         txt_tokens: a.txt_tokens,
         batch: a.batch,
         steps: a.steps,
-        dtype: parse_dtype(&a.dtype)?,
+        dtype: a.dtype.parse::<atelier::config::Dtype>().map_err(anyhow::Error::msg)?.burn(),
     };
     let device = device::select(a.device.parse::<DeviceChoice>()?)?;
     let report = bench::run(&spec, &device)?;

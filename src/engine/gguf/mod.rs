@@ -18,7 +18,7 @@ use memmap2::{Mmap, UncheckedAdvice};
 pub use header::Value;
 pub use quant::{GgmlType, dequantize};
 
-use crate::engine::weights::HostTensor;
+use crate::engine::host_tensor::HostTensor;
 
 /// One tensor of a GGUF file.
 #[derive(Debug, Clone)]
