@@ -5,6 +5,7 @@ pub mod device;
 pub mod flux;
 pub mod layers;
 pub mod loader;
+pub mod lora;
 pub mod noise;
 pub mod pipeline;
 pub mod pngfile;
