@@ -473,24 +473,18 @@ fn the_demo_models_are_the_pipeline_fixtures() {
     }
 }
 
-/// `--lora FILE[:WEIGHT]`, repeatable, with a model named by single files: the image equals
+/// `--lora FILE[:WEIGHT]`, repeatable, on the demo model (the dev pipeline fixture): the image equals
 /// diffusers' with the same LoRAs, and the PNG records them the A1111/Forge way.
 #[test]
 fn generate_applies_loras_and_records_them() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("fox.png");
-    let single = |n: &str| fixture(&format!("pipeline/single/{n}")).to_str().unwrap().to_string();
     let lora = |n: &str, w: &str| format!("{}:{w}", fixture(&format!("lora/dev/{n}.safetensors")).to_str().unwrap());
     let (peft, kohya) = (lora("peft", "0.8"), lora("kohya", "-0.6"));
-    let (t, v, c, t5) = (
-        single("flux_dev_bfl.safetensors"),
-        single("ae.safetensors"),
-        single("clip_l.safetensors"),
-        single("t5xxl.safetensors"),
-    );
+    let model = demo("dev");
     #[rustfmt::skip]
     let args = [
-        "generate", "--transformer", &t, "--vae", &v, "--clip", &c, "--t5", &t5,
+        "generate", "--model", &model,
         "--prompt", "a red fox in the snow, studio photo", "--seed", "42", "--steps", "3",
         "--width", "80", "--height", "48", "--guidance", "3.5", "--max-sequence-length", "32",
         "--device", "cpu", "--lora", &peft, "--lora", &kohya, "--out", out.to_str().unwrap(),

@@ -141,7 +141,7 @@ fn bad_lora_files_are_clear_errors() {
     );
     let files = ModelFiles::from_diffusers(&fixture("pipeline/schnell/diffusers"), None).unwrap();
     let req = request("schnell", vec![LoraChoice { path: d.join("big.safetensors"), weight: 1.0 }]);
-    let e = format!("{:#}", pipeline::generate(&files, &req, &Device::flex(), |_| {}).unwrap_err());
+    let e = format!("{:#}", pipeline::generate(&files, &req, &Device::flex(), |_| {}).err().unwrap());
     assert!(e.contains("different model size") && e.contains("double_blocks.0.img_attn.proj"), "{e}");
 
     // Keys of a bigger FLUX (block 30 of a 2-block model): nothing matches this transformer.
@@ -153,7 +153,7 @@ fn bad_lora_files_are_clear_errors() {
         ],
     );
     let req = request("schnell", vec![LoraChoice { path: d.join("deep.safetensors"), weight: 1.0 }]);
-    let e = format!("{:#}", pipeline::generate(&files, &req, &Device::flex(), |_| {}).unwrap_err());
+    let e = format!("{:#}", pipeline::generate(&files, &req, &Device::flex(), |_| {}).err().unwrap());
     assert!(e.contains("none of its keys match this model's transformer"), "{e}");
 
     // A missing file is named.
