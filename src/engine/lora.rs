@@ -381,17 +381,9 @@ fn resolve(module: &str) -> Option<Target> {
     if let Some(t) = xlabs(rest) {
         return Some(flux(t));
     }
-    if rest.starts_with("double_blocks.")
-        || rest.starts_with("single_blocks.")
-        || rest.starts_with("final_layer.")
-        || !rest.contains('.')
-        || rest.starts_with("time_in.")
-        || rest.starts_with("vector_in.")
-        || rest.starts_with("guidance_in.")
-    {
-        if let Some(p) = bfl_flat(&rest.replace('.', "_")) {
-            return Some(flux((p, Rows::All)));
-        }
+    // BFL paths (`double_blocks.0.img_attn.qkv`); no diffusers name reads as one.
+    if let Some(p) = bfl_flat(&rest.replace('.', "_")) {
+        return Some(flux((p, Rows::All)));
     }
     diffusers(rest, false).map(flux)
 }
