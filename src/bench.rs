@@ -21,6 +21,9 @@ pub struct BenchSpec {
     pub batch: usize,
     pub steps: usize,
     pub dtype: DType,
+    /// Random LoRAs of `lora_rank` on every Linear, applied unmerged (side path).
+    pub random_loras: usize,
+    pub lora_rank: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +59,12 @@ impl BenchReport {
             spec.batch,
             spec.dtype
         );
+        if spec.random_loras > 0 {
+            println!(
+                "LoRAs: {} random, rank {}, on every Linear (unmerged side path)",
+                spec.random_loras, spec.lora_rank
+            );
+        }
         println!(
             "load: {:.2} s; checkpoint {:.1} MiB; peak RSS during load {:.1} MiB ({:.1} MiB before load, {:.2}x the file)",
             self.load_seconds,
@@ -107,11 +116,18 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
     let (rss_before_load, _) = rss_bytes();
     reset_peak_rss();
     let t0 = Instant::now();
-    let model = flux::load_transformer(&path, &device.device, spec.dtype, None)?;
+    let mut model = flux::load_transformer(&path, &device.device, spec.dtype, None)?;
     device.device.sync().ok();
     let load_seconds = t0.elapsed().as_secs_f64();
     let (_, peak_rss_during_load) = rss_bytes();
 
+    if spec.random_loras > 0 {
+        use crate::engine::lora::{LoraSet, random_for, set_loras};
+        let sets: Vec<LoraSet> = (0..spec.random_loras as u64)
+            .map(|i| LoraSet { lora: std::sync::Arc::new(random_for(&mut model, spec.lora_rank, i)), weight: 0.8 })
+            .collect();
+        set_loras(&mut model, &sets)?;
+    }
     let c = model.config.clone();
     let dev = &device.device;
     let upload = |seed: u64, shape: [usize; 3]| {

@@ -91,6 +91,8 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         batch: a.batch,
         steps: a.steps,
         dtype: a.dtype.parse::<atelier::config::Dtype>().map_err(anyhow::Error::msg)?.burn(),
+        random_loras: a.random_loras,
+        lora_rank: a.lora_rank,
     };
     let device = device::select(a.device.parse::<DeviceChoice>()?)?;
     let report = bench::run(&spec, &device)?;
@@ -176,6 +178,7 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
         guidance: a.guidance,
         max_sequence_length: a.max_sequence_length,
         batch: a.batch,
+        loras: a.loras.iter().map(|s| atelier::engine::lora::LoraChoice::parse(s)).collect::<Result<_>>()?,
         ..Default::default()
     };
     // Whatever would stop the images from being written is checked before the device starts:

@@ -445,3 +445,50 @@ fn a_gguf_transformer_beside_a_model_generates_and_inspect_lists_its_block_types
     assert!(!o.status.success());
     assert!(stderr(&o).contains("architecture \"lama\", not a FLUX transformer"), "{}", stderr(&o));
 }
+
+/// `--lora FILE[:WEIGHT]`, repeatable, on the demo model (the dev pipeline fixture): the image equals
+/// diffusers' with the same LoRAs, and the PNG records them the A1111/Forge way.
+#[test]
+fn generate_applies_loras_and_records_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fox.png");
+    let lora = |n: &str, w: &str| format!("{}:{w}", fixture(&format!("lora/dev/{n}.safetensors")).to_str().unwrap());
+    let (peft, kohya) = (lora("peft", "0.8"), lora("kohya", "-0.6"));
+    let model = demo("dev");
+    #[rustfmt::skip]
+    let args = [
+        "generate", "--model", &model,
+        "--prompt", "a red fox in the snow, studio photo", "--seed", "42", "--steps", "3",
+        "--width", "80", "--height", "48", "--guidance", "3.5", "--max-sequence-length", "32",
+        "--device", "cpu", "--lora", &peft, "--lora", &kohya, "--out", out.to_str().unwrap(),
+    ];
+    let o = atelier(dir.path(), &args);
+    assert!(o.status.success(), "generate failed: {}", stderr(&o));
+    assert!(stderr(&o).contains("T5 text-encoder modules are skipped"), "{}", stderr(&o));
+    let bytes = std::fs::read(&out).unwrap();
+    let params = parameters(&bytes);
+    assert!(params.starts_with("a red fox in the snow, studio photo <lora:peft:0.8> <lora:kohya:-0.6>\n"), "{params}");
+    let hashes = params.split("Lora hashes: \"").nth(1).expect("Lora hashes").split('"').next().unwrap();
+    let parts: Vec<&str> = hashes.split(", ").collect();
+    assert_eq!(parts.len(), 2, "{hashes}");
+    for (part, name) in parts.iter().zip(["peft", "kohya"]) {
+        let (n, h) = part.split_once(": ").unwrap();
+        assert!(n == name && h.len() == 12 && h.chars().all(|c| c.is_ascii_hexdigit()), "{part}");
+    }
+    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    let golden = image::open(fixture("lora/dev_peft_kohya.png")).unwrap().to_rgb8();
+    let worst = img.as_raw().iter().zip(golden.as_raw()).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+    assert!(worst <= 2, "PNG differs from diffusers by {worst}/255");
+
+    // A file that is no LoRA: a clear error before any compute.
+    let bad = dir.path().join("bad.safetensors");
+    std::fs::write(&bad, b"not tensors").unwrap();
+    let mut args = args.to_vec();
+    let bad_arg = format!("{}:0.5", bad.to_str().unwrap());
+    let at = args.iter().position(|a| *a == kohya.as_str()).unwrap();
+    args[at] = &bad_arg;
+    let o = atelier(dir.path(), &args);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bad.safetensors") && stderr(&o).contains("not a valid safetensors"), "{}", stderr(&o));
+    assert!(!computed(&o), "{}", stderr(&o));
+}

@@ -90,6 +90,11 @@ pub struct GenerateArgs {
     pub max_sequence_length: Option<usize>,
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// A LoRA to apply, FILE[:WEIGHT] (weight default 1.0, negative allowed); repeatable. Any
+    /// FLUX LoRA format (kohya, ComfyUI, diffusers/PEFT, ai-toolkit, OneTrainer, XLabs).
+    /// `<lora:name:w>` tags in the prompt are not read (yet).
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
+    pub loras: Vec<String>,
     /// auto, cpu, wgpu or vulkan.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -133,4 +138,10 @@ pub struct BenchArgs {
     /// Give the model a guidance embedding (FLUX.1-dev style).
     #[arg(long)]
     pub guidance: bool,
+    /// Apply this many random LoRAs (every Linear, unmerged side path) before timing.
+    #[arg(long, default_value_t = 0)]
+    pub random_loras: usize,
+    /// Rank of the random LoRAs.
+    #[arg(long, default_value_t = 16)]
+    pub lora_rank: usize,
 }

@@ -6,14 +6,13 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use burn::module::Module;
-use burn::nn::Linear;
 use burn::tensor::activation::sigmoid;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::engine::layers::{Embedding, LayerNorm, gelu_tanh};
+use crate::engine::layers::{Embedding, LayerNorm, Linear, gelu_tanh};
 use crate::engine::loader::{self, Loader, Prefixed, Walk};
 use crate::engine::weights::{WeightSet, component_config};
 
@@ -150,6 +149,23 @@ fn clip_ignored(key: &str) -> bool {
 }
 
 impl ClipText {
+    /// Every Linear with its path under `text_model.` (`encoder.layers.0.self_attn.q_proj`):
+    /// what LoRAs target (see `engine::lora`).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.encoder.layers.iter_mut().enumerate() {
+            let p = format!("encoder.layers.{i}");
+            let a = &mut l.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.out_proj"), &mut a.out_proj));
+            out.push((format!("{p}.mlp.fc1"), &mut l.mlp.fc1));
+            out.push((format!("{p}.mlp.fc2"), &mut l.mlp.fc2));
+        }
+        out
+    }
+
     /// The module tree of `config`, walked once: from a checkpoint, as a check, or random.
     pub fn build(l: &Loader, config: ClipConfig) -> Result<Self> {
         let c = &config;

@@ -3,7 +3,6 @@
 
 use anyhow::{Result, bail};
 use burn::module::{Module, Param};
-use burn::nn::Linear;
 use burn::tensor::activation::sigmoid;
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
@@ -102,6 +101,52 @@ impl GroupNorm {
     }
 }
 
+/// A change to a [`Linear`] applied beside its weight (the base is never modified, so the
+/// adapters can be swapped per job, on a quantized base too, and trained with the base frozen):
+/// `y += (x·down)·up (+ bias)`. A LoRA has `down` = Aᵀ [in, r] and `up` = m·s·Bᵀ [r, out] (the
+/// user's weight and the file's scale folded in); a full delta (`.diff`) has `down` = ΔWᵀ
+/// [in, out] and no `up`; `bias` is a bias delta (`.diff_b`).
+#[derive(Module, Debug)]
+pub struct Adapter {
+    pub down: Param<Tensor<2>>,
+    pub up: Option<Param<Tensor<2>>>,
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+/// A linear layer, weight stored [in, out] (the transpose of PyTorch's), with optional
+/// side-path [`Adapter`]s (LoRA): `y = x·W + b + Σ adapter(x)`.
+#[derive(Module, Debug)]
+pub struct Linear {
+    pub weight: Param<Tensor<2>>,
+    pub bias: Option<Param<Tensor<1>>>,
+    pub adapters: Vec<Adapter>,
+}
+
+impl Linear {
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        use burn::tensor::module::linear;
+        let base = linear(x.clone(), self.weight.val(), self.bias.as_ref().map(Param::val));
+        self.adapters.iter().fold(base, |y, a| {
+            let h = linear(x.clone(), a.down.val(), None);
+            let h = match &a.up {
+                Some(up) => linear(h, up.val(), None),
+                None => h,
+            };
+            let h = match &a.bias {
+                Some(b) => h + b.val().unsqueeze::<D>(),
+                None => h,
+            };
+            y + h
+        })
+    }
+
+    /// (inputs, outputs).
+    pub fn dims(&self) -> (usize, usize) {
+        let [i, o] = self.weight.val().dims();
+        (i, o)
+    }
+}
+
 /// A linear layer from PyTorch's [out, in] weight. burn's `Linear` multiplies by [in, out];
 /// transposing once here keeps every forward a contiguous matmul (measurably faster on the
 /// CPU backend than a strided view, see `examples/cpu_ops.rs`). The stored copy is freed
@@ -123,7 +168,7 @@ pub fn linear(
         Some(b) => Some(Param::from_tensor(upload::<1>(b, name, device, dtype)?)),
         None => None,
     };
-    Ok(Linear { weight: Param::from_tensor(weight), bias })
+    Ok(Linear { weight: Param::from_tensor(weight), bias, adapters: Vec::new() })
 }
 
 /// Row-major [rows, cols] → [cols, rows], in cache-sized tiles.

@@ -13,14 +13,12 @@
 //! sees one naming only.
 //!
 //! # LoRA
-//! Every linear layer the walk makes is burn's [`Linear`] (a `Module` whose weight is a
-//! `Param<Tensor<2>>` stored [in, out], the transpose of PyTorch's [out, in]). A LoRA step can
-//! hook in two ways without touching the walks: burn's `Module::apply_lora` reparameterizes
-//! every rank-2 `Param` of the tree (fine for small models, merges per forward); or a
-//! `ModuleMapper` replaces chosen `Linear`s with a `LoraLinear { base: Linear, down, up }`
-//! whose forward is `base(x) + s·(x·Aᵀ)·Bᵀ`. The keys the walk recorded ([`Walk::entries`])
-//! name each Linear by its checkpoint path (`double_blocks.0.img_attn.qkv`), which is what
-//! kohya/ComfyUI LoRA keys are written against (see `shared/LORA.md`).
+//! Every linear layer the walk makes is atelier's [`Linear`] (`layers.rs`: weight stored
+//! [in, out], the transpose of PyTorch's [out, in], optional bias, and a list of side-path
+//! `Adapter`s, empty after loading). `engine::lora` parses LoRA files into changes keyed by
+//! the checkpoint path of each Linear (`double_blocks.0.img_attn.qkv`, what kohya/ComfyUI keys
+//! are written against; see `shared/LORA.md`) and sets the adapters through each model's
+//! `linears_mut()` (path → Linear): `y = x·W + b + Σ (x·down)·up`, the base never modified.
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -28,10 +26,9 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 use burn::module::{Param, ParamId};
-use burn::nn::Linear;
 use burn::tensor::{DType, Device, Tensor};
 
-use crate::engine::layers::{self, Conv2d, Embedding, GroupNorm, LayerNorm};
+use crate::engine::layers::{self, Conv2d, Embedding, GroupNorm, LayerNorm, Linear};
 use crate::engine::noise::Mt19937;
 use crate::engine::weights::{HostTensor, WeightSet, write_safetensors_f32};
 
@@ -323,6 +320,7 @@ impl<'a> Loader<'a> {
             None => Ok(Linear {
                 weight: placeholder([inputs, outputs], &w.device),
                 bias: bias.map(|_| placeholder([outputs], &w.device)),
+                adapters: Vec::new(),
             }),
         }
     }

@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod host_tensor;
 pub mod layers;
 pub mod loader;
+pub mod lora;
 pub mod noise;
 pub mod pipeline;
 pub mod pngfile;

@@ -10,6 +10,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::engine::clip::ClipText;
 use crate::engine::flux::{self, Flux, FluxInput};
+use crate::engine::lora::{LoraSet, set_clip_loras, set_loras};
 use crate::engine::noise::torch_randn;
 use crate::engine::sampler::{ScheduleConfig, StepEvent, denoise};
 use crate::engine::t5::T5Encoder;
@@ -111,6 +112,8 @@ pub struct GenerateRequest {
     pub max_sequence_length: Option<usize>,
     /// Images to make; image i uses seed + i.
     pub batch: usize,
+    /// LoRAs applied for this request (unmerged, beside the base weights).
+    pub loras: Vec<crate::engine::lora::LoraChoice>,
 }
 
 impl Default for GenerateRequest {
@@ -126,6 +129,7 @@ impl Default for GenerateRequest {
             guidance: None,
             max_sequence_length: None,
             batch: 1,
+            loras: Vec::new(),
         }
     }
 }
@@ -229,12 +233,12 @@ impl<T> Slot<T> {
     }
 
     /// Runs `stage` with the component, loading it first when it is not resident.
-    pub fn with<R>(&mut self, load: impl FnOnce() -> Result<T>, stage: impl FnOnce(&T) -> Result<R>) -> Result<R> {
-        let value = match self.value.take() {
+    pub fn with<R>(&mut self, load: impl FnOnce() -> Result<T>, stage: impl FnOnce(&mut T) -> Result<R>) -> Result<R> {
+        let mut value = match self.value.take() {
             Some(value) => value,
             None => load()?,
         };
-        let out = stage(&value);
+        let out = stage(&mut value);
         if self.keep {
             self.value = Some(value);
         }
@@ -274,6 +278,8 @@ pub struct Prepared {
     pub is_dev: bool,
     pub max_sequence_length: usize,
     pub warnings: Vec<String>,
+    /// The request's LoRAs, read and parsed.
+    pub loras: Vec<LoraSet>,
 }
 
 impl Prepared {
@@ -283,8 +289,23 @@ impl Prepared {
     }
 
     /// The A1111 `parameters` text of the image made with `seed`.
+    /// LoRAs are recorded the A1111/Forge way: `<lora:name:w>` after the prompt and a
+    /// `Lora hashes` field.
     pub fn parameters(&self, prompt: &str, seed: u64, model: &str) -> String {
-        a1111_parameters(prompt, self.steps, seed, self.width, self.height, model, self.guidance)
+        let (tags, hashes) = crate::engine::lora::a1111_tags(&self.loras);
+        let mut s = a1111_parameters(
+            &format!("{prompt}{tags}"),
+            self.steps,
+            seed,
+            self.width,
+            self.height,
+            model,
+            self.guidance,
+        );
+        if let Some(h) = hashes {
+            s += &format!(", {h}");
+        }
+        s
     }
 }
 
@@ -310,6 +331,7 @@ pub fn prepare(files: &ModelFiles, req: &GenerateRequest) -> Result<Prepared> {
     // The transformer's own weights say whether it is dev (guidance embedding) or schnell.
     let is_dev = files.check()?.guidance_embed;
     let steps = req.steps.unwrap_or(if is_dev { 28 } else { 4 });
+    let loras = req.loras.iter().map(LoraSet::open).collect::<Result<Vec<_>>>()?;
     Ok(Prepared {
         steps,
         width,
@@ -318,6 +340,7 @@ pub fn prepare(files: &ModelFiles, req: &GenerateRequest) -> Result<Prepared> {
         is_dev,
         max_sequence_length: req.max_sequence_length.unwrap_or(if is_dev { 512 } else { 256 }),
         warnings,
+        loras,
     })
 }
 
@@ -358,7 +381,7 @@ pub fn generate_prepared(
     let mut warnings = prepared.warnings.clone();
 
     progress(Progress::Stage("encoding the prompt"));
-    let prompt = encode_prompt(files, &req.prompt, max_len, device, resident, &mut warnings)?;
+    let prompt = encode_prompt(files, &req.prompt, max_len, &prepared.loras, device, resident, &mut warnings)?;
 
     progress(Progress::Stage("loading the transformer"));
     let schedule = match &files.scheduler {
@@ -368,7 +391,10 @@ pub fn generate_prepared(
     };
     let (grid, latents) = resident.flux.with(
         || flux::load_transformer(&files.transformer, device, DType::F32, None),
-        |model| sample(model, &prompt, &schedule, prepared, req, device, &mut progress),
+        |model| {
+            warnings.extend(set_loras(model, &prepared.loras)?);
+            sample(model, &prompt, &schedule, prepared, req, device, &mut progress)
+        },
     )?;
 
     if is_canceled(req) {
@@ -458,6 +484,7 @@ pub fn encode_prompt(
     files: &ModelFiles,
     prompt: &str,
     max_len: usize,
+    loras: &[LoraSet],
     device: &Device,
     resident: &mut Resident,
     warnings: &mut Vec<String>,
@@ -481,7 +508,10 @@ pub fn encode_prompt(
     )?;
     let y = resident.clip.with(
         || ClipText::load(&files.clip, device, None),
-        |clip| Ok(clip.forward(std::slice::from_ref(&clip_tokens.ids))?.pooled),
+        |clip| {
+            warnings.extend(set_clip_loras(clip, loras)?);
+            Ok(clip.forward(std::slice::from_ref(&clip_tokens.ids))?.pooled)
+        },
     )?;
     Ok(PromptEmbeds { txt, y })
 }

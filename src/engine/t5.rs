@@ -7,13 +7,12 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use burn::module::{Module, Param};
-use burn::nn::Linear;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use serde::Deserialize;
 
-use crate::engine::layers::{Embedding, gelu_tanh};
+use crate::engine::layers::{Embedding, Linear, gelu_tanh};
 use crate::engine::loader::{self, Init, Loader, Prefixed, Walk};
 use crate::engine::weights::{WeightSet, component_config};
 

@@ -186,6 +186,7 @@ fn execute(
         guidance: spec.guidance.map(|g| g as f32),
         max_sequence_length: None,
         batch: spec.batch as usize,
+        loras: Vec::new(),
     };
     // Whatever would stop the images from being kept is checked before any compute (and any
     // progress event): every component's header, the settings, the PNG text of each image,

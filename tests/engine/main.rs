@@ -4,6 +4,7 @@ mod all_in_one;
 mod common;
 mod flux_errors;
 mod flux_golden;
+mod lora;
 mod noise_golden;
 mod pipeline_golden;
 mod quantized;

@@ -4,13 +4,12 @@
 
 use anyhow::{Result, bail};
 use burn::module::{Module, Param};
-use burn::nn::Linear;
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor};
 
-use crate::engine::layers::{self, gelu_tanh};
+use crate::engine::layers::{self, Linear, gelu_tanh};
 use crate::engine::loader::{self, Init, Loader};
 
 use super::config::FluxConfig;
@@ -345,6 +344,42 @@ impl Flux {
     pub fn load(weights: &TransformerWeights, config: FluxConfig, device: &Device, dtype: DType) -> Result<Self> {
         let what = weights.describe();
         loader::load(weights, device, dtype, (&what, "the FLUX layout"), |l| Self::build(l, config.clone()))
+    }
+
+    /// Every Linear with its checkpoint path (`double_blocks.0.img_attn.qkv`): what LoRAs
+    /// target (see `engine::lora`).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out: Vec<(String, &mut Linear)> =
+            vec![("img_in".into(), &mut self.img_in), ("txt_in".into(), &mut self.txt_in)];
+        fn embedder<'a>(name: &str, e: &'a mut MlpEmbedder) -> [(String, &'a mut Linear); 2] {
+            [(format!("{name}.in_layer"), &mut e.in_layer), (format!("{name}.out_layer"), &mut e.out_layer)]
+        }
+        out.extend(embedder("time_in", &mut self.time_in));
+        out.extend(embedder("vector_in", &mut self.vector_in));
+        if let Some(g) = &mut self.guidance_in {
+            out.extend(embedder("guidance_in", g));
+        }
+        for (i, b) in self.double_blocks.iter_mut().enumerate() {
+            let p = format!("double_blocks.{i}");
+            out.push((format!("{p}.img_mod.lin"), &mut b.img_mod.lin));
+            out.push((format!("{p}.img_attn.qkv"), &mut b.img_attn.qkv));
+            out.push((format!("{p}.img_attn.proj"), &mut b.img_attn.proj));
+            out.push((format!("{p}.img_mlp.0"), &mut b.img_mlp.fc1));
+            out.push((format!("{p}.img_mlp.2"), &mut b.img_mlp.fc2));
+            out.push((format!("{p}.txt_mod.lin"), &mut b.txt_mod.lin));
+            out.push((format!("{p}.txt_attn.qkv"), &mut b.txt_attn.qkv));
+            out.push((format!("{p}.txt_attn.proj"), &mut b.txt_attn.proj));
+            out.push((format!("{p}.txt_mlp.0"), &mut b.txt_mlp.fc1));
+            out.push((format!("{p}.txt_mlp.2"), &mut b.txt_mlp.fc2));
+        }
+        for (i, b) in self.single_blocks.iter_mut().enumerate() {
+            out.push((format!("single_blocks.{i}.linear1"), &mut b.linear1));
+            out.push((format!("single_blocks.{i}.linear2"), &mut b.linear2));
+            out.push((format!("single_blocks.{i}.modulation.lin"), &mut b.modulation.lin));
+        }
+        out.push(("final_layer.linear".into(), &mut self.final_layer.linear));
+        out.push(("final_layer.adaLN_modulation.1".into(), &mut self.final_layer.ada_ln_modulation));
+        out
     }
 
     /// RoPE tables for a text length and a packed latent grid.
