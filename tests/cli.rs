@@ -125,6 +125,15 @@ fn bad_input_is_a_clear_error_not_a_panic() {
     let full = std::fs::read(fixture("pipeline/single/flux_schnell_bfl.safetensors")).unwrap();
     std::fs::write(&cut, &full[..full.len() / 2]).unwrap();
     let single = |n: &str| fixture(&format!("pipeline/single/{n}")).to_str().unwrap().to_string();
+    // Single files for every component, `transformer` as the transformer.
+    let singles = |transformer: String| -> Vec<String> {
+        let mut args = vec!["--transformer".to_string(), transformer];
+        for (flag, file) in [("--vae", "ae"), ("--clip", "clip_l"), ("--t5", "t5xxl")] {
+            args.extend([flag.to_string(), single(&format!("{file}.safetensors"))]);
+        }
+        args.extend(["--prompt", "x", "--steps", "1", "--device", "cpu"].map(String::from));
+        args
+    };
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["--model".into(), m.into(), "--prompt".into(), " ".into()], "--prompt is empty"),
         (vec!["--model".into(), m.into(), "--prompt".into(), "x".into(), "--width".into(), "8".into()], "at least 16"),
@@ -148,44 +157,8 @@ fn bad_input_is_a_clear_error_not_a_panic() {
             vec!["--model".into(), m.into(), "--prompt".into(), "x".into(), "--device".into(), "tpu".into()],
             "unknown device",
         ),
-        (
-            vec![
-                "--transformer".into(),
-                cut.to_str().unwrap().into(),
-                "--vae".into(),
-                single("ae.safetensors"),
-                "--clip".into(),
-                single("clip_l.safetensors"),
-                "--t5".into(),
-                single("t5xxl.safetensors"),
-                "--prompt".into(),
-                "x".into(),
-                "--steps".into(),
-                "1".into(),
-                "--device".into(),
-                "cpu".into(),
-            ],
-            "truncated",
-        ),
-        (
-            vec![
-                "--transformer".into(),
-                single("ae.safetensors"),
-                "--vae".into(),
-                single("ae.safetensors"),
-                "--clip".into(),
-                single("clip_l.safetensors"),
-                "--t5".into(),
-                single("t5xxl.safetensors"),
-                "--prompt".into(),
-                "x".into(),
-                "--steps".into(),
-                "1".into(),
-                "--device".into(),
-                "cpu".into(),
-            ],
-            "unrecognized transformer layout",
-        ),
+        (singles(cut.to_str().unwrap().into()), "truncated"),
+        (singles(single("ae.safetensors")), "unrecognized transformer layout"),
         (
             vec!["--transformer".into(), single("flux_schnell_bfl.safetensors"), "--prompt".into(), "x".into()],
             "--vae is needed",

@@ -804,22 +804,6 @@ mod tests {
         assert_eq!(t("lora_unet_input_blocks_4_1_proj_in"), None);
     }
 
-    fn tiny() -> crate::engine::flux::FluxConfig {
-        crate::engine::flux::FluxConfig {
-            in_channels: 8,
-            out_channels: 8,
-            vec_in_dim: 6,
-            context_in_dim: 10,
-            hidden_size: 16,
-            mlp_hidden_dim: 32,
-            num_heads: 2,
-            depth: 1,
-            depth_single_blocks: 2,
-            axes_dim: vec![2, 2, 4],
-            ..crate::engine::flux::FluxConfig::dev()
-        }
-    }
-
     /// ΔWᵀ [in, out] of a Linear's adapters, on the host.
     fn delta(l: &Linear) -> Vec<f32> {
         let (i, o) = l.dims();
@@ -878,7 +862,7 @@ mod tests {
         })
         .unwrap();
         let walk = crate::engine::loader::Walk::random(&burn::tensor::Device::flex(), burn::tensor::DType::F32, 1);
-        let mut model = Flux::build(&walk.root(), tiny()).unwrap();
+        let mut model = Flux::build(&walk.root(), crate::engine::flux::FluxConfig::tiny()).unwrap();
         let set = LoraSet { lora: Arc::new(Lora::open(&path).unwrap()), weight: 0.5 };
         assert_eq!(set.lora.format, "diffusers/PEFT");
         let warnings = set_loras(&mut model, std::slice::from_ref(&set)).unwrap();

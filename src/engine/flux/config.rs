@@ -30,6 +30,25 @@ pub struct FluxConfig {
 }
 
 impl FluxConfig {
+    /// A FLUX small enough for unit tests: hidden 16 in two heads, one double and two single
+    /// blocks.
+    #[cfg(test)]
+    pub fn tiny() -> FluxConfig {
+        FluxConfig {
+            in_channels: 8,
+            out_channels: 8,
+            vec_in_dim: 6,
+            context_in_dim: 10,
+            hidden_size: 16,
+            mlp_hidden_dim: 32,
+            num_heads: 2,
+            depth: 1,
+            depth_single_blocks: 2,
+            axes_dim: vec![2, 2, 4],
+            ..FluxConfig::dev()
+        }
+    }
+
     /// FLUX.1-dev, from BFL's `flux/util.py` (`configs["flux-dev"]`).
     pub fn dev() -> Self {
         FluxConfig {

@@ -3,29 +3,13 @@
 use super::*;
 use crate::engine::flux::{Flux, FluxConfig, TransformerWeights};
 
-fn tiny() -> FluxConfig {
-    FluxConfig {
-        in_channels: 8,
-        out_channels: 8,
-        vec_in_dim: 6,
-        context_in_dim: 10,
-        hidden_size: 16,
-        mlp_hidden_dim: 32,
-        num_heads: 2,
-        depth: 1,
-        depth_single_blocks: 2,
-        axes_dim: vec![2, 2, 4],
-        ..FluxConfig::dev()
-    }
-}
-
 fn values<const D: usize>(p: &Param<Tensor<D>>) -> Vec<f32> {
     p.val().into_data().try_to_vec::<f32>().unwrap()
 }
 
 #[test]
 fn a_random_walk_is_the_checkpoint_its_plan_writes() {
-    let config = tiny();
+    let config = FluxConfig::tiny();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("random.safetensors");
     crate::engine::flux::write_random_checkpoint(&config, &path, 7).unwrap();
@@ -47,15 +31,16 @@ fn a_check_walk_names_missing_misshapen_and_unknown_keys() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("random.safetensors");
     let walk = Walk::plan();
-    Flux::build(&walk.root(), tiny()).unwrap();
+    Flux::build(&walk.root(), FluxConfig::tiny()).unwrap();
     let mut entries = walk.entries();
     entries.retain(|e| e.name != "txt_in.bias");
     entries.iter_mut().find(|e| e.name == "img_in.bias").unwrap().shape = vec![3];
     entries.push(Entry { name: "img_in.extra".into(), shape: vec![1], init: Init::Zeros });
     write_random(&path, &entries, &[], 1).unwrap();
     let weights = TransformerWeights::open(&path).unwrap();
-    let msg =
-        check(&weights, "test checkpoint", "the FLUX layout", |l| Flux::build(l, tiny())).unwrap_err().to_string();
+    let msg = check(&weights, "test checkpoint", "the FLUX layout", |l| Flux::build(l, FluxConfig::tiny()))
+        .unwrap_err()
+        .to_string();
     assert!(msg.starts_with("test checkpoint does not match the FLUX layout:"), "{msg}");
     assert!(msg.contains("missing txt_in.bias"), "{msg}");
     assert!(msg.contains("img_in.bias has shape [3], not [16]"), "{msg}");
@@ -100,7 +85,7 @@ fn every_model_holds_exactly_what_its_walk_reads() {
     let vae =
         VaeConfig { ch: 8, ch_mult: vec![1, 2], num_res_blocks: 1, z_channels: 4, groups: 4, ..VaeConfig::flux() };
     for (name, (params, read)) in [
-        ("flux", count(|l| Flux::build(l, tiny()))),
+        ("flux", count(|l| Flux::build(l, FluxConfig::tiny()))),
         ("t5", count(|l| T5Encoder::build(l, t5.clone()))),
         ("clip", count(|l| ClipText::build(l, clip.clone()))),
         ("vae", count(|l| Vae::build(l, vae.clone()))),
