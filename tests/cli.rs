@@ -63,7 +63,7 @@ fn generate_writes_the_diffusers_image_with_its_parameters() {
     let bytes = std::fs::read(&out).unwrap();
     let params = parameters(&bytes);
     assert!(params.starts_with("a red fox in the snow, studio photo\n"), "{params}");
-    for part in ["Steps: 3", "Seed: 42", "Size: 80x48", "Model: diffusers", "Guidance: 3.5"] {
+    for part in ["Steps: 3", "Seed: 42", "Size: 80x48", "Model: diffusers", "Distilled CFG Scale: 3.5"] {
         assert!(params.contains(part), "{part} missing from {params:?}");
     }
     let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
@@ -269,7 +269,7 @@ fn sequence_length_and_guidance_out_of_bounds_are_refused() {
     let o =
         generate_small(dir.path(), &demo("dev"), "a fox", &out, &["--max-sequence-length", "2", "--guidance", "30"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(parameters(&std::fs::read(&out).unwrap()).ends_with("Guidance: 30"));
+    assert!(parameters(&std::fs::read(&out).unwrap()).ends_with("Distilled CFG Scale: 30"));
 }
 
 /// A copy of a demo model folder whose `component` file is removed (None) or replaced.

@@ -586,8 +586,10 @@ pub fn a1111_parameters(
 ) -> String {
     let mut s =
         format!("{prompt}\nSteps: {steps}, Sampler: Euler, Seed: {seed}, Size: {width}x{height}, Model: {model}");
+    // Forge's name for FLUX.1-dev's distilled guidance, which its PNG Info maps back to the
+    // setting (a plain `Guidance` key is read by nothing).
     if let Some(g) = guidance {
-        s += &format!(", Guidance: {g}");
+        s += &format!(", Distilled CFG Scale: {g}");
     }
     s
 }
