@@ -25,7 +25,10 @@ fn main() {
     );
     for f in &files {
         let rel = f.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
-        code += &format!("    ({rel:?}, include_bytes!({:?})),\n", f.to_string_lossy());
+        // Relative to the crate being compiled, not to this script's checkout: a build cache
+        // shared by two clones (CI's CARGO_TARGET_DIR) does not rerun this script when only the
+        // clone's path differs, and an absolute path would point into the other clone.
+        code += &format!("    ({rel:?}, include_bytes!(concat!(env!(\"CARGO_MANIFEST_DIR\"), \"/web/{rel}\"))),\n");
     }
     code += "];\n";
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("web_assets.rs");
