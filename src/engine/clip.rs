@@ -202,14 +202,9 @@ impl ClipText {
     }
 
     fn open_checked(path: &Path, hint: Option<&ClipHint>) -> Result<(WeightSet, String, ClipConfig)> {
-        let open = || -> Result<_> {
-            let set = WeightSet::open(path)?;
-            let (prefix, config) = infer_config(&set, &component_config(path, hint)?.unwrap_or_default())?;
-            let source = Prefixed { set: &set, prefix: prefix.clone(), ignored: clip_ignored };
-            loader::check(&source, "CLIP checkpoint", "the CLIP text encoder", |l| Self::build(l, config.clone()))?;
-            Ok((set, prefix, config))
-        };
-        open().with_context(|| format!("reading the CLIP text encoder {}", path.display()))
+        let infer = |set: &WeightSet| infer_config(set, &component_config(path, hint)?.unwrap_or_default());
+        loader::open_prefixed(path, ("CLIP checkpoint", "the CLIP text encoder"), clip_ignored, infer, Self::build)
+            .with_context(|| format!("reading the CLIP text encoder {}", path.display()))
     }
 
     /// Token ids [B][L] → final states and pooled output.

@@ -384,6 +384,23 @@ pub fn check<T>(
     walk.finish(what, expected)
 }
 
+/// Opens a checkpoint whose keys sit under a prefix (a standalone text encoder, or its part of
+/// an all-in-one file) and checks it against the walk: the file, the prefix and the
+/// configuration `infer` read off its header.
+pub fn open_prefixed<C: Clone, M>(
+    path: &Path,
+    (what, expected): (&str, &str),
+    ignored: fn(&str) -> bool,
+    infer: impl FnOnce(&WeightSet) -> Result<(String, C)>,
+    build: impl FnOnce(&Loader, C) -> Result<M>,
+) -> Result<(WeightSet, String, C)> {
+    let set = WeightSet::open(path)?;
+    let (prefix, config) = infer(&set)?;
+    let source = Prefixed { set: &set, prefix: prefix.clone(), ignored };
+    check(&source, what, expected, |l| build(l, config.clone()))?;
+    Ok((set, prefix, config))
+}
+
 /// Checks `source` against the walk, then loads it (so a broken file fails before any data is
 /// read, naming every problem at once).
 pub fn load<T>(

@@ -223,14 +223,9 @@ impl T5Encoder {
     }
 
     fn open_checked(path: &Path, hint: Option<&T5Hint>) -> Result<(WeightSet, String, T5Config)> {
-        let open = || -> Result<_> {
-            let set = WeightSet::open(path)?;
-            let (prefix, config) = infer_config(&set, &component_config(path, hint)?.unwrap_or_default())?;
-            let source = Prefixed { set: &set, prefix: prefix.clone(), ignored: t5_ignored };
-            loader::check(&source, "T5 checkpoint", "the T5 v1.1 encoder", |l| Self::build(l, config.clone()))?;
-            Ok((set, prefix, config))
-        };
-        open().with_context(|| format!("reading the T5 encoder {}", path.display()))
+        let infer = |set: &WeightSet| infer_config(set, &component_config(path, hint)?.unwrap_or_default());
+        loader::open_prefixed(path, ("T5 checkpoint", "the T5 v1.1 encoder"), t5_ignored, infer, Self::build)
+            .with_context(|| format!("reading the T5 encoder {}", path.display()))
     }
 
     /// Token ids [B][L] → last hidden state [B, L, d_model]. No attention mask: FLUX attends
