@@ -178,6 +178,10 @@ pub struct ServerConfig {
     /// The plan of the admin `serve` creates at first start: whoever installed the server uses
     /// all of it (entitlements still apply to admins like everyone else).
     pub admin_plan: String,
+    /// The largest LoRA file a user may upload to their library, in MiB.
+    pub max_lora_upload_mib: u64,
+    /// The most LoRAs one user keeps in their private library.
+    pub max_loras_per_user: usize,
 }
 
 /// `[server] secure_cookies`: when the session cookie is marked `Secure`.
@@ -197,6 +201,15 @@ pub struct EngineConfig {
     pub device: crate::engine::device::DeviceChoice,
     pub dtype: Dtype,
     pub weights_dir: PathBuf,
+    /// The studio's LoRA library; None: `<weights_dir>/loras`.
+    pub loras_dir: Option<PathBuf>,
+}
+
+impl EngineConfig {
+    /// The studio's LoRA library folder.
+    pub fn loras_dir(&self) -> PathBuf {
+        self.loras_dir.clone().unwrap_or_else(|| self.weights_dir.join("loras"))
+    }
 }
 
 /// `[engine] dtype`: the compute dtype of model weights (any case: `F16`, `bf16`, `fp32`, …).
@@ -264,6 +277,8 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             metrics_public: false,
             admin_plan: "max".into(),
+            max_lora_upload_mib: 2048,
+            max_loras_per_user: 200,
         }
     }
 }
@@ -274,6 +289,7 @@ impl Default for EngineConfig {
             device: crate::engine::device::DeviceChoice::Auto,
             dtype: Dtype::F32,
             weights_dir: "weights".into(),
+            loras_dir: None,
         }
     }
 }

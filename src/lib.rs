@@ -8,6 +8,7 @@ pub mod db;
 pub mod engine;
 pub mod jobs;
 pub mod ledger;
+pub mod loras;
 pub mod models;
 pub mod private_files;
 pub mod secret;

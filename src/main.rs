@@ -34,7 +34,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(args) => run_bench(args),
         Command::Inspect { path } => inspect(&path),
-        Command::Generate(args) => run_generate(args, &config),
+        Command::Generate(args) => run_generate(args, &config, &data_dir),
         Command::Serve(args) => {
             let extra_models = args.models.iter().map(|m| models::parse_cli_model(m)).collect::<Result<Vec<_>>>()?;
             atelier::server::serve(atelier::server::ServeOptions {
@@ -100,13 +100,13 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
+fn run_generate(a: GenerateArgs, config: &Config, data_dir: &std::path::Path) -> Result<()> {
     use atelier::engine::pipeline::{self, GenerateRequest, ModelFiles, Progress};
     use atelier::engine::pngfile::{PendingPng, PngText};
     use std::io::{IsTerminal, Write};
 
     // The command line's limits: sides from 16 pixels, rounded down to a multiple of 16.
-    let spec = atelier::spec::JobSpec {
+    let mut spec = atelier::spec::JobSpec {
         model: a.model.clone().unwrap_or_default(),
         prompt: a.prompt.clone(),
         width: u32::try_from(a.width).unwrap_or(u32::MAX),
@@ -115,7 +115,28 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
         seed: Some(a.seed),
         guidance: a.guidance.map(f64::from),
         batch: u32::try_from(a.batch).unwrap_or(u32::MAX),
+        loras: Vec::new(),
     };
+    // `<lora:name:w>` tags name LoRAs of the studio library ([engine] loras_dir); the encoders
+    // never see them. `--lora FILE[:W]` files come first.
+    spec.take_prompt_tags()?;
+    let mut loras = a.loras.iter().map(|s| atelier::engine::lora::LoraChoice::parse(s)).collect::<Result<Vec<_>>>()?;
+    let library = atelier::loras::Library::new(config.engine.loras_dir(), data_dir);
+    // The server's hash cache, when this machine runs one: a 24 GB model is hashed once.
+    if data_dir.is_dir() {
+        atelier::engine::filehash::set_cache_file(data_dir.join("file-hashes.json"));
+    }
+    for tag in &spec.loras {
+        let path = library.studio_file(&tag.name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "the prompt's <lora:{}> names no LoRA in {} (a file {}.safetensors there, or use --lora FILE)",
+                tag.name,
+                library.studio_dir().display(),
+                tag.name
+            )
+        })?;
+        loras.push(atelier::engine::lora::LoraChoice { path, weight: tag.weight });
+    }
     let checked = spec.validate(&atelier::spec::Limits::cli(&config.limits))?;
     for w in &checked.warnings {
         log::warn!("{w}");
@@ -170,7 +191,7 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
     }
     let device_choice = a.device.parse::<DeviceChoice>()?;
     let req = GenerateRequest {
-        prompt: a.prompt.clone(),
+        prompt: spec.prompt.clone(),
         seed: a.seed,
         steps: a.steps,
         width,
@@ -178,7 +199,7 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
         guidance: a.guidance,
         max_sequence_length: a.max_sequence_length,
         batch: a.batch,
-        loras: a.loras.iter().map(|s| atelier::engine::lora::LoraChoice::parse(s)).collect::<Result<_>>()?,
+        loras,
         ..Default::default()
     };
     // Whatever would stop the images from being written is checked before the device starts:
@@ -195,7 +216,7 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
                 let stem = a.out.file_stem().map_or("image".into(), |s| s.to_string_lossy().into_owned());
                 a.out.with_file_name(format!("{stem}-{i}.png"))
             };
-            let text = PngText::parameters(&prepared.parameters(&a.prompt, seed, &model_name))?;
+            let text = PngText::parameters(&prepared.parameters(&spec.prompt, seed, &model_name))?;
             PendingPng::check(&path)?;
             Ok((path, text))
         })

@@ -34,6 +34,9 @@ pub struct ServedModel {
     pub default_steps: u32,
     pub default_width: u32,
     pub default_height: u32,
+    /// The transformer's width, read off its weights (None when the files are missing).
+    #[serde(skip)]
+    pub hidden_size: Option<usize>,
     #[serde(skip)]
     pub files: Option<ModelFiles>,
 }
@@ -97,9 +100,10 @@ pub fn resolve_files(id: &str, entry: &ModelEntry, tokenizers: Option<&Path>) ->
 /// schnell or dev, from the transformer's weights (dev has the guidance embedding), after
 /// checking every component's header, so a model whose VAE or text encoders are missing or
 /// wrong is never listed as ready.
-pub fn check_files(files: &ModelFiles) -> Result<FluxKind> {
+/// Also returns the transformer's hidden width (what a LoRA must fit).
+pub fn check_files(files: &ModelFiles) -> Result<(FluxKind, usize)> {
     let config = files.check()?;
-    Ok(if config.guidance_embed { FluxKind::Dev } else { FluxKind::Schnell })
+    Ok((if config.guidance_embed { FluxKind::Dev } else { FluxKind::Schnell }, config.hidden_size))
 }
 
 /// Every served model, by id.
@@ -118,22 +122,23 @@ impl ModelRegistry {
             entries.insert(id.clone(), e.clone());
         }
         let tokenizers = tokenizers_dir(config);
-        let mut found: BTreeMap<String, (Option<ModelFiles>, Option<FluxKind>, ModelState)> = BTreeMap::new();
+        type Found = (Option<ModelFiles>, Option<FluxKind>, Option<usize>, ModelState);
+        let mut found: BTreeMap<String, Found> = BTreeMap::new();
         for (id, entry) in &entries {
             let checked = resolve_files(id, entry, tokenizers.as_deref()).and_then(|files| {
-                let kind = check_files(&files)?;
+                let (kind, hidden) = check_files(&files)?;
                 if let Some(declared) = entry.kind
                     && declared != kind
                 {
                     bail!("declared kind {} but the transformer is {}", declared.as_str(), kind.as_str());
                 }
-                Ok((files, kind))
+                Ok((files, kind, hidden))
             });
             let row = match checked {
-                Ok((files, kind)) => (Some(files), Some(kind), ModelState::Ready),
+                Ok((files, kind, hidden)) => (Some(files), Some(kind), Some(hidden), ModelState::Ready),
                 Err(e) => {
                     log::warn!("model {id} is not available: {e:#}");
-                    (None, entry.kind, ModelState::Missing { reason: format!("{e:#}") })
+                    (None, entry.kind, None, ModelState::Missing { reason: format!("{e:#}") })
                 }
             };
             found.insert(id.clone(), row);
@@ -143,7 +148,7 @@ impl ModelRegistry {
         let plans = with_extra.plans_with_kinds(&|id| found.get(id).and_then(|f| f.1))?;
         let mut models = BTreeMap::new();
         for (id, entry) in &entries {
-            let (files, kind, mut state) = found.remove(id).expect("every entry was checked");
+            let (files, kind, hidden_size, mut state) = found.remove(id).expect("every entry was checked");
             let pricing = plans.pricing.models.get(id);
             if pricing.is_none() && state == ModelState::Ready {
                 state = ModelState::Missing {
@@ -163,6 +168,7 @@ impl ModelRegistry {
                     default_steps: pricing.map_or(4, |p| p.default_steps),
                     default_width: entry.default_width.unwrap_or(1024),
                     default_height: entry.default_height.unwrap_or(1024),
+                    hidden_size,
                     files,
                 },
             );

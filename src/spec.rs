@@ -27,10 +27,79 @@ pub struct JobSpec {
     pub guidance: Option<f64>,
     #[serde(default = "one")]
     pub batch: u32,
+    /// LoRAs by library name (`GET /api/loras`), applied in this order. `<lora:name:w>` tags
+    /// in the prompt are moved here by [`JobSpec::take_prompt_tags`] before anything else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraRef>,
 }
 
 fn one() -> u32 {
     1
+}
+
+/// A LoRA a job applies: its library name and strength (negative allowed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraRef {
+    pub name: String,
+    #[serde(default = "unit_weight")]
+    pub weight: f32,
+}
+
+fn unit_weight() -> f32 {
+    1.0
+}
+
+/// The most LoRAs one job applies (whatever the plan allows).
+pub const MAX_LORAS: usize = 16;
+/// The largest LoRA strength accepted, either sign (ComfyUI's slider stops at ±20; useful
+/// strengths are within ±2).
+pub const MAX_LORA_WEIGHT: f32 = 20.0;
+
+/// Whether `name` can name a LoRA: 1 to 100 characters, none of them a path separator, a
+/// control character, or the `<`, `>` and `:` of the prompt-tag syntax; not starting with a dot.
+pub fn valid_lora_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().count() <= 100
+        && !name.starts_with('.')
+        && name.trim() == name
+        && !name.chars().any(|c| c.is_control() || "/\\<>:".contains(c))
+}
+
+/// Finds A1111 `<lora:name>` / `<lora:name:weight>` tags in a prompt: the prompt without them
+/// (whitespace left by a tag collapsed, ends trimmed) and the LoRAs, in order. A tag whose name
+/// is not a valid LoRA name, or whose weight is not a number, is an error.
+pub fn take_lora_tags(prompt: &str) -> Result<(String, Vec<LoraRef>), InvalidSpec> {
+    const OPEN: &str = "<lora:";
+    let mut rest = prompt;
+    let mut text = String::with_capacity(prompt.len());
+    let mut loras = Vec::new();
+    while let Some(at) = rest.find(OPEN) {
+        let Some(len) = rest[at..].find('>') else { break };
+        let inner = &rest[at + OPEN.len()..at + len];
+        let (name, weight) = match inner.rsplit_once(':') {
+            Some((n, w)) => {
+                let w: f32 = w.trim().parse().map_err(|_| {
+                    InvalidSpec(format!("the prompt tag <lora:{inner}> has a weight that is not a number"))
+                })?;
+                (n.trim(), w)
+            }
+            None => (inner.trim(), 1.0),
+        };
+        if !valid_lora_name(name) {
+            return Err(InvalidSpec(format!("the prompt tag <lora:{inner}> does not name a LoRA")));
+        }
+        loras.push(LoraRef { name: name.to_string(), weight });
+        let before = rest[..at].trim_end();
+        text.push_str(before);
+        rest = &rest[at + len + 1..];
+        if !before.is_empty() && !rest.trim_start().is_empty() && !rest.trim_start().starts_with([',', '.']) {
+            text.push(' ');
+        }
+        rest = rest.trim_start();
+    }
+    text.push_str(rest);
+    Ok((text.trim().to_string(), loras))
 }
 
 /// Sides are multiples of this: the VAE's 8 × the transformer's 2×2 packing.
@@ -204,6 +273,33 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// LoRA names, count and strengths (whether the caller may use them is the plan's and the
+    /// library's to say).
+    pub fn check_loras(&self, loras: &[LoraRef]) -> Result<(), InvalidSpec> {
+        let bad = |m: String| Err(InvalidSpec(m));
+        let field = self.name("lora");
+        if loras.len() > MAX_LORAS {
+            return bad(format!("at most {MAX_LORAS} LoRAs per job, not {}", loras.len()));
+        }
+        for (i, l) in loras.iter().enumerate() {
+            if !valid_lora_name(&l.name) {
+                return bad(format!("{field} {:?} is not a LoRA name", l.name));
+            }
+            if !(l.weight.is_finite() && l.weight.abs() <= MAX_LORA_WEIGHT) {
+                return bad(format!(
+                    "the weight of LoRA {:?} must be between -{MAX_LORA_WEIGHT} and {MAX_LORA_WEIGHT}, not {}",
+                    l.name, l.weight
+                ));
+            }
+            if loras[..i].iter().any(|o| o.name == l.name) {
+                return bad(format!("LoRA {:?} is named twice", l.name));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The parts of a request that [`Limits`] bound, whatever the caller's types.
 #[derive(Debug, Clone)]
 pub struct Params<'a> {
@@ -229,10 +325,31 @@ pub struct Checked {
 pub struct InvalidSpec(pub String);
 
 impl JobSpec {
+    /// Moves `<lora:name:w>` tags out of the prompt into `loras` (after any given there). The
+    /// same LoRA named twice with the same weight counts once; with two weights it is an error.
+    pub fn take_prompt_tags(&mut self) -> Result<(), InvalidSpec> {
+        let (prompt, tags) = take_lora_tags(&self.prompt)?;
+        self.prompt = prompt;
+        for tag in tags {
+            match self.loras.iter().find(|l| l.name == tag.name) {
+                Some(l) if l.weight == tag.weight => {}
+                Some(l) => {
+                    return Err(InvalidSpec(format!(
+                        "LoRA {:?} is asked for twice, at {} and at {}",
+                        tag.name, l.weight, tag.weight
+                    )));
+                }
+                None => self.loras.push(tag),
+            }
+        }
+        Ok(())
+    }
+
     /// The one check of a request (prompt, size, steps, guidance, batch) against `limits`;
     /// the model is the caller's to check. Returns the size the images are made at and the
     /// warnings of rounding it (only where `limits` round).
     pub fn validate(&self, limits: &Limits) -> Result<Checked, InvalidSpec> {
+        limits.check_loras(&self.loras)?;
         limits.check(&Params {
             prompt: &self.prompt,
             width: u64::from(self.width),
@@ -258,6 +375,7 @@ mod tests {
             seed: None,
             guidance: None,
             batch: 1,
+            loras: Vec::new(),
         }
     }
 
@@ -308,5 +426,49 @@ mod tests {
         assert_eq!(with(&|s| s.prompt = " ".into()).validate(&server).unwrap_err().0, "the prompt is empty");
         assert_eq!(with(&|s| s.prompt = " ".into()).validate(&cli).unwrap_err().0, "--prompt is empty");
         assert!(with(&|s| s.prompt = "x".repeat(10_001)).validate(&server).is_err());
+    }
+
+    #[test]
+    fn lora_tags_leave_the_prompt_and_join_the_list() {
+        let (p, l) = take_lora_tags("a fox <lora:ink style:0.8>, red <lora:grain> sky").unwrap();
+        assert_eq!(p, "a fox, red sky");
+        assert_eq!(
+            l,
+            [LoraRef { name: "ink style".into(), weight: 0.8 }, LoraRef { name: "grain".into(), weight: 1.0 }]
+        );
+        let (p, l) = take_lora_tags("<lora:a:-0.5>cat").unwrap();
+        assert_eq!((p.as_str(), l[0].weight), ("cat", -0.5));
+        // An unclosed tag is text.
+        assert_eq!(take_lora_tags("x <lora:y").unwrap().0, "x <lora:y");
+        assert!(take_lora_tags("x <lora:y:big>").unwrap_err().0.contains("not a number"));
+        assert!(take_lora_tags("x <lora::1>").unwrap_err().0.contains("does not name"));
+        assert!(take_lora_tags("x <lora:../etc:1>").unwrap_err().0.contains("does not name"));
+
+        let mut s = spec(512, 512);
+        s.prompt = "a fox <lora:ink:0.8>".into();
+        s.loras = vec![LoraRef { name: "ink".into(), weight: 0.8 }];
+        s.take_prompt_tags().unwrap();
+        assert_eq!((s.prompt.as_str(), s.loras.len()), ("a fox", 1));
+        s.prompt = "a fox <lora:ink:0.5>".into();
+        assert!(s.take_prompt_tags().unwrap_err().0.contains("twice"));
+    }
+
+    #[test]
+    fn lora_lists_are_bounded() {
+        let server = Limits::server(&ConfiguredLimits::default());
+        let mut s = spec(512, 512);
+        let l = |n: &str, w: f32| LoraRef { name: n.into(), weight: w };
+        s.loras = vec![l("a", 1.0), l("b", -20.0)];
+        assert!(s.validate(&server).is_ok());
+        s.loras = vec![l("a", 20.5)];
+        assert!(s.validate(&server).is_err());
+        s.loras = vec![l("a", f32::NAN)];
+        assert!(s.validate(&server).is_err());
+        s.loras = vec![l("a", 1.0), l("a", 0.5)];
+        assert!(s.validate(&server).unwrap_err().0.contains("twice"));
+        s.loras = vec![l("x/y", 1.0)];
+        assert!(s.validate(&server).is_err());
+        s.loras = (0..17).map(|i| l(&format!("l{i}"), 1.0)).collect();
+        assert!(s.validate(&server).is_err());
     }
 }

@@ -216,7 +216,13 @@ fn prompts_outside_latin1_generate_and_read_back_identical() {
         let o =
             generate_small(dir.path(), &demo("schnell"), prompt, &out, &["--seed", "5", "--max-sequence-length", "16"]);
         assert!(o.status.success(), "{prompt}: {}", stderr(&o));
-        let expected = format!("{prompt}\nSteps: 1, Sampler: Euler, Seed: 5, Size: 32x32, Model: schnell");
+        let hash = atelier::engine::filehash::model_hash(
+            &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("weights/demo/schnell/transformer/diffusion_pytorch_model.safetensors"),
+        )
+        .unwrap();
+        let expected =
+            format!("{prompt}\nSteps: 1, Sampler: Euler, Seed: 5, Size: 32x32, Model hash: {hash}, Model: schnell");
         assert_eq!(parameters(&std::fs::read(&out).unwrap()), expected);
     }
     assert_eq!(files_in(dir.path()), ["p0.png", "p1.png", "p2.png", "p3.png"], "only the images, no temporary files");
@@ -464,4 +470,78 @@ fn generate_applies_loras_and_records_them() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("bad.safetensors") && stderr(&o).contains("not a valid safetensors"), "{}", stderr(&o));
     assert!(!computed(&o), "{}", stderr(&o));
+}
+
+/// A Python with the `sd-parsers` package ($ATELIER_PYTHON, else python3); CI installs one.
+fn python_with_sd_parsers() -> Option<String> {
+    let py = std::env::var("ATELIER_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py).args(["-c", "import sd_parsers"]).output().is_ok_and(|o| o.status.success());
+    ok.then_some(py)
+}
+
+#[test]
+fn a_third_party_parser_reads_back_prompt_loras_hashes_and_settings() {
+    let Some(py) = python_with_sd_parsers() else {
+        assert!(std::env::var_os("CI").is_none(), "CI must have Python with sd-parsers (see .ci/install-deps)");
+        eprintln!("skipping: no python3 with sd-parsers (pip install sd-parsers)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A studio library holding `ink`, named by a prompt tag; a second LoRA by --lora.
+    let loras = dir.path().join("loras");
+    std::fs::create_dir(&loras).unwrap();
+    std::fs::copy(fixture("lora/dev/kohya.safetensors"), loras.join("ink.safetensors")).unwrap();
+    let shipped = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config.toml")).unwrap();
+    let config = dir.path().join("config.toml");
+    let line = format!("loras_dir = {:?}", loras.to_str().unwrap());
+    std::fs::write(&config, shipped.replacen("# loras_dir = \"weights/loras\"", &line, 1)).unwrap();
+    let out = dir.path().join("fox.png");
+    let peft = fixture("lora/dev/peft.safetensors");
+    let model = fixture("pipeline/dev/diffusers");
+    let o = atelier(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a red fox <lora:ink:0.8> in the snow",
+            "--lora",
+            &format!("{}:-0.5", peft.display()),
+            "--seed",
+            "42",
+            "--steps",
+            "3",
+            "--width",
+            "80",
+            "--height",
+            "48",
+            "--max-sequence-length",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "generate failed: {}", stderr(&o));
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/read_png_parameters.py");
+    let r = Command::new(&py).arg(&script).arg(&out).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+
+    let hash = |p: &Path| atelier::engine::lora::Lora::open(p).unwrap().hash;
+    let transformer = model.join("transformer/diffusion_pytorch_model.safetensors");
+    let model_hash = atelier::engine::filehash::model_hash(&transformer).unwrap();
+    assert_eq!(got["generator"], "AUTOMATIC1111", "{got}");
+    assert_eq!(got["prompt"], "a red fox in the snow <lora:peft:-0.5> <lora:ink:0.8>", "{got}");
+    assert_eq!(got["sampler"], "Euler");
+    assert_eq!((got["parameters"]["seed"].as_str(), got["parameters"]["steps"].as_str()), (Some("42"), Some("3")));
+    assert_eq!((got["model"].as_str(), got["model_hash"].as_str()), (Some("diffusers"), Some(model_hash.as_str())));
+    assert_eq!(got["metadata"]["Size"], "80x48");
+    assert_eq!(got["metadata"]["Distilled CFG Scale"], "3.5");
+    let lora_hashes = format!("peft: {}, ink: {}", hash(&peft), hash(&loras.join("ink.safetensors")));
+    assert_eq!(got["lora_hashes"].as_str(), Some(lora_hashes.as_str()), "{got}");
 }

@@ -92,7 +92,7 @@ pub struct GenerateArgs {
     pub batch: usize,
     /// A LoRA to apply, FILE[:WEIGHT] (weight default 1.0, negative allowed); repeatable. Any
     /// FLUX LoRA format (kohya, ComfyUI, diffusers/PEFT, ai-toolkit, OneTrainer, XLabs).
-    /// `<lora:name:w>` tags in the prompt are not read (yet).
+    /// `<lora:name:w>` tags in the prompt name LoRAs of the studio library ([engine] loras_dir).
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<String>,
     /// auto, cpu, wgpu or vulkan.

@@ -17,14 +17,12 @@
 //! LoRA is applied, never from constants.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use burn::module::Param;
 use burn::tensor::{Tensor, TensorData};
-use sha2::{Digest, Sha256};
 
 use crate::engine::clip::ClipText;
 use crate::engine::flux::Flux;
@@ -270,19 +268,71 @@ impl Lora {
         }
         Ok(Lora { name, hash, format, changes, unmatched, notes })
     }
+
+    /// The transformer width this LoRA was made for: the input width of its changes on the
+    /// Linears that read the hidden stream (attention qkv and proj, the MLPs' first layer,
+    /// linear1, the modulations). `None` when it changes none of those.
+    pub fn hidden_width(&self) -> Option<usize> {
+        const READS_HIDDEN: &[&str] =
+            &["attn.qkv", "attn.proj", "mlp.0", ".linear1", "mod.lin", "modulation.lin", "final_layer.linear"];
+        self.changes
+            .iter()
+            .filter(|((part, path), _)| *part == Part::Transformer && READS_HIDDEN.iter().any(|s| path.ends_with(s)))
+            .find_map(|(_, list)| {
+                list.iter().find_map(|(_, c)| match c {
+                    Change::LowRank { down, .. } => down.shape.get(1).copied(),
+                    Change::Diff(d) => d.shape.get(1).copied(),
+                    Change::DiffBias(_) => None,
+                })
+            })
+    }
+
+    /// Bytes the parsed factors take in memory (f32 on the host).
+    pub fn host_bytes(&self) -> usize {
+        let tensor = |c: &Change| match c {
+            Change::LowRank { down, up, .. } => down.data.len() + up.data.len(),
+            Change::Diff(d) | Change::DiffBias(d) => d.data.len(),
+        };
+        4 * self.changes.values().flatten().map(|(_, c)| tensor(c)).sum::<usize>()
+    }
+}
+
+/// Parsed LoRAs kept between jobs so that switching back to a LoRA used recently costs no
+/// parse (nor hash); the least recently used go first past `max_bytes` of parsed factors. A file
+/// that changed on disk (size or mtime) is parsed again.
+pub struct LoraCache {
+    max_bytes: usize,
+    /// (path, size, mtime) → LoRA, most recently used last.
+    entries: Vec<((PathBuf, u64, std::time::SystemTime), Arc<Lora>)>,
+}
+
+impl LoraCache {
+    pub fn new(max_bytes: usize) -> Self {
+        LoraCache { max_bytes, entries: Vec::new() }
+    }
+
+    /// The parsed LoRA at `choice.path` with `choice.weight`.
+    pub fn open(&mut self, choice: &LoraChoice) -> Result<LoraSet> {
+        let meta = std::fs::metadata(&choice.path)
+            .with_context(|| format!("LoRA {}: cannot read the file", choice.path.display()))?;
+        let key = (choice.path.clone(), meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
+        let lora = match self.entries.iter().position(|(k, _)| *k == key) {
+            Some(i) => self.entries.remove(i).1,
+            None => Arc::new(Lora::open(&choice.path)?),
+        };
+        self.entries.push((key, lora.clone()));
+        let mut total: usize = self.entries.iter().map(|(_, l)| l.host_bytes()).sum();
+        // The LoRA just asked for always stays.
+        while total > self.max_bytes && self.entries.len() > 1 {
+            total -= self.entries.remove(0).1.host_bytes();
+        }
+        Ok(LoraSet { lora, weight: choice.weight })
+    }
 }
 
 /// sha256 of the bytes after the safetensors header, first 12 hex digits.
 fn tensor_bytes_hash(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)?;
-    let header = u64::from_le_bytes(len);
-    std::io::copy(&mut f.by_ref().take(header), &mut std::io::sink())?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut f, &mut hasher)?;
-    let digest = hasher.finalize();
-    Ok(digest.iter().take(6).map(|b| format!("{b:02x}")).collect())
+    Ok(crate::engine::filehash::sha256(path, crate::engine::filehash::Span::SafetensorsTensors)?[..12].to_string())
 }
 
 fn refuse_unsupported(keys: &[String]) -> Result<()> {

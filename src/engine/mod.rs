@@ -2,6 +2,7 @@
 
 pub mod clip;
 pub mod device;
+pub mod filehash;
 pub mod flux;
 pub mod gguf;
 pub mod host_tensor;

@@ -10,7 +10,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::engine::clip::ClipText;
 use crate::engine::flux::{self, Flux, FluxInput};
-use crate::engine::lora::{LoraSet, set_clip_loras, set_loras};
+use crate::engine::lora::{LoraCache, LoraSet, set_clip_loras, set_loras};
 use crate::engine::noise::torch_randn;
 use crate::engine::sampler::{ScheduleConfig, StepEvent, denoise};
 use crate::engine::t5::T5Encoder;
@@ -225,18 +225,23 @@ pub fn unpack(tokens: &[f32], channels: usize, h: usize, w: usize) -> Vec<f32> {
 pub struct Slot<T> {
     keep: bool,
     value: Option<T>,
+    /// How many times the component was loaded from disk.
+    pub loads: u64,
 }
 
 impl<T> Slot<T> {
     pub fn new(keep: bool) -> Self {
-        Slot { keep, value: None }
+        Slot { keep, value: None, loads: 0 }
     }
 
     /// Runs `stage` with the component, loading it first when it is not resident.
     pub fn with<R>(&mut self, load: impl FnOnce() -> Result<T>, stage: impl FnOnce(&mut T) -> Result<R>) -> Result<R> {
         let mut value = match self.value.take() {
             Some(value) => value,
-            None => load()?,
+            None => {
+                self.loads += 1;
+                load()?
+            }
         };
         let out = stage(&mut value);
         if self.keep {
@@ -253,11 +258,36 @@ pub struct Resident {
     clip: Slot<ClipText>,
     flux: Slot<Flux>,
     vae: Slot<vae::Vae>,
+    /// Parsed LoRAs kept between jobs (switching sets re-parses nothing used recently).
+    pub loras: LoraCache,
+}
+
+/// Parsed LoRA factors kept between jobs, at most (f32 on the host).
+pub const LORA_CACHE_BYTES: usize = 2 << 30;
+
+/// How many times each component was loaded from disk (what `/metrics` shows: with resident
+/// components, a change of LoRAs between jobs loads nothing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Loads {
+    pub t5: u64,
+    pub clip: u64,
+    pub transformer: u64,
+    pub vae: u64,
 }
 
 impl Resident {
     pub fn new(keep: bool) -> Self {
-        Resident { t5: Slot::new(keep), clip: Slot::new(keep), flux: Slot::new(keep), vae: Slot::new(keep) }
+        Resident {
+            t5: Slot::new(keep),
+            clip: Slot::new(keep),
+            flux: Slot::new(keep),
+            vae: Slot::new(keep),
+            loras: LoraCache::new(LORA_CACHE_BYTES),
+        }
+    }
+
+    pub fn loads(&self) -> Loads {
+        Loads { t5: self.t5.loads, clip: self.clip.loads, transformer: self.flux.loads, vae: self.vae.loads }
     }
 }
 
@@ -280,6 +310,8 @@ pub struct Prepared {
     pub warnings: Vec<String>,
     /// The request's LoRAs, read and parsed.
     pub loras: Vec<LoraSet>,
+    /// A1111's `Model hash` of the transformer file (None for a sharded transformer).
+    pub model_hash: Option<String>,
 }
 
 impl Prepared {
@@ -288,20 +320,22 @@ impl Prepared {
         (0..req.batch as u64).map(|i| req.seed.wrapping_add(i)).collect()
     }
 
-    /// The A1111 `parameters` text of the image made with `seed`.
-    /// LoRAs are recorded the A1111/Forge way: `<lora:name:w>` after the prompt and a
-    /// `Lora hashes` field.
+    /// The A1111 `parameters` text of the image made with `seed`, which A1111/Forge's PNG Info
+    /// (and parsers of it) read back: LoRAs as `<lora:name:w>` after the prompt and a
+    /// `Lora hashes` field, the transformer file's `Model hash` before the model's name (A1111's
+    /// order), dev guidance as Forge's `Distilled CFG Scale` (a plain `Guidance` key is read by
+    /// nothing).
     pub fn parameters(&self, prompt: &str, seed: u64, model: &str) -> String {
         let (tags, hashes) = crate::engine::lora::a1111_tags(&self.loras);
-        let mut s = a1111_parameters(
-            &format!("{prompt}{tags}"),
-            self.steps,
-            seed,
-            self.width,
-            self.height,
-            model,
-            self.guidance,
-        );
+        let (steps, width, height) = (self.steps, self.width, self.height);
+        let mut s = format!("{prompt}{tags}\nSteps: {steps}, Sampler: Euler, Seed: {seed}, Size: {width}x{height}");
+        if let Some(h) = &self.model_hash {
+            s += &format!(", Model hash: {h}");
+        }
+        s += &format!(", Model: {model}");
+        if let Some(g) = self.guidance {
+            s += &format!(", Distilled CFG Scale: {g}");
+        }
         if let Some(h) = hashes {
             s += &format!(", {h}");
         }
@@ -312,6 +346,11 @@ impl Prepared {
 /// Checks a request against a model without computing anything: the request's bounds, every
 /// component's header (see [`ModelFiles::check`]), and the settings the model kind implies.
 pub fn prepare(files: &ModelFiles, req: &GenerateRequest) -> Result<Prepared> {
+    prepare_with(files, req, &mut LoraCache::new(0))
+}
+
+/// [`prepare`] with LoRAs taken from `loras` when it parsed them before.
+pub fn prepare_with(files: &ModelFiles, req: &GenerateRequest, loras: &mut LoraCache) -> Result<Prepared> {
     let checked = crate::spec::Limits::engine().check(&crate::spec::Params {
         prompt: &req.prompt,
         width: req.width as u64,
@@ -331,7 +370,11 @@ pub fn prepare(files: &ModelFiles, req: &GenerateRequest) -> Result<Prepared> {
     // The transformer's own weights say whether it is dev (guidance embedding) or schnell.
     let is_dev = files.check()?.guidance_embed;
     let steps = req.steps.unwrap_or(if is_dev { 28 } else { 4 });
-    let loras = req.loras.iter().map(LoraSet::open).collect::<Result<Vec<_>>>()?;
+    let loras = req.loras.iter().map(|c| loras.open(c)).collect::<Result<Vec<_>>>()?;
+    let model_hash = match single_file(&files.transformer) {
+        Some(f) => Some(crate::engine::filehash::model_hash(&f)?),
+        None => None,
+    };
     Ok(Prepared {
         steps,
         width,
@@ -341,7 +384,24 @@ pub fn prepare(files: &ModelFiles, req: &GenerateRequest) -> Result<Prepared> {
         max_sequence_length: req.max_sequence_length.unwrap_or(if is_dev { 512 } else { 256 }),
         warnings,
         loras,
+        model_hash,
     })
+}
+
+/// The one file a component is in: the path itself, or the only `.safetensors` / `.gguf` in a
+/// component folder; None when sharded.
+fn single_file(path: &Path) -> Option<PathBuf> {
+    if path.is_file() {
+        return Some(path.to_path_buf());
+    }
+    let mut found = std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors" || x == "gguf"));
+    match (found.next(), found.next()) {
+        (Some(f), None) => Some(f),
+        _ => None,
+    }
 }
 
 /// Runs text → image for every image of the request on `device`, loading each component in
@@ -363,7 +423,7 @@ pub fn generate_with(
     resident: &mut Resident,
     progress: impl FnMut(Progress),
 ) -> Result<Generated> {
-    let prepared = prepare(files, req)?;
+    let prepared = prepare_with(files, req, &mut resident.loras)?;
     generate_prepared(files, req, &prepared, device, resident, progress)
 }
 
@@ -572,26 +632,6 @@ pub fn to_rgb(chw: &[f32], width: usize, height: usize) -> image::RgbImage {
         let q = |c: usize| ((chw[c * plane + i] / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8;
         image::Rgb([q(0), q(1), q(2)])
     })
-}
-
-/// The A1111 `parameters` text that tools read back from PNGs.
-pub fn a1111_parameters(
-    prompt: &str,
-    steps: usize,
-    seed: u64,
-    width: usize,
-    height: usize,
-    model: &str,
-    guidance: Option<f32>,
-) -> String {
-    let mut s =
-        format!("{prompt}\nSteps: {steps}, Sampler: Euler, Seed: {seed}, Size: {width}x{height}, Model: {model}");
-    // Forge's name for FLUX.1-dev's distilled guidance, which its PNG Info maps back to the
-    // setting (a plain `Guidance` key is read by nothing).
-    if let Some(g) = guidance {
-        s += &format!(", Distilled CFG Scale: {g}");
-    }
-    s
 }
 
 #[cfg(test)]

@@ -52,6 +52,9 @@ pub enum SubmitError {
     /// The Idempotency-Key's first request has not made its job (409).
     #[error("a request with the Idempotency-Key {key:?} is still being processed; try again shortly")]
     KeyInProgress { key: String },
+    /// A LoRA the caller may not use or that does not fit the model (404 / 400).
+    #[error(transparent)]
+    Lora(#[from] crate::loras::LibraryError),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -95,6 +98,10 @@ pub struct Metrics {
     pub step_micros: AtomicU64,
     pub last_step_micros: AtomicU64,
     pub images: AtomicU64,
+    /// Components loaded from disk (with `keep_resident`, a change of LoRAs loads none).
+    pub transformer_loads: AtomicU64,
+    pub text_encoder_loads: AtomicU64,
+    pub vae_loads: AtomicU64,
 }
 
 /// A submitted job and what it cost.
@@ -109,6 +116,8 @@ pub struct Submitted {
 pub struct Jobs {
     pub hub: ProgressHub,
     pub models: Arc<ModelRegistry>,
+    /// The LoRA libraries jobs name LoRAs from.
+    pub loras: Arc<crate::loras::Library>,
     pub metrics: Metrics,
     limits: Limits,
     queue: QueueConfig,
@@ -126,10 +135,12 @@ impl Jobs {
         limits: crate::spec::ConfiguredLimits,
         queue: QueueConfig,
         images_dir: std::path::PathBuf,
+        loras: Arc<crate::loras::Library>,
     ) -> Jobs {
         Jobs {
             hub: ProgressHub::new(),
             models,
+            loras,
             metrics: Metrics::default(),
             limits: Limits::server(&limits),
             scheduler: Mutex::new(Scheduler::new(&queue.weights)),
@@ -160,6 +171,19 @@ impl Jobs {
         Ok(())
     }
 
+    /// Each LoRA of `spec` is one `user` may use (their own or the studio's; anyone else's is
+    /// as unknown as a missing one) and fits the model's transformer.
+    pub fn check_loras(&self, user: UserId, spec: &JobSpec) -> Result<(), SubmitError> {
+        let hidden = self.models.get(&spec.model).and_then(|m| m.hidden_size);
+        for l in &spec.loras {
+            let (_, path) = self.loras.resolve(user, &l.name)?;
+            if let Some(h) = hidden {
+                self.loras.check_fits(&path, &l.name, &spec.model, h)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The ledger's view of a job's parameters.
     pub fn params(spec: &JobSpec) -> JobParams {
         JobParams {
@@ -169,6 +193,7 @@ impl Jobs {
             steps: spec.steps,
             seed: spec.seed,
             guidance: spec.guidance,
+            loras: spec.loras.len() as u32,
             ..JobParams::default()
         }
     }
@@ -196,10 +221,13 @@ impl Jobs {
         &self,
         db: &mut Conn,
         user: UserId,
-        spec: JobSpec,
+        mut spec: JobSpec,
         idempotency_key: Option<String>,
     ) -> Result<Submitted, SubmitError> {
+        // `<lora:name:w>` tags select LoRAs and never reach the encoders.
+        spec.take_prompt_tags().map_err(|e| SubmitError::Invalid(e.0))?;
         self.validate(&spec)?;
+        self.check_loras(user, &spec)?;
         if let Some(key) = &idempotency_key {
             validate_idempotency_key(key)?;
         }

@@ -10,6 +10,7 @@ use anyhow::Context;
 
 use burn::tensor::Device;
 
+use crate::engine::lora::LoraChoice;
 use crate::engine::pipeline::{self, Canceled, GenerateRequest, Progress, Resident};
 use crate::engine::pngfile::PngText;
 use crate::jobs::Conn;
@@ -174,6 +175,18 @@ fn execute(
     };
     let files = model.files.clone().expect("checked above");
     let spec = &job.spec;
+    // LoRAs were checked at submission; one deleted since fails the job plainly (the user's
+    // own doing), with the credits released.
+    let mut loras = Vec::new();
+    for l in &spec.loras {
+        match jobs.loras.resolve(job.user_id, &l.name) {
+            Ok((_, path)) => loras.push(LoraChoice { path, weight: l.weight }),
+            Err(e) => {
+                let why = format!("{e} (it was removed after the job was submitted); the credits were released");
+                return end_without_images(jobs, db, job, JobStatus::Failed, Some(why));
+            }
+        }
+    }
     let steps = spec.steps.unwrap_or(model.default_steps).max(1) as usize;
     let req = GenerateRequest {
         cancel: Some(cancel),
@@ -186,13 +199,17 @@ fn execute(
         guidance: spec.guidance.map(|g| g as f32),
         max_sequence_length: None,
         batch: spec.batch as usize,
-        loras: Vec::new(),
+        loras,
     };
     // Whatever would stop the images from being kept is checked before any compute (and any
     // progress event): every component's header, the settings, the PNG text of each image,
     // and the images folder.
     let dir = jobs.images_dir();
-    let ready = pipeline::prepare(&files, &req).and_then(|prepared| {
+    if resident.as_ref().is_none_or(|(m, _)| m != &job.model) {
+        *resident = Some((job.model.clone(), Resident::new(keep_resident)));
+    }
+    let res = &mut resident.as_mut().expect("set above").1;
+    let ready = pipeline::prepare_with(&files, &req, &mut res.loras).and_then(|prepared| {
         let texts = prepared
             .seeds(&req)
             .into_iter()
@@ -210,11 +227,8 @@ fn execute(
         // model file, the images folder): its paths stay in the admin's view.
         Err(e) => return fail_internal(jobs, db, job, format!("before the first step: {e:#}")),
     };
-    if resident.as_ref().is_none_or(|(m, _)| m != &job.model) {
-        *resident = Some((job.model.clone(), Resident::new(keep_resident)));
-    }
-    let res = &mut resident.as_mut().expect("set above").1;
     let images = spec.batch as usize;
+    let loads_before = res.loads();
     let mut last_seconds = 0.0;
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
         pipeline::generate_prepared(&files, &req, &prepared, device, res, |p| match p {
@@ -246,6 +260,11 @@ fn execute(
             }
         })
     }));
+    let loads = res.loads();
+    let m = &jobs.metrics;
+    m.transformer_loads.fetch_add(loads.transformer - loads_before.transformer, Ordering::Relaxed);
+    m.text_encoder_loads.fetch_add(loads.t5 + loads.clip - loads_before.t5 - loads_before.clip, Ordering::Relaxed);
+    m.vae_loads.fetch_add(loads.vae - loads_before.vae, Ordering::Relaxed);
     let generated = match result {
         Ok(Ok(g)) => g,
         Ok(Err(e)) if e.is::<Canceled>() && jobs.stopping.load(Ordering::Relaxed) => {
@@ -266,6 +285,9 @@ fn execute(
         log::warn!("job {}: {w}", job.id);
     }
     let now = db.now();
+    // The gallery's prompt carries the LoRAs as A1111 writes them (`<lora:name:w>`), so
+    // "Use these settings" and a copied prompt bring them back.
+    let gallery_prompt = format!("{}{}", spec.prompt, crate::engine::lora::a1111_tags(&prepared.loras).0);
     let mut metas = Vec::new();
     for (i, ((img, seed), (parameters, text))) in generated.images.iter().zip(&generated.seeds).zip(texts).enumerate() {
         match gallery::save(dir, img, &text) {
@@ -278,7 +300,7 @@ fn execute(
                 height: generated.height as u32,
                 seed: *seed,
                 model: job.model.clone(),
-                prompt: spec.prompt.clone(),
+                prompt: gallery_prompt.clone(),
                 steps: generated.steps as u32,
                 guidance: generated.guidance.map(|g| g as f64),
                 parameters,

@@ -44,7 +44,7 @@ pub use credits::{
 };
 pub use events::Event;
 pub use plans::{
-    BatchLimit, Clearance, Entitlements, JobParams, MeteringConfig, ModelAccess, ModelKind, ModelPricing, ParamLevel,
+    Clearance, CountLimit, Entitlements, JobParams, MeteringConfig, ModelAccess, ModelKind, ModelPricing, ParamLevel,
     Period, PlanConfig, PlansConfig, Price, PricingConfig, QueueClass, Quota, Refusal, Synchronous, price,
 };
 pub use subscriptions::{PlanChange, Subscription, SubscriptionStatus};

@@ -113,10 +113,10 @@ impl fmt::Display for QueueClass {
     }
 }
 
-/// `max_batch = 8` or `max_batch = "unlimited"`.
+/// A count a plan allows: `max_batch = 8` or `max_batch = "unlimited"` (and `loras`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
-pub enum BatchLimit {
+pub enum CountLimit {
     Count(u32),
     Word(Unlimited),
 }
@@ -127,12 +127,21 @@ pub enum Unlimited {
     Unlimited,
 }
 
-impl BatchLimit {
+impl CountLimit {
+    fn zero() -> CountLimit {
+        CountLimit::Count(0)
+    }
+
+    /// Whether `n` is within the limit.
+    pub fn allows(self, n: u32) -> bool {
+        self.max().is_none_or(|m| n <= m)
+    }
+
     /// `None` = no limit from the plan.
     pub fn max(self) -> Option<u32> {
         match self {
-            BatchLimit::Count(n) => Some(n),
-            BatchLimit::Word(Unlimited::Unlimited) => None,
+            CountLimit::Count(n) => Some(n),
+            CountLimit::Word(Unlimited::Unlimited) => None,
         }
     }
 }
@@ -194,7 +203,10 @@ pub struct PlanConfig {
     pub training_yearly: i64,
     pub training_images_per_lora: u32,
     pub parameters: ParamLevel,
-    pub max_batch: BatchLimit,
+    pub max_batch: CountLimit,
+    /// LoRAs one job may apply (a number or "unlimited"); a config without it: none.
+    #[serde(default = "CountLimit::zero")]
+    pub loras: CountLimit,
     pub queue: QueueClass,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_yearly: Option<QueueClass>,
@@ -302,7 +314,7 @@ pub struct JobParams {
     pub seed: Option<u64>,
     pub guidance: Option<f64>,
     pub shift: Option<f64>,
-    /// Number of LoRAs applied.
+    /// Number of LoRAs applied (an entitlement of its own: the plan's `loras`).
     pub loras: u32,
     /// Names of any other parameters set (sampler, scheduler, ...): "full" level.
     pub extra: Vec<String>,
@@ -345,9 +357,6 @@ impl JobParams {
         }
         if self.shift.is_some() {
             need(ParamLevel::Advanced, "shift");
-        }
-        if self.loras > 0 {
-            need(ParamLevel::Advanced, "loras");
         }
         if !size_presets.contains(&[self.width, self.height]) {
             need(ParamLevel::Advanced, "custom size");
@@ -396,6 +405,8 @@ pub enum Refusal {
     },
     #[error("plan {plan} allows batches of up to {max}; this job asks for {batch}{}", allow_hint(plans_allowing))]
     BatchTooLarge { plan: String, batch: u32, max: u32, plans_allowing: Vec<String> },
+    #[error("plan {plan} allows {} per job; this job asks for {loras}{}", lora_count(*max), allow_hint(plans_allowing))]
+    TooManyLoras { plan: String, loras: u32, max: u32, plans_allowing: Vec<String> },
     #[error(
         "the weekly quota of {limit} for {tag} models is used up ({used} used, {requested} more asked); it resets at {resets_at}{}",
         allow_hint(plans_allowing)
@@ -429,6 +440,14 @@ pub enum Refusal {
     TooManyTrainingImages { plan: String, images: u32, max: u32, plans_allowing: Vec<String> },
 }
 
+fn lora_count(n: u32) -> String {
+    match n {
+        0 => "no LoRAs".into(),
+        1 => "1 LoRA".into(),
+        n => format!("up to {n} LoRAs"),
+    }
+}
+
 fn allow_hint(plans: &[String]) -> String {
     if plans.is_empty() { String::new() } else { format!(" (allowed on: {})", plans.join(", ")) }
 }
@@ -459,6 +478,8 @@ pub struct Entitlements {
     pub parameters: ParamLevel,
     /// `null` = unlimited.
     pub max_batch: Option<u32>,
+    /// LoRAs per job; `null` = unlimited.
+    pub max_loras: Option<u32>,
     pub queue: QueueClass,
     pub models: BTreeMap<String, ModelAccess>,
     /// The weekly quota of each `limited` tag.
@@ -579,7 +600,7 @@ impl PlansConfig {
             if !p.periods.contains(&Period::Yearly) && (p.credits_yearly > 0 || p.training_yearly > 0) {
                 return bad(format!("{}: yearly credits/training without a yearly period", at("periods")));
             }
-            if p.max_batch == BatchLimit::Count(0) {
+            if p.max_batch == CountLimit::Count(0) {
                 return bad(format!("{} must be >= 1 or \"unlimited\"", at("max_batch")));
             }
             if p.low_balance_pct.is_some_and(|x| x > 100) {
@@ -676,6 +697,7 @@ impl PlansConfig {
             training_images_per_lora: p.training_images_per_lora,
             parameters: p.parameters,
             max_batch: p.max_batch.max(),
+            max_loras: p.loras.max(),
             queue: p.queue_for(period),
             models: p.models.clone(),
             limited_per_week,
@@ -739,6 +761,16 @@ impl PlansConfig {
                 plans_allowing: self.plans_allowing(model, params, false, 0),
             });
         }
+        if let Some(max) = p.loras.max()
+            && params.loras > max
+        {
+            return Err(Refusal::TooManyLoras {
+                plan: plan.to_string(),
+                loras: params.loras,
+                max,
+                plans_allowing: self.plans_allowing(model, params, false, 0),
+            });
+        }
         Ok(Clearance { queue: p.queue_for(period), quotas })
     }
 
@@ -773,9 +805,9 @@ impl PlansConfig {
                     ModelAccess::Limited => !unlimited,
                     ModelAccess::No => false,
                 });
-                let batch_ok = p.max_batch.max().is_none_or(|m| params.batch <= m);
+                let counts_ok = p.max_batch.allows(params.batch) && p.loras.allows(params.loras);
                 let credits_ok = credits <= 0 || p.credits_weekly.max(p.credits_yearly) >= credits;
-                tags_ok && needs <= p.parameters && batch_ok && credits_ok
+                tags_ok && needs <= p.parameters && counts_ok && credits_ok
             })
             .collect()
     }

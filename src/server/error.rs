@@ -164,7 +164,21 @@ impl From<SubmitError> for ApiError {
             e @ SubmitError::KeyInProgress { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "idempotency_key_in_use", e.to_string())
             }
+            SubmitError::Lora(e) => e.into(),
             SubmitError::Internal(e) => ApiError::from_anyhow(&e),
+        }
+    }
+}
+
+impl From<crate::loras::LibraryError> for ApiError {
+    fn from(e: crate::loras::LibraryError) -> ApiError {
+        use crate::loras::LibraryError as L;
+        match e {
+            e @ L::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "lora_not_found", e.to_string()),
+            L::Conflict(m) => ApiError::conflict(m),
+            L::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_lora", m),
+            L::Io(e) => ApiError::internal(e),
+            L::Internal(e) => ApiError::from_anyhow(&e),
         }
     }
 }

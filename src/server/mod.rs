@@ -102,8 +102,16 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let pool = Arc::new(Pool::new(ConnConfig::new(&data_dir, plans.clone(), clock.clone()))?);
     bootstrap_admin(&pool, &config.server.admin_plan)?;
 
-    let jobs =
-        Arc::new(Jobs::new(Arc::new(registry), config.limits.clone(), config.queue.clone(), data_dir.join("images")));
+    // Hashes of model and LoRA files (the PNG text's) are kept across restarts.
+    crate::engine::filehash::set_cache_file(data_dir.join("file-hashes.json"));
+    let loras = Arc::new(crate::loras::Library::new(config.engine.loras_dir(), &data_dir));
+    let jobs = Arc::new(Jobs::new(
+        Arc::new(registry),
+        config.limits.clone(),
+        config.queue.clone(),
+        data_dir.join("images"),
+        loras,
+    ));
     let settled = pool.with(|c| jobs.reconcile(c))??;
     if settled > 0 {
         log::warn!("settled {settled} credit holds left open by the last run");

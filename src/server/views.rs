@@ -153,6 +153,38 @@ pub struct ModelList {
     pub limits: SizeLimits,
 }
 
+// ---- LoRAs ----
+
+/// GET /api/loras
+#[derive(Debug, Serialize)]
+pub struct LoraList {
+    pub loras: Vec<crate::loras::LoraEntry>,
+    pub plan: String,
+    /// LoRAs per job on the caller's plan; `null` = unlimited.
+    pub max_loras: Option<u32>,
+    /// Every plan's LoRAs per job, lowest rank first (what the UI's "needs the X plan" reads).
+    pub plans: Vec<LoraPlan>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LoraPlan {
+    pub plan: String,
+    pub name: String,
+    pub max_loras: Option<u32>,
+}
+
+/// POST /api/loras
+#[derive(Debug, Serialize)]
+pub struct LoraUploaded {
+    pub lora: crate::loras::LoraEntry,
+    /// The format detected (kohya, peft, …).
+    pub format: &'static str,
+    /// A1111's LoRA hash (what `Lora hashes` in a PNG records).
+    pub hash: String,
+    /// Keys that matched nothing, parts skipped.
+    pub warnings: Vec<String>,
+}
+
 /// GET /api/price
 #[derive(Debug, Serialize)]
 pub struct PriceCheck {

@@ -322,10 +322,44 @@ try {
     shared.alice = { job, imageId: imgs[0].id, prompt, seed, price: P };
   });
 
+  await step('1b. alice applies the shipped demo LoRA from the picker', async () => {
+    await alice.waitForSelector('#lora-results .lora-result[data-lora="demo-grain"]');
+    // Search filters by name, label and trigger words.
+    await alice.fill('#lora-search', 'no such lora');
+    await waitFor(async () => (await alice.locator('#lora-results .lora-result').count()) === 0, { message: 'the search to hide every LoRA' });
+    await alice.fill('#lora-search', 'grain');
+    await alice.click('#lora-results .lora-result[data-lora="demo-grain"] button');
+    await alice.waitForSelector('#lora-chosen .lora-item[data-lora="demo-grain"]');
+    const item = '#lora-chosen .lora-item[data-lora="demo-grain"]';
+    // The sidecar's default weight, then a new one; trigger words go into the prompt on request.
+    assert((await alice.inputValue(`${item} input.lora-weight`)) === '0.8', 'the default weight is not the sidecar\'s 0.8');
+    await alice.fill(`${item} input.lora-weight`, '0.65');
+    await alice.dispatchEvent(`${item} input.lora-weight`, 'change');
+    await alice.fill('#prompt', 'a lighthouse at dusk');
+    await alice.click(`${item} .lora-trigger`);
+    const prompt = await alice.inputValue('#prompt');
+    assert(prompt === 'a lighthouse at dusk, grainy film', `the trigger was not inserted: "${prompt}"`);
+    // Starter allows one LoRA: the picker says which plan allows more.
+    await alice.waitForSelector('#lora-lock:not([hidden])');
+    assert(/Pro plan/.test(await alice.textContent('#lora-lock')), `the lock note does not name Pro: "${await alice.textContent('#lora-lock')}"`);
+    const { job } = await generateAndWait(alice);
+    const j = await alice.evaluate(async (id) => (await fetch(`/api/jobs/${id}`)).json(), job);
+    assert(JSON.stringify(j.job.spec.loras) === JSON.stringify([{ name: 'demo-grain', weight: 0.65 }]), `the job's LoRAs: ${JSON.stringify(j.job.spec.loras)}`);
+    const imgs = await resultLoaded(alice, job);
+    const meta = await alice.evaluate(async (id) => (await fetch(`/api/images/${id}`)).json(), imgs[0].id);
+    assert(meta.image.prompt === 'a lighthouse at dusk, grainy film <lora:demo-grain:0.65>', `the gallery prompt: "${meta.image.prompt}"`);
+    await alice.click(`${item} .lora-remove`);
+    await waitFor(async () => (await alice.locator('#lora-chosen .lora-item').count()) === 0, { message: 'the LoRA to be removed' });
+  });
+
   await step('2. bob (free) uses up the weekly dev quota; demo-dev locks', async () => {
     await login(bob, BOB);
     assert((await bob.textContent('#plan-badge')).trim().toLowerCase() === 'free', `bob's plan badge says "${await bob.textContent('#plan-badge')}"`);
     await bob.waitForSelector('#model option[value="demo-dev"]', { state: 'attached' });
+    // Free has no LoRAs: the picker is locked and names the plan that has them.
+    await bob.waitForSelector('#lora-lock:not([hidden])');
+    assert(/LoRAs need the Starter plan/.test(await bob.textContent('#lora-lock')), `bob's LoRA note: "${await bob.textContent('#lora-lock')}"`);
+    assert(await bob.isDisabled('#lora-search'), 'bob (free) can search LoRAs');
     // Free = "basic" parameters: presets and batch only, and a note naming the plan that unlocks more.
     assert(await bob.isDisabled('#seed'), 'bob (free) can set a seed');
     assert(await bob.isDisabled('#dice'), 'bob (free) can roll a seed');

@@ -42,6 +42,18 @@ pub fn add_user(data: &Path, config: Option<&Path>, name: &str, password: &str, 
     }
 }
 
+/// The shipped config.toml with `from` replaced by `to` (for settings of existing tables).
+pub fn config_replacing(dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
+    let mut text = std::fs::read_to_string(repo().join("config.toml")).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "config.toml has no {from:?}");
+        text = text.replacen(from, to, 1);
+    }
+    let p = dir.join("config.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
 /// A config file: the shipped one plus `extra` TOML.
 pub fn config_with(dir: &Path, extra: &str) -> PathBuf {
     let text = std::fs::read_to_string(repo().join("config.toml")).unwrap() + "\n" + extra;
@@ -177,6 +189,22 @@ impl Client {
     }
 
     pub fn request_with(&self, method: &str, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> Resp {
+        self.send(method, path, body, None, headers)
+    }
+
+    /// POSTs `bytes` as the raw body (a file upload).
+    pub fn upload(&self, path: &str, bytes: &[u8]) -> Resp {
+        self.send("POST", path, None, Some(bytes), &[("Content-Type", "application/octet-stream")])
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        raw: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
         let url = format!("{}{path}", self.url);
         let mut hs: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         if let Some(c) = &self.cookie {
@@ -199,13 +227,14 @@ impl Client {
                 rb.call()
             }
             _ => {
-                let mut rb = self.agent.post(&url);
+                let mut rb = if method == "PATCH" { self.agent.patch(&url) } else { self.agent.post(&url) };
                 for (k, v) in &hs {
                     rb = rb.header(k, v);
                 }
-                match body {
-                    Some(b) => rb.send_json(b),
-                    None => rb.send_empty(),
+                match (body, raw) {
+                    (Some(b), _) => rb.send_json(b),
+                    (None, Some(r)) => rb.send(r),
+                    (None, None) => rb.send_empty(),
                 }
             }
         };

@@ -30,8 +30,12 @@ fn data_is_private_and_prompts_in_any_script_are_kept_identical() {
     assert_eq!(job["status"], "succeeded", "{job}");
     let image = job["images"][0].as_str().unwrap();
     let png = u.get(&format!("/api/images/{image}/file")).body;
-    let expected =
-        format!("{prompt}\nSteps: 4, Sampler: Euler, Seed: {}, Size: 64x64, Model: demo-schnell", job["seed"]);
+    let transformer = repo().join("weights/demo/schnell/transformer/diffusion_pytorch_model.safetensors");
+    let hash = atelier::engine::filehash::model_hash(&transformer).unwrap();
+    let expected = format!(
+        "{prompt}\nSteps: 4, Sampler: Euler, Seed: {}, Size: 64x64, Model hash: {hash}, Model: demo-schnell",
+        job["seed"]
+    );
     assert_eq!(atelier::engine::pngfile::read_parameters(&png).unwrap().as_deref(), Some(expected.as_str()));
     assert_eq!(u.get(&format!("/api/images/{image}")).json()["image"]["prompt"], prompt);
 

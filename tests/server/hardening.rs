@@ -4,25 +4,13 @@
 //! throttling per account and address, /metrics access, and a locked database.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::common::*;
-
-/// The shipped config.toml with `from` replaced by `to` (for settings of existing tables).
-fn config_replacing(dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
-    let mut text = std::fs::read_to_string(repo().join("config.toml")).unwrap();
-    for (from, to) in edits {
-        assert!(text.contains(from), "config.toml has no {from:?}");
-        text = text.replacen(from, to, 1);
-    }
-    let p = dir.join("config.toml");
-    std::fs::write(&p, text).unwrap();
-    p
-}
 
 /// Starts a long job of `who`'s that keeps the worker busy; returns its id once it runs.
 fn block_worker(who: &Client) -> String {

@@ -9,6 +9,7 @@ mod first_start;
 mod flow;
 mod hardening;
 mod limits;
+mod loras;
 mod models;
 mod openai;
 mod queue_order;

@@ -1,11 +1,13 @@
-// The Generate page's form: prompt, model, size presets and custom size, batch, and the
-// parameters the plan's level allows (seed, steps, guidance) with the locked ones explained;
+// The Generate page's form: prompt, model, size presets and custom size, batch, the
+// parameters the plan's level allows (seed, steps, guidance) with the locked ones explained,
+// and LoRAs (lorapick.js);
 // the draft kept in localStorage; the price before submitting; "Use these settings". The
 // request limits (sizes, steps, guidance, batch, prompt length) come from GET /api/limits.
 
 import { get, qs } from './api.js';
 import { h, clear, notice, fmtNum, aspectLabel, debounce, describeError, pill } from './ui.js';
 import { store, levelIndex, needsPlanNote, planName } from './store.js';
+import { buildLoraField, loadLoras, chosenLoras, takeTags } from './lorapick.js';
 
 /** The most images one job asks for from this page, whatever the plan allows. */
 export const MAX_UI_BATCH = 16;
@@ -92,6 +94,7 @@ export function buildForm(onSubmit) {
       h('div', { class: 'stepper' }, el.batchDec, el.batch, el.batchInc),
       el.batchNote),
     h('div', { class: 'field params-grid' }, el.paramSeed, el.paramSteps, el.paramGuidance),
+    buildLoraField(el.prompt, () => S.reprice()),
     h('div', { class: 'gen-submit' },
       h('div', { class: 'price-line' }, h('span', { class: 'label', text: 'Cost' }), h('span', { class: 'price-wrap' }, el.price, el.priceDetail)),
       el.priceMsg,
@@ -209,7 +212,12 @@ function optionText(m) {
 
 /** Loads the models the plan offers (and, once, the server's request limits) into the form. */
 export async function loadModels() {
-  const [r, limits] = await Promise.all([get('/api/models'), S.limits || get('/api/limits')]);
+  const [r, limits] = await Promise.all([
+    get('/api/models'),
+    S.limits || get('/api/limits'),
+    // The picker says why when it cannot load; the rest of the form works without it.
+    loadLoras().catch((e) => console.error(e)),
+  ]);
   S.models = r;
   S.limits = limits;
   S.level = levelIndex(r.parameters);
@@ -428,6 +436,8 @@ export function currentSpec() {
   if (S.level >= 1 && el.seed.value.trim() !== '') spec.seed = el.seed.value.trim();
   if (S.level >= 1 && el.steps.value.trim() !== '') spec.steps = parseInt(el.steps.value, 10);
   if (S.level >= 2 && el.guidance.value.trim() !== '') spec.guidance = Number(el.guidance.value);
+  const loras = chosenLoras();
+  if (loras.length) spec.loras = loras;
   return spec;
 }
 
@@ -475,7 +485,7 @@ export async function updatePrice() {
     syncButton();
     return;
   }
-  const q = { model: spec.model, width: spec.width, height: spec.height, batch: spec.batch, steps: spec.steps, seed: spec.seed, guidance: spec.guidance };
+  const q = { model: spec.model, width: spec.width, height: spec.height, batch: spec.batch, steps: spec.steps, seed: spec.seed, guidance: spec.guidance, loras: spec.loras ? spec.loras.length : undefined };
   try {
     const r = await get(`/api/price${qs(q)}`);
     if (seq !== S.priceSeq) return;
@@ -515,7 +525,11 @@ export function syncButton() {
 
 export function applyReuse(r) {
   const skipped = [];
-  el.prompt.value = r.prompt || '';
+  // An image's prompt carries its LoRAs as <lora:name:w> tags (as A1111 writes them): they go
+  // to the picker, and stay in the prompt (the server reads them) when the picker cannot take them.
+  const { prompt, missing } = takeTags(r.prompt || '');
+  if (missing.length) skipped.push(`LoRA ${missing.join(', ')} (not in your libraries or over your plan's count)`);
+  el.prompt.value = prompt;
   el.promptCount.textContent = fmtNum(el.prompt.value.length);
   const m = S.models.models.find((x) => x.id === r.model);
   if (m && selectable(m)) {

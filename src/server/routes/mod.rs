@@ -5,6 +5,7 @@ pub mod admin;
 pub mod gallery;
 pub mod jobs;
 pub mod limits;
+pub mod loras;
 pub mod openai;
 pub mod ops;
 pub mod ui;
@@ -52,6 +53,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/jobs/{id}/cancel", web::post().to(jobs::cancel))
             .route("/jobs/{id}/events", web::get().to(jobs::job_events))
             .route("/events", web::get().to(jobs::user_events))
+            .route("/loras", web::get().to(loras::list))
+            .route("/loras", web::post().to(loras::upload))
+            .route("/loras/{name}", web::patch().to(loras::update))
+            .route("/loras/{name}", web::delete().to(loras::delete))
+            .route("/loras/{name}/preview", web::get().to(loras::preview))
+            .route("/admin/loras/publish", web::post().to(loras::publish))
             .route("/images", web::get().to(gallery::list))
             .route("/images/{id}", web::get().to(gallery::get))
             .route("/images/{id}", web::delete().to(gallery::delete))

@@ -1,6 +1,6 @@
 //! OpenAI-compatible image generation: `POST /v1/images/generations` and `GET /v1/models`,
 //! with an API key, metered exactly like the UI (same submission path). Extensions: `seed`,
-//! `steps`, `guidance`. The credits charged and left come back in headers and in `atelier`.
+//! `steps`, `guidance`, `loras` (and `<lora:name:w>` tags in the prompt). The credits charged and left come back in headers and in `atelier`.
 
 use std::time::Duration;
 
@@ -29,6 +29,9 @@ pub struct ImagesRequest {
     seed: Option<u64>,
     steps: Option<u32>,
     guidance: Option<f64>,
+    /// LoRAs by library name, as in `POST /api/jobs`.
+    #[serde(default)]
+    loras: Vec<crate::spec::LoraRef>,
     // Accepted for compatibility and ignored.
     #[allow(dead_code)]
     user: Option<String>,
@@ -76,6 +79,7 @@ pub async fn generations(
         seed: b.seed,
         guidance: b.guidance,
         batch: b.n.unwrap_or(1),
+        loras: b.loras,
     };
     let key = crate::server::routes::jobs::idempotency_key(&req)?;
     // Listen before submitting so the end of a fast job is not missed.

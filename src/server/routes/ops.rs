@@ -69,6 +69,15 @@ pub async fn metrics(req: HttpRequest, state: Data, caller: Option<Caller>) -> R
         "# HELP atelier_sse_clients Open progress streams.\n# TYPE atelier_sse_clients gauge\natelier_sse_clients {}",
         state.jobs.hub.watchers()
     );
+    let _ = writeln!(
+        out,
+        "# HELP atelier_model_loads_total Model components loaded from disk.\n# TYPE atelier_model_loads_total counter"
+    );
+    for (component, n) in
+        [("transformer", &m.transformer_loads), ("text_encoders", &m.text_encoder_loads), ("vae", &m.vae_loads)]
+    {
+        let _ = writeln!(out, "atelier_model_loads_total{{component=\"{component}\"}} {}", n.load(Ordering::Relaxed));
+    }
     let ready = models_ready(&state);
     let _ = writeln!(
         out,

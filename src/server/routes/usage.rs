@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::jobs::store::JobSpec;
 use crate::jobs::{Conn, Jobs};
-use crate::ledger::{ModelAccess, Refusal, Resource, User};
+use crate::ledger::{JobParams, ModelAccess, Refusal, Resource, User};
 use crate::models::ModelState;
 use crate::server::auth::Caller;
 use crate::server::error::ApiError;
@@ -133,6 +133,8 @@ pub struct PriceQuery {
     seed: Option<u64>,
     guidance: Option<f64>,
     batch: Option<u32>,
+    /// How many LoRAs the job would apply.
+    loras: Option<u32>,
 }
 
 /// GET /api/price?model=&width=&height=[&steps=&seed=&guidance=&batch=]: the price of that
@@ -148,14 +150,16 @@ pub async fn price(state: Data, caller: Caller, q: web::Query<PriceQuery>) -> Re
         seed: q.seed,
         guidance: q.guidance,
         batch: q.batch.unwrap_or(1),
+        loras: Vec::new(),
     };
+    let lora_count = q.loras.unwrap_or(0);
     let jobs = state.jobs.clone();
     let user = caller.user.id;
     let v = state
         .db(move |c| {
             jobs.validate(&spec)?;
             let cfg = c.ledger.config_arc();
-            let params = Jobs::params(&spec);
+            let params = JobParams { loras: lora_count, ..Jobs::params(&spec) };
             let price = cfg.price_job(&spec.model, &params).map_err(ApiError::refusal)?;
             c.ledger.catch_up_user(user)?;
             let sub = c.ledger.subscription(user)?;
