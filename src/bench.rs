@@ -34,6 +34,22 @@ pub struct BenchReport {
     pub peak_rss_during_load: u64,
     pub load_seconds: f64,
     pub step_seconds: Vec<f64>,
+    pub loras: Option<LoraBench>,
+}
+
+/// What the LoRAs of a bench cost besides step time.
+#[derive(Debug, Clone)]
+pub struct LoraBench {
+    /// The first `set_loras` (factors uploaded beside the base).
+    pub apply_seconds: f64,
+    /// Median of switching between no LoRAs and the set (what a change between jobs costs).
+    pub switch_seconds: f64,
+    /// RSS added by parsing and applying them (host copies kept for switching + device copies).
+    pub rss_added: u64,
+    /// The parsed factors (f32 on the host).
+    pub host_bytes: u64,
+    /// What the same LoRAs take as bf16 files.
+    pub bf16_file_bytes: u64,
 }
 
 impl BenchReport {
@@ -73,6 +89,16 @@ impl BenchReport {
             mib(self.rss_before_load),
             self.peak_rss_during_load as f64 / self.file_bytes as f64
         );
+        if let Some(l) = &self.loras {
+            println!(
+                "loras: apply {:.3} s, switch median {:.3} s; RSS +{:.1} MiB ({:.1} MiB parsed f32 factors kept for switching, the rest on the device); as bf16 files {:.1} MiB",
+                l.apply_seconds,
+                l.switch_seconds,
+                mib(l.rss_added),
+                mib(l.host_bytes),
+                mib(l.bf16_file_bytes)
+            );
+        }
         let list: Vec<String> = self.step_seconds.iter().map(|s| format!("{s:.3}")).collect();
         println!("step: median {:.3} s over {} runs [{}]", self.median_step(), list.len(), list.join(", "));
     }
@@ -121,12 +147,36 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
     let load_seconds = t0.elapsed().as_secs_f64();
     let (_, peak_rss_during_load) = rss_bytes();
 
+    let mut loras = None;
     if spec.random_loras > 0 {
         use crate::engine::lora::{LoraSet, random_for, set_loras};
+        let (rss0, _) = rss_bytes();
         let sets: Vec<LoraSet> = (0..spec.random_loras as u64)
             .map(|i| LoraSet { lora: std::sync::Arc::new(random_for(&mut model, spec.lora_rank, i)), weight: 0.8 })
             .collect();
+        let t = Instant::now();
         set_loras(&mut model, &sets)?;
+        device.device.sync().ok();
+        let apply_seconds = t.elapsed().as_secs_f64();
+        let (rss1, _) = rss_bytes();
+        let mut switches = Vec::new();
+        for _ in 0..3 {
+            for to in [&[][..], &sets[..]] {
+                let t = Instant::now();
+                set_loras(&mut model, to)?;
+                device.device.sync().ok();
+                switches.push(t.elapsed().as_secs_f64());
+            }
+        }
+        switches.sort_by(|a, b| a.total_cmp(b));
+        let host_bytes: u64 = sets.iter().map(|s| s.lora.host_bytes() as u64).sum();
+        loras = Some(LoraBench {
+            apply_seconds,
+            switch_seconds: switches[switches.len() / 2],
+            rss_added: rss1.saturating_sub(rss0),
+            host_bytes,
+            bf16_file_bytes: host_bytes / 2,
+        });
     }
     let c = model.config.clone();
     let dev = &device.device;
@@ -169,6 +219,7 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
         peak_rss_during_load,
         load_seconds,
         step_seconds,
+        loras,
     })
 }
 
