@@ -324,8 +324,8 @@ fn plan_list(cfg: &PlansConfig, json: bool) -> Result<String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:<9} {:>15} {:>15} {:>9} {:<9} {:>6} {:<9} models",
-        "plan", "name", "credits/week", "credits/year", "training", "params", "batch", "queue"
+        "{:<10} {:<9} {:>15} {:>15} {:>9} {:<9} {:>6} {:>6} {:<9} models",
+        "plan", "name", "credits/week", "credits/year", "training", "params", "batch", "loras", "queue"
     );
     for e in &list {
         let credits = |n: i64, on: bool| if on { n.to_string() } else { "-".into() };
@@ -341,7 +341,7 @@ fn plan_list(cfg: &PlansConfig, json: bool) -> Result<String> {
             .collect();
         let _ = writeln!(
             out,
-            "{:<10} {:<9} {:>15} {:>15} {:>9} {:<9} {:>6} {:<9} {}",
+            "{:<10} {:<9} {:>15} {:>15} {:>9} {:<9} {:>6} {:>6} {:<9} {}",
             e.plan,
             e.name,
             if e.periods.is_empty() {
@@ -353,6 +353,7 @@ fn plan_list(cfg: &PlansConfig, json: bool) -> Result<String> {
             format!("{}/{}", e.training_weekly, e.training_yearly),
             e.parameters.to_string(),
             e.max_batch.map(|b| b.to_string()).unwrap_or_else(|| "any".into()),
+            e.max_loras.map(|b| b.to_string()).unwrap_or_else(|| "any".into()),
             e.queue.to_string(),
             models.join(" ")
         );

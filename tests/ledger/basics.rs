@@ -140,6 +140,23 @@ fn entitlements_follow_tags_levels_and_batch() {
         other => panic!("{other:?}"),
     }
     assert!(cfg.check_job_by_id("max", Some(Period::Weekly), "flux-schnell", &basic.clone().with_batch(500)).is_ok());
+    // LoRAs per job: their own entitlement (no parameter level), Free none, Max any number.
+    let loras = |n: u32| JobParams { loras: n, ..basic.clone() };
+    match cfg.check_job_by_id("free", None, "flux-schnell", &loras(1)).unwrap_err() {
+        Refusal::TooManyLoras { max: 0, loras: 1, plans_allowing, .. } => {
+            assert_eq!(plans_allowing, ["starter", "pro", "ultra", "max"])
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(cfg.check_job_by_id("starter", Some(Period::Weekly), "flux-schnell", &loras(1)).is_ok());
+    let r = cfg.check_job_by_id("pro", Some(Period::Weekly), "flux-schnell", &loras(4)).unwrap_err();
+    assert!(matches!(&r, Refusal::TooManyLoras { max: 3, .. }), "{r:?}");
+    assert!(r.to_string().contains("up to 3 LoRAs per job; this job asks for 4 (allowed on: ultra, max)"), "{r}");
+    assert!(cfg.check_job_by_id("max", Some(Period::Weekly), "flux-schnell", &loras(16)).is_ok());
+    // A config written before LoRA counts existed allows none.
+    let old = ledger::plans::default_plans_toml().replace("loras = 3\n", "");
+    let cfg_old = PlansConfig::from_toml(&old).unwrap();
+    assert!(cfg_old.check_job_by_id("pro", Some(Period::Weekly), "flux-schnell", &loras(1)).is_err());
     // Bad input is a refusal, not a panic.
     assert!(matches!(
         cfg.check_job_by_id("max", None, "flux-schnell", &JobParams::new(0, 5)),

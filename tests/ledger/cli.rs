@@ -178,6 +178,8 @@ fn plan_list_and_price() {
     assert_eq!(plans[1]["credits_weekly"], 200);
     assert_eq!(plans[1]["credits_yearly"], 10_400);
     assert_eq!(plans[4]["max_batch"], serde_json::Value::Null);
+    let loras: Vec<serde_json::Value> = plans.as_array().unwrap().iter().map(|p| p["max_loras"].clone()).collect();
+    assert_eq!(loras, [0.into(), 1.into(), 3.into(), 5.into(), serde_json::Value::Null]);
     let text = env.run("plan list");
     assert!(text.lines().count() == 6 && text.contains("50 once") && text.contains("104000"), "{text}");
     assert!(!env.dir.path().join("data/atelier.db").exists(), "plan list needs no database");

@@ -268,6 +268,7 @@ function renderPlans(u) {
     row('LoRA training', (p) => (p.training_weekly || p.training_yearly ? `${p.training_weekly}/week · ${p.training_yearly}/year` : '—')),
     row('Parameters', (p) => cap(p.parameters)),
     row('Max batch', (p) => (p.max_batch === null || p.max_batch === undefined ? 'Unlimited' : String(p.max_batch))),
+    row('LoRAs per job', (p) => (p.max_loras === null || p.max_loras === undefined ? 'Unlimited' : p.max_loras === 0 ? '—' : String(p.max_loras))),
     row('Queue', (p) => cap(p.queue)),
     ...tags.map((tag) => row(`${cap(tag)} models`, (p) => access((p.models || {})[tag] || 'no', tag))),
     row('Support', (p) => p.support || '—'),
