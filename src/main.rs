@@ -93,6 +93,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         dtype: a.dtype.parse::<atelier::config::Dtype>().map_err(anyhow::Error::msg)?.burn(),
         random_loras: a.random_loras,
         lora_rank: a.lora_rank,
+        quant: a.quant,
     };
     let device = device::select(a.device.parse::<DeviceChoice>()?)?;
     let report = bench::run(&spec, &device)?;

@@ -144,4 +144,8 @@ pub struct BenchArgs {
     /// Rank of the random LoRAs.
     #[arg(long, default_value_t = 16)]
     pub lora_rank: usize,
+    /// Quantize the checkpoint to a city96-layout GGUF first and bench that (kept packed in
+    /// memory): q8_0, q5_0, q4_0, q4_k, f16 or bf16.
+    #[arg(long)]
+    pub quant: Option<String>,
 }
