@@ -34,6 +34,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(args) => run_bench(args),
         Command::Inspect { path } => inspect(&path),
+        Command::Quantize { input, output, ty } => quantize(&input, &output, &ty),
         Command::Generate(args) => run_generate(args, &config),
         Command::Serve(args) => {
             let extra_models = args.models.iter().map(|m| models::parse_cli_model(m)).collect::<Result<Vec<_>>>()?;
@@ -229,6 +230,18 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
         // Written beside the destination and renamed: an error leaves no partial file.
         PendingPng::create(&path, false)?.write(img, &text)?;
         println!("{}", path.display());
+    }
+    Ok(())
+}
+
+fn quantize(input: &std::path::Path, output: &std::path::Path, ty: &str) -> Result<()> {
+    if input == output {
+        anyhow::bail!("the output must be another file than the input");
+    }
+    let written = atelier::engine::to_gguf::convert_transformer(input, output, ty, None)?;
+    println!("{}: {} bytes", output.display(), written.file_bytes);
+    for (ty, count, bytes) in written.per_type {
+        println!("  {:<5} {count:>5} tensors {bytes:>14} bytes", ty.name());
     }
     Ok(())
 }

@@ -35,6 +35,16 @@ pub enum Command {
         /// (a GGUF file's block types and bytes per type are listed first).
         path: PathBuf,
     },
+    /// Write a FLUX transformer (any layout atelier reads: BFL / ComfyUI / diffusers
+    /// safetensors, fp8, GGUF) as a city96-layout GGUF, the files ComfyUI-GGUF and
+    /// stable-diffusion.cpp load.
+    Quantize {
+        input: PathBuf,
+        output: PathBuf,
+        /// q8_0, q5_0, q4_0, f16 or bf16 (also q4_k: plain rounding, not llama.cpp's search).
+        #[arg(long = "type")]
+        ty: String,
+    },
     /// Run the server: browser UI, HTTP API and OpenAI-compatible API, with the job queue.
     Serve(ServeArgs),
     /// Users, plans and prices: `user add|set-plan|grant|cancel|show|api-key`, `plan list`, `price`.

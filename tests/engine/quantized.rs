@@ -344,6 +344,36 @@ fn a_gguf_of_every_block_type_stays_packed_and_generates_its_f32_copys_image() {
 }
 
 #[test]
+fn atelier_quantize_writes_the_bytes_of_the_gguf_packages_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    // The same transformer in BFL and diffusers layouts: both convert to city96's file.
+    let inputs =
+        [fixture("pipeline/single/flux_schnell_bfl.safetensors"), fixture("pipeline/schnell/diffusers/transformer")];
+    // The single file's RoPE split (head dim 16) comes from the folder's config.json.
+    let hint = atelier::engine::flux::read_diffusers_config(&inputs[1].join("config.json")).unwrap();
+    for ty in ["q8_0", "q5_0", "q4_0", "f16", "bf16"] {
+        let theirs = std::fs::read(fixture(&format!("quantize/flux_schnell_{ty}.gguf"))).unwrap();
+        for input in &inputs {
+            let out = dir.path().join(format!("{ty}.gguf"));
+            let written = atelier::engine::to_gguf::convert_transformer(input, &out, ty, hint.as_ref()).unwrap();
+            let ours = std::fs::read(&out).unwrap();
+            assert_eq!(written.file_bytes, ours.len() as u64);
+            if let Some(at) = ours.iter().zip(&theirs).position(|(a, b)| a != b) {
+                panic!("{ty} from {}: first difference at byte {at} of {}", input.display(), theirs.len());
+            }
+            assert_eq!(ours.len(), theirs.len(), "{ty}");
+        }
+    }
+    // What the package reads back from the file is what atelier computes with.
+    let golden = Golden::open("quantize/flux_schnell_q5_0_f32.safetensors");
+    let file = GgufFile::open(&dir.path().join("q5_0.gguf")).unwrap();
+    assert_eq!(file.tensors().len(), golden.0.keys().count());
+    for name in golden.0.keys() {
+        assert_bits(name, &file.read(name).unwrap().data, &golden.vec(name));
+    }
+}
+
+#[test]
 fn a_lora_on_a_packed_base_gives_the_image_of_the_lora_on_its_f32_copy() {
     let lora =
         || vec![atelier::engine::lora::LoraChoice { path: fixture("lora/schnell/kohya.safetensors"), weight: 0.8 }];
