@@ -149,6 +149,13 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
         eprintln!("quantizing to {target} in {}", temp_gguf.0.display());
         quantized = Some(crate::engine::to_gguf::convert_transformer(&path, &temp_gguf.0, target, None)?);
         path = temp_gguf.0.clone();
+        // The conversion's freed buffers would otherwise stay in the heap, counted in the RSS
+        // before the load and then reused by it, hiding part of the model's own memory.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
     let file_bytes = crate::engine::weights::WeightSet::open(&path)?.file_bytes();
 

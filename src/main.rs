@@ -44,6 +44,7 @@ fn run(cli: Cli) -> Result<()> {
                 listen: args.listen,
                 extra_models,
                 device: args.device,
+                dtype: args.dtype,
             })
         }
         Command::Ledger(cmd) => {
@@ -84,6 +85,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         guidance_embed: a.guidance,
         ..FluxConfig::schnell()
     };
+    let device = device::select(a.device.parse::<DeviceChoice>()?)?;
     let spec = BenchSpec {
         checkpoint: a.checkpoint,
         config,
@@ -91,12 +93,15 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         txt_tokens: a.txt_tokens,
         batch: a.batch,
         steps: a.steps,
-        dtype: a.dtype.parse::<atelier::config::Dtype>().map_err(anyhow::Error::msg)?.burn(),
+        dtype: atelier::engine::device::compute_dtype(
+            a.dtype.parse::<atelier::config::Dtype>().map_err(anyhow::Error::msg)?.burn(),
+            &device,
+        )
+        .0,
         random_loras: a.random_loras,
         lora_rank: a.lora_rank,
         quant: a.quant,
     };
-    let device = device::select(a.device.parse::<DeviceChoice>()?)?;
     let report = bench::run(&spec, &device)?;
     report.print(&spec);
     Ok(())
@@ -204,7 +209,13 @@ fn run_generate(a: GenerateArgs, config: &Config) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let device = device::select(device_choice)?;
     let terminal = std::io::stderr().is_terminal();
-    let mut resident = pipeline::Resident::new(a.keep_resident);
+    let requested = match &a.dtype {
+        Some(d) => d.parse::<atelier::config::Dtype>().map_err(anyhow::Error::msg)?,
+        None => config.engine.dtype,
+    };
+    let (dtype, why) = device::compute_dtype(requested.burn(), &device);
+    log::info!("compute dtype {why}");
+    let mut resident = pipeline::Resident::placed(pipeline::Placement { keep_resident: a.keep_resident, dtype });
     let out = pipeline::generate_prepared(&files, &req, &prepared, &device.device, &mut resident, |p| match p {
         Progress::Stage(s) => log::info!("{s}"),
         Progress::Preview { .. } => {}

@@ -63,6 +63,9 @@ pub struct ServeArgs {
     /// auto, cpu, wgpu or vulkan (default: engine.device).
     #[arg(long)]
     pub device: Option<String>,
+    /// Compute dtype of transformer and VAE: auto, f32, f16 or bf16 (default: engine.dtype).
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 #[derive(Args)]
@@ -108,6 +111,9 @@ pub struct GenerateArgs {
     /// auto, cpu, wgpu or vulkan.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Compute dtype of transformer and VAE: auto, f32, f16 or bf16 (default: engine.dtype).
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Keep every component loaded for the whole run instead of loading each in its stage
     /// (faster when memory allows; peak memory becomes the sum of the components).
     #[arg(long)]
@@ -122,8 +128,8 @@ pub struct BenchArgs {
     /// Device: auto, cpu, wgpu or vulkan.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Compute dtype: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
+    /// Compute dtype: auto (f32 on the CPU, see engine.dtype), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// Benchmark this checkpoint instead of a random one.
     #[arg(long)]
