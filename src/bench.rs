@@ -1,5 +1,7 @@
-//! `atelier bench`: one FLUX transformer step timed on a chosen device, and the peak
-//! resident memory of loading its checkpoint.
+//! `atelier bench`: one FLUX transformer step timed on a chosen device, and the resident
+//! memory of loading its checkpoint and of its steps (the transformer's own memory: RSS above
+//! what the process held before the load), optionally with the checkpoint quantized to a
+//! city96-layout GGUF first (`--quant`), whose blocks stay packed in memory.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -24,6 +26,9 @@ pub struct BenchSpec {
     /// Random LoRAs of `lora_rank` on every Linear, applied unmerged (side path).
     pub random_loras: usize,
     pub lora_rank: usize,
+    /// Convert the checkpoint to a GGUF of this type first (`q8_0`, `q4_k`, … see
+    /// `to_gguf::parse_target`) and bench that file.
+    pub quant: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -32,8 +37,14 @@ pub struct BenchReport {
     pub file_bytes: u64,
     pub rss_before_load: u64,
     pub peak_rss_during_load: u64,
+    /// RSS once the model is loaded: what it keeps resident.
+    pub rss_after_load: u64,
+    /// Peak RSS over the steps (the peak counter restarted after the load).
+    pub peak_rss_during_steps: u64,
     pub load_seconds: f64,
     pub step_seconds: Vec<f64>,
+    /// Bytes per GGUF block type of the file benched, when it was quantized first.
+    pub quantized: Option<crate::engine::to_gguf::Written>,
     pub loras: Option<LoraBench>,
 }
 
@@ -101,6 +112,26 @@ impl BenchReport {
         }
         let list: Vec<String> = self.step_seconds.iter().map(|s| format!("{s:.3}")).collect();
         println!("step: median {:.3} s over {} runs [{}]", self.median_step(), list.len(), list.join(", "));
+        if let Some(q) = &self.quantized {
+            let types: Vec<String> =
+                q.per_type.iter().map(|(t, n, b)| format!("{} {n} tensors {:.1} MiB", t.name(), mib(*b))).collect();
+            println!("gguf: {:.1} MiB: {}", mib(q.file_bytes), types.join(", "));
+        }
+        let own = |b: u64| mib(b.saturating_sub(self.rss_before_load));
+        println!(
+            "rss load: resident after load {:.1} MiB (+{:.1} MiB over before load), peak {:.1} MiB (+{:.1} MiB, {:.2}x the file)",
+            mib(self.rss_after_load),
+            own(self.rss_after_load),
+            mib(self.peak_rss_during_load),
+            own(self.peak_rss_during_load),
+            self.peak_rss_during_load.saturating_sub(self.rss_before_load) as f64 / self.file_bytes as f64
+        );
+        println!(
+            "rss steps: peak {:.1} MiB (+{:.1} MiB over before load, {:.2}x the file)",
+            mib(self.peak_rss_during_steps),
+            own(self.peak_rss_during_steps),
+            self.peak_rss_during_steps.saturating_sub(self.rss_before_load) as f64 / self.file_bytes as f64
+        );
     }
 }
 
@@ -128,7 +159,7 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
         bail!("steps, image tokens and batch must be at least 1");
     }
     let temp;
-    let path = match &spec.checkpoint {
+    let mut path = match &spec.checkpoint {
         Some(p) => p.clone(),
         None => {
             temp = TempFile(std::env::temp_dir().join(format!("atelier-bench-{}.safetensors", std::process::id())));
@@ -137,6 +168,21 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
             temp.0.clone()
         }
     };
+    let temp_gguf;
+    let mut quantized = None;
+    if let Some(target) = &spec.quant {
+        temp_gguf = TempFile(std::env::temp_dir().join(format!("atelier-bench-{}-{target}.gguf", std::process::id())));
+        eprintln!("quantizing to {target} in {}", temp_gguf.0.display());
+        quantized = Some(crate::engine::to_gguf::convert_transformer(&path, &temp_gguf.0, target, None)?);
+        path = temp_gguf.0.clone();
+        // The conversion's freed buffers would otherwise stay in the heap, counted in the RSS
+        // before the load and then reused by it, hiding part of the model's own memory.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
     let file_bytes = crate::engine::weights::WeightSet::open(&path)?.file_bytes();
 
     let (rss_before_load, _) = rss_bytes();
@@ -145,7 +191,7 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
     let mut model = flux::load_transformer(&path, &device.device, spec.dtype, None)?;
     device.device.sync().ok();
     let load_seconds = t0.elapsed().as_secs_f64();
-    let (_, peak_rss_during_load) = rss_bytes();
+    let (rss_after_load, peak_rss_during_load) = rss_bytes();
 
     let mut loras = None;
     if spec.random_loras > 0 {
@@ -195,6 +241,7 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
     let timesteps = vec![0.5f32; spec.batch];
     let guidance = vec![3.5f32; spec.batch];
 
+    reset_peak_rss();
     let mut step_seconds = Vec::new();
     // One untimed warm-up step: kernel compilation and autotuning on GPUs.
     for i in 0..=spec.steps {
@@ -212,13 +259,17 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
             step_seconds.push(t.elapsed().as_secs_f64());
         }
     }
+    let (_, peak_rss_during_steps) = rss_bytes();
     Ok(BenchReport {
         device: device.description.clone(),
         file_bytes,
         rss_before_load,
         peak_rss_during_load,
+        rss_after_load,
+        peak_rss_during_steps,
         load_seconds,
         step_seconds,
+        quantized,
         loras,
     })
 }

@@ -212,9 +212,11 @@ impl EngineConfig {
     }
 }
 
-/// `[engine] dtype`: the compute dtype of model weights (any case: `F16`, `bf16`, `fp32`, …).
+/// `[engine] dtype`: the compute dtype of the transformer and the VAE (any case: `F16`, `bf16`,
+/// `fp32`, …); `auto` picks per device (`engine::device::compute_dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dtype {
+    Auto,
     F32,
     F16,
     Bf16,
@@ -224,10 +226,11 @@ impl std::str::FromStr for Dtype {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Dtype::Auto),
             "f32" | "fp32" | "float32" => Ok(Dtype::F32),
             "f16" | "fp16" | "float16" => Ok(Dtype::F16),
             "bf16" | "bfloat16" => Ok(Dtype::Bf16),
-            _ => Err(format!("unknown dtype {s:?}: expected f32, f16 or bf16")),
+            _ => Err(format!("unknown dtype {s:?}: expected auto, f32, f16 or bf16")),
         }
     }
 }
@@ -239,11 +242,13 @@ impl<'de> Deserialize<'de> for Dtype {
 }
 
 impl Dtype {
-    pub fn burn(self) -> burn::tensor::DType {
+    /// The dtype asked for; None for `auto`.
+    pub fn burn(self) -> Option<burn::tensor::DType> {
         match self {
-            Dtype::F32 => burn::tensor::DType::F32,
-            Dtype::F16 => burn::tensor::DType::F16,
-            Dtype::Bf16 => burn::tensor::DType::BF16,
+            Dtype::Auto => None,
+            Dtype::F32 => Some(burn::tensor::DType::F32),
+            Dtype::F16 => Some(burn::tensor::DType::F16),
+            Dtype::Bf16 => Some(burn::tensor::DType::BF16),
         }
     }
 }
@@ -287,7 +292,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             device: crate::engine::device::DeviceChoice::Auto,
-            dtype: Dtype::F32,
+            dtype: Dtype::Auto,
             weights_dir: "weights".into(),
             loras_dir: None,
         }
@@ -394,7 +399,7 @@ mod tests {
     fn a_wrong_setting_names_the_allowed_values() {
         for (toml, allowed) in [
             ("[engine]\ndevice = \"tpu\"", "auto, cpu, wgpu or vulkan"),
-            ("[engine]\ndtype = \"f64\"", "f32, f16 or bf16"),
+            ("[engine]\ndtype = \"f64\"", "auto, f32, f16 or bf16"),
             ("[server]\nsecure_cookies = \"sometimes\"", "`auto`, `always`, `never`"),
         ] {
             let err = toml::from_str::<Config>(toml).unwrap_err().to_string();

@@ -34,6 +34,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(args) => run_bench(args),
         Command::Inspect { path } => inspect(&path),
+        Command::Quantize { input, output, ty } => quantize(&input, &output, &ty),
         Command::Generate(args) => run_generate(args, &config, &data_dir),
         Command::Serve(args) => {
             let extra_models = args.models.iter().map(|m| models::parse_cli_model(m)).collect::<Result<Vec<_>>>()?;
@@ -43,6 +44,7 @@ fn run(cli: Cli) -> Result<()> {
                 listen: args.listen,
                 extra_models,
                 device: args.device,
+                dtype: args.dtype,
             })
         }
         Command::Ledger(cmd) => {
@@ -83,6 +85,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         guidance_embed: a.guidance,
         ..FluxConfig::schnell()
     };
+    let device = device::select(a.device.parse::<DeviceChoice>()?)?;
     let spec = BenchSpec {
         checkpoint: a.checkpoint,
         config,
@@ -90,11 +93,15 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         txt_tokens: a.txt_tokens,
         batch: a.batch,
         steps: a.steps,
-        dtype: a.dtype.parse::<atelier::config::Dtype>().map_err(anyhow::Error::msg)?.burn(),
+        dtype: atelier::engine::device::compute_dtype(
+            a.dtype.parse::<atelier::config::Dtype>().map_err(anyhow::Error::msg)?.burn(),
+            &device,
+        )
+        .0,
         random_loras: a.random_loras,
         lora_rank: a.lora_rank,
+        quant: a.quant,
     };
-    let device = device::select(a.device.parse::<DeviceChoice>()?)?;
     let report = bench::run(&spec, &device)?;
     report.print(&spec);
     Ok(())
@@ -223,7 +230,13 @@ fn run_generate(a: GenerateArgs, config: &Config, data_dir: &std::path::Path) ->
         .collect::<Result<Vec<_>>>()?;
     let device = device::select(device_choice)?;
     let terminal = std::io::stderr().is_terminal();
-    let mut resident = pipeline::Resident::new(a.keep_resident);
+    let requested = match &a.dtype {
+        Some(d) => d.parse::<atelier::config::Dtype>().map_err(anyhow::Error::msg)?,
+        None => config.engine.dtype,
+    };
+    let (dtype, why) = device::compute_dtype(requested.burn(), &device);
+    log::info!("compute dtype {why}");
+    let mut resident = pipeline::Resident::placed(pipeline::Placement { keep_resident: a.keep_resident, dtype });
     let out = pipeline::generate_prepared(&files, &req, &prepared, &device.device, &mut resident, |p| match p {
         Progress::Stage(s) => log::info!("{s}"),
         Progress::Preview { .. } => {}
@@ -249,6 +262,18 @@ fn run_generate(a: GenerateArgs, config: &Config, data_dir: &std::path::Path) ->
         // Written beside the destination and renamed: an error leaves no partial file.
         PendingPng::create(&path, false)?.write(img, &text)?;
         println!("{}", path.display());
+    }
+    Ok(())
+}
+
+fn quantize(input: &std::path::Path, output: &std::path::Path, ty: &str) -> Result<()> {
+    if input == output {
+        anyhow::bail!("the output must be another file than the input");
+    }
+    let written = atelier::engine::to_gguf::convert_transformer(input, output, ty, None)?;
+    println!("{}: {} bytes", output.display(), written.file_bytes);
+    for (ty, count, bytes) in written.per_type {
+        println!("  {:<5} {count:>5} tensors {bytes:>14} bytes", ty.name());
     }
     Ok(())
 }

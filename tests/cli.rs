@@ -545,3 +545,17 @@ fn a_third_party_parser_reads_back_prompt_loras_hashes_and_settings() {
     let lora_hashes = format!("peft: {}, ink: {}", hash(&peft), hash(&loras.join("ink.safetensors")));
     assert_eq!(got["lora_hashes"].as_str(), Some(lora_hashes.as_str()), "{got}");
 }
+
+#[test]
+fn quantize_writes_the_city96_file_the_gguf_package_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fox_q8_0.gguf");
+    let model = fixture("pipeline/schnell/diffusers/transformer");
+    let o = atelier(dir.path(), &["quantize", model.to_str().unwrap(), out.to_str().unwrap(), "--type", "q8_0"]);
+    assert!(o.status.success(), "quantize failed: {}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(text.contains("Q8_0 23 tensors"), "{text}");
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(fixture("quantize/flux_schnell_q8_0.gguf")).unwrap());
+    let o = atelier(dir.path(), &["quantize", model.to_str().unwrap(), out.to_str().unwrap(), "--type", "iq2_xs"]);
+    assert!(!o.status.success() && stderr(&o).contains("expected q8_0, q5_0, q4_0"), "{}", stderr(&o));
+}

@@ -35,6 +35,16 @@ pub enum Command {
         /// (a GGUF file's block types and bytes per type are listed first).
         path: PathBuf,
     },
+    /// Write a FLUX transformer (any layout atelier reads: BFL / ComfyUI / diffusers
+    /// safetensors, fp8, GGUF) as a city96-layout GGUF, the files ComfyUI-GGUF and
+    /// stable-diffusion.cpp load.
+    Quantize {
+        input: PathBuf,
+        output: PathBuf,
+        /// q8_0, q5_0, q4_0, f16 or bf16 (also q4_k: plain rounding, not llama.cpp's search).
+        #[arg(long = "type")]
+        ty: String,
+    },
     /// Run the server: browser UI, HTTP API and OpenAI-compatible API, with the job queue.
     Serve(ServeArgs),
     /// Users, plans and prices: `user add|set-plan|grant|cancel|show|api-key`, `plan list`, `price`.
@@ -53,6 +63,9 @@ pub struct ServeArgs {
     /// auto, cpu, wgpu or vulkan (default: engine.device).
     #[arg(long)]
     pub device: Option<String>,
+    /// Compute dtype of transformer and VAE: auto, f32, f16 or bf16 (default: engine.dtype).
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 #[derive(Args)]
@@ -98,6 +111,9 @@ pub struct GenerateArgs {
     /// auto, cpu, wgpu or vulkan.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Compute dtype of transformer and VAE: auto, f32, f16 or bf16 (default: engine.dtype).
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Keep every component loaded for the whole run instead of loading each in its stage
     /// (faster when memory allows; peak memory becomes the sum of the components).
     #[arg(long)]
@@ -112,8 +128,8 @@ pub struct BenchArgs {
     /// Device: auto, cpu, wgpu or vulkan.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Compute dtype: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
+    /// Compute dtype: auto (f32 on the CPU, see engine.dtype), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// Benchmark this checkpoint instead of a random one.
     #[arg(long)]
@@ -144,4 +160,8 @@ pub struct BenchArgs {
     /// Rank of the random LoRAs.
     #[arg(long, default_value_t = 16)]
     pub lora_rank: usize,
+    /// Quantize the checkpoint to a city96-layout GGUF first and bench that (kept packed in
+    /// memory): q8_0, q5_0, q4_0, q4_k, f16 or bf16.
+    #[arg(long)]
+    pub quant: Option<String>,
 }

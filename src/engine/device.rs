@@ -6,7 +6,7 @@ use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Result, anyhow, bail};
 use burn::tensor::wgpu::{WgpuBackend, wgpu};
-use burn::tensor::{Device, DeviceKind};
+use burn::tensor::{DType, Device, DeviceKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -241,6 +241,24 @@ pub fn select(choice: DeviceChoice) -> Result<SelectedDevice> {
     Ok(selected)
 }
 
+/// The compute dtype of transformer and VAE on `device`: `requested` when given, else (auto)
+/// f32 on the CPU (the flex backend's half types are emulated and slower there), bf16 on a GPU
+/// that computes in it, f16 on one with `shader-f16`, else f32. With the reason, for the log.
+pub fn compute_dtype(requested: Option<DType>, device: &SelectedDevice) -> (DType, String) {
+    if let Some(d) = requested {
+        return (d, format!("{d:?} as configured"));
+    }
+    if !device.is_gpu {
+        return (DType::F32, "F32: auto on the CPU".into());
+    }
+    for (d, what) in [(DType::BF16, "computes in bf16"), (DType::F16, "has shader-f16")] {
+        if device.device.supports_dtype(d) {
+            return (d, format!("{d:?}: auto, the GPU {what}"));
+        }
+    }
+    (DType::F32, "F32: auto, the GPU has no half-precision arithmetic".into())
+}
+
 #[cfg(feature = "vulkan")]
 fn vulkan() -> Result<SelectedDevice> {
     let (device, setup) = Device::wgpu_options()
@@ -258,6 +276,18 @@ fn vulkan() -> Result<SelectedDevice> {
 #[cfg(not(feature = "vulkan"))]
 fn vulkan() -> Result<SelectedDevice> {
     bail!("--device vulkan needs a build with `--features vulkan`; use --device wgpu")
+}
+
+#[cfg(test)]
+mod dtype_tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_f32_on_the_cpu_and_an_explicit_dtype_wins() {
+        let cpu = cpu();
+        assert_eq!(compute_dtype(None, &cpu).0, DType::F32);
+        assert_eq!(compute_dtype(Some(DType::BF16), &cpu).0, DType::BF16);
+    }
 }
 
 #[cfg(test)]

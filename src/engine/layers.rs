@@ -8,6 +8,7 @@ use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
+use crate::engine::packed::{PackedHost, Weight};
 use crate::engine::weights::HostTensor;
 
 /// Puts a host tensor on `device` in the compute `dtype`.
@@ -113,11 +114,12 @@ pub struct Adapter {
     pub bias: Option<Param<Tensor<1>>>,
 }
 
-/// A linear layer, weight stored [in, out] (the transpose of PyTorch's), with optional
+/// A linear layer, weight stored [in, out] (the transpose of PyTorch's) or packed as the file
+/// stored it (GGUF blocks, fp8: see `engine::packed`, dequantized per forward), with optional
 /// side-path [`Adapter`]s (LoRA): `y = x·W + b + Σ adapter(x)`.
 #[derive(Module, Debug)]
 pub struct Linear {
-    pub weight: Param<Tensor<2>>,
+    pub weight: Weight,
     pub bias: Option<Param<Tensor<1>>>,
     pub adapters: Vec<Adapter>,
 }
@@ -125,6 +127,7 @@ pub struct Linear {
 impl Linear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         use burn::tensor::module::linear;
+        // A packed weight's dense matrix lives only for this product.
         let base = linear(x.clone(), self.weight.val(), self.bias.as_ref().map(Param::val));
         self.adapters.iter().fold(base, |y, a| {
             let h = linear(x.clone(), a.down.val(), None);
@@ -142,9 +145,24 @@ impl Linear {
 
     /// (inputs, outputs).
     pub fn dims(&self) -> (usize, usize) {
-        let [i, o] = self.weight.val().dims();
+        let [i, o] = self.weight.dims();
         (i, o)
     }
+}
+
+/// A linear layer whose weight stays packed ([`PackedHost`] [out, in]), computing in `dtype`.
+pub fn packed_linear(
+    weight: PackedHost,
+    bias: Option<HostTensor>,
+    name: &str,
+    device: &Device,
+    dtype: DType,
+) -> Result<Linear> {
+    let bias = match bias {
+        Some(b) => Some(Param::from_tensor(upload::<1>(b, name, device, dtype)?)),
+        None => None,
+    };
+    Ok(Linear { weight: Weight::Packed(weight.upload(device, dtype)), bias, adapters: Vec::new() })
 }
 
 /// A linear layer from PyTorch's [out, in] weight. burn's `Linear` multiplies by [in, out];
@@ -168,7 +186,7 @@ pub fn linear(
         Some(b) => Some(Param::from_tensor(upload::<1>(b, name, device, dtype)?)),
         None => None,
     };
-    Ok(Linear { weight: Param::from_tensor(weight), bias, adapters: Vec::new() })
+    Ok(Linear { weight: Weight::Dense(Param::from_tensor(weight)), bias, adapters: Vec::new() })
 }
 
 /// Row-major [rows, cols] → [cols, rows], in cache-sized tiles.

@@ -30,6 +30,7 @@ use burn::tensor::{DType, Device, Tensor};
 
 use crate::engine::layers::{self, Conv2d, Embedding, GroupNorm, LayerNorm, Linear};
 use crate::engine::noise::Mt19937;
+use crate::engine::packed::{PackedHost, Weight};
 use crate::engine::weights::{HostTensor, WeightSet, write_safetensors_f32};
 
 /// Where a walk's tensors come from: a checkpoint seen through the model's own names.
@@ -38,6 +39,11 @@ pub trait TensorSource {
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     /// The tensor `name`, converted to f32.
     fn read(&self, name: &str) -> Result<HostTensor>;
+    /// The matrix `name` as the file packs it (GGUF quant blocks, fp8 with its scale), where it
+    /// is packed and can stay so; None where it is read as f32 (see `engine::packed`).
+    fn packed(&self, _name: &str) -> Result<Option<PackedHost>> {
+        Ok(None)
+    }
     /// The stored keys `name` is made from (a layout may stack several into one).
     fn stored_keys(&self, name: &str) -> Vec<String>;
     /// Every stored key this source answers for: what a walk must read all of. Keys of other
@@ -66,6 +72,10 @@ impl TensorSource for Prefixed<'_> {
 
     fn read(&self, name: &str) -> Result<HostTensor> {
         self.set.read(&format!("{}{name}", self.prefix))
+    }
+
+    fn packed(&self, name: &str) -> Result<Option<PackedHost>> {
+        self.set.packed(&format!("{}{name}", self.prefix))
     }
 
     fn stored_keys(&self, name: &str) -> Vec<String> {
@@ -217,6 +227,18 @@ impl<'a> Walk<'a> {
         Ok(out)
     }
 
+    /// In a load walk, the matrix `name` still packed, where the source keeps it so (shape
+    /// problems are left to [`Walk::host`], which names them).
+    fn packed(&self, name: &str, shape: &[usize], init: Init) -> Result<Option<PackedHost>> {
+        let Mode::Load(source) = self.mode else { return Ok(None) };
+        if source.shape(name).as_deref() != Some(shape) {
+            return Ok(None);
+        }
+        let Some(packed) = source.packed(name)? else { return Ok(None) };
+        self.entries.borrow_mut().push(Entry { name: name.to_string(), shape: shape.to_vec(), init });
+        Ok(Some(packed))
+    }
+
     fn param<const D: usize>(&self, name: String, shape: [usize; D], init: Init) -> Result<Param<Tensor<D>>> {
         Ok(match self.host(name.clone(), &shape, init)? {
             Some(t) => Param::from_tensor(layers::upload(t, &name, &self.device, self.dtype)?),
@@ -313,12 +335,16 @@ impl<'a> Loader<'a> {
         let l = self.pp(name);
         let w = l.walk;
         let bound = Init::Uniform(1.0 / (inputs as f32).sqrt());
+        if let Some(packed) = w.packed(&l.key("weight"), &[outputs, inputs], bound)? {
+            let bias = if bias { w.host(l.key("bias"), &[outputs], bound)? } else { None };
+            return layers::packed_linear(packed, bias, &l.path, &w.device, w.dtype);
+        }
         let weight = w.host(l.key("weight"), &[outputs, inputs], bound)?;
         let bias = if bias { Some(w.host(l.key("bias"), &[outputs], bound)?) } else { None };
         match weight {
             Some(weight) => layers::linear(weight, bias.flatten(), &l.path, &w.device, w.dtype),
             None => Ok(Linear {
-                weight: placeholder([inputs, outputs], &w.device),
+                weight: Weight::Dense(placeholder([inputs, outputs], &w.device)),
                 bias: bias.map(|_| placeholder([outputs], &w.device)),
                 adapters: Vec::new(),
             }),

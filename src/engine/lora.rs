@@ -704,8 +704,8 @@ fn apply(linears: Vec<(String, &mut Linear)>, sets: &[LoraSet], part: Part, requ
                 }
             }
         }
-        let weight = linear.weight.val();
-        let (device, dtype) = (weight.device(), weight.dtype());
+        // Read off the weight without materializing it (a packed base stays packed).
+        let (device, dtype) = (linear.weight.device(), linear.weight.dtype());
         let upload2 = |data: Vec<f32>, shape: [usize; 2]| {
             Param::from_tensor(Tensor::<2>::from_data(TensorData::new(data, shape), &device).cast(dtype))
         };

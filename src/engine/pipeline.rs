@@ -260,6 +260,9 @@ pub struct Resident {
     vae: Slot<vae::Vae>,
     /// Parsed LoRAs kept between jobs (switching sets re-parses nothing used recently).
     pub loras: LoraCache,
+    /// The compute dtype of the transformer and the VAE. The text encoders stay in f32: T5's
+    /// activations overflow f16, and both are a small part of the time.
+    dtype: DType,
 }
 
 /// Parsed LoRA factors kept between jobs, at most (f32 on the host).
@@ -275,15 +278,34 @@ pub struct Loads {
     pub vae: u64,
 }
 
+/// How a worker holds a model: its components kept between jobs or loaded per stage, and the
+/// compute dtype of the transformer and the VAE.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Placement {
+    pub keep_resident: bool,
+    pub dtype: DType,
+}
+
 impl Resident {
+    /// Components in f32.
     pub fn new(keep: bool) -> Self {
+        Self::placed(Placement { keep_resident: keep, dtype: DType::F32 })
+    }
+
+    pub fn placed(p: Placement) -> Self {
+        let keep = p.keep_resident;
         Resident {
             t5: Slot::new(keep),
             clip: Slot::new(keep),
             flux: Slot::new(keep),
             vae: Slot::new(keep),
             loras: LoraCache::new(LORA_CACHE_BYTES),
+            dtype: p.dtype,
         }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     pub fn loads(&self) -> Loads {
@@ -449,8 +471,9 @@ pub fn generate_prepared(
         None if is_dev => ScheduleConfig::dev(),
         None => ScheduleConfig::schnell(),
     };
+    let dtype = resident.dtype;
     let (grid, latents) = resident.flux.with(
-        || flux::load_transformer(&files.transformer, device, DType::F32, None),
+        || flux::load_transformer(&files.transformer, device, dtype, None),
         |model| {
             warnings.extend(set_loras(model, &prepared.loras)?);
             sample(model, &prompt, &schedule, prepared, req, device, &mut progress)
@@ -487,16 +510,21 @@ fn sample(
     let timesteps = schedule.timesteps(&sigmas);
     let rope = model.rope(prepared.max_sequence_length, grid.rows / 2, grid.cols / 2, device);
     let guidance = prepared.guidance.map(|g| [g]);
+    // The sampler's state stays f32 (as diffusers' scheduler upcasts); the transformer sees
+    // its compute dtype.
+    let dtype = model.img_in.weight.dtype();
+    let (txt, y) = (prompt.txt.clone().cast(dtype), prompt.y.clone().cast(dtype));
     // The transformer's velocity v(x, t); diffusers hands it timestep / 1000, in f32.
     let velocity = |x: &Tensor<3>, i: usize| {
-        model.forward(FluxInput {
-            img: x.clone(),
-            txt: prompt.txt.clone(),
-            y: prompt.y.clone(),
+        let v = model.forward(FluxInput {
+            img: x.clone().cast(dtype),
+            txt: txt.clone(),
+            y: y.clone(),
             timesteps: &[timesteps[i] / 1000.0],
             guidance: guidance.as_ref().map(|g| &g[..]),
             rope: &rope,
-        })
+        })?;
+        Ok(v.cast(DType::F32))
     };
     let mut latents = Vec::new();
     for (image, seed) in prepared.seeds(req).into_iter().enumerate() {
@@ -613,12 +641,16 @@ fn decode(
     device: &Device,
     resident: &mut Resident,
 ) -> Result<Vec<Vec<f32>>> {
+    let dtype = resident.dtype;
     resident.vae.with(
-        || vae::load_vae(&files.vae, device, DType::F32, None),
+        || vae::load_vae(&files.vae, device, dtype, None),
         |vae| {
             Ok(latents
                 .into_iter()
-                .map(|z| vae.decode_tiled(Tensor::<4>::from_data(TensorData::new(z, grid.shape()), device), 128, 16))
+                .map(|z| {
+                    let z = Tensor::<4>::from_data(TensorData::new(z, grid.shape()), device).cast(dtype);
+                    vae.decode_tiled(z, 128, 16)
+                })
                 .collect())
         },
     )

@@ -13,9 +13,11 @@ use anyhow::{Context, Result, anyhow, bail};
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
 
+use crate::engine::fp8;
 use crate::engine::gguf::{self, GgufFile};
 
 pub use crate::engine::host_tensor::HostTensor;
+use crate::engine::packed::{PackedHost, Packing};
 
 /// One memory-mapped `.safetensors` file.
 pub struct SafetensorsFile {
@@ -101,6 +103,40 @@ impl SafetensorsFile {
     }
 }
 
+impl SafetensorsFile {
+    /// An fp8 matrix as stored, with its ComfyUI scale (one value or one per row), or None
+    /// for tensors of other dtypes and shapes.
+    fn packed(&self, name: &str) -> Result<Option<PackedHost>> {
+        let info = self.tensors.get(name).ok_or_else(|| anyhow!("tensor {name} not in {}", self.path.display()))?;
+        let packing = match info.dtype {
+            Dtype::F8_E4M3 => Packing::F8E4M3,
+            Dtype::F8_E5M2 => Packing::F8E5M2,
+            _ => return Ok(None),
+        };
+        if info.shape.len() != 2 {
+            return Ok(None);
+        }
+        let (start, end) = info.data_offsets;
+        let bytes = self.mmap[self.data_start + start..self.data_start + end].to_vec();
+        let mut scale = Vec::new();
+        if let Some(stem) = name.strip_suffix(".weight")
+            && let Some((scale_name, s)) =
+                WEIGHT_SCALES.iter().find_map(|suffix| self.aux.get_key_value(&format!("{stem}{suffix}")))
+        {
+            let (s0, s1) = s.data_offsets;
+            scale = decode_floats(&self.mmap[self.data_start + s0..self.data_start + s1], s.dtype)
+                .with_context(|| format!("tensor {scale_name} in {}", self.path.display()))?;
+        }
+        // SAFETY: as in `read`: a private read-only mapping loses nothing by dropping pages.
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, self.data_start + start, end - start);
+        }
+        PackedHost::new(packing, &info.shape, bytes, scale)
+            .map(Some)
+            .with_context(|| format!("tensor {name} in {}", self.path.display()))
+    }
+}
+
 fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {
@@ -125,25 +161,11 @@ fn apply_scale(data: &mut [f32], shape: &[usize], scale: &[f32]) -> Result<()> {
     Ok(())
 }
 
-/// float8_e4m3fn (no infinities; S.1111.111 is NaN) to f32, exactly.
-fn f8_e4m3fn(b: u8) -> f32 {
-    let (exp, man) = ((b >> 3) & 0xF, b & 7);
-    let magnitude = if exp == 0xF && man == 7 {
-        f32::NAN
-    } else if exp == 0 {
-        f32::from(man) * (1.0 / 512.0)
-    } else {
-        f32::from_bits((u32::from(exp) + 120) << 23 | u32::from(man) << 20)
-    };
-    if b & 0x80 != 0 { -magnitude } else { magnitude }
-}
-
 fn decode_floats(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
     // Little-endian per the safetensors spec; the mapping is not necessarily aligned.
     Ok(match dtype {
-        Dtype::F8_E4M3 => bytes.iter().map(|&b| f8_e4m3fn(b)).collect(),
-        // e5m2 is the upper byte of an f16.
-        Dtype::F8_E5M2 => bytes.iter().map(|&b| half::f16::from_bits(u16::from(b) << 8).to_f32()).collect(),
+        Dtype::F8_E4M3 => bytes.iter().map(|&b| fp8::e4m3fn(b)).collect(),
+        Dtype::F8_E5M2 => bytes.iter().map(|&b| fp8::e5m2(b)).collect(),
         Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
@@ -192,6 +214,18 @@ impl WeightFile {
         match self {
             Self::Safetensors(f) => f.read(name),
             Self::Gguf(f) => f.read(name),
+        }
+    }
+
+    fn packed(&self, name: &str) -> Result<Option<PackedHost>> {
+        match self {
+            Self::Safetensors(f) => f.packed(name),
+            Self::Gguf(f) => match f.quantized(name)? {
+                Some((ty, shape, bytes)) => PackedHost::new(Packing::Gguf(ty), &shape, bytes, Vec::new())
+                    .map(Some)
+                    .with_context(|| format!("tensor {name} in {}", f.path().display())),
+                None => Ok(None),
+            },
         }
     }
 
@@ -261,6 +295,13 @@ impl WeightSet {
     pub fn read(&self, name: &str) -> Result<HostTensor> {
         let file = self.index.get(name).ok_or_else(|| anyhow!("missing tensor {name}"))?;
         self.files[*file].read(name)
+    }
+
+    /// The matrix `name` as its file packs it (GGUF quant blocks, fp8), or None where it is
+    /// stored as plain floats (read it with [`WeightSet::read`]).
+    pub fn packed(&self, name: &str) -> Result<Option<PackedHost>> {
+        let file = self.index.get(name).ok_or_else(|| anyhow!("missing tensor {name}"))?;
+        self.files[*file].packed(name)
     }
 
     /// `__metadata__` entries of all files (string metadata of GGUF files).

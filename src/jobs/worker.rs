@@ -11,7 +11,7 @@ use anyhow::Context;
 use burn::tensor::Device;
 
 use crate::engine::lora::LoraChoice;
-use crate::engine::pipeline::{self, Canceled, GenerateRequest, Progress, Resident};
+use crate::engine::pipeline::{self, Canceled, GenerateRequest, Placement, Progress, Resident};
 use crate::engine::pngfile::PngText;
 use crate::jobs::Conn;
 use crate::jobs::progress::JobEvent;
@@ -25,13 +25,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts the worker for `device`. `keep_resident` keeps the last model's components
-    /// loaded between jobs.
-    pub fn spawn(jobs: Arc<Jobs>, db: Conn, device: Device, keep_resident: bool) -> Worker {
+    /// Starts the worker for `device`. `placement` says whether the last model's components
+    /// stay loaded between jobs, and the compute dtype of transformer and VAE.
+    pub fn spawn(jobs: Arc<Jobs>, db: Conn, device: Device, placement: Placement) -> Worker {
         let j = jobs.clone();
         let handle = std::thread::Builder::new()
             .name("atelier-worker".into())
-            .spawn(move || run(&j, db, &device, keep_resident))
+            .spawn(move || run(&j, db, &device, placement))
             .expect("spawning the worker thread");
         Worker { handle: Some(handle), jobs }
     }
@@ -45,7 +45,7 @@ impl Worker {
     }
 }
 
-fn run(jobs: &Jobs, mut db: Conn, device: &Device, keep_resident: bool) {
+fn run(jobs: &Jobs, mut db: Conn, device: &Device, placement: Placement) {
     let mut resident: Option<(String, Resident)> = None;
     while !jobs.stopping.load(Ordering::Relaxed) {
         let next = match store::waiting(&db.app) {
@@ -60,7 +60,7 @@ fn run(jobs: &Jobs, mut db: Conn, device: &Device, keep_resident: bool) {
         };
         match next {
             Some(id) => {
-                if let Err(e) = run_one(jobs, &mut db, device, keep_resident, &mut resident, &id) {
+                if let Err(e) = run_one(jobs, &mut db, device, placement, &mut resident, &id) {
                     log::error!("job {id}: {e:#}");
                 }
             }
@@ -109,7 +109,7 @@ fn run_one(
     jobs: &Jobs,
     db: &mut Conn,
     device: &Device,
-    keep_resident: bool,
+    placement: Placement,
     resident: &mut Option<(String, Resident)>,
     id: &str,
 ) -> anyhow::Result<()> {
@@ -122,7 +122,7 @@ fn run_one(
             Ok(Some(job)) => {
                 jobs.hub.publish(&job.id, job.user_id, JobEvent::Started);
                 jobs.publish_positions(db);
-                let out = execute(jobs, db, device, keep_resident, resident, &job, cancel);
+                let out = execute(jobs, db, device, placement, resident, &job, cancel);
                 if let Err(e) = &out {
                     // Whatever went wrong, the job must not stay running with its hold open.
                     if let Err(e2) = fail_internal(jobs, db, &job, format!("internal error: {e:#}")) {
@@ -144,7 +144,7 @@ fn execute(
     jobs: &Jobs,
     db: &mut Conn,
     device: &Device,
-    keep_resident: bool,
+    placement: Placement,
     resident: &mut Option<(String, Resident)>,
     job: &Job,
     cancel: Arc<AtomicBool>,
@@ -206,7 +206,7 @@ fn execute(
     // and the images folder.
     let dir = jobs.images_dir();
     if resident.as_ref().is_none_or(|(m, _)| m != &job.model) {
-        *resident = Some((job.model.clone(), Resident::new(keep_resident)));
+        *resident = Some((job.model.clone(), Resident::placed(placement)));
     }
     let res = &mut resident.as_mut().expect("set above").1;
     let ready = pipeline::prepare_with(&files, &req, &mut res.loras).and_then(|prepared| {

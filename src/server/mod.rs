@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 
 use crate::config::{Config, ModelEntry};
 use crate::engine::device::{self, DeviceChoice};
+use crate::engine::pipeline::Placement;
 use crate::jobs::{ConnConfig, Pool};
 use crate::jobs::{Jobs, Worker};
 use crate::ledger::{Clock, Sweeper, SystemClock};
@@ -30,6 +31,8 @@ pub struct ServeOptions {
     pub extra_models: Vec<(String, ModelEntry)>,
     /// Overrides `engine.device`.
     pub device: Option<String>,
+    /// Overrides `engine.dtype`.
+    pub dtype: Option<String>,
 }
 
 /// Creates the first admin when there is none: `admin` on `plan` (`[server] admin_plan`, so the
@@ -122,7 +125,14 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     };
     let dev = device::select(choice)?;
     log::info!("device: {}", dev.description);
-    let worker = Worker::spawn(jobs.clone(), pool.open()?, dev.device.clone(), config.queue.keep_resident);
+    let requested = match opts.dtype.as_deref() {
+        Some(d) => d.parse::<crate::config::Dtype>().map_err(anyhow::Error::msg)?,
+        None => config.engine.dtype,
+    };
+    let (dtype, why) = device::compute_dtype(requested.burn(), &dev);
+    log::info!("compute dtype {why}");
+    let placement = Placement { keep_resident: config.queue.keep_resident, dtype };
+    let worker = Worker::spawn(jobs.clone(), pool.open()?, dev.device.clone(), placement);
     let sweeper =
         Sweeper::spawn(pool.config().data_dir.join(crate::ledger::DB_FILE), plans.clone(), clock.clone(), |e| {
             log::error!("ledger sweep: {e}")
@@ -134,6 +144,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         limiter: LoginLimiter::new(config.server.login_attempts, Duration::from_secs(config.server.login_window_secs)),
         config: Arc::new(config),
         device: dev.description.clone(),
+        dtype: format!("{dtype:?}").to_lowercase(),
         public_url: std::sync::OnceLock::new(),
         credentials: tokio::sync::watch::channel(0).0,
     });

@@ -18,6 +18,8 @@ pub struct AppState {
     pub limiter: LoginLimiter,
     /// The compute device, in words (for the admin page and /healthz).
     pub device: String,
+    /// The compute dtype of transformer and VAE (`f32`, `f16`, `bf16`), for the admin page.
+    pub dtype: String,
     /// Where clients reach the server, for links: `[server] public_url`, else the bound
     /// address when it is a specific one; `None` (links stay relative) until the server is
     /// bound or when it listens on an unspecified address.

@@ -345,6 +345,8 @@ pub struct AdminQueue {
 pub struct AdminModels<'a> {
     pub models: Vec<&'a ServedModel>,
     pub device: &'a str,
+    /// The compute dtype the models run in on that device.
+    pub dtype: &'a str,
 }
 
 // ---- ops ----

@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use atelier::engine::gguf::GgufFile;
+use atelier::engine::gguf::{GgmlType, GgufFile};
 use atelier::engine::pipeline::{self, GenerateRequest, ModelFiles};
 use atelier::engine::weights::WeightSet;
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 
 use crate::common::{Golden, fixture};
 
@@ -142,6 +142,10 @@ fn bad_gguf_files_are_clear_errors_naming_the_file() {
 }
 
 fn generate(transformer: PathBuf) -> Vec<u8> {
+    generate_with_loras(transformer, Vec::new())
+}
+
+fn generate_with_loras(transformer: PathBuf, loras: Vec<atelier::engine::lora::LoraChoice>) -> Vec<u8> {
     let mut files = ModelFiles::from_diffusers(
         &fixture("pipeline/schnell/diffusers"),
         Some(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/tokenizers")),
@@ -156,6 +160,7 @@ fn generate(transformer: PathBuf) -> Vec<u8> {
         height: 48,
         max_sequence_length: Some(32),
         batch: 1,
+        loras,
         ..Default::default()
     };
     let out = pipeline::generate(&files, &req, &Device::flex(), |_| {}).unwrap();
@@ -188,4 +193,196 @@ fn a_scaled_fp8_transformer_generates() {
     let db = psnr(&img, &reference);
     eprintln!("scaled fp8 e4m3fn: PSNR vs the unquantized image {db:.1} dB");
     assert!(db > 18.0, "PSNR {db:.1} dB");
+}
+
+/// Offsets of the f16 scale fields in each block type (ggml-common.h), as in the reference
+/// script's `F16_FIELDS`.
+fn f16_fields(ty: GgmlType) -> &'static [usize] {
+    match ty {
+        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+        GgmlType::Q2K => &[80, 82],
+        GgmlType::Q3K => &[108],
+        GgmlType::Q6K => &[208],
+        _ => &[],
+    }
+}
+
+/// Random but valid blocks of `ty` for `numel` values whose largest magnitude is about
+/// `bound`: random bytes, every f16 scale field set to one value (values are linear in
+/// those fields, so one trial decode tells which value gives `bound`).
+fn random_blocks(ty: GgmlType, numel: usize, bound: f32, state: &mut u64) -> Vec<u8> {
+    let (per_block, block_bytes) = ty.block();
+    let mut bytes: Vec<u8> = (0..numel / per_block * block_bytes)
+        .map(|_| {
+            *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (*state >> 56) as u8
+        })
+        .collect();
+    let set = |bytes: &mut Vec<u8>, scale: f32| {
+        for block in bytes.chunks_exact_mut(block_bytes) {
+            for &at in f16_fields(ty) {
+                block[at..at + 2].copy_from_slice(&half::f16::from_f32(scale).to_le_bytes());
+            }
+        }
+    };
+    set(&mut bytes, 1.0);
+    let peak = atelier::engine::gguf::dequantize(ty, &bytes).unwrap().iter().fold(0f32, |m, v| m.max(v.abs()));
+    set(&mut bytes, bound / peak);
+    bytes
+}
+
+/// A FLUX of hidden 256 (rows of whole K-quant blocks) with the schnell pipeline's text and
+/// latent sizes, its Linears spread over every block type atelier reads.
+fn mixed_gguf(dir: &Path) -> (PathBuf, PathBuf, Vec<GgmlType>) {
+    use atelier::engine::flux::{Flux, FluxConfig};
+    use atelier::engine::gguf::writer::{self, MetaValue, TensorPlan};
+    let config = FluxConfig {
+        in_channels: 64,
+        out_channels: 64,
+        vec_in_dim: 4,
+        context_in_dim: 8,
+        hidden_size: 256,
+        mlp_hidden_dim: 512,
+        num_heads: 16,
+        depth: 1,
+        depth_single_blocks: 1,
+        axes_dim: vec![4, 6, 6],
+        theta: 10_000.0,
+        qkv_bias: true,
+        guidance_embed: false,
+    };
+    let walk = atelier::engine::loader::Walk::plan();
+    Flux::build(&walk.root(), config).unwrap();
+    let cycle = [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+        GgmlType::F16,
+        GgmlType::BF16,
+    ];
+    let mut next = 0;
+    let mut plans = Vec::new();
+    for e in walk.entries() {
+        let ty = if e.shape.len() == 1 {
+            GgmlType::F32
+        } else if e.shape[1] % 256 != 0 {
+            GgmlType::F16
+        } else {
+            next += 1;
+            cycle[(next - 1) % cycle.len()]
+        };
+        plans.push(TensorPlan { name: e.name, shape: e.shape, ty });
+    }
+    let mut state = 14u64;
+    let data: Vec<Vec<u8>> = plans
+        .iter()
+        .map(|p| {
+            let numel: usize = p.shape.iter().product();
+            let bound = if p.shape.len() == 1 { 1.0 } else { 1.0 / (p.shape[1] as f32).sqrt() };
+            match p.ty {
+                GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+                    let values: Vec<f32> = random_blocks(GgmlType::Q8_0, numel.div_ceil(32) * 32, bound, &mut state)
+                        .chunks(34)
+                        .flat_map(|b| atelier::engine::gguf::dequantize(GgmlType::Q8_0, b).unwrap())
+                        .take(numel)
+                        .map(|v| if p.name.ends_with("scale") { 1.0 + v } else { v })
+                        .collect();
+                    atelier::engine::gguf::quantize::quantize(p.ty, &values).unwrap()
+                }
+                ty => random_blocks(ty, numel, bound, &mut state),
+            }
+        })
+        .collect();
+    let gguf = dir.join("mixed.gguf");
+    let meta = [
+        ("general.architecture", MetaValue::Str("flux".into())),
+        ("axes_dims_rope", MetaValue::Str("[4, 6, 6]".into())),
+    ];
+    writer::write(&gguf, &meta, &plans, |i| Ok(data[i].clone())).unwrap();
+    // The F32 copy: every tensor dequantized (bit-equal to the `gguf` package, see above).
+    let copy = dir.join("mixed_f32.safetensors");
+    let shapes: Vec<(String, Vec<usize>)> = plans.iter().map(|p| (p.name.clone(), p.shape.clone())).collect();
+    let mut i = 0;
+    atelier::engine::weights::write_safetensors_f32(&copy, &shapes, &[("axes_dims_rope", "[4, 6, 6]")], |_, _| {
+        i += 1;
+        atelier::engine::gguf::dequantize(plans[i - 1].ty, &data[i - 1]).unwrap()
+    })
+    .unwrap();
+    (gguf, copy, plans.iter().map(|p| p.ty).collect())
+}
+
+#[test]
+fn a_gguf_of_every_block_type_stays_packed_and_generates_its_f32_copys_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gguf, copy, types) = mixed_gguf(dir.path());
+    for ty in [GgmlType::Q8_0, GgmlType::Q2K, GgmlType::Q6K, GgmlType::BF16] {
+        assert!(types.contains(&ty), "{ty:?} missing from {types:?}");
+    }
+    // Every quantized Linear stays in its blocks; F16/BF16/F32 ones are dense as before.
+    let mut model = atelier::engine::flux::load_transformer(&gguf, &Device::flex(), DType::F32, None).unwrap();
+    let mut packed: Vec<&str> =
+        model.linears_mut().iter().filter_map(|(_, l)| l.weight.packing()).map(|p| p.name()).collect();
+    packed.sort();
+    packed.dedup();
+    assert_eq!(packed, ["Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"]);
+    drop(model);
+    let a = generate(gguf);
+    let b = generate(copy);
+    let worst = a.iter().zip(&b).map(|(x, y)| (*x as i32 - *y as i32).abs()).max().unwrap();
+    let spread = a.iter().max().unwrap() - a.iter().min().unwrap();
+    eprintln!("every block type: worst pixel vs the F32 copy {worst}/255 (image spread {spread})");
+    assert!(worst <= 1, "{worst}/255");
+    assert!(spread > 16, "a flat image would prove nothing");
+}
+
+#[test]
+fn atelier_quantize_writes_the_bytes_of_the_gguf_packages_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    // The same transformer in BFL and diffusers layouts: both convert to city96's file.
+    let inputs =
+        [fixture("pipeline/single/flux_schnell_bfl.safetensors"), fixture("pipeline/schnell/diffusers/transformer")];
+    // The single file's RoPE split (head dim 16) comes from the folder's config.json.
+    let hint = atelier::engine::flux::read_diffusers_config(&inputs[1].join("config.json")).unwrap();
+    for ty in ["q8_0", "q5_0", "q4_0", "f16", "bf16"] {
+        let theirs = std::fs::read(fixture(&format!("quantize/flux_schnell_{ty}.gguf"))).unwrap();
+        for input in &inputs {
+            let out = dir.path().join(format!("{ty}.gguf"));
+            let written = atelier::engine::to_gguf::convert_transformer(input, &out, ty, hint.as_ref()).unwrap();
+            let ours = std::fs::read(&out).unwrap();
+            assert_eq!(written.file_bytes, ours.len() as u64);
+            if let Some(at) = ours.iter().zip(&theirs).position(|(a, b)| a != b) {
+                panic!("{ty} from {}: first difference at byte {at} of {}", input.display(), theirs.len());
+            }
+            assert_eq!(ours.len(), theirs.len(), "{ty}");
+        }
+    }
+    // What the package reads back from the file is what atelier computes with.
+    let golden = Golden::open("quantize/flux_schnell_q5_0_f32.safetensors");
+    let file = GgufFile::open(&dir.path().join("q5_0.gguf")).unwrap();
+    assert_eq!(file.tensors().len(), golden.0.keys().count());
+    for name in golden.0.keys() {
+        assert_bits(name, &file.read(name).unwrap().data, &golden.vec(name));
+    }
+}
+
+#[test]
+fn a_lora_on_a_packed_base_gives_the_image_of_the_lora_on_its_f32_copy() {
+    let lora =
+        || vec![atelier::engine::lora::LoraChoice { path: fixture("lora/schnell/kohya.safetensors"), weight: 0.8 }];
+    let packed = generate_with_loras(fixture("gguf/flux_schnell_q4_0.gguf"), lora());
+    let copy = generate_with_loras(fixture("gguf/flux_schnell_q4_0_f32.safetensors"), lora());
+    let plain = generate(fixture("gguf/flux_schnell_q4_0.gguf"));
+    let worst = packed.iter().zip(&copy).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+    let moved = packed.iter().zip(&plain).filter(|(a, b)| a != b).count();
+    eprintln!("LoRA on Q4_0: worst pixel vs the F32 copy {worst}/255; {moved} values changed by the LoRA");
+    assert!(worst <= 1, "{worst}/255");
+    assert!(moved > packed.len() / 10, "the LoRA must change the image");
 }

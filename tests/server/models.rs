@@ -15,7 +15,11 @@ fn missing_models_are_listed_and_cli_models_are_served() {
     assert!(server.log().contains("model gone is not available"), "{}", server.log());
     let root = Client::login(&server.url, "root", "root-pass-1");
 
-    let models = root.get("/api/admin/models").json()["models"].as_array().unwrap().clone();
+    let view = root.get("/api/admin/models").json();
+    // The server's tests run on the CPU, where `auto` computes in f32; the log says so too.
+    assert_eq!(view["dtype"], "f32", "{view}");
+    assert!(server.log().contains("compute dtype F32: auto on the CPU"), "{}", server.log());
+    let models = view["models"].as_array().unwrap().clone();
     let by_id = |id: &str| models.iter().find(|m| m["id"] == id).unwrap_or_else(|| panic!("{id} listed")).clone();
     let gone = by_id("gone");
     assert_eq!(gone["state"], "missing");
@@ -103,7 +107,11 @@ fn models_with_a_missing_or_wrong_vae_or_encoder_are_not_ready() {
     add_user(data, Some(&config), "root", "root-pass-1", "max", true);
     let server = Server::start(data, Some(&config));
     let root = Client::login(&server.url, "root", "root-pass-1");
-    let models = root.get("/api/admin/models").json()["models"].as_array().unwrap().clone();
+    let view = root.get("/api/admin/models").json();
+    // The server's tests run on the CPU, where `auto` computes in f32; the log says so too.
+    assert_eq!(view["dtype"], "f32", "{view}");
+    assert!(server.log().contains("compute dtype F32: auto on the CPU"), "{}", server.log());
+    let models = view["models"].as_array().unwrap().clone();
     let state = |id: &str| {
         let m = models.iter().find(|m| m["id"] == id).unwrap_or_else(|| panic!("{id} listed"));
         (m["state"].as_str().unwrap().to_string(), m["reason"].as_str().unwrap_or_default().to_string())

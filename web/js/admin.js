@@ -286,7 +286,8 @@ async function loadModels() {
     return;
   }
   clear(el.models);
-  el.models.append(h('p', { class: 'device' }, h('span', { class: 'muted', text: 'Device: ' }), h('strong', { id: 'admin-device', text: r.device || 'unknown' })));
+  el.models.append(h('p', { class: 'device' }, h('span', { class: 'muted', text: 'Device: ' }), h('strong', { id: 'admin-device', text: r.device || 'unknown' }),
+    h('span', { class: 'muted', text: ' · compute dtype: ' }), h('strong', { id: 'admin-dtype', text: r.dtype || 'unknown' })));
   const rows = (r.models || []).map((m) =>
     h('tr', { data: { model: m.id } },
       h('td', {}, h('strong', { text: m.id }), h('div', { class: 'muted small', text: m.label })),

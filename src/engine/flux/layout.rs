@@ -10,6 +10,7 @@ use std::path::Path;
 use anyhow::{Result, bail};
 
 use crate::engine::loader::TensorSource;
+use crate::engine::packed::PackedHost;
 use crate::engine::weights::{HostTensor, WeightSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +111,14 @@ impl TransformerWeights {
         }
     }
 
+    /// The BFL-named matrix as the file packs it, where it is stored as one packed tensor.
+    pub fn packed(&self, name: &str) -> Result<Option<PackedHost>> {
+        match self.recipe(name) {
+            Some(Recipe::Direct(k)) => self.set.packed(&k),
+            _ => Ok(None),
+        }
+    }
+
     /// Number of blocks `prefix{i}.` present (e.g. `double_blocks.`), counted from 0 up.
     pub fn count_blocks(&self, prefix: &str) -> usize {
         let probe = if prefix.starts_with("double") { "img_mod.lin.weight" } else { "modulation.lin.weight" };
@@ -131,6 +140,10 @@ impl TensorSource for TransformerWeights {
 
     fn read(&self, name: &str) -> Result<HostTensor> {
         TransformerWeights::read(self, name)
+    }
+
+    fn packed(&self, name: &str) -> Result<Option<PackedHost>> {
+        TransformerWeights::packed(self, name)
     }
 
     fn stored_keys(&self, name: &str) -> Vec<String> {

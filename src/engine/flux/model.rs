@@ -129,6 +129,20 @@ fn rope_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, rope: &Rope) -> Tens
     x.swap_dims(1, 2).reshape([b, l, h * d])
 }
 
+/// f16's largest finite value.
+const F16_MAX: f64 = 65504.0;
+
+/// In f16, FLUX's activations can leave the format's range in the text stream of double
+/// blocks and in single blocks; ComfyUI and diffusers then apply `nan_to_num(nan=0,
+/// posinf=65504, neginf=-65504)`. The same here (clamp, NaN → 0); other dtypes pass through.
+fn f16_guard(x: Tensor<3>) -> Tensor<3> {
+    if x.dtype() != DType::F16 {
+        return x;
+    }
+    let x = x.clamp(-F16_MAX, F16_MAX);
+    x.clone().mask_fill(x.is_nan(), 0.0)
+}
+
 /// Attention weights of one stream in a double block.
 #[derive(Module, Debug)]
 pub struct SelfAttention {
@@ -218,7 +232,7 @@ impl DoubleStreamBlock {
         let img = img.clone() + img_mod2.gate.clone() * self.img_mlp.forward(img_mod2.modulate(layer_norm(img)));
         let txt = txt + txt_mod1.gate * self.txt_attn.proj.forward(txt_attn);
         let txt = txt.clone() + txt_mod2.gate.clone() * self.txt_mlp.forward(txt_mod2.modulate(layer_norm(txt)));
-        (img, txt)
+        (img, f16_guard(txt))
     }
 }
 
@@ -258,7 +272,7 @@ impl SingleStreamBlock {
         let (q, k) = self.norm.forward(q, k);
         let attn = rope_attention(q, k, v, rope);
         let out = self.linear2.forward(Tensor::cat(vec![attn, gelu_tanh(mlp)], 2));
-        x + m.gate * out
+        f16_guard(x + m.gate * out)
     }
 }
 
@@ -437,5 +451,21 @@ impl Flux {
         }
         let img = x.narrow(1, txt_len, img_len);
         Ok(self.final_layer.forward(img, vec))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{DType, Device, Tensor, TensorData};
+
+    #[test]
+    fn the_f16_guard_is_nan_to_num_in_f16_only() {
+        let device = Device::flex();
+        let x =
+            Tensor::<3>::from_data(TensorData::new(vec![1e5f32, f32::NEG_INFINITY, f32::NAN, 3.0], [1, 1, 4]), &device);
+        let guarded = super::f16_guard(x.clone().cast(DType::F16)).cast(DType::F32);
+        assert_eq!(guarded.into_data().try_to_vec::<f32>().unwrap(), vec![65504.0, -65504.0, 0.0, 3.0]);
+        let same = super::f16_guard(x).into_data().try_to_vec::<f32>().unwrap();
+        assert!(same[0] == 1e5 && same[1] == f32::NEG_INFINITY && same[2].is_nan());
     }
 }

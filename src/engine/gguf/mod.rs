@@ -7,6 +7,8 @@
 
 pub mod header;
 pub mod quant;
+pub mod quantize;
+pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -147,6 +149,22 @@ impl GgufFile {
             let _ = self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start, t.len);
         }
         Ok(HostTensor { shape: t.shape.clone(), data })
+    }
+
+    /// The matrix `name` as its quant blocks (type, PyTorch shape, bytes), or None for
+    /// F32/F16/BF16 tensors and other shapes (read those as floats).
+    #[allow(clippy::type_complexity)]
+    pub fn quantized(&self, name: &str) -> Result<Option<(GgmlType, Vec<usize>, Vec<u8>)>> {
+        let t = self.tensors.get(name).ok_or_else(|| anyhow!("tensor {name} not in {}", self.path.display()))?;
+        if matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) || t.shape.len() != 2 {
+            return Ok(None);
+        }
+        let bytes = self.mmap[t.start..t.start + t.len].to_vec();
+        // SAFETY: the mapping is private and read-only, so discarding pages loses nothing.
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start, t.len);
+        }
+        Ok(Some((t.ty, t.shape.clone(), bytes)))
     }
 
     /// Bytes per block type, with tensor counts: (type, tensors, bytes), by type.

@@ -116,6 +116,14 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
         bail!("{} bytes are not a whole number of {} blocks of {block_bytes} bytes", bytes.len(), ty.name());
     }
     let mut out = Vec::with_capacity(bytes.len() / block_bytes * per_block);
+    dequantize_into(ty, bytes, &mut out);
+    Ok(out)
+}
+
+/// Appends the values of `bytes` (whole blocks of `ty`, checked by the caller) to `out`: the
+/// kernel behind [`dequantize`] and the per-layer dequantization of packed weights.
+pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
+    let (_, block_bytes) = ty.block();
     for b in bytes.chunks_exact(block_bytes) {
         match ty {
             GgmlType::F32 => out.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
@@ -207,7 +215,6 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
             }
         }
     }
-    Ok(out)
 }
 
 /// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K / Q5_K block.

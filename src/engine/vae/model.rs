@@ -373,7 +373,7 @@ impl Vae {
     pub fn decode_tiled(&self, latents: Tensor<4>, tile: usize, overlap: usize) -> Vec<f32> {
         let [b, c, h, w] = latents.dims();
         assert!(b == 1 && tile > overlap, "one image, and tiles larger than their overlap");
-        let read = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().expect("f32 image");
+        let read = |t: Tensor<4>| t.cast(DType::F32).into_data().try_to_vec::<f32>().expect("f32 image");
         if h <= tile && w <= tile {
             return read(self.decode(latents));
         }

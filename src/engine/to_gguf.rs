@@ -1,0 +1,129 @@
+//! A FLUX transformer checkpoint (any layout atelier reads) → a city96-layout GGUF file:
+//! what `atelier quantize` writes and `atelier bench --quant` measures.
+//!
+//! city96's files (ComfyUI-GGUF `tools/convert.py` + its llama.cpp patch): architecture `flux`,
+//! BFL key names without `model.diffusion_model.`, PyTorch shapes with ggml's dims reversed,
+//! tensors sorted by name; 1-D tensors and tensors of at most 1024 values in F32; the
+//! in-layers (`img_in`, `time_in/vector_in/guidance_in.in_layer`) and `final_layer.linear` in
+//! F16; everything else in the target type (F16 where its rows are not whole blocks).
+//! `general.quantization_version` 2 and `general.file_type` as llama.cpp numbers them.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use crate::engine::flux::{self, DiffusersConfig, Flux};
+use crate::engine::gguf::quant::GgmlType;
+use crate::engine::gguf::quantize::quantize;
+use crate::engine::gguf::writer::{self, MetaValue, TensorPlan};
+use crate::engine::loader::Walk;
+
+/// Tensors city96 keeps at 16 bits whatever the target (`KEEP_F16` of the reference script).
+const KEEP_F16: [&str; 5] =
+    ["img_in.", "time_in.in_layer.", "vector_in.in_layer.", "guidance_in.in_layer.", "final_layer.linear."];
+/// city96's `QUANTIZATION_THRESHOLD`: smaller tensors stay F32.
+const SMALL: usize = 1024;
+
+/// The target types `atelier quantize` offers, with llama.cpp's `general.file_type`.
+pub fn parse_target(name: &str) -> Result<(GgmlType, u32)> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "q8_0" => (GgmlType::Q8_0, 7),
+        "q5_0" => (GgmlType::Q5_0, 8),
+        "q4_0" => (GgmlType::Q4_0, 2),
+        // LLAMA_FTYPE_MOSTLY_Q4_K_S: Q4_K everywhere the rules allow.
+        "q4_k" => (GgmlType::Q4K, 14),
+        "f16" => (GgmlType::F16, 1),
+        "bf16" => (GgmlType::BF16, 32),
+        other => bail!("unknown type {other:?}: expected q8_0, q5_0, q4_0, q4_k, f16 or bf16"),
+    })
+}
+
+/// The type one tensor gets in a file of type `target`.
+pub fn type_for(name: &str, shape: &[usize], target: GgmlType) -> GgmlType {
+    let numel: usize = shape.iter().product();
+    if shape.len() <= 1 || numel <= SMALL {
+        return GgmlType::F32;
+    }
+    let sixteen = if target == GgmlType::BF16 { GgmlType::BF16 } else { GgmlType::F16 };
+    let row = shape[shape.len() - 1];
+    if KEEP_F16.iter().any(|p| name.starts_with(p)) || !row.is_multiple_of(target.block().0) {
+        return sixteen;
+    }
+    target
+}
+
+/// What a conversion wrote: bytes and tensor count per type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    pub file_bytes: u64,
+    pub per_type: Vec<(GgmlType, usize, u64)>,
+}
+
+/// Converts the transformer at `input` to `output` in type `target` (see [`parse_target`]),
+/// one tensor in memory at a time. `hint` gives the RoPE axes where the file cannot (a model
+/// whose head dim is not FLUX's 128, given as a single file).
+pub fn convert_transformer(
+    input: &Path,
+    output: &Path,
+    target: &str,
+    hint: Option<&DiffusersConfig>,
+) -> Result<Written> {
+    let (ty, file_type) = parse_target(target)?;
+    let (weights, config) = flux::open_checked(input, hint)?;
+    let walk = Walk::plan();
+    Flux::build(&walk.root(), config.clone())?;
+    let mut plans: Vec<TensorPlan> = walk
+        .entries()
+        .into_iter()
+        .map(|e| TensorPlan { ty: type_for(&e.name, &e.shape, ty), name: e.name, shape: e.shape })
+        .collect();
+    plans.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut metadata = vec![
+        ("general.architecture", MetaValue::Str("flux".into())),
+        ("general.quantization_version", MetaValue::U32(2)),
+        ("general.file_type", MetaValue::U32(file_type)),
+    ];
+    // FLUX's RoPE split is read off head dim 128; other widths (test models) need the key
+    // atelier reads (city96's files, all head dim 128, do not carry it).
+    if config.axes_dim != [16, 56, 56] {
+        metadata.push(("axes_dims_rope", MetaValue::Str(serde_json::to_string(&config.axes_dim)?)));
+    }
+    writer::write(output, &metadata, &plans, |i| {
+        let plan = &plans[i];
+        let t = weights.read(&plan.name)?;
+        quantize(plan.ty, &t.data).with_context(|| format!("quantizing {}", plan.name))
+    })
+    .with_context(|| format!("writing {}", output.display()))?;
+    let mut per_type: Vec<(GgmlType, usize, u64)> = Vec::new();
+    for p in &plans {
+        let bytes = p.bytes()? as u64;
+        match per_type.iter_mut().find(|(t, _, _)| *t == p.ty) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 += bytes;
+            }
+            None => per_type.push((p.ty, 1, bytes)),
+        }
+    }
+    per_type.sort();
+    Ok(Written { file_bytes: std::fs::metadata(output)?.len(), per_type })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn types_follow_city96s_rules() {
+        let q = GgmlType::Q4K;
+        assert_eq!(type_for("double_blocks.0.img_attn.norm.key_norm.scale", &[128], q), GgmlType::F32);
+        assert_eq!(type_for("a.weight", &[32, 32], q), GgmlType::F32);
+        assert_eq!(type_for("img_in.weight", &[3072, 64], q), GgmlType::F16);
+        assert_eq!(type_for("final_layer.linear.weight", &[64, 3072], GgmlType::BF16), GgmlType::BF16);
+        assert_eq!(type_for("txt_in.weight", &[3072, 4096], q), GgmlType::Q4K);
+        assert_eq!(type_for("x.weight", &[3072, 4000], q), GgmlType::F16);
+        assert_eq!(type_for("x.weight", &[3072, 4000], GgmlType::Q8_0), GgmlType::Q8_0);
+        assert_eq!(parse_target("Q8_0").unwrap(), (GgmlType::Q8_0, 7));
+        assert!(parse_target("q3_k").is_err());
+    }
+}
