@@ -24,6 +24,15 @@ pub struct BenchSpec {
     /// Random LoRAs of `lora_rank` on every Linear, applied unmerged (side path).
     pub random_loras: usize,
     pub lora_rank: usize,
+    /// Time LoRA training steps (forward + backward + AdamW, LoRA of `lora_rank` on every
+    /// block Linear) instead of forwards.
+    pub train: Option<TrainBench>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TrainBench {
+    /// Block-level recompute (else one autodiff graph over the model).
+    pub recompute: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +43,8 @@ pub struct BenchReport {
     pub peak_rss_during_load: u64,
     pub load_seconds: f64,
     pub step_seconds: Vec<f64>,
+    /// Peak RSS over the timed steps (the kernel's high-water mark, reset after loading).
+    pub peak_rss_steps: u64,
 }
 
 impl BenchReport {
@@ -73,8 +84,16 @@ impl BenchReport {
             mib(self.rss_before_load),
             self.peak_rss_during_load as f64 / self.file_bytes as f64
         );
+        if let Some(t) = spec.train {
+            println!(
+                "training steps: LoRA rank {} on every block Linear, {}, AdamW",
+                spec.lora_rank,
+                if t.recompute { "block recompute" } else { "plain autodiff" }
+            );
+        }
         let list: Vec<String> = self.step_seconds.iter().map(|s| format!("{s:.3}")).collect();
         println!("step: median {:.3} s over {} runs [{}]", self.median_step(), list.len(), list.join(", "));
+        println!("peak RSS during the steps: {:.1} MiB", mib(self.peak_rss_steps));
     }
 }
 
@@ -146,6 +165,48 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
     let guidance = vec![3.5f32; spec.batch];
 
     let mut step_seconds = Vec::new();
+    reset_peak_rss();
+    if let Some(t) = spec.train {
+        use crate::train::{adamw, objective, params};
+        let mut lora = params::TrainableLora::new(
+            &mut model,
+            params::Targets::All,
+            spec.lora_rank,
+            spec.lora_rank as f32,
+            0,
+            dev,
+        )?;
+        let mut opt = adamw::AdamW::new(adamw::AdamWConfig::default(), &lora);
+        let batch = objective::Batch {
+            x0: img.clone(),
+            noise: upload(4, [spec.batch, spec.img_tokens, c.in_channels]),
+            sigmas: timesteps.clone(),
+            txt: txt.clone(),
+            y: y.clone(),
+            guidance: c.guidance_embed.then(|| vec![1.0; spec.batch]),
+            rope,
+        };
+        let how = if t.recompute { objective::Backprop::Recompute } else { objective::Backprop::Plain };
+        for i in 0..=spec.steps {
+            let t = Instant::now();
+            let g = objective::loss_and_grads(&mut model, &lora, &batch, how)?;
+            opt.step(&mut lora, g.grads);
+            let _ = lora.pairs[0].down.clone().into_data();
+            if i > 0 {
+                step_seconds.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let (_, peak_rss_steps) = rss_bytes();
+        return Ok(BenchReport {
+            device: device.description.clone(),
+            file_bytes,
+            rss_before_load,
+            peak_rss_during_load,
+            load_seconds,
+            step_seconds,
+            peak_rss_steps,
+        });
+    }
     // One untimed warm-up step: kernel compilation and autotuning on GPUs.
     for i in 0..=spec.steps {
         let t = Instant::now();
@@ -169,6 +230,7 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
         peak_rss_during_load,
         load_seconds,
         step_seconds,
+        peak_rss_steps: rss_bytes().1,
     })
 }
 

@@ -13,7 +13,7 @@ use burn::tensor::Tensor;
 
 use crate::engine::flux::{Embedded, Flux};
 
-use super::objective::{Batch, mse};
+use super::batch::{Batch, mse};
 use super::params::{PairGrad, TrainableLora, host};
 
 /// Loss of `batch`; adds each pair's gradient into `acc`.
