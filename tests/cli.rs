@@ -517,3 +517,29 @@ fn train_writes_a_lora_with_log_checkpoints_and_samples_that_generate_loads() {
     assert!(stderr(&o).contains("--rank 100000") && !stderr(&o).contains("panicked"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("encoding"), "{}", stderr(&o));
 }
+
+/// LoRA files `atelier train` wrote (tests/fixtures/train/roundtrip, see
+/// tests/reference/make_roundtrip_goldens.py) give in `atelier generate` the image diffusers
+/// makes with them: the PEFT file through `load_lora_weights`, the kohya file merged.
+#[test]
+fn trained_loras_generate_the_images_diffusers_makes_with_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = demo("dev");
+    for format in ["peft", "kohya"] {
+        let out = dir.path().join(format!("{format}.png"));
+        let lora = fixture(&format!("train/roundtrip/{format}.safetensors")).to_str().unwrap().to_string();
+        #[rustfmt::skip]
+        let args = [
+            "generate", "--model", &model, "--prompt", "zqx stripes", "--seed", "42", "--steps", "3",
+            "--width", "80", "--height", "48", "--guidance", "3.5", "--max-sequence-length", "32",
+            "--device", "cpu", "--lora", &lora, "--out", out.to_str().unwrap(),
+        ];
+        let o = atelier(dir.path(), &args);
+        assert!(o.status.success(), "{format}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("ignored"), "{format}: {}", stderr(&o));
+        let img = image::open(&out).unwrap().to_rgb8();
+        let golden = image::open(fixture(&format!("train/roundtrip/{format}.png"))).unwrap().to_rgb8();
+        let worst = img.as_raw().iter().zip(golden.as_raw()).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+        assert!(worst <= 2, "{format}: differs from diffusers by {worst}/255");
+    }
+}
