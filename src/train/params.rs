@@ -79,6 +79,9 @@ impl Leaves {
             let (Some(gd), Some(gu)) = (down.grad(grads), up.grad(grads)) else {
                 continue; // a pair that did not take part in this graph
             };
+            // The leaves are the f32 master copies, but with a f16/bf16 base the gradient
+            // arrives through a cast: keep the optimizer's arithmetic in f32.
+            let (gd, gu) = (gd.cast(DType::F32), gu.cast(DType::F32));
             into[*i] = Some(match into[*i].take() {
                 Some(acc) => PairGrad { down: acc.down + gd, up: acc.up + gu },
                 None => PairGrad { down: gd, up: gu },

@@ -228,7 +228,7 @@ pub fn train(job: &Job, settings: &Settings, device: &Device, mut on: impl FnMut
         if s.sample_every > 0 && (n % s.sample_every == 0 || n == s.steps) {
             for (i, prompt) in s.sample_prompts.iter().enumerate() {
                 let path = out_dir.join("samples").join(format!("step_{n:06}_{i}.png"));
-                let seed = s.seed + i as u64;
+                let seed = s.seed.wrapping_add(i as u64);
                 samples::render(&job.files, &mut model, &lora, &text_cache[prompt], s.resolution, seed, &path, device)?;
                 on(Event::Sample(path));
             }
