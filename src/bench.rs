@@ -29,6 +29,15 @@ pub struct BenchSpec {
     /// Convert the checkpoint to a GGUF of this type first (`q8_0`, `q4_k`, … see
     /// `to_gguf::parse_target`) and bench that file.
     pub quant: Option<String>,
+    /// Time LoRA training steps (forward + backward + AdamW, LoRA of `lora_rank` on every
+    /// block Linear) instead of forwards.
+    pub train: Option<TrainBench>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TrainBench {
+    /// Block-level recompute (else one autodiff graph over the model).
+    pub recompute: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +117,13 @@ impl BenchReport {
                 mib(l.rss_added),
                 mib(l.host_bytes),
                 mib(l.bf16_file_bytes)
+            );
+        }
+        if let Some(t) = spec.train {
+            println!(
+                "training steps: LoRA rank {} on every block Linear, {}, AdamW",
+                spec.lora_rank,
+                if t.recompute { "block recompute" } else { "plain autodiff" }
             );
         }
         let list: Vec<String> = self.step_seconds.iter().map(|s| format!("{s:.3}")).collect();
@@ -241,8 +257,52 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
     let timesteps = vec![0.5f32; spec.batch];
     let guidance = vec![3.5f32; spec.batch];
 
-    reset_peak_rss();
     let mut step_seconds = Vec::new();
+    reset_peak_rss();
+    if let Some(t) = spec.train {
+        use crate::train::{adamw, objective, params};
+        let mut lora = params::TrainableLora::new(
+            &mut model,
+            params::Targets::All,
+            spec.lora_rank,
+            spec.lora_rank as f32,
+            0,
+            dev,
+        )?;
+        let mut opt = adamw::AdamW::new(adamw::AdamWConfig::default(), &lora);
+        let batch = objective::Batch {
+            x0: img.clone(),
+            noise: upload(4, [spec.batch, spec.img_tokens, c.in_channels]),
+            sigmas: timesteps.clone(),
+            txt: txt.clone(),
+            y: y.clone(),
+            guidance: c.guidance_embed.then(|| vec![1.0; spec.batch]),
+            rope,
+        };
+        let how = if t.recompute { objective::Backprop::Recompute } else { objective::Backprop::Plain };
+        for i in 0..=spec.steps {
+            let t = Instant::now();
+            let g = objective::loss_and_grads(&mut model, &lora, &batch, how)?;
+            opt.step(&mut lora, g.grads);
+            let _ = lora.pairs[0].down.clone().into_data();
+            if i > 0 {
+                step_seconds.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let (_, peak_rss_during_steps) = rss_bytes();
+        return Ok(BenchReport {
+            device: device.description.clone(),
+            file_bytes,
+            rss_before_load,
+            peak_rss_during_load,
+            rss_after_load,
+            peak_rss_during_steps,
+            load_seconds,
+            step_seconds,
+            quantized,
+            loras,
+        });
+    }
     // One untimed warm-up step: kernel compilation and autotuning on GPUs.
     for i in 0..=spec.steps {
         let t = Instant::now();

@@ -14,3 +14,4 @@ pub mod private_files;
 pub mod secret;
 pub mod server;
 pub mod spec;
+pub mod train;

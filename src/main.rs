@@ -36,6 +36,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect { path } => inspect(&path),
         Command::Quantize { input, output, ty } => quantize(&input, &output, &ty),
         Command::Generate(args) => run_generate(args, &config, &data_dir),
+        Command::Train(args) => run_train(*args, &config),
         Command::Serve(args) => {
             let extra_models = args.models.iter().map(|m| models::parse_cli_model(m)).collect::<Result<Vec<_>>>()?;
             atelier::server::serve(atelier::server::ServeOptions {
@@ -101,6 +102,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         random_loras: a.random_loras,
         lora_rank: a.lora_rank,
         quant: a.quant,
+        train: a.train.then_some(bench::TrainBench { recompute: !a.no_recompute }),
     };
     let report = bench::run(&spec, &device)?;
     report.print(&spec);
@@ -108,7 +110,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
 }
 
 fn run_generate(a: GenerateArgs, config: &Config, data_dir: &std::path::Path) -> Result<()> {
-    use atelier::engine::pipeline::{self, GenerateRequest, ModelFiles, Progress};
+    use atelier::engine::pipeline::{self, GenerateRequest, Progress};
     use atelier::engine::pngfile::{PendingPng, PngText};
     use std::io::{IsTerminal, Write};
 
@@ -149,53 +151,11 @@ fn run_generate(a: GenerateArgs, config: &Config, data_dir: &std::path::Path) ->
         log::warn!("{w}");
     }
     let (width, height) = (checked.width as usize, checked.height as usize);
-    // A tokenizers folder under weights_dir overrides the built-in copies.
-    let tokenizers = models::tokenizers_dir(config);
-    let (mut files, model_name) = match (&a.model, a.transformer.clone()) {
-        (Some(m), _) => match config.models.get(m) {
-            Some(entry) => (models::resolve_files(m, entry, tokenizers.as_deref())?, m.clone()),
-            None if std::path::Path::new(m).is_dir() => {
-                let name = std::path::Path::new(m).file_name().map_or(m.clone(), |n| n.to_string_lossy().into_owned());
-                (ModelFiles::from_diffusers(std::path::Path::new(m), tokenizers.as_deref())?, name)
-            }
-            None => anyhow::bail!(
-                "--model {m}: not a folder and not a model id in the config (known: {})",
-                config.models.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
-        },
-        (None, Some(t)) => {
-            let name = t.file_stem().map_or("flux".into(), |n| n.to_string_lossy().into_owned());
-            for (flag, given) in [("vae", &a.vae), ("clip", &a.clip), ("t5", &a.t5)] {
-                if given.is_none() {
-                    anyhow::bail!("with single files, --{flag} is needed too");
-                }
-            }
-            let entry = ModelEntry {
-                transformer: Some(t),
-                vae: a.vae.clone(),
-                clip: a.clip.clone(),
-                t5: a.t5.clone(),
-                ..Default::default()
-            };
-            (models::resolve_files(&name, &entry, tokenizers.as_deref())?, name)
-        }
-        (None, None) => {
-            anyhow::bail!("give either --model or --transformer (with --vae, --clip, --t5)")
-        }
-    };
-    if a.model.is_some() {
-        // Single files beside --model replace that component (e.g. a GGUF or fp8 transformer).
-        for (given, slot) in [
-            (&a.transformer, &mut files.transformer),
-            (&a.vae, &mut files.vae),
-            (&a.clip, &mut files.clip),
-            (&a.t5, &mut files.t5),
-        ] {
-            if let Some(path) = given {
-                *slot = path.clone();
-            }
-        }
-    }
+    let (files, model_name) = resolve_model(
+        config,
+        a.model.as_deref(),
+        [a.transformer.clone(), a.vae.clone(), a.clip.clone(), a.t5.clone()],
+    )?;
     let device_choice = a.device.parse::<DeviceChoice>()?;
     let req = GenerateRequest {
         prompt: spec.prompt.clone(),
@@ -276,6 +236,84 @@ fn quantize(input: &std::path::Path, output: &std::path::Path, ty: &str) -> Resu
         println!("  {:<5} {count:>5} tensors {bytes:>14} bytes", ty.name());
     }
     Ok(())
+}
+
+/// The model files of `--model` (a config id or a diffusers folder) and/or single component
+/// files `[transformer, vae, clip, t5]` (which replace that component of `--model`), and the
+/// model's name.
+fn resolve_model(
+    config: &Config,
+    model: Option<&str>,
+    [transformer, vae, clip, t5]: [Option<std::path::PathBuf>; 4],
+) -> Result<(atelier::engine::pipeline::ModelFiles, String)> {
+    use atelier::engine::pipeline::ModelFiles;
+    // A tokenizers folder under weights_dir overrides the built-in copies.
+    let tokenizers = models::tokenizers_dir(config);
+    let (mut files, model_name) = match (model, transformer.clone()) {
+        (Some(m), _) => match config.models.get(m) {
+            Some(entry) => (models::resolve_files(m, entry, tokenizers.as_deref())?, m.to_string()),
+            None if std::path::Path::new(m).is_dir() => {
+                let name =
+                    std::path::Path::new(m).file_name().map_or(m.to_string(), |n| n.to_string_lossy().into_owned());
+                (ModelFiles::from_diffusers(std::path::Path::new(m), tokenizers.as_deref())?, name)
+            }
+            None => anyhow::bail!(
+                "--model {m}: not a folder and not a model id in the config (known: {})",
+                config.models.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        },
+        (None, Some(t)) => {
+            let name = t.file_stem().map_or("flux".into(), |n| n.to_string_lossy().into_owned());
+            for (flag, given) in [("vae", &vae), ("clip", &clip), ("t5", &t5)] {
+                if given.is_none() {
+                    anyhow::bail!("with single files, --{flag} is needed too");
+                }
+            }
+            let entry = ModelEntry {
+                transformer: Some(t),
+                vae: vae.clone(),
+                clip: clip.clone(),
+                t5: t5.clone(),
+                ..Default::default()
+            };
+            (models::resolve_files(&name, &entry, tokenizers.as_deref())?, name)
+        }
+        (None, None) => {
+            anyhow::bail!("give either --model or --transformer (with --vae, --clip, --t5)")
+        }
+    };
+    if model.is_some() {
+        // Single files beside --model replace that component (e.g. a GGUF or fp8 transformer).
+        for (given, slot) in [
+            (&transformer, &mut files.transformer),
+            (&vae, &mut files.vae),
+            (&clip, &mut files.clip),
+            (&t5, &mut files.t5),
+        ] {
+            if let Some(path) = given {
+                *slot = path.clone();
+            }
+        }
+    }
+    Ok((files, model_name))
+}
+
+fn run_train(a: atelier::cli::TrainArgs, config: &Config) -> Result<()> {
+    let (files, _) = resolve_model(
+        config,
+        a.model.as_deref(),
+        [a.transformer.clone(), a.vae.clone(), a.clip.clone(), a.t5.clone()],
+    )?;
+    let device = device::select(a.device.parse::<DeviceChoice>()?)?;
+    let dtype = match a.dtype.parse::<atelier::config::Dtype>().map_err(anyhow::Error::msg)?.burn() {
+        Some(d) => d,
+        // bf16 keeps f32's range (no overflow clamp or loss scaling needed) where the GPU
+        // computes in it; else f32 (the CPU backend is fastest in f32); f16 only when asked.
+        None if device.is_gpu && device.device.supports_dtype(burn::tensor::DType::BF16) => burn::tensor::DType::BF16,
+        None => burn::tensor::DType::F32,
+    };
+    log::info!("training on {}", device.description);
+    atelier::cli::train::run(&a, files, &device.device, dtype)
 }
 
 fn inspect(path: &std::path::Path) -> Result<()> {

@@ -559,3 +559,81 @@ fn quantize_writes_the_city96_file_the_gguf_package_writes() {
     let o = atelier(dir.path(), &["quantize", model.to_str().unwrap(), out.to_str().unwrap(), "--type", "iq2_xs"]);
     assert!(!o.status.success() && stderr(&o).contains("expected q8_0, q5_0, q4_0"), "{}", stderr(&o));
 }
+
+/// Four 32×32 images of one pattern, one with a caption.
+fn training_images(dir: &Path) -> PathBuf {
+    let d = dir.join("images");
+    std::fs::create_dir_all(&d).unwrap();
+    for i in 0..4u32 {
+        let img = image::RgbImage::from_fn(32, 32, |x, y| {
+            if (x + i) % 8 == y % 8 { image::Rgb([220, 20, 20]) } else { image::Rgb([250, 250, 250]) }
+        });
+        img.save(d.join(format!("{i}.png"))).unwrap();
+    }
+    std::fs::write(d.join("0.txt"), "[trigger] stripes").unwrap();
+    d
+}
+
+#[test]
+fn train_writes_a_lora_with_log_checkpoints_and_samples_that_generate_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = training_images(dir.path());
+    let out = dir.path().join("stripes.safetensors");
+    let model = demo("schnell");
+    #[rustfmt::skip]
+    let args = [
+        "train", "--model", &model, "--images", images.to_str().unwrap(), "--trigger", "zqx",
+        "--out", out.to_str().unwrap(), "--steps", "4", "--rank", "2", "--alpha", "2", "--resolution", "32",
+        "--max-sequence-length", "32", "--save-every", "2", "--sample-every", "4",
+        "--sample-prompt", "zqx stripes", "--device", "cpu", "--format", "peft",
+    ];
+    let o = atelier(dir.path(), &args);
+    assert!(o.status.success(), "train failed: {}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("step 4/4") && err.contains("it/s") && err.contains("ETA"), "{err}");
+    let run = dir.path().join("stripes_train");
+    assert_eq!(files_in(&run), ["checkpoints", "loss.csv", "samples"]);
+    assert_eq!(files_in(&run.join("checkpoints")), ["step_2"]);
+    assert_eq!(files_in(&run.join("samples")), ["step_000004_0.png"]);
+    assert_eq!(std::fs::read_to_string(run.join("loss.csv")).unwrap().lines().count(), 5);
+    // The file loads in `generate`.
+    let png = dir.path().join("s.png");
+    let lora = out.to_str().unwrap().to_string();
+    let o = generate_small(dir.path(), &model, "zqx stripes", &png, &["--lora", &lora]);
+    assert!(o.status.success(), "generate with the trained LoRA failed: {}", stderr(&o));
+
+    // A rank larger than the layers: a clear error, nothing computed.
+    let mut bad = args.to_vec();
+    let at = bad.iter().position(|a| *a == "--rank").unwrap();
+    bad[at + 1] = "100000";
+    let o = atelier(dir.path(), &bad);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--rank 100000") && !stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("encoding"), "{}", stderr(&o));
+}
+
+/// LoRA files `atelier train` wrote (tests/fixtures/train/roundtrip, see
+/// tests/reference/make_roundtrip_goldens.py) give in `atelier generate` the image diffusers
+/// makes with them: the PEFT file through `load_lora_weights`, the kohya file merged.
+#[test]
+fn trained_loras_generate_the_images_diffusers_makes_with_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = demo("dev");
+    for format in ["peft", "kohya"] {
+        let out = dir.path().join(format!("{format}.png"));
+        let lora = fixture(&format!("train/roundtrip/{format}.safetensors")).to_str().unwrap().to_string();
+        #[rustfmt::skip]
+        let args = [
+            "generate", "--model", &model, "--prompt", "zqx stripes", "--seed", "42", "--steps", "3",
+            "--width", "80", "--height", "48", "--guidance", "3.5", "--max-sequence-length", "32",
+            "--device", "cpu", "--lora", &lora, "--out", out.to_str().unwrap(),
+        ];
+        let o = atelier(dir.path(), &args);
+        assert!(o.status.success(), "{format}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("ignored"), "{format}: {}", stderr(&o));
+        let img = image::open(&out).unwrap().to_rgb8();
+        let golden = image::open(fixture(&format!("train/roundtrip/{format}.png"))).unwrap().to_rgb8();
+        let worst = img.as_raw().iter().zip(golden.as_raw()).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+        assert!(worst <= 2, "{format}: differs from diffusers by {worst}/255");
+    }
+}

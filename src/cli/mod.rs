@@ -3,12 +3,14 @@
 //! runs what it names.
 
 pub mod admin;
+pub mod train;
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
 pub use admin::LedgerCommand;
+pub use train::TrainArgs;
 
 #[derive(Parser)]
 #[command(name = "atelier", version, about = "Self-hosted FLUX.1 generation with metering")]
@@ -45,6 +47,8 @@ pub enum Command {
         #[arg(long = "type")]
         ty: String,
     },
+    /// Train a FLUX LoRA on a folder of images (kohya or diffusers/PEFT file out).
+    Train(Box<TrainArgs>),
     /// Run the server: browser UI, HTTP API and OpenAI-compatible API, with the job queue.
     Serve(ServeArgs),
     /// Users, plans and prices: `user add|set-plan|grant|cancel|show|api-key`, `plan list`, `price`.
@@ -157,11 +161,17 @@ pub struct BenchArgs {
     /// Apply this many random LoRAs (every Linear, unmerged side path) before timing.
     #[arg(long, default_value_t = 0)]
     pub random_loras: usize,
-    /// Rank of the random LoRAs.
+    /// Rank of the random LoRAs, and of the trained LoRA with --train.
     #[arg(long, default_value_t = 16)]
     pub lora_rank: usize,
     /// Quantize the checkpoint to a city96-layout GGUF first and bench that (kept packed in
     /// memory): q8_0, q5_0, q4_0, q4_k, f16 or bf16.
     #[arg(long)]
     pub quant: Option<String>,
+    /// Time LoRA training steps (forward, backward, AdamW) instead of forwards.
+    #[arg(long)]
+    pub train: bool,
+    /// With --train: one autodiff graph over the whole model instead of block recompute.
+    #[arg(long)]
+    pub no_recompute: bool,
 }

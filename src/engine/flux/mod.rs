@@ -7,7 +7,7 @@ pub mod rope;
 
 pub use config::{DiffusersConfig, FluxConfig};
 pub use layout::{Layout, TransformerWeights};
-pub use model::{Flux, FluxInput};
+pub use model::{Embedded, Flux, FluxInput};
 pub use rope::Rope;
 
 use std::path::Path;

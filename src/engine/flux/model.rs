@@ -316,6 +316,14 @@ pub struct Flux {
     pub config: FluxConfig,
 }
 
+/// The streams entering the first block: image and text tokens [B, L, hidden] and the
+/// conditioning vector [B, hidden].
+pub struct Embedded {
+    pub img: Tensor<3>,
+    pub txt: Tensor<3>,
+    pub vec: Tensor<2>,
+}
+
 /// Conditioning for one forward pass; `timesteps` and `guidance` have one value per batch
 /// item, timesteps in [0, 1] (sigma), as diffusers passes them.
 pub struct FluxInput<'a> {
@@ -403,8 +411,9 @@ impl Flux {
         Rope::new(&ids, &self.config.axes_dim, self.config.theta, device)
     }
 
-    /// Predicts the flow velocity for packed latents: [B, L_img, out_channels].
-    pub fn forward(&self, input: FluxInput) -> Result<Tensor<3>> {
+    /// Checks the input sizes and runs everything before the blocks: the input projections and
+    /// the conditioning vector (training runs the blocks itself, see `train::recompute`).
+    pub fn embed(&self, input: FluxInput) -> Result<Embedded> {
         let FluxInput { img, txt, y, timesteps, guidance, rope } = input;
         let [batch, img_len, channels] = img.dims();
         let [txt_batch, txt_len, txt_dim] = txt.dims();
@@ -439,9 +448,15 @@ impl Flux {
             (None, _) => {} // schnell ignores guidance, as the reference does
         }
         let vec = vec + self.vector_in.forward(y);
-        let mut txt = self.txt_in.forward(txt);
+        let txt = self.txt_in.forward(txt);
+        Ok(Embedded { img, txt, vec })
+    }
 
-        let mut img = img;
+    /// Predicts the flow velocity for packed latents: [B, L_img, out_channels].
+    pub fn forward(&self, input: FluxInput) -> Result<Tensor<3>> {
+        let rope = input.rope;
+        let Embedded { mut img, mut txt, vec } = self.embed(input)?;
+        let (txt_len, img_len) = (txt.dims()[1], img.dims()[1]);
         for block in &self.double_blocks {
             (img, txt) = block.forward(img, txt, vec.clone(), rope);
         }

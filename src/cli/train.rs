@@ -1,0 +1,165 @@
+//! `atelier train`: its options and the progress printer. The work is in `crate::train`.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::Result;
+use burn::tensor::Device;
+use clap::Args;
+
+use crate::engine::pipeline::ModelFiles;
+use crate::train::adamw::AdamWConfig;
+use crate::train::export::Format;
+use crate::train::objective::Timesteps;
+use crate::train::params::Targets;
+use crate::train::run::{self, Event, Job, Settings};
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// A diffusers pipeline folder, or a model id from config.toml.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Single files instead of --model, or beside it to replace that component.
+    #[arg(long)]
+    pub transformer: Option<PathBuf>,
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    #[arg(long)]
+    pub clip: Option<PathBuf>,
+    #[arg(long)]
+    pub t5: Option<PathBuf>,
+    /// Folder of training images (png, jpg, webp), each with an optional caption `.txt`.
+    #[arg(long)]
+    pub images: PathBuf,
+    /// The trigger word: the caption of images without a `.txt`, and `[trigger]` in captions.
+    #[arg(long)]
+    pub trigger: String,
+    /// The LoRA file to write; `<stem>_train/` beside it gets loss.csv, checkpoints, samples.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f32,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// AdamW weight decay (torch's default).
+    #[arg(long, default_value_t = 1e-2)]
+    pub weight_decay: f64,
+    /// AdamW eps (torch's default).
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+    /// Global gradient-norm clip; 0 turns it off.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Bucket area is resolution²; sides are multiples of 16.
+    #[arg(long, default_value_t = 512)]
+    pub resolution: usize,
+    #[arg(long, value_enum, default_value = "sigmoid")]
+    pub timesteps: Timesteps,
+    #[arg(long, value_enum, default_value = "all")]
+    pub targets: Targets,
+    #[arg(long, default_value_t = 0.05)]
+    pub caption_dropout: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value = "kohya")]
+    pub format: Format,
+    /// Checkpoint (LoRA + optimizer state + step) every N steps; 0: never.
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Sample images with the LoRA every N steps (and at the end); 0: never.
+    #[arg(long, default_value_t = 0)]
+    pub sample_every: usize,
+    /// A sample prompt (repeatable); sample i uses seed + i.
+    #[arg(long = "sample-prompt")]
+    pub sample_prompts: Vec<String>,
+    /// Continue from a checkpoint folder (`<stem>_train/checkpoints/step_N`).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[arg(long, default_value_t = 30)]
+    pub max_images: usize,
+    /// T5 tokens per caption; default 512 for dev, 256 for schnell.
+    #[arg(long)]
+    pub max_sequence_length: Option<usize>,
+    /// One autodiff graph over the whole model instead of block-level recompute (faster,
+    /// activation memory grows with the depth).
+    #[arg(long)]
+    pub no_recompute: bool,
+    /// auto, cpu, wgpu or vulkan.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// auto (f32 on the CPU, bf16 on a GPU), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+}
+
+impl TrainArgs {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            trigger: self.trigger.clone(),
+            steps: self.steps,
+            rank: self.rank,
+            alpha: self.alpha,
+            adamw: AdamWConfig {
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                eps: self.eps,
+                max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+                ..AdamWConfig::default()
+            },
+            batch: self.batch,
+            resolution: self.resolution,
+            timesteps: self.timesteps,
+            targets: self.targets,
+            caption_dropout: self.caption_dropout,
+            seed: self.seed,
+            format: self.format,
+            save_every: self.save_every,
+            sample_every: self.sample_every,
+            sample_prompts: self.sample_prompts.clone(),
+            max_images: self.max_images,
+            max_sequence_length: self.max_sequence_length,
+            recompute: !self.no_recompute,
+        }
+    }
+}
+
+/// Runs the training with a progress line per step on stderr.
+pub fn run(args: &TrainArgs, files: ModelFiles, device: &Device, dtype: burn::tensor::DType) -> Result<()> {
+    let job = Job {
+        files,
+        images: args.images.clone(),
+        out: args.out.clone(),
+        resume: args.resume.clone(),
+        dtype,
+        stop_after: None,
+    };
+    let terminal = std::io::stderr().is_terminal();
+    run::train(&job, &args.settings(), device, |e| match e {
+        Event::Stage(s) => log::info!("{s}"),
+        Event::Warning(w) => log::warn!("{w}"),
+        Event::Saved(p) => log::info!("saved {}", p.display()),
+        Event::Sample(p) => log::info!("sample {}", p.display()),
+        Event::Step { step, steps, loss, mean, its, eta_s, skipped } => {
+            let note = if skipped { "  (skipped: gradients not finite)" } else { "" };
+            let line =
+                format!("step {step}/{steps}  loss {loss:.4}  mean {mean:.4}  {its:.2} it/s  ETA {eta_s:.0}s{note}");
+            if terminal {
+                eprint!("\r{line}   ");
+                if step == steps {
+                    eprintln!();
+                }
+                let _ = std::io::stderr().flush();
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    })?;
+    println!("{}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! AdamW over the LoRA pairs, step for step what `torch.optim.AdamW` does (decoupled weight
+//! decay, bias-corrected moments, eps added after the square root), preceded by
+//! `clip_grad_norm_`'s global-norm clip. Written here because burn's optimizer has other
+//! defaults (eps 1e-5, weight decay 1e-4) and clips per tensor, not globally.
+
+use burn::tensor::Tensor;
+
+use super::params::{PairGrad, TrainableLora, host};
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Clip the global L2 norm of all gradients to this (None: no clip).
+    pub max_grad_norm: Option<f64>,
+}
+
+impl Default for AdamWConfig {
+    /// torch's defaults, with the 1.0 clip every FLUX trainer uses.
+    fn default() -> Self {
+        AdamWConfig { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, max_grad_norm: Some(1.0) }
+    }
+}
+
+/// The optimizer state: step count and both moments of every pair.
+pub struct AdamW {
+    pub config: AdamWConfig,
+    pub step: u64,
+    /// (m, v) of down and of up, index-aligned with the LoRA's pairs.
+    pub moments: Vec<[Tensor<2>; 4]>,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StepOutcome {
+    /// Applied; the global gradient norm before clipping.
+    Applied { grad_norm: f64 },
+    /// Skipped: the gradients were not finite (an f16 overflow); nothing changed.
+    SkippedNonFinite,
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig, lora: &TrainableLora) -> Self {
+        let moments = lora
+            .pairs
+            .iter()
+            .map(|p| [p.down.zeros_like(), p.down.zeros_like(), p.up.zeros_like(), p.up.zeros_like()])
+            .collect();
+        AdamW { config, step: 0, moments }
+    }
+
+    /// One update of `lora` with `grads` (index-aligned with its pairs).
+    pub fn step(&mut self, lora: &mut TrainableLora, grads: Vec<PairGrad>) -> StepOutcome {
+        let c = self.config;
+        let sq: f64 = grads
+            .iter()
+            .map(|g| {
+                let s = g.down.clone().square().sum() + g.up.clone().square().sum();
+                host(s)[0] as f64
+            })
+            .sum();
+        let norm = sq.sqrt();
+        if !norm.is_finite() {
+            return StepOutcome::SkippedNonFinite;
+        }
+        // torch: coef = max_norm / (norm + 1e-6), clamped to 1, always multiplied in.
+        let clip = c.max_grad_norm.map(|m| (m / (norm + 1e-6)).min(1.0));
+        self.step += 1;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        let step_size = c.lr / bc1;
+        let decay = 1.0 - c.lr * c.weight_decay;
+        for ((pair, g), m) in lora.pairs.iter_mut().zip(grads).zip(&mut self.moments) {
+            let [md, vd, mu, vu] = m.clone();
+            let (gd, gu) = match clip {
+                Some(k) => (g.down * k, g.up * k),
+                None => (g.down, g.up),
+            };
+            let update = |p: Tensor<2>, g: Tensor<2>, m: Tensor<2>, v: Tensor<2>| {
+                // m.lerp_(g, 1 − β1) = m + (g − m)(1 − β1); v = β2 v + (1 − β2) g².
+                let m = m.clone() + (g.clone() - m) * (1.0 - c.beta1);
+                let v = v * c.beta2 + g.clone() * g * (1.0 - c.beta2);
+                let denom = v.clone().sqrt() / bc2_sqrt + c.eps;
+                let p = p * decay - m.clone() / denom * step_size;
+                (p, m, v)
+            };
+            let (down, md, vd) = update(pair.down.clone(), gd, md, vd);
+            let (up, mu, vu) = update(pair.up.clone(), gu, mu, vu);
+            pair.down = down;
+            pair.up = up;
+            *m = [md, vd, mu, vu];
+        }
+        StepOutcome::Applied { grad_norm: norm }
+    }
+}

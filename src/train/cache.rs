@@ -1,0 +1,92 @@
+//! Encoding everything once before training: the VAE latents of every image and the T5/CLIP
+//! outputs of every caption (and of the sample prompts). The encoders are dropped when this
+//! returns, so only the transformer and the LoRA stay for the training loop.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use crate::engine::pipeline::{ModelFiles, PromptEmbeds, Resident, encode_prompt, pack};
+use crate::engine::vae;
+
+use super::dataset::{Item, pixels};
+use super::params::host;
+
+/// One image's packed latents on the host.
+#[derive(Debug, Clone)]
+pub struct CachedLatents {
+    /// [tokens, 4·channels], row-major.
+    pub packed: Vec<f32>,
+    /// Latent grid (rows, cols), each even; tokens = rows/2 · cols/2.
+    pub rows: usize,
+    pub cols: usize,
+    pub channels: usize,
+}
+
+impl CachedLatents {
+    pub fn tokens(&self) -> usize {
+        (self.rows / 2) * (self.cols / 2)
+    }
+}
+
+/// A caption's T5 states [L, d] and CLIP pooled [dim], on the host.
+#[derive(Debug, Clone)]
+pub struct CachedText {
+    pub txt: Vec<f32>,
+    pub txt_shape: [usize; 2],
+    pub y: Vec<f32>,
+}
+
+impl CachedText {
+    fn from_embeds(e: PromptEmbeds) -> Self {
+        let [_, l, d] = e.txt.dims();
+        CachedText { txt: host(e.txt), txt_shape: [l, d], y: host(e.y) }
+    }
+
+    /// As batch-of-one tensors on `device` in `dtype`.
+    pub fn upload(&self, device: &Device, dtype: DType) -> (Tensor<3>, Tensor<2>) {
+        let [l, d] = self.txt_shape;
+        let txt = Tensor::<3>::from_data(TensorData::new(self.txt.clone(), [1, l, d]), device).cast(dtype);
+        let y = Tensor::<2>::from_data(TensorData::new(self.y.clone(), [1, self.y.len()]), device).cast(dtype);
+        (txt, y)
+    }
+}
+
+/// VAE latents ((mean − shift)·scale, no sampling: the posterior mean, as kohya caches it) of
+/// every item, in its bucket size.
+pub fn encode_images(files: &ModelFiles, items: &[Item], device: &Device) -> Result<Vec<CachedLatents>> {
+    let vae = vae::load_vae(&files.vae, device, DType::F32, None)
+        .with_context(|| format!("loading the VAE {}", files.vae.display()))?;
+    items
+        .iter()
+        .map(|item| {
+            let (w, h) = (item.width, item.height);
+            let x = Tensor::<4>::from_data(TensorData::new(pixels(item)?, [1, 3, h, w]), device);
+            let z = vae.encode(x);
+            let [_, c, rows, cols] = z.dims();
+            let packed = pack(&host(z), c, rows, cols);
+            Ok(CachedLatents { packed, rows, cols, channels: c })
+        })
+        .collect()
+}
+
+/// T5 + CLIP outputs of each distinct text, the encoders loaded once for all of them.
+pub fn encode_texts(
+    files: &ModelFiles,
+    texts: &[String],
+    max_len: usize,
+    device: &Device,
+    warnings: &mut Vec<String>,
+) -> Result<BTreeMap<String, CachedText>> {
+    let mut resident = Resident::new(true);
+    let mut out = BTreeMap::new();
+    for t in texts {
+        if out.contains_key(t) {
+            continue;
+        }
+        let e = encode_prompt(files, t, max_len, &[], device, &mut resident, warnings)?;
+        out.insert(t.clone(), CachedText::from_embeds(e));
+    }
+    Ok(out)
+}

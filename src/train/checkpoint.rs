@@ -1,0 +1,102 @@
+//! Training checkpoints: a folder with `state.safetensors` holding the LoRA pairs and both
+//! AdamW moments bit for bit (adapter layout, f32), and the step, seed and settings in its
+//! metadata. All randomness of a step is drawn from (seed, step) (see `run`), so the step is
+//! the whole RNG state and `--resume` continues exactly.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::adamw::{AdamW, AdamWConfig};
+use super::params::{LoraPair, TrainableLora, host};
+use crate::engine::weights::{WeightSet, write_safetensors_f32};
+
+const FILE: &str = "state.safetensors";
+
+/// What a checkpoint restores.
+pub struct Restored {
+    pub lora: TrainableLora,
+    pub optimizer: AdamW,
+    /// Steps done.
+    pub step: usize,
+    pub seed: u64,
+    /// The settings the run was started with (`run::Settings` as JSON), to refuse a resume
+    /// with different ones.
+    pub settings: String,
+}
+
+/// Writes the state after `step` steps into `dir` (created).
+pub fn save(dir: &Path, lora: &TrainableLora, opt: &AdamW, step: usize, seed: u64, settings: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut put = |name: String, t: &Tensor<2>| tensors.push((name, t.dims().to_vec(), host(t.clone())));
+    for (pair, [md, vd, mu, vu]) in lora.pairs.iter().zip(&opt.moments) {
+        let p = &pair.path;
+        put(format!("{p}.down"), &pair.down);
+        put(format!("{p}.up"), &pair.up);
+        put(format!("m.{p}.down"), md);
+        put(format!("v.{p}.down"), vd);
+        put(format!("m.{p}.up"), mu);
+        put(format!("v.{p}.up"), vu);
+    }
+    let meta = [
+        ("step", step.to_string()),
+        ("optimizer_step", opt.step.to_string()),
+        ("seed", seed.to_string()),
+        ("rank", lora.rank.to_string()),
+        ("alpha", lora.alpha.to_string()),
+        ("adamw", serde_json::to_string(&opt.config)?),
+        ("settings", settings.to_string()),
+    ];
+    let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
+    let mut data = tensors.into_iter().map(|(_, _, d)| d);
+    // Written beside and renamed, so an interrupted save never leaves a torn checkpoint.
+    let tmp = dir.join(format!("{FILE}.partial"));
+    write_safetensors_f32(&tmp, &shapes, &meta, |_, _| data.next().expect("one data vector per tensor"))?;
+    std::fs::rename(&tmp, dir.join(FILE))?;
+    Ok(())
+}
+
+/// Reads a checkpoint folder written by [`save`].
+pub fn load(dir: &Path, device: &Device) -> Result<Restored> {
+    let path = dir.join(FILE);
+    if !path.exists() {
+        bail!("{} is not a training checkpoint (no {FILE})", dir.display());
+    }
+    let set = WeightSet::open(&path)?;
+    let meta = |k: &str| -> Result<String> {
+        set.metadata(k).map(str::to_string).ok_or_else(|| anyhow::anyhow!("{}: no {k} in the metadata", path.display()))
+    };
+    let num = |k: &str| -> Result<u64> { Ok(meta(k)?.parse()?) };
+    let rank = num("rank")? as usize;
+    let alpha: f32 = meta("alpha")?.parse()?;
+    let config: AdamWConfig = serde_json::from_str(&meta("adamw")?)?;
+    let read = |name: &str| -> Result<Tensor<2>> {
+        let t = set.read(name)?;
+        let [a, b] = t.shape[..] else { bail!("{name}: not a matrix") };
+        Ok(Tensor::from_data(TensorData::new(t.data, [a, b]), device))
+    };
+    let mut paths: Vec<String> = set
+        .keys()
+        .filter(|k| !k.starts_with("m.") && !k.starts_with("v."))
+        .filter_map(|k| k.strip_suffix(".down"))
+        .map(String::from)
+        .collect();
+    paths.sort();
+    let mut pairs = Vec::new();
+    let mut moments = Vec::new();
+    for p in paths {
+        pairs.push(LoraPair { down: read(&format!("{p}.down"))?, up: read(&format!("{p}.up"))?, path: p.clone() });
+        moments.push([
+            read(&format!("m.{p}.down"))?,
+            read(&format!("v.{p}.down"))?,
+            read(&format!("m.{p}.up"))?,
+            read(&format!("v.{p}.up"))?,
+        ]);
+    }
+    let lora = TrainableLora { rank, alpha, pairs };
+    let optimizer = AdamW { config, step: num("optimizer_step")?, moments };
+    Ok(Restored { lora, optimizer, step: num("step")? as usize, seed: num("seed")?, settings: meta("settings")? })
+}

@@ -1,0 +1,179 @@
+//! The training images: a folder of png/jpg/webp files with optional `.txt` captions beside
+//! them, checked completely before any compute, and sorted into aspect-ratio buckets.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use image::{DynamicImage, ImageDecoder, ImageReader};
+
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
+
+/// One training image, its caption and its bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub path: PathBuf,
+    /// With `[trigger]` replaced; the trigger alone when there is no `.txt`.
+    pub caption: String,
+    /// The source size after EXIF orientation.
+    pub source: (u32, u32),
+    /// Bucket size in pixels (multiples of 16).
+    pub width: usize,
+    pub height: usize,
+}
+
+/// Reads the folder: every image must decode, `.txt` files are captions of the image with the
+/// same stem, anything else is an error (so a typo'd extension is not silently skipped).
+/// Hidden files (`.DS_Store`) are ignored. Sorted by file name.
+pub fn scan(dir: &Path, trigger: &str, resolution: usize, max_images: usize) -> Result<Vec<Item>> {
+    if trigger.trim().is_empty() {
+        bail!("--trigger must not be empty");
+    }
+    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read the image folder {}", dir.display()))?;
+    let mut images = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with('.') || path.is_dir() {
+            continue;
+        }
+        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).unwrap_or_default();
+        if ext == "txt" {
+            continue;
+        }
+        if !IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+            bail!("{} is not a training image (png, jpg or webp) or a .txt caption", path.display());
+        }
+        images.push(path);
+    }
+    images.sort();
+    if images.is_empty() {
+        bail!("{} holds no images (png, jpg or webp)", dir.display());
+    }
+    if images.len() > max_images {
+        bail!("{} holds {} images; at most {max_images} are allowed (--max-images)", dir.display(), images.len());
+    }
+    images
+        .into_iter()
+        .map(|path| {
+            let img = open_oriented(&path)?;
+            let source = (img.width(), img.height());
+            let (width, height) = bucket(source.0 as usize, source.1 as usize, resolution)
+                .with_context(|| format!("{}", path.display()))?;
+            let caption = caption(&path, trigger)?;
+            Ok(Item { path, caption, source, width, height })
+        })
+        .collect()
+}
+
+/// Decodes an image with its EXIF orientation applied.
+pub fn open_oriented(path: &Path) -> Result<DynamicImage> {
+    let what = || format!("cannot read the image {}", path.display());
+    let reader = ImageReader::open(path).with_context(what)?.with_guessed_format().with_context(what)?;
+    let mut decoder = reader.into_decoder().with_context(what)?;
+    let orientation = decoder.orientation().with_context(what)?;
+    let mut img = DynamicImage::from_decoder(decoder).with_context(what)?;
+    img.apply_orientation(orientation);
+    if img.width() == 0 || img.height() == 0 {
+        bail!("{} is empty (0 pixels)", path.display());
+    }
+    Ok(img)
+}
+
+/// The `.txt` beside the image, `[trigger]` replaced, else the trigger word.
+fn caption(image: &Path, trigger: &str) -> Result<String> {
+    let txt = image.with_extension("txt");
+    if !txt.exists() {
+        return Ok(trigger.to_string());
+    }
+    let text = std::fs::read_to_string(&txt).with_context(|| format!("cannot read the caption {}", txt.display()))?;
+    let text = text.trim().replace("[trigger]", trigger);
+    Ok(if text.is_empty() { trigger.to_string() } else { text })
+}
+
+/// The bucket for a `w`×`h` image at `resolution`: about resolution² pixels with the image's
+/// aspect ratio, both sides multiples of 16 (the VAE's 8 × FLUX's 2×2 packing); never more
+/// than 2× the source size on either side (a small image gets a smaller bucket rather than a
+/// blurry upscale).
+pub fn bucket(w: usize, h: usize, resolution: usize) -> Result<(usize, usize)> {
+    let area = (resolution * resolution) as f64;
+    let aspect = w as f64 / h as f64;
+    let snap = |v: f64| ((v / 16.0).round() as usize).max(1) * 16;
+    let (mut bw, mut bh) = (snap((area * aspect).sqrt()), snap((area / aspect).sqrt()));
+    let up = (bw as f64 / w as f64).max(bh as f64 / h as f64);
+    if up > 2.0 {
+        let s = 2.0 / up;
+        let floor = |v: f64| (v / 16.0).floor() as usize * 16;
+        (bw, bh) = (floor(bw as f64 * s), floor(bh as f64 * s));
+    }
+    if bw == 0 || bh == 0 {
+        bail!("the image ({w}×{h}) is too small to train on: a side needs at least 8 pixels");
+    }
+    Ok((bw, bh))
+}
+
+/// The image scaled to cover the bucket and center-cropped to it, as CHW values in [-1, 1]
+/// (what the VAE encoder takes).
+pub fn pixels(item: &Item) -> Result<Vec<f32>> {
+    let img = open_oriented(&item.path)?.to_rgb8();
+    let (w, h) = (item.width as u32, item.height as u32);
+    let scale = (w as f64 / img.width() as f64).max(h as f64 / img.height() as f64);
+    let sw = ((img.width() as f64 * scale).round() as u32).max(w);
+    let sh = ((img.height() as f64 * scale).round() as u32).max(h);
+    let resized = image::imageops::resize(&img, sw, sh, image::imageops::FilterType::CatmullRom);
+    let cropped = image::imageops::crop_imm(&resized, (sw - w) / 2, (sh - h) / 2, w, h).to_image();
+    let (w, h) = (w as usize, h as usize);
+    let mut chw = vec![0f32; 3 * w * h];
+    for (x, y, p) in cropped.enumerate_pixels() {
+        for c in 0..3 {
+            chw[c * w * h + y as usize * w + x as usize] = p[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    Ok(chw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_keep_the_aspect_in_multiples_of_16_and_never_upscale_past_2x() {
+        assert_eq!(bucket(1024, 1024, 512).unwrap(), (512, 512));
+        let (w, h) = bucket(1600, 900, 512).unwrap();
+        assert!(w % 16 == 0 && h % 16 == 0 && w > h, "{w}×{h}");
+        assert!(((w * h) as f64 / (512.0 * 512.0) - 1.0).abs() < 0.1);
+        // 100×100 at 512: at most 200×200, rounded down to 16.
+        assert_eq!(bucket(100, 100, 512).unwrap(), (192, 192));
+        assert!(bucket(3, 3, 512).is_err());
+    }
+
+    fn write_png(path: &Path, w: u32, h: u32) {
+        image::RgbImage::from_pixel(w, h, image::Rgb([200, 10, 10])).save(path).unwrap();
+    }
+
+    #[test]
+    fn folders_give_captions_and_refuse_bad_input_before_compute() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(format!("{:#}", scan(d, "sks", 64, 30).unwrap_err()).contains("holds no images"));
+        write_png(&d.join("a.png"), 64, 32);
+        write_png(&d.join("b.png"), 32, 32);
+        std::fs::write(d.join("a.txt"), "a photo of [trigger] dog\n").unwrap();
+        std::fs::write(d.join(".DS_Store"), "x").unwrap();
+        let items = scan(d, "sks", 64, 30).unwrap();
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].caption, "a photo of sks dog");
+        assert_eq!(items[1].caption, "sks");
+        assert_eq!((items[0].width % 16, items[0].height % 16), (0, 0));
+        assert!(items[0].width > items[0].height);
+        let px = pixels(&items[1]).unwrap();
+        assert_eq!(px.len(), 3 * items[1].width * items[1].height);
+        assert!((px[0] - (200.0 / 127.5 - 1.0)).abs() < 0.02);
+        let err = scan(d, "sks", 64, 1).unwrap_err();
+        assert!(format!("{err:#}").contains("at most 1"), "{err:#}");
+        std::fs::write(d.join("c.png"), "not a png").unwrap();
+        assert!(format!("{:#}", scan(d, "sks", 64, 30).unwrap_err()).contains("c.png"));
+        std::fs::remove_file(d.join("c.png")).unwrap();
+        std::fs::write(d.join("notes.doc"), "x").unwrap();
+        assert!(format!("{:#}", scan(d, "sks", 64, 30).unwrap_err()).contains("not a training image"));
+    }
+}

@@ -1,0 +1,29 @@
+//! LoRA training for the FLUX transformer (`atelier train`).
+//!
+//! - `dataset`: the image folder, captions, aspect buckets; `cache`: VAE latents and T5/CLIP
+//!   outputs computed once, encoders dropped after.
+//! - `params`: the trainable side path on the frozen base. The base stays on the plain device
+//!   and only the LoRA pairs become autodiff leaves, so no full-size weight gradient exists.
+//! - `objective`: the flow-matching loss and its gradients, plainly or with block-level
+//!   `recompute`; `adamw`: torch's AdamW with a global-norm clip.
+//! - `run`: the loop (progress, loss.csv, checkpoints, samples); `checkpoint`, `samples`,
+//!   `export` (kohya or diffusers/PEFT keys).
+//!
+//! The engine's device comes in as a parameter; nothing here knows HTTP or SQL.
+
+pub mod adamw;
+pub mod batch;
+pub mod cache;
+pub mod checkpoint;
+pub mod dataset;
+pub mod export;
+pub mod objective;
+pub mod params;
+pub mod recompute;
+pub mod run;
+pub mod samples;
+
+#[cfg(test)]
+mod run_tests;
+#[cfg(test)]
+mod tests;

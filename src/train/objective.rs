@@ -1,0 +1,83 @@
+//! The rectified-flow training objective every FLUX trainer uses: x_t = (1 − σ)·x0 + σ·ε, the
+//! model predicts the velocity ε − x0, loss = MSE; and the two ways of getting the LoRA's
+//! gradients of it (plain autodiff, block recompute).
+
+use anyhow::Result;
+
+use crate::engine::flux::Flux;
+use crate::engine::noise::TorchGenerator;
+use crate::engine::sampler::ScheduleConfig;
+
+pub use super::batch::{Batch, mse};
+use super::params::{PairGrad, TrainableLora, host};
+
+/// How σ is drawn for each training item (`--timesteps`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Timesteps {
+    /// σ = sigmoid(z), z ~ N(0, 1) (ai-toolkit, SimpleTuner): most weight on mid noise.
+    Sigmoid,
+    /// sigmoid(z) through FLUX's resolution-dependent shift (kohya's `flux_shift`): the same
+    /// shift the dev sampler uses for this many image tokens.
+    Shift,
+}
+
+/// σ for `n` items of `image_seq_len` packed tokens, from `rng`.
+pub fn sample_sigmas(kind: Timesteps, n: usize, image_seq_len: usize, rng: &mut TorchGenerator) -> Vec<f32> {
+    let z = rng.randn(n);
+    z.into_iter()
+        .map(|z| {
+            let t = 1.0 / (1.0 + (-z as f64).exp());
+            let s = match kind {
+                Timesteps::Sigmoid => t,
+                Timesteps::Shift => {
+                    let mu = ScheduleConfig::dev().mu(image_seq_len);
+                    mu.exp() / (mu.exp() + (1.0 / t - 1.0))
+                }
+            };
+            s as f32
+        })
+        .collect()
+}
+
+/// How the gradients are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backprop {
+    /// One autodiff graph over the whole forward: every block's activations are kept.
+    Plain,
+    /// Block-level recompute (`train::recompute`): activations of one block at a time.
+    Recompute,
+}
+
+/// The loss of one batch and the gradient of each LoRA pair (index-aligned with `lora.pairs`).
+pub struct StepGrads {
+    pub loss: f32,
+    pub grads: Vec<PairGrad>,
+}
+
+/// Forward + backward for one batch. The model's adapters are left cleared.
+pub fn loss_and_grads(model: &mut Flux, lora: &TrainableLora, batch: &Batch, how: Backprop) -> Result<StepGrads> {
+    let mut acc: Vec<Option<PairGrad>> = vec![None; lora.pairs.len()];
+    let loss = match how {
+        Backprop::Plain => {
+            let leaves = lora.install(model, "", true);
+            let pred = model.forward(batch.input(batch.noisy()))?;
+            let loss = mse(pred, batch.target());
+            let grads = loss.backward();
+            leaves.collect(&grads, &mut acc);
+            host(loss)[0]
+        }
+        Backprop::Recompute => super::recompute::backward(model, lora, batch, &mut acc)?,
+    };
+    crate::engine::lora::clear_loras(model);
+    let grads = acc
+        .into_iter()
+        .zip(&lora.pairs)
+        .map(|(g, p)| {
+            // A pair outside every path of the graph (cannot happen for block Linears) has
+            // a zero gradient.
+            g.unwrap_or_else(|| PairGrad { down: p.down.zeros_like(), up: p.up.zeros_like() })
+        })
+        .collect();
+    Ok(StepGrads { loss, grads })
+}

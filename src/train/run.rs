@@ -1,0 +1,421 @@
+//! The training run: check everything, cache the encodings, then steps of (batch → loss and
+//! LoRA gradients → AdamW), with progress, a loss log, checkpoints, samples and the export.
+//!
+//! Every random draw of step s (which images, caption dropout, σ, ε) comes from generators
+//! seeded with (seed, s), never from a generator carried across steps: a run resumed at step
+//! k draws exactly what the uninterrupted run draws.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use crate::engine::flux::{self, Flux};
+use crate::engine::noise::{Mt19937, TorchGenerator};
+use crate::engine::pipeline::ModelFiles;
+
+use super::adamw::{AdamW, AdamWConfig, StepOutcome};
+use super::cache::{self, CachedLatents, CachedText};
+use super::checkpoint;
+use super::dataset::{self, Item};
+use super::export::{self, Format, RunInfo};
+use super::objective::{Backprop, Batch, Timesteps, loss_and_grads, sample_sigmas};
+use super::params::{Targets, TrainableLora};
+use super::samples;
+
+/// The settings of a run (`atelier train`'s options).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Settings {
+    pub trigger: String,
+    pub steps: usize,
+    pub rank: usize,
+    pub alpha: f32,
+    pub adamw: AdamWConfig,
+    pub batch: usize,
+    pub resolution: usize,
+    pub timesteps: Timesteps,
+    pub targets: Targets,
+    pub caption_dropout: f32,
+    pub seed: u64,
+    pub format: Format,
+    /// Checkpoint every this many steps (0: never).
+    pub save_every: usize,
+    /// Samples every this many steps (0: never), one image per prompt.
+    pub sample_every: usize,
+    pub sample_prompts: Vec<String>,
+    pub max_images: usize,
+    /// T5 length of the cached captions (None: 512 for dev, 256 for schnell).
+    pub max_sequence_length: Option<usize>,
+    /// Block-level recompute (default) or one autodiff graph over the whole model.
+    pub recompute: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            trigger: String::new(),
+            steps: 1000,
+            rank: 16,
+            alpha: 16.0,
+            adamw: AdamWConfig::default(),
+            batch: 1,
+            resolution: 512,
+            timesteps: Timesteps::Sigmoid,
+            targets: Targets::All,
+            caption_dropout: 0.05,
+            seed: 0,
+            format: Format::Kohya,
+            save_every: 0,
+            sample_every: 0,
+            sample_prompts: Vec::new(),
+            max_images: 30,
+            max_sequence_length: None,
+            recompute: true,
+        }
+    }
+}
+
+/// Where a run reads from and writes to.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub files: ModelFiles,
+    pub images: PathBuf,
+    /// The LoRA file written at the end. Beside it, `<stem>_train/` holds `loss.csv`,
+    /// `checkpoints/step_N/` and `samples/`.
+    pub out: PathBuf,
+    pub resume: Option<PathBuf>,
+    pub dtype: DType,
+    /// Stop after this many steps of this invocation (tests of `--resume`); None: run to
+    /// `settings.steps`.
+    pub stop_after: Option<usize>,
+}
+
+/// What a run reports as it goes.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Stage(String),
+    Warning(String),
+    Step { step: usize, steps: usize, loss: f32, mean: f32, its: f64, eta_s: f64, skipped: bool },
+    Saved(PathBuf),
+    Sample(PathBuf),
+}
+
+/// The result of a run.
+pub struct Trained {
+    pub lora: TrainableLora,
+    pub losses: Vec<f32>,
+    /// The file written, None when the run stopped early (`stop_after`).
+    pub out: Option<PathBuf>,
+}
+
+/// The folder beside `out` with the run's log, checkpoints and samples.
+pub fn run_dir(out: &Path) -> PathBuf {
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("lora");
+    out.with_file_name(format!("{stem}_train"))
+}
+
+/// Runs the training. Every input is checked before any compute.
+pub fn train(job: &Job, settings: &Settings, device: &Device, mut on: impl FnMut(Event)) -> Result<Trained> {
+    let s = settings;
+    if s.steps == 0 || s.batch == 0 {
+        bail!("--steps and --batch must be at least 1");
+    }
+    if !(0.0..1.0).contains(&s.caption_dropout) {
+        bail!("--caption-dropout must be in [0, 1), not {}", s.caption_dropout);
+    }
+    if !(s.adamw.lr > 0.0 && s.adamw.lr.is_finite()) {
+        bail!("--lr must be a positive number");
+    }
+    if s.resolution < 16 || !s.resolution.is_multiple_of(16) {
+        bail!("--resolution must be a multiple of 16, not {}", s.resolution);
+    }
+    if s.sample_every > 0 && s.sample_prompts.is_empty() {
+        bail!("--sample-every needs at least one --sample-prompt");
+    }
+    // Model files: headers only (a model without a transformer, or with mismatched parts, is
+    // refused here).
+    let config = job.files.check()?;
+    let rank_limit = config.hidden_size.min(config.mlp_hidden_dim);
+    if s.rank == 0 || s.rank > rank_limit {
+        bail!("--rank {} is larger than this model's layers allow (1..={rank_limit}: the hidden size)", s.rank);
+    }
+    let items = dataset::scan(&job.images, &s.trigger, s.resolution, s.max_images)?;
+    let settings_json = serde_json::to_string(&Restartable::from(s))?;
+    let restored = match &job.resume {
+        Some(dir) => {
+            let r = checkpoint::load(dir, device)?;
+            if r.settings != settings_json {
+                bail!(
+                    "{} was written by a run with other settings ({}); resume with the same settings",
+                    dir.display(),
+                    r.settings
+                );
+            }
+            Some(r)
+        }
+        None => None,
+    };
+    let out_dir = run_dir(&job.out);
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+
+    on(Event::Stage(format!("encoding {} images and their captions", items.len())));
+    let is_dev = config.guidance_embed;
+    let max_len = s.max_sequence_length.unwrap_or(if is_dev { 512 } else { 256 });
+    let latents = cache::encode_images(&job.files, &items, device)?;
+    let mut texts: Vec<String> = items.iter().map(|i| i.caption.clone()).collect();
+    texts.push(String::new()); // the caption-dropout text
+    texts.extend(s.sample_prompts.iter().cloned());
+    let mut warnings = Vec::new();
+    let text_cache = cache::encode_texts(&job.files, &texts, max_len, device, &mut warnings)?;
+    warnings.into_iter().for_each(|w| on(Event::Warning(w)));
+
+    on(Event::Stage("loading the transformer".into()));
+    let mut model = flux::load_transformer(&job.files.transformer, device, job.dtype, None)?;
+    let (mut lora, mut opt, start) = match restored {
+        Some(r) => (r.lora, r.optimizer, r.step),
+        None => {
+            let lora = TrainableLora::new(&mut model, s.targets, s.rank, s.alpha, s.seed, device)?;
+            let opt = AdamW::new(s.adamw, &lora);
+            (lora, opt, 0)
+        }
+    };
+    on(Event::Stage(format!("training {} LoRA values on {} Linears", lora.numel(), lora.pairs.len())));
+
+    let csv_path = out_dir.join("loss.csv");
+    let mut csv = std::fs::OpenOptions::new().create(true).append(true).open(&csv_path)?;
+    if start == 0 {
+        csv.set_len(0)?;
+        writeln!(csv, "step,loss,mean,grad_norm,seconds")?;
+    }
+    let how = if s.recompute { Backprop::Recompute } else { Backprop::Plain };
+    let end = job.stop_after.map_or(s.steps, |n| (start + n).min(s.steps));
+    let mut losses = Vec::new();
+    let started = Instant::now();
+    for step in start..end {
+        let t0 = Instant::now();
+        let batch = make_batch(&model, &items, &latents, &text_cache, s, step, job.dtype, device)?;
+        let grads = loss_and_grads(&mut model, &lora, &batch, how)?;
+        let outcome =
+            if grads.loss.is_finite() { opt.step(&mut lora, grads.grads) } else { StepOutcome::SkippedNonFinite };
+        losses.push(grads.loss);
+        let window = &losses[losses.len().saturating_sub(50)..];
+        let mean = window.iter().sum::<f32>() / window.len() as f32;
+        let done = step + 1 - start;
+        let its = done as f64 / started.elapsed().as_secs_f64();
+        let norm = match outcome {
+            StepOutcome::Applied { grad_norm } => grad_norm,
+            StepOutcome::SkippedNonFinite => f64::NAN,
+        };
+        writeln!(csv, "{},{},{},{},{:.3}", step + 1, grads.loss, mean, norm, t0.elapsed().as_secs_f64())?;
+        on(Event::Step {
+            step: step + 1,
+            steps: s.steps,
+            loss: grads.loss,
+            mean,
+            its,
+            eta_s: (s.steps - step - 1) as f64 / its,
+            skipped: outcome == StepOutcome::SkippedNonFinite,
+        });
+        let n = step + 1;
+        if s.save_every > 0 && n % s.save_every == 0 && n < s.steps {
+            let dir = out_dir.join("checkpoints").join(format!("step_{n}"));
+            checkpoint::save(&dir, &lora, &opt, n, s.seed, &settings_json)?;
+            on(Event::Saved(dir));
+        }
+        if s.sample_every > 0 && (n % s.sample_every == 0 || n == s.steps) {
+            for (i, prompt) in s.sample_prompts.iter().enumerate() {
+                let path = out_dir.join("samples").join(format!("step_{n:06}_{i}.png"));
+                let seed = s.seed.wrapping_add(i as u64);
+                samples::render(&job.files, &mut model, &lora, &text_cache[prompt], s.resolution, seed, &path, device)?;
+                on(Event::Sample(path));
+            }
+        }
+    }
+    if end < s.steps {
+        // Stopped early: leave a checkpoint to resume from.
+        let dir = out_dir.join("checkpoints").join(format!("step_{end}"));
+        checkpoint::save(&dir, &lora, &opt, end, s.seed, &settings_json)?;
+        on(Event::Saved(dir));
+        return Ok(Trained { lora, losses, out: None });
+    }
+    let info = RunInfo {
+        trigger: s.trigger.clone(),
+        steps: s.steps,
+        resolution: s.resolution,
+        images: items.len(),
+        base_model: model_name(&job.files.transformer),
+        base_model_hash: base_model_hash(&job.files.transformer)?,
+        is_dev,
+        lr: s.adamw.lr,
+        seed: s.seed,
+    };
+    export::write(&lora, s.format, &info, &job.out)?;
+    on(Event::Saved(job.out.clone()));
+    Ok(Trained { lora, losses, out: Some(job.out.clone()) })
+}
+
+/// The settings a resumed run must share with the run that wrote the checkpoint (sampling
+/// and saving may change).
+#[derive(serde::Serialize)]
+struct Restartable {
+    trigger: String,
+    steps: usize,
+    rank: usize,
+    alpha: f32,
+    adamw: AdamWConfig,
+    batch: usize,
+    resolution: usize,
+    timesteps: Timesteps,
+    targets: Targets,
+    caption_dropout: f32,
+    seed: u64,
+}
+
+impl From<&Settings> for Restartable {
+    fn from(s: &Settings) -> Self {
+        Restartable {
+            trigger: s.trigger.clone(),
+            steps: s.steps,
+            rank: s.rank,
+            alpha: s.alpha,
+            adamw: s.adamw,
+            batch: s.batch,
+            resolution: s.resolution,
+            timesteps: s.timesteps,
+            targets: s.targets,
+            caption_dropout: s.caption_dropout,
+            seed: s.seed,
+        }
+    }
+}
+
+/// The items of step `step`: the epoch's shuffled order (a permutation drawn from the seed and
+/// the epoch), from position step·batch on; the rest of the batch are the next items of the
+/// same bucket in that order (a batch must share one size).
+fn pick(items: &[Item], seed: u64, batch: usize, step: usize) -> Vec<usize> {
+    let n = items.len();
+    let pos = step * batch;
+    let (epoch, at) = (pos / n, pos % n);
+    let mut rng = Mt19937::new(seed ^ 0x5eed_0000_0000 ^ epoch as u64);
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, rng.next_u32() as usize % (i + 1));
+    }
+    let first = order[at];
+    let size = (items[first].width, items[first].height);
+    let mut chosen = vec![first];
+    let mut k = at;
+    while chosen.len() < batch {
+        k = (k + 1) % n;
+        let i = order[k];
+        if (items[i].width, items[i].height) == size {
+            chosen.push(i); // with fewer images in the bucket than the batch, images repeat
+        }
+    }
+    chosen
+}
+
+#[allow(clippy::too_many_arguments)]
+fn make_batch(
+    model: &Flux,
+    items: &[Item],
+    latents: &[CachedLatents],
+    texts: &BTreeMap<String, CachedText>,
+    s: &Settings,
+    step: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Batch> {
+    let chosen = pick(items, s.seed, s.batch, step);
+    let mut rng = TorchGenerator::new(s.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+    let mut coin = Mt19937::new(s.seed.wrapping_add(coin_offset(step)));
+    let first = &latents[chosen[0]];
+    let (tokens, width) = (first.tokens(), first.channels * 4);
+    let b = chosen.len();
+    let sigmas = sample_sigmas(s.timesteps, b, tokens, &mut rng);
+    let noise = rng.randn(b * tokens * width);
+    let mut x0 = Vec::with_capacity(b * tokens * width);
+    let (mut txts, mut ys) = (Vec::new(), Vec::new());
+    for &i in &chosen {
+        x0.extend_from_slice(&latents[i].packed);
+        let dropped = (coin.next_u32() as f64 / (u32::MAX as f64 + 1.0)) < s.caption_dropout as f64;
+        let caption = if dropped { "" } else { items[i].caption.as_str() };
+        let (t, y) = texts[caption].upload(device, dtype);
+        txts.push(t);
+        ys.push(y);
+    }
+    let txt = Tensor::cat(txts, 0);
+    let txt_len = txt.dims()[1];
+    let up = |v: Vec<f32>| Tensor::<3>::from_data(TensorData::new(v, [b, tokens, width]), device).cast(dtype);
+    Ok(Batch {
+        x0: up(x0),
+        noise: up(noise),
+        guidance: model.config.guidance_embed.then(|| vec![1.0; b]),
+        sigmas,
+        txt,
+        y: Tensor::cat(ys, 0),
+        rope: model.rope(txt_len, first.rows / 2, first.cols / 2, device),
+    })
+}
+
+/// A per-step seed offset for the caption-dropout coin, distinct from the noise stream's.
+fn coin_offset(step: usize) -> u64 {
+    (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+fn model_name(transformer: &Path) -> String {
+    // A diffusers folder's transformer/ is named after the pipeline folder above it.
+    let p = if transformer.file_name().is_some_and(|n| n == "transformer") {
+        transformer.parent().unwrap_or(transformer)
+    } else {
+        transformer
+    };
+    p.file_stem().and_then(|s| s.to_str()).unwrap_or("flux").to_string()
+}
+
+/// sha256 of the transformer's weight file(s) (a diffusers folder: its safetensors files in
+/// name order), hex: the base model's identity in the LoRA's metadata.
+fn base_model_hash(transformer: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut files: Vec<PathBuf> = if transformer.is_dir() {
+        std::fs::read_dir(transformer)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect()
+    } else {
+        vec![transformer.to_path_buf()]
+    };
+    files.sort();
+    let mut h = Sha256::new();
+    for f in files {
+        let mut file = std::fs::File::open(&f).with_context(|| format!("cannot open {}", f.display()))?;
+        std::io::copy(&mut file, &mut h)?;
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_share_a_bucket_and_epochs_cover_every_image() {
+        let item =
+            |w: usize| Item { path: PathBuf::new(), caption: String::new(), source: (1, 1), width: w, height: 16 };
+        let items = vec![item(16), item(32), item(16), item(32), item(16)];
+        let mut seen = vec![0; 5];
+        for step in 0..5 {
+            let c = pick(&items, 3, 1, step);
+            seen[c[0]] += 1;
+        }
+        assert_eq!(seen, vec![1; 5], "one epoch of batch 1 visits every image once");
+        for step in 0..10 {
+            let c = pick(&items, 3, 2, step);
+            assert_eq!(items[c[0]].width, items[c[1]].width);
+        }
+        assert_eq!(pick(&items, 3, 2, 7), pick(&items, 3, 2, 7));
+    }
+}

@@ -1,0 +1,263 @@
+//! The training math against torch: loss and LoRA gradients on the tiny fixtures
+//! (tests/reference/make_train_goldens.py), recompute against plain autodiff, AdamW steps.
+
+use std::path::PathBuf;
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use super::adamw::{AdamW, AdamWConfig, StepOutcome};
+use super::objective::{Backprop, Batch, loss_and_grads};
+use super::params::{PairGrad, Targets, TrainableLora, host};
+use crate::engine::flux::{self, Flux, Rope};
+use crate::engine::weights::WeightSet;
+
+fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+struct Case {
+    model: Flux,
+    golden: WeightSet,
+    lora: TrainableLora,
+    batch: Batch,
+}
+
+fn read(g: &WeightSet, name: &str) -> Vec<f32> {
+    g.read(name).unwrap_or_else(|e| panic!("golden {name}: {e}")).data
+}
+
+fn tensor<const D: usize>(g: &WeightSet, name: &str, device: &Device) -> Tensor<D> {
+    let t = g.read(name).unwrap();
+    Tensor::from_data(TensorData::new(t.data, t.shape), device)
+}
+
+fn case(kind: &str) -> Case {
+    case_on(kind, &Device::flex())
+}
+
+fn case_on(kind: &str, device: &Device) -> Case {
+    let device = device.clone();
+    let hint = flux::read_diffusers_config(&fixture(&format!("flux/{kind}/diffusers/transformer/config.json")))
+        .unwrap()
+        .unwrap();
+    let model =
+        flux::load_transformer(&fixture(&format!("flux/{kind}/bfl.safetensors")), &device, DType::F32, Some(&hint))
+            .unwrap();
+    let golden = WeightSet::open(&fixture(&format!("train/{kind}.safetensors"))).unwrap();
+    let meta = |k: &str| golden.metadata(k).unwrap().parse::<f32>().unwrap();
+    let rank = meta("rank") as usize;
+    let factors: Vec<(String, Vec<f32>, Vec<f32>)> = golden
+        .keys()
+        .filter_map(|k| k.strip_suffix(".lora_down.weight"))
+        .map(|p| {
+            (
+                p.to_string(),
+                read(&golden, &format!("{p}.lora_down.weight")),
+                read(&golden, &format!("{p}.lora_up.weight")),
+            )
+        })
+        .collect();
+    let lora = TrainableLora::from_factors(rank, meta("alpha"), factors, &device);
+    let ids = |name: &str| -> Vec<[f32; 3]> { read(&golden, name).chunks(3).map(|c| [c[0], c[1], c[2]]).collect() };
+    let mut all_ids = ids("txt_ids");
+    all_ids.extend(ids("img_ids"));
+    let batch = Batch {
+        x0: tensor(&golden, "x0", &device),
+        noise: tensor(&golden, "noise", &device),
+        sigmas: read(&golden, "sigmas"),
+        txt: tensor(&golden, "txt", &device),
+        y: tensor(&golden, "y", &device),
+        guidance: golden.contains("guidance").then(|| read(&golden, "guidance")),
+        rope: Rope::new(&all_ids, &model.config.axes_dim, model.config.theta, &device),
+    };
+    Case { model, golden, lora, batch }
+}
+
+/// max |a − b| / max |b|.
+fn rel(actual: &[f32], expected: &[f32]) -> f64 {
+    assert_eq!(actual.len(), expected.len());
+    assert!(actual.iter().all(|v| v.is_finite()), "non-finite values");
+    let scale = expected.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let diff = actual.iter().zip(expected).fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
+    diff / scale.max(f64::MIN_POSITIVE)
+}
+
+/// A gradient in PyTorch's layout (down: [r, in], up: [out, r]).
+fn torch_layout(g: &PairGrad) -> (Vec<f32>, Vec<f32>) {
+    (host(g.down.clone().transpose()), host(g.up.clone().transpose()))
+}
+
+fn check_grads(kind: &str, how: Backprop) -> Vec<PairGrad> {
+    check_grads_on(kind, how, &Device::flex())
+}
+
+fn check_grads_on(kind: &str, how: Backprop, device: &Device) -> Vec<PairGrad> {
+    let mut c = case_on(kind, device);
+    let out = loss_and_grads(&mut c.model, &c.lora, &c.batch, how).unwrap();
+    let loss = read(&c.golden, "loss")[0];
+    let loss_err = ((out.loss - loss) / loss).abs();
+    eprintln!("{kind} {how:?}: loss {} vs torch {loss} (rel {loss_err:.2e})", out.loss);
+    assert!(loss_err <= 1e-5, "{kind}: loss {} vs {loss}", out.loss);
+    let mut worst = 0f64;
+    for (pair, g) in c.lora.pairs.iter().zip(&out.grads) {
+        let (down, up) = torch_layout(g);
+        for (what, actual) in [("down", down), ("up", up)] {
+            let err = rel(&actual, &read(&c.golden, &format!("grad.{}.{what}", pair.path)));
+            worst = worst.max(err);
+            assert!(err <= 1e-4, "{kind} {how:?}: grad of {}.{what}: relative error {err:.2e}", pair.path);
+        }
+    }
+    eprintln!("{kind} {how:?}: worst LoRA gradient relative error {worst:.2e} over {} pairs", out.grads.len());
+    // The model is left without adapters, and its base weights never joined the graph.
+    for (path, l) in c.model.linears_mut() {
+        assert!(l.adapters.is_empty(), "{path} kept an adapter");
+        assert!(!l.weight.val().is_autodiff(), "{path}'s weight is tracked");
+    }
+    out.grads
+}
+
+#[test]
+fn train_loss_and_lora_grads_match_torch_schnell() {
+    check_grads("schnell", Backprop::Plain);
+}
+
+#[test]
+fn train_loss_and_lora_grads_match_torch_dev() {
+    check_grads("dev", Backprop::Plain);
+}
+
+#[test]
+fn train_block_recompute_gives_the_plain_autodiff_gradients() {
+    for kind in ["schnell", "dev"] {
+        let plain = check_grads(kind, Backprop::Plain);
+        let recomputed = check_grads(kind, Backprop::Recompute);
+        for (p, r) in plain.iter().zip(&recomputed) {
+            let ((pd, pu), (rd, ru)) = (torch_layout(p), torch_layout(r));
+            assert!(rel(&rd, &pd) <= 1e-5 && rel(&ru, &pu) <= 1e-5, "{kind}: recompute differs from plain");
+        }
+    }
+}
+
+#[test]
+fn train_targets_all_are_every_block_linear_of_the_golden() {
+    let mut c = case("dev");
+    let device = Device::flex();
+    let fresh = TrainableLora::new(&mut c.model, Targets::All, 4, 4.0, 1, &device).unwrap();
+    let paths: Vec<&str> = fresh.pairs.iter().map(|p| p.path.as_str()).collect();
+    let golden: Vec<&str> = c.lora.pairs.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, golden);
+    // B starts at zero, A within kaiming-uniform's bound.
+    for p in &fresh.pairs {
+        assert!(host(p.up.clone()).iter().all(|v| *v == 0.0));
+        let bound = 1.0 / (p.down.dims()[0] as f32).sqrt();
+        let a = host(p.down.clone());
+        assert!(a.iter().all(|v| v.abs() <= bound) && a.iter().any(|v| *v != 0.0));
+    }
+    let attn = TrainableLora::new(&mut c.model, Targets::Attn, 4, 4.0, 1, &device).unwrap();
+    assert!(attn.pairs.iter().all(|p| !p.path.contains("mlp") && !p.path.contains("mod")));
+    assert_eq!(attn.pairs.len(), 2 * 4 + 3 * 2);
+    let single = TrainableLora::new(&mut c.model, Targets::Single, 4, 4.0, 1, &device).unwrap();
+    assert!(single.pairs.iter().all(|p| p.path.starts_with("single_blocks.")));
+    let err = TrainableLora::new(&mut c.model, Targets::All, 64, 64.0, 1, &device).unwrap_err();
+    assert!(format!("{err}").contains("rank 64 does not fit"), "{err}");
+}
+
+#[test]
+fn train_adamw_steps_match_torch() {
+    let c = case("schnell");
+    let lr = c.golden.metadata("lr").unwrap().parse::<f64>().unwrap();
+    let mut lora = c.lora.clone();
+    let mut opt = AdamW::new(AdamWConfig { lr, ..AdamWConfig::default() }, &lora);
+    let device = Device::flex();
+    let grads = |factor: f32| -> Vec<PairGrad> {
+        c.lora
+            .pairs
+            .iter()
+            .map(|p| {
+                let g = |what: &str, shape: [usize; 2]| {
+                    let v: Vec<f32> =
+                        read(&c.golden, &format!("grad.{}.{what}", p.path)).iter().map(|x| x * factor).collect();
+                    Tensor::<2>::from_data(TensorData::new(v, shape), &device).transpose()
+                };
+                let [inputs, r] = p.down.dims();
+                let [_, outputs] = p.up.dims();
+                PairGrad { down: g("down", [r, inputs]), up: g("up", [outputs, r]) }
+            })
+            .collect()
+    };
+    let (g1, g2) = (grads(1.0), grads(-0.5));
+    let norm = c.golden.metadata("grad_norm").unwrap().parse::<f64>().unwrap();
+    match opt.step(&mut lora, g1) {
+        StepOutcome::Applied { grad_norm } => assert!((grad_norm - norm).abs() / norm < 1e-5, "{grad_norm} vs {norm}"),
+        other => panic!("{other:?}"),
+    }
+    for (n, g2) in [(1, None), (2, Some(g2))] {
+        if let Some(g) = g2 {
+            opt.step(&mut lora, g);
+        }
+        for (path, a, b) in lora.factors() {
+            let ea = rel(&a, &read(&c.golden, &format!("adamw{n}.{path}.down")));
+            let eb = rel(&b, &read(&c.golden, &format!("adamw{n}.{path}.up")));
+            assert!(ea <= 1e-6 && eb <= 1e-6, "step {n}, {path}: relative errors {ea:.2e} / {eb:.2e}");
+        }
+    }
+    // Non-finite gradients: the step is skipped and nothing moves.
+    let before = lora.factors();
+    let mut bad = grads(1.0);
+    bad[0].down = bad[0].down.clone() * f32::NAN;
+    assert_eq!(opt.step(&mut lora, bad), StepOutcome::SkippedNonFinite);
+    assert_eq!(lora.factors(), before);
+    assert_eq!(opt.step, 2);
+}
+
+/// A bf16 base (what `--dtype auto` picks on a GPU): the LoRA stays f32, the step runs, and
+/// the loss and gradients stay near the f32 ones.
+#[test]
+fn train_on_a_bf16_base_keeps_f32_lora_and_near_f32_gradients() {
+    let mut c = case("dev");
+    let device = Device::flex();
+    let f32_grads = loss_and_grads(&mut c.model, &c.lora, &c.batch, Backprop::Recompute).unwrap();
+    let hint = flux::read_diffusers_config(&fixture("flux/dev/diffusers/transformer/config.json")).unwrap().unwrap();
+    let mut model =
+        flux::load_transformer(&fixture("flux/dev/bfl.safetensors"), &device, DType::BF16, Some(&hint)).unwrap();
+    let b = &c.batch;
+    let half = Batch {
+        x0: b.x0.clone().cast(DType::BF16),
+        noise: b.noise.clone().cast(DType::BF16),
+        sigmas: b.sigmas.clone(),
+        txt: b.txt.clone().cast(DType::BF16),
+        y: b.y.clone().cast(DType::BF16),
+        guidance: b.guidance.clone(),
+        rope: Rope { cos: b.rope.cos.clone(), sin: b.rope.sin.clone() },
+    };
+    let out = loss_and_grads(&mut model, &c.lora, &half, Backprop::Recompute).unwrap();
+    assert!(((out.loss - f32_grads.loss) / f32_grads.loss).abs() < 0.05, "{} vs {}", out.loss, f32_grads.loss);
+    let (all_half, all_f32): (Vec<f32>, Vec<f32>) = (
+        out.grads.iter().flat_map(|g| host(g.up.clone())).collect(),
+        f32_grads.grads.iter().flat_map(|g| host(g.up.clone())).collect(),
+    );
+    assert!(rel(&all_half, &all_f32) < 0.1, "bf16 gradients too far: {}", rel(&all_half, &all_f32));
+    assert!(out.grads.iter().all(|g| g.down.dtype() == DType::F32 && g.up.dtype() == DType::F32));
+    let mut lora = c.lora.clone();
+    let mut opt = AdamW::new(AdamWConfig::default(), &lora);
+    assert!(matches!(opt.step(&mut lora, out.grads), StepOutcome::Applied { .. }));
+    assert!(lora.pairs.iter().all(|p| p.down.dtype() == DType::F32));
+}
+
+/// The same gradients on the wgpu backend (lavapipe in CI; skipped where no adapter exists
+/// outside CI), through block recompute. Ignored by default: compiling every backward kernel
+/// on lavapipe takes ~2 minutes (passed 2026-12 with a worst gradient error of 2.4e-5).
+#[test]
+#[ignore = "~2 min on lavapipe; run with --ignored"]
+fn train_lora_grads_match_torch_on_wgpu() {
+    use crate::engine::device::{DeviceChoice, select};
+    let device = match select(DeviceChoice::Wgpu) {
+        Ok(d) => d.device,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipping the wgpu training test: {e:#}");
+            return;
+        }
+        Err(e) => panic!("CI must have a wgpu adapter (lavapipe): {e:#}"),
+    };
+    check_grads_on("dev", Backprop::Recompute, &device);
+}
