@@ -210,38 +210,45 @@ fn train_adamw_steps_match_torch() {
     assert_eq!(opt.step, 2);
 }
 
-/// A bf16 base (what `--dtype auto` picks on a GPU): the LoRA stays f32, the step runs, and
-/// the loss and gradients stay near the f32 ones.
+/// A bf16 base (what `--dtype auto` picks on a GPU) and a f16 one (FLUX's ±65504 guard in the
+/// blocks, the same forward as inference): the LoRA stays f32, the step runs, and the loss and
+/// gradients stay near the f32 ones.
 #[test]
-fn train_on_a_bf16_base_keeps_f32_lora_and_near_f32_gradients() {
+fn train_on_a_half_precision_base_keeps_f32_lora_and_near_f32_gradients() {
     let mut c = case("dev");
     let device = Device::flex();
     let f32_grads = loss_and_grads(&mut c.model, &c.lora, &c.batch, Backprop::Recompute).unwrap();
     let hint = flux::read_diffusers_config(&fixture("flux/dev/diffusers/transformer/config.json")).unwrap().unwrap();
-    let mut model =
-        flux::load_transformer(&fixture("flux/dev/bfl.safetensors"), &device, DType::BF16, Some(&hint)).unwrap();
-    let b = &c.batch;
-    let half = Batch {
-        x0: b.x0.clone().cast(DType::BF16),
-        noise: b.noise.clone().cast(DType::BF16),
-        sigmas: b.sigmas.clone(),
-        txt: b.txt.clone().cast(DType::BF16),
-        y: b.y.clone().cast(DType::BF16),
-        guidance: b.guidance.clone(),
-        rope: Rope { cos: b.rope.cos.clone(), sin: b.rope.sin.clone() },
-    };
-    let out = loss_and_grads(&mut model, &c.lora, &half, Backprop::Recompute).unwrap();
-    assert!(((out.loss - f32_grads.loss) / f32_grads.loss).abs() < 0.05, "{} vs {}", out.loss, f32_grads.loss);
-    let (all_half, all_f32): (Vec<f32>, Vec<f32>) = (
-        out.grads.iter().flat_map(|g| host(g.up.clone())).collect(),
-        f32_grads.grads.iter().flat_map(|g| host(g.up.clone())).collect(),
-    );
-    assert!(rel(&all_half, &all_f32) < 0.1, "bf16 gradients too far: {}", rel(&all_half, &all_f32));
-    assert!(out.grads.iter().all(|g| g.down.dtype() == DType::F32 && g.up.dtype() == DType::F32));
-    let mut lora = c.lora.clone();
-    let mut opt = AdamW::new(AdamWConfig::default(), &lora);
-    assert!(matches!(opt.step(&mut lora, out.grads), StepOutcome::Applied { .. }));
-    assert!(lora.pairs.iter().all(|p| p.down.dtype() == DType::F32));
+    // Bounds: bf16 keeps 8 mantissa bits (≈ 0.4 % per rounding), f16 11; over a few blocks the
+    // gradients drift by a few percent, far inside these.
+    for (dtype, loss_bound, grad_bound) in [(DType::BF16, 0.05, 0.1), (DType::F16, 0.01, 0.02)] {
+        let mut model =
+            flux::load_transformer(&fixture("flux/dev/bfl.safetensors"), &device, dtype, Some(&hint)).unwrap();
+        let b = &c.batch;
+        let half = Batch {
+            x0: b.x0.clone().cast(dtype),
+            noise: b.noise.clone().cast(dtype),
+            sigmas: b.sigmas.clone(),
+            txt: b.txt.clone().cast(dtype),
+            y: b.y.clone().cast(dtype),
+            guidance: b.guidance.clone(),
+            rope: Rope { cos: b.rope.cos.clone(), sin: b.rope.sin.clone() },
+        };
+        let out = loss_and_grads(&mut model, &c.lora, &half, Backprop::Recompute).unwrap();
+        let loss_err = ((out.loss - f32_grads.loss) / f32_grads.loss).abs();
+        assert!(loss_err < loss_bound, "{dtype:?}: loss {} vs {}", out.loss, f32_grads.loss);
+        let (all_half, all_f32): (Vec<f32>, Vec<f32>) = (
+            out.grads.iter().flat_map(|g| host(g.up.clone())).collect(),
+            f32_grads.grads.iter().flat_map(|g| host(g.up.clone())).collect(),
+        );
+        let err = rel(&all_half, &all_f32);
+        assert!(err < grad_bound, "{dtype:?} gradients too far: {err}");
+        assert!(out.grads.iter().all(|g| g.down.dtype() == DType::F32 && g.up.dtype() == DType::F32));
+        let mut lora = c.lora.clone();
+        let mut opt = AdamW::new(AdamWConfig::default(), &lora);
+        assert!(matches!(opt.step(&mut lora, out.grads), StepOutcome::Applied { .. }), "{dtype:?}");
+        assert!(lora.pairs.iter().all(|p| p.down.dtype() == DType::F32));
+    }
 }
 
 /// The same gradients on the wgpu backend (lavapipe in CI; skipped where no adapter exists
