@@ -123,9 +123,14 @@ pub struct Library {
     private_root: PathBuf,
     /// Summaries by (path, size, mtime).
     summaries: Mutex<HashMap<(PathBuf, u64, i128), Arc<LoraSummary>>>,
+    /// Held while names are checked and files moved, so two uploads (or an upload and a
+    /// rename) can never both take one name.
+    changes: Mutex<()>,
 }
 
 const EXT: &str = "safetensors";
+/// Uploads in progress: hidden files in the owner's folder, never listed.
+const UPLOAD_PREFIX: &str = ".upload-";
 /// The files that go with a LoRA: its sidecar, then the preview images in the order looked for.
 const COMPANIONS: &[&str] = &["json", "preview.png", "png", "preview.jpg", "jpg", "preview.webp", "webp"];
 
@@ -137,7 +142,28 @@ impl Library {
     /// `studio`: the shared folder; `data_dir`: the server's data folder (private libraries
     /// live in its `loras/`).
     pub fn new(studio: PathBuf, data_dir: &Path) -> Library {
-        Library { studio, private_root: data_dir.join("loras"), summaries: Mutex::new(HashMap::new()) }
+        Library {
+            studio,
+            private_root: data_dir.join("loras"),
+            summaries: Mutex::new(HashMap::new()),
+            changes: Mutex::new(()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes uploads a previous run left half-written (a client that went away, a crash).
+    pub fn sweep_uploads(&self) {
+        let Ok(users) = std::fs::read_dir(&self.private_root) else { return };
+        for dir in users.flatten() {
+            for f in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+                if f.file_name().to_string_lossy().starts_with(UPLOAD_PREFIX) {
+                    let _ = std::fs::remove_file(f.path());
+                }
+            }
+        }
     }
 
     pub fn studio_dir(&self) -> &Path {
@@ -296,8 +322,13 @@ impl Library {
         widths: &[usize],
         max_per_user: usize,
     ) -> Result<(LoraEntry, Arc<LoraSummary>), LibraryError> {
-        let out = self.store_checked(user, name, tmp, widths, max_per_user);
+        // Messages name the upload, never the server's folders.
+        let out = self.store_checked(user, name, tmp, widths, max_per_user).map_err(|e| match e {
+            LibraryError::Invalid(m) => LibraryError::Invalid(m.replace(&tmp.display().to_string(), name)),
+            e => e,
+        });
         let _ = std::fs::remove_file(tmp);
+        self.summaries.lock().unwrap_or_else(|p| p.into_inner()).retain(|(p, _, _), _| p != tmp);
         out
     }
 
@@ -321,6 +352,7 @@ impl Library {
             )));
         }
         let dir = self.user_dir(user);
+        let _changing = self.lock();
         self.check_free(user, name)?;
         if Self::list_dir(&dir, Scope::Mine)?.len() >= max_per_user {
             return Err(LibraryError::Conflict(format!(
@@ -355,6 +387,7 @@ impl Library {
 
     /// Renames `user`'s LoRA and its sidecar and preview.
     pub fn rename(&self, user: UserId, from: &str, to: &str) -> Result<(), LibraryError> {
+        let _changing = self.lock();
         let src = self.own(user, from)?;
         Self::check_name(to)?;
         if from == to {
@@ -374,7 +407,11 @@ impl Library {
 
     /// Sets the sidecar fields of `user`'s LoRA (what is `None` stays).
     pub fn update(&self, user: UserId, name: &str, change: &Sidecar) -> Result<(), LibraryError> {
+        let _changing = self.lock();
         self.own(user, name)?;
+        if *change == Sidecar::default() {
+            return Ok(());
+        }
         let path = self.user_dir(user).join(format!("{name}.json"));
         let mut side = Sidecar::read(&path);
         if change.label.is_some() {
@@ -402,6 +439,7 @@ impl Library {
 
     /// Deletes `user`'s LoRA with its sidecar and preview.
     pub fn delete(&self, user: UserId, name: &str) -> Result<(), LibraryError> {
+        let _changing = self.lock();
         let p = self.own(user, name)?;
         std::fs::remove_file(p)?;
         let dir = self.user_dir(user);
@@ -414,6 +452,7 @@ impl Library {
     /// Copies `owner`'s LoRA `name` (with its sidecar) into the studio library as `as_name`;
     /// the owner keeps theirs.
     pub fn publish(&self, owner: UserId, name: &str, as_name: &str) -> Result<LoraEntry, LibraryError> {
+        let _changing = self.lock();
         let src = self.own(owner, name)?;
         Self::check_name(as_name)?;
         let dest = Self::file(&self.studio, as_name);
@@ -441,6 +480,6 @@ impl Library {
     pub fn upload_path(&self, user: UserId) -> Result<PathBuf, LibraryError> {
         let dir = self.user_dir(user);
         std::fs::create_dir_all(&dir)?;
-        Ok(dir.join(format!(".upload-{}", crate::secret::random_hex(8))))
+        Ok(dir.join(format!("{UPLOAD_PREFIX}{}", crate::secret::random_hex(8))))
     }
 }

@@ -87,11 +87,16 @@ pub fn sha256(path: &Path, span: Span) -> Result<String> {
     let entry = Entry { size, mtime_ns, sha256: sha256.clone() };
     let to_save = with_cache(|c| {
         c.entries.insert(key, entry);
+        // Files that are gone (a deleted LoRA, an upload that was refused) leave the cache.
+        c.entries.retain(|k, _| k.split_once(':').is_some_and(|(_, p)| Path::new(p).exists()));
         c.file.clone().map(|f| (f, serde_json::to_vec_pretty(&c.entries).expect("hash entries serialize")))
     });
     if let Some((file, bytes)) = to_save {
-        // Written beside and renamed, so a reader never sees half a file.
-        let tmp = file.with_extension("json.tmp");
+        // Written beside under a name of its own and renamed: a reader never sees half a file,
+        // and two saves at once never write into one temporary file.
+        static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = file.with_extension(format!("json.{}-{n}.tmp", std::process::id()));
         if let Err(e) = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &file)) {
             log::warn!("could not save file hashes to {}: {e}", file.display());
         }

@@ -170,8 +170,12 @@ impl Lora {
             .and_then(|n| n.to_str())
             .map(|n| n.strip_suffix(".safetensors").unwrap_or(n).to_string())
             .unwrap_or_else(|| "lora".into());
+        // The file's own hash only when it is one (hex): anything else would be copied into
+        // every PNG's text, and slicing it could split a character.
         let hash = match set.metadata("sshs_model_hash") {
-            Some(h) if h.len() >= 12 => h[..12].to_ascii_lowercase(),
+            Some(h) if h.len() >= 12 && h.as_bytes()[..12].iter().all(u8::is_ascii_hexdigit) => {
+                h[..12].to_ascii_lowercase()
+            }
             _ => tensor_bytes_hash(path)?,
         };
         Self::parse(&set, name, hash).with_context(|| format!("LoRA {}", path.display()))
@@ -792,6 +796,34 @@ pub fn a1111_tags(sets: &[LoraSet]) -> (String, Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-module kohya file with `sshs_model_hash` = `hash`.
+    fn with_sshs_hash(dir: &Path, hash: &str) -> PathBuf {
+        use safetensors::tensor::{Dtype, TensorView};
+        let bytes = vec![0u8; 4 * 4 * 8];
+        let views = [
+            ("lora_unet_double_blocks_0_img_attn_proj.lora_down.weight", [4usize, 8usize]),
+            ("lora_unet_double_blocks_0_img_attn_proj.lora_up.weight", [8, 4]),
+        ]
+        .map(|(k, s)| (k.to_string(), TensorView::new(Dtype::F32, s.to_vec(), &bytes).unwrap()));
+        let meta = std::collections::HashMap::from([("sshs_model_hash".to_string(), hash.to_string())]);
+        let path = dir.join(format!("l{}.safetensors", hash.len()));
+        std::fs::write(&path, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+        path
+    }
+
+    #[test]
+    fn sshs_model_hash_is_used_only_when_it_is_hex() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = with_sshs_hash(dir.path(), "ABCDEF0123456789ffff");
+        assert_eq!(Lora::open(&good).unwrap().hash, "abcdef012345");
+        // A crafted value (a multi-byte character across byte 12, quotes) is never sliced or
+        // copied: the tensor bytes are hashed instead.
+        let bad = with_sshs_hash(dir.path(), "abcdef01234\u{e9}\", oops");
+        let h = Lora::open(&bad).unwrap().hash;
+        assert_eq!(h, tensor_bytes_hash(&bad).unwrap());
+        assert!(h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()), "{h}");
+    }
 
     #[test]
     fn names_of_every_format_map_to_bfl_linears_and_rows() {

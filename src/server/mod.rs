@@ -108,6 +108,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     // Hashes of model and LoRA files (the PNG text's) are kept across restarts.
     crate::engine::filehash::set_cache_file(data_dir.join("file-hashes.json"));
     let loras = Arc::new(crate::loras::Library::new(config.engine.loras_dir(), &data_dir));
+    loras.sweep_uploads();
     let jobs = Arc::new(Jobs::new(
         Arc::new(registry),
         config.limits.clone(),

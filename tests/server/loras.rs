@@ -238,9 +238,14 @@ fn plans_count_loras_private_libraries_stay_private_and_uploads_are_checked() {
         let r = c.upload(&format!("/api/loras?name={name}"), bytes);
         assert_eq!(r.status, status, "{name}: {}", r.message());
         assert!(r.message().contains(says), "{name}: {}", r.message());
+        if status == 400 {
+            assert_eq!(r.json()["error"]["code"], "invalid_lora", "{name}");
+        }
+        // Messages name the upload, never the server's folders.
+        assert!(!r.message().contains(".upload-") && !r.message().contains("/loras/"), "{name}: {}", r.message());
     };
-    bad(&ann, "cut", &good[..good.len() / 2], 400, "");
-    bad(&ann, "text", b"this is not a safetensors file at all", 400, "");
+    bad(&ann, "cut", &good[..good.len() / 2], 400, "LoRA cut");
+    bad(&ann, "text", b"this is not a safetensors file at all", 400, "LoRA text");
     // An SDXL LoRA: its UNet keys are not FLUX's (only its CLIP-L keys would fit).
     let sdxl = dir.path().join("sdxl.safetensors");
     kohya_file(

@@ -41,6 +41,15 @@ pub async fn list(state: Data, caller: Caller) -> Result<HttpResponse, ApiError>
     Ok(HttpResponse::Ok().json(v))
 }
 
+/// Deletes an upload's file when the request is over, whatever happened.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[derive(Deserialize)]
 pub struct UploadQuery {
     name: String,
@@ -62,6 +71,8 @@ pub async fn upload(
     let user = caller.user.id;
     let max_mib = state.config.server.max_lora_upload_mib;
     let tmp = library.upload_path(user)?;
+    // Removed however the request ends (a client that goes away drops this handler mid-body).
+    let _upload = RemoveOnDrop(tmp.clone());
     // Streamed to disk: a 700 MB LoRA never sits in memory.
     let mut file = std::fs::File::create(&tmp).map_err(ApiError::internal)?;
     let mut size: u64 = 0;
@@ -134,10 +145,15 @@ pub async fn update(
             description: change.description,
             ..Sidecar::default()
         };
+        // Renamed first: a refused name changes nothing.
+        let name = match &change.name {
+            Some(to) => {
+                library.rename(user, &name, to)?;
+                to.clone()
+            }
+            None => name,
+        };
         library.update(user, &name, &side)?;
-        if let Some(to) = &change.name {
-            library.rename(user, &name, to)?;
-        }
         library.list(user)
     })
     .await
