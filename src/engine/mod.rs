@@ -10,6 +10,7 @@ pub mod host_tensor;
 pub mod layers;
 pub mod loader;
 pub mod lora;
+pub mod memory;
 pub mod noise;
 pub mod packed;
 pub mod pipeline;
