@@ -422,7 +422,9 @@ mod tests {
     #[test]
     fn the_memory_budget_reads_bytes_sizes_and_auto() {
         use crate::engine::memory::MemoryBudget;
-        let budget = |t: &str| toml::from_str::<Config>(&format!("[engine]\nmemory_budget = {t}")).map(|c| c.engine.memory_budget);
+        let budget = |t: &str| {
+            toml::from_str::<Config>(&format!("[engine]\nmemory_budget = {t}")).map(|c| c.engine.memory_budget)
+        };
         assert_eq!(budget("\"12GiB\"").unwrap(), MemoryBudget::Bytes(12 << 30));
         assert_eq!(budget("\"800MiB\"").unwrap(), MemoryBudget::Bytes(800 << 20));
         assert_eq!(budget("1000000").unwrap(), MemoryBudget::Bytes(1_000_000));

@@ -128,6 +128,9 @@ pub struct ModelSizes {
     pub mlp: usize,
     pub t5_heads: usize,
     pub t5_d_ff: usize,
+    /// The VAE decoder's widest feature map, as channels at full resolution (FLUX's: 256, the
+    /// upsampled level-1 maps; a level at 1/2^i resolution counts 1/4^i of its channels).
+    pub vae_channels: usize,
     /// Bytes per element of the compute dtype (transformer and VAE).
     pub dtype_bytes: usize,
 }
@@ -246,12 +249,12 @@ pub fn transformer_activations(s: &ModelSizes, job: &JobSize) -> u64 {
 }
 
 /// Activations of the VAE decode: up to 1024² in one piece (larger in tiles of about that),
-/// the widest full-resolution feature maps (128 channels: input, output and the norm's
-/// temporary) and the mid-block attention over the latent pixels.
+/// the widest feature maps (input, output and the norm's temporary) and the mid-block
+/// attention's scores over the latent pixels (f32, without a fused kernel).
 pub fn vae_activations(s: &ModelSizes, job: &JobSize) -> u64 {
     let area = (job.width * job.height).min(1024 * 1024) as u64;
     let d = s.dtype_bytes as u64;
-    let maps = 3 * 128 * area * d;
+    let maps = 3 * s.vae_channels as u64 * area * d;
     let latent = area / 64;
     maps + latent * latent * 4 * 2
 }
@@ -323,7 +326,10 @@ pub fn plan(
         )
     } else {
         let worst = others.iter().max_by_key(|a| a.1 + a.2).expect("three stages");
-        (worst.1 + worst.2, format!("the {} stage: {} of weights + {} of activations", worst.0, mib(worst.1), mib(worst.2)))
+        (
+            worst.1 + worst.2,
+            format!("the {} stage: {} of weights + {} of activations", worst.0, mib(worst.1), mib(worst.2)),
+        )
     };
     Err(OutOfBudget { needed, budget, width: job.width, height: job.height, what })
 }
@@ -345,6 +351,7 @@ mod tests {
             mlp: 256,
             t5_heads: 2,
             t5_d_ff: 128,
+            vae_channels: 256,
             dtype_bytes: 4,
         }
     }
@@ -411,7 +418,11 @@ mod tests {
         // The same budget refuses a larger image that the smaller one fits in.
         let fits = plan(&s, job(64), Some(200 << 20), false, false).unwrap();
         let err = plan(&s, job(2048), Some(200 << 20), false, false).unwrap_err();
-        assert!(err.to_string().contains("2048×2048") && err.what.contains("activations"), "{err} / {}", fits.summary());
+        assert!(
+            err.to_string().contains("2048×2048") && err.what.contains("activations"),
+            "{err} / {}",
+            fits.summary()
+        );
         // No budget: planned, never refused.
         assert!(plan(&s, job(4096), None, false, false).is_ok());
         assert!(plan(&s, job(64), None, false, true).unwrap().transformer_streamed());

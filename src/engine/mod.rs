@@ -4,6 +4,7 @@ pub mod clip;
 pub mod device;
 pub mod filehash;
 pub mod flux;
+pub mod footprint;
 pub mod fp8;
 pub mod gguf;
 pub mod host_tensor;
