@@ -164,4 +164,8 @@ pub struct BenchArgs {
     /// memory): q8_0, q5_0, q4_0, q4_k, f16 or bf16.
     #[arg(long)]
     pub quant: Option<String>,
+    /// Plan the transformer against this much device memory (bytes or e.g. 800MiB): resident
+    /// when it fits, else streamed block by block; reports the plan beside the peak RSS.
+    #[arg(long)]
+    pub memory_budget: Option<String>,
 }

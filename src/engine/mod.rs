@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod pngfile;
 pub mod preview;
 pub mod sampler;
+pub mod streaming;
 pub mod t5;
 pub mod to_gguf;
 pub mod tokenize;
