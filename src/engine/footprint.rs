@@ -88,7 +88,7 @@ pub fn model_sizes(transformer: &Path, t5: &Path, clip: &Path, vae_path: &Path, 
     // The decoder's level i runs at 1/2^i of the image with ch·mult[i] channels; its maps
     // are upsampled into the level above before that level's first convolution.
     let vae_channels = (0..vae_config.ch_mult.len())
-        .map(|i| vae_config.ch * vae_config.ch_mult[i] >> (2 * i.saturating_sub(1)))
+        .map(|i| (vae_config.ch * vae_config.ch_mult[i]) >> (2 * i.saturating_sub(1)))
         .max()
         .unwrap_or(vae_config.ch);
     let vae_bytes = entries(|l| Vae::build(l, vae_config).map(drop))?.iter().map(|e| bytes(e, d, &|_| None)).sum();
