@@ -324,7 +324,7 @@ fn plan_transformer(
         vae: 0,
         transformer_stem: t.stem,
         transformer_blocks: t.blocks,
-        largest_dense_linear: t.largest_dense_linear,
+        dequant_bytes: t.dequant_bytes,
         hidden: t.config.hidden_size,
         heads: t.config.num_heads,
         mlp: t.config.mlp_hidden_dim,

@@ -38,12 +38,12 @@ fn block_of(name: &str, depth: usize) -> Option<usize> {
 }
 
 /// A transformer's device bytes: its non-block layers, each block (doubles then singles), and
-/// its largest Linear as a dense matrix in `dtype`.
+/// what dequantizing its packed weights per layer holds at once (`ModelSizes::dequant_bytes`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TransformerSizes {
     pub stem: u64,
     pub blocks: Vec<u64>,
-    pub largest_dense_linear: u64,
+    pub dequant_bytes: u64,
     pub config: flux::FluxConfig,
 }
 
@@ -53,18 +53,21 @@ pub fn transformer_sizes(path: &Path, dtype: DType) -> Result<TransformerSizes> 
     let cfg = config.clone();
     let mut stem = 0;
     let mut blocks = vec![0u64; config.depth + config.depth_single_blocks];
-    let mut largest_dense_linear = 0;
+    let (mut largest_linear, mut packed) = (0, false);
     for e in &entries(|l| Flux::build(l, cfg).map(drop))? {
         let b = bytes(e, d, &|n| weights.packed_len(n));
+        packed |= weights.packed_len(&e.name).is_some();
         match block_of(&e.name, config.depth) {
             Some(i) => blocks[i] += b,
             None => stem += b,
         }
         if e.shape.len() == 2 && e.name.ends_with(".weight") {
-            largest_dense_linear = largest_dense_linear.max((e.shape[0] * e.shape[1] * d) as u64);
+            largest_linear = largest_linear.max((e.shape[0] * e.shape[1] * d) as u64);
         }
     }
-    Ok(TransformerSizes { stem, blocks, largest_dense_linear, config })
+    // Dense weights are used in place; packed ones are dequantized per use (see ModelSizes).
+    let dequant_bytes = if packed { 3 * largest_linear } else { 0 };
+    Ok(TransformerSizes { stem, blocks, dequant_bytes, config })
 }
 
 /// The sizes of the components at these paths, with the transformer and VAE in `dtype` (the
@@ -99,7 +102,7 @@ pub fn model_sizes(transformer: &Path, t5: &Path, clip: &Path, vae_path: &Path, 
         vae: vae_bytes,
         transformer_stem: flux.stem,
         transformer_blocks: flux.blocks,
-        largest_dense_linear: flux.largest_dense_linear,
+        dequant_bytes: flux.dequant_bytes,
         hidden: flux.config.hidden_size,
         heads: flux.config.num_heads,
         mlp: flux.config.mlp_hidden_dim,

@@ -120,9 +120,10 @@ pub struct ModelSizes {
     pub transformer_stem: u64,
     /// Each double then single block.
     pub transformer_blocks: Vec<u64>,
-    /// The largest Linear of the transformer in the compute dtype: a packed weight is
-    /// dequantized per layer at forward time, so one such matrix exists at a time.
-    pub largest_dense_linear: u64,
+    /// What the transformer's per-layer dequantization holds at once: for packed weights,
+    /// the largest Linear as a dense matrix three times over (the dequantized rows, their
+    /// transpose and the uploaded tensor); 0 when nothing is packed.
+    pub dequant_bytes: u64,
     pub hidden: usize,
     pub heads: usize,
     pub mlp: usize,
@@ -245,7 +246,7 @@ pub fn transformer_activations(s: &ModelSizes, job: &JobSize) -> u64 {
     let projections = l * ((3 * h + mlp) + mlp + (h + mlp)) * d;
     let f32_copies = 4 * l * h * 4;
     let streams = 4 * l * h * d;
-    scores + projections + f32_copies + streams + s.largest_dense_linear
+    scores + projections + f32_copies + streams + s.dequant_bytes
 }
 
 /// Activations of the VAE decode: up to 1024² in one piece (larger in tiles of about that),
@@ -304,9 +305,11 @@ pub fn plan(
     if !force_stream && fits(staged_peak) {
         return Ok(make([Mode::Staged; 4], staged_peak));
     }
-    // The transformer streamed: its stem, one block at a time, its activations.
+    // The transformer streamed: its stem, its activations, and two blocks: a GPU runs its
+    // queue behind the host, so the next block is uploaded while the last one's kernels may
+    // still hold theirs.
     let block = s.transformer_blocks.iter().copied().max().unwrap_or(0);
-    let streamed = s.transformer_stem + block + acts[2].2;
+    let streamed = s.transformer_stem + 2 * block + acts[2].2;
     let others = [acts[0], acts[1], acts[3]];
     let other_peak = others.iter().map(|a| a.1 + a.2).max().unwrap_or(0);
     let peak = streamed.max(other_peak);
@@ -318,7 +321,7 @@ pub fn plan(
         (
             streamed,
             format!(
-                "the transformer streamed block by block: {} of non-block layers + {} for its largest block + {} of activations",
+                "the transformer streamed block by block: {} of non-block layers + 2 × {} for its largest block + {} of activations",
                 mib(s.transformer_stem),
                 mib(block),
                 mib(acts[2].2)
@@ -345,7 +348,7 @@ mod tests {
             vae: 20 << 20,
             transformer_stem: 10 << 20,
             transformer_blocks: vec![40 << 20; 10],
-            largest_dense_linear: 1 << 20,
+            dequant_bytes: 1 << 20,
             hidden: 64,
             heads: 2,
             mlp: 256,
@@ -407,7 +410,7 @@ mod tests {
         let staged = plan(&s, job(64), Some(440 << 20), true, false).unwrap();
         assert_eq!(staged.mode("transformer"), Some(Mode::Staged), "{}", staged.summary());
         assert!(staged.peak <= 440 << 20);
-        // A quarter of the transformer: streamed, one 40 MiB block at a time.
+        // A quarter of the transformer: streamed, 40 MiB blocks two at a time.
         let quarter = s.transformer() / 4;
         let streamed = plan(&s, job(64), Some(quarter), false, false).unwrap();
         assert!(streamed.transformer_streamed(), "{}", streamed.summary());

@@ -92,15 +92,15 @@ mod tests {
     use crate::engine::memory::{JobSize, plan};
 
     /// A transformer whose weights dwarf its activations at a tiny image, as FLUX's do at
-    /// real sizes: hidden 256, 4 double and 8 single blocks.
+    /// real sizes: hidden 256, 6 double and 12 single blocks.
     fn config() -> FluxConfig {
         let mut c = FluxConfig::schnell();
         c.hidden_size = 256;
         c.num_heads = 2;
         c.axes_dim = vec![16, 56, 56];
         c.mlp_hidden_dim = 1024;
-        c.depth = 4;
-        c.depth_single_blocks = 8;
+        c.depth = 6;
+        c.depth_single_blocks = 12;
         c.context_in_dim = 64;
         c.vec_in_dim = 32;
         c
@@ -122,7 +122,7 @@ mod tests {
             vae: 0,
             transformer_stem: t.stem,
             transformer_blocks: t.blocks,
-            largest_dense_linear: t.largest_dense_linear,
+            dequant_bytes: t.dequant_bytes,
             hidden: c.hidden_size,
             heads: c.num_heads,
             mlp: c.mlp_hidden_dim,
