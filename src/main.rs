@@ -105,7 +105,12 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             None => None,
             Some(Ok(atelier::engine::memory::MemoryBudget::Bytes(b))) => Some(b),
             Some(Ok(atelier::engine::memory::MemoryBudget::Auto)) => {
-                atelier::engine::memory::resolve(atelier::engine::memory::MemoryBudget::Auto, device.is_gpu).0
+                atelier::engine::memory::resolve(
+                    atelier::engine::memory::MemoryBudget::Auto,
+                    device.is_gpu,
+                    device.memory_bytes,
+                )
+                .0
             }
             Some(Err(e)) => anyhow::bail!("--memory-budget: {e}"),
         },
@@ -244,7 +249,8 @@ fn run_generate(a: GenerateArgs, config: &Config, data_dir: &std::path::Path) ->
     };
     let (dtype, why) = device::compute_dtype(requested.burn(), &device);
     log::info!("compute dtype {why}");
-    let (memory_budget, budget_source) = atelier::engine::memory::resolve(config.engine.memory_budget, device.is_gpu);
+    let (memory_budget, budget_source) =
+        atelier::engine::memory::resolve(config.engine.memory_budget, device.is_gpu, device.memory_bytes);
     log::info!("memory budget {budget_source}");
     let mut resident = pipeline::Resident::placed(pipeline::Placement {
         keep_resident: a.keep_resident,

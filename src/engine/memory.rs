@@ -78,8 +78,9 @@ pub fn margin(found: u64) -> u64 {
 }
 
 /// The budget in bytes with how it was found, for the log; None: no budget (every job is
-/// planned and logged, none refused or streamed).
-pub fn resolve(setting: MemoryBudget, is_gpu: bool) -> (Option<u64>, String) {
+/// planned and logged, none refused or streamed). `device_memory`: a GPU's device-local heap,
+/// where it could be read.
+pub fn resolve(setting: MemoryBudget, is_gpu: bool, device_memory: Option<u64>) -> (Option<u64>, String) {
     match setting {
         MemoryBudget::Bytes(b) => (Some(b), format!("{} as configured", mib(b))),
         MemoryBudget::Auto if !is_gpu => match mem_available() {
@@ -89,12 +90,17 @@ pub fn resolve(setting: MemoryBudget, is_gpu: bool) -> (Option<u64>, String) {
             }
             None => (None, "none: auto could not read MemAvailable from /proc/meminfo".into()),
         },
-        // wgpu has no portable query of a device's memory, and reading the Vulkan heap sizes
-        // would need the HAL's raw instance; an explicit number is the honest way there.
-        MemoryBudget::Auto => (
-            None,
-            "none: wgpu cannot report the device's memory; set [engine] memory_budget (e.g. \"22GiB\" on a 24 GB card) so jobs are planned against it".into(),
-        ),
+        MemoryBudget::Auto => match device_memory {
+            Some(found) => {
+                let b = found.saturating_sub(margin(found)).max(1);
+                (Some(b), format!("{}: auto, the GPU's device-local heap {} minus a margin of {}", mib(b), mib(found), mib(margin(found))))
+            }
+            // wgpu has no portable query of a card's memory (read here through Vulkan only).
+            None => (
+                None,
+                "none: the GPU's memory cannot be read through wgpu on this graphics API; set [engine] memory_budget (e.g. \"22GiB\" on a 24 GB card) so jobs are planned against it".into(),
+            ),
+        },
     }
 }
 
@@ -389,14 +395,16 @@ mod tests {
 
     #[test]
     fn auto_on_the_cpu_is_what_the_machine_has_left_minus_a_margin() {
-        let (bytes, why) = resolve(MemoryBudget::Auto, false);
+        let (bytes, why) = resolve(MemoryBudget::Auto, false, None);
         let found = mem_available().expect("Linux has /proc/meminfo");
         let b = bytes.expect("a budget on the CPU");
         assert!(b < found && b + margin(found) >= found - (256 << 20), "{b} of {found}: {why}");
         assert!(why.contains("MemAvailable"), "{why}");
-        let (none, why) = resolve(MemoryBudget::Auto, true);
+        let (none, why) = resolve(MemoryBudget::Auto, true, None);
         assert!(none.is_none() && why.contains("memory_budget"), "{why}");
-        assert_eq!(resolve(MemoryBudget::Bytes(7), true).0, Some(7));
+        let (card, why) = resolve(MemoryBudget::Auto, true, Some(24 << 30));
+        assert_eq!(card, Some((24 << 30) - (24 << 30) / 10), "{why}");
+        assert_eq!(resolve(MemoryBudget::Bytes(7), true, Some(24 << 30)).0, Some(7));
     }
 
     #[test]

@@ -131,7 +131,8 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     };
     let (dtype, why) = device::compute_dtype(requested.burn(), &dev);
     log::info!("compute dtype {why}");
-    let (memory_budget, budget_source) = crate::engine::memory::resolve(config.engine.memory_budget, dev.is_gpu);
+    let (memory_budget, budget_source) =
+        crate::engine::memory::resolve(config.engine.memory_budget, dev.is_gpu, dev.memory_bytes);
     log::info!("memory budget {budget_source}");
     {
         let mut m = jobs.memory.lock().unwrap_or_else(|p| p.into_inner());

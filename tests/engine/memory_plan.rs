@@ -65,3 +65,21 @@ fn a_job_over_the_budget_is_refused_before_any_compute_and_a_smaller_one_runs() 
     let plan = resident.last_plan().unwrap();
     assert!(plan.peak <= budget && plan.budget == Some(budget), "{}", plan.summary());
 }
+
+#[test]
+fn a_vulkan_adapter_reports_its_device_local_memory_for_an_auto_budget() {
+    use atelier::engine::device::{DeviceChoice, select};
+    use atelier::engine::memory::{MemoryBudget, resolve};
+    let device = match select(DeviceChoice::Wgpu) {
+        Ok(d) if d.description.contains("Vulkan") => d,
+        other => {
+            eprintln!("skipping: no Vulkan adapter through wgpu ({:?})", other.map(|d| d.description).err());
+            return;
+        }
+    };
+    let heap = device.memory_bytes.unwrap_or_else(|| panic!("{} reports no device-local heap", device.description));
+    eprintln!("{}: device-local heap {} MiB", device.description, heap >> 20);
+    assert!(heap >= 256 << 20, "{heap}");
+    let (budget, why) = resolve(MemoryBudget::Auto, true, device.memory_bytes);
+    assert!(budget.is_some_and(|b| b < heap) && why.contains("device-local"), "{why}");
+}
