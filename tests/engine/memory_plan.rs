@@ -83,3 +83,24 @@ fn a_vulkan_adapter_reports_its_device_local_memory_for_an_auto_budget() {
     let (budget, why) = resolve(MemoryBudget::Auto, true, device.memory_bytes);
     assert!(budget.is_some_and(|b| b < heap) && why.contains("device-local"), "{why}");
 }
+
+#[test]
+fn a_streamed_transformer_applies_loras_to_each_block_as_a_resident_one_does() {
+    let files = files();
+    let loras = ["kohya.safetensors", "comfy.safetensors"]
+        .iter()
+        .filter(|f| fixture(&format!("lora/dev/{f}")).exists())
+        .map(|f| atelier::engine::lora::LoraChoice { path: fixture(&format!("lora/dev/{f}")), weight: 0.8 })
+        .collect::<Vec<_>>();
+    assert!(!loras.is_empty(), "the dev LoRA fixtures");
+    let req = GenerateRequest { loras, ..request() };
+    let staged = pipeline::generate(&files, &req, &Device::flex(), |_| {}).unwrap();
+    let mut resident =
+        Resident::placed(Placement { stream_transformer: true, memory_budget: None, ..Placement::staged(DType::F32) });
+    let streamed = pipeline::generate_with(&files, &req, &Device::flex(), &mut resident, |_| {}).unwrap();
+    assert!(resident.last_plan().unwrap().transformer_streamed());
+    assert_eq!(staged.warnings, streamed.warnings, "the same LoRA warnings for the whole model");
+    let without = pipeline::generate(&files, &request(), &Device::flex(), |_| {}).unwrap();
+    assert_ne!(without.images[0].as_raw(), staged.images[0].as_raw(), "the LoRAs change the image");
+    assert_eq!(staged.images[0].as_raw(), streamed.images[0].as_raw(), "streaming changed the LoRA image");
+}
