@@ -29,6 +29,9 @@ pub struct BenchSpec {
     /// Convert the checkpoint to a GGUF of this type first (`q8_0`, `q4_k`, … see
     /// `to_gguf::parse_target`) and bench that file.
     pub quant: Option<String>,
+    /// Plan the transformer against this many bytes of device memory (`engine::memory`):
+    /// resident when it fits, else streamed block by block; refused when not even that fits.
+    pub memory_budget: Option<u64>,
     /// Time LoRA training steps (forward + backward + AdamW, LoRA of `lora_rank` on every
     /// block Linear) instead of forwards.
     pub train: Option<TrainBench>,
@@ -55,6 +58,8 @@ pub struct BenchReport {
     /// Bytes per GGUF block type of the file benched, when it was quantized first.
     pub quantized: Option<crate::engine::to_gguf::Written>,
     pub loras: Option<LoraBench>,
+    /// The transformer's memory plan, with `--memory-budget`.
+    pub plan: Option<crate::engine::memory::MemoryPlan>,
 }
 
 /// What the LoRAs of a bench cost besides step time.
@@ -133,6 +138,17 @@ impl BenchReport {
                 q.per_type.iter().map(|(t, n, b)| format!("{} {n} tensors {:.1} MiB", t.name(), mib(*b))).collect();
             println!("gguf: {:.1} MiB: {}", mib(q.file_bytes), types.join(", "));
         }
+        if let Some(p) = &self.plan {
+            let t = &p.components[2];
+            println!(
+                "memory plan: transformer {:?}: {:.1} MiB of weights + {:.1} MiB of activations, peak ≈ {:.1} MiB of a budget of {:.1} MiB",
+                t.mode,
+                mib(t.bytes),
+                mib(t.activations),
+                mib(p.peak),
+                mib(p.budget.unwrap_or(0))
+            );
+        }
         let own = |b: u64| mib(b.saturating_sub(self.rss_before_load));
         println!(
             "rss load: resident after load {:.1} MiB (+{:.1} MiB over before load), peak {:.1} MiB (+{:.1} MiB, {:.2}x the file)",
@@ -201,15 +217,29 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
     }
     let file_bytes = crate::engine::weights::WeightSet::open(&path)?.file_bytes();
 
+    let plan = match spec.memory_budget {
+        Some(budget) => Some(plan_transformer(&path, spec, budget)?),
+        None => None,
+    };
+    let streamed = plan.as_ref().is_some_and(|p| p.transformer_streamed());
+
     let (rss_before_load, _) = rss_bytes();
     reset_peak_rss();
     let t0 = Instant::now();
-    let mut model = flux::load_transformer(&path, &device.device, spec.dtype, None)?;
+    let (mut model, stream) = if streamed {
+        let s = crate::engine::streaming::StreamedFlux::load(&path, &device.device, spec.dtype)?;
+        (s.stem.clone(), Some(s))
+    } else {
+        (flux::load_transformer(&path, &device.device, spec.dtype, None)?, None)
+    };
     device.device.sync().ok();
     let load_seconds = t0.elapsed().as_secs_f64();
     let (rss_after_load, peak_rss_during_load) = rss_bytes();
 
     let mut loras = None;
+    if spec.random_loras > 0 && stream.is_some() {
+        bail!("--random-loras with a streamed transformer is not benched");
+    }
     if spec.random_loras > 0 {
         use crate::engine::lora::{LoraSet, random_for, set_loras};
         let (rss0, _) = rss_bytes();
@@ -259,6 +289,9 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
 
     let mut step_seconds = Vec::new();
     reset_peak_rss();
+    if spec.train.is_some() && stream.is_some() {
+        bail!("--train with a streamed transformer is not benched (training keeps the base resident)");
+    }
     if let Some(t) = spec.train {
         use crate::train::{adamw, objective, params};
         let mut lora = params::TrainableLora::new(
@@ -301,19 +334,24 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
             step_seconds,
             quantized,
             loras,
+            plan,
         });
     }
     // One untimed warm-up step: kernel compilation and autotuning on GPUs.
     for i in 0..=spec.steps {
         let t = Instant::now();
-        let out = model.forward(FluxInput {
+        let input = FluxInput {
             img: img.clone(),
             txt: txt.clone(),
             y: y.clone(),
             timesteps: &timesteps,
             guidance: c.guidance_embed.then_some(&guidance[..]),
             rope: &rope,
-        })?;
+        };
+        let out = match &stream {
+            Some(s) => model.forward_with(input, s)?,
+            None => model.forward(input)?,
+        };
         let _ = out.into_data();
         if i > 0 {
             step_seconds.push(t.elapsed().as_secs_f64());
@@ -331,7 +369,38 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
         step_seconds,
         quantized,
         loras,
+        plan,
     })
+}
+
+/// The transformer's plan against `budget` for the bench's size (the text encoders and the
+/// VAE are not part of a bench).
+fn plan_transformer(
+    path: &std::path::Path,
+    spec: &BenchSpec,
+    budget: u64,
+) -> Result<crate::engine::memory::MemoryPlan> {
+    use crate::engine::memory::{JobSize, ModelSizes, plan};
+    let t = crate::engine::footprint::transformer_sizes(path, spec.dtype)?;
+    let sizes = ModelSizes {
+        t5: 0,
+        clip: 0,
+        vae: 0,
+        transformer_stem: t.stem,
+        transformer_blocks: t.blocks,
+        dequant_bytes: t.dequant_bytes,
+        hidden: t.config.hidden_size,
+        heads: t.config.num_heads,
+        mlp: t.config.mlp_hidden_dim,
+        t5_heads: 0,
+        t5_d_ff: 0,
+        vae_channels: 0,
+        dtype_bytes: spec.dtype.size(),
+    };
+    // The bench's tokens as a square image of that many 16-pixel patches.
+    let (rows, cols) = grid_for(spec.img_tokens);
+    let job = JobSize { width: cols * 16, height: rows * 16, batch: spec.batch, text_tokens: spec.txt_tokens };
+    Ok(plan(&sizes, job, Some(budget), true, false)?)
 }
 
 /// A latent grid with `n` cells, as square as possible.

@@ -203,6 +203,8 @@ pub struct EngineConfig {
     pub weights_dir: PathBuf,
     /// The studio's LoRA library; None: `<weights_dir>/loras`.
     pub loras_dir: Option<PathBuf>,
+    /// Device memory jobs are planned against (`engine::memory`): bytes, or auto.
+    pub memory_budget: crate::engine::memory::MemoryBudget,
 }
 
 impl EngineConfig {
@@ -295,6 +297,7 @@ impl Default for EngineConfig {
             dtype: Dtype::Auto,
             weights_dir: "weights".into(),
             loras_dir: None,
+            memory_budget: crate::engine::memory::MemoryBudget::Auto,
         }
     }
 }
@@ -414,6 +417,20 @@ mod tests {
         // Settings read as they always were: in any case.
         let c: Config = toml::from_str("[engine]\ndevice = \"CPU\"\ndtype = \"BF16\"").unwrap();
         assert_eq!((c.engine.device, c.engine.dtype), (crate::engine::device::DeviceChoice::Cpu, Dtype::Bf16));
+    }
+
+    #[test]
+    fn the_memory_budget_reads_bytes_sizes_and_auto() {
+        use crate::engine::memory::MemoryBudget;
+        let budget = |t: &str| {
+            toml::from_str::<Config>(&format!("[engine]\nmemory_budget = {t}")).map(|c| c.engine.memory_budget)
+        };
+        assert_eq!(budget("\"12GiB\"").unwrap(), MemoryBudget::Bytes(12 << 30));
+        assert_eq!(budget("\"800MiB\"").unwrap(), MemoryBudget::Bytes(800 << 20));
+        assert_eq!(budget("1000000").unwrap(), MemoryBudget::Bytes(1_000_000));
+        assert_eq!(budget("\"auto\"").unwrap(), MemoryBudget::Auto);
+        let err = budget("\"lots\"").unwrap_err().to_string();
+        assert!(err.contains("12GiB"), "{err}");
     }
 
     #[test]

@@ -103,6 +103,19 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         lora_rank: a.lora_rank,
         quant: a.quant,
         train: a.train.then_some(bench::TrainBench { recompute: !a.no_recompute }),
+        memory_budget: match a.memory_budget.as_deref().map(str::parse) {
+            None => None,
+            Some(Ok(atelier::engine::memory::MemoryBudget::Bytes(b))) => Some(b),
+            Some(Ok(atelier::engine::memory::MemoryBudget::Auto)) => {
+                atelier::engine::memory::resolve(
+                    atelier::engine::memory::MemoryBudget::Auto,
+                    device.is_gpu,
+                    device.memory_bytes,
+                )
+                .0
+            }
+            Some(Err(e)) => anyhow::bail!("--memory-budget: {e}"),
+        },
     };
     let report = bench::run(&spec, &device)?;
     report.print(&spec);
@@ -196,7 +209,15 @@ fn run_generate(a: GenerateArgs, config: &Config, data_dir: &std::path::Path) ->
     };
     let (dtype, why) = device::compute_dtype(requested.burn(), &device);
     log::info!("compute dtype {why}");
-    let mut resident = pipeline::Resident::placed(pipeline::Placement { keep_resident: a.keep_resident, dtype });
+    let (memory_budget, budget_source) =
+        atelier::engine::memory::resolve(config.engine.memory_budget, device.is_gpu, device.memory_bytes);
+    log::info!("memory budget {budget_source}");
+    let mut resident = pipeline::Resident::placed(pipeline::Placement {
+        keep_resident: a.keep_resident,
+        dtype,
+        memory_budget,
+        stream_transformer: false,
+    });
     let out = pipeline::generate_prepared(&files, &req, &prepared, &device.device, &mut resident, |p| match p {
         Progress::Stage(s) => log::info!("{s}"),
         Progress::Preview { .. } => {}

@@ -174,4 +174,8 @@ pub struct BenchArgs {
     /// With --train: one autodiff graph over the whole model instead of block recompute.
     #[arg(long)]
     pub no_recompute: bool,
+    /// Plan the transformer against this much device memory (bytes or e.g. 800MiB): resident
+    /// when it fits, else streamed block by block; reports the plan beside the peak RSS.
+    #[arg(long)]
+    pub memory_budget: Option<String>,
 }

@@ -201,7 +201,8 @@ impl ClipText {
         Ok(Self::open_checked(path, hint)?.2)
     }
 
-    fn open_checked(path: &Path, hint: Option<&ClipHint>) -> Result<(WeightSet, String, ClipConfig)> {
+    /// The checkpoint, the key prefix of this component in it, and its configuration.
+    pub fn open_checked(path: &Path, hint: Option<&ClipHint>) -> Result<(WeightSet, String, ClipConfig)> {
         let infer = |set: &WeightSet| infer_config(set, &component_config(path, hint)?.unwrap_or_default());
         loader::open_prefixed(path, ("CLIP checkpoint", "the CLIP text encoder"), clip_ignored, infer, Self::build)
             .with_context(|| format!("reading the CLIP text encoder {}", path.display()))

@@ -45,6 +45,9 @@ pub struct SelectedDevice {
     pub device: Device,
     pub description: String,
     pub is_gpu: bool,
+    /// Bytes of the adapter's largest device-local memory heap, where it can be read (Vulkan);
+    /// what `[engine] memory_budget = "auto"` starts from on a GPU.
+    pub memory_bytes: Option<u64>,
 }
 
 /// What the choice of an adapter looks at: what wgpu reports about it.
@@ -202,13 +205,37 @@ fn init_adapter(index: usize) -> std::result::Result<SelectedDevice, String> {
                     info.name, info.device_type, info.backend, info.driver, info.driver_info
                 ),
                 is_gpu: true,
+                memory_bytes: device_local_bytes(&setup.adapter),
             })
         })
         .clone()
 }
 
 pub fn cpu() -> SelectedDevice {
-    SelectedDevice { device: Device::flex(), description: "CPU (burn flex backend)".into(), is_gpu: false }
+    SelectedDevice {
+        device: Device::flex(),
+        description: "CPU (burn flex backend)".into(),
+        is_gpu: false,
+        memory_bytes: None,
+    }
+}
+
+/// The largest device-local memory heap of a Vulkan adapter, read through wgpu-hal (wgpu has
+/// no portable query of a card's memory); None on other graphics APIs.
+fn device_local_bytes(adapter: &wgpu::Adapter) -> Option<u64> {
+    // SAFETY: the HAL adapter is only read (its physical device's memory properties); nothing
+    // is created or destroyed through it.
+    let hal = unsafe { adapter.as_hal::<wgpu::hal::api::Vulkan>() }?;
+    let instance = hal.shared_instance().raw_instance();
+    // SAFETY: the physical device belongs to this instance, which outlives the call.
+    let props = unsafe { instance.get_physical_device_memory_properties(hal.raw_physical_device()) };
+    // VK_MEMORY_HEAP_DEVICE_LOCAL_BIT
+    const DEVICE_LOCAL: u32 = 1;
+    props.memory_heaps[..props.memory_heap_count as usize]
+        .iter()
+        .filter(|h| h.flags.as_raw() & DEVICE_LOCAL != 0)
+        .map(|h| h.size)
+        .max()
 }
 
 /// Resolves a choice to a device and logs which adapters there were and why one was picked.
@@ -270,6 +297,7 @@ fn vulkan() -> Result<SelectedDevice> {
         device,
         description: format!("Vulkan (SPIR-V) adapter \"{}\" ({:?})", info.name, info.device_type),
         is_gpu: true,
+        memory_bytes: device_local_bytes(&setup.adapter),
     })
 }
 

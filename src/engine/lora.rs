@@ -588,12 +588,25 @@ fn clip_flat(s: &str) -> Option<String> {
 /// has no key for this transformer or a factor's shape does not fit (another FLUX size).
 pub fn set_loras(model: &mut Flux, sets: &[LoraSet]) -> Result<Vec<String>> {
     let linears = model.linears_mut();
-    apply(linears, sets, Part::Transformer, true)
+    apply(linears, sets, Part::Transformer, true, &[])
+}
+
+/// [`set_loras`] for a streamed transformer's non-block layers: `block_paths` (the Linears of
+/// its blocks, built later) count as present, so the checks and warnings are those of the
+/// whole model.
+pub fn set_stem_loras(stem: &mut Flux, block_paths: &[String], sets: &[LoraSet]) -> Result<Vec<String>> {
+    apply(stem.linears_mut(), sets, Part::Transformer, true, block_paths)
+}
+
+/// The adapters of `sets` on one streamed block's Linears (checked and warned about once, by
+/// [`set_stem_loras`]).
+pub fn set_block_loras(linears: Vec<(String, &mut Linear)>, sets: &[LoraSet]) -> Result<()> {
+    apply(linears, sets, Part::Transformer, false, &[]).map(drop)
 }
 
 /// Applies the CLIP parts of `sets` to the CLIP text encoder (replacing earlier ones).
 pub fn set_clip_loras(model: &mut ClipText, sets: &[LoraSet]) -> Result<Vec<String>> {
-    apply(model.linears_mut(), sets, Part::Clip, false)
+    apply(model.linears_mut(), sets, Part::Clip, false, &[])
 }
 
 /// Removes every adapter of the transformer.
@@ -603,9 +616,16 @@ pub fn clear_loras(model: &mut Flux) {
     }
 }
 
-fn apply(linears: Vec<(String, &mut Linear)>, sets: &[LoraSet], part: Part, required: bool) -> Result<Vec<String>> {
+fn apply(
+    linears: Vec<(String, &mut Linear)>,
+    sets: &[LoraSet],
+    part: Part,
+    required: bool,
+    elsewhere: &[String],
+) -> Result<Vec<String>> {
     let mut warnings = Vec::new();
-    let paths: BTreeSet<&str> = linears.iter().map(|(p, _)| p.as_str()).collect();
+    let paths: BTreeSet<&str> =
+        linears.iter().map(|(p, _)| p.as_str()).chain(elsewhere.iter().map(String::as_str)).collect();
     for set in sets {
         let lora = &set.lora;
         let mine: Vec<&(Part, String)> = lora.changes.keys().filter(|(p, _)| *p == part).collect();

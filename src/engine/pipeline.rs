@@ -9,10 +9,13 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::engine::clip::ClipText;
+use crate::engine::flux::model::BlockSource;
 use crate::engine::flux::{self, Flux, FluxInput};
 use crate::engine::lora::{LoraCache, LoraSet, set_clip_loras, set_loras};
+use crate::engine::memory::{JobSize, MemoryPlan};
 use crate::engine::noise::torch_randn;
 use crate::engine::sampler::{ScheduleConfig, StepEvent, denoise};
+use crate::engine::streaming::StreamedFlux;
 use crate::engine::t5::T5Encoder;
 use crate::engine::tokenize::{FluxTokenizers, MIN_T5_LENGTH};
 use crate::engine::vae;
@@ -234,6 +237,14 @@ impl<T> Slot<T> {
         Slot { keep, value: None, loads: 0 }
     }
 
+    /// Whether the component stays loaded after its stage; dropping it now when not.
+    fn set_keep(&mut self, keep: bool) {
+        self.keep = keep;
+        if !keep {
+            self.value = None;
+        }
+    }
+
     /// Runs `stage` with the component, loading it first when it is not resident.
     pub fn with<R>(&mut self, load: impl FnOnce() -> Result<T>, stage: impl FnOnce(&mut T) -> Result<R>) -> Result<R> {
         let mut value = match self.value.take() {
@@ -263,6 +274,9 @@ pub struct Resident {
     /// The compute dtype of the transformer and the VAE. The text encoders stay in f32: T5's
     /// activations overflow f16, and both are a small part of the time.
     dtype: DType,
+    placement: Placement,
+    /// The plan of the last job that started (None before the first, or after a refusal).
+    last_plan: Option<MemoryPlan>,
 }
 
 /// Parsed LoRA factors kept between jobs, at most (f32 on the host).
@@ -284,12 +298,23 @@ pub struct Loads {
 pub struct Placement {
     pub keep_resident: bool,
     pub dtype: DType,
+    /// Device memory jobs are planned against (`engine::memory`); None: planned, never refused.
+    pub memory_budget: Option<u64>,
+    /// Stream the transformer block by block whatever the budget (tests, `bench`).
+    pub stream_transformer: bool,
+}
+
+impl Placement {
+    /// Per stage, in `dtype`, without a budget.
+    pub fn staged(dtype: DType) -> Self {
+        Placement { keep_resident: false, dtype, memory_budget: None, stream_transformer: false }
+    }
 }
 
 impl Resident {
     /// Components in f32.
     pub fn new(keep: bool) -> Self {
-        Self::placed(Placement { keep_resident: keep, dtype: DType::F32 })
+        Self::placed(Placement { keep_resident: keep, ..Placement::staged(DType::F32) })
     }
 
     pub fn placed(p: Placement) -> Self {
@@ -301,7 +326,39 @@ impl Resident {
             vae: Slot::new(keep),
             loras: LoraCache::new(LORA_CACHE_BYTES),
             dtype: p.dtype,
+            placement: p,
+            last_plan: None,
         }
+    }
+
+    /// The memory plan of the last job that started.
+    pub fn last_plan(&self) -> Option<&MemoryPlan> {
+        self.last_plan.as_ref()
+    }
+
+    /// Plans `prepared` against the budget from the component headers (no tensor data), and
+    /// lets go of kept components the plan does not keep. A job that cannot fit is refused
+    /// here, before any compute, with a [`crate::engine::memory::OutOfBudget`] error.
+    pub fn plan(&mut self, files: &ModelFiles, prepared: &Prepared, req: &GenerateRequest) -> Result<MemoryPlan> {
+        self.last_plan = None;
+        let sizes =
+            crate::engine::footprint::model_sizes(&files.transformer, &files.t5, &files.clip, &files.vae, self.dtype)?;
+        let job = JobSize {
+            width: prepared.width,
+            height: prepared.height,
+            batch: req.batch,
+            text_tokens: prepared.max_sequence_length,
+        };
+        let p = &self.placement;
+        let plan = crate::engine::memory::plan(&sizes, job, p.memory_budget, p.keep_resident, p.stream_transformer)?;
+        let keep = plan.all_resident();
+        self.t5.set_keep(keep);
+        self.clip.set_keep(keep);
+        self.flux.set_keep(keep);
+        self.vae.set_keep(keep);
+        log::info!("memory plan: {}", plan.summary());
+        self.last_plan = Some(plan.clone());
+        Ok(plan)
     }
 
     pub fn dtype(&self) -> DType {
@@ -461,6 +518,7 @@ pub fn generate_prepared(
 ) -> Result<Generated> {
     let Prepared { steps, width, height, guidance, is_dev, max_sequence_length: max_len, .. } = *prepared;
     let mut warnings = prepared.warnings.clone();
+    let plan = resident.plan(files, prepared, req)?;
 
     progress(Progress::Stage("encoding the prompt"));
     let prompt = encode_prompt(files, &req.prompt, max_len, &prepared.loras, device, resident, &mut warnings)?;
@@ -472,13 +530,20 @@ pub fn generate_prepared(
         None => ScheduleConfig::schnell(),
     };
     let dtype = resident.dtype;
-    let (grid, latents) = resident.flux.with(
-        || flux::load_transformer(&files.transformer, device, dtype, None),
-        |model| {
-            warnings.extend(set_loras(model, &prepared.loras)?);
-            sample(model, &prompt, &schedule, prepared, req, device, &mut progress)
-        },
-    )?;
+    let (grid, latents) = if plan.transformer_streamed() {
+        let mut streamed = StreamedFlux::load(&files.transformer, device, dtype)?;
+        resident.flux.loads += 1;
+        warnings.extend(streamed.set_loras(&prepared.loras)?);
+        sample(&streamed.stem, &streamed, &prompt, &schedule, prepared, req, device, &mut progress)?
+    } else {
+        resident.flux.with(
+            || flux::load_transformer(&files.transformer, device, dtype, None),
+            |model| {
+                warnings.extend(set_loras(model, &prepared.loras)?);
+                sample(model, &*model, &prompt, &schedule, prepared, req, device, &mut progress)
+            },
+        )?
+    };
 
     if is_canceled(req) {
         return Err(Canceled.into());
@@ -490,9 +555,11 @@ pub fn generate_prepared(
 }
 
 /// The transformer's part: for each image, its seed's noise denoised into clean latents
-/// (unpacked, on the host).
+/// (unpacked, on the host). `blocks` gives the transformer's blocks (its own, or streamed).
+#[allow(clippy::too_many_arguments)]
 fn sample(
     model: &Flux,
+    blocks: &dyn BlockSource,
     prompt: &PromptEmbeds,
     schedule: &ScheduleConfig,
     prepared: &Prepared,
@@ -516,14 +583,17 @@ fn sample(
     let (txt, y) = (prompt.txt.clone().cast(dtype), prompt.y.clone().cast(dtype));
     // The transformer's velocity v(x, t); diffusers hands it timestep / 1000, in f32.
     let velocity = |x: &Tensor<3>, i: usize| {
-        let v = model.forward(FluxInput {
-            img: x.clone().cast(dtype),
-            txt: txt.clone(),
-            y: y.clone(),
-            timesteps: &[timesteps[i] / 1000.0],
-            guidance: guidance.as_ref().map(|g| &g[..]),
-            rope: &rope,
-        })?;
+        let v = model.forward_with(
+            FluxInput {
+                img: x.clone().cast(dtype),
+                txt: txt.clone(),
+                y: y.clone(),
+                timesteps: &[timesteps[i] / 1000.0],
+                guidance: guidance.as_ref().map(|g| &g[..]),
+                rope: &rope,
+            },
+            blocks,
+        )?;
         Ok(v.cast(DType::F32))
     };
     let mut latents = Vec::new();

@@ -222,7 +222,8 @@ impl T5Encoder {
         Ok(Self::open_checked(path, hint)?.2)
     }
 
-    fn open_checked(path: &Path, hint: Option<&T5Hint>) -> Result<(WeightSet, String, T5Config)> {
+    /// The checkpoint, the key prefix of this component in it, and its configuration.
+    pub fn open_checked(path: &Path, hint: Option<&T5Hint>) -> Result<(WeightSet, String, T5Config)> {
         let infer = |set: &WeightSet| infer_config(set, &component_config(path, hint)?.unwrap_or_default());
         loader::open_prefixed(path, ("T5 checkpoint", "the T5 v1.1 encoder"), t5_ignored, infer, Self::build)
             .with_context(|| format!("reading the T5 encoder {}", path.display()))

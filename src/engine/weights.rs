@@ -229,6 +229,18 @@ impl WeightFile {
         }
     }
 
+    /// What [`WeightFile::packed`] would return, in bytes, from the header alone.
+    fn packed_len(&self, name: &str) -> Option<u64> {
+        match self {
+            Self::Safetensors(f) => {
+                let info = f.tensors.get(name)?;
+                let fp8 = matches!(info.dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2) && info.shape.len() == 2;
+                fp8.then_some((info.data_offsets.1 - info.data_offsets.0) as u64)
+            }
+            Self::Gguf(f) => f.quantized_len(name),
+        }
+    }
+
     fn metadata(&self, key: &str) -> Option<&str> {
         match self {
             Self::Safetensors(f) => f.metadata.get(key).map(|s| s.as_str()),
@@ -302,6 +314,12 @@ impl WeightSet {
     pub fn packed(&self, name: &str) -> Result<Option<PackedHost>> {
         let file = self.index.get(name).ok_or_else(|| anyhow!("missing tensor {name}"))?;
         self.files[*file].packed(name)
+    }
+
+    /// The bytes [`WeightSet::packed`] would return for `name` (None where it reads as floats),
+    /// from the header alone: what the memory plan counts for a packed weight.
+    pub fn packed_len(&self, name: &str) -> Option<u64> {
+        self.files[*self.index.get(name)?].packed_len(name)
     }
 
     /// `__metadata__` entries of all files (string metadata of GGUF files).

@@ -127,6 +127,20 @@ pub struct Jobs {
     /// The job the worker runs now and the flag that cancels it.
     running: Mutex<Option<(String, Arc<AtomicBool>)>>,
     stopping: AtomicBool,
+    /// The device-memory budget and the last job's memory plan per model (admin view).
+    pub memory: Mutex<MemoryState>,
+}
+
+/// What `/api/admin/models` shows of memory: the budget jobs are planned against and the
+/// plan each model's last job ran (or was refused) with.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MemoryState {
+    /// Bytes; None: no budget (every job planned and logged, none refused).
+    pub memory_budget: Option<u64>,
+    /// How the budget was found (`auto` on the CPU, as configured, …).
+    pub memory_budget_source: String,
+    /// Model id → the memory plan of its last job.
+    pub memory_plans: std::collections::BTreeMap<String, crate::engine::memory::MemoryPlan>,
 }
 
 impl Jobs {
@@ -149,6 +163,7 @@ impl Jobs {
             wake: (Mutex::new(false), Condvar::new()),
             running: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            memory: Mutex::new(MemoryState::default()),
         }
     }
 

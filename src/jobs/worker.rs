@@ -11,6 +11,7 @@ use anyhow::Context;
 use burn::tensor::Device;
 
 use crate::engine::lora::LoraChoice;
+use crate::engine::memory::OutOfBudget;
 use crate::engine::pipeline::{self, Canceled, GenerateRequest, Placement, Progress, Resident};
 use crate::engine::pngfile::PngText;
 use crate::jobs::Conn;
@@ -260,6 +261,11 @@ fn execute(
             }
         })
     }));
+    if let Some(plan) = res.last_plan() {
+        log::info!("job {}: memory plan {}", job.id, plan.summary());
+        let mut memory = jobs.memory.lock().unwrap_or_else(|p| p.into_inner());
+        memory.memory_plans.insert(job.model.clone(), plan.clone());
+    }
     let loads = res.loads();
     let m = &jobs.metrics;
     m.transformer_loads.fetch_add(loads.transformer - loads_before.transformer, Ordering::Relaxed);
@@ -272,6 +278,13 @@ fn execute(
             return end_without_images(jobs, db, job, JobStatus::Failed, Some(why));
         }
         Ok(Err(e)) if e.is::<Canceled>() => return end_without_images(jobs, db, job, JobStatus::Canceled, None),
+        // Refused by its memory plan before any compute: the user's size is the cause, and
+        // the message names only sizes.
+        Ok(Err(e)) if e.is::<OutOfBudget>() => {
+            log::warn!("job {}: refused by its memory plan: {e}", job.id);
+            let why = format!("{e}; the credits were released");
+            return end_without_images(jobs, db, job, JobStatus::Failed, Some(why));
+        }
         Ok(Err(e)) => return fail_internal(jobs, db, job, format!("{e:#}")),
         Err(panic) => {
             // The components may be half-updated: load them afresh next time.

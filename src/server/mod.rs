@@ -132,7 +132,16 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     };
     let (dtype, why) = device::compute_dtype(requested.burn(), &dev);
     log::info!("compute dtype {why}");
-    let placement = Placement { keep_resident: config.queue.keep_resident, dtype };
+    let (memory_budget, budget_source) =
+        crate::engine::memory::resolve(config.engine.memory_budget, dev.is_gpu, dev.memory_bytes);
+    log::info!("memory budget {budget_source}");
+    {
+        let mut m = jobs.memory.lock().unwrap_or_else(|p| p.into_inner());
+        m.memory_budget = memory_budget;
+        m.memory_budget_source = budget_source;
+    }
+    let placement =
+        Placement { keep_resident: config.queue.keep_resident, dtype, memory_budget, stream_transformer: false };
     let worker = Worker::spawn(jobs.clone(), pool.open()?, dev.device.clone(), placement);
     let sweeper =
         Sweeper::spawn(pool.config().data_dir.join(crate::ledger::DB_FILE), plans.clone(), clock.clone(), |e| {

@@ -347,6 +347,9 @@ pub struct AdminModels<'a> {
     pub device: &'a str,
     /// The compute dtype the models run in on that device.
     pub dtype: &'a str,
+    /// `memory_budget`, `memory_budget_source`, `memory_plans` (model id → its last job's plan).
+    #[serde(flatten)]
+    pub memory: crate::jobs::MemoryState,
 }
 
 // ---- ops ----

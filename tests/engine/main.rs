@@ -5,6 +5,7 @@ mod common;
 mod flux_errors;
 mod flux_golden;
 mod lora;
+mod memory_plan;
 mod noise_golden;
 mod pipeline_golden;
 mod quantized;

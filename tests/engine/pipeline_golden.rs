@@ -134,7 +134,7 @@ fn half_precision_images_stay_close_to_the_f32_golden() {
     };
     let expected = golden.vec("image_u8");
     for (dtype, floor, worst_allowed) in [(DType::F16, 50.0, 2.0), (DType::BF16, 42.0, 8.0)] {
-        let mut resident = pipeline::Resident::placed(pipeline::Placement { keep_resident: false, dtype });
+        let mut resident = pipeline::Resident::placed(pipeline::Placement::staged(dtype));
         let out = pipeline::generate_with(&files, &req, &Device::flex(), &mut resident, |_| {}).unwrap();
         let img = out.images[0].as_raw();
         let mse =

@@ -10,6 +10,7 @@ mod flow;
 mod hardening;
 mod limits;
 mod loras;
+mod memory;
 mod models;
 mod openai;
 mod queue_order;

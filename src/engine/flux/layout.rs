@@ -111,6 +111,14 @@ impl TransformerWeights {
         }
     }
 
+    /// The bytes [`TransformerWeights::packed`] would return for `name`, from the header.
+    pub fn packed_len(&self, name: &str) -> Option<u64> {
+        match self.recipe(name) {
+            Some(Recipe::Direct(k)) => self.set.packed_len(&k),
+            _ => None,
+        }
+    }
+
     /// The BFL-named matrix as the file packs it, where it is stored as one packed tensor.
     pub fn packed(&self, name: &str) -> Result<Option<PackedHost>> {
         match self.recipe(name) {

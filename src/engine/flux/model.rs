@@ -2,6 +2,8 @@
 //! attention) followed by single-stream blocks over the concatenated sequence.
 //! Field names are the checkpoint's own key segments, so loading is a walk over names.
 
+use std::borrow::Cow;
+
 use anyhow::{Result, bail};
 use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
@@ -198,7 +200,7 @@ pub struct DoubleStreamBlock {
 }
 
 impl DoubleStreamBlock {
-    fn load(l: &Loader, c: &FluxConfig) -> Result<Self> {
+    pub fn load(l: &Loader, c: &FluxConfig) -> Result<Self> {
         let (h, mlp) = (c.hidden_size, c.mlp_hidden_dim);
         Ok(DoubleStreamBlock {
             img_mod: Modulation::load(&l.pp("img_mod"), h, 6)?,
@@ -209,6 +211,23 @@ impl DoubleStreamBlock {
             txt_mlp: Mlp::load(&l.pp("txt_mlp"), h, mlp)?,
             num_heads: c.num_heads,
         })
+    }
+
+    /// Every Linear with its checkpoint path, for block `index` (see [`Flux::linears_mut`]).
+    pub fn linears_mut(&mut self, index: usize) -> Vec<(String, &mut Linear)> {
+        let p = format!("double_blocks.{index}");
+        vec![
+            (format!("{p}.img_mod.lin"), &mut self.img_mod.lin),
+            (format!("{p}.img_attn.qkv"), &mut self.img_attn.qkv),
+            (format!("{p}.img_attn.proj"), &mut self.img_attn.proj),
+            (format!("{p}.img_mlp.0"), &mut self.img_mlp.fc1),
+            (format!("{p}.img_mlp.2"), &mut self.img_mlp.fc2),
+            (format!("{p}.txt_mod.lin"), &mut self.txt_mod.lin),
+            (format!("{p}.txt_attn.qkv"), &mut self.txt_attn.qkv),
+            (format!("{p}.txt_attn.proj"), &mut self.txt_attn.proj),
+            (format!("{p}.txt_mlp.0"), &mut self.txt_mlp.fc1),
+            (format!("{p}.txt_mlp.2"), &mut self.txt_mlp.fc2),
+        ]
     }
 
     pub fn forward(&self, img: Tensor<3>, txt: Tensor<3>, vec: Tensor<2>, rope: &Rope) -> (Tensor<3>, Tensor<3>) {
@@ -250,7 +269,7 @@ pub struct SingleStreamBlock {
 }
 
 impl SingleStreamBlock {
-    fn load(l: &Loader, c: &FluxConfig) -> Result<Self> {
+    pub fn load(l: &Loader, c: &FluxConfig) -> Result<Self> {
         let (h, mlp) = (c.hidden_size, c.mlp_hidden_dim);
         Ok(SingleStreamBlock {
             linear1: l.linear("linear1", h, 3 * h + mlp, true)?,
@@ -260,6 +279,16 @@ impl SingleStreamBlock {
             num_heads: c.num_heads,
             hidden_size: c.hidden_size,
         })
+    }
+
+    /// Every Linear with its checkpoint path, for block `index` (see [`Flux::linears_mut`]).
+    pub fn linears_mut(&mut self, index: usize) -> Vec<(String, &mut Linear)> {
+        let p = format!("single_blocks.{index}");
+        vec![
+            (format!("{p}.linear1"), &mut self.linear1),
+            (format!("{p}.linear2"), &mut self.linear2),
+            (format!("{p}.modulation.lin"), &mut self.modulation.lin),
+        ]
     }
 
     pub fn forward(&self, x: Tensor<3>, vec: Tensor<2>, rope: &Rope) -> Tensor<3> {
@@ -324,6 +353,23 @@ pub struct Embedded {
     pub vec: Tensor<2>,
 }
 
+/// Where a forward pass takes its blocks from: the model's own (resident), or built one at a
+/// time just before each runs and dropped after it (streamed, see `engine::streaming`).
+pub trait BlockSource {
+    fn double(&self, index: usize) -> Result<Cow<'_, DoubleStreamBlock>>;
+    fn single(&self, index: usize) -> Result<Cow<'_, SingleStreamBlock>>;
+}
+
+impl BlockSource for Flux {
+    fn double(&self, index: usize) -> Result<Cow<'_, DoubleStreamBlock>> {
+        self.double_blocks.get(index).map(Cow::Borrowed).ok_or_else(|| anyhow::anyhow!("no double block {index}"))
+    }
+
+    fn single(&self, index: usize) -> Result<Cow<'_, SingleStreamBlock>> {
+        self.single_blocks.get(index).map(Cow::Borrowed).ok_or_else(|| anyhow::anyhow!("no single block {index}"))
+    }
+}
+
 /// Conditioning for one forward pass; `timesteps` and `guidance` have one value per batch
 /// item, timesteps in [0, 1] (sigma), as diffusers passes them.
 pub struct FluxInput<'a> {
@@ -361,6 +407,24 @@ impl Flux {
         })
     }
 
+    /// The non-block layers only (embedders and final layer), for a model whose blocks are
+    /// streamed: `double_blocks` and `single_blocks` stay empty, `config` keeps the depths.
+    pub fn build_stem(l: &Loader, config: FluxConfig) -> Result<Self> {
+        let c = &config;
+        let h = c.hidden_size;
+        Ok(Flux {
+            img_in: l.linear("img_in", c.in_channels, h, true)?,
+            txt_in: l.linear("txt_in", c.context_in_dim, h, true)?,
+            time_in: MlpEmbedder::load(&l.pp("time_in"), 256, h)?,
+            vector_in: MlpEmbedder::load(&l.pp("vector_in"), c.vec_in_dim, h)?,
+            guidance_in: c.guidance_embed.then(|| MlpEmbedder::load(&l.pp("guidance_in"), 256, h)).transpose()?,
+            double_blocks: Vec::new(),
+            single_blocks: Vec::new(),
+            final_layer: LastLayer::load(&l.pp("final_layer"), c)?,
+            config,
+        })
+    }
+
     /// Checks the checkpoint against `config`'s module tree, then loads it tensor by tensor, in
     /// `dtype` on `device`.
     pub fn load(weights: &TransformerWeights, config: FluxConfig, device: &Device, dtype: DType) -> Result<Self> {
@@ -382,22 +446,10 @@ impl Flux {
             out.extend(embedder("guidance_in", g));
         }
         for (i, b) in self.double_blocks.iter_mut().enumerate() {
-            let p = format!("double_blocks.{i}");
-            out.push((format!("{p}.img_mod.lin"), &mut b.img_mod.lin));
-            out.push((format!("{p}.img_attn.qkv"), &mut b.img_attn.qkv));
-            out.push((format!("{p}.img_attn.proj"), &mut b.img_attn.proj));
-            out.push((format!("{p}.img_mlp.0"), &mut b.img_mlp.fc1));
-            out.push((format!("{p}.img_mlp.2"), &mut b.img_mlp.fc2));
-            out.push((format!("{p}.txt_mod.lin"), &mut b.txt_mod.lin));
-            out.push((format!("{p}.txt_attn.qkv"), &mut b.txt_attn.qkv));
-            out.push((format!("{p}.txt_attn.proj"), &mut b.txt_attn.proj));
-            out.push((format!("{p}.txt_mlp.0"), &mut b.txt_mlp.fc1));
-            out.push((format!("{p}.txt_mlp.2"), &mut b.txt_mlp.fc2));
+            out.extend(b.linears_mut(i));
         }
         for (i, b) in self.single_blocks.iter_mut().enumerate() {
-            out.push((format!("single_blocks.{i}.linear1"), &mut b.linear1));
-            out.push((format!("single_blocks.{i}.linear2"), &mut b.linear2));
-            out.push((format!("single_blocks.{i}.modulation.lin"), &mut b.modulation.lin));
+            out.extend(b.linears_mut(i));
         }
         out.push(("final_layer.linear".into(), &mut self.final_layer.linear));
         out.push(("final_layer.adaLN_modulation.1".into(), &mut self.final_layer.ada_ln_modulation));
@@ -454,15 +506,22 @@ impl Flux {
 
     /// Predicts the flow velocity for packed latents: [B, L_img, out_channels].
     pub fn forward(&self, input: FluxInput) -> Result<Tensor<3>> {
+        self.forward_with(input, self)
+    }
+
+    /// [`Flux::forward`] with the blocks taken from `blocks` (this model's own, or streamed),
+    /// in order; each is dropped once it ran when the source built it.
+    pub fn forward_with(&self, input: FluxInput, blocks: &dyn BlockSource) -> Result<Tensor<3>> {
         let rope = input.rope;
         let Embedded { mut img, mut txt, vec } = self.embed(input)?;
         let (txt_len, img_len) = (txt.dims()[1], img.dims()[1]);
-        for block in &self.double_blocks {
-            (img, txt) = block.forward(img, txt, vec.clone(), rope);
+        let c = &self.config;
+        for i in 0..c.depth {
+            (img, txt) = blocks.double(i)?.forward(img, txt, vec.clone(), rope);
         }
         let mut x = Tensor::cat(vec![txt, img], 1);
-        for block in &self.single_blocks {
-            x = block.forward(x, vec.clone(), rope);
+        for i in 0..c.depth_single_blocks {
+            x = blocks.single(i)?.forward(x, vec.clone(), rope);
         }
         let img = x.narrow(1, txt_len, img_len);
         Ok(self.final_layer.forward(img, vec))

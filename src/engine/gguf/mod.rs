@@ -167,6 +167,14 @@ impl GgufFile {
         Ok(Some((t.ty, t.shape.clone(), bytes)))
     }
 
+    /// The bytes of the matrix `name` as [`GgufFile::quantized`] would hand them over (None for
+    /// the tensors read as floats), from the header alone.
+    pub fn quantized_len(&self, name: &str) -> Option<u64> {
+        let t = self.tensors.get(name)?;
+        let floats = matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) || t.shape.len() != 2;
+        (!floats).then_some(t.len as u64)
+    }
+
     /// Bytes per block type, with tensor counts: (type, tensors, bytes), by type.
     pub fn bytes_per_type(&self) -> Vec<(GgmlType, usize, u64)> {
         let mut by: BTreeMap<GgmlType, (usize, u64)> = BTreeMap::new();

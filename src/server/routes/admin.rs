@@ -231,5 +231,6 @@ pub async fn queue(state: Data, caller: Caller) -> Result<HttpResponse, ApiError
 pub async fn models(state: Data, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
     let models = state.jobs.models.models.values().collect();
-    Ok(HttpResponse::Ok().json(AdminModels { models, device: &state.device, dtype: &state.dtype }))
+    let memory = state.jobs.memory.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Ok(HttpResponse::Ok().json(AdminModels { models, device: &state.device, dtype: &state.dtype, memory }))
 }

@@ -1,0 +1,164 @@
+//! Device bytes of a model's components, read off their headers (no tensor data): what the
+//! memory plan (`engine::memory`) weighs a job with. Each model's own walk, run in plan mode,
+//! lists the tensors it will upload; a tensor the file keeps packed (GGUF quant blocks, fp8)
+//! counts its packed bytes, any other its elements × the dtype it is uploaded in.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use burn::tensor::DType;
+
+use crate::engine::clip::ClipText;
+use crate::engine::flux::{self, Flux};
+use crate::engine::loader::{Entry, Loader, Walk};
+use crate::engine::memory::ModelSizes;
+use crate::engine::t5::T5Encoder;
+use crate::engine::vae::{self, Vae};
+
+/// The tensors `build` reads, by name and shape.
+fn entries(build: impl FnOnce(&Loader) -> Result<()>) -> Result<Vec<Entry>> {
+    let walk = Walk::plan();
+    build(&walk.root())?;
+    Ok(walk.entries())
+}
+
+fn bytes(e: &Entry, elem: usize, packed: &dyn Fn(&str) -> Option<u64>) -> u64 {
+    packed(&e.name).unwrap_or_else(|| (e.shape.iter().product::<usize>() * elem) as u64)
+}
+
+/// The block a transformer tensor belongs to: its index among the double blocks then the
+/// single blocks; None for the non-block layers.
+fn block_of(name: &str, depth: usize) -> Option<usize> {
+    let index = |rest: &str| rest.split('.').next().and_then(|i| i.parse::<usize>().ok());
+    if let Some(rest) = name.strip_prefix("double_blocks.") {
+        index(rest)
+    } else {
+        name.strip_prefix("single_blocks.").and_then(index).map(|i| depth + i)
+    }
+}
+
+/// A transformer's device bytes: its non-block layers, each block (doubles then singles), and
+/// what dequantizing its packed weights per layer holds at once (`ModelSizes::dequant_bytes`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformerSizes {
+    pub stem: u64,
+    pub blocks: Vec<u64>,
+    pub dequant_bytes: u64,
+    pub config: flux::FluxConfig,
+}
+
+pub fn transformer_sizes(path: &Path, dtype: DType) -> Result<TransformerSizes> {
+    let d = dtype.size();
+    let (weights, config) = flux::open_checked(path, None)?;
+    let cfg = config.clone();
+    let mut stem = 0;
+    let mut blocks = vec![0u64; config.depth + config.depth_single_blocks];
+    let (mut largest_linear, mut packed) = (0, false);
+    for e in &entries(|l| Flux::build(l, cfg).map(drop))? {
+        let b = bytes(e, d, &|n| weights.packed_len(n));
+        packed |= weights.packed_len(&e.name).is_some();
+        match block_of(&e.name, config.depth) {
+            Some(i) => blocks[i] += b,
+            None => stem += b,
+        }
+        if e.shape.len() == 2 && e.name.ends_with(".weight") {
+            largest_linear = largest_linear.max((e.shape[0] * e.shape[1] * d) as u64);
+        }
+    }
+    // Dense weights are used in place; packed ones are dequantized per use (see ModelSizes).
+    let dequant_bytes = if packed { 3 * largest_linear } else { 0 };
+    Ok(TransformerSizes { stem, blocks, dequant_bytes, config })
+}
+
+/// The sizes of the components at these paths, with the transformer and VAE in `dtype` (the
+/// text encoders run in f32).
+pub fn model_sizes(transformer: &Path, t5: &Path, clip: &Path, vae_path: &Path, dtype: DType) -> Result<ModelSizes> {
+    let d = dtype.size();
+    let flux = transformer_sizes(transformer, dtype)?;
+    let (set, prefix, t5_config) = T5Encoder::open_checked(t5, None)?;
+    let c = t5_config.clone();
+    let t5_bytes = entries(|l| T5Encoder::build(l, c).map(drop))?
+        .iter()
+        .map(|e| bytes(e, 4, &|n| set.packed_len(&format!("{prefix}{n}"))))
+        .sum();
+    let (set, prefix, clip_config) = ClipText::open_checked(clip, None)?;
+    let clip_bytes = entries(|l| ClipText::build(l, clip_config).map(drop))?
+        .iter()
+        .map(|e| bytes(e, 4, &|n| set.packed_len(&format!("{prefix}{n}"))))
+        .sum();
+    let (_, vae_config) =
+        vae::open_checked(vae_path, None).with_context(|| format!("the VAE {}", vae_path.display()))?;
+    // The decoder's level i runs at 1/2^i of the image with ch·mult[i] channels; its maps
+    // are upsampled into the level above before that level's first convolution.
+    let vae_channels = (0..vae_config.ch_mult.len())
+        .map(|i| (vae_config.ch * vae_config.ch_mult[i]) >> (2 * i.saturating_sub(1)))
+        .max()
+        .unwrap_or(vae_config.ch);
+    let vae_bytes = entries(|l| Vae::build(l, vae_config).map(drop))?.iter().map(|e| bytes(e, d, &|_| None)).sum();
+
+    Ok(ModelSizes {
+        t5: t5_bytes,
+        clip: clip_bytes,
+        vae: vae_bytes,
+        transformer_stem: flux.stem,
+        transformer_blocks: flux.blocks,
+        dequant_bytes: flux.dequant_bytes,
+        hidden: flux.config.hidden_size,
+        heads: flux.config.num_heads,
+        mlp: flux.config.mlp_hidden_dim,
+        t5_heads: t5_config.heads,
+        t5_d_ff: t5_config.d_ff,
+        vae_channels,
+        dtype_bytes: d,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_told_by_name() {
+        assert_eq!(block_of("double_blocks.3.img_attn.qkv.weight", 19), Some(3));
+        assert_eq!(block_of("single_blocks.0.linear1.weight", 19), Some(19));
+        assert_eq!(block_of("img_in.weight", 19), None);
+        assert_eq!(block_of("final_layer.linear.bias", 19), None);
+    }
+
+    #[test]
+    fn the_demo_model_counts_what_its_files_hold() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/demo/schnell");
+        let s = model_sizes(
+            &dir.join("transformer"),
+            &dir.join("text_encoder_2"),
+            &dir.join("text_encoder"),
+            &dir.join("vae"),
+            DType::F32,
+        )
+        .unwrap();
+        // Plain float files: the device holds every element the file holds, in f32 here
+        // (keys a model ignores, such as unused heads, are not loaded).
+        let elements = |p: &str| {
+            let set = crate::engine::weights::WeightSet::open(&dir.join(p)).unwrap();
+            let keys: Vec<String> = set.keys().map(String::from).collect();
+            keys.iter().map(|k| set.shape(k).unwrap().iter().product::<usize>() as u64).sum::<u64>()
+        };
+        for (got, path) in
+            [(s.transformer(), "transformer"), (s.t5, "text_encoder_2"), (s.clip, "text_encoder"), (s.vae, "vae")]
+        {
+            let f = elements(path) * 4;
+            assert!(got <= f && got * 100 >= f * 90, "{path}: {got} of {f}");
+        }
+        assert_eq!(s.transformer_blocks.len(), s.transformer_blocks.iter().filter(|&&b| b > 0).count());
+        let half = model_sizes(
+            &dir.join("transformer"),
+            &dir.join("text_encoder_2"),
+            &dir.join("text_encoder"),
+            &dir.join("vae"),
+            DType::F16,
+        )
+        .unwrap();
+        assert_eq!(half.transformer() * 2, s.transformer());
+        assert_eq!(half.t5, s.t5, "T5 stays f32");
+    }
+}
