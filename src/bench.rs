@@ -322,39 +322,26 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
                 step_seconds.push(t.elapsed().as_secs_f64());
             }
         }
-        let (_, peak_rss_during_steps) = rss_bytes();
-        return Ok(BenchReport {
-            device: device.description.clone(),
-            file_bytes,
-            rss_before_load,
-            peak_rss_during_load,
-            rss_after_load,
-            peak_rss_during_steps,
-            load_seconds,
-            step_seconds,
-            quantized,
-            loras,
-            plan,
-        });
-    }
-    // One untimed warm-up step: kernel compilation and autotuning on GPUs.
-    for i in 0..=spec.steps {
-        let t = Instant::now();
-        let input = FluxInput {
-            img: img.clone(),
-            txt: txt.clone(),
-            y: y.clone(),
-            timesteps: &timesteps,
-            guidance: c.guidance_embed.then_some(&guidance[..]),
-            rope: &rope,
-        };
-        let out = match &stream {
-            Some(s) => model.forward_with(input, s)?,
-            None => model.forward(input)?,
-        };
-        let _ = out.into_data();
-        if i > 0 {
-            step_seconds.push(t.elapsed().as_secs_f64());
+    } else {
+        // One untimed warm-up step: kernel compilation and autotuning on GPUs.
+        for i in 0..=spec.steps {
+            let t = Instant::now();
+            let input = FluxInput {
+                img: img.clone(),
+                txt: txt.clone(),
+                y: y.clone(),
+                timesteps: &timesteps,
+                guidance: c.guidance_embed.then_some(&guidance[..]),
+                rope: &rope,
+            };
+            let out = match &stream {
+                Some(s) => model.forward_with(input, s)?,
+                None => model.forward(input)?,
+            };
+            let _ = out.into_data();
+            if i > 0 {
+                step_seconds.push(t.elapsed().as_secs_f64());
+            }
         }
     }
     let (_, peak_rss_during_steps) = rss_bytes();

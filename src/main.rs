@@ -129,7 +129,7 @@ fn run_generate(a: GenerateArgs, config: &Config, data_dir: &std::path::Path) ->
 
     // The command line's limits: sides from 16 pixels, rounded down to a multiple of 16.
     let mut spec = atelier::spec::JobSpec {
-        model: a.model.clone().unwrap_or_default(),
+        model: a.files.model.clone().unwrap_or_default(),
         prompt: a.prompt.clone(),
         width: u32::try_from(a.width).unwrap_or(u32::MAX),
         height: u32::try_from(a.height).unwrap_or(u32::MAX),
@@ -164,11 +164,7 @@ fn run_generate(a: GenerateArgs, config: &Config, data_dir: &std::path::Path) ->
         log::warn!("{w}");
     }
     let (width, height) = (checked.width as usize, checked.height as usize);
-    let (files, model_name) = resolve_model(
-        config,
-        a.model.as_deref(),
-        [a.transformer.clone(), a.vae.clone(), a.clip.clone(), a.t5.clone()],
-    )?;
+    let (files, model_name) = resolve_model(config, &a.files)?;
     let device_choice = a.device.parse::<DeviceChoice>()?;
     let req = GenerateRequest {
         prompt: spec.prompt.clone(),
@@ -260,13 +256,13 @@ fn quantize(input: &std::path::Path, output: &std::path::Path, ty: &str) -> Resu
 }
 
 /// The model files of `--model` (a config id or a diffusers folder) and/or single component
-/// files `[transformer, vae, clip, t5]` (which replace that component of `--model`), and the
-/// model's name.
+/// files (which replace that component of `--model`), and the model's name.
 fn resolve_model(
     config: &Config,
-    model: Option<&str>,
-    [transformer, vae, clip, t5]: [Option<std::path::PathBuf>; 4],
+    args: &atelier::cli::ModelArgs,
 ) -> Result<(atelier::engine::pipeline::ModelFiles, String)> {
+    let atelier::cli::ModelArgs { model, transformer, vae, clip, t5 } = args.clone();
+    let model = model.as_deref();
     use atelier::engine::pipeline::ModelFiles;
     // A tokenizers folder under weights_dir overrides the built-in copies.
     let tokenizers = models::tokenizers_dir(config);
@@ -320,11 +316,7 @@ fn resolve_model(
 }
 
 fn run_train(a: atelier::cli::TrainArgs, config: &Config) -> Result<()> {
-    let (files, _) = resolve_model(
-        config,
-        a.model.as_deref(),
-        [a.transformer.clone(), a.vae.clone(), a.clip.clone(), a.t5.clone()],
-    )?;
+    let (files, _) = resolve_model(config, &a.files)?;
     let device = device::select(a.device.parse::<DeviceChoice>()?)?;
     let dtype = match a.dtype.parse::<atelier::config::Dtype>().map_err(anyhow::Error::msg)?.burn() {
         Some(d) => d,

@@ -72,8 +72,9 @@ pub struct ServeArgs {
     pub dtype: Option<String>,
 }
 
-#[derive(Args)]
-pub struct GenerateArgs {
+/// Which model a command runs: `--model` and/or single component files (`generate`, `train`).
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
     /// A diffusers pipeline folder, or a model id from config.toml.
     #[arg(long)]
     pub model: Option<String>,
@@ -87,6 +88,12 @@ pub struct GenerateArgs {
     pub clip: Option<PathBuf>,
     #[arg(long)]
     pub t5: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub files: ModelArgs,
     #[arg(long)]
     pub prompt: String,
     /// Seed of the first image; image i of a batch uses seed + i.

@@ -16,18 +16,8 @@ use crate::train::run::{self, Event, Job, Settings};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// A diffusers pipeline folder, or a model id from config.toml.
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Single files instead of --model, or beside it to replace that component.
-    #[arg(long)]
-    pub transformer: Option<PathBuf>,
-    #[arg(long)]
-    pub vae: Option<PathBuf>,
-    #[arg(long)]
-    pub clip: Option<PathBuf>,
-    #[arg(long)]
-    pub t5: Option<PathBuf>,
+    #[command(flatten)]
+    pub files: super::ModelArgs,
     /// Folder of training images (png, jpg, webp), each with an optional caption `.txt`.
     #[arg(long)]
     pub images: PathBuf,
