@@ -185,7 +185,8 @@ impl Library {
         dir.join(format!("{name}.{EXT}"))
     }
 
-    fn check_name(name: &str) -> Result<(), LibraryError> {
+    /// A name a LoRA may be stored under (see [`valid_lora_name`]), or why not.
+    pub fn check_name(name: &str) -> Result<(), LibraryError> {
         if valid_lora_name(name) {
             Ok(())
         } else {

@@ -388,38 +388,33 @@ pub struct FluxInput<'a> {
 impl Flux {
     /// The module tree of `config`, walked once: from a checkpoint, as a check, or random.
     pub fn build(l: &Loader, config: FluxConfig) -> Result<Self> {
-        let c = &config;
-        let h = c.hidden_size;
-        Ok(Flux {
-            img_in: l.linear("img_in", c.in_channels, h, true)?,
-            txt_in: l.linear("txt_in", c.context_in_dim, h, true)?,
-            time_in: MlpEmbedder::load(&l.pp("time_in"), 256, h)?,
-            vector_in: MlpEmbedder::load(&l.pp("vector_in"), c.vec_in_dim, h)?,
-            guidance_in: c.guidance_embed.then(|| MlpEmbedder::load(&l.pp("guidance_in"), 256, h)).transpose()?,
-            double_blocks: (0..c.depth)
-                .map(|i| DoubleStreamBlock::load(&l.pp("double_blocks").pp(i), c))
-                .collect::<Result<_>>()?,
-            single_blocks: (0..c.depth_single_blocks)
-                .map(|i| SingleStreamBlock::load(&l.pp("single_blocks").pp(i), c))
-                .collect::<Result<_>>()?,
-            final_layer: LastLayer::load(&l.pp("final_layer"), c)?,
-            config,
-        })
+        Self::walk(l, config, true)
     }
 
     /// The non-block layers only (embedders and final layer), for a model whose blocks are
     /// streamed: `double_blocks` and `single_blocks` stay empty, `config` keeps the depths.
     pub fn build_stem(l: &Loader, config: FluxConfig) -> Result<Self> {
+        Self::walk(l, config, false)
+    }
+
+    /// The one walk of [`Flux::build`] and [`Flux::build_stem`], in checkpoint order (a random
+    /// model draws its values in this order), the blocks included or left empty.
+    fn walk(l: &Loader, config: FluxConfig, blocks: bool) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
+        let (depth, depth_single) = if blocks { (c.depth, c.depth_single_blocks) } else { (0, 0) };
         Ok(Flux {
             img_in: l.linear("img_in", c.in_channels, h, true)?,
             txt_in: l.linear("txt_in", c.context_in_dim, h, true)?,
             time_in: MlpEmbedder::load(&l.pp("time_in"), 256, h)?,
             vector_in: MlpEmbedder::load(&l.pp("vector_in"), c.vec_in_dim, h)?,
             guidance_in: c.guidance_embed.then(|| MlpEmbedder::load(&l.pp("guidance_in"), 256, h)).transpose()?,
-            double_blocks: Vec::new(),
-            single_blocks: Vec::new(),
+            double_blocks: (0..depth)
+                .map(|i| DoubleStreamBlock::load(&l.pp("double_blocks").pp(i), c))
+                .collect::<Result<_>>()?,
+            single_blocks: (0..depth_single)
+                .map(|i| SingleStreamBlock::load(&l.pp("single_blocks").pp(i), c))
+                .collect::<Result<_>>()?,
             final_layer: LastLayer::load(&l.pp("final_layer"), c)?,
             config,
         })

@@ -8,13 +8,22 @@ use actix_web::{HttpResponse, web};
 use futures_util::StreamExt;
 use serde::Deserialize;
 
-use crate::loras::{LibraryError, Sidecar};
+use crate::loras::{Library, LibraryError, Sidecar};
 use crate::server::auth::Caller;
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
 use crate::server::views::{LoraList, LoraPlan, LoraUploaded};
 
 type Data = web::Data<AppState>;
+
+/// Runs `f` on the LoRA library on a blocking thread (it reads, parses and moves files).
+async fn on_library<T: Send + 'static>(
+    state: &Data,
+    f: impl FnOnce(&Library) -> Result<T, LibraryError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let library = state.jobs.loras.clone();
+    Ok(web::block(move || f(&library)).await.map_err(ApiError::internal)??)
+}
 
 /// GET /api/loras: the studio's LoRAs and the caller's own, with how many a job may use on
 /// the caller's plan and on each plan (for "needs the X plan").
@@ -64,13 +73,11 @@ pub async fn upload(
     mut body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let name = q.into_inner().name;
-    if !crate::spec::valid_lora_name(&name) {
-        return Err(LibraryError::Invalid(format!("{name:?} is not a LoRA name")).into());
-    }
-    let library = state.jobs.loras.clone();
+    // Before any byte is written.
+    Library::check_name(&name)?;
     let user = caller.user.id;
     let max_mib = state.config.server.max_lora_upload_mib;
-    let tmp = library.upload_path(user)?;
+    let tmp = state.jobs.loras.upload_path(user)?;
     // Removed however the request ends (a client that goes away drops this handler mid-body).
     let _upload = RemoveOnDrop(tmp.clone());
     // Streamed to disk: a 700 MB LoRA never sits in memory.
@@ -88,24 +95,18 @@ pub async fn upload(
             }
             file.write_all(&c).map_err(ApiError::internal)
         });
-        if let Err(e) = written {
-            drop(file);
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+        written?;
     }
     drop(file);
     if size == 0 {
-        let _ = std::fs::remove_file(&tmp);
         return Err(ApiError::bad_request("the upload is empty: send the LoRA file as the request body"));
     }
     let mut widths: Vec<usize> = state.jobs.models.models.values().filter_map(|m| m.hidden_size).collect();
     widths.sort_unstable();
     widths.dedup();
     let max_per_user = state.config.server.max_loras_per_user;
-    let (lora, summary) = web::block(move || library.store_upload(user, &name, &tmp, &widths, max_per_user))
-        .await
-        .map_err(ApiError::internal)??;
+    let (lora, summary) =
+        on_library(&state, move |library| library.store_upload(user, &name, &tmp, &widths, max_per_user)).await?;
     Ok(HttpResponse::Created().json(LoraUploaded {
         lora,
         format: summary.format,
@@ -134,9 +135,8 @@ pub async fn update(
     body: web::Json<LoraChange>,
 ) -> Result<HttpResponse, ApiError> {
     let (name, change) = (path.into_inner(), body.into_inner());
-    let library = state.jobs.loras.clone();
     let user = caller.user.id;
-    let list = web::block(move || {
+    let list = on_library(&state, move |library| {
         let side = Sidecar {
             label: change.label,
             triggers: change.triggers.unwrap_or_default(),
@@ -156,32 +156,28 @@ pub async fn update(
         library.update(user, &name, &side)?;
         library.list(user)
     })
-    .await
-    .map_err(ApiError::internal)??;
+    .await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "loras": list })))
 }
 
 /// DELETE /api/loras/{name}: one of the caller's own.
 pub async fn delete(state: Data, caller: Caller, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let name = path.into_inner();
-    let library = state.jobs.loras.clone();
     let user = caller.user.id;
-    web::block(move || library.delete(user, &name)).await.map_err(ApiError::internal)??;
+    on_library(&state, move |library| library.delete(user, &name)).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
 /// GET /api/loras/{name}/preview: the preview image of a LoRA the caller may use.
 pub async fn preview(state: Data, caller: Caller, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let name = path.into_inner();
-    let library = state.jobs.loras.clone();
     let user = caller.user.id;
-    let (file, bytes) = web::block(move || -> Result<_, ApiError> {
+    let (file, bytes) = on_library(&state, move |library| {
         let file = library.preview(user, &name)?;
-        let bytes = std::fs::read(&file).map_err(ApiError::internal)?;
+        let bytes = std::fs::read(&file)?;
         Ok((file, bytes))
     })
-    .await
-    .map_err(ApiError::internal)??;
+    .await?;
     let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("");
     let mime = match ext {
         "jpg" => "image/jpeg",
@@ -209,9 +205,9 @@ pub async fn publish(state: Data, caller: Caller, body: web::Json<Publish>) -> R
     let p = body.into_inner();
     let owner_name = p.user.clone();
     let owner = state.db(move |c| Ok(c.ledger.user_by_name(&owner_name)?.id)).await?;
-    let library = state.jobs.loras.clone();
     let as_name = p.as_name.unwrap_or_else(|| p.name.clone());
-    let entry = web::block(move || library.publish(owner, &p.name, &as_name)).await.map_err(ApiError::internal)??;
-    log::info!("admin {} published LoRA {} of {} as {}", caller.user.name, entry.name, p.user, entry.name);
+    let name = p.name.clone();
+    let entry = on_library(&state, move |library| library.publish(owner, &name, &as_name)).await?;
+    log::info!("admin {} published LoRA {} of {} as {}", caller.user.name, p.name, p.user, entry.name);
     Ok(HttpResponse::Created().json(serde_json::json!({ "lora": entry })))
 }
