@@ -4,6 +4,7 @@ pub mod accounts;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod datasets;
 pub mod db;
 pub mod engine;
 pub mod jobs;
