@@ -118,6 +118,8 @@ pub struct Jobs {
     pub models: Arc<ModelRegistry>,
     /// The LoRA libraries jobs name LoRAs from.
     pub loras: Arc<crate::loras::Library>,
+    /// The training datasets training jobs read.
+    pub datasets: Arc<crate::datasets::Datasets>,
     pub metrics: Metrics,
     limits: Limits,
     queue: QueueConfig,
@@ -150,11 +152,13 @@ impl Jobs {
         queue: QueueConfig,
         images_dir: std::path::PathBuf,
         loras: Arc<crate::loras::Library>,
+        datasets: Arc<crate::datasets::Datasets>,
     ) -> Jobs {
         Jobs {
             hub: ProgressHub::new(),
             models,
             loras,
+            datasets,
             metrics: Metrics::default(),
             limits: Limits::server(&limits),
             scheduler: Mutex::new(Scheduler::new(&queue.weights)),

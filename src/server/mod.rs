@@ -115,6 +115,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         config.queue.clone(),
         data_dir.join("images"),
         loras,
+        Arc::new(crate::datasets::Datasets::new(&data_dir)),
     ));
     let settled = pool.with(|c| jobs.reconcile(c))??;
     if settled > 0 {

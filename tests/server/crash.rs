@@ -69,8 +69,15 @@ fn a_hold_without_its_job_is_released_at_start() {
     let auth = conn.ledger.authorize_job(user.id, &req).unwrap();
     assert_eq!(conn.ledger.balance(user.id, atelier::ledger::Resource::Credits).unwrap().held, auth.hold.amount);
     let loras = Arc::new(atelier::loras::Library::new(config.engine.loras_dir(), dir.path()));
-    let jobs =
-        Jobs::new(Arc::new(models), config.limits.clone(), config.queue.clone(), dir.path().join("images"), loras);
+    let datasets = Arc::new(atelier::datasets::Datasets::new(dir.path()));
+    let jobs = Jobs::new(
+        Arc::new(models),
+        config.limits.clone(),
+        config.queue.clone(),
+        dir.path().join("images"),
+        loras,
+        datasets,
+    );
     assert_eq!(jobs.reconcile(&mut conn).unwrap(), 1);
     let b = conn.ledger.balance(user.id, atelier::ledger::Resource::Credits).unwrap();
     assert_eq!((b.held, b.available), (0, 50));
