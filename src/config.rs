@@ -16,6 +16,8 @@ pub struct Config {
     pub engine: EngineConfig,
     pub limits: crate::spec::ConfiguredLimits,
     pub queue: QueueConfig,
+    /// `[datasets]`: limits on training datasets (uploads, counts, captions).
+    pub datasets: DatasetsConfig,
     /// `[models.<id>]`: the models this installation serves.
     pub models: BTreeMap<String, ModelEntry>,
     /// `[metering]`, `[plans.*]`, `[pricing]`: read by the ledger (see `Config::plans`).
@@ -184,6 +186,35 @@ pub struct ServerConfig {
     pub max_loras_per_user: usize,
 }
 
+/// `[datasets]`: what users may put into their training datasets.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatasetsConfig {
+    /// The largest file one uploaded image may be, in MiB.
+    pub max_image_mib: u64,
+    /// The most one dataset may hold (its stored images), in MiB.
+    pub max_dataset_mib: u64,
+    /// The most pixels an uploaded image may have, in millions (checked from the header, before
+    /// decoding: a small file claiming 20000×20000 is refused without allocating its pixels).
+    pub max_image_megapixels: u32,
+    /// The most datasets one user keeps.
+    pub max_datasets_per_user: usize,
+    /// The longest caption, in characters.
+    pub max_caption_chars: usize,
+}
+
+impl Default for DatasetsConfig {
+    fn default() -> Self {
+        DatasetsConfig {
+            max_image_mib: 30,
+            max_dataset_mib: 1024,
+            max_image_megapixels: 50,
+            max_datasets_per_user: 20,
+            max_caption_chars: 1000,
+        }
+    }
+}
+
 /// `[server] secure_cookies`: when the session cookie is marked `Secure`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -263,6 +294,7 @@ impl Default for Config {
             engine: Default::default(),
             limits: Default::default(),
             queue: Default::default(),
+            datasets: Default::default(),
             models: shipped_models(),
             metering: plans.metering,
             plans: plans.plans,
@@ -362,6 +394,12 @@ impl Config {
         }
         if self.server.login_attempts == 0 || self.server.login_window_secs == 0 {
             bail!("server.login_attempts and login_window_secs must be at least 1");
+        }
+        let d = &self.datasets;
+        if d.max_image_mib == 0 || d.max_dataset_mib == 0 || d.max_image_megapixels == 0 || d.max_caption_chars == 0 {
+            bail!(
+                "datasets.max_image_mib, max_dataset_mib, max_image_megapixels and max_caption_chars must be at least 1"
+            );
         }
         if let Some(u) = &self.server.public_url {
             let rest = u.strip_prefix("https://").or_else(|| u.strip_prefix("http://"));

@@ -105,7 +105,7 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let kind = match self.status.as_u16() {
-            400 | 404 | 409 | 413 | 422 => "invalid_request_error",
+            400 | 404 | 409 | 413 | 415 | 422 => "invalid_request_error",
             401 => "authentication_error",
             402 => "insufficient_quota",
             403 => "permission_error",
@@ -179,6 +179,26 @@ impl From<crate::loras::LibraryError> for ApiError {
             L::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_lora", m),
             L::Io(e) => ApiError::internal(e),
             L::Internal(e) => ApiError::from_anyhow(&e),
+        }
+    }
+}
+
+impl From<crate::datasets::DatasetError> for ApiError {
+    fn from(e: crate::datasets::DatasetError) -> ApiError {
+        use crate::datasets::DatasetError as D;
+        match e {
+            D::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "dataset_not_found", e.to_string()),
+            D::Invalid(m) => ApiError::bad_request(m),
+            D::TooLarge(m) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", m),
+            D::Unsupported(m) => ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", m),
+            D::Full(m) => ApiError::new(StatusCode::CONFLICT, "too_many_datasets", m),
+            D::Refused(r) => {
+                // The ledger words it for a training; here a dataset is being filled.
+                let mut e = ApiError::refusal(r);
+                e.message = e.message.replace("this training has", "this dataset would hold");
+                e
+            }
+            D::Internal(e) => ApiError::from_anyhow(&e),
         }
     }
 }

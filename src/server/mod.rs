@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod multipart;
 pub mod routes;
 pub mod state;
 pub mod views;

@@ -197,6 +197,11 @@ impl Client {
         self.send("POST", path, None, Some(bytes), &[("Content-Type", "application/octet-stream")])
     }
 
+    /// POSTs `bytes` as the raw body with `content_type` (a multipart form).
+    pub fn post_body(&self, path: &str, bytes: &[u8], content_type: &str) -> Resp {
+        self.send("POST", path, None, Some(bytes), &[("Content-Type", content_type)])
+    }
+
     fn send(
         &self,
         method: &str,

@@ -4,6 +4,7 @@
 mod access;
 mod common;
 mod crash;
+mod datasets;
 mod files;
 mod first_start;
 mod flow;

@@ -2,6 +2,7 @@
 
 pub mod account;
 pub mod admin;
+pub mod datasets;
 pub mod gallery;
 pub mod jobs;
 pub mod limits;
@@ -59,6 +60,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/loras/{name}", web::delete().to(loras::delete))
             .route("/loras/{name}/preview", web::get().to(loras::preview))
             .route("/admin/loras/publish", web::post().to(loras::publish))
+            .route("/datasets", web::get().to(datasets::list))
+            .route("/datasets", web::post().to(datasets::create))
+            .route("/datasets/{id}", web::get().to(datasets::get))
+            .route("/datasets/{id}", web::patch().to(datasets::update))
+            .route("/datasets/{id}", web::delete().to(datasets::delete))
+            .route("/datasets/{id}/images", web::post().to(datasets::upload))
+            .route("/datasets/{id}/captions", web::patch().to(datasets::edit_captions))
+            .route("/datasets/{id}/images/{img}", web::patch().to(datasets::set_caption))
+            .route("/datasets/{id}/images/{img}", web::delete().to(datasets::delete_image))
+            .route("/datasets/{id}/images/{img}/file", web::get().to(datasets::file))
+            .route("/datasets/{id}/images/{img}/thumb", web::get().to(datasets::thumb))
             .route("/images", web::get().to(gallery::list))
             .route("/images/{id}", web::get().to(gallery::get))
             .route("/images/{id}", web::delete().to(gallery::delete))
