@@ -1,16 +1,18 @@
-// atelier's browser UI: session, top bar and hash routing (#/generate, #/gallery, #/usage, #/admin).
+// atelier's browser UI: session, top bar and hash routing (#/generate, #/gallery, #/train, #/usage, #/admin).
 
 import { get, post, setCsrf, onUnauthorized } from './js/api.js';
 import { store, loadPlans, refreshAccount, planName } from './js/store.js';
 import { toast, hideToast, setPlanNamer } from './js/ui.js';
 import * as generate from './js/generate.js';
 import * as gallery from './js/gallery.js';
+import * as train from './js/train.js';
 import * as usage from './js/usage.js';
 import * as admin from './js/admin.js';
 
 const PAGES = {
   generate: { mod: generate, title: 'Generate' },
   gallery: { mod: gallery, title: 'Gallery' },
+  train: { mod: train, title: 'Train' },
   usage: { mod: usage, title: 'Usage' },
   admin: { mod: admin, title: 'Admin', admin: true },
 };

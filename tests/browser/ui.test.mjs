@@ -5,7 +5,7 @@
 //   node tests/browser/ui.test.mjs
 //
 // Expects: alice on the starter plan, bob on the free plan with 200 extra credits and his dev
-// quota unused, an admin on the max plan (the one `serve` creates at first start); the demo models demo-schnell and demo-dev served. Changes alice's
+// quota unused, an admin on the max plan (alice's plan trains on 30 images per LoRA) (the one `serve` creates at first start); the demo models demo-schnell and demo-dev served. Changes alice's
 // password and sets it back to ALICE_PASS (her other sessions end). Prints one line
 // per passed step; exits 1 on the first failure (with screenshots of the pages involved).
 
@@ -502,6 +502,58 @@ try {
     assert(/0 of 5/.test(await bob.textContent('#allowance')), `bob's allowance does not show the used-up dev quota: ${await bob.textContent('#allowance')}`);
   });
 
+  await step('5b. alice builds a training dataset: 4 images, captions, thumbnails', async () => {
+    await alice.goto(`${BASE}/#/train`);
+    await alice.waitForSelector('#new-dataset-name');
+    await alice.fill('#new-dataset-name', 'Browser dog');
+    await alice.fill('#new-dataset-trigger', 'bwdog');
+    await alice.click('#new-dataset-btn');
+    await alice.waitForSelector('#dataset-editor:not([hidden]) #train-drop');
+    assert((await alice.inputValue('#dataset-trigger')) === 'bwdog', 'the editor does not show the trigger word');
+    assert(/^0 \/ 30 images$/.test(await alice.textContent('#train-count')), `the limit reads "${await alice.textContent('#train-count')}"`);
+    assert(await alice.$('#train-run[hidden]'), 'no hidden #train-run placeholder');
+    // Four small images the browser encodes itself: PNG, JPEG, WebP, PNG.
+    const files = await alice.evaluate(async () => {
+      const out = [];
+      const kinds = [['image/png', 'png'], ['image/jpeg', 'jpg'], ['image/webp', 'webp'], ['image/png', 'png']];
+      for (const [i, [type, ext]] of kinds.entries()) {
+        const c = document.createElement('canvas');
+        c.width = 96 + 16 * i;
+        c.height = 72;
+        const g = c.getContext('2d');
+        g.fillStyle = `hsl(${i * 80}, 70%, 50%)`;
+        g.fillRect(0, 0, c.width, c.height);
+        g.fillStyle = '#fff';
+        g.fillRect(12, 12, 30, 30);
+        const blob = await new Promise((r) => c.toBlob(r, type, 0.9));
+        const bytes = new Uint8Array(await blob.arrayBuffer());
+        out.push({ name: `dog${i}.${ext}`, mimeType: type, b64: btoa(String.fromCharCode(...bytes)) });
+      }
+      return out;
+    });
+    await alice.setInputFiles('#train-files', files.map((f) => ({ name: f.name, mimeType: f.mimeType, buffer: Buffer.from(f.b64, 'base64') })));
+    await alice.waitForFunction(() => document.querySelectorAll('#train-images .train-card').length === 4);
+    await alice.waitForFunction(() => [...document.querySelectorAll('img.train-thumb')].every((i) => i.complete && i.naturalWidth > 0));
+    assert(/^4 \/ 30 images$/.test(await alice.textContent('#train-count')), `the limit reads "${await alice.textContent('#train-count')}"`);
+    // One caption, saved on change.
+    const first = '#train-images .train-card:first-child textarea.caption';
+    await alice.fill(first, '[trigger] sitting on a red sofa');
+    await alice.press(first, 'Tab');
+    await alice.waitForFunction(() => document.querySelector('#train-images .train-card:first-child .caption-status').textContent === 'Saved');
+    // In bulk: a prefix on every caption.
+    await alice.fill('#bulk-text', 'photo of');
+    await alice.click('#bulk-prefix');
+    await alice.waitForFunction(() => [...document.querySelectorAll('textarea.caption')].every((t) => t.value.startsWith('photo of')));
+    const saved = await alice.evaluate(async () => {
+      const list = await (await fetch('/api/datasets')).json();
+      const ds = list.datasets.find((d) => d.name === 'Browser dog');
+      return (await (await fetch(`/api/datasets/${ds.id}`)).json()).images.map((i) => i.caption);
+    });
+    assert(saved.length === 4 && saved[0] === 'photo of [trigger] sitting on a red sofa' && saved[1] === 'photo of',
+      `the server keeps the captions ${JSON.stringify(saved)}`);
+    assert((await alice.textContent('#dataset-list')).includes('4 images'), 'the dataset list does not show 4 images');
+  });
+
   await step('6. alice changes her password (wrong, right, and back)', async () => {
     const NEW_PASS = `${ALICE.pass}-Changed9`;
     // A second session of alice's: a password change must end it.
@@ -605,6 +657,11 @@ try {
         await p.waitForSelector('#image-modal[open]');
         await p.waitForFunction(() => document.getElementById('modal-img').complete && document.getElementById('modal-params').textContent.length > 20);
       }, { fullPage: false }],
+      ['train', alice, async (p) => {
+        await p.goto(`${BASE}/#/train`);
+        await p.waitForSelector('#train-images img.train-thumb');
+        await p.waitForFunction(() => [...document.querySelectorAll('img.train-thumb')].every((i) => i.complete));
+      }],
       ['usage', alice, async (p) => { await p.goto(`${BASE}/#/usage`); await p.waitForSelector('#usage-chart .chart-col'); await p.waitForSelector('#plans-table tbody tr'); }],
       ['admin', admin, async (p) => { await p.goto(`${BASE}/#/admin`); await p.waitForSelector('#admin-users tbody tr'); await p.waitForSelector('#admin-models table'); }],
     ];

@@ -40,7 +40,10 @@ export function randomKey() {
 export async function api(path, { method = 'GET', body, headers = {}, signal } = {}) {
   const h = { Accept: 'application/json', ...headers };
   let payload;
-  if (body !== undefined) {
+  if (body instanceof FormData) {
+    // multipart/form-data: the browser sets the Content-Type with its boundary.
+    payload = body;
+  } else if (body !== undefined) {
     h['Content-Type'] = 'application/json';
     payload = typeof body === 'string' ? body : JSON.stringify(body);
   }
@@ -73,6 +76,7 @@ export async function api(path, { method = 'GET', body, headers = {}, signal } =
 
 export const get = (path, opts) => api(path, opts);
 export const post = (path, body, opts = {}) => api(path, { ...opts, method: 'POST', body: body === undefined ? {} : body });
+export const patch = (path, body, opts = {}) => api(path, { ...opts, method: 'PATCH', body });
 export const del = (path, opts = {}) => api(path, { ...opts, method: 'DELETE' });
 
 /** Builds a query string from an object, leaving out null / undefined / '' values. */

@@ -134,6 +134,10 @@ function refusalText(d) {
       return `${plan} allows ${d.has} parameters; this job needs ${d.needs} for ${(d.params || []).join(', ')}.`;
     case 'batch_too_large':
       return `${plan} allows up to ${d.max} image${d.max === 1 ? '' : 's'} per job; this asks for ${d.batch}.`;
+    case 'training_not_in_plan':
+      return `${plan} does not include LoRA training.`;
+    case 'too_many_training_images':
+      return `${plan} trains on up to ${d.max} images per LoRA; this would make ${d.images}.`;
     case 'model_not_in_plan':
       return `${plan} does not include ${d.tag} models such as ${d.model}.`;
     default:
