@@ -121,6 +121,7 @@ fn config(dir: &Path) -> PathBuf {
             // Starter (the first plan that trains): 6 images per LoRA here, so the test hits it.
             ("training_images_per_lora = 30", "training_images_per_lora = 6"),
             ("max_image_mib = 30", "max_image_mib = 1"),
+            ("max_dataset_mib = 1024", "max_dataset_mib = 2"),
             ("max_datasets_per_user = 20", "max_datasets_per_user = 3"),
         ],
     )
@@ -376,6 +377,49 @@ fn bad_uploads_are_refused_and_store_nothing() {
     let r = upload(&alice, &id, &[]);
     assert_eq!(r.status, 400);
     assert_empty(&data, &id, "no images");
+
+    // A client that goes away mid-upload leaves nothing behind either.
+    let noise = noise_png(500, 600);
+    assert!(noise.len() < 1 << 20);
+    let (body, ct) = multipart(&[("files", Some("slow.png"), Some("image/png"), &noise)]);
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    let head = format!(
+        "POST /api/datasets/{id}/images HTTP/1.1\r\nHost: {addr}\r\nCookie: {}\r\nX-CSRF-Token: {}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n",
+        alice.cookie.as_deref().unwrap(),
+        alice.csrf.as_deref().unwrap(),
+        body.len()
+    );
+    std::io::Write::write_all(&mut conn, head.as_bytes()).unwrap();
+    std::io::Write::write_all(&mut conn, &body[..body.len() / 2]).unwrap();
+    let ds_dir = data.join("datasets").join(&id);
+    let staged = || {
+        std::fs::read_dir(&ds_dir).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".upload-"))
+    };
+    let until = |want: bool| {
+        let start = std::time::Instant::now();
+        while staged() != want {
+            assert!(start.elapsed().as_secs() < 10, "the staging folder exists: {}", !want);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    until(true);
+    drop(conn);
+    until(false);
+    assert_empty(&data, &id, "a client gone mid-upload");
+
     // And after all that, a good upload works.
     assert_eq!(upload(&alice, &id, &[("files", Some("good.png"), Some("image/png"), &good)]).status, 201);
+
+    // The dataset's size limit (2 MiB here): two ~900 KB images fit, a third does not.
+    let r = upload(
+        &alice,
+        &id,
+        &[("files", Some("n1.png"), Some("image/png"), &noise), ("files", Some("n2.png"), Some("image/png"), &noise)],
+    );
+    assert_eq!(r.status, 201, "{}", r.message());
+    let r = upload(&alice, &id, &[("files", Some("n3.png"), Some("image/png"), &noise)]);
+    assert_eq!(r.status, 413, "{}", r.message());
+    assert!(r.message().contains("n3.png") && r.message().contains("max_dataset_mib"), "{}", r.message());
+    assert_eq!(alice.get(&format!("/api/datasets/{id}")).json()["dataset"]["image_count"], 3);
 }
