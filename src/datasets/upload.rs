@@ -18,6 +18,9 @@ use crate::ledger::{PlansConfig, Refusal, UserId};
 /// The long side of a thumbnail, in pixels.
 pub const THUMB_PX: u32 = 256;
 
+/// The most caption parts one upload may carry.
+const MAX_CAPTIONS: usize = 1000;
+
 /// What a multipart part is, from its field name, file name and content type.
 #[derive(Debug, PartialEq)]
 pub enum Part {
@@ -214,6 +217,10 @@ impl Staging {
     /// The caption for the image whose file name (or stem) is `target`; `source` names where it
     /// came from in errors.
     pub fn add_caption(&mut self, target: &str, text: &[u8], source: &str) -> Result<(), DatasetError> {
+        // Captions are held in memory until the end of the request: a bounded number of them.
+        if self.captions.len() >= MAX_CAPTIONS {
+            return Err(DatasetError::Invalid(format!("more than {MAX_CAPTIONS} captions in one upload")));
+        }
         let text = std::str::from_utf8(text)
             .map_err(|_| DatasetError::Invalid(format!("{}: the caption is not UTF-8 text", shown(source))))?;
         let caption = captions::check(&shown(target), text, self.limits.max_caption_chars)?;
