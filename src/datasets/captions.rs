@@ -127,6 +127,18 @@ impl Datasets {
         edit: &BulkEdit,
         max: usize,
     ) -> Result<Vec<ImageInfo>, DatasetError> {
+        // Texts longer than a caption may be are refused before any is applied (a long
+        // `replace` times many matches would otherwise build huge strings first).
+        let texts = [&edit.set_all, &edit.find, &edit.replace, &edit.prefix, &edit.suffix];
+        if texts.iter().any(|t| t.as_ref().is_some_and(|t| t.chars().count() > max)) {
+            return Err(DatasetError::Invalid(format!("a caption text is longer than {max} characters")));
+        }
+        if let Some(find) = edit.find.as_deref().filter(|f| !f.is_empty()) {
+            let grows = edit.replace.as_deref().map_or(0, str::len).saturating_sub(find.len());
+            if grows > 0 && (max * 4 / find.len().max(1)).saturating_mul(grows) > 1 << 20 {
+                return Err(DatasetError::Invalid("the replacement would make captions far too long".into()));
+            }
+        }
         let _changing = self.lock();
         self.get(owner, false, id)?;
         let images = self.images(id)?;

@@ -65,6 +65,8 @@ pub struct Datasets {
     /// Held while images are moved into or out of a dataset and while datasets are created,
     /// so two requests at once cannot both pass a count limit.
     changing: Mutex<()>,
+    /// Held while an upload decodes its images (one at a time: they are large).
+    pub(crate) decoding: Mutex<()>,
 }
 
 /// One image of a dataset, as the API shows it.
@@ -122,7 +124,7 @@ pub fn check_trigger(trigger: &str) -> Result<String, DatasetError> {
 
 impl Datasets {
     pub fn new(data_dir: &Path) -> Datasets {
-        Datasets { root: data_dir.join("datasets"), changing: Mutex::new(()) }
+        Datasets { root: data_dir.join("datasets"), changing: Mutex::new(()), decoding: Mutex::new(()) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -262,15 +264,61 @@ impl Datasets {
         // Renamed away first: a crash halfway never leaves a dataset with half its files.
         let doomed = self.root.join(format!(".deleting-{id}"));
         std::fs::rename(&dir, &doomed).with_context(|| format!("cannot delete {}", dir.display()))?;
-        std::fs::remove_dir_all(&doomed).with_context(|| format!("cannot delete {}", doomed.display()))?;
+        drop(_changing);
+        // The dataset is gone once renamed; a removal that fails is swept at the next start.
+        if let Err(e) = std::fs::remove_dir_all(&doomed) {
+            log::warn!("removing {}: {e}", doomed.display());
+        }
         Ok(())
+    }
+
+    /// Removes what a crash left: datasets half deleted, uploads half staged, and captions or
+    /// thumbnails whose image never landed. Run at start, before any request.
+    pub fn sweep(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".deleting-") {
+                if let Err(e) = std::fs::remove_dir_all(&path) {
+                    log::warn!("removing {}: {e}", path.display());
+                }
+                continue;
+            }
+            if !path.is_dir() {
+                continue;
+            }
+            for inner in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                if inner.file_name().to_string_lossy().starts_with(".upload-") {
+                    let _ = std::fs::remove_dir_all(inner.path());
+                }
+            }
+            let images = path.join("images");
+            let has_png = |stem: &std::ffi::OsStr| images.join(stem).with_extension("png").exists();
+            for (dir, ext) in [(path.join("images"), "txt"), (path.join("thumbs"), "jpg")] {
+                for f in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    let p = f.path();
+                    if p.extension().is_some_and(|x| x == ext) && p.file_stem().is_some_and(|s| !has_png(s)) {
+                        let _ = std::fs::remove_file(&p);
+                    }
+                }
+            }
+        }
     }
 
     /// The images of dataset `id`, oldest first (ids sort in upload order).
     pub fn images(&self, id: &str) -> Result<Vec<ImageInfo>, DatasetError> {
         let dir = self.images_dir(id)?;
         let mut found = Vec::new();
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            // Deleted meanwhile (an upload that ends after its dataset was deleted).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(DatasetError::NotFound(format!("dataset {id:?}")));
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {}", dir.display())).into()),
+        };
+        for entry in entries.flatten() {
             let path = entry.path();
             if path.extension().is_none_or(|x| x != "png") {
                 continue;

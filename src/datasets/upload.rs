@@ -59,12 +59,23 @@ pub fn classify(field: &str, filename: Option<&str>, content_type: Option<&str>)
             }
             Ok(Part::CaptionFile(name.to_string()))
         }
+        // The bytes decide the format (sniffed at decoding). A file sent without a type or as
+        // application/octet-stream is what Python's requests and curl send for extensions they do
+        // not know (.webp), so only a type that says "not an image" is refused here.
         Some(name) => match ct.as_deref() {
-            Some("image/png" | "image/jpeg" | "image/jpg" | "image/webp") => Ok(Part::Image(name.to_string())),
-            other => Err(DatasetError::Unsupported(format!(
-                "{}: sent as {}; images must be PNG, JPEG or WebP (image/png, image/jpeg, image/webp)",
+            None
+            | Some(
+                "application/octet-stream"
+                | "image/png"
+                | "image/x-png"
+                | "image/jpeg"
+                | "image/jpg"
+                | "image/pjpeg"
+                | "image/webp",
+            ) => Ok(Part::Image(name.to_string())),
+            Some(other) => Err(DatasetError::Unsupported(format!(
+                "{}: sent as {other}; images must be PNG, JPEG or WebP (image/png, image/jpeg, image/webp)",
                 shown(name),
-                other.unwrap_or("no content type")
             ))),
         },
         None => match field.strip_prefix("caption:") {
@@ -237,6 +248,9 @@ impl Staging {
     /// on any error nothing is moved. Blocking (decoding). Returns the new images.
     pub fn finish(mut self, datasets: &Datasets) -> Result<Vec<ImageInfo>, DatasetError> {
         self.current = None;
+        // One upload decodes at a time: a 50-megapixel image takes about 1 GB while it is
+        // decoded, rotated and converted.
+        let _decoding = datasets.decoding.lock().unwrap_or_else(|e| e.into_inner());
         if self.images.is_empty() {
             return Err(DatasetError::Invalid(
                 "no image in the request: send PNG, JPEG or WebP files as multipart/form-data".into(),
@@ -412,7 +426,8 @@ mod tests {
         let e = classify("files", Some("a.png"), Some("text/html")).unwrap_err().to_string();
         assert!(e.contains("a.png") && e.contains("text/html"), "{e}");
         assert!(classify("files", Some("a.gif"), Some("image/gif")).is_err());
-        assert!(classify("files", Some("a.png"), None).is_err());
+        assert!(classify("files", Some("a.png"), None).is_ok(), "the bytes decide");
+        assert!(classify("files", Some("a.webp"), Some("application/octet-stream")).is_ok());
         assert!(classify("other", None, None).is_err());
         assert_eq!(stem("dir/a.b.png"), "a.b");
     }

@@ -110,13 +110,15 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     crate::engine::filehash::set_cache_file(data_dir.join("file-hashes.json"));
     let loras = Arc::new(crate::loras::Library::new(config.engine.loras_dir(), &data_dir));
     loras.sweep_uploads();
+    let datasets = Arc::new(crate::datasets::Datasets::new(&data_dir));
+    datasets.sweep();
     let jobs = Arc::new(Jobs::new(
         Arc::new(registry),
         config.limits.clone(),
         config.queue.clone(),
         data_dir.join("images"),
         loras,
-        Arc::new(crate::datasets::Datasets::new(&data_dir)),
+        datasets,
     ));
     let settled = pool.with(|c| jobs.reconcile(c))??;
     if settled > 0 {

@@ -1,9 +1,10 @@
 // The Train page: the user's training datasets (create, delete) and the dataset editor (name,
 // trigger word, image upload by picker or drag and drop, thumbnails with a caption each, bulk
-// caption tools, the plan's image limit). Training runs themselves go into #train-run.
+// caption tools, the plan's image limit). Training runs go into #train-run (trainrun.js).
 
 import { get, post, patch, del } from './api.js';
 import { h, clear, toast, notice, confirmDialog, busy, fmtNum } from './ui.js';
+import { mountRun, showRun, hideRun } from './trainrun.js';
 
 const T = { root: null, list: [], maxImages: 0, maxDatasets: 0, current: null, images: [], seq: 0 };
 const el = {};
@@ -29,8 +30,8 @@ export function mount(root) {
           el.name, el.trigger, el.create),
         el.list),
       h('div', { class: 'train-main' }, el.none, el.editor,
-        // Training runs (preset, start, progress, loss chart, samples) go here.
-        h('section', { id: 'train-run', class: 'card', hidden: true }))));
+        el.run = h('section', { id: 'train-run', class: 'card', hidden: true }))));
+  mountRun(el.run);
 }
 
 export async function show(params) {
@@ -97,6 +98,7 @@ async function remove(d) {
 
 function closeEditor() {
   T.current = null;
+  hideRun();
   el.editor.hidden = true;
   el.none.hidden = false;
   renderList();
@@ -192,6 +194,7 @@ function renderImages() {
   clear(el.grid);
   if (!n) el.grid.append(h('p', { class: 'muted', text: 'No images yet.' }));
   for (const img of T.images) el.grid.append(imageCard(img));
+  showRun(T.current, n).catch((e) => toast(e, 'Cannot load the trainings'));
 }
 
 function imageCard(img) {
@@ -230,6 +233,19 @@ function imageCard(img) {
 
 async function upload(files) {
   if (!files.length || !T.current) return;
+  // What the server would refuse is said before posting (a large refused body can end in a
+  // reset connection rather than the server's message).
+  const imgs = files.filter((f) => !/\.txt$/i.test(f.name));
+  if (T.maxImages && T.images.length + imgs.length > T.maxImages) {
+    toast(`This dataset holds ${T.images.length} images and your plan trains on up to ${T.maxImages}; choose at most ${Math.max(0, T.maxImages - T.images.length)} more.`, 'Too many images');
+    return;
+  }
+  const maxMib = T.limits && T.limits.max_image_mib;
+  const big = maxMib ? imgs.filter((f) => f.size > maxMib * 1048576) : [];
+  if (big.length) {
+    toast(`${big.map((f) => f.name).join(', ')}: larger than ${maxMib} MiB, the most one image may be.`, 'Image too large');
+    return;
+  }
   const form = new FormData();
   for (const f of files) form.append('files', f, f.name);
   el.drop.classList.add('is-busy');
