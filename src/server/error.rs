@@ -165,6 +165,14 @@ impl From<SubmitError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "idempotency_key_in_use", e.to_string())
             }
             SubmitError::Lora(e) => e.into(),
+            SubmitError::Dataset(e) => {
+                use crate::datasets::DatasetError as D;
+                match e {
+                    e @ D::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "dataset_not_found", e.to_string()),
+                    D::Invalid(m) => ApiError::bad_request(m),
+                    D::Internal(e) => ApiError::from_anyhow(&e),
+                }
+            }
             SubmitError::Internal(e) => ApiError::from_anyhow(&e),
         }
     }

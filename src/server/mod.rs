@@ -109,14 +109,17 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     crate::engine::filehash::set_cache_file(data_dir.join("file-hashes.json"));
     let loras = Arc::new(crate::loras::Library::new(config.engine.loras_dir(), &data_dir));
     loras.sweep_uploads();
-    let jobs = Arc::new(Jobs::new(
-        Arc::new(registry),
-        config.limits.clone(),
-        config.queue.clone(),
-        data_dir.join("images"),
-        loras,
-        Arc::new(crate::datasets::Datasets::new(&data_dir)),
-    ));
+    let jobs = Arc::new(
+        Jobs::new(
+            Arc::new(registry),
+            config.limits.clone(),
+            config.queue.clone(),
+            data_dir.join("images"),
+            loras,
+            Arc::new(crate::datasets::Datasets::new(&data_dir)),
+        )
+        .with_training(config.training.clone(), data_dir.join("trainings")),
+    );
     let settled = pool.with(|c| jobs.reconcile(c))??;
     if settled > 0 {
         log::warn!("settled {settled} credit holds left open by the last run");

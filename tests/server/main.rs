@@ -14,3 +14,4 @@ mod memory;
 mod models;
 mod openai;
 mod queue_order;
+mod training;
