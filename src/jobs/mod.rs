@@ -356,6 +356,10 @@ impl Jobs {
             && store::finish(&db.app, &job.id, &[JobStatus::Queued], JobStatus::Canceled, None, db.now())?
         {
             db.ledger.release(job.hold_id)?;
+            if job.kind == store::JobKind::Training {
+                // The dataset copy it would have trained on.
+                let _ = std::fs::remove_dir_all(self.training_dir(&job.id));
+            }
             self.hub.publish(&job.id, job.user_id, JobEvent::Canceled);
             self.publish_positions(db);
             return Ok(JobStatus::Canceled);

@@ -195,9 +195,9 @@ fn execute_training(
             stop_after: None,
         };
         if let Some(c) = &tjob.resume {
-            publish(JobEvent::Stage {
-                stage: format!("resuming from {}", c.file_name().unwrap_or_default().display()),
-            });
+            let stage = format!("resuming from {}", c.file_name().unwrap_or_default().display());
+            log::info!("training {}: {stage}", job.id);
+            publish(JobEvent::Stage { stage });
         }
         let mut why = Why::Running;
         let mut saved = Instant::now();

@@ -334,6 +334,7 @@ fn kill_9_mid_training_resumes_from_the_last_checkpoint_and_charges_once() {
     let kai = Client::login(&server.url, "kai", "kai-password");
     let t = wait_training(&kai, &id);
     assert_eq!(t["status"], "succeeded", "{t}");
+    assert!(server.log().contains(&format!("training {id}: resuming from step_")), "{}", server.log());
     let steps: Vec<u64> = t["loss"].as_array().unwrap().iter().map(|p| p["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, (1..=150).collect::<Vec<_>>());
     assert!(kai.get("/api/loras").json()["loras"].as_array().unwrap().iter().any(|l| l["name"] == "phoenix"));
@@ -379,4 +380,37 @@ fn kill_9_before_the_first_checkpoint_fails_the_training_and_releases_at_once() 
 
 fn user_id_in(ledger: &mut Ledger, name: &str) -> i64 {
     ledger.user_by_name(name).unwrap().id
+}
+
+#[test]
+fn a_server_stop_checkpoints_the_training_and_the_next_start_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    add_user(&data, None, "sol", "sol-password", "pro", false);
+    // No periodic checkpoints: the only one is the stop's.
+    let config = config(
+        dir.path(),
+        &[
+            ("sample_every = 250", "sample_every = 0\nmax_sequence_length = 32"),
+            ("checkpoint_every_steps = 100", "checkpoint_every_steps = 0"),
+            ("checkpoint_every_secs = 300", "checkpoint_every_secs = 0"),
+        ],
+    );
+    let mut server = start(&data, &config);
+    let sol = Client::login(&server.url, "sol", "sol-password");
+    let ds = dataset(&data, user_id(&sol), 4);
+    let id = submit_training(&sol, order(&ds, "dusk", 400))["job"]["id"].as_str().unwrap().to_string();
+    sol.sse_until(&format!("/api/jobs/{id}/events"), |e| e["type"] == "training_step" && e["step"] == 5);
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(server.child.wait().unwrap().success() || cfg!(not(unix)));
+    let server = start(&data, &config);
+    let sol = Client::login(&server.url, "sol", "sol-password");
+    let t = wait_training(&sol, &id);
+    assert_eq!(t["status"], "succeeded", "{t}");
+    assert!(server.log().contains(&format!("training {id}: resuming from step_")), "{}", server.log());
+    let steps: Vec<u64> = t["loss"].as_array().unwrap().iter().map(|p| p["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=400).collect::<Vec<_>>());
+    assert!(training_holds(&sol).is_empty());
+    assert_eq!(sol.get("/api/usage").json()["training_available"], 0);
 }
