@@ -89,6 +89,7 @@ def dataset(owner, n, side):
     return ds
 
 def image_job(model, size, steps):
+    """Runs one image job; returns (submitted, started, done) monotonic times."""
     t0 = time.monotonic()
     job = painter.call("POST", "/api/jobs", {"model": model, "prompt": "a fox", "width": size, "height": size, "steps": steps, "seed": 1})["job"]
     started = done = None
@@ -97,10 +98,10 @@ def image_job(model, size, steps):
             started = t
         if final(e):
             done = t
-    return started - t0, done - t0
+    return t0, started, done
 
 def train(model, ds, steps, res, rank, during=None):
-    """Trains; returns (seconds from first step to the end, steps). `during(stop)` runs in a thread once it steps."""
+    """Trains; returns (first step, end) monotonic times. `during(stop)` runs in a thread once it steps."""
     name = f"b{uuid.uuid4().hex[:8]}"
     job = trainer.call("POST", "/api/trainings", {"dataset": ds, "model": model, "name": name, "steps": steps, "rank": rank, "resolution": res, "seed": 1})["job"]
     first = end = None; stop = threading.Event(); th = None
@@ -113,25 +114,29 @@ def train(model, ds, steps, res, rank, during=None):
             end = t; assert e["type"] == "trained", e
     stop.set()
     if th: th.join()
-    return end - first
+    return first, end
 
 owner = trainer.call("GET", "/api/session")["user"]["id"]
 for model, res, tsteps, isize, isteps, rounds in [("tiny", 32, 300, 64, 4, 3), ("medium", 256, 12, 512, 4, 3)]:
     ds = dataset(owner, 4, res)
     image_job(model, isize, isteps)  # warm-up (loads, kernels)
     alone = [image_job(model, isize, isteps) for _ in range(rounds)]
-    t_alone = train(model, ds, tsteps, res, 8)
-    waits = []
+    a0, a1 = train(model, ds, tsteps, res, 8)
+    t_alone = a1 - a0
+    runs = []
     def painter_loop(stop):
         while not stop.is_set():
-            w, d = image_job(model, isize, isteps)
-            waits.append((w, d))
+            runs.append(image_job(model, isize, isteps))
             time.sleep(0.05)
-    t_inter = train(model, ds, tsteps, res, 8, painter_loop)
-    img_time = sum(d for _, d in waits)
+    first, end = train(model, ds, tsteps, res, 8, painter_loop)
+    t_inter = end - first
+    during = [r for r in runs if r[1] < end]
+    # The device time the images took inside the training's run.
+    overlap = sum(max(0.0, min(d, end) - max(s, first)) for _, s, d in during)
     mean = lambda xs: sum(xs) / max(len(xs), 1)
-    print(f"{model}: image {isize}x{isize} {isteps} steps alone: wait {mean([a for a, _ in alone]):.3f}s, total {mean([b for _, b in alone]):.3f}s")
+    waits = [s - t for t, s, _ in during]
+    print(f"{model}: image {isize}x{isize} {isteps} steps alone: wait {mean([s - t for t, s, _ in alone]):.3f}s, run {mean([d - s for _, s, d in alone]):.3f}s")
     print(f"{model}: training {tsteps} steps at {res}x{res} rank 8 alone: {t_alone:.2f}s ({t_alone / tsteps:.3f}s/step)")
-    print(f"{model}: during the training, {len(waits)} image jobs: wait mean {mean([w for w, _ in waits]):.3f}s max {max([w for w, _ in waits] or [0]):.3f}s, total mean {mean([d for _, d in waits]):.3f}s")
-    print(f"{model}: training with images: {t_inter:.2f}s (+{100 * (t_inter / t_alone - 1):.0f}%); minus the images' own time: {t_inter - img_time:.2f}s (+{100 * ((t_inter - img_time) / t_alone - 1):.0f}%)")
+    print(f"{model}: {len(during)} image jobs submitted back to back during a training: wait mean {mean(waits):.3f}s max {max(waits or [0]):.3f}s, run mean {mean([d - s for _, s, d in during]):.3f}s")
+    print(f"{model}: training with them: {t_inter:.2f}s wall ({t_inter / t_alone:.2f}x); without the images' own time {t_inter - overlap:.2f}s ({(t_inter - overlap) / t_alone:.2f}x alone)")
 EOF

@@ -48,7 +48,6 @@ impl Jobs {
         }
         // Only the owner trains on a dataset (an admin's own training, too).
         let dataset = self.datasets.get(user, false, &order.dataset)?;
-        self.loras.check_available(user, &order.name)?;
         Library::check_name(&order.name)?;
         if let Some(key) = &idempotency_key {
             validate_idempotency_key(key)?;
@@ -97,6 +96,8 @@ impl Jobs {
             user,
             &request,
             |tx| {
+                // A new request (a replay returns its job even once the name is taken by it).
+                self.loras.check_available(user, &order.name)?;
                 if store::count_queued(tx, user)? >= max {
                     return Err(SubmitError::QueueFull { max });
                 }

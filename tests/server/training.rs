@@ -244,7 +244,18 @@ fn plans_decide_who_trains_with_what() {
         assert!(training_holds(c).is_empty());
     }
     // The preset runs; a queued training canceled gives its allowance back.
-    let a = submit_training(&yuri, json!({"dataset": ds, "model": "tiny", "name": "p", "seed": 1}));
+    let key = [("Idempotency-Key", "yuri-1")];
+    let body = json!({"dataset": ds, "model": "tiny", "name": "p", "seed": 1});
+    let r = yuri.request_with("POST", "/api/trainings", Some(body.clone()), &key);
+    assert_eq!(r.status, 201, "{}", r.message());
+    let a = r.json();
+    // A retry with the key: the same job, nothing more held; another request under it: 422.
+    let again = yuri.request_with("POST", "/api/trainings", Some(body), &key);
+    assert_eq!((again.status, again.json()["replayed"].as_bool()), (200, Some(true)));
+    assert_eq!(again.json()["job"]["id"], a["job"]["id"]);
+    let other = json!({"dataset": ds, "model": "tiny", "name": "p2", "seed": 1});
+    assert_eq!(yuri.request_with("POST", "/api/trainings", Some(other), &key).status, 422);
+    assert_eq!(yuri.get("/api/usage").json()["training_available"], 1);
     assert_eq!(a["job"]["training"]["steps"], 4);
     assert_eq!(a["job"]["training"]["preset"], true);
     let b = submit_training(&yuri, json!({"dataset": ds, "model": "tiny", "name": "q", "seed": 1}));
