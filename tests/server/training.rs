@@ -425,3 +425,50 @@ fn a_server_stop_checkpoints_the_training_and_the_next_start_resumes_it() {
     assert!(training_holds(&sol).is_empty());
     assert_eq!(sol.get("/api/usage").json()["training_available"], 0);
 }
+
+#[test]
+fn when_memory_does_not_hold_both_the_training_checkpoints_for_the_images_and_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    add_user(&data, None, "ada", "ada-password", "max", true);
+    let image = json!({"model": "tiny", "prompt": "a fox", "width": 64, "height": 64, "steps": 2, "seed": 1});
+    // The image job's memory peak, from a first run without a budget.
+    let peak = {
+        let config = config(dir.path(), &[]);
+        let server = start(&data, &config);
+        let ada = Client::login(&server.url, "ada", "ada-password");
+        assert_eq!(ada.wait_job(ada.submit(image.clone())["id"].as_str().unwrap())["status"], "succeeded");
+        ada.get("/api/admin/models").json()["memory_plans"]["tiny"]["peak"].as_u64().unwrap()
+    };
+    // A budget the image job fits in, but not beside the training (≈ 2 × its 260 kB base).
+    let budget = format!("memory_budget = {}", peak + 100_000);
+    let config = config(
+        dir.path(),
+        &[
+            ("memory_budget = \"auto\"", budget.as_str()),
+            ("sample_every = 250", "sample_every = 0\nmax_sequence_length = 32"),
+            ("checkpoint_every_steps = 100", "checkpoint_every_steps = 0"),
+            ("checkpoint_every_secs = 300", "checkpoint_every_secs = 0"),
+        ],
+    );
+    let server = start(&data, &config);
+    let ada = Client::login(&server.url, "ada", "ada-password");
+    assert_eq!(ada.wait_job(ada.submit(image.clone())["id"].as_str().unwrap())["status"], "succeeded");
+    let ds = dataset(&data, user_id(&ada), 4);
+    let id = submit_training(&ada, order(&ds, "tide", 400))["job"]["id"].as_str().unwrap().to_string();
+    let before = ada.sse_until(&format!("/api/jobs/{id}/events"), |e| e["type"] == "training_step" && e["step"] == 3);
+    let job = ada.submit(image);
+    let events = ada.sse_until(&format!("/api/jobs/{id}/events"), |e| {
+        ["trained", "failed", "canceled"].contains(&e["type"].as_str().unwrap())
+    });
+    assert_eq!(ada.wait_job(job["id"].as_str().unwrap())["status"], "succeeded");
+    assert_eq!(events.last().unwrap()["type"], "trained", "{events:?}");
+    let stages: Vec<&str> =
+        events.iter().filter(|e| e["type"] == "stage").map(|e| e["stage"].as_str().unwrap()).collect();
+    let paused = stages.iter().position(|s| *s == "paused: image jobs run first (checkpointed)");
+    let resumed = stages.iter().position(|s| s.starts_with("resuming from step_"));
+    assert!(paused.is_some() && resumed > paused, "{stages:?} (before: {before:?})");
+    let t = training(&ada, &id);
+    let steps: Vec<u64> = t["loss"].as_array().unwrap().iter().map(|p| p["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=400).collect::<Vec<_>>());
+}
