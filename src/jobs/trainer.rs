@@ -353,3 +353,31 @@ fn finish(
     jobs.hub.publish(&job.id, job.user_id, JobEvent::Trained { lora: name, allowance_charged: captured.hold.captured });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_share_decides_when_a_training_yields() {
+        let took = Duration::from_secs(10);
+        let now = Instant::now();
+        assert!(Share { share: 0.0, since: now, images_took: took }.due(), "0: images always first");
+        assert!(!Share { share: 0.5, since: now, images_took: took }.due(), "0.5: as long again first");
+        let long_ago = now - Duration::from_secs(11);
+        assert!(Share { share: 0.5, since: long_ago, images_took: took }.due());
+        assert!(!Share { share: 0.75, since: long_ago, images_took: took }.due(), "0.75: 3× the images' time");
+        assert!(Share { share: 0.9, since: now, images_took: Duration::ZERO }.due(), "nothing to make up for");
+    }
+
+    #[test]
+    fn a_step_logged_again_after_a_resume_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(run_dir(dir.path())).unwrap();
+        let csv = "step,loss,mean,grad_norm,seconds\n1,0.5,0.5,1,0.1\n2,0.4,0.45,1,0.1\n3,0.9,0.6,1,0.1\n3,0.3,0.3,1,0.1\n4,0.2,0.25,1,0.1\n";
+        std::fs::write(run_dir(dir.path()).join("loss.csv"), csv).unwrap();
+        let h = loss_history(dir.path());
+        assert_eq!(h.iter().map(|p| p.step).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert_eq!(h[2].loss, 0.3);
+    }
+}
