@@ -18,6 +18,8 @@ pub struct Config {
     pub queue: QueueConfig,
     /// `[datasets]`: limits on training datasets (uploads, counts, captions).
     pub datasets: DatasetsConfig,
+    /// `[training]`: LoRA training jobs (preset, limits, checkpoints).
+    pub training: TrainingConfig,
     /// `[models.<id>]`: the models this installation serves.
     pub models: BTreeMap<String, ModelEntry>,
     /// `[metering]`, `[plans.*]`, `[pricing]`: read by the ledger (see `Config::plans`).
@@ -119,6 +121,56 @@ pub struct QueueConfig {
     /// Keep the model's components loaded between jobs (fast; needs the memory of all of
     /// them) instead of loading each per stage.
     pub keep_resident: bool,
+    /// The share of device time a running training keeps while image jobs wait, in [0, 1).
+    /// At each training step boundary the worker runs the waiting image jobs (all of them,
+    /// then resumes the training) unless the training's time since it last yielded is still
+    /// below `training_share / (1 - training_share)` times the time the images took at the
+    /// last yield. 0.0 (the default): images always go first, the training yields at every
+    /// step boundary; 0.5: about one training step's time for each image job's time.
+    pub training_share: f64,
+}
+
+/// `[training]`: LoRA training jobs.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// The preset of plans with the "standard" parameter level (steps, rank, lr, resolution
+    /// fixed; rank 16 / alpha 16 / lr 1e-4 at 512², as ai-toolkit's and kohya's FLUX recipes).
+    pub preset_steps: usize,
+    pub preset_rank: usize,
+    pub preset_lr: f64,
+    pub preset_resolution: usize,
+    /// What "advanced"/"full" plans may set, at most.
+    pub max_steps: usize,
+    pub max_rank: usize,
+    /// Resolutions (bucket sides) a training may ask for.
+    pub resolutions: Vec<usize>,
+    /// A checkpoint every this many steps (0: by time only)...
+    pub checkpoint_every_steps: usize,
+    /// ...or when this many seconds passed since the last one (0: by steps only).
+    pub checkpoint_every_secs: u64,
+    /// Sample images every this many steps (0: only at the end).
+    pub sample_every: usize,
+    /// T5 tokens per caption (None: 512 for dev, 256 for schnell).
+    pub max_sequence_length: Option<usize>,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            preset_steps: 1500,
+            preset_rank: 16,
+            preset_lr: 1e-4,
+            preset_resolution: 512,
+            max_steps: 4000,
+            max_rank: 64,
+            resolutions: vec![256, 512, 768, 1024],
+            checkpoint_every_steps: 100,
+            checkpoint_every_secs: 300,
+            sample_every: 250,
+            max_sequence_length: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -144,7 +196,13 @@ impl QueueWeights {
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        QueueConfig { max_queued_per_user: 8, weights: QueueWeights::default(), preview_every: 1, keep_resident: false }
+        QueueConfig {
+            max_queued_per_user: 8,
+            weights: QueueWeights::default(),
+            preview_every: 1,
+            keep_resident: false,
+            training_share: 0.0,
+        }
     }
 }
 
@@ -295,6 +353,7 @@ impl Default for Config {
             limits: Default::default(),
             queue: Default::default(),
             datasets: Default::default(),
+            training: Default::default(),
             models: shipped_models(),
             metering: plans.metering,
             plans: plans.plans,
@@ -387,6 +446,22 @@ impl Config {
         }
         if l.max_steps == 0 {
             bail!("limits.max_steps must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.queue.training_share) {
+            bail!("queue.training_share must be in [0, 1), not {}", self.queue.training_share);
+        }
+        let t = &self.training;
+        if t.preset_steps == 0
+            || t.preset_rank == 0
+            || t.max_steps < 1
+            || t.max_rank < 1
+            || t.preset_lr.is_nan()
+            || t.preset_lr <= 0.0
+        {
+            bail!("[training]: preset_steps, preset_rank, preset_lr, max_steps and max_rank must be positive");
+        }
+        if t.resolutions.iter().chain([&t.preset_resolution]).any(|r| *r < 16 || r % 16 != 0) {
+            bail!("[training]: resolutions must be multiples of 16");
         }
         let w = &self.queue.weights;
         if [w.standard, w.priority, w.fastest, w.instant].contains(&0) {

@@ -41,6 +41,15 @@ pub struct Sidecar {
     pub licence: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// The model a trained LoRA was trained on (a model id of this server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
+    /// The training job that made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_job: Option<String>,
+    /// When it was made (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
     /// A1111's user metadata: comma-separated trigger words.
     #[serde(default, rename = "activation text", skip_serializing)]
     pub(crate) a1111_activation: Option<String>,
@@ -84,6 +93,12 @@ pub struct LoraEntry {
     pub licence: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training_job: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
     pub has_preview: bool,
     pub bytes: u64,
     /// Unix seconds.
@@ -257,6 +272,9 @@ impl Library {
             default_weight: side.default_weight.filter(|w| w.is_finite()).unwrap_or(1.0),
             licence: side.licence,
             description: side.description,
+            base_model: side.base_model,
+            training_job: side.training_job,
+            created_at: side.created_at,
             has_preview: Self::preview_in(dir, name).is_some(),
             bytes: meta.len(),
             modified: (mtime(meta) / 1_000_000_000) as i64,
@@ -365,6 +383,43 @@ impl Library {
         std::fs::rename(tmp, &dest)?;
         let meta = std::fs::metadata(&dest)?;
         Ok((Self::entry(&dir, name, Scope::Mine, &meta), summary))
+    }
+
+    /// A name `user` may give a new LoRA: valid, and taken neither in their library nor the
+    /// studio's (409).
+    pub fn check_available(&self, user: UserId, name: &str) -> Result<(), LibraryError> {
+        Self::check_name(name)?;
+        self.check_free(user, name)
+    }
+
+    /// Copies a trained LoRA (`file`, with `preview`) into `user`'s library as `name` with
+    /// `sidecar`; when the name was taken meanwhile, as `name-2`, `name-3`, …. Returns the name.
+    pub fn store_trained(
+        &self,
+        user: UserId,
+        name: &str,
+        file: &Path,
+        sidecar: &Sidecar,
+        preview: Option<&Path>,
+    ) -> Result<String, LibraryError> {
+        let _changing = self.lock();
+        let dir = self.user_dir(user);
+        std::fs::create_dir_all(&dir)?;
+        let mut chosen = name.to_string();
+        let mut n = 2;
+        while self.check_free(user, &chosen).is_err() || !valid_lora_name(&chosen) {
+            chosen = format!("{}-{n}", name.chars().take(90).collect::<String>());
+            n += 1;
+        }
+        let tmp = dir.join(format!("{UPLOAD_PREFIX}{}", crate::secret::random_hex(8)));
+        std::fs::copy(file, &tmp)?;
+        if let Some(p) = preview {
+            std::fs::copy(p, dir.join(format!("{chosen}.preview.png")))?;
+        }
+        let bytes = serde_json::to_vec_pretty(sidecar).map_err(anyhow::Error::from)?;
+        std::fs::write(dir.join(format!("{chosen}.json")), bytes)?;
+        std::fs::rename(&tmp, Self::file(&dir, &chosen))?;
+        Ok(chosen)
     }
 
     /// Errors when `name` is taken in `user`'s library or the studio's.

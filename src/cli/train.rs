@@ -135,6 +135,7 @@ pub fn run(args: &TrainArgs, files: ModelFiles, device: &Device, dtype: burn::te
         Event::Warning(w) => log::warn!("{w}"),
         Event::Saved(p) => log::info!("saved {}", p.display()),
         Event::Sample(p) => log::info!("sample {}", p.display()),
+        Event::Boundary { .. } => {}
         Event::Step { step, steps, loss, mean, its, eta_s, skipped } => {
             let note = if skipped { "  (skipped: gradients not finite)" } else { "" };
             let line =

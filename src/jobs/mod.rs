@@ -7,7 +7,11 @@ mod conn;
 pub mod gallery;
 pub mod progress;
 pub mod queue;
+mod settle;
 pub mod store;
+pub mod trainer;
+mod training;
+pub mod training_spec;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -52,9 +56,13 @@ pub enum SubmitError {
     /// The Idempotency-Key's first request has not made its job (409).
     #[error("a request with the Idempotency-Key {key:?} is still being processed; try again shortly")]
     KeyInProgress { key: String },
-    /// A LoRA the caller may not use or that does not fit the model (404 / 400).
+    /// A LoRA the caller may not use or that does not fit the model (404 / 400), or a
+    /// training's LoRA name that is taken (409).
     #[error(transparent)]
     Lora(#[from] crate::loras::LibraryError),
+    /// A training's dataset that is not the caller's or does not exist (404 / 400).
+    #[error(transparent)]
+    Dataset(#[from] crate::datasets::DatasetError),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -102,6 +110,13 @@ pub struct Metrics {
     pub transformer_loads: AtomicU64,
     pub text_encoder_loads: AtomicU64,
     pub vae_loads: AtomicU64,
+    /// Training steps done (all trainings of this process).
+    pub training_steps: AtomicU64,
+    /// Times a training yielded the device to waiting image jobs.
+    pub training_yields: AtomicU64,
+    /// The most training steps an image job waited for (submitted while a training ran, from
+    /// its submission to its start): 1 when trainings yield at every step boundary.
+    pub image_wait_training_steps_max: AtomicU64,
 }
 
 /// A submitted job and what it cost.
@@ -126,11 +141,19 @@ pub struct Jobs {
     images_dir: std::path::PathBuf,
     scheduler: Mutex<Scheduler>,
     wake: (Mutex<bool>, Condvar),
-    /// The job the worker runs now and the flag that cancels it.
-    running: Mutex<Option<(String, Arc<AtomicBool>)>>,
+    /// The jobs the worker runs now, each with the flag that cancels it (two while an image
+    /// job runs inside a training's pause).
+    running: Mutex<Vec<(String, Arc<AtomicBool>)>>,
     stopping: AtomicBool,
     /// The device-memory budget and the last job's memory plan per model (admin view).
     pub memory: Mutex<MemoryState>,
+    /// `[training]` and where training runs keep their files (`<data>/trainings/<job id>/`).
+    training: crate::config::TrainingConfig,
+    trainings_dir: std::path::PathBuf,
+    /// Whether a training runs now, and for image jobs submitted meanwhile the training steps
+    /// done then (`metrics.training_steps`), to measure their wait in steps.
+    training_active: AtomicBool,
+    submitted_at_step: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// What `/api/admin/models` shows of memory: the budget jobs are planned against and the
@@ -154,7 +177,12 @@ impl Jobs {
         loras: Arc<crate::loras::Library>,
         datasets: Arc<crate::datasets::Datasets>,
     ) -> Jobs {
+        let trainings_dir = images_dir.parent().unwrap_or(std::path::Path::new(".")).join("trainings");
         Jobs {
+            training: crate::config::TrainingConfig::default(),
+            trainings_dir,
+            training_active: AtomicBool::new(false),
+            submitted_at_step: Mutex::new(Default::default()),
             hub: ProgressHub::new(),
             models,
             loras,
@@ -165,10 +193,22 @@ impl Jobs {
             queue,
             images_dir,
             wake: (Mutex::new(false), Condvar::new()),
-            running: Mutex::new(None),
+            running: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
             memory: Mutex::new(MemoryState::default()),
         }
+    }
+
+    /// With `[training]` settings and the folder of training runs.
+    pub fn with_training(mut self, cfg: crate::config::TrainingConfig, dir: std::path::PathBuf) -> Jobs {
+        self.training = cfg;
+        self.trainings_dir = dir;
+        self
+    }
+
+    /// The folder of training job `id` (its dataset copy, loss log, checkpoints, samples).
+    pub fn training_dir(&self, id: &str) -> std::path::PathBuf {
+        self.trainings_dir.join(id)
     }
 
     pub fn limits(&self) -> &Limits {
@@ -290,6 +330,7 @@ impl Jobs {
                     price: auth.hold.amount,
                     idempotency_key: &key,
                     now,
+                    training: None,
                 };
                 store::insert_job(tx, &new)?;
                 let job = store::get_job(tx, &job_id)?.ok_or_else(|| anyhow::anyhow!("job {job_id} vanished"))?;
@@ -297,6 +338,10 @@ impl Jobs {
             },
         )?;
         if !submitted.replayed {
+            if self.training_active.load(Ordering::Relaxed) {
+                let at = self.metrics.training_steps.load(Ordering::Relaxed);
+                self.submitted_at_step.lock().unwrap_or_else(|p| p.into_inner()).insert(job_id, at);
+            }
             self.publish_positions(db);
             self.wake();
         }
@@ -311,6 +356,10 @@ impl Jobs {
             && store::finish(&db.app, &job.id, &[JobStatus::Queued], JobStatus::Canceled, None, db.now())?
         {
             db.ledger.release(job.hold_id)?;
+            if job.kind == store::JobKind::Training {
+                // The dataset copy it would have trained on.
+                let _ = std::fs::remove_dir_all(self.training_dir(&job.id));
+            }
             self.hub.publish(&job.id, job.user_id, JobEvent::Canceled);
             self.publish_positions(db);
             return Ok(JobStatus::Canceled);
@@ -336,10 +385,10 @@ impl Jobs {
     fn cancel_running(&self, job_id: &str) {
         // The worker registers a job here before it marks it running, so a job seen running
         // is always found.
-        if let Some((id, flag)) = self.running.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
-            && id == job_id
-        {
-            flag.store(true, Ordering::Relaxed);
+        for (id, flag) in self.running.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            if id == job_id {
+                flag.store(true, Ordering::Relaxed);
+            }
         }
     }
 
@@ -379,14 +428,15 @@ impl Jobs {
     /// queued jobs stay queued for the next start.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Relaxed);
-        if let Some((_, flag)) = self.running.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        for (_, flag) in self.running.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             flag.store(true, Ordering::Relaxed);
         }
         self.wake();
     }
 
     /// Settles what a crash or restart left behind, before the worker starts:
-    /// - jobs that were running failed (the process died under them): released;
+    /// - jobs that were running failed (the process died under them): released; a training
+    ///   with a checkpoint is queued again instead (it resumes from it, its hold kept);
     /// - holds with no job (the process died between placing the hold and saving the job): released;
     /// - holds of jobs that already ended: captured if the job succeeded, else released;
     /// - queued jobs whose hold is gone (released by the sweeper): failed.
@@ -395,6 +445,24 @@ impl Jobs {
     pub fn reconcile(&self, db: &mut Conn) -> anyhow::Result<usize> {
         let now = db.now();
         for job in store::list_jobs(&db.app, None, &[JobStatus::Running], u32::MAX)? {
+            if job.kind == store::JobKind::Training {
+                // A training resumes from its last checkpoint, with the hold it has; without
+                // one it fails now and its allowance comes back below.
+                if trainer::latest_checkpoint(&self.training_dir(&job.id)).is_some() {
+                    store::requeue(&db.app, &job.id)?;
+                    log::warn!("training {} was interrupted; it resumes from its last checkpoint", job.id);
+                } else {
+                    store::finish(
+                        &db.app,
+                        &job.id,
+                        &[JobStatus::Running],
+                        JobStatus::Failed,
+                        Some("the server stopped before this training's first checkpoint; the allowance was released"),
+                        now,
+                    )?;
+                }
+                continue;
+            }
             store::finish(
                 &db.app,
                 &job.id,
@@ -406,9 +474,6 @@ impl Jobs {
         }
         let mut settled = 0;
         for hold in db.ledger.all_open_holds()? {
-            if hold.resource != crate::ledger::Resource::Credits {
-                continue;
-            }
             let job = store::get_job(&db.app, &hold.job_id)?;
             match job.map(|j| j.status) {
                 Some(JobStatus::Queued) => continue,

@@ -38,9 +38,30 @@ pub enum JobEvent {
         step: usize,
         data_url: String,
     },
+    /// A training step done: the loss, its running mean (last 50 steps), speed and time left.
+    TrainingStep {
+        step: usize,
+        steps: usize,
+        loss: f32,
+        mean: f32,
+        it_per_s: f64,
+        eta_s: f64,
+    },
+    /// A training's sample image (`GET url`, owner only): sample `index` of the job, made
+    /// after `step` steps.
+    Sample {
+        index: usize,
+        step: usize,
+        url: String,
+    },
     Succeeded {
         images: Vec<String>,
         credits_charged: i64,
+    },
+    /// A training ended well: its LoRA is in the owner's library as `lora`.
+    Trained {
+        lora: String,
+        allowance_charged: i64,
     },
     Failed {
         error: String,
@@ -50,7 +71,10 @@ pub enum JobEvent {
 
 impl JobEvent {
     pub fn is_final(&self) -> bool {
-        matches!(self, JobEvent::Succeeded { .. } | JobEvent::Failed { .. } | JobEvent::Canceled)
+        matches!(
+            self,
+            JobEvent::Succeeded { .. } | JobEvent::Trained { .. } | JobEvent::Failed { .. } | JobEvent::Canceled
+        )
     }
 
     pub fn name(&self) -> &'static str {
@@ -60,6 +84,9 @@ impl JobEvent {
             JobEvent::Stage { .. } => "stage",
             JobEvent::Step { .. } => "step",
             JobEvent::Preview { .. } => "preview",
+            JobEvent::TrainingStep { .. } => "training_step",
+            JobEvent::Sample { .. } => "sample",
+            JobEvent::Trained { .. } => "trained",
             JobEvent::Succeeded { .. } => "succeeded",
             JobEvent::Failed { .. } => "failed",
             JobEvent::Canceled => "canceled",
@@ -135,8 +162,8 @@ impl ProgressHub {
                 match &event {
                     JobEvent::Queued { .. } | JobEvent::Started => l.status = Some(event.clone()),
                     JobEvent::Stage { .. } => l.stage = Some(event.clone()),
-                    JobEvent::Step { .. } => l.step = Some(event.clone()),
-                    JobEvent::Preview { .. } => l.preview = Some(event.clone()),
+                    JobEvent::Step { .. } | JobEvent::TrainingStep { .. } => l.step = Some(event.clone()),
+                    JobEvent::Preview { .. } | JobEvent::Sample { .. } => l.preview = Some(event.clone()),
                     _ => {}
                 }
             }

@@ -96,7 +96,14 @@ mod tests {
     use super::*;
 
     fn w(id: &str, user: i64, queue: QueueClass, seq: i64) -> Waiting {
-        Waiting { job_id: id.into(), user_id: user, queue, seq, user_last_start: None }
+        Waiting {
+            job_id: id.into(),
+            user_id: user,
+            queue,
+            seq,
+            user_last_start: None,
+            kind: crate::jobs::store::JobKind::Image,
+        }
     }
 
     #[test]

@@ -57,6 +57,13 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE jobs ADD COLUMN error_detail TEXT;
 "#,
+    // 3: LoRA training jobs in the same queue: the kind, the training's settings (JSON), and
+    // the name of the LoRA it made.
+    r#"
+    ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'image' CHECK (kind IN ('image', 'training'));
+    ALTER TABLE jobs ADD COLUMN training TEXT;
+    ALTER TABLE jobs ADD COLUMN result TEXT;
+"#,
 ];
 
 /// The jobs and gallery tables' part of the database; its version is `app_meta`'s
@@ -64,7 +71,16 @@ const MIGRATIONS: &[&str] = &[
 pub const JOBS_MIGRATIONS: Migrations =
     Migrations { part: "jobs", slot: VersionSlot::AppMeta("jobs_schema"), steps: MIGRATIONS };
 
+pub use crate::jobs::training_spec::TrainingSpec;
 pub use crate::spec::JobSpec;
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Image,
+    Training,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -151,9 +167,16 @@ pub struct Job {
     pub error_detail: Option<String>,
     /// Gallery ids of the job's images (filled in on success).
     pub images: Vec<String>,
+    pub kind: JobKind,
+    /// A training job's settings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingSpec>,
+    /// A training job that succeeded: the name of the LoRA it added to the owner's library.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<String>,
 }
 
-const JOB_COLS: &str = "id, seq, user_id, model, spec, seed, queue_class, hold_id, price, status, created_at, started_at, finished_at, error, start_seq, error_detail";
+const JOB_COLS: &str = "id, seq, user_id, model, spec, seed, queue_class, hold_id, price, status, created_at, started_at, finished_at, error, start_seq, error_detail, kind, training, result";
 
 fn ts(v: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(v, 0).unwrap_or_default()
@@ -181,6 +204,14 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
         start_order: r.get(14)?,
         error_detail: r.get(15)?,
         images: Vec::new(),
+        kind: if r.get::<_, String>(16)? == "training" { JobKind::Training } else { JobKind::Image },
+        training: match r.get::<_, Option<String>>(17)? {
+            Some(t) => Some(serde_json::from_str(&t).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(17, rusqlite::types::Type::Text, Box::new(e))
+            })?),
+            None => None,
+        },
+        lora: r.get(18)?,
     })
 }
 
@@ -195,12 +226,18 @@ pub struct NewJob<'a> {
     pub price: i64,
     pub idempotency_key: &'a str,
     pub now: i64,
+    /// A training job's settings (None: an image job).
+    pub training: Option<&'a TrainingSpec>,
 }
 
 pub fn insert_job(conn: &Connection, j: &NewJob<'_>) -> rusqlite::Result<()> {
+    let (kind, training) = match j.training {
+        Some(t) => ("training", Some(serde_json::to_string(t).expect("a TrainingSpec serializes"))),
+        None => ("image", None),
+    };
     conn.execute(
-        "INSERT INTO jobs (id, user_id, model, spec, seed, queue_class, hold_id, price, idempotency_key, status, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'queued', ?10)",
+        "INSERT INTO jobs (id, user_id, model, spec, seed, queue_class, hold_id, price, idempotency_key, status, created_at, kind, training)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'queued', ?10, ?11, ?12)",
         params![
             j.id,
             j.user_id,
@@ -211,7 +248,9 @@ pub fn insert_job(conn: &Connection, j: &NewJob<'_>) -> rusqlite::Result<()> {
             j.hold_id,
             j.price,
             j.idempotency_key,
-            j.now
+            j.now,
+            kind,
+            training
         ],
     )?;
     Ok(())
@@ -260,12 +299,13 @@ pub struct Waiting {
     pub seq: i64,
     /// The `start_seq` of this user's most recently started job (None: never started one).
     pub user_last_start: Option<i64>,
+    pub kind: JobKind,
 }
 
 pub fn waiting(conn: &Connection) -> rusqlite::Result<Vec<Waiting>> {
     let mut st = conn.prepare_cached(
         "SELECT j.id, j.user_id, j.queue_class, j.seq,
-                (SELECT MAX(start_seq) FROM jobs s WHERE s.user_id = j.user_id)
+                (SELECT MAX(start_seq) FROM jobs s WHERE s.user_id = j.user_id), j.kind
          FROM jobs j WHERE j.status = 'queued' ORDER BY j.seq",
     )?;
     st.query_map([], |r| {
@@ -275,6 +315,7 @@ pub fn waiting(conn: &Connection) -> rusqlite::Result<Vec<Waiting>> {
             queue: parse_class(&r.get::<_, String>(2)?, 2)?,
             seq: r.get(3)?,
             user_last_start: r.get(4)?,
+            kind: if r.get::<_, String>(5)? == "training" { JobKind::Training } else { JobKind::Image },
         })
     })?
     .collect()
@@ -321,6 +362,22 @@ pub fn finish(
     let n = conn.execute(
         &format!("UPDATE jobs SET status = ?2, error = ?3, finished_at = ?4 WHERE id = ?1 AND status IN ({from})"),
         params![id, to.as_str(), error, now],
+    )?;
+    Ok(n == 1)
+}
+
+/// Puts a running job back in the queue (a training paused by a shutdown or found with a
+/// checkpoint after a crash); false when it was not running.
+pub fn requeue(conn: &Connection, id: &str) -> rusqlite::Result<bool> {
+    Ok(conn.execute("UPDATE jobs SET status = 'queued' WHERE id = ?1 AND status = 'running'", params![id])? == 1)
+}
+
+/// Marks a running training succeeded with the LoRA it made; false when it was not running
+/// (canceled meanwhile).
+pub fn complete_training(conn: &Connection, id: &str, lora: &str, now: i64) -> rusqlite::Result<bool> {
+    let n = conn.execute(
+        "UPDATE jobs SET status = 'succeeded', finished_at = ?2, result = ?3 WHERE id = ?1 AND status = 'running'",
+        params![id, now, lora],
     )?;
     Ok(n == 1)
 }

@@ -16,8 +16,9 @@ use crate::engine::pipeline::{self, Canceled, GenerateRequest, Placement, Progre
 use crate::engine::pngfile::PngText;
 use crate::jobs::Conn;
 use crate::jobs::progress::JobEvent;
-use crate::jobs::store::{self, ImageMeta, Job, JobStatus};
-use crate::jobs::{Jobs, gallery};
+use crate::jobs::settle::{end_without_images, fail_internal};
+use crate::jobs::store::{self, ImageMeta, Job, JobKind, JobStatus};
+use crate::jobs::{Jobs, gallery, trainer};
 use crate::ledger::HoldStatus;
 
 pub struct Worker {
@@ -77,35 +78,6 @@ fn run(jobs: &Jobs, mut db: Conn, device: &Device, placement: Placement) {
     }
 }
 
-/// Ends a job that did not succeed: status, hold released, event.
-fn end_without_images(
-    jobs: &Jobs,
-    db: &mut Conn,
-    job: &Job,
-    status: JobStatus,
-    error: Option<String>,
-) -> anyhow::Result<()> {
-    store::finish(&db.app, &job.id, &[JobStatus::Running], status, error.as_deref(), db.now())?;
-    db.ledger.release(job.hold_id)?;
-    let event = match (status, error) {
-        (JobStatus::Canceled, _) => JobEvent::Canceled,
-        (_, e) => JobEvent::Failed { error: e.unwrap_or_else(|| "failed".into()) },
-    };
-    jobs.hub.publish(&job.id, job.user_id, event);
-    Ok(())
-}
-
-/// Fails a job for a reason inside the server: users are told plainly (no server paths or
-/// engine messages), the log and the admin view keep the cause.
-fn fail_internal(jobs: &Jobs, db: &mut Conn, job: &Job, detail: String) -> anyhow::Result<()> {
-    log::error!("job {} failed: {detail}", job.id);
-    if let Err(e) = store::set_error_detail(&db.app, &job.id, &detail) {
-        log::warn!("job {}: recording the failure's cause: {e}", job.id);
-    }
-    let message = format!("the generation failed on the server (job {}); an admin can see why", job.id);
-    end_without_images(jobs, db, job, JobStatus::Failed, Some(message))
-}
-
 fn run_one(
     jobs: &Jobs,
     db: &mut Conn,
@@ -116,14 +88,20 @@ fn run_one(
 ) -> anyhow::Result<()> {
     // Registered before the job is marked running, so a cancel that sees it running finds it.
     let cancel = Arc::new(AtomicBool::new(false));
-    *jobs.running.lock().unwrap_or_else(|p| p.into_inner()) = Some((id.to_string(), cancel.clone()));
+    jobs.running.lock().unwrap_or_else(|p| p.into_inner()).push((id.to_string(), cancel.clone()));
     let out = match store::mark_running(&db.app, id, db.now()) {
         Ok(false) => Ok(()), // canceled just now
         Ok(true) => match store::get_job(&db.app, id) {
             Ok(Some(job)) => {
                 jobs.hub.publish(&job.id, job.user_id, JobEvent::Started);
                 jobs.publish_positions(db);
-                let out = execute(jobs, db, device, placement, resident, &job, cancel);
+                let out = match job.kind {
+                    JobKind::Image => execute(jobs, db, device, placement, resident, &job, cancel),
+                    JobKind::Training => {
+                        let mut images = |db: &mut Conn| run_waiting_images(jobs, db, device, placement, resident);
+                        trainer::execute(jobs, db, device, placement.dtype, &mut images, &job, cancel)
+                    }
+                };
                 if let Err(e) = &out {
                     // Whatever went wrong, the job must not stay running with its hold open.
                     if let Err(e2) = fail_internal(jobs, db, &job, format!("internal error: {e:#}")) {
@@ -137,8 +115,45 @@ fn run_one(
         },
         Err(e) => Err(e.into()),
     };
-    *jobs.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    jobs.running.lock().unwrap_or_else(|p| p.into_inner()).retain(|(j, _)| j != id);
     out
+}
+
+/// Runs the image jobs waiting now, in the scheduler's order, until none waits (a training
+/// yields the device to them between its steps).
+fn run_waiting_images(
+    jobs: &Jobs,
+    db: &mut Conn,
+    device: &Device,
+    placement: Placement,
+    resident: &mut Option<(String, Resident)>,
+) -> usize {
+    let mut ran = 0;
+    while !jobs.stopping.load(Ordering::Relaxed) {
+        let next = match store::waiting(&db.app) {
+            Ok(mut waiting) => {
+                waiting.retain(|w| w.kind == JobKind::Image);
+                let mut s = jobs.scheduler.lock().unwrap_or_else(|p| p.into_inner());
+                s.pick(&waiting).map(|i| waiting[i].job_id.clone())
+            }
+            Err(e) => {
+                log::error!("reading the queue: {e}");
+                None
+            }
+        };
+        let Some(id) = next else { break };
+        let at = jobs.submitted_at_step.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        if let Some(at) = at {
+            let waited = jobs.metrics.training_steps.load(Ordering::Relaxed).saturating_sub(at);
+            jobs.metrics.image_wait_training_steps_max.fetch_max(waited, Ordering::Relaxed);
+            log::info!("job {id} starts after waiting {waited} training steps");
+        }
+        if let Err(e) = run_one(jobs, db, device, placement, resident, &id) {
+            log::error!("job {id}: {e:#}");
+        }
+        ran += 1;
+    }
+    ran
 }
 
 fn execute(

@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use serde::Serialize;
 
 use crate::ledger::credits::{self, Hold, HoldOutcome, HoldRequest, Shortfall};
-use crate::ledger::plans::{JobParams, ModelKind, Price, QueueClass, Refusal};
+use crate::ledger::plans::{JobParams, ModelKind, ParamLevel, Price, QueueClass, Refusal};
 use crate::ledger::usage::UsageKind;
 use crate::ledger::{Ledger, LedgerError, Resource, Tx, UserId, events, subscriptions};
 
@@ -32,6 +32,11 @@ pub struct TrainingRequest {
     pub idempotency_key: String,
     /// Images in the training set.
     pub images: u32,
+    /// The settings the request sets beyond the plan's preset (steps, rank, lr, …): they need
+    /// the "advanced" parameter level.
+    pub custom: Vec<String>,
+    /// What the key is bound to (see [`JobRequest::request_hash`]).
+    pub request_hash: Option<String>,
 }
 
 /// A job that may run: its hold (capture it on success, release it on failure).
@@ -195,35 +200,77 @@ fn authorize_training(t: &Tx<'_>, user: UserId, req: &TrainingRequest) -> Result
         usage_kind: UsageKind::Training,
         units: 1,
         quotas: Vec::new(),
-        request_hash: None,
+        request_hash: req.request_hash.clone(),
     };
-    let replay = credits::hold_by_key(t, user, &req.idempotency_key)?.is_some();
-    if !replay {
-        subscriptions::catch_up_user(t, user)?;
+    if let Some(h) = credits::hold_by_key(t, user, &req.idempotency_key)? {
+        // A retry of the same request: the hold placed then, under the job id it was placed
+        // for (as `authorize_job`); another request under the key is a conflict.
+        if h.resource != Resource::Training || (req.request_hash.is_some() && h.request_hash != req.request_hash) {
+            return Err(LedgerError::IdempotencyConflict {
+                key: req.idempotency_key.clone(),
+                job_id: h.job_id,
+                resource: h.resource,
+                amount: h.amount,
+            });
+        }
+        let sub = subscriptions::load(t, user)?;
+        let queue = cfg.plan(&sub.plan).map(|p| p.queue_for(sub.period)).unwrap_or(QueueClass::Standard);
+        return Ok(JobAuthorization { hold: h, replayed: true, price: one, queue });
     }
+    subscriptions::catch_up_user(t, user)?;
     let sub = subscriptions::load(t, user)?;
     let plan = cfg.plan(&sub.plan)?;
     let queue = plan.queue_for(sub.period);
-    if !replay {
-        if plan.training_images_per_lora == 0 {
-            return Err(Refusal::TrainingNotInPlan {
-                plan: sub.plan.clone(),
-                plans_allowing: cfg.plans_allowing_training(req.images),
+    if plan.training_images_per_lora == 0 {
+        return Err(Refusal::TrainingNotInPlan {
+            plan: sub.plan.clone(),
+            plans_allowing: cfg.plans_allowing_training(req.images),
+        }
+        .into());
+    }
+    if req.images > plan.training_images_per_lora {
+        return Err(Refusal::TooManyTrainingImages {
+            plan: sub.plan.clone(),
+            images: req.images,
+            max: plan.training_images_per_lora,
+            plans_allowing: cfg.plans_allowing_training(req.images),
+        }
+        .into());
+    }
+    if req.images == 0 {
+        return Err(LedgerError::Invalid("a training needs at least one image".into()));
+    }
+    if !req.custom.is_empty() && plan.parameters < ParamLevel::Advanced {
+        let plans_allowing = cfg
+            .plans_allowing_training(req.images)
+            .into_iter()
+            .filter(|id| cfg.plans[id].parameters >= ParamLevel::Advanced)
+            .collect();
+        return Err(Refusal::ParameterLevel {
+            plan: sub.plan.clone(),
+            has: plan.parameters,
+            needs: ParamLevel::Advanced,
+            params: req.custom.clone(),
+            plans_allowing,
+        }
+        .into());
+    }
+    if plan.training_per(sub.period) == 0 && credits::available(t, user, Resource::Training)? < 1 {
+        // A plan that trains only on another period (Starter: yearly).
+        let other = match sub.period {
+            Some(p) if plan.training_weekly.max(plan.training_yearly) > 0 => {
+                format!(" on a {} subscription (it trains on the other period only)", p.as_str())
             }
-            .into());
-        }
-        if req.images > plan.training_images_per_lora {
-            return Err(Refusal::TooManyTrainingImages {
-                plan: sub.plan.clone(),
-                images: req.images,
-                max: plan.training_images_per_lora,
-                plans_allowing: cfg.plans_allowing_training(req.images),
-            }
-            .into());
-        }
-        if req.images == 0 {
-            return Err(LedgerError::Invalid("a training needs at least one image".into()));
-        }
+            _ => String::new(),
+        };
+        return Err(LedgerError::Refused(Refusal::TrainingNotInPlan {
+            plan: format!("{}{other}", sub.plan),
+            plans_allowing: cfg
+                .plans_allowing_training(req.images)
+                .into_iter()
+                .filter(|id| cfg.plans[id].training_per(sub.period) > 0)
+                .collect(),
+        }));
     }
     match place_hold(t, &hold_req) {
         Ok(out) => Ok(JobAuthorization { hold: out.hold, replayed: out.replayed, price: one, queue }),
@@ -276,5 +323,24 @@ impl Ledger {
     /// the training succeeds; release it when it fails, and the allowance comes back.
     pub fn authorize_training(&mut self, user: UserId, req: &TrainingRequest) -> Result<JobAuthorization, LedgerError> {
         self.write(|t| authorize_training(t, user, req))
+    }
+
+    /// [`Ledger::authorize_training`] with the caller's rows in the same transaction (as
+    /// [`Ledger::authorize_job_with`]): the training job and its allowance hold exist together
+    /// or not at all.
+    pub fn authorize_training_with<T, E: From<LedgerError>>(
+        &mut self,
+        user: UserId,
+        req: &TrainingRequest,
+        admit: impl FnOnce(&Connection) -> Result<(), E>,
+        record: impl FnOnce(&Connection, &JobAuthorization) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.write_with(|t| {
+            if credits::hold_by_key(t, user, &req.idempotency_key)?.is_none() {
+                admit(t)?;
+            }
+            let auth = authorize_training(t, user, req)?;
+            record(t, &auth)
+        })
     }
 }

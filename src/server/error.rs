@@ -165,6 +165,7 @@ impl From<SubmitError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "idempotency_key_in_use", e.to_string())
             }
             SubmitError::Lora(e) => e.into(),
+            SubmitError::Dataset(e) => e.into(),
             SubmitError::Internal(e) => ApiError::from_anyhow(&e),
         }
     }

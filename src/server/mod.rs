@@ -112,14 +112,17 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     loras.sweep_uploads();
     let datasets = Arc::new(crate::datasets::Datasets::new(&data_dir));
     datasets.sweep();
-    let jobs = Arc::new(Jobs::new(
-        Arc::new(registry),
-        config.limits.clone(),
-        config.queue.clone(),
-        data_dir.join("images"),
-        loras,
-        datasets,
-    ));
+    let jobs = Arc::new(
+        Jobs::new(
+            Arc::new(registry),
+            config.limits.clone(),
+            config.queue.clone(),
+            data_dir.join("images"),
+            loras,
+            datasets,
+        )
+        .with_training(config.training.clone(), data_dir.join("trainings")),
+    );
     let settled = pool.with(|c| jobs.reconcile(c))??;
     if settled > 0 {
         log::warn!("settled {settled} credit holds left open by the last run");

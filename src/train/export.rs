@@ -102,7 +102,7 @@ fn kohya(lora: &TrainableLora) -> Tensors {
 }
 
 /// diffusers module names and the rows of the fused BFL output each covers.
-fn diffusers_modules(path: &str, outputs: usize, h: usize) -> Result<Vec<(String, std::ops::Range<usize>)>> {
+pub(crate) fn diffusers_modules(path: &str, outputs: usize, h: usize) -> Result<Vec<(String, std::ops::Range<usize>)>> {
     let parts: Vec<&str> = path.splitn(3, '.').collect();
     let [kind, index, rest] = parts[..] else { bail!("{path} is not a block Linear") };
     let all = 0..outputs;

@@ -15,6 +15,7 @@ pub mod adamw;
 pub mod batch;
 pub mod cache;
 pub mod checkpoint;
+pub mod convert;
 pub mod dataset;
 pub mod export;
 pub mod objective;

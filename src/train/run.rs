@@ -98,9 +98,35 @@ pub struct Job {
 pub enum Event {
     Stage(String),
     Warning(String),
-    Step { step: usize, steps: usize, loss: f32, mean: f32, its: f64, eta_s: f64, skipped: bool },
+    Step {
+        step: usize,
+        steps: usize,
+        loss: f32,
+        mean: f32,
+        its: f64,
+        eta_s: f64,
+        skipped: bool,
+    },
     Saved(PathBuf),
     Sample(PathBuf),
+    /// Step `done` is complete (its checkpoint and samples too): the caller's answer
+    /// ([`Control`]) says how to go on.
+    Boundary {
+        done: usize,
+    },
+}
+
+/// What a run does at a step boundary (the answer to [`Event::Boundary`]; other events'
+/// answers are ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// Save a checkpoint now, then continue.
+    Checkpoint,
+    /// Save a checkpoint and return (to be resumed from it later).
+    Pause,
+    /// Return now without saving anything.
+    Stop,
 }
 
 /// The result of a run.
@@ -119,6 +145,21 @@ pub fn run_dir(out: &Path) -> PathBuf {
 
 /// Runs the training. Every input is checked before any compute.
 pub fn train(job: &Job, settings: &Settings, device: &Device, mut on: impl FnMut(Event)) -> Result<Trained> {
+    train_with(job, settings, device, |e| {
+        on(e);
+        Control::Continue
+    })
+}
+
+/// [`train`] with a say at each step boundary ([`Control`]): the caller may ask for a
+/// checkpoint, pause (checkpoint and return; resume later from it) or stop. A run that returns
+/// early has `out: None`.
+pub fn train_with(
+    job: &Job,
+    settings: &Settings,
+    device: &Device,
+    mut on: impl FnMut(Event) -> Control,
+) -> Result<Trained> {
     let s = settings;
     if s.steps == 0 || s.batch == 0 {
         bail!("--steps and --batch must be at least 1");
@@ -170,7 +211,9 @@ pub fn train(job: &Job, settings: &Settings, device: &Device, mut on: impl FnMut
     texts.extend(s.sample_prompts.iter().cloned());
     let mut warnings = Vec::new();
     let text_cache = cache::encode_texts(&job.files, &texts, max_len, device, &mut warnings)?;
-    warnings.into_iter().for_each(|w| on(Event::Warning(w)));
+    for w in warnings {
+        on(Event::Warning(w));
+    }
 
     on(Event::Stage("loading the transformer".into()));
     let mut model = flux::load_transformer(&job.files.transformer, device, job.dtype, None)?;
@@ -231,6 +274,24 @@ pub fn train(job: &Job, settings: &Settings, device: &Device, mut on: impl FnMut
                 let seed = s.seed.wrapping_add(i as u64);
                 samples::render(&job.files, &mut model, &lora, &text_cache[prompt], s.resolution, seed, &path, device)?;
                 on(Event::Sample(path));
+            }
+        }
+        if n < end {
+            let saved = s.save_every > 0 && n % s.save_every == 0;
+            match on(Event::Boundary { done: n }) {
+                Control::Continue => {}
+                Control::Checkpoint if saved => {}
+                c @ (Control::Checkpoint | Control::Pause) => {
+                    if !saved {
+                        let dir = out_dir.join("checkpoints").join(format!("step_{n}"));
+                        checkpoint::save(&dir, &lora, &opt, n, s.seed, &settings_json)?;
+                        on(Event::Saved(dir));
+                    }
+                    if c == Control::Pause {
+                        return Ok(Trained { lora, losses, out: None });
+                    }
+                }
+                Control::Stop => return Ok(Trained { lora, losses, out: None }),
             }
         }
     }

@@ -442,7 +442,13 @@ fn training_uses_the_allowance_with_hold_semantics() {
     let dir = tempfile::tempdir().unwrap();
     let (mut l, _clock) = open(&dir, PlansConfig::defaults());
     let u = l.add_user("ed", false, None).unwrap().id;
-    let tr = |i: u32, images| TrainingRequest { job_id: format!("t{i}"), idempotency_key: format!("tk{i}"), images };
+    let tr = |i: u32, images| TrainingRequest {
+        job_id: format!("t{i}"),
+        idempotency_key: format!("tk{i}"),
+        images,
+        custom: vec![],
+        request_hash: None,
+    };
     match l.authorize_training(u, &tr(0, 10)).unwrap_err() {
         LedgerError::Refused(Refusal::TrainingNotInPlan { plans_allowing, .. }) => {
             assert_eq!(plans_allowing, ["starter", "pro", "ultra", "max"])

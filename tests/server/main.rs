@@ -15,3 +15,4 @@ mod memory;
 mod models;
 mod openai;
 mod queue_order;
+mod training;

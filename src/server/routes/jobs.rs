@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::jobs::progress::{Envelope, JobEvent};
-use crate::jobs::store::{self, Job, JobSpec, JobStatus};
+use crate::jobs::store::{self, Job, JobKind, JobSpec, JobStatus};
 use crate::ledger::{Resource, UserId};
 use crate::server::auth::{Caller, Via, live};
 use crate::server::error::ApiError;
@@ -131,7 +131,12 @@ pub async fn cancel(state: Data, caller: Caller, path: web::Path<String>) -> Res
 /// The final event of a job that has ended, from the database.
 pub fn final_event(job: &Job) -> Option<JobEvent> {
     match job.status {
-        JobStatus::Succeeded => Some(JobEvent::Succeeded { images: job.images.clone(), credits_charged: job.price }),
+        JobStatus::Succeeded => Some(match job.kind {
+            JobKind::Image => JobEvent::Succeeded { images: job.images.clone(), credits_charged: job.price },
+            JobKind::Training => {
+                JobEvent::Trained { lora: job.lora.clone().unwrap_or_default(), allowance_charged: job.price }
+            }
+        }),
         JobStatus::Failed => Some(JobEvent::Failed { error: job.error.clone().unwrap_or_default() }),
         JobStatus::Canceled => Some(JobEvent::Canceled),
         _ => None,

@@ -9,6 +9,7 @@ pub mod limits;
 pub mod loras;
 pub mod openai;
 pub mod ops;
+pub mod trainings;
 pub mod ui;
 pub mod usage;
 
@@ -59,6 +60,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/loras/{name}", web::patch().to(loras::update))
             .route("/loras/{name}", web::delete().to(loras::delete))
             .route("/loras/{name}/preview", web::get().to(loras::preview))
+            .route("/loras/{name}/download", web::get().to(trainings::download))
+            .route("/trainings", web::post().to(trainings::create))
+            .route("/trainings", web::get().to(trainings::list))
+            .route("/trainings/{id}", web::get().to(trainings::get))
+            .route("/trainings/{id}/cancel", web::post().to(jobs::cancel))
+            .route("/trainings/{id}/samples/{file}", web::get().to(trainings::sample))
             .route("/admin/loras/publish", web::post().to(loras::publish))
             .route("/datasets", web::get().to(datasets::list))
             .route("/datasets", web::post().to(datasets::create))

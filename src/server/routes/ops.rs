@@ -78,6 +78,21 @@ pub async fn metrics(req: HttpRequest, state: Data, caller: Option<Caller>) -> R
     {
         let _ = writeln!(out, "atelier_model_loads_total{{component=\"{component}\"}} {}", n.load(Ordering::Relaxed));
     }
+    let _ = writeln!(
+        out,
+        "# HELP atelier_training_steps_total LoRA training steps done.\n# TYPE atelier_training_steps_total counter\natelier_training_steps_total {}",
+        m.training_steps.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP atelier_training_yields_total Times a training gave the device to waiting image jobs.\n# TYPE atelier_training_yields_total counter\natelier_training_yields_total {}",
+        m.training_yields.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP atelier_image_wait_training_steps_max The most training steps an image job waited behind.\n# TYPE atelier_image_wait_training_steps_max gauge\natelier_image_wait_training_steps_max {}",
+        m.image_wait_training_steps_max.load(Ordering::Relaxed)
+    );
     let ready = models_ready(&state);
     let _ = writeln!(
         out,
