@@ -39,9 +39,24 @@ fn the_ui_works_in_headless_chromium() {
     // No admin: the test logs in as the one `serve` creates at first start, as a newcomer would.
     add_user(data, None, "alice", "alicepass1", "starter", false);
     add_user(data, None, "bob", "bobpass12", "free", false);
+    // Tara trains a LoRA from the Train page: Pro's weekly allowance, a preset small enough to
+    // train the demo model in seconds, with samples along the way.
+    add_user(data, None, "tara", "tarapass1", "pro", false);
     // Bob's five dev images cost more than Free's 50 sign-up credits.
     cli(data, None, &["user", "grant", "bob", "200"], "");
-    let server = Server::start(data, None);
+    let conf_dir = tempfile::tempdir().unwrap();
+    let config = config_replacing(
+        conf_dir.path(),
+        &[
+            ("preset_steps = 1500", "preset_steps = 60"),
+            ("preset_rank = 16", "preset_rank = 4"),
+            ("preset_resolution = 512", "preset_resolution = 64"),
+            ("resolutions = [256, 512, 768, 1024]", "resolutions = [64, 256, 512, 768, 1024]"),
+            ("checkpoint_every_steps = 100", "checkpoint_every_steps = 20"),
+            ("sample_every = 250", "sample_every = 30"),
+        ],
+    );
+    let server = Server::start(data, Some(&config));
     let initial = std::fs::read_to_string(data.join("initial-admin-password")).unwrap();
     let (admin, admin_pass) = initial.trim_end().split_once('\n').unwrap();
     let shots = repo().join("tests/browser/screenshots");
@@ -58,6 +73,8 @@ fn the_ui_works_in_headless_chromium() {
         .env("ALICE_PASS", "alicepass1")
         .env("BOB", "bob")
         .env("BOB_PASS", "bobpass12")
+        .env("TARA", "tara")
+        .env("TARA_PASS", "tarapass1")
         .output()
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -68,7 +85,7 @@ fn the_ui_works_in_headless_chromium() {
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
         .collect();
-    assert!(pngs.len() >= 12, "expected screenshots of 6 pages × 2 widths, found {}", pngs.len());
+    assert!(pngs.len() >= 14, "expected screenshots of 7 pages × 2 widths, found {}", pngs.len());
     for p in &pngs {
         let len = p.metadata().unwrap().len();
         assert!(len > 10_000, "{} is {len} bytes: blank?", p.path().display());

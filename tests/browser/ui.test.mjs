@@ -4,7 +4,8 @@
 //   ADMIN_USER=admin ADMIN_PASS=... ALICE=alice ALICE_PASS=... BOB=bob BOB_PASS=... \
 //   node tests/browser/ui.test.mjs
 //
-// Expects: alice on the starter plan, bob on the free plan with 200 extra credits and his dev
+// Expects: alice on the starter plan, tara on the pro plan (a small `[training]` preset: the
+// test trains one LoRA on the demo model), bob on the free plan with 200 extra credits and his dev
 // quota unused, an admin on the max plan (alice's plan trains on 30 images per LoRA) (the one `serve` creates at first start); the demo models demo-schnell and demo-dev served. Changes alice's
 // password and sets it back to ALICE_PASS (her other sessions end). Prints one line
 // per passed step; exits 1 on the first failure (with screenshots of the pages involved).
@@ -23,6 +24,7 @@ const CHROMIUM = env.CHROMIUM_PATH || '/usr/bin/chromium';
 const ADMIN = { name: env.ADMIN_USER || 'admin', pass: env.ADMIN_PASS };
 const ALICE = { name: env.ALICE || 'alice', pass: env.ALICE_PASS };
 const BOB = { name: env.BOB || 'bob', pass: env.BOB_PASS };
+const TARA = { name: env.TARA || 'tara', pass: env.TARA_PASS };
 const JOB_TIMEOUT = Number(env.JOB_TIMEOUT_MS || 180000);
 const DESKTOP = { width: 1280, height: 800 };
 const PHONE = { width: 390, height: 844 };
@@ -32,7 +34,7 @@ function assert(cond, msg) {
   if (!cond) throw new TestFailure(msg);
 }
 
-for (const [k, v] of Object.entries({ ATELIER_URL: BASE, ADMIN_PASS: ADMIN.pass, ALICE_PASS: ALICE.pass, BOB_PASS: BOB.pass })) {
+for (const [k, v] of Object.entries({ ATELIER_URL: BASE, ADMIN_PASS: ADMIN.pass, ALICE_PASS: ALICE.pass, BOB_PASS: BOB.pass, TARA_PASS: TARA.pass })) {
   if (!v) {
     console.error(`FAIL setup: the environment variable ${k} is not set`);
     process.exit(2);
@@ -237,6 +239,29 @@ async function screenshot(page, name, { fullPage = true } = {}) {
   assert(!shotHashes.has(hash), `${name}.png is identical to ${shotHashes.get(hash)}.png`);
   shotHashes.set(hash, name);
   return buf;
+}
+
+// Four small images the browser encodes itself: PNG, JPEG, WebP, PNG, as setInputFiles takes them.
+async function testImages(page) {
+  const files = await page.evaluate(async () => {
+    const out = [];
+    const kinds = [['image/png', 'png'], ['image/jpeg', 'jpg'], ['image/webp', 'webp'], ['image/png', 'png']];
+    for (const [i, [type, ext]] of kinds.entries()) {
+      const c = document.createElement('canvas');
+      c.width = 96 + 16 * i;
+      c.height = 72;
+      const g = c.getContext('2d');
+      g.fillStyle = `hsl(${i * 80}, 70%, 50%)`;
+      g.fillRect(0, 0, c.width, c.height);
+      g.fillStyle = '#fff';
+      g.fillRect(12, 12, 30, 30);
+      const blob = await new Promise((r) => c.toBlob(r, type, 0.9));
+      const bytes = new Uint8Array(await blob.arrayBuffer());
+      out.push({ name: `dog${i}.${ext}`, mimeType: type, b64: btoa(String.fromCharCode(...bytes)) });
+    }
+    return out;
+  });
+  return files.map((f) => ({ name: f.name, mimeType: f.mimeType, buffer: Buffer.from(f.b64, 'base64') }));
 }
 
 // ------------------------------------------------------------------ the test
@@ -511,27 +536,8 @@ try {
     await alice.waitForSelector('#dataset-editor:not([hidden]) #train-drop');
     assert((await alice.inputValue('#dataset-trigger')) === 'bwdog', 'the editor does not show the trigger word');
     assert(/^0 \/ 30 images$/.test(await alice.textContent('#train-count')), `the limit reads "${await alice.textContent('#train-count')}"`);
-    assert(await alice.$('#train-run[hidden]'), 'no hidden #train-run placeholder');
-    // Four small images the browser encodes itself: PNG, JPEG, WebP, PNG.
-    const files = await alice.evaluate(async () => {
-      const out = [];
-      const kinds = [['image/png', 'png'], ['image/jpeg', 'jpg'], ['image/webp', 'webp'], ['image/png', 'png']];
-      for (const [i, [type, ext]] of kinds.entries()) {
-        const c = document.createElement('canvas');
-        c.width = 96 + 16 * i;
-        c.height = 72;
-        const g = c.getContext('2d');
-        g.fillStyle = `hsl(${i * 80}, 70%, 50%)`;
-        g.fillRect(0, 0, c.width, c.height);
-        g.fillStyle = '#fff';
-        g.fillRect(12, 12, 30, 30);
-        const blob = await new Promise((r) => c.toBlob(r, type, 0.9));
-        const bytes = new Uint8Array(await blob.arrayBuffer());
-        out.push({ name: `dog${i}.${ext}`, mimeType: type, b64: btoa(String.fromCharCode(...bytes)) });
-      }
-      return out;
-    });
-    await alice.setInputFiles('#train-files', files.map((f) => ({ name: f.name, mimeType: f.mimeType, buffer: Buffer.from(f.b64, 'base64') })));
+    const files = await testImages(alice);
+    await alice.setInputFiles('#train-files', files);
     await alice.waitForFunction(() => document.querySelectorAll('#train-images .train-card').length === 4);
     await alice.waitForFunction(() => [...document.querySelectorAll('img.train-thumb')].every((i) => i.complete && i.naturalWidth > 0));
     assert(/^4 \/ 30 images$/.test(await alice.textContent('#train-count')), `the limit reads "${await alice.textContent('#train-count')}"`);
@@ -552,6 +558,76 @@ try {
     assert(saved.length === 4 && saved[0] === 'photo of [trigger] sitting on a red sofa' && saved[1] === 'photo of',
       `the server keeps the captions ${JSON.stringify(saved)}`);
     assert((await alice.textContent('#dataset-list')).includes('4 images'), 'the dataset list does not show 4 images');
+    // Starter on a weekly period includes no training: the run panel says so and Start stays off.
+    await alice.waitForSelector('#train-run:not([hidden]) #train-allowance');
+    assert(/^0 trainings left/.test(await alice.textContent('#train-allowance')), `alice's allowance reads "${await alice.textContent('#train-allowance')}"`);
+    assert(await alice.isDisabled('#train-start'), 'alice can start a training without an allowance');
+  });
+
+  await step('5c. tara (pro) trains a LoRA: dataset, start, loss chart, a sample, then generates with it', async () => {
+    const tara = await newPage(browser, 'tara');
+    shared.tara = tara;
+    await login(tara, TARA);
+    await tara.goto(`${BASE}/#/train`);
+    await tara.waitForSelector('#new-dataset-name');
+    await tara.fill('#new-dataset-name', 'Tara cat');
+    await tara.fill('#new-dataset-trigger', 'trcat');
+    await tara.click('#new-dataset-btn');
+    await tara.waitForSelector('#dataset-editor:not([hidden]) #train-drop');
+    await tara.setInputFiles('#train-files', await testImages(tara));
+    await tara.waitForFunction(() => document.querySelectorAll('#train-images .train-card').length === 4);
+    const first = '#train-images .train-card:first-child textarea.caption';
+    await tara.fill(first, '[trigger] asleep in the sun');
+    await tara.press(first, 'Tab');
+    await tara.waitForFunction(() => document.querySelector('#train-images .train-card:first-child .caption-status').textContent === 'Saved');
+    // The run panel: the preset filled in (pro = "advanced": editable), one training left.
+    await tara.waitForSelector('#train-run:not([hidden]) #train-start:not([disabled])');
+    assert(await tara.isEnabled('#train-steps'), 'pro (advanced) cannot edit the steps');
+    assert(/1 training left/.test(await tara.textContent('#train-allowance')), `the allowance reads "${await tara.textContent('#train-allowance')}"`);
+    await tara.selectOption('#train-model', 'demo-schnell');
+    await tara.fill('#train-lora-name', 'tara-cat');
+    await tara.fill('#train-sample-prompt', 'trcat on a rooftop');
+    // Every redraw of the chart is recorded: it must grow step by step as events arrive, not
+    // appear whole at the end.
+    await tara.evaluate(() => {
+      window.__chartSizes = [];
+      const note = () => {
+        const l = document.querySelector('#loss-chart polyline.loss-mean');
+        const n = l ? l.getAttribute('points').trim().split(/\s+/).length : 0;
+        const a = window.__chartSizes;
+        if (n && a[a.length - 1] !== n) a.push(n);
+        const st = document.getElementById('train-status');
+        if (st && /step \d+ \/ \d+/.test(st.textContent)) window.__stepText = st.textContent;
+      };
+      new MutationObserver(note).observe(document.getElementById('train-run'), { childList: true, subtree: true, attributes: true });
+    });
+    await tara.click('#train-start');
+    const points = () => tara.evaluate(() => {
+      const l = document.querySelector('#loss-chart polyline.loss-mean');
+      return l ? l.getAttribute('points').trim().split(/\s+/).length : 0;
+    });
+    await tara.waitForSelector('#train-samples img', { timeout: JOB_TIMEOUT });
+    await tara.waitForSelector('#train-use', { timeout: JOB_TIMEOUT });
+    await tara.waitForFunction(() => [...document.querySelectorAll('#train-samples img')].every((i) => i.complete && i.naturalWidth > 0));
+    const total = await tara.evaluate(async () => {
+      const r = await (await fetch('/api/trainings')).json();
+      return r.trainings[0];
+    });
+    assert(total.status === 'succeeded' && total.lora === 'tara-cat', `the training ended ${JSON.stringify(total.status)} with ${total.lora}`);
+    assert((await points()) === total.training.steps, `the chart has ${await points()} points for ${total.training.steps} steps`);
+    const sizes = await tara.evaluate(() => window.__chartSizes);
+    assert(sizes.length >= 3 && sizes.every((n, i) => i === 0 || n > sizes[i - 1]), `the chart did not grow step by step: ${JSON.stringify(sizes)}`);
+    assert(await tara.evaluate(() => window.__stepText), 'the status never read "step i / N" while running');
+    // Its LoRA on the Generate page: picked, its trigger word in the prompt, and an image made.
+    await tara.click('#train-use');
+    await tara.waitForSelector('#lora-chosen .lora-item[data-lora="tara-cat"]');
+    assert((await tara.inputValue('#prompt')).includes('trcat'), `the trigger is not in the prompt: "${await tara.inputValue('#prompt')}"`);
+    await tara.selectOption('#model', 'demo-schnell');
+    await tara.fill('#prompt', 'trcat on a rooftop at night');
+    const { job } = await generateAndWait(tara);
+    await resultLoaded(tara, job);
+    const spec = await tara.evaluate(async (id) => (await (await fetch(`/api/jobs/${id}`)).json()).job.spec, job);
+    assert(JSON.stringify(spec.loras) === JSON.stringify([{ name: 'tara-cat', weight: 1 }]), `the job ran with LoRAs ${JSON.stringify(spec.loras)}`);
   });
 
   await step('6. alice changes her password (wrong, right, and back)', async () => {
@@ -657,10 +733,11 @@ try {
         await p.waitForSelector('#image-modal[open]');
         await p.waitForFunction(() => document.getElementById('modal-img').complete && document.getElementById('modal-params').textContent.length > 20);
       }, { fullPage: false }],
-      ['train', alice, async (p) => {
+      ['train', shared.tara, async (p) => {
         await p.goto(`${BASE}/#/train`);
         await p.waitForSelector('#train-images img.train-thumb');
-        await p.waitForFunction(() => [...document.querySelectorAll('img.train-thumb')].every((i) => i.complete));
+        await p.waitForSelector('#loss-chart polyline.loss-mean');
+        await p.waitForFunction(() => [...document.querySelectorAll('img.train-thumb, #train-samples img')].every((i) => i.complete));
       }],
       ['usage', alice, async (p) => { await p.goto(`${BASE}/#/usage`); await p.waitForSelector('#usage-chart .chart-col'); await p.waitForSelector('#plans-table tbody tr'); }],
       ['admin', admin, async (p) => { await p.goto(`${BASE}/#/admin`); await p.waitForSelector('#admin-users tbody tr'); await p.waitForSelector('#admin-models table'); }],
@@ -679,7 +756,7 @@ try {
         written.push(`${name}-${size}.png`);
       }
     }
-    for (const p of [alice, bob, admin]) await p.setViewportSize(DESKTOP);
+    for (const p of [alice, bob, admin, shared.tara]) await p.setViewportSize(DESKTOP);
     console.log(`     ${written.length} screenshots in ${SHOTS}: ${written.join(', ')}`);
   });
 

@@ -3,10 +3,11 @@
 // unfinished jobs, and the results grid.
 
 import { get, post, randomKey } from './api.js';
-import { h, clear, toast, fmtSeconds, describeError } from './ui.js';
+import { h, clear, toast, notice, fmtSeconds, describeError } from './ui.js';
 import { store, refreshAccount } from './store.js';
 import { openViewer } from './viewer.js';
 import * as form from './genform.js';
+import { chooseLora } from './lorapick.js';
 import { watchers, watchJob, onJobs, markStopping, pruneFinished } from './jobwatch.js';
 
 const S = {
@@ -365,6 +366,12 @@ export async function show() {
     const r = store.reuse;
     store.reuse = null;
     form.applyReuse(r);
+  }
+  if (store.useLora) {
+    const name = store.useLora;
+    store.useLora = null;
+    if (chooseLora(name)) notice(`LoRA "${name}" is applied; write your prompt.`, 'LoRA picked');
+    else toast(`LoRA "${name}" cannot be applied on your plan or is gone.`, 'LoRA not picked');
   }
   if (!S.resumed) {
     S.resumed = true;

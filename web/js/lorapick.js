@@ -64,6 +64,18 @@ export function takeTags(prompt) {
   return { prompt: rest.trim(), missing };
 }
 
+/** Picks LoRA `name` (with its default weight) and puts its first trigger word into the
+ * prompt, as "Use on Generate" after a training asks; false when it cannot be picked. */
+export function chooseLora(name) {
+  const entry = P.list && P.list.loras.find((l) => l.name === name);
+  if (!entry || (full() && !P.chosen.some((c) => c.name === name))) return false;
+  setChosen(name, entry.default_weight);
+  if (entry.triggers.length) insertTrigger(entry.triggers[0]);
+  render();
+  P.onChange();
+  return true;
+}
+
 function setChosen(name, weight) {
   const c = P.chosen.find((x) => x.name === name);
   if (c) c.weight = weight;

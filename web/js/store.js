@@ -12,6 +12,8 @@ export const store = {
   usage: null,
   /** Settings handed from the gallery's "Use these settings" to the Generate page. */
   reuse: null,
+  /** A LoRA name handed from the Train page's "Use on Generate" to the Generate page. */
+  useLora: null,
 };
 
 const listeners = new Set();

@@ -72,12 +72,18 @@ async fn own_training(state: &Data, caller: &Caller, id: String) -> Result<Job, 
     }
 }
 
-/// GET /api/trainings: the caller's trainings, newest first (without loss histories).
+/// GET /api/trainings: the caller's trainings, newest first (without loss histories), the
+/// allowance left, and what a training form offers: the preset and the limits of custom
+/// settings (which need the "advanced" parameter level).
 pub async fn list(state: Data, caller: Caller) -> Result<HttpResponse, ApiError> {
     let user = caller.user.id;
     let jobs = state.jobs.clone();
-    let (list, positions) =
-        state.db(move |c| Ok((store::list_jobs(&c.app, Some(user), &[], 500)?, jobs.positions(c)?))).await?;
+    let (list, positions, allowance) = state
+        .db(move |c| {
+            let list = store::list_jobs(&c.app, Some(user), &[], 500)?;
+            Ok((list, jobs.positions(c)?, c.ledger.balance(user, Resource::Training)?))
+        })
+        .await?;
     let views: Vec<_> = list
         .iter()
         .filter(|j| j.kind == JobKind::Training)
@@ -87,7 +93,19 @@ pub async fn list(state: Data, caller: Caller) -> Result<HttpResponse, ApiError>
             samples: sample_urls(&state, &j.id),
         })
         .collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "trainings": views })))
+    let t = &state.config.training;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "trainings": views,
+        "allowance_available": allowance.available,
+        "allowance_held": allowance.held,
+        "preset": {
+            "steps": t.preset_steps,
+            "rank": t.preset_rank,
+            "lr": t.preset_lr,
+            "resolution": t.preset_resolution,
+        },
+        "limits": { "max_steps": t.max_steps, "max_rank": t.max_rank, "resolutions": t.resolutions },
+    })))
 }
 
 /// GET /api/trainings/{id}
