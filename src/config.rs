@@ -460,6 +460,9 @@ impl Config {
         {
             bail!("[training]: preset_steps, preset_rank, preset_lr, max_steps and max_rank must be positive");
         }
+        if t.preset_steps > t.max_steps || t.preset_rank > t.max_rank {
+            bail!("[training]: the preset's steps and rank must be within max_steps and max_rank");
+        }
         if t.resolutions.iter().chain([&t.preset_resolution]).any(|r| *r < 16 || r % 16 != 0) {
             bail!("[training]: resolutions must be multiples of 16");
         }

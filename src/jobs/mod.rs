@@ -446,6 +446,17 @@ impl Jobs {
         let now = db.now();
         for job in store::list_jobs(&db.app, None, &[JobStatus::Running], u32::MAX)? {
             if job.kind == store::JobKind::Training {
+                // Its LoRA was stored but the job not yet marked: it succeeded (captured below).
+                let stored = self
+                    .loras
+                    .list(job.user_id)
+                    .ok()
+                    .and_then(|l| l.into_iter().find(|e| e.training_job.as_deref() == Some(job.id.as_str())));
+                if let Some(lora) = stored {
+                    store::complete_training(&db.app, &job.id, &lora.name, now)?;
+                    log::warn!("training {} had stored its LoRA {} before the stop; it succeeded", job.id, lora.name);
+                    continue;
+                }
                 // A training resumes from its last checkpoint, with the hold it has; without
                 // one it fails now and its allowance comes back below.
                 if trainer::latest_checkpoint(&self.training_dir(&job.id)).is_some() {
@@ -498,6 +509,20 @@ impl Jobs {
                 )?;
             }
         }
+        self.sweep_trainings(db);
         Ok(settled)
+    }
+
+    /// Removes training folders no job owns (a crash between the dataset copy and the ledger's
+    /// commit) and half-written download conversions.
+    fn sweep_trainings(&self, db: &mut Conn) {
+        let Ok(entries) = std::fs::read_dir(&self.trainings_dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let orphan = name.starts_with('.') || matches!(store::get_job(&db.app, &name), Ok(None));
+            if orphan && let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                log::warn!("removing {}: {e}", entry.path().display());
+            }
+        }
     }
 }

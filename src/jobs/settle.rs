@@ -13,7 +13,12 @@ pub fn end_without_images(
     status: JobStatus,
     error: Option<String>,
 ) -> anyhow::Result<()> {
-    store::finish(&db.app, &job.id, &[JobStatus::Running], status, error.as_deref(), db.now())?;
+    if !store::finish(&db.app, &job.id, &[JobStatus::Running], status, error.as_deref(), db.now())? {
+        // It ended otherwise meanwhile (succeeded, canceled): its hold is settled by that path,
+        // or, if that path was cut short, by the start-up reconciliation from the job's status.
+        log::warn!("job {} was no longer running; its hold is left to the job's own outcome", job.id);
+        return Ok(());
+    }
     db.ledger.release(job.hold_id)?;
     let event = match (status, error) {
         (JobStatus::Canceled, _) => JobEvent::Canceled,
@@ -30,6 +35,7 @@ pub fn fail_internal(jobs: &Jobs, db: &mut Conn, job: &Job, detail: String) -> a
     if let Err(e) = store::set_error_detail(&db.app, &job.id, &detail) {
         log::warn!("job {}: recording the failure's cause: {e}", job.id);
     }
-    let message = format!("the generation failed on the server (job {}); an admin can see why", job.id);
+    let what = if job.kind == store::JobKind::Training { "training" } else { "generation" };
+    let message = format!("the {what} failed on the server (job {}); an admin can see why", job.id);
     end_without_images(jobs, db, job, JobStatus::Failed, Some(message))
 }

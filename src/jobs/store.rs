@@ -283,6 +283,15 @@ pub fn list_jobs(
             statuses.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(",")
         )
     };
+    list_where(conn, user, &filter, limit)
+}
+
+/// The training jobs of `user`, newest first (however many image jobs came after them).
+pub fn list_trainings(conn: &Connection, user: UserId, limit: u32) -> rusqlite::Result<Vec<Job>> {
+    list_where(conn, Some(user), " AND kind = 'training'", limit)
+}
+
+fn list_where(conn: &Connection, user: Option<UserId>, filter: &str, limit: u32) -> rusqlite::Result<Vec<Job>> {
     let mut st = conn.prepare(&format!(
         "SELECT {JOB_COLS} FROM jobs WHERE (?1 IS NULL OR user_id = ?1){filter} ORDER BY seq DESC LIMIT ?2"
     ))?;

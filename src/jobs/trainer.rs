@@ -131,6 +131,8 @@ enum Why {
     Canceled,
     Stopping,
     ImagesNeedTheMemory,
+    /// The allowance hold was released under the training (the sweeper): it may not go on.
+    HoldLost,
 }
 
 /// Runs the image jobs waiting now (the worker's loop over them); how many ran.
@@ -229,15 +231,22 @@ fn execute_training(
                     publish(JobEvent::Sample { index, step, url });
                     Control::Continue
                 }
-                Event::Saved(_) => {
+                Event::Saved(path) => {
                     saved = Instant::now();
+                    keep_only_latest(&path);
                     Control::Continue
                 }
                 Event::Boundary { .. } => {
                     if renewed.elapsed() > Duration::from_secs(60) {
                         renewed = Instant::now();
-                        if let Err(e) = db.ledger.renew_hold(job.hold_id) {
-                            log::warn!("training {}: renewing its hold: {e}", job.id);
+                        match db.ledger.renew_hold(job.hold_id) {
+                            Ok(true) => {}
+                            // Released by the sweeper: the training may not go on unpaid.
+                            Ok(false) => {
+                                why = Why::HoldLost;
+                                return Control::Stop;
+                            }
+                            Err(e) => log::warn!("training {}: renewing its hold: {e}", job.id),
                         }
                     }
                     if jobs.stopping.load(Ordering::Relaxed) {
@@ -259,6 +268,16 @@ fn execute_training(
                         run_images(db);
                         share.images_took = t0.elapsed();
                         share.since = Instant::now();
+                        // A stop or a cancel that came while the images ran is seen now, not
+                        // after another step.
+                        if jobs.stopping.load(Ordering::Relaxed) {
+                            why = Why::Stopping;
+                            return Control::Pause;
+                        }
+                        if cancel.load(Ordering::Relaxed) {
+                            why = Why::Canceled;
+                            return Control::Stop;
+                        }
                         publish(JobEvent::Stage { stage: "training".into() });
                     }
                     if !every.is_zero() && saved.elapsed() >= every { Control::Checkpoint } else { Control::Continue }
@@ -267,8 +286,12 @@ fn execute_training(
         }));
         let trained = match result {
             Ok(Ok(t)) => t,
-            Ok(Err(e)) => return fail_internal(jobs, db, job, format!("training: {e:#}")),
+            Ok(Err(e)) => {
+                cleanup(&dir);
+                return fail_internal(jobs, db, job, format!("training: {e:#}"));
+            }
             Err(panic) => {
+                cleanup(&dir);
                 let msg = panic
                     .downcast_ref::<String>()
                     .cloned()
@@ -277,9 +300,18 @@ fn execute_training(
             }
         };
         if let Some(out) = trained.out {
+            // A cancel after the last step boundary still wins: nothing is stored or charged.
+            if cancel.load(Ordering::Relaxed) && !jobs.stopping.load(Ordering::Relaxed) {
+                cleanup(&dir);
+                return end_without_images(jobs, db, job, JobStatus::Canceled, None);
+            }
             return finish(jobs, db, job, &spec, &out);
         }
         match why {
+            Why::HoldLost => {
+                cleanup(&dir);
+                return fail_internal(jobs, db, job, "the training's allowance hold was released (expired)".into());
+            }
             Why::Canceled => {
                 cleanup(&dir);
                 return end_without_images(jobs, db, job, JobStatus::Canceled, None);
@@ -304,6 +336,18 @@ fn execute_training(
                     return end_without_images(jobs, db, job, JobStatus::Canceled, None);
                 }
             }
+        }
+    }
+}
+
+/// After checkpoint `saved` (`…/checkpoints/step_N`), the older ones go: a resume needs only
+/// the latest, and each holds the LoRA and two optimizer moments.
+fn keep_only_latest(saved: &Path) {
+    let Some(dir) = saved.parent().filter(|d| d.file_name().is_some_and(|n| n == "checkpoints")) else { return };
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p != saved && entry.file_name().to_string_lossy().starts_with("step_") {
+            let _ = std::fs::remove_dir_all(&p);
         }
     }
 }
@@ -337,19 +381,45 @@ fn finish(
         ..Sidecar::default()
     };
     let preview = samples(&dir).pop();
-    let name = match jobs.loras.store_trained(job.user_id, &spec.name, out, &sidecar, preview.as_deref()) {
-        Ok(n) => n,
-        Err(e) => return fail_internal(jobs, db, job, format!("storing the trained LoRA: {e:#}")),
+    // Stored by an earlier run of this job that crashed before marking it succeeded: that copy
+    // is the result (never a second `name-2`).
+    let earlier = jobs
+        .loras
+        .list(job.user_id)
+        .ok()
+        .and_then(|l| l.into_iter().find(|e| e.training_job.as_deref() == Some(job.id.as_str())))
+        .map(|e| e.name);
+    let name = match earlier {
+        Some(n) => n,
+        None => match jobs.loras.store_trained(job.user_id, &spec.name, out, &sidecar, preview.as_deref()) {
+            Ok(n) => n,
+            Err(e) => return fail_internal(jobs, db, job, format!("storing the trained LoRA: {e:#}")),
+        },
     };
-    cleanup(&dir);
-    if !store::complete_training(&db.app, &job.id, &name, db.now())? {
-        // Canceled at the last moment: the LoRA goes, the allowance comes back.
+    // The job is marked succeeded before its checkpoints go: a crash in between resumes (and
+    // finds the stored LoRA above) rather than failing a training whose LoRA was delivered.
+    let completed = match store::complete_training(&db.app, &job.id, &name, db.now()) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = jobs.loras.delete(job.user_id, &name);
+            return Err(e.into());
+        }
+    };
+    if !completed {
+        // No longer running (ended by another path meanwhile): the LoRA goes, the allowance
+        // comes back (a hold that path already settled stays as it is).
         let _ = jobs.loras.delete(job.user_id, &name);
-        db.ledger.release(job.hold_id)?;
+        if let Err(e) = db.ledger.release(job.hold_id) {
+            log::info!("training {}: its hold was already settled: {e}", job.id);
+        }
         jobs.hub.publish(&job.id, job.user_id, JobEvent::Canceled);
         return Ok(());
     }
+    // A capture that fails here leaves the hold open on a succeeded job: the start-up
+    // reconciliation captures it (never a release: the LoRA was delivered).
     let captured = db.ledger.capture(job.hold_id, None)?;
+    cleanup(&dir);
+    let _ = std::fs::remove_file(out);
     jobs.hub.publish(&job.id, job.user_id, JobEvent::Trained { lora: name, allowance_charged: captured.hold.captured });
     Ok(())
 }

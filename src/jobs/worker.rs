@@ -119,8 +119,9 @@ fn run_one(
     out
 }
 
-/// Runs the image jobs waiting now, in the scheduler's order, until none waits (a training
-/// yields the device to them between its steps).
+/// Runs the image jobs waiting now, in the scheduler's order (a training yields the device to
+/// them between its steps). Only those waiting when the pause began: jobs that arrive meanwhile
+/// wait for the next step boundary, so a steady stream of images cannot starve the training.
 fn run_waiting_images(
     jobs: &Jobs,
     db: &mut Conn,
@@ -128,11 +129,18 @@ fn run_waiting_images(
     placement: Placement,
     resident: &mut Option<(String, Resident)>,
 ) -> usize {
+    let at_start: std::collections::HashSet<String> = match store::waiting(&db.app) {
+        Ok(w) => w.into_iter().filter(|w| w.kind == JobKind::Image).map(|w| w.job_id).collect(),
+        Err(e) => {
+            log::error!("reading the queue: {e}");
+            return 0;
+        }
+    };
     let mut ran = 0;
     while !jobs.stopping.load(Ordering::Relaxed) {
         let next = match store::waiting(&db.app) {
             Ok(mut waiting) => {
-                waiting.retain(|w| w.kind == JobKind::Image);
+                waiting.retain(|w| w.kind == JobKind::Image && at_start.contains(&w.job_id));
                 let mut s = jobs.scheduler.lock().unwrap_or_else(|p| p.into_inner());
                 s.pick(&waiting).map(|i| waiting[i].job_id.clone())
             }

@@ -80,7 +80,7 @@ pub async fn list(state: Data, caller: Caller) -> Result<HttpResponse, ApiError>
     let jobs = state.jobs.clone();
     let (list, positions, allowance) = state
         .db(move |c| {
-            let list = store::list_jobs(&c.app, Some(user), &[], 500)?;
+            let list = store::list_trainings(&c.app, user, 500)?;
             Ok((list, jobs.positions(c)?, c.ledger.balance(user, Resource::Training)?))
         })
         .await?;
