@@ -23,7 +23,7 @@ use crate::config::QueueConfig;
 use crate::jobs::progress::{JobEvent, ProgressHub};
 use crate::jobs::queue::Scheduler;
 use crate::jobs::store::{Job, JobSpec, JobStatus, NewJob};
-use crate::ledger::{HoldStatus, JobParams, JobRequest, LedgerError, Refusal, UserId};
+use crate::ledger::{HoldStatus, JobAuthorization, JobParams, JobRequest, LedgerError, Refusal, UserId};
 use crate::models::ModelRegistry;
 use crate::spec::Limits;
 
@@ -98,6 +98,28 @@ pub fn validate_idempotency_key(key: &str) -> Result<(), SubmitError> {
     Ok(())
 }
 
+/// Inside a submission's ledger transaction, once the hold is placed or found: the job an
+/// earlier request with the same key made (its row was written with its hold; without one,
+/// that request has not finished), or the new job's row written beside its hold.
+pub(crate) fn replay_or_insert<'a>(
+    tx: &rusqlite::Connection,
+    auth: &JobAuthorization,
+    key: &str,
+    new: impl FnOnce(&JobAuthorization) -> NewJob<'a>,
+) -> Result<Submitted, SubmitError> {
+    if auth.replayed {
+        return match store::get_job(tx, &auth.hold.job_id)? {
+            Some(job) => Ok(Submitted { job, replayed: true }),
+            None => Err(SubmitError::KeyInProgress { key: key.to_string() }),
+        };
+    }
+    let new = new(auth);
+    store::insert_job(tx, &new)?;
+    let id = new.id;
+    let job = store::get_job(tx, id)?.ok_or_else(|| anyhow::anyhow!("job {id} vanished"))?;
+    Ok(Submitted { job, replayed: false })
+}
+
 /// Counters for /metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -144,6 +166,9 @@ pub struct Jobs {
     /// The jobs the worker runs now, each with the flag that cancels it (two while an image
     /// job runs inside a training's pause).
     running: Mutex<Vec<(String, Arc<AtomicBool>)>>,
+    /// Running jobs a user canceled (a stop sets every running job's flag too: this tells the
+    /// two apart, so a training canceled before a stop is not resumed at the next start).
+    user_canceled: Mutex<std::collections::HashSet<String>>,
     stopping: AtomicBool,
     /// The device-memory budget and the last job's memory plan per model (admin view).
     pub memory: Mutex<MemoryState>,
@@ -194,6 +219,7 @@ impl Jobs {
             images_dir,
             wake: (Mutex::new(false), Condvar::new()),
             running: Mutex::new(Vec::new()),
+            user_canceled: Mutex::new(Default::default()),
             stopping: AtomicBool::new(false),
             memory: Mutex::new(MemoryState::default()),
         }
@@ -312,15 +338,7 @@ impl Jobs {
                 Ok(())
             },
             |tx, auth| {
-                if auth.replayed {
-                    // The job row was written with its hold; without one, the request that
-                    // placed the hold has not finished (or came from before they were one).
-                    return match store::get_job(tx, &auth.hold.job_id)? {
-                        Some(job) => Ok(Submitted { job, replayed: true }),
-                        None => Err(SubmitError::KeyInProgress { key: key.clone() }),
-                    };
-                }
-                let new = NewJob {
+                let new = |auth: &JobAuthorization| NewJob {
                     id: &job_id,
                     user_id: user,
                     spec: &spec,
@@ -332,9 +350,7 @@ impl Jobs {
                     now,
                     training: None,
                 };
-                store::insert_job(tx, &new)?;
-                let job = store::get_job(tx, &job_id)?.ok_or_else(|| anyhow::anyhow!("job {job_id} vanished"))?;
-                Ok(Submitted { job, replayed: false })
+                replay_or_insert(tx, auth, &key, new)
             },
         )?;
         if !submitted.replayed {
@@ -382,11 +398,17 @@ impl Jobs {
         Ok(live.len())
     }
 
+    /// Whether a user canceled running job `job_id` (not just the server stopping).
+    pub fn canceled_by_user(&self, job_id: &str) -> bool {
+        self.user_canceled.lock().unwrap_or_else(|p| p.into_inner()).contains(job_id)
+    }
+
     fn cancel_running(&self, job_id: &str) {
         // The worker registers a job here before it marks it running, so a job seen running
         // is always found.
         for (id, flag) in self.running.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             if id == job_id {
+                self.user_canceled.lock().unwrap_or_else(|p| p.into_inner()).insert(job_id.to_string());
                 flag.store(true, Ordering::Relaxed);
             }
         }

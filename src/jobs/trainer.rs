@@ -301,7 +301,7 @@ fn execute_training(
         };
         if let Some(out) = trained.out {
             // A cancel after the last step boundary still wins: nothing is stored or charged.
-            if cancel.load(Ordering::Relaxed) && !jobs.stopping.load(Ordering::Relaxed) {
+            if jobs.canceled_by_user(&job.id) {
                 cleanup(&dir);
                 return end_without_images(jobs, db, job, JobStatus::Canceled, None);
             }
@@ -313,6 +313,10 @@ fn execute_training(
                 return fail_internal(jobs, db, job, "the training's allowance hold was released (expired)".into());
             }
             Why::Canceled => {
+                cleanup(&dir);
+                return end_without_images(jobs, db, job, JobStatus::Canceled, None);
+            }
+            Why::Stopping if jobs.canceled_by_user(&job.id) => {
                 cleanup(&dir);
                 return end_without_images(jobs, db, job, JobStatus::Canceled, None);
             }
@@ -331,7 +335,7 @@ fn execute_training(
                 run_images(db);
                 share.images_took = t0.elapsed();
                 share.since = Instant::now();
-                if cancel.load(Ordering::Relaxed) && !jobs.stopping.load(Ordering::Relaxed) {
+                if jobs.canceled_by_user(&job.id) {
                     cleanup(&dir);
                     return end_without_images(jobs, db, job, JobStatus::Canceled, None);
                 }

@@ -116,6 +116,7 @@ fn run_one(
         Err(e) => Err(e.into()),
     };
     jobs.running.lock().unwrap_or_else(|p| p.into_inner()).retain(|(j, _)| j != id);
+    jobs.user_canceled.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
     out
 }
 
