@@ -10,7 +10,7 @@ use anyhow::Context;
 use crate::jobs::store::{self, JobSpec, NewJob};
 use crate::jobs::training_spec::TrainingOrder;
 use crate::jobs::{Conn, Jobs, SubmitError, Submitted, validate_idempotency_key};
-use crate::ledger::{TrainingRequest, UserId};
+use crate::ledger::{JobAuthorization, TrainingRequest, UserId};
 use crate::loras::Library;
 
 /// The files a training reads from a dataset's `images/`.
@@ -104,13 +104,7 @@ impl Jobs {
                 Ok(())
             },
             |tx, auth| {
-                if auth.replayed {
-                    return match store::get_job(tx, &auth.hold.job_id)? {
-                        Some(job) => Ok(Submitted { job, replayed: true }),
-                        None => Err(SubmitError::KeyInProgress { key: key.clone() }),
-                    };
-                }
-                let new = NewJob {
+                let new = |auth: &JobAuthorization| NewJob {
                     id: &job_id,
                     user_id: user,
                     spec: &job_spec,
@@ -122,9 +116,7 @@ impl Jobs {
                     now,
                     training: Some(&spec),
                 };
-                store::insert_job(tx, &new)?;
-                let job = store::get_job(tx, &job_id)?.ok_or_else(|| anyhow::anyhow!("job {job_id} vanished"))?;
-                Ok(Submitted { job, replayed: false })
+                super::replay_or_insert(tx, auth, &key, new)
             },
         );
         match &submitted {

@@ -310,11 +310,24 @@ impl Ledger {
         admit: impl FnOnce(&Connection) -> Result<(), E>,
         record: impl FnOnce(&Connection, &JobAuthorization) -> Result<T, E>,
     ) -> Result<T, E> {
+        self.hold_with(user, &req.idempotency_key, |t| authorize_job(t, user, req), admit, record)
+    }
+
+    /// One write transaction: `admit` (for a key not seen before), the hold `authorize` places
+    /// or finds, then `record`.
+    fn hold_with<T, E: From<LedgerError>>(
+        &mut self,
+        user: UserId,
+        key: &str,
+        authorize: impl FnOnce(&Tx<'_>) -> Result<JobAuthorization, LedgerError>,
+        admit: impl FnOnce(&Connection) -> Result<(), E>,
+        record: impl FnOnce(&Connection, &JobAuthorization) -> Result<T, E>,
+    ) -> Result<T, E> {
         self.write_with(|t| {
-            if credits::hold_by_key(t, user, &req.idempotency_key)?.is_none() {
+            if credits::hold_by_key(t, user, key)?.is_none() {
                 admit(t)?;
             }
-            let auth = authorize_job(t, user, req)?;
+            let auth = authorize(t)?;
             record(t, &auth)
         })
     }
@@ -335,12 +348,6 @@ impl Ledger {
         admit: impl FnOnce(&Connection) -> Result<(), E>,
         record: impl FnOnce(&Connection, &JobAuthorization) -> Result<T, E>,
     ) -> Result<T, E> {
-        self.write_with(|t| {
-            if credits::hold_by_key(t, user, &req.idempotency_key)?.is_none() {
-                admit(t)?;
-            }
-            let auth = authorize_training(t, user, req)?;
-            record(t, &auth)
-        })
+        self.hold_with(user, &req.idempotency_key, |t| authorize_training(t, user, req), admit, record)
     }
 }
