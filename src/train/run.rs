@@ -236,7 +236,10 @@ pub fn train_with(
     let how = if s.recompute { Backprop::Recompute } else { Backprop::Plain };
     let end = job.stop_after.map_or(s.steps, |n| (start + n).min(s.steps));
     let mut losses = Vec::new();
-    let started = Instant::now();
+    // The running mean spans a resume (the last 50 losses logged before it), and the speed
+    // counts only time spent on steps: a pause for image jobs is not slowness.
+    let mut window = recent_losses(&csv_path, start, MEAN_WINDOW);
+    let mut busy = std::time::Duration::ZERO;
     for step in start..end {
         let t0 = Instant::now();
         let batch = make_batch(&model, &items, &latents, &text_cache, s, step, job.dtype, device)?;
@@ -244,10 +247,17 @@ pub fn train_with(
         let outcome =
             if grads.loss.is_finite() { opt.step(&mut lora, grads.grads) } else { StepOutcome::SkippedNonFinite };
         losses.push(grads.loss);
-        let window = &losses[losses.len().saturating_sub(50)..];
-        let mean = window.iter().sum::<f32>() / window.len() as f32;
+        // A skipped (non-finite) step stays out of the mean rather than spoil 50 steps of it.
+        if grads.loss.is_finite() {
+            if window.len() == MEAN_WINDOW {
+                window.pop_front();
+            }
+            window.push_back(grads.loss);
+        }
+        let mean = if window.is_empty() { grads.loss } else { window.iter().sum::<f32>() / window.len() as f32 };
         let done = step + 1 - start;
-        let its = done as f64 / started.elapsed().as_secs_f64();
+        busy += t0.elapsed();
+        let its = done as f64 / busy.as_secs_f64();
         let norm = match outcome {
             StepOutcome::Applied { grad_norm } => grad_norm,
             StepOutcome::SkippedNonFinite => f64::NAN,
@@ -316,6 +326,26 @@ pub fn train_with(
     export::write(&lora, s.format, &info, &job.out)?;
     on(Event::Saved(job.out.clone()));
     Ok(Trained { lora, losses, out: Some(job.out.clone()) })
+}
+
+/// Steps the running mean of the loss spans.
+const MEAN_WINDOW: usize = 50;
+
+/// The last `n` losses `loss.csv` logged for steps up to `upto` (a resumed run's earlier
+/// steps; a step logged twice counts once, the later row).
+fn recent_losses(csv: &Path, upto: usize, n: usize) -> std::collections::VecDeque<f32> {
+    let text = if upto == 0 { String::new() } else { std::fs::read_to_string(csv).unwrap_or_default() };
+    let mut by_step = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        let mut f = line.split(',');
+        if let (Some(Ok(step)), Some(Ok(loss))) = (f.next().map(str::parse::<usize>), f.next().map(str::parse::<f32>))
+            && step <= upto
+        {
+            by_step.insert(step, loss);
+        }
+    }
+    let all: Vec<f32> = by_step.into_values().filter(|l| l.is_finite()).collect();
+    all[all.len().saturating_sub(n)..].iter().copied().collect()
 }
 
 /// The settings a resumed run must share with the run that wrote the checkpoint (sampling
@@ -461,6 +491,19 @@ fn base_model_hash(transformer: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resumed_runs_mean_starts_from_the_losses_logged_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("loss.csv");
+        let text =
+            "step,loss,mean,grad_norm,seconds\n1,1,1,0,0\n2,2,1.5,0,0\n3,9,4,0,0\n3,3,2,0,0\n4,NaN,2,0,0\n5,5,3,0,0\n";
+        std::fs::write(&csv, text).unwrap();
+        // Resumed at step 4: steps 1-4 count, step 3 once (its later row), the NaN not at all.
+        assert_eq!(recent_losses(&csv, 4, 50), [1.0, 2.0, 3.0]);
+        assert_eq!(recent_losses(&csv, 4, 2), [2.0, 3.0]);
+        assert!(recent_losses(&csv, 0, 50).is_empty(), "a fresh run starts empty");
+    }
 
     #[test]
     fn batches_share_a_bucket_and_epochs_cover_every_image() {
