@@ -229,6 +229,13 @@ impl Library {
         Err(LibraryError::NotFound(name.to_string()))
     }
 
+    /// The name of the LoRA training job `job` stored in `user`'s library, if it stored one
+    /// (a job that stopped between storing it and being marked succeeded).
+    pub fn trained_by(&self, user: UserId, job: &str) -> Option<String> {
+        let entries = self.list(user).ok()?;
+        entries.into_iter().find(|e| e.scope == Scope::Mine && e.training_job.as_deref() == Some(job)).map(|e| e.name)
+    }
+
     /// The studio's LoRAs and `user`'s own, studio first, each by name.
     pub fn list(&self, user: UserId) -> Result<Vec<LoraEntry>, LibraryError> {
         let mut out = Self::list_dir(&self.studio, Scope::Studio)?;

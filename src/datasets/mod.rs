@@ -388,12 +388,16 @@ impl Datasets {
 
     /// How many images dataset `id` holds (what the plan's `training_images_per_lora` limits).
     pub fn image_count(&self, id: &str) -> Result<u32, DatasetError> {
-        let dir = self.images_dir(id)?;
-        let n = std::fs::read_dir(&dir)
-            .with_context(|| format!("reading {}", dir.display()))?
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
-            .count();
-        Ok(n as u32)
+        Ok(count_images(&self.images_dir(id)?)?)
     }
+}
+
+/// How many images (stored as PNG) a dataset's `images/` folder, or a copy of it, holds.
+pub fn count_images(dir: &Path) -> anyhow::Result<u32> {
+    let n = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
+        .count();
+    Ok(n as u32)
 }

@@ -469,14 +469,9 @@ impl Jobs {
         for job in store::list_jobs(&db.app, None, &[JobStatus::Running], u32::MAX)? {
             if job.kind == store::JobKind::Training {
                 // Its LoRA was stored but the job not yet marked: it succeeded (captured below).
-                let stored = self
-                    .loras
-                    .list(job.user_id)
-                    .ok()
-                    .and_then(|l| l.into_iter().find(|e| e.training_job.as_deref() == Some(job.id.as_str())));
-                if let Some(lora) = stored {
-                    store::complete_training(&db.app, &job.id, &lora.name, now)?;
-                    log::warn!("training {} had stored its LoRA {} before the stop; it succeeded", job.id, lora.name);
+                if let Some(lora) = self.loras.trained_by(job.user_id, &job.id) {
+                    store::complete_training(&db.app, &job.id, &lora, now)?;
+                    log::warn!("training {} had stored its LoRA {lora} before the stop; it succeeded", job.id);
                     continue;
                 }
                 // A training resumes from its last checkpoint, with the hold it has; without

@@ -387,13 +387,7 @@ fn finish(
     let preview = samples(&dir).pop();
     // Stored by an earlier run of this job that crashed before marking it succeeded: that copy
     // is the result (never a second `name-2`).
-    let earlier = jobs
-        .loras
-        .list(job.user_id)
-        .ok()
-        .and_then(|l| l.into_iter().find(|e| e.training_job.as_deref() == Some(job.id.as_str())))
-        .map(|e| e.name);
-    let name = match earlier {
+    let name = match jobs.loras.trained_by(job.user_id, &job.id) {
         Some(n) => n,
         None => match jobs.loras.store_trained(job.user_id, &spec.name, out, &sidecar, preview.as_deref()) {
             Ok(n) => n,

@@ -80,9 +80,7 @@ impl Jobs {
             }
             // An upload or a delete that landed between the count and the copy: the plan was
             // checked on the count, so the copy must be what was counted.
-            let copied = std::fs::read_dir(dir.join("images"))
-                .map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "png")).count() as u32)
-                .unwrap_or(0);
+            let copied = crate::datasets::count_images(&dir.join("images")).unwrap_or(0);
             if copied != images {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(SubmitError::Invalid(format!(

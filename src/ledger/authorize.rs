@@ -133,24 +133,37 @@ fn place_hold(t: &Tx<'_>, req: &HoldRequest) -> Result<HoldOutcome, LedgerError>
     }
 }
 
+/// The hold an earlier request with idempotency key `key` placed, and the caller's queue class
+/// now: a retry is answered with that hold, under the job id it was placed for (the retry's own
+/// id is new); the plan check and the price ran for that request. A different request under
+/// the key (another request hash, or a hold of another resource than `resource`) is a
+/// conflict.
+fn replayed_hold(
+    t: &Tx<'_>,
+    user: UserId,
+    key: &str,
+    request_hash: &Option<String>,
+    resource: Option<Resource>,
+) -> Result<Option<(Hold, QueueClass)>, LedgerError> {
+    let Some(h) = credits::hold_by_key(t, user, key)? else { return Ok(None) };
+    if resource.is_some_and(|r| h.resource != r) || (request_hash.is_some() && h.request_hash != *request_hash) {
+        return Err(LedgerError::IdempotencyConflict {
+            key: key.to_string(),
+            job_id: h.job_id,
+            resource: h.resource,
+            amount: h.amount,
+        });
+    }
+    let sub = subscriptions::load(t, user)?;
+    let queue = t.cfg.plan(&sub.plan).map(|p| p.queue_for(sub.period)).unwrap_or(QueueClass::Standard);
+    Ok(Some((h, queue)))
+}
+
 fn authorize_job(t: &Tx<'_>, user: UserId, req: &JobRequest) -> Result<JobAuthorization, LedgerError> {
     let cfg = t.cfg;
     let model = cfg.model(&req.model_id)?;
     let price = cfg.price_job(&req.model_id, &req.params)?;
-    if let Some(h) = credits::hold_by_key(t, user, &req.idempotency_key)? {
-        // A retry of the same request: answer with the hold placed then, under the job id it
-        // was placed for (the retry's own id is new). The plan check and the price ran for
-        // that request; a different request under the key never gets this far.
-        if req.request_hash.is_some() && h.request_hash != req.request_hash {
-            return Err(LedgerError::IdempotencyConflict {
-                key: req.idempotency_key.clone(),
-                job_id: h.job_id,
-                resource: h.resource,
-                amount: h.amount,
-            });
-        }
-        let sub = subscriptions::load(t, user)?;
-        let queue = cfg.plan(&sub.plan).map(|p| p.queue_for(sub.period)).unwrap_or(QueueClass::Standard);
+    if let Some((h, queue)) = replayed_hold(t, user, &req.idempotency_key, &req.request_hash, None)? {
         let price =
             Price { per_item: h.amount / req.params.batch.max(1) as i64, batch: req.params.batch, total: h.amount };
         return Ok(JobAuthorization { hold: h, replayed: true, price, queue });
@@ -202,19 +215,8 @@ fn authorize_training(t: &Tx<'_>, user: UserId, req: &TrainingRequest) -> Result
         quotas: Vec::new(),
         request_hash: req.request_hash.clone(),
     };
-    if let Some(h) = credits::hold_by_key(t, user, &req.idempotency_key)? {
-        // A retry of the same request: the hold placed then, under the job id it was placed
-        // for (as `authorize_job`); another request under the key is a conflict.
-        if h.resource != Resource::Training || (req.request_hash.is_some() && h.request_hash != req.request_hash) {
-            return Err(LedgerError::IdempotencyConflict {
-                key: req.idempotency_key.clone(),
-                job_id: h.job_id,
-                resource: h.resource,
-                amount: h.amount,
-            });
-        }
-        let sub = subscriptions::load(t, user)?;
-        let queue = cfg.plan(&sub.plan).map(|p| p.queue_for(sub.period)).unwrap_or(QueueClass::Standard);
+    let replay = replayed_hold(t, user, &req.idempotency_key, &req.request_hash, Some(Resource::Training))?;
+    if let Some((h, queue)) = replay {
         return Ok(JobAuthorization { hold: h, replayed: true, price: one, queue });
     }
     subscriptions::catch_up_user(t, user)?;
