@@ -44,6 +44,13 @@ fn main() {
         let z = x.clone() * (x2 * (0.044715 * c) + c);
         let _ = (x.clone() * activation::sigmoid(z)).into_data();
     });
+    time("gelu atelier (fused)", || {
+        let _ = atelier::engine::layers::gelu_tanh(x.clone()).into_data();
+    });
+    let wide = Tensor::<3>::random([1, 1152, 3072 + 2304], Distribution::Default, &d);
+    time("gelu atelier (fused) on a narrow view", || {
+        let _ = atelier::engine::layers::gelu_tanh(wide.clone().narrow(2, 2304, 3072)).into_data();
+    });
     time("gelu erf 1152x3072", || {
         let _ = activation::gelu(x.clone()).into_data();
     });
@@ -58,6 +65,9 @@ fn main() {
     time("attention 6x1152x128", || {
         let _ = burn::tensor::module::attention(q.clone(), q.clone(), q.clone(), None, None, Default::default())
             .into_data();
+    });
+    time("attention atelier (fused, merged heads out)", || {
+        let _ = atelier::engine::cpu::attention(&q, &q, &q).unwrap().into_data();
     });
     time("manual attention", || {
         let s = q.clone().matmul(q.clone().swap_dims(2, 3)) * (1.0 / (128f64).sqrt());

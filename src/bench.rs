@@ -35,6 +35,8 @@ pub struct BenchSpec {
     /// Time LoRA training steps (forward + backward + AdamW, LoRA of `lora_rank` on every
     /// block Linear) instead of forwards.
     pub train: Option<TrainBench>,
+    /// Record where the timed steps spend their time, by operation (`engine::profile`).
+    pub profile: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +62,8 @@ pub struct BenchReport {
     pub loras: Option<LoraBench>,
     /// The transformer's memory plan, with `--memory-budget`.
     pub plan: Option<crate::engine::memory::MemoryPlan>,
+    /// Time per operation summed over the timed steps, with `profile`.
+    pub profile: Vec<crate::engine::profile::Total>,
 }
 
 /// What the LoRAs of a bench cost besides step time.
@@ -79,9 +83,7 @@ pub struct LoraBench {
 
 impl BenchReport {
     pub fn median_step(&self) -> f64 {
-        let mut s = self.step_seconds.clone();
-        s.sort_by(|a, b| a.total_cmp(b));
-        s[s.len() / 2]
+        median(&self.step_seconds)
     }
 
     pub fn print(&self, spec: &BenchSpec) {
@@ -133,6 +135,7 @@ impl BenchReport {
         }
         let list: Vec<String> = self.step_seconds.iter().map(|s| format!("{s:.3}")).collect();
         println!("step: median {:.3} s over {} runs [{}]", self.median_step(), list.len(), list.join(", "));
+        print_profile(&self.profile, &self.step_seconds);
         if let Some(q) = &self.quantized {
             let types: Vec<String> =
                 q.per_type.iter().map(|(t, n, b)| format!("{} {n} tensors {:.1} MiB", t.name(), mib(*b))).collect();
@@ -165,6 +168,30 @@ impl BenchReport {
             self.peak_rss_during_steps.saturating_sub(self.rss_before_load) as f64 / self.file_bytes as f64
         );
     }
+}
+
+fn median(runs: &[f64]) -> f64 {
+    let mut s = runs.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[s.len() / 2]
+}
+
+/// One line per operation: time per run, share of the run, calls per run; then what ran
+/// outside the spans (embedders, casts, the host side).
+fn print_profile(profile: &[crate::engine::profile::Total], runs: &[f64]) {
+    if profile.is_empty() {
+        return;
+    }
+    let n = runs.len() as f64;
+    let total: f64 = runs.iter().sum();
+    let line = |label: &str, seconds: f64, calls: Option<u64>| {
+        let calls = calls.map(|c| format!(", {:.0} calls/run", c as f64 / n)).unwrap_or_default();
+        println!("profile: {label:<26} {:8.1} ms/run {:5.1}%{calls}", seconds / n * 1e3, 100.0 * seconds / total);
+    };
+    for t in profile {
+        line(t.label, t.seconds, Some(t.calls));
+    }
+    line("(outside spans)", total - profile.iter().map(|t| t.seconds).sum::<f64>(), None);
 }
 
 /// Current and peak resident set size of this process, from /proc (Linux).
@@ -325,6 +352,9 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
     } else {
         // One untimed warm-up step: kernel compilation and autotuning on GPUs.
         for i in 0..=spec.steps {
+            if i == 1 && spec.profile {
+                crate::engine::profile::enable(true);
+            }
             let t = Instant::now();
             let input = FluxInput {
                 img: img.clone(),
@@ -345,6 +375,8 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
         }
     }
     let (_, peak_rss_during_steps) = rss_bytes();
+    let profile = crate::engine::profile::totals();
+    crate::engine::profile::enable(false);
     Ok(BenchReport {
         device: device.description.clone(),
         file_bytes,
@@ -357,6 +389,7 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
         quantized,
         loras,
         plan,
+        profile,
     })
 }
 
@@ -404,5 +437,98 @@ struct TempFile(PathBuf);
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `atelier bench --vae`: FLUX.1's autoencoder (its real architecture, random weights), one
+/// decode of the latents of the image the tokens describe and one encode of that image.
+#[derive(Debug, Clone)]
+pub struct VaeReport {
+    pub device: String,
+    pub width: usize,
+    pub height: usize,
+    pub decode_seconds: Vec<f64>,
+    pub encode_seconds: Vec<f64>,
+    pub decode_profile: Vec<crate::engine::profile::Total>,
+    pub encode_profile: Vec<crate::engine::profile::Total>,
+    /// RSS once the VAE is built, and the peak over the decodes and over the encodes.
+    pub rss_after_build: u64,
+    pub peak_rss_decode: u64,
+    pub peak_rss_encode: u64,
+}
+
+pub fn run_vae(spec: &BenchSpec, device: &SelectedDevice) -> Result<VaeReport> {
+    use crate::engine::loader::Walk;
+    use crate::engine::vae::{Vae, VaeConfig};
+    if spec.steps == 0 || spec.img_tokens == 0 || spec.batch == 0 {
+        bail!("steps, image tokens and batch must be at least 1");
+    }
+    let dev = &device.device;
+    let walk = Walk::random(dev, spec.dtype, 0);
+    let vae = Vae::build(&walk.root(), VaeConfig::flux())?;
+    let (rss_after_build, _) = rss_bytes();
+    let (rows, cols) = grid_for(spec.img_tokens);
+    let (h, w) = (2 * rows, 2 * cols);
+    let z_shape = [spec.batch, 16, h, w];
+    let z = Tensor::<4>::from_data(TensorData::new(torch_randn(1, &z_shape), z_shape), dev).cast(spec.dtype);
+    let x_shape = [spec.batch, 3, 8 * h, 8 * w];
+    let x = Tensor::<4>::from_data(TensorData::new(torch_randn(2, &x_shape), x_shape), dev).cast(spec.dtype);
+    let timed = |f: &dyn Fn()| -> (Vec<f64>, Vec<crate::engine::profile::Total>, u64) {
+        f(); // warm-up: kernel compilation and autotuning on GPUs
+        reset_peak_rss();
+        crate::engine::profile::enable(spec.profile);
+        let runs = (0..spec.steps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        let profile = crate::engine::profile::totals();
+        crate::engine::profile::enable(false);
+        (runs, profile, rss_bytes().1)
+    };
+    let (decode_seconds, decode_profile, peak_rss_decode) = timed(&|| {
+        let _ = vae.decode(z.clone()).into_data();
+    });
+    let (encode_seconds, encode_profile, peak_rss_encode) = timed(&|| {
+        let _ = vae.encode(x.clone()).into_data();
+    });
+    Ok(VaeReport {
+        device: device.description.clone(),
+        width: 8 * w,
+        height: 8 * h,
+        decode_seconds,
+        encode_seconds,
+        decode_profile,
+        encode_profile,
+        rss_after_build,
+        peak_rss_decode,
+        peak_rss_encode,
+    })
+}
+
+impl VaeReport {
+    pub fn print(&self, spec: &BenchSpec) {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        println!("device: {}", self.device);
+        println!(
+            "vae: FLUX.1 architecture (random weights), {}x{} image, batch {}, {:?}",
+            self.width, self.height, spec.batch, spec.dtype
+        );
+        for (what, runs, profile) in [
+            ("decode", &self.decode_seconds, &self.decode_profile),
+            ("encode", &self.encode_seconds, &self.encode_profile),
+        ] {
+            let list: Vec<String> = runs.iter().map(|s| format!("{s:.3}")).collect();
+            println!("vae {what}: median {:.3} s over {} runs [{}]", median(runs), runs.len(), list.join(", "));
+            print_profile(profile, runs);
+        }
+        println!(
+            "rss vae: {:.1} MiB after building it, peak {:.1} MiB decoding, {:.1} MiB encoding",
+            mib(self.rss_after_build),
+            mib(self.peak_rss_decode),
+            mib(self.peak_rss_encode)
+        );
     }
 }

@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         env_logger::Env::default().default_filter_or("info,wgpu_core=warn,wgpu_hal=warn,naga=warn,cubecl=warn"),
     )
     .init();
+    atelier::engine::cpu::tune_allocator();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -103,6 +104,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         lora_rank: a.lora_rank,
         quant: a.quant,
         train: a.train.then_some(bench::TrainBench { recompute: !a.no_recompute }),
+        profile: a.profile,
         memory_budget: match a.memory_budget.as_deref().map(str::parse) {
             None => None,
             Some(Ok(atelier::engine::memory::MemoryBudget::Bytes(b))) => Some(b),
@@ -117,6 +119,10 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             Some(Err(e)) => anyhow::bail!("--memory-budget: {e}"),
         },
     };
+    if a.vae {
+        bench::run_vae(&spec, &device)?.print(&spec);
+        return Ok(());
+    }
     let report = bench::run(&spec, &device)?;
     report.print(&spec);
     Ok(())

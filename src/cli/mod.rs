@@ -185,4 +185,13 @@ pub struct BenchArgs {
     /// when it fits, else streamed block by block; reports the plan beside the peak RSS.
     #[arg(long)]
     pub memory_budget: Option<String>,
+    /// Print where the timed steps spend their time, by operation (wall clock on the CPU
+    /// backend; a GPU backend only queues work, so its figures there mean little).
+    #[arg(long)]
+    pub profile: bool,
+    /// Time FLUX.1's VAE instead (its real architecture, random weights): a decode of the
+    /// latents of the image the tokens describe (1024 tokens: 512x512) and an encode of that
+    /// image, --steps runs each after a warm-up.
+    #[arg(long)]
+    pub vae: bool,
 }

@@ -79,7 +79,14 @@ impl Conv2d {
             dilation: [1; 2],
             groups: 1,
         };
-        conv2d(x, self.weight.val(), Some(self.bias.val()), options)
+        crate::engine::profile::span("conv2d", || {
+            let (weight, bias) = (self.weight.val(), self.bias.val());
+            let fused = (self.stride, self.pad_before, self.pad_after) == (1, 1, 1) && weight.dims()[2..] == [3, 3];
+            if fused && let Some(y) = crate::engine::cpu::conv3x3(&x, &weight, Some(&bias)) {
+                return y;
+            }
+            conv2d(x, weight, Some(bias), options)
+        })
     }
 }
 
@@ -93,6 +100,26 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.forward_then(x, false)
+    }
+
+    /// GroupNorm then SiLU, as every VAE block applies them.
+    pub fn forward_silu(&self, x: Tensor<4>) -> Tensor<4> {
+        self.forward_then(x, true)
+    }
+
+    fn forward_then(&self, x: Tensor<4>, silu: bool) -> Tensor<4> {
+        crate::engine::profile::span(if silu { "group_norm + silu" } else { "group_norm" }, || {
+            let (w, b) = (self.weight.val(), self.bias.val());
+            if let Some(y) = crate::engine::cpu::group_norm(&x, self.groups, 1e-6, &w, &b, silu) {
+                return y;
+            }
+            let y = self.forward_burn(x);
+            if silu { burn::tensor::activation::silu(y) } else { y }
+        })
+    }
+
+    fn forward_burn(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let dtype = x.dtype();
         let g = x.cast(DType::F32).reshape([b, self.groups, (c / self.groups) * h * w]);
@@ -126,6 +153,10 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        crate::engine::profile::span("linear", || self.forward_unprofiled(x))
+    }
+
+    fn forward_unprofiled<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         use burn::tensor::module::linear;
         // A packed weight's dense matrix lives only for this product.
         let base = linear(x.clone(), self.weight.val(), self.bias.as_ref().map(Param::val));
@@ -208,7 +239,13 @@ fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// GELU with the tanh approximation, written as x·σ(2z) with z = √(2/π)(x + 0.044715x³):
 /// the same function (½(1 + tanh z) = σ(2z)), but sigmoid is several times cheaper than tanh
 /// on the CPU backend, and this runs over the widest activations of every block.
+/// On the CPU backend in f32 this is one fused pass (`engine::cpu`).
 pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    crate::engine::cpu::gelu_tanh(&x).unwrap_or_else(|| gelu_tanh_burn(x))
+}
+
+/// [`gelu_tanh`] in burn's operations: every backend, autodiff included.
+pub(crate) fn gelu_tanh_burn<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let c = 2.0 * (2.0 / std::f64::consts::PI).sqrt();
     let z = x.clone() * (x.clone() * x.clone() * (0.044715 * c) + c);
     x * sigmoid(z)

@@ -1,6 +1,7 @@
 //! The model code. It takes a burn `Device` as a parameter and knows nothing of HTTP or SQL.
 
 pub mod clip;
+pub mod cpu;
 pub mod device;
 pub mod filehash;
 pub mod flux;
@@ -17,6 +18,7 @@ pub mod packed;
 pub mod pipeline;
 pub mod pngfile;
 pub mod preview;
+pub mod profile;
 pub mod sampler;
 pub mod streaming;
 pub mod t5;

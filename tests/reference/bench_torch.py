@@ -11,6 +11,11 @@ no guidance embedding; batch 1, 1024 image tokens (32 x 32 packed grid) + 128 te
 torch.set_num_threads(2), no_grad; 2 warm-up + 5 timed forwards. Prints the median
 seconds per forward (= per sampling step) and the torch version.
 
+--vae times the FLUX VAE instead (AutoencoderKL with FLUX.1's real architecture: ch 128,
+mult 1/2/4/4, 16 latent channels, random weights): one decode of the latents of a 512x512
+image (--size changes it) and one encode of that image, median of --runs after --warmup,
+beside `atelier bench --vae` (which times the same).
+
 --save PATH writes the same (seeded, randn * 0.02) weights in Black Forest Labs key layout,
 float32, so the Rust side can be benchmarked on the identical model (~0.65 GB for the full
 config). --threads N overrides the thread count; --runs/--warmup change the repetitions.
@@ -57,10 +62,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny config, just checks the script runs")
     ap.add_argument("--save", metavar="PATH", help="also save the weights (BFL layout, f32 safetensors)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vae", action="store_true", help="time the FLUX VAE's decode and encode instead")
+    ap.add_argument("--size", type=int, default=512, help="image side for --vae")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
 
+    if args.vae:
+        return bench_vae(args)
     spec = QUICK if args.quick else FULL
     cfg = spec["config"]
     torch.set_num_threads(args.threads)
@@ -110,6 +119,42 @@ def main():
           f"{h * w} img + {spec['txt_len']} txt tokens, out {tuple(out.shape)}")
     print(f"runs: {', '.join(f'{x:.4f}' for x in times)}")
     print(f"median seconds per step: {statistics.median(times):.4f}")
+
+
+def bench_vae(args):
+    from diffusers import AutoencoderKL
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    side = args.size
+    g = torch.Generator("cpu").manual_seed(1)
+    z = torch.randn(1, 16, side // 8, side // 8, generator=g)
+    x = torch.rand(1, 3, side, side, generator=g) * 2 - 1
+
+    def timed(f):
+        for _ in range(args.warmup):
+            f()
+        times = []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    with torch.no_grad():
+        dec = timed(lambda: vae.decode(z).sample)
+        enc = timed(lambda: vae.encode(x).latent_dist.mean)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, FLUX VAE, {side}x{side}")
+    print(f"decode runs: {', '.join(f'{t:.3f}' for t in dec)}")
+    print(f"median seconds per decode: {statistics.median(dec):.4f}")
+    print(f"encode runs: {', '.join(f'{t:.3f}' for t in enc)}")
+    print(f"median seconds per encode: {statistics.median(enc):.4f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ use burn::tensor::{DType, Device, Tensor};
 
 use crate::engine::layers::{self, Linear, gelu_tanh};
 use crate::engine::loader::{self, Init, Loader};
+use crate::engine::{cpu, profile};
 
 use super::config::FluxConfig;
 use super::layout::TransformerWeights;
@@ -70,7 +71,7 @@ fn rms_norm(x: Tensor<4>, scale: &Tensor<1>) -> Tensor<4> {
 
 /// LayerNorm without affine parameters (eps 1e-6), computed in f32.
 fn layer_norm(x: Tensor<3>) -> Tensor<3> {
-    layers::layer_norm(x, EPS, None)
+    profile::span("layer_norm", || layers::layer_norm(x, EPS, None))
 }
 
 /// One (shift, scale, gate) triple, each [B, 1, hidden].
@@ -83,7 +84,7 @@ pub struct ModulationOut {
 impl ModulationOut {
     /// (1 + scale) · x + shift
     fn modulate(&self, x: Tensor<3>) -> Tensor<3> {
-        (self.scale.clone() + 1.0) * x + self.shift.clone()
+        profile::span("modulate", || (self.scale.clone() + 1.0) * x + self.shift.clone())
     }
 }
 
@@ -112,23 +113,59 @@ impl Modulation {
     }
 }
 
-/// Splits fused [B, L, 3·H·D] projections into q, k, v of [B, H, L, D].
-fn split_qkv(qkv: Tensor<3>, heads: usize) -> [Tensor<4>; 3] {
-    let [b, l, three_hd] = qkv.dims();
-    let hd = three_hd / 3;
+/// Splits fused [B, L, ≥ 3·H·D] projections (q, k, v first) into q, k, v of [B, H, L, D].
+fn split_qkv(qkv: Tensor<3>, heads: usize, hd: usize) -> [Tensor<4>; 3] {
+    let [b, l, _] = qkv.dims();
     let head = |i: usize| qkv.clone().narrow(2, i * hd, hd).reshape([b, l, heads, hd / heads]).swap_dims(1, 2);
     [head(0), head(1), head(2)]
 }
 
-/// RoPE on f32 q and k, then scaled dot-product attention in the model dtype;
-/// returns [B, L, H·D].
-fn rope_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, rope: &Rope) -> Tensor<3> {
-    let dtype = v.dtype();
-    let q = rope.apply(q).cast(dtype);
-    let k = rope.apply(k).cast(dtype);
-    let x = attention(q, k, v, None, None, AttentionModuleOptions::default());
-    let [b, h, l, d] = x.dims();
-    x.swap_dims(1, 2).reshape([b, l, h * d])
+/// q, k and v [B, H, ΣL, D] of the joint sequence of `streams` (projection, its q/k norm),
+/// in order: q and k normalized and rotated (in f32), then all three in the model dtype.
+fn joint_heads(streams: &[(Tensor<3>, &QkNorm)], heads: usize, hd: usize, rope: &Rope) -> [Tensor<4>; 3] {
+    profile::span("heads (norm, rope, join)", || {
+        let (qs, ks): (Vec<_>, Vec<_>) = streams.iter().map(|(_, n)| (n.query_norm.val(), n.key_norm.val())).unzip();
+        let fused: Vec<_> = streams
+            .iter()
+            .zip(qs.iter().zip(&ks))
+            .map(|((qkv, _), (q_scale, k_scale))| cpu::HeadStream { qkv, q_scale, k_scale })
+            .collect();
+        if let Some(heads) = cpu::joint_heads(&fused, heads, EPS as f32, &rope.cos, &rope.sin) {
+            return heads;
+        }
+        let dtype = streams[0].0.dtype();
+        let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        for (qkv, norm) in streams {
+            let [sq, sk, sv] = split_qkv(qkv.clone(), heads, hd);
+            let (sq, sk) = norm.forward(sq, sk);
+            q.push(sq);
+            k.push(sk);
+            v.push(sv);
+        }
+        let (q, k, v) = (Tensor::cat(q, 2), Tensor::cat(k, 2), Tensor::cat(v, 2));
+        [rope.apply(q).cast(dtype), rope.apply(k).cast(dtype), v]
+    })
+}
+
+/// Scaled dot-product attention; returns [B, L, H·D].
+fn attention_merged(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
+    profile::span("attention", || {
+        if let Some(x) = cpu::attention(&q, &k, &v) {
+            return x;
+        }
+        let x = attention(q, k, v, None, None, AttentionModuleOptions::default());
+        let [b, h, l, d] = x.dims();
+        x.swap_dims(1, 2).reshape([b, l, h * d])
+    })
+}
+
+/// x + gate · y, the residual update of every block.
+fn gated_add(x: Tensor<3>, gate: Tensor<3>, y: Tensor<3>) -> Tensor<3> {
+    profile::span("gated residual", || x + gate * y)
+}
+
+fn gelu(x: Tensor<3>) -> Tensor<3> {
+    profile::span("gelu", || gelu_tanh(x))
 }
 
 /// f16's largest finite value.
@@ -162,13 +199,6 @@ impl SelfAttention {
             proj: l.linear("proj", h, h, true)?,
         })
     }
-
-    /// Normalized (f32) q, k and v for this stream.
-    fn qkv(&self, x: Tensor<3>, heads: usize) -> [Tensor<4>; 3] {
-        let [q, k, v] = split_qkv(self.qkv.forward(x), heads);
-        let (q, k) = self.norm.forward(q, k);
-        [q, k, v]
-    }
 }
 
 /// Linear → GELU(tanh) → Linear, BFL's `img_mlp` / `txt_mlp` (`0` and `2` in its Sequential).
@@ -184,7 +214,7 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.fc2.forward(gelu_tanh(self.fc1.forward(x)))
+        self.fc2.forward(gelu(self.fc1.forward(x)))
     }
 }
 
@@ -235,22 +265,24 @@ impl DoubleStreamBlock {
             self.img_mod.triples(vec.clone()).try_into().ok().expect("6 chunks");
         let [txt_mod1, txt_mod2]: [ModulationOut; 2] = self.txt_mod.triples(vec).try_into().ok().expect("6 chunks");
 
-        let [img_q, img_k, img_v] = self.img_attn.qkv(img_mod1.modulate(layer_norm(img.clone())), self.num_heads);
-        let [txt_q, txt_k, txt_v] = self.txt_attn.qkv(txt_mod1.modulate(layer_norm(txt.clone())), self.num_heads);
+        let img_qkv = self.img_attn.qkv.forward(img_mod1.modulate(layer_norm(img.clone())));
+        let txt_qkv = self.txt_attn.qkv.forward(txt_mod1.modulate(layer_norm(txt.clone())));
 
         // Joint attention over text then image tokens.
-        let q = Tensor::cat(vec![txt_q, img_q], 2);
-        let k = Tensor::cat(vec![txt_k, img_k], 2);
-        let v = Tensor::cat(vec![txt_v, img_v], 2);
-        let attn = rope_attention(q, k, v, rope);
+        let hd = self.img_attn.proj.dims().0;
+        let streams = [(txt_qkv, &self.txt_attn.norm), (img_qkv, &self.img_attn.norm)];
+        let [q, k, v] = joint_heads(&streams, self.num_heads, hd, rope);
+        let attn = attention_merged(q, k, v);
         let txt_len = txt.dims()[1];
         let txt_attn = attn.clone().narrow(1, 0, txt_len);
         let img_attn = attn.narrow(1, txt_len, img.dims()[1]);
 
-        let img = img + img_mod1.gate * self.img_attn.proj.forward(img_attn);
-        let img = img.clone() + img_mod2.gate.clone() * self.img_mlp.forward(img_mod2.modulate(layer_norm(img)));
-        let txt = txt + txt_mod1.gate * self.txt_attn.proj.forward(txt_attn);
-        let txt = txt.clone() + txt_mod2.gate.clone() * self.txt_mlp.forward(txt_mod2.modulate(layer_norm(txt)));
+        let img = gated_add(img, img_mod1.gate, self.img_attn.proj.forward(img_attn));
+        let img =
+            gated_add(img.clone(), img_mod2.gate.clone(), self.img_mlp.forward(img_mod2.modulate(layer_norm(img))));
+        let txt = gated_add(txt, txt_mod1.gate, self.txt_attn.proj.forward(txt_attn));
+        let txt =
+            gated_add(txt.clone(), txt_mod2.gate.clone(), self.txt_mlp.forward(txt_mod2.modulate(layer_norm(txt))));
         (img, f16_guard(txt))
     }
 }
@@ -295,13 +327,13 @@ impl SingleStreamBlock {
         let m = self.modulation.triples(vec).pop().expect("3 chunks");
         let h = self.linear1.forward(m.modulate(layer_norm(x.clone())));
         let mlp_dim = h.dims()[2] - 3 * self.hidden_size;
-        let qkv = h.clone().narrow(2, 0, 3 * self.hidden_size);
-        let mlp = h.narrow(2, 3 * self.hidden_size, mlp_dim);
-        let [q, k, v] = split_qkv(qkv, self.num_heads);
-        let (q, k) = self.norm.forward(q, k);
-        let attn = rope_attention(q, k, v, rope);
-        let out = self.linear2.forward(Tensor::cat(vec![attn, gelu_tanh(mlp)], 2));
-        f16_guard(x + m.gate * out)
+        let mlp = h.clone().narrow(2, 3 * self.hidden_size, mlp_dim);
+        let [q, k, v] = joint_heads(&[(h, &self.norm)], self.num_heads, self.hidden_size, rope);
+        let attn = attention_merged(q, k, v);
+        let mlp = gelu(mlp);
+        let hidden = profile::span("concat", || Tensor::cat(vec![attn, mlp], 2));
+        let out = self.linear2.forward(hidden);
+        f16_guard(gated_add(x, m.gate, out))
     }
 }
 

@@ -6,13 +6,13 @@
 
 use anyhow::{Result, bail};
 use burn::module::Module;
-use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor};
 
 use crate::engine::layers::{Conv2d, GroupNorm};
 use crate::engine::loader::{self, Loader, TensorSource};
+use crate::engine::profile;
 
 use super::layout::VaeWeights;
 
@@ -119,13 +119,13 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
+        let h = self.conv2.forward(self.norm2.forward_silu(h));
         let x = match &self.nin_shortcut {
             Some(s) => s.forward(x),
             None => x,
         };
-        x + h
+        profile::span("residual", || x + h)
     }
 }
 
@@ -158,15 +158,11 @@ impl AttnBlock {
         // attention kernel returns wrong values when the last dim is strided (a transposed view).
         let seq =
             |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2).reshape([b * h * w * c]).reshape([b, 1, h * w, c]);
-        let out = attention(
-            seq(self.q.forward(n.clone())),
-            seq(self.k.forward(n.clone())),
-            seq(self.v.forward(n)),
-            None,
-            None,
-            AttentionModuleOptions::default(),
-        );
-        let out = out.reshape([b, h * w, c]).swap_dims(1, 2).reshape([b, c, h, w]);
+        let (q, k, v) = (self.q.forward(n.clone()), self.k.forward(n.clone()), self.v.forward(n));
+        let out = profile::span("attention", || {
+            let out = attention(seq(q), seq(k), seq(v), None, None, AttentionModuleOptions::default());
+            out.reshape([b, h * w, c]).swap_dims(1, 2).reshape([b, c, h, w])
+        });
         x + self.proj_out.forward(out)
     }
 }
@@ -332,7 +328,7 @@ impl Vae {
                 h = down.conv.forward(h);
             }
         }
-        let h = e.conv_out.forward(silu(e.norm_out.forward(e.mid.forward(h))));
+        let h = e.conv_out.forward(e.norm_out.forward_silu(e.mid.forward(h)));
         h.narrow(1, 0, self.config.z_channels)
     }
 
@@ -352,12 +348,13 @@ impl Vae {
             if let Some(up) = &level.upsample {
                 let [b, c, hh, ww] = h.dims();
                 // Nearest-neighbour ×2, then the 3×3 conv.
-                let doubled =
-                    h.reshape([b, c, hh, 1, ww, 1]).expand([b, c, hh, 2, ww, 2]).reshape([b, c, 2 * hh, 2 * ww]);
+                let doubled = profile::span("upsample", || {
+                    h.reshape([b, c, hh, 1, ww, 1]).expand([b, c, hh, 2, ww, 2]).reshape([b, c, 2 * hh, 2 * ww])
+                });
                 h = up.conv.forward(doubled);
             }
         }
-        d.conv_out.forward(silu(d.norm_out.forward(h)))
+        d.conv_out.forward(d.norm_out.forward_silu(h))
     }
 
     /// Transformer latents → image: undo the scaling and shift, then decode.

@@ -1,0 +1,178 @@
+//! Scaled dot-product attention, parallel over (batch, head, block of query rows): each task
+//! computes its rows' full score matrix with one matrix product, a vectorized softmax, and a
+//! second product straight into the merged-heads output [B, L, H·D]. burn's CPU path tiles
+//! over keys with a scalar `exp` and leaves the heads to be merged by a copy.
+
+use burn::tensor::{Shape, Tensor};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use super::SharedMut;
+use super::math::{exp, simd_dispatch};
+
+/// Query rows per task: the task's scores (rows × keys) stay in the core's L2 cache for the
+/// sequence lengths FLUX uses (4096 keys: 1 MiB).
+const ROWS: usize = 64;
+
+/// Strides (in elements) of a [B, H, L, D] view.
+#[derive(Clone, Copy)]
+struct Strides([isize; 4]);
+
+fn strides(t: &FlexTensor) -> Strides {
+    let s = t.layout().strides();
+    Strides([s[0], s[1], s[2], s[3]])
+}
+
+/// softmax(q·kᵀ/√D)·v for q, k, v of [B, H, L, D] (any strides); returns [B, L_q, H·D].
+pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<3>> {
+    let (q, k, v) = (super::flex_f32(q)?, super::flex_f32(k)?, super::flex_f32(v)?);
+    let [b, h, lq, d] = dims(&q);
+    let [kb, kh, lk, kd] = dims(&k);
+    if [kb, kh, kd] != [b, h, d] || dims(&v) != [b, h, lk, d] || lk == 0 {
+        return None;
+    }
+    // Negative strides (flips) are not expected here; let burn handle them.
+    if [&q, &k, &v].iter().any(|t| t.layout().strides().iter().any(|&s| s < 0)) {
+        return None;
+    }
+    let mut out = FlexTensor::empty(Shape::new([b, lq, h * d]), q.dtype());
+    let dst = SharedMut(out.storage_mut::<f32>().as_mut_ptr());
+    let (qs, ks, vs) = (strides(&q), strides(&k), strides(&v));
+    let (qo, ko, vo) = (q.layout().start_offset(), k.layout().start_offset(), v.layout().start_offset());
+    let (qd, kd, vd): (&[f32], &[f32], &[f32]) = (q.storage(), k.storage(), v.storage());
+    let scale = 1.0 / (d as f32).sqrt();
+    let blocks = lq.div_ceil(ROWS);
+    (0..b * h * blocks).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
+        let (bh, block) = (task / blocks, task % blocks);
+        let (bi, hi) = (bh / h, bh % h);
+        let row0 = block * ROWS;
+        let rows = ROWS.min(lq - row0);
+        scores.resize(rows * lk, 0.0);
+        let at = |o: usize, s: Strides, row: usize| {
+            o as isize + bi as isize * s.0[0] + hi as isize * s.0[1] + row as isize * s.0[2]
+        };
+        // SAFETY: the offsets address elements of each tensor's own storage (its layout's
+        // start, strides and shape); the output rows (bi, row0..row0+rows, hi·D..hi·D+D)
+        // belong to this task alone.
+        unsafe {
+            // scores[rows, lk] = scale · q[rows, D] · k[lk, D]ᵀ
+            gemm::gemm(
+                rows,
+                lk,
+                d,
+                scores.as_mut_ptr(),
+                1,
+                lk as isize,
+                false,
+                qd.as_ptr().offset(at(qo, qs, row0)),
+                qs.0[3],
+                qs.0[2],
+                kd.as_ptr().offset(at(ko, ks, 0)),
+                ks.0[2],
+                ks.0[3],
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        let sums = softmax_rows(scores, lk);
+        let out_row = |row: usize| (bi * lq + row) * h * d + hi * d;
+        unsafe {
+            // out[rows, D] = p[rows, lk] · v[lk, D], unnormalized
+            gemm::gemm(
+                rows,
+                d,
+                lk,
+                dst.at(out_row(row0)),
+                1,
+                (h * d) as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                lk as isize,
+                vd.as_ptr().offset(at(vo, vs, 0)),
+                vs.0[3],
+                vs.0[2],
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+            for (r, sum) in sums.into_iter().enumerate() {
+                let row = std::slice::from_raw_parts_mut(dst.at(out_row(row0 + r)), d);
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+    });
+    Some(super::into_tensor(out))
+}
+
+fn dims(t: &FlexTensor) -> [usize; 4] {
+    super::dims4(t)
+}
+
+/// Each row of `scores` (rows of `len`) becomes exp(x − max); returns the rows' sums.
+fn softmax_rows(scores: &mut [f32], len: usize) -> Vec<f32> {
+    scores.chunks_mut(len).map(softmax_row).collect()
+}
+
+fn softmax_row(row: &mut [f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    exp_shifted(row, max, &mut sum);
+    sum
+}
+
+simd_dispatch! {
+    fn exp_shifted(row: &mut [f32], max: f32, sum: &mut f32) {
+        // Sixteen partial sums so the loop vectorizes (a single accumulator would be serial).
+        let mut acc = [0f32; 16];
+        for chunk in row.chunks_mut(16) {
+            for (x, a) in chunk.iter_mut().zip(acc.iter_mut()) {
+                *x = exp(*x - max);
+                *a += *x;
+            }
+        }
+        *sum = acc.iter().sum();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::module::attention as burn_attention;
+
+    use super::super::test_util::{max_diff, random};
+
+    fn reference(
+        q: burn::tensor::Tensor<4>,
+        k: burn::tensor::Tensor<4>,
+        v: burn::tensor::Tensor<4>,
+    ) -> burn::tensor::Tensor<3> {
+        let x = burn_attention(q, k, v, None, None, Default::default());
+        let [b, h, l, d] = x.dims();
+        x.swap_dims(1, 2).reshape([b, l, h * d])
+    }
+
+    #[test]
+    fn matches_burns_attention_with_ragged_blocks() {
+        // 150 query rows: two full blocks of 64 and a ragged one; 90 keys.
+        let (q, k, v) = (random([2, 3, 150, 16]), random([2, 3, 90, 16]) * 2.0, random([2, 3, 90, 16]));
+        let ours = super::attention(&q, &k, &v).unwrap();
+        assert!(max_diff(ours, reference(q, k, v)) < 1e-5);
+    }
+
+    #[test]
+    fn reads_strided_views_in_place() {
+        // [B, L, H, D] storage viewed as [B, H, L, D], as heads split from a fused projection.
+        let (q, k, v) = (random([1, 70, 2, 8]), random([1, 70, 2, 8]), random([1, 70, 2, 8]));
+        let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
+        let ours = super::attention(&q, &k, &v).unwrap();
+        assert!(max_diff(ours, reference(q, k, v)) < 1e-5);
+    }
+}

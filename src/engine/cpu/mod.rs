@@ -1,0 +1,114 @@
+//! Fused kernels for the CPU backend (burn flex), where burn's own path makes several passes
+//! over memory or runs a scalar loop: GELU, attention, the split of fused q/k/v
+//! projections into normalized, rotated heads, GroupNorm + SiLU and 3×3 convolutions. Each takes burn tensors and answers `None`
+//! unless they are f32 tensors of the plain flex backend (not autodiff, not a GPU): the
+//! callers then take burn's path, which stays the reference the kernels are tested against.
+
+mod attention;
+mod conv;
+mod gelu;
+mod heads;
+mod math;
+mod norm;
+
+pub use attention::attention;
+pub use conv::conv3x3;
+pub use gelu::gelu_tanh;
+pub use heads::{HeadStream, joint_heads};
+pub use norm::group_norm;
+
+use burn::tensor::{DType, Tensor};
+use burn_flex::{Flex, FlexTensor};
+
+/// The flex tensor behind `x`, when `x` is an f32 tensor of the plain CPU backend.
+fn flex_f32<const D: usize>(x: &Tensor<D>) -> Option<FlexTensor> {
+    if x.dtype() != DType::F32 {
+        return None;
+    }
+    x.clone().try_into_primitive::<Flex>().ok()
+}
+
+/// `t` laid out row-major from offset 0 of its own storage (a copy unless it already is).
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.is_contiguous() && t.layout().start_offset() == 0 { t } else { t.to_contiguous() }
+}
+
+/// (rows, row length, row stride) when `t` is rows of contiguous elements at a uniform stride
+/// from its start offset: a contiguous tensor, or a narrow of its last dim.
+fn rows(t: &FlexTensor) -> Option<(usize, usize, usize)> {
+    let (shape, strides) = (t.layout().shape(), t.layout().strides());
+    let n = strides.len();
+    if n == 0 || strides[n - 1] != 1 {
+        return None;
+    }
+    let len = shape[n - 1];
+    let rows: usize = (0..n - 1).map(|i| shape[i]).product();
+    if n == 1 {
+        return Some((1, len, len));
+    }
+    let stride = strides[n - 2];
+    // Outer dims must nest: each one steps over the whole of the dims inside it.
+    let mut expected = stride;
+    for i in (0..n - 1).rev() {
+        if shape[i] != 1 && strides[i] != expected {
+            return None;
+        }
+        expected *= shape[i] as isize;
+    }
+    (stride >= len as isize).then_some((rows, len, stride as usize))
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    t.layout().shape().dims::<4>()
+}
+
+fn into_tensor<const D: usize>(t: FlexTensor) -> Tensor<D> {
+    Tensor::from_primitive::<Flex>(t)
+}
+
+/// A pointer shared by parallel tasks that write disjoint parts of one output buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+
+// SAFETY: every task writes its own, non-overlapping region (see each use).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: offsets stay inside the buffer the pointer came from (see each use).
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// Keeps freed activation buffers in the heap for the next operation instead of handing them
+/// back to the kernel: glibc serves blocks above 128 KiB (dynamically up to 32 MiB) with fresh
+/// `mmap`s, so every activation of a CPU forward pass was page-faulted and zeroed anew, which
+/// cost more than the GELU it held. Up to 256 MiB per block now comes from the heap, and up to
+/// 256 MiB of free heap stays mapped. Called once at start by the binary.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's allocation thresholds.
+    unsafe {
+        const MIB: libc::c_int = 1 << 20;
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * MIB);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 * MIB);
+    }
+}
+
+#[cfg(test)]
+mod test_util {
+    use burn::tensor::{Device, Distribution, Tensor};
+
+    pub fn random<const D: usize>(shape: [usize; D]) -> Tensor<D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Device::flex())
+    }
+
+    /// Largest absolute difference between two tensors of the same shape.
+    pub fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let a = a.into_data().try_to_vec::<f32>().unwrap();
+        let b = b.into_data().try_to_vec::<f32>().unwrap();
+        a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+}

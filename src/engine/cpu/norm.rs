@@ -1,0 +1,128 @@
+//! GroupNorm (and the SiLU that follows it in every VAE block) in two parallel passes: the
+//! statistics per (batch, group), then one write of the normalized, scaled and activated
+//! values. burn's path makes about eight passes and a scalar `exp` for the SiLU.
+
+use burn::tensor::Tensor;
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use super::math::{exp, simd_dispatch};
+
+/// GroupNorm over `x` [B, C, H, W] with `groups`, `eps`, affine `weight`/`bias` [C], then
+/// SiLU when `silu`.
+pub fn group_norm(
+    x: &Tensor<4>,
+    groups: usize,
+    eps: f32,
+    weight: &Tensor<1>,
+    bias: &Tensor<1>,
+    silu: bool,
+) -> Option<Tensor<4>> {
+    let x = super::contiguous(super::flex_f32(x)?);
+    let (w, b) = (super::contiguous(super::flex_f32(weight)?), super::contiguous(super::flex_f32(bias)?));
+    let [batch, c, h, wd] = super::dims4(&x);
+    if groups == 0 || !c.is_multiple_of(groups) || w.layout().num_elements() != c || b.layout().num_elements() != c {
+        return None;
+    }
+    let plane = h * wd;
+    let group_len = c / groups * plane;
+    let src: &[f32] = x.storage();
+    let src = &src[..batch * c * plane];
+    // Mean and 1/σ per (batch, group): deviations from the group's first value (against
+    // cancellation), summed in f32 lanes per block and the blocks in f64.
+    let stats: Vec<(f32, f32)> = src
+        .par_chunks(group_len.max(1))
+        .map(|g| {
+            let pivot = g[0];
+            let (mut sum, mut squares) = (0f64, 0f64);
+            for block in g.chunks(4096) {
+                let (s, q) = deviation_sums(block, pivot);
+                sum += s as f64;
+                squares += q as f64;
+            }
+            let n = g.len() as f64;
+            let mean = sum / n;
+            let var = (squares / n - mean * mean).max(0.0);
+            ((pivot as f64 + mean) as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+        })
+        .collect();
+    let mut out = FlexTensor::empty(x.layout().shape().clone(), x.dtype());
+    let (wv, bv): (&[f32], &[f32]) = (w.storage(), b.storage());
+    let dst: &mut [f32] = out.storage_mut();
+    dst.par_chunks_mut(plane.max(1)).zip(src.par_chunks(plane.max(1))).enumerate().for_each(|(i, (d, s))| {
+        let (bi, ch) = (i / c, i % c);
+        let (mean, inv) = stats[bi * groups + ch / (c / groups)];
+        // y = x·a + k with a = inv·w, k = b − mean·inv·w.
+        let a = inv * wv[ch];
+        affine_silu(s, d, a, bv[ch] - mean * a, silu);
+    });
+    Some(super::into_tensor(out))
+}
+
+/// Σ(x − pivot) and Σ(x − pivot)² of `block`.
+fn deviation_sums(block: &[f32], pivot: f32) -> (f32, f32) {
+    let (mut sum, mut squares) = (0.0, 0.0);
+    lane_sums(block, pivot, &mut sum, &mut squares);
+    (sum, squares)
+}
+
+simd_dispatch! {
+    fn lane_sums(block: &[f32], pivot: f32, sum: &mut f32, squares: &mut f32) {
+        // Sixteen lanes of partial sums, so that the loop vectorizes.
+        let (mut s, mut q) = ([0f32; 16], [0f32; 16]);
+        for chunk in block.chunks(16) {
+            for ((&x, s), q) in chunk.iter().zip(s.iter_mut()).zip(q.iter_mut()) {
+                let d = x - pivot;
+                *s += d;
+                *q += d * d;
+            }
+        }
+        *sum = s.iter().sum();
+        *squares = q.iter().sum();
+    }
+}
+
+simd_dispatch! {
+    fn affine_silu(src: &[f32], dst: &mut [f32], a: f32, k: f32, silu: bool) {
+        if silu {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                let y = x * a + k;
+                *d = y / (1.0 + exp(-y));
+            }
+        } else {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = x * a + k;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::activation::silu;
+
+    use super::super::test_util::{max_diff, random};
+
+    /// burn's GroupNorm, as `layers::GroupNorm` computes it without the fused kernel.
+    fn reference(
+        x: burn::tensor::Tensor<4>,
+        groups: usize,
+        w: &burn::tensor::Tensor<1>,
+        b: &burn::tensor::Tensor<1>,
+    ) -> burn::tensor::Tensor<4> {
+        let [n, c, h, wd] = x.dims();
+        let g = x.reshape([n, groups, (c / groups) * h * wd]);
+        let (var, mean) = g.clone().var_mean_bias(2);
+        let normed = ((g - mean) / (var + 1e-6).sqrt()).reshape([n, c, h, wd]);
+        normed * w.clone().reshape([1, c, 1, 1]) + b.clone().reshape([1, c, 1, 1])
+    }
+
+    #[test]
+    fn matches_burns_group_norm_with_and_without_silu() {
+        let x = random([2, 12, 5, 7]) * 3.0 + 1.5;
+        let (w, b) = (random([12]), random([12]));
+        let want = reference(x.clone(), 4, &w, &b);
+        assert!(max_diff(super::group_norm(&x, 4, 1e-6, &w, &b, false).unwrap(), want.clone()) < 1e-5);
+        assert!(max_diff(super::group_norm(&x, 4, 1e-6, &w, &b, true).unwrap(), silu(want)) < 1e-5);
+    }
+}
