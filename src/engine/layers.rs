@@ -159,7 +159,11 @@ impl Linear {
     fn forward_unprofiled<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         use burn::tensor::module::linear;
         // A packed weight's dense matrix lives only for this product.
-        let base = linear(x.clone(), self.weight.val(), self.bias.as_ref().map(Param::val));
+        let (weight, bias) = (self.weight.val(), self.bias.as_ref().map(Param::val));
+        let base = match crate::engine::cpu::linear(&x, &weight, bias.as_ref()) {
+            Some(y) => y,
+            None => linear(x.clone(), weight, bias),
+        };
         self.adapters.iter().fold(base, |y, a| {
             let h = linear(x.clone(), a.down.val(), None);
             let h = match &a.up {

@@ -1,17 +1,19 @@
-//! 3×3 convolutions with stride 1 and padding 1 (nearly every convolution of the VAE) as nine
-//! accumulated matrix products over a padded copy of the input, one per kernel tap, with no
-//! im2col buffer: computing each output row over the padded width makes every tap's input a
-//! plain [C_in, rows·(W+2)] matrix at an offset, and the two extra columns per row are dropped
-//! when the band is copied out. burn's CPU path converts to NHWC and builds im2col tiles.
+//! 3×3 convolutions with stride 1 and padding 1 (nearly every convolution of the VAE) by
+//! Winograd's F(2×2, 3×3): each 2×2 block of outputs takes 16 products per input channel instead
+//! of 36, as 16 matrix products [C_out, C_in] × [C_in, tiles] between transformed weights and
+//! transformed 4×4 input patches (Lavin & Gray 2015). Its rounding error is a few ulp of the
+//! sums, well inside the VAE's tolerance. burn's CPU path converts to NHWC, builds im2col
+//! tiles and does the full 36.
 
 use burn::tensor::{Shape, Tensor};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::SharedMut;
+use super::math::simd_dispatch;
 
-/// Output elements per band (over all output channels): bounds the scratch to 32 MiB.
-const BAND_ELEMENTS: usize = 8 << 20;
+/// Transformed inputs (and products) per band, in elements of the larger of the two: 16 MiB.
+const BAND_ELEMENTS: usize = 4 << 20;
 
 /// `x` [B, C_in, H, W] ⋆ `weight` [C_out, C_in, 3, 3] + `bias`, stride 1, zero padding 1.
 pub fn conv3x3(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>) -> Option<Tensor<4>> {
@@ -27,74 +29,215 @@ pub fn conv3x3(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>) -> O
         || kh != 3
         || kw != 3
         || h == 0
+        || cout == 0
+        || cin == 0
         || wd == 0
         || bias.as_ref().is_some_and(|b| b.layout().num_elements() != cout)
     {
         return None;
     }
-    let pw = wd + 2;
-    let plane = (h + 2) * pw;
-    // Two spare elements: the last taps of the last (dropped) column read past the plane.
-    let mut padded = vec![0f32; cin * plane + 2];
-    let band_rows = (BAND_ELEMENTS / (cout * pw)).clamp(1, h);
-    let mut wide = vec![0f32; cout * band_rows * pw];
+    let u = transform_weights(w.storage(), cout, cin);
+    // Tiles of 2×2 outputs; the padded input covers every tile's 4×4 patch. Its even and odd
+    // columns are kept apart ([C_in][row][even | odd], tw + 1 each), so that the patches of a
+    // row of tiles are contiguous slices (column 2·tx + c is half[c % 2][tx + c / 2]).
+    let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
+    let half = tw + 1;
+    let prow = 2 * half;
+    let plane = (2 * th + 2) * prow;
+    let mut padded = vec![0f32; cin * plane];
+    let band_rows = (BAND_ELEMENTS / (16 * cin.max(cout) * tw)).clamp(1, th);
+    let mut v = vec![0f32; 16 * cin * band_rows * tw];
+    let mut m = vec![0f32; 16 * cout * band_rows * tw];
     let mut out = FlexTensor::empty(Shape::new([batch, cout, h, wd]), x.dtype());
     let dst = SharedMut(out.storage_mut::<f32>().as_mut_ptr());
-    let (src, weights): (&[f32], &[f32]) = (x.storage(), w.storage());
+    let src: &[f32] = x.storage();
     let bias: Option<&[f32]> = bias.as_ref().map(|b| b.storage());
     for b in 0..batch {
         let image = &src[b * cin * h * wd..][..cin * h * wd];
-        padded[..cin * plane].par_chunks_mut(plane).zip(image.par_chunks(h * wd)).for_each(|(p, c)| {
+        padded.par_chunks_mut(plane).zip(image.par_chunks(h * wd)).for_each(|(p, c)| {
             for (y, row) in c.chunks(wd).enumerate() {
-                p[(y + 1) * pw + 1..][..wd].copy_from_slice(row);
+                let (even, odd) = p[(y + 1) * prow..][..prow].split_at_mut(half);
+                // Padded column x + 1: odd for even x.
+                for (x, &value) in row.iter().enumerate() {
+                    if x % 2 == 0 { odd[x / 2] = value } else { even[x.div_ceil(2)] = value }
+                }
             }
         });
-        for y0 in (0..h).step_by(band_rows) {
-            let rows = band_rows.min(h - y0);
-            let n = rows * pw;
-            let wide = &mut wide[..cout * n];
-            wide.par_chunks_mut(n).enumerate().for_each(|(co, r)| r.fill(bias.map_or(0.0, |b| b[co])));
-            for tap in 0..9 {
-                let (ky, kx) = (tap / 3, tap % 3);
-                // SAFETY: lhs reads weight[co, ci, ky, kx] (co < C_out, ci < C_in); rhs reads
-                // padded[ci·plane + (y0 + ky)·pw + kx + j] for j < rows·pw, which ends at most
-                // 2 elements past the last plane (the spare ones); dst is `wide`'s own band.
+        for r0 in (0..th).step_by(band_rows) {
+            let rows = band_rows.min(th - r0);
+            let nt = rows * tw;
+            let (v, m) = (&mut v[..16 * cin * nt], &mut m[..16 * cout * nt]);
+            transform_inputs(&padded, plane, half, r0, rows, tw, cin, v);
+            let v = &*v;
+            // M_ξ [C_out, tiles] = U_ξ [C_out, C_in] · V_ξ [C_in, tiles], the 16 in parallel.
+            m.par_chunks_mut(cout * nt).enumerate().for_each(|(xi, m)| {
+                // SAFETY: U_ξ, V_ξ and M_ξ are contiguous row-major blocks of the given sizes.
                 unsafe {
                     gemm::gemm(
                         cout,
-                        n,
+                        nt,
                         cin,
-                        wide.as_mut_ptr(),
+                        m.as_mut_ptr(),
                         1,
-                        n as isize,
-                        true,
-                        weights.as_ptr().add(tap),
-                        9,
-                        (cin * 9) as isize,
-                        padded.as_ptr().add((y0 + ky) * pw + kx),
+                        nt as isize,
+                        false,
+                        u[xi * cout * cin..].as_ptr(),
                         1,
-                        plane as isize,
+                        cin as isize,
+                        v[xi * cin * nt..].as_ptr(),
+                        1,
+                        nt as isize,
+                        0.0,
                         1.0,
-                        1.0,
                         false,
                         false,
                         false,
-                        gemm::Parallelism::Rayon(0),
+                        gemm::Parallelism::None,
                     );
                 }
-            }
-            let wide = &*wide;
-            (0..cout).into_par_iter().for_each(|co| {
-                for r in 0..rows {
-                    let at = ((b * cout + co) * h + y0 + r) * wd;
-                    // SAFETY: (b, co, y0 + r) is one output row, written by this task alone.
-                    let row = unsafe { std::slice::from_raw_parts_mut(dst.at(at), wd) };
-                    row.copy_from_slice(&wide[co * n + r * pw..][..wd]);
-                }
             });
+            let m = &*m;
+            (0..cout).into_par_iter().for_each_init(
+                || vec![0f32; 4 * tw],
+                |pair_rows, co| {
+                    let bias = bias.map_or(0.0, |b| b[co]);
+                    for r in 0..rows {
+                        let ms: [&[f32]; 16] = std::array::from_fn(|xi| &m[(xi * cout + co) * nt + r * tw..][..tw]);
+                        let (top, bottom) = pair_rows.split_at_mut(2 * tw);
+                        transform_outputs(ms, bias, top, bottom);
+                        for (dy, values) in [&*top, &*bottom].into_iter().enumerate() {
+                            let y = 2 * (r0 + r) + dy;
+                            if y < h {
+                                // SAFETY: output channel `co` is written by this task alone, and
+                                // the row (b, co, y) lies inside the output.
+                                let out = unsafe {
+                                    std::slice::from_raw_parts_mut(dst.at(((b * cout + co) * h + y) * wd), wd)
+                                };
+                                out.copy_from_slice(&values[..wd]);
+                            }
+                        }
+                    }
+                },
+            );
         }
     }
     Some(super::into_tensor(out))
+}
+
+/// U_ξ [16][C_out][C_in] = G g Gᵀ per 3×3 kernel g, G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]].
+fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let mut u = vec![0f32; 16 * cout * cin];
+    let shared = SharedMut(u.as_mut_ptr());
+    (0..cout).into_par_iter().for_each(|co| {
+        for ci in 0..cin {
+            let g = &w[(co * cin + ci) * 9..][..9];
+            // G g: 4 rows of 3.
+            let mut t = [[0f32; 3]; 4];
+            for c in 0..3 {
+                let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
+                t[0][c] = g0;
+                t[1][c] = 0.5 * (g0 + g1 + g2);
+                t[2][c] = 0.5 * (g0 - g1 + g2);
+                t[3][c] = g2;
+            }
+            for (r, t) in t.iter().enumerate() {
+                let row = [t[0], 0.5 * (t[0] + t[1] + t[2]), 0.5 * (t[0] - t[1] + t[2]), t[2]];
+                for (c, value) in row.into_iter().enumerate() {
+                    // SAFETY: (ξ, co, ci) is written once, by the task of `co`.
+                    unsafe { *shared.at(((4 * r + c) * cout + co) * cin + ci) = value };
+                }
+            }
+        }
+    });
+    u
+}
+
+/// V_ξ [16][C_in][tiles] = Bᵀ d B for the 4×4 patch d of every tile in tile rows
+/// r0..r0 + rows, Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]].
+#[allow(clippy::too_many_arguments)]
+fn transform_inputs(
+    padded: &[f32],
+    plane: usize,
+    half: usize,
+    r0: usize,
+    rows: usize,
+    tw: usize,
+    cin: usize,
+    v: &mut [f32],
+) {
+    let nt = rows * tw;
+    let shared = SharedMut(v.as_mut_ptr());
+    (0..cin).into_par_iter().for_each(|ci| {
+        let p = &padded[ci * plane..][..plane];
+        for r in 0..rows {
+            let ty = r0 + r;
+            let row = |pr: usize| p[(2 * ty + pr) * 2 * half..][..2 * half].split_at(half);
+            let (rows4, t0) = ([row(0), row(1), row(2), row(3)], r * tw);
+            let even: [&[f32]; 4] = std::array::from_fn(|i| rows4[i].0);
+            let odd: [&[f32]; 4] = std::array::from_fn(|i| rows4[i].1);
+            // SAFETY: (ξ, ci, t0..t0 + tw) are written by the task of `ci` alone.
+            let outs: [&mut [f32]; 16] = std::array::from_fn(|xi| unsafe {
+                std::slice::from_raw_parts_mut(shared.at((xi * cin + ci) * nt + t0), tw)
+            });
+            input_row(even, odd, outs);
+        }
+    });
+}
+
+/// One row of tiles: `even`/`odd` are the half-rows of the patches' 4 padded rows, `outs` the
+/// 16 transformed planes' slices for these tiles.
+fn input_row(even: [&[f32]; 4], odd: [&[f32]; 4], outs: [&mut [f32]; 16]) {
+    let tw = outs[0].len();
+    // Patch columns 0..4 of every tile: even[tx], odd[tx], even[tx + 1], odd[tx + 1].
+    let cols = |r: usize| [&even[r][..tw], &odd[r][..tw], &even[r][1..tw + 1], &odd[r][1..tw + 1]];
+    let [o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15] = outs;
+    // Bᵀ's rows: d0 − d2, d1 + d2, d2 − d1, d1 − d3; then the same along the columns.
+    input_quad(cols(0), cols(2), -1.0, [o0, o1, o2, o3]);
+    input_quad(cols(1), cols(2), 1.0, [o4, o5, o6, o7]);
+    input_quad(cols(2), cols(1), -1.0, [o8, o9, o10, o11]);
+    input_quad(cols(1), cols(3), -1.0, [o12, o13, o14, o15]);
+}
+
+simd_dispatch! {
+    /// s = p + k·q per patch column, then (s0 − s2, s1 + s2, s2 − s1, s1 − s3) into `outs`.
+    fn input_quad(p: [&[f32]; 4], q: [&[f32]; 4], k: f32, outs: [&mut [f32]; 4]) {
+        let [p0, p1, p2, p3] = p;
+        let [q0, q1, q2, q3] = q;
+        let [a, b, c, d] = outs;
+        let n = a.len();
+        let (p0, p1, p2, p3, q0, q1, q2, q3) =
+            (&p0[..n], &p1[..n], &p2[..n], &p3[..n], &q0[..n], &q1[..n], &q2[..n], &q3[..n]);
+        let (b, c, d) = (&mut b[..n], &mut c[..n], &mut d[..n]);
+        for i in 0..n {
+            let (s0, s1, s2, s3) = (p0[i] + k * q0[i], p1[i] + k * q1[i], p2[i] + k * q2[i], p3[i] + k * q3[i]);
+            a[i] = s0 - s2;
+            b[i] = s1 + s2;
+            c[i] = s2 - s1;
+            d[i] = s1 - s3;
+        }
+    }
+}
+
+simd_dispatch! {
+    /// Y = Aᵀ M A + bias for a row of tiles, Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]: the tiles'
+    /// top output rows into `top`, bottom rows into `bottom` (2 values per tile).
+    fn transform_outputs(ms: [&[f32]; 16], bias: f32, top: &mut [f32], bottom: &mut [f32]) {
+        let tw = ms[0].len();
+        let m: [&[f32]; 16] = ms.map(|x| &x[..tw]);
+        let (top, bottom) = (&mut top[..2 * tw], &mut bottom[..2 * tw]);
+        for tx in 0..tw {
+            let mut s = [[0f32; 4]; 2];
+            for c in 0..4 {
+                let (m0, m1, m2, m3) = (m[c][tx], m[4 + c][tx], m[8 + c][tx], m[12 + c][tx]);
+                s[0][c] = m0 + m1 + m2;
+                s[1][c] = m1 - m2 - m3;
+            }
+            top[2 * tx] = s[0][0] + s[0][1] + s[0][2] + bias;
+            top[2 * tx + 1] = s[0][1] - s[0][2] - s[0][3] + bias;
+            bottom[2 * tx] = s[1][0] + s[1][1] + s[1][2] + bias;
+            bottom[2 * tx + 1] = s[1][1] - s[1][2] - s[1][3] + bias;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -114,7 +257,7 @@ mod tests {
 
     #[test]
     fn bands_cover_a_tall_image() {
-        // 300 output channels × 2050 columns: bands of 13 rows, the last one ragged.
+        // 300 output channels over 1024 tile columns: bands of a few tile rows, the last ragged.
         let (x, w) = (random([1, 2, 40, 2048]), random([300, 2, 3, 3]));
         let options = ConvOptions { stride: [1; 2], padding: [(1, 1); 2], dilation: [1; 2], groups: 1 };
         let want = conv2d(x.clone(), w.clone(), None, options);

@@ -30,6 +30,10 @@ pub fn joint_heads(
 ) -> Option<[Tensor<4>; 3]> {
     let (cos, sin) = (super::contiguous(super::flex_f32(cos)?), super::contiguous(super::flex_f32(sin)?));
     let [_, _, total, d] = cos.layout().shape().dims::<4>();
+    // Pairs rotate together: an odd head size has no RoPE (burn's path refuses it too).
+    if sin.layout().shape() != cos.layout().shape() || !d.is_multiple_of(2) {
+        return None;
+    }
     let first = streams.first()?;
     let batch = first.qkv.dims()[0];
     let hd = heads * d;

@@ -37,7 +37,8 @@ pub fn exp(x: f32) -> f32 {
 /// AVX2 + FMA and for the baseline, and runs the best one the CPU supports. The body's loops
 /// are then vectorized at that width by the compiler.
 macro_rules! simd_dispatch {
-    (fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
         fn $name($($arg: $ty),*) {
             #[inline(always)]
             fn body($($arg: $ty),*) $body
@@ -47,7 +48,11 @@ macro_rules! simd_dispatch {
                 unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vl") {
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
                     // SAFETY: the CPU has the features this copy was compiled for.
                     return unsafe { avx512($($arg),*) };
                 }

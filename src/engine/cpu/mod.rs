@@ -1,13 +1,15 @@
 //! Fused kernels for the CPU backend (burn flex), where burn's own path makes several passes
-//! over memory or runs a scalar loop: GELU, attention, the split of fused q/k/v
-//! projections into normalized, rotated heads, GroupNorm + SiLU and 3×3 convolutions. Each takes burn tensors and answers `None`
-//! unless they are f32 tensors of the plain flex backend (not autodiff, not a GPU): the
-//! callers then take burn's path, which stays the reference the kernels are tested against.
+//! over memory or runs a scalar loop: linear layers (bias fused, views read in place), GELU,
+//! attention, the split of fused q/k/v projections into normalized and rotated heads,
+//! GroupNorm + SiLU, and 3×3 convolutions. Each takes burn tensors and answers `None` unless
+//! they are f32 tensors of the plain flex backend (not autodiff, not a GPU): the callers then
+//! take burn's path, which stays the reference the kernels are tested against.
 
 mod attention;
 mod conv;
 mod gelu;
 mod heads;
+mod linear;
 mod math;
 mod norm;
 
@@ -15,6 +17,7 @@ pub use attention::attention;
 pub use conv::conv3x3;
 pub use gelu::gelu_tanh;
 pub use heads::{HeadStream, joint_heads};
+pub use linear::linear;
 pub use norm::group_norm;
 
 use burn::tensor::{DType, Tensor};
@@ -84,13 +87,17 @@ impl SharedMut {
 /// Keeps freed activation buffers in the heap for the next operation instead of handing them
 /// back to the kernel: glibc serves blocks above 128 KiB (dynamically up to 32 MiB) with fresh
 /// `mmap`s, so every activation of a CPU forward pass was page-faulted and zeroed anew, which
-/// cost more than the GELU it held. Up to 256 MiB per block now comes from the heap, and up to
-/// 256 MiB of free heap stays mapped. Called once at start by the binary.
+/// cost more than the GELU it held. Now blocks up to 256 MiB come from the heap and up to
+/// 256 MiB of free heap stays mapped. One arena for every thread: the server computes on its
+/// worker thread, and a thread's own arena grows in heaps of at most 64 MiB, past which glibc
+/// would `mmap` again. (The kernels' outputs are still zeroed on allocation, a memset that
+/// costs far less than the page faults.) Called once at start by the binary.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes glibc's allocation thresholds.
     unsafe {
         const MIB: libc::c_int = 1 << 20;
+        libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * MIB);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 * MIB);
     }
