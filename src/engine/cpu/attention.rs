@@ -7,8 +7,8 @@ use burn::tensor::{Shape, Tensor};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::SharedMut;
 use super::math::{exp, simd_dispatch};
+use super::{SharedMut, Strided, matmul};
 
 /// Query rows per task: the task's scores (rows × keys) stay in the core's L2 cache for the
 /// sequence lengths FLUX uses (4096 keys: 1 MiB).
@@ -56,52 +56,32 @@ pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<3
         // belong to this task alone.
         unsafe {
             // scores[rows, lk] = scale · q[rows, D] · k[lk, D]ᵀ
-            gemm::gemm(
+            matmul(
                 rows,
                 lk,
                 d,
-                scores.as_mut_ptr(),
-                1,
-                lk as isize,
+                Strided { ptr: scores.as_mut_ptr(), row: lk as isize, col: 1 },
                 false,
-                qd.as_ptr().offset(at(qo, qs, row0)),
-                qs.0[3],
-                qs.0[2],
-                kd.as_ptr().offset(at(ko, ks, 0)),
-                ks.0[2],
-                ks.0[3],
-                0.0,
+                Strided { ptr: qd.as_ptr().offset(at(qo, qs, row0)), row: qs.0[2], col: qs.0[3] },
+                Strided { ptr: kd.as_ptr().offset(at(ko, ks, 0)), row: ks.0[3], col: ks.0[2] },
                 scale,
                 false,
-                false,
-                false,
-                gemm::Parallelism::None,
             );
         }
         let sums = softmax_rows(scores, lk);
         let out_row = |row: usize| (bi * lq + row) * h * d + hi * d;
         unsafe {
             // out[rows, D] = p[rows, lk] · v[lk, D], unnormalized
-            gemm::gemm(
+            matmul(
                 rows,
                 d,
                 lk,
-                dst.at(out_row(row0)),
-                1,
-                (h * d) as isize,
+                Strided { ptr: dst.at(out_row(row0)), row: (h * d) as isize, col: 1 },
                 false,
-                scores.as_ptr(),
-                1,
-                lk as isize,
-                vd.as_ptr().offset(at(vo, vs, 0)),
-                vs.0[3],
-                vs.0[2],
-                0.0,
+                Strided { ptr: scores.as_ptr(), row: lk as isize, col: 1 },
+                Strided { ptr: vd.as_ptr().offset(at(vo, vs, 0)), row: vs.0[2], col: vs.0[3] },
                 1.0,
                 false,
-                false,
-                false,
-                gemm::Parallelism::None,
             );
             for (r, sum) in sums.into_iter().enumerate() {
                 let row = std::slice::from_raw_parts_mut(dst.at(out_row(row0 + r)), d);

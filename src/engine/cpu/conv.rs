@@ -9,8 +9,8 @@ use burn::tensor::{Shape, Tensor};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::SharedMut;
 use super::math::simd_dispatch;
+use super::{SharedMut, Strided, matmul};
 
 /// Transformed inputs (and products) per band, in elements of the larger of the two: 16 MiB.
 const BAND_ELEMENTS: usize = 4 << 20;
@@ -73,26 +73,16 @@ pub fn conv3x3(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>) -> O
             m.par_chunks_mut(cout * nt).enumerate().for_each(|(xi, m)| {
                 // SAFETY: U_ξ, V_ξ and M_ξ are contiguous row-major blocks of the given sizes.
                 unsafe {
-                    gemm::gemm(
+                    matmul(
                         cout,
                         nt,
                         cin,
-                        m.as_mut_ptr(),
-                        1,
-                        nt as isize,
+                        Strided { ptr: m.as_mut_ptr(), row: nt as isize, col: 1 },
                         false,
-                        u[xi * cout * cin..].as_ptr(),
-                        1,
-                        cin as isize,
-                        v[xi * cin * nt..].as_ptr(),
-                        1,
-                        nt as isize,
-                        0.0,
+                        Strided { ptr: u[xi * cout * cin..].as_ptr(), row: cin as isize, col: 1 },
+                        Strided { ptr: v[xi * cin * nt..].as_ptr(), row: nt as isize, col: 1 },
                         1.0,
                         false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             });

@@ -6,6 +6,8 @@ use burn::tensor::{DType, Shape, Tensor};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::{Strided, matmul};
+
 /// Products smaller than this many multiply-adds run on one thread (as burn's flex does).
 const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
 
@@ -43,31 +45,19 @@ pub fn linear<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Option<&T
         return Some(super::into_tensor(out));
     }
     let src = &t.storage::<f32>()[t.layout().start_offset()..];
-    let parallelism =
-        if rows * n * k >= PARALLEL_THRESHOLD { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
     // SAFETY: lhs row r (< rows) starts at r·stride within `src` and holds k elements (the
     // layout's rows); rhs is the contiguous [k, n] weight; dst is the [rows, n] output.
     unsafe {
-        gemm::gemm(
+        matmul(
             rows,
             n,
             k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
+            Strided { ptr: dst.as_mut_ptr(), row: n as isize, col: 1 },
             bias.is_some(),
-            src.as_ptr(),
-            1,
-            stride as isize,
-            w.storage::<f32>().as_ptr(),
-            1,
-            n as isize,
+            Strided { ptr: src.as_ptr(), row: stride as isize, col: 1 },
+            Strided { ptr: w.storage::<f32>().as_ptr(), row: n as isize, col: 1 },
             1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
+            rows * n * k >= PARALLEL_THRESHOLD,
         );
     }
     Some(super::into_tensor(out))

@@ -69,6 +69,60 @@ fn into_tensor<const D: usize>(t: FlexTensor) -> Tensor<D> {
     Tensor::from_primitive::<Flex>(t)
 }
 
+/// One matrix of a product: its first element and the steps between rows and between columns,
+/// in elements.
+#[derive(Clone, Copy)]
+struct Strided<P> {
+    ptr: P,
+    row: isize,
+    col: isize,
+}
+
+/// dst[m, n] = (dst +) scale · lhs[m, k] · rhs[k, n], with `gemm::gemm`'s arguments named;
+/// `parallel` lets gemm split the product over rayon's threads.
+///
+/// # Safety
+/// Each pointer must address its m×n, m×k or k×n matrix at its strides, and dst must not be
+/// written by anyone else meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: Strided<*mut f32>,
+    accumulate: bool,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    scale: f32,
+    parallel: bool,
+) {
+    let parallelism = if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    // SAFETY: as the caller promised; gemm reads dst only when `accumulate`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr,
+            dst.col,
+            dst.row,
+            accumulate,
+            lhs.ptr,
+            lhs.col,
+            lhs.row,
+            rhs.ptr,
+            rhs.col,
+            rhs.row,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
 /// A pointer shared by parallel tasks that write disjoint parts of one output buffer.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
@@ -98,7 +152,10 @@ pub fn tune_allocator() {
     unsafe {
         const MIB: libc::c_int = 1 << 20;
         libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * MIB);
+        if libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * MIB) == 0 {
+            // A glibc that caps the threshold at half its 64 MiB heap size still takes this.
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * MIB);
+        }
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 * MIB);
     }
 }
