@@ -86,6 +86,34 @@ impl BenchReport {
         median(&self.step_seconds)
     }
 
+    /// `--json`: the figures of [`BenchReport::print`], in seconds and bytes.
+    pub fn json(&self, spec: &BenchSpec) -> serde_json::Value {
+        let c = &spec.config;
+        serde_json::json!({
+            "device": self.device,
+            "config": {
+                "hidden": c.hidden_size, "heads": c.num_heads, "double_blocks": c.depth,
+                "single_blocks": c.depth_single_blocks, "mlp": c.mlp_hidden_dim,
+                "img_tokens": spec.img_tokens, "txt_tokens": spec.txt_tokens, "batch": spec.batch,
+                "dtype": format!("{:?}", spec.dtype), "train": spec.train.is_some(),
+            },
+            "file_bytes": self.file_bytes,
+            "load_seconds": self.load_seconds,
+            "step": {"median_seconds": self.median_step(), "seconds": self.step_seconds,
+                     "profile": profile_json(&self.profile, self.step_seconds.len())},
+            "rss_bytes": {
+                "before_load": self.rss_before_load, "after_load": self.rss_after_load,
+                "peak_during_load": self.peak_rss_during_load, "peak_during_steps": self.peak_rss_during_steps,
+            },
+            "gguf_file_bytes": self.quantized.as_ref().map(|q| q.file_bytes),
+            "loras": self.loras.as_ref().map(|l| serde_json::json!({
+                "apply_seconds": l.apply_seconds, "switch_seconds": l.switch_seconds,
+                "rss_added_bytes": l.rss_added, "host_bytes": l.host_bytes,
+            })),
+            "memory_plan_peak_bytes": self.plan.as_ref().map(|p| p.peak),
+        })
+    }
+
     pub fn print(&self, spec: &BenchSpec) {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let c = &spec.config;
@@ -168,6 +196,15 @@ impl BenchReport {
             self.peak_rss_during_steps.saturating_sub(self.rss_before_load) as f64 / self.file_bytes as f64
         );
     }
+}
+
+/// The per-operation profile as JSON: label, ms per run, calls per run.
+fn profile_json(profile: &[crate::engine::profile::Total], runs: usize) -> serde_json::Value {
+    let n = runs.max(1) as f64;
+    profile
+        .iter()
+        .map(|t| serde_json::json!({"op": t.label, "ms_per_run": t.seconds / n * 1e3, "calls_per_run": t.calls as f64 / n}))
+        .collect()
 }
 
 fn median(runs: &[f64]) -> f64 {
@@ -509,6 +546,19 @@ pub fn run_vae(spec: &BenchSpec, device: &SelectedDevice) -> Result<VaeReport> {
 }
 
 impl VaeReport {
+    /// `--json`: the same figures as [`VaeReport::print`], seconds and bytes.
+    pub fn json(&self, spec: &BenchSpec) -> serde_json::Value {
+        serde_json::json!({
+            "device": self.device,
+            "vae": {"width": self.width, "height": self.height, "batch": spec.batch, "dtype": format!("{:?}", spec.dtype)},
+            "decode": {"median_seconds": median(&self.decode_seconds), "seconds": self.decode_seconds,
+                       "peak_rss_bytes": self.peak_rss_decode, "profile": profile_json(&self.decode_profile, self.decode_seconds.len())},
+            "encode": {"median_seconds": median(&self.encode_seconds), "seconds": self.encode_seconds,
+                       "peak_rss_bytes": self.peak_rss_encode, "profile": profile_json(&self.encode_profile, self.encode_seconds.len())},
+            "rss_after_build_bytes": self.rss_after_build,
+        })
+    }
+
     pub fn print(&self, spec: &BenchSpec) {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         println!("device: {}", self.device);

@@ -120,11 +120,18 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         },
     };
     if a.vae {
-        bench::run_vae(&spec, &device)?.print(&spec);
+        let report = bench::run_vae(&spec, &device)?;
+        match a.json {
+            true => println!("{}", serde_json::to_string_pretty(&report.json(&spec))?),
+            false => report.print(&spec),
+        }
         return Ok(());
     }
     let report = bench::run(&spec, &device)?;
-    report.print(&spec);
+    match a.json {
+        true => println!("{}", serde_json::to_string_pretty(&report.json(&spec))?),
+        false => report.print(&spec),
+    }
     Ok(())
 }
 

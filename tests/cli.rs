@@ -637,3 +637,41 @@ fn trained_loras_generate_the_images_diffusers_makes_with_them() {
         assert!(worst <= 2, "{format}: differs from diffusers by {worst}/255");
     }
 }
+
+#[test]
+fn bench_reports_json_with_a_profile_for_the_transformer_and_the_vae() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny =
+        ["--device", "cpu", "--hidden", "64", "--head-dim", "32", "--double-blocks", "1", "--single-blocks", "1"];
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let args: Vec<&str> = ["bench"].iter().chain(&tiny).chain(extra).copied().collect();
+        let o = atelier(dir.path(), &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).expect("one JSON object on stdout")
+    };
+    let ops = |profile: &serde_json::Value| -> Vec<String> {
+        profile.as_array().unwrap().iter().map(|p| p["op"].as_str().unwrap().to_string()).collect()
+    };
+
+    let step = json(&["--img-tokens", "16", "--txt-tokens", "8", "--steps", "2", "--profile", "--json"]);
+    assert_eq!(step["step"]["seconds"].as_array().unwrap().len(), 2);
+    assert!(step["step"]["median_seconds"].as_f64().unwrap() > 0.0);
+    let ops_step = ops(&step["step"]["profile"]);
+    for op in ["linear", "attention", "gelu", "layer_norm"] {
+        assert!(ops_step.iter().any(|o| o == op), "{op} missing from {ops_step:?}");
+    }
+    let rss = &step["rss_bytes"];
+    assert!(rss["peak_during_load"].as_u64().unwrap() >= rss["after_load"].as_u64().unwrap());
+
+    // 16 tokens: a 4×4 packed grid, an 8×8 latent, a 64×64 image.
+    let vae = json(&["--vae", "--img-tokens", "16", "--steps", "1", "--profile", "--json"]);
+    assert_eq!((vae["vae"]["width"].as_u64(), vae["vae"]["height"].as_u64()), (Some(64), Some(64)));
+    for stage in ["decode", "encode"] {
+        assert!(vae[stage]["median_seconds"].as_f64().unwrap() > 0.0);
+        let ops_vae = ops(&vae[stage]["profile"]);
+        assert!(
+            ops_vae.iter().any(|o| o == "conv2d") && ops_vae.iter().any(|o| o == "group_norm + silu"),
+            "{ops_vae:?}"
+        );
+    }
+}

@@ -194,4 +194,7 @@ pub struct BenchArgs {
     /// image, --steps runs each after a warm-up.
     #[arg(long)]
     pub vae: bool,
+    /// Print the figures as one JSON object (seconds and bytes) instead of lines.
+    #[arg(long)]
+    pub json: bool,
 }
