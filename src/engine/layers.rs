@@ -119,7 +119,9 @@ impl GroupNorm {
         })
     }
 
-    fn forward_burn(&self, x: Tensor<4>) -> Tensor<4> {
+    /// [`GroupNorm::forward`] in burn's operations: every backend, and the reference
+    /// `engine::cpu::group_norm` is tested against.
+    pub(crate) fn forward_burn(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let dtype = x.dtype();
         let g = x.cast(DType::F32).reshape([b, self.groups, (c / self.groups) * h * w]);
@@ -157,17 +159,12 @@ impl Linear {
     }
 
     fn forward_unprofiled<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        use burn::tensor::module::linear;
         // A packed weight's dense matrix lives only for this product.
-        let (weight, bias) = (self.weight.val(), self.bias.as_ref().map(Param::val));
-        let base = match crate::engine::cpu::linear(&x, &weight, bias.as_ref()) {
-            Some(y) => y,
-            None => linear(x.clone(), weight, bias),
-        };
+        let base = product(&x, self.weight.val(), self.bias.as_ref().map(Param::val));
         self.adapters.iter().fold(base, |y, a| {
-            let h = linear(x.clone(), a.down.val(), None);
+            let h = product(&x, a.down.val(), None);
             let h = match &a.up {
-                Some(up) => linear(h, up.val(), None),
+                Some(up) => product(&h, up.val(), None),
                 None => h,
             };
             let h = match &a.bias {
@@ -183,6 +180,11 @@ impl Linear {
         let [i, o] = self.weight.dims();
         (i, o)
     }
+}
+
+/// x·w (+ b): the CPU kernel where it applies (`engine::cpu::linear`), else burn's.
+fn product<const D: usize>(x: &Tensor<D>, w: Tensor<2>, b: Option<Tensor<1>>) -> Tensor<D> {
+    crate::engine::cpu::linear(x, &w, b.as_ref()).unwrap_or_else(|| burn::tensor::module::linear(x.clone(), w, b))
 }
 
 /// A linear layer whose weight stays packed ([`PackedHost`] [out, in]), computing in `dtype`.

@@ -187,6 +187,16 @@ fn execute_training(
     let mut share = Share { share: jobs.queue.training_share, since: Instant::now(), images_took: Duration::ZERO };
     let mut renewed = Instant::now();
     let publish = |e: JobEvent| jobs.hub.publish(&job.id, job.user_id, e);
+    // The server stopping pauses the run (it resumes at the next start); the user's cancel ends it.
+    let interrupted = || {
+        if jobs.stopping.load(Ordering::Relaxed) {
+            Some((Why::Stopping, Control::Pause))
+        } else if cancel.load(Ordering::Relaxed) {
+            Some((Why::Canceled, Control::Stop))
+        } else {
+            None
+        }
+    };
     loop {
         let tjob = run::Job {
             files: files.clone(),
@@ -249,13 +259,9 @@ fn execute_training(
                             Err(e) => log::warn!("training {}: renewing its hold: {e}", job.id),
                         }
                     }
-                    if jobs.stopping.load(Ordering::Relaxed) {
-                        why = Why::Stopping;
-                        return Control::Pause;
-                    }
-                    if cancel.load(Ordering::Relaxed) {
-                        why = Why::Canceled;
-                        return Control::Stop;
+                    if let Some((reason, control)) = interrupted() {
+                        why = reason;
+                        return control;
                     }
                     if share.due() && images_waiting(db) {
                         if !images_fit_beside(jobs, training_bytes) {
@@ -270,13 +276,9 @@ fn execute_training(
                         share.since = Instant::now();
                         // A stop or a cancel that came while the images ran is seen now, not
                         // after another step.
-                        if jobs.stopping.load(Ordering::Relaxed) {
-                            why = Why::Stopping;
-                            return Control::Pause;
-                        }
-                        if cancel.load(Ordering::Relaxed) {
-                            why = Why::Canceled;
-                            return Control::Stop;
+                        if let Some((reason, control)) = interrupted() {
+                            why = reason;
+                            return control;
                         }
                         publish(JobEvent::Stage { stage: "training".into() });
                     }

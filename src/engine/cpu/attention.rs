@@ -26,9 +26,9 @@ fn strides(t: &FlexTensor) -> Strides {
 /// softmax(q·kᵀ/√D)·v for q, k, v of [B, H, L, D] (any strides); returns [B, L_q, H·D].
 pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<3>> {
     let (q, k, v) = (super::flex_f32(q)?, super::flex_f32(k)?, super::flex_f32(v)?);
-    let [b, h, lq, d] = dims(&q);
-    let [kb, kh, lk, kd] = dims(&k);
-    if [kb, kh, kd] != [b, h, d] || dims(&v) != [b, h, lk, d] || lk == 0 {
+    let [b, h, lq, d] = super::dims4(&q);
+    let [kb, kh, lk, kd] = super::dims4(&k);
+    if [kb, kh, kd] != [b, h, d] || super::dims4(&v) != [b, h, lk, d] || lk == 0 {
         return None;
     }
     // Negative strides (flips) are not expected here; let burn handle them.
@@ -91,10 +91,6 @@ pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<3
         }
     });
     Some(super::into_tensor(out))
-}
-
-fn dims(t: &FlexTensor) -> [usize; 4] {
-    super::dims4(t)
 }
 
 /// Each row of `scores` (rows of `len`) becomes exp(x − max); returns the rows' sums.

@@ -110,9 +110,11 @@ mod tests {
     use burn::tensor::Tensor;
 
     use super::super::test_util::{max_diff, random};
+    use crate::engine::flux::model::rms_norm;
     use crate::engine::flux::rope::{Rope, image_ids, text_ids};
 
-    /// burn's path, as `flux::model` takes it without the fused kernel.
+    /// burn's path for one stream at `at` of the joint sequence: `flux::model`'s own split and
+    /// q/k RMSNorm, then RoPE.
     fn reference(
         qkv: &Tensor<3>,
         heads: usize,
@@ -120,20 +122,13 @@ mod tests {
         ks: &Tensor<1>,
         rope: &Rope,
         at: usize,
-        total: usize,
     ) -> [Tensor<4>; 3] {
         let [b, l, _] = qkv.dims();
-        let d = qs.dims()[0];
-        let hd = heads * d;
-        let head = |i: usize| qkv.clone().narrow(2, i * hd, hd).reshape([b, l, heads, d]).swap_dims(1, 2);
-        let norm = |x: Tensor<4>, s: &Tensor<1>| {
-            let rrms = (x.clone().square().mean_dim(3) + 1e-6).sqrt().recip();
-            x * rrms * s.clone().reshape([1, 1, 1, -1])
-        };
+        let hd = heads * qs.dims()[0];
+        let head = |i: usize| qkv.clone().narrow(2, i * hd, hd).reshape([b, l, heads, hd / heads]).swap_dims(1, 2);
         let part = |t: &Tensor<4>| t.clone().narrow(2, at, l);
         let rope_part = Rope { cos: part(&rope.cos), sin: part(&rope.sin) };
-        let _ = total;
-        [rope_part.apply(norm(head(0), qs)), rope_part.apply(norm(head(1), ks)), head(2)]
+        [rope_part.apply(rms_norm(head(0), qs)), rope_part.apply(rms_norm(head(1), ks)), head(2)]
     }
 
     #[test]
@@ -152,8 +147,8 @@ mod tests {
             super::HeadStream { qkv: &img, q_scale: &iq, k_scale: &ik },
         ];
         let ours = super::joint_heads(&streams, heads, 1e-6, &rope.cos, &rope.sin).unwrap();
-        let t = reference(&txt, heads, &tq, &tk, &rope, 0, 17);
-        let i = reference(&img, heads, &iq, &ik, &rope, 5, 17);
+        let t = reference(&txt, heads, &tq, &tk, &rope, 0);
+        let i = reference(&img, heads, &iq, &ik, &rope, 5);
         for (n, (ours, (t, i))) in ours.into_iter().zip(t.into_iter().zip(i)).enumerate() {
             let want = Tensor::cat(vec![t, i], 2);
             let diff = max_diff(ours, want);

@@ -99,22 +99,18 @@ simd_dispatch! {
 
 #[cfg(test)]
 mod tests {
+    use burn::module::Param;
+    use burn::tensor::Tensor;
     use burn::tensor::activation::silu;
+
+    use crate::engine::layers::GroupNorm;
 
     use super::super::test_util::{max_diff, random};
 
-    /// burn's GroupNorm, as `layers::GroupNorm` computes it without the fused kernel.
-    fn reference(
-        x: burn::tensor::Tensor<4>,
-        groups: usize,
-        w: &burn::tensor::Tensor<1>,
-        b: &burn::tensor::Tensor<1>,
-    ) -> burn::tensor::Tensor<4> {
-        let [n, c, h, wd] = x.dims();
-        let g = x.reshape([n, groups, (c / groups) * h * wd]);
-        let (var, mean) = g.clone().var_mean_bias(2);
-        let normed = ((g - mean) / (var + 1e-6).sqrt()).reshape([n, c, h, wd]);
-        normed * w.clone().reshape([1, c, 1, 1]) + b.clone().reshape([1, c, 1, 1])
+    /// `layers::GroupNorm`'s own burn path.
+    fn reference(x: Tensor<4>, groups: usize, w: &Tensor<1>, b: &Tensor<1>) -> Tensor<4> {
+        let norm = GroupNorm { weight: Param::from_tensor(w.clone()), bias: Param::from_tensor(b.clone()), groups };
+        norm.forward_burn(x)
     }
 
     #[test]

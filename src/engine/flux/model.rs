@@ -62,7 +62,7 @@ impl QkNorm {
     }
 }
 
-fn rms_norm(x: Tensor<4>, scale: &Tensor<1>) -> Tensor<4> {
+pub(crate) fn rms_norm(x: Tensor<4>, scale: &Tensor<1>) -> Tensor<4> {
     let x = x.cast(DType::F32);
     let rrms = (x.clone().square().mean_dim(3) + EPS).sqrt().recip();
     let scale = scale.clone().cast(DType::F32).reshape([1, 1, 1, -1]);
