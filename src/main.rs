@@ -67,6 +67,22 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn run_bench(a: BenchArgs) -> Result<()> {
+    // Options that the chosen mode would ignore are refused, not silently dropped.
+    let transformer_only = [
+        ("--checkpoint", a.checkpoint.is_some()),
+        ("--quant", a.quant.is_some()),
+        ("--random-loras", a.random_loras > 0),
+        ("--train", a.train),
+        ("--memory-budget", a.memory_budget.is_some()),
+    ];
+    if a.vae
+        && let Some((flag, _)) = transformer_only.iter().find(|(_, set)| *set)
+    {
+        anyhow::bail!("{flag} is for the transformer bench; --vae times a random FLUX.1 VAE");
+    }
+    if a.profile && a.train {
+        anyhow::bail!("--profile times forward passes; it cannot be combined with --train");
+    }
     if a.head_dim == 0 || !a.hidden.is_multiple_of(a.head_dim) || !a.head_dim.is_multiple_of(8) {
         anyhow::bail!("--hidden must be a multiple of --head-dim, and --head-dim a multiple of 8");
     }

@@ -663,6 +663,14 @@ fn bench_reports_json_with_a_profile_for_the_transformer_and_the_vae() {
     let rss = &step["rss_bytes"];
     assert!(rss["peak_during_load"].as_u64().unwrap() >= rss["after_load"].as_u64().unwrap());
 
+    // Options the mode would ignore are refused with a message naming them.
+    for (extra, flag) in [(&["--vae", "--quant", "q8_0"][..], "--quant"), (&["--profile", "--train"][..], "--profile")]
+    {
+        let args: Vec<&str> = ["bench"].iter().chain(&tiny).chain(extra).copied().collect();
+        let o = atelier(dir.path(), &args);
+        assert!(!o.status.success() && stderr(&o).contains(flag), "{}", stderr(&o));
+    }
+
     // 16 tokens: a 4×4 packed grid, an 8×8 latent, a 64×64 image.
     let vae = json(&["--vae", "--img-tokens", "16", "--steps", "1", "--profile", "--json"]);
     assert_eq!((vae["vae"]["width"].as_u64(), vae["vae"]["height"].as_u64()), (Some(64), Some(64)));
