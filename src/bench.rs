@@ -366,7 +366,7 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
             0,
             dev,
         )?;
-        let mut opt = adamw::AdamW::new(adamw::AdamWConfig::default(), &lora);
+        let mut opt = adamw::AdamW::for_lora(adamw::AdamWConfig::default(), &lora);
         let batch = objective::Batch {
             x0: img.clone(),
             noise: upload(4, [spec.batch, spec.img_tokens, c.in_channels]),

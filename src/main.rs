@@ -345,7 +345,13 @@ fn resolve_model(
 }
 
 fn run_train(a: atelier::cli::TrainArgs, config: &Config) -> Result<()> {
-    let (files, _) = resolve_model(config, &a.files)?;
+    a.init_config()?; // option combinations first, before any file is read
+    let mut model_args = a.files.clone();
+    if a.init == atelier::cli::train::Init::Random && model_args.model.is_none() && model_args.transformer.is_none() {
+        // The run draws the transformer from --transformer-config; the other components are the files given.
+        model_args.transformer = Some("(random init)".into());
+    }
+    let (files, _) = resolve_model(config, &model_args)?;
     let device = device::select(a.device.parse::<DeviceChoice>()?)?;
     let dtype = match a.dtype.parse::<atelier::config::Dtype>().map_err(anyhow::Error::msg)?.burn() {
         Some(d) => d,

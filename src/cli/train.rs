@@ -3,11 +3,13 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::Args;
 
+use crate::engine::flux::FluxConfig;
 use crate::engine::pipeline::ModelFiles;
+use crate::engine::weights::StoreDtype;
 use crate::train::adamw::AdamWConfig;
 use crate::train::export::Format;
 use crate::train::objective::Timesteps;
@@ -22,11 +24,27 @@ pub struct TrainArgs {
     #[arg(long)]
     pub images: PathBuf,
     /// The trigger word: the caption of images without a `.txt`, and `[trigger]` in captions.
-    #[arg(long)]
+    /// May be left out when every image has its caption.
+    #[arg(long, default_value = "")]
     pub trigger: String,
-    /// The LoRA file to write; `<stem>_train/` beside it gets loss.csv, checkpoints, samples.
+    /// The file to write (the LoRA; with --full the transformer); `<stem>_train/` beside it
+    /// gets loss.csv, checkpoints, samples.
     #[arg(long)]
     pub out: PathBuf,
+    /// Train every weight of the transformer (f32) instead of a LoRA; the result is a
+    /// BFL-layout transformer file. --rank, --alpha, --targets and --format are LoRA options.
+    #[arg(long)]
+    pub full: bool,
+    /// Where a full run starts: the model's transformer, or random weights of --transformer-config.
+    #[arg(long, value_enum, default_value = "checkpoint")]
+    pub init: Init,
+    /// With --init random: a diffusers transformer config.json giving every size (hidden size
+    /// = attention_head_dim × num_attention_heads, num_layers, num_single_layers, ...).
+    #[arg(long)]
+    pub transformer_config: Option<PathBuf>,
+    /// What a full run stores its transformer in (default f32).
+    #[arg(long, value_enum)]
+    pub save_dtype: Option<StoreDtype>,
     #[arg(long, default_value_t = 1000)]
     pub steps: usize,
     #[arg(long, default_value_t = 16)]
@@ -88,7 +106,35 @@ pub struct TrainArgs {
     pub dtype: String,
 }
 
+/// `--init`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Init {
+    /// The model's own transformer weights.
+    Checkpoint,
+    /// Random weights (U(±1/√fan_in), norm scales 1) drawn from --seed, sized by --transformer-config.
+    Random,
+}
+
 impl TrainArgs {
+    /// The random-init configuration, after refusing option combinations that would be
+    /// ignored.
+    pub fn init_config(&self) -> Result<Option<FluxConfig>> {
+        if self.save_dtype.is_some() && !self.full {
+            bail!("--save-dtype is for --full runs (a LoRA is written in f32)");
+        }
+        match (self.init, &self.transformer_config) {
+            (Init::Checkpoint, None) => Ok(None),
+            (Init::Checkpoint, Some(_)) => bail!("--transformer-config sizes a random model: it needs --init random"),
+            (Init::Random, None) => {
+                bail!("--init random needs --transformer-config (a diffusers transformer config.json)")
+            }
+            (Init::Random, Some(path)) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+                Ok(Some(FluxConfig::from_diffusers_json(&text).with_context(|| path.display().to_string())?))
+            }
+        }
+    }
+
     pub fn settings(&self) -> Settings {
         Settings {
             trigger: self.trigger.clone(),
@@ -115,6 +161,8 @@ impl TrainArgs {
             max_images: self.max_images,
             max_sequence_length: self.max_sequence_length,
             recompute: !self.no_recompute,
+            full: self.full,
+            save_dtype: self.save_dtype.unwrap_or(StoreDtype::F32),
         }
     }
 }
@@ -126,6 +174,7 @@ pub fn run(args: &TrainArgs, files: ModelFiles, device: &Device, dtype: burn::te
         images: args.images.clone(),
         out: args.out.clone(),
         resume: args.resume.clone(),
+        init: args.init_config()?,
         dtype,
         stop_after: None,
     };

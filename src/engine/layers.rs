@@ -227,7 +227,7 @@ pub fn linear(
 }
 
 /// Row-major [rows, cols] → [cols, rows], in cache-sized tiles.
-fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const TILE: usize = 32;
     let mut dst = vec![0f32; src.len()];
     for r0 in (0..rows).step_by(TILE) {

@@ -96,6 +96,18 @@ pub enum Init {
     Zeros,
 }
 
+/// A parameter a load or random walk made, with the name it was read under: what full
+/// training updates and what a trained model is written back as.
+#[derive(Debug, Clone)]
+pub struct NamedParam {
+    pub name: String,
+    pub id: ParamId,
+    /// The checkpoint's (PyTorch) shape.
+    pub shape: Vec<usize>,
+    /// Stored transposed in the module (a Linear's weight is [in, out], PyTorch's [out, in]).
+    pub transposed: bool,
+}
+
 /// One tensor a walk read: its name (model naming), PyTorch shape, and random fill.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -122,6 +134,7 @@ pub struct Walk<'a> {
     dtype: DType,
     rng: RefCell<Mt19937>,
     entries: RefCell<Vec<Entry>>,
+    params: RefCell<Vec<NamedParam>>,
     missing: RefCell<Vec<String>>,
     misshapen: RefCell<Vec<String>>,
 }
@@ -134,6 +147,7 @@ impl<'a> Walk<'a> {
             dtype,
             rng: RefCell::new(Mt19937::new(seed)),
             entries: RefCell::default(),
+            params: RefCell::default(),
             missing: RefCell::default(),
             misshapen: RefCell::default(),
         }
@@ -167,6 +181,16 @@ impl<'a> Walk<'a> {
     /// Every tensor the walk read, in walk order.
     pub fn entries(&self) -> Vec<Entry> {
         self.entries.borrow().clone()
+    }
+
+    /// Every parameter a load or random walk made, in walk order (packed weights and check or
+    /// plan walks' placeholders are not among them).
+    pub fn named_params(&self) -> Vec<NamedParam> {
+        self.params.borrow().clone()
+    }
+
+    fn record(&self, name: String, id: ParamId, shape: Vec<usize>, transposed: bool) {
+        self.params.borrow_mut().push(NamedParam { name, id, shape, transposed });
     }
 
     /// After a check walk: an error naming every missing, misshapen and unknown key, with
@@ -241,7 +265,11 @@ impl<'a> Walk<'a> {
 
     fn param<const D: usize>(&self, name: String, shape: [usize; D], init: Init) -> Result<Param<Tensor<D>>> {
         Ok(match self.host(name.clone(), &shape, init)? {
-            Some(t) => Param::from_tensor(layers::upload(t, &name, &self.device, self.dtype)?),
+            Some(t) => {
+                let p = Param::from_tensor(layers::upload(t, &name, &self.device, self.dtype)?);
+                self.record(name, p.id, shape.to_vec(), false);
+                p
+            }
             None => placeholder(shape, &self.device),
         })
     }
@@ -342,7 +370,16 @@ impl<'a> Loader<'a> {
         let weight = w.host(l.key("weight"), &[outputs, inputs], bound)?;
         let bias = if bias { Some(w.host(l.key("bias"), &[outputs], bound)?) } else { None };
         match weight {
-            Some(weight) => layers::linear(weight, bias.flatten(), &l.path, &w.device, w.dtype),
+            Some(weight) => {
+                let linear = layers::linear(weight, bias.flatten(), &l.path, &w.device, w.dtype)?;
+                if let Weight::Dense(p) = &linear.weight {
+                    w.record(l.key("weight"), p.id, vec![outputs, inputs], true);
+                }
+                if let Some(b) = &linear.bias {
+                    w.record(l.key("bias"), b.id, vec![outputs], false);
+                }
+                Ok(linear)
+            }
             None => Ok(Linear {
                 weight: Weight::Dense(placeholder([inputs, outputs], &w.device)),
                 bias: bias.map(|_| placeholder([outputs], &w.device)),
@@ -433,12 +470,25 @@ pub fn load<T>(
     source: &dyn TensorSource,
     device: &Device,
     dtype: DType,
-    (what, expected): (&str, &str),
+    labels: (&str, &str),
     build: impl Fn(&Loader) -> Result<T>,
 ) -> Result<T> {
+    Ok(load_named(source, device, dtype, labels, build)?.0)
+}
+
+/// [`load`], with the parameters it made and their checkpoint names, and the number of
+/// tensors it read (more than the parameters where some stay packed).
+pub fn load_named<T>(
+    source: &dyn TensorSource,
+    device: &Device,
+    dtype: DType,
+    (what, expected): (&str, &str),
+    build: impl Fn(&Loader) -> Result<T>,
+) -> Result<(T, Vec<NamedParam>, usize)> {
     check(source, what, expected, &build)?;
     let walk = Walk::load(source, device, dtype);
-    build(&walk.root())
+    let model = build(&walk.root())?;
+    Ok((model, walk.named_params(), walk.entries.borrow().len()))
 }
 
 impl std::fmt::Debug for Loader<'_> {

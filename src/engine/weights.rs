@@ -448,6 +448,41 @@ pub fn write_safetensors_f32(
     path: &Path,
     tensors: &[(String, Vec<usize>)],
     metadata: &[(&str, &str)],
+    fill: impl FnMut(&str, &[usize]) -> Vec<f32>,
+) -> Result<()> {
+    write_safetensors(path, tensors, metadata, StoreDtype::F32, fill)
+}
+
+/// The float type a written safetensors file stores its tensors in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl StoreDtype {
+    fn name(self) -> &'static str {
+        match self {
+            StoreDtype::F32 => "F32",
+            StoreDtype::F16 => "F16",
+            StoreDtype::Bf16 => "BF16",
+        }
+    }
+
+    fn bytes(self) -> usize {
+        if self == StoreDtype::F32 { 4 } else { 2 }
+    }
+}
+
+/// [`write_safetensors_f32`] storing `dtype` (f16 and bf16 round to nearest even, as torch's
+/// casts do).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>)],
+    metadata: &[(&str, &str)],
+    dtype: StoreDtype,
     mut fill: impl FnMut(&str, &[usize]) -> Vec<f32>,
 ) -> Result<()> {
     use std::io::Write;
@@ -459,10 +494,10 @@ pub fn write_safetensors_f32(
     }
     let mut offset = 0usize;
     for (name, shape) in tensors {
-        let bytes = shape.iter().product::<usize>() * 4;
+        let bytes = shape.iter().product::<usize>() * dtype.bytes();
         header.insert(
             name.clone(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + bytes]}),
         );
         offset += bytes;
     }
@@ -481,7 +516,11 @@ pub fn write_safetensors_f32(
             bail!("{name}: {} values for shape {shape:?}", values.len());
         }
         for v in values {
-            out.write_all(&v.to_le_bytes())?;
+            match dtype {
+                StoreDtype::F32 => out.write_all(&v.to_le_bytes())?,
+                StoreDtype::F16 => out.write_all(&half::f16::from_f32(v).to_le_bytes())?,
+                StoreDtype::Bf16 => out.write_all(&half::bf16::from_f32(v).to_le_bytes())?,
+            }
         }
     }
     out.flush()?;

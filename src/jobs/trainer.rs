@@ -203,6 +203,7 @@ fn execute_training(
             images: dir.join("images"),
             out: lora_file(&dir),
             resume: latest_checkpoint(&dir),
+            init: None,
             dtype,
             stop_after: None,
         };

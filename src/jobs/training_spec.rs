@@ -162,6 +162,7 @@ impl TrainingSpec {
             max_images: self.images.max(1) as usize,
             max_sequence_length: cfg.max_sequence_length,
             recompute: true,
+            ..Settings::default()
         }
     }
 }

@@ -25,12 +25,13 @@ impl Default for AdamWConfig {
     }
 }
 
-/// The optimizer state: step count and both moments of every pair.
+/// The optimizer state: step count and both moments of every slot. A slot is one trained
+/// tensor, flattened: a LoRA's down or up matrix, or one parameter of a fully trained model.
 pub struct AdamW {
     pub config: AdamWConfig,
     pub step: u64,
-    /// (m, v) of down and of up, index-aligned with the LoRA's pairs.
-    pub moments: Vec<[Tensor<2>; 4]>,
+    /// (m, v) of every slot, index-aligned with the slots `update` is given.
+    pub moments: Vec<[Tensor<1>; 2]>,
 }
 
 /// What one step did.
@@ -43,25 +44,32 @@ pub enum StepOutcome {
 }
 
 impl AdamW {
-    pub fn new(config: AdamWConfig, lora: &TrainableLora) -> Self {
-        let moments = lora
-            .pairs
-            .iter()
-            .map(|p| [p.down.zeros_like(), p.down.zeros_like(), p.up.zeros_like(), p.up.zeros_like()])
-            .collect();
+    /// Zero moments for `slots`.
+    pub fn new(config: AdamWConfig, slots: &[Tensor<1>]) -> Self {
+        let moments = slots.iter().map(|p| [p.zeros_like(), p.zeros_like()]).collect();
         AdamW { config, step: 0, moments }
+    }
+
+    /// For the pairs of `lora` (slots: each pair's down, then its up).
+    pub fn for_lora(config: AdamWConfig, lora: &TrainableLora) -> Self {
+        Self::new(config, &lora.slots())
     }
 
     /// One update of `lora` with `grads` (index-aligned with its pairs).
     pub fn step(&mut self, lora: &mut TrainableLora, grads: Vec<PairGrad>) -> StepOutcome {
+        let mut slots = lora.slots();
+        let grads = grads.into_iter().flat_map(|g| [flat(g.down), flat(g.up)]).collect();
+        let outcome = self.update(&mut slots, grads);
+        lora.set_slots(slots);
+        outcome
+    }
+
+    /// One update of `params` with `grads` (both index-aligned with the moments).
+    pub fn update(&mut self, params: &mut [Tensor<1>], grads: Vec<Tensor<1>>) -> StepOutcome {
+        assert_eq!(params.len(), self.moments.len(), "one moment pair per slot");
+        assert_eq!(grads.len(), self.moments.len(), "one gradient per slot");
         let c = self.config;
-        let sq: f64 = grads
-            .iter()
-            .map(|g| {
-                let s = g.down.clone().square().sum() + g.up.clone().square().sum();
-                host(s)[0] as f64
-            })
-            .sum();
+        let sq: f64 = grads.iter().map(|g| host(g.clone().square().sum())[0] as f64).sum();
         let norm = sq.sqrt();
         if !norm.is_finite() {
             return StepOutcome::SkippedNonFinite;
@@ -74,26 +82,25 @@ impl AdamW {
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         let step_size = c.lr / bc1;
         let decay = 1.0 - c.lr * c.weight_decay;
-        for ((pair, g), m) in lora.pairs.iter_mut().zip(grads).zip(&mut self.moments) {
-            let [md, vd, mu, vu] = m.clone();
-            let (gd, gu) = match clip {
-                Some(k) => (g.down * k, g.up * k),
-                None => (g.down, g.up),
+        for ((p, g), moments) in params.iter_mut().zip(grads).zip(&mut self.moments) {
+            let [m, v] = moments.clone();
+            let g = match clip {
+                Some(k) => g * k,
+                None => g,
             };
-            let update = |p: Tensor<2>, g: Tensor<2>, m: Tensor<2>, v: Tensor<2>| {
-                // m.lerp_(g, 1 − β1) = m + (g − m)(1 − β1); v = β2 v + (1 − β2) g².
-                let m = m.clone() + (g.clone() - m) * (1.0 - c.beta1);
-                let v = v * c.beta2 + g.clone() * g * (1.0 - c.beta2);
-                let denom = v.clone().sqrt() / bc2_sqrt + c.eps;
-                let p = p * decay - m.clone() / denom * step_size;
-                (p, m, v)
-            };
-            let (down, md, vd) = update(pair.down.clone(), gd, md, vd);
-            let (up, mu, vu) = update(pair.up.clone(), gu, mu, vu);
-            pair.down = down;
-            pair.up = up;
-            *m = [md, vd, mu, vu];
+            // m.lerp_(g, 1 − β1) = m + (g − m)(1 − β1); v = β2 v + (1 − β2) g².
+            let m = m.clone() + (g.clone() - m) * (1.0 - c.beta1);
+            let v = v * c.beta2 + g.clone() * g * (1.0 - c.beta2);
+            let denom = v.clone().sqrt() / bc2_sqrt + c.eps;
+            *p = p.clone() * decay - m.clone() / denom * step_size;
+            *moments = [m, v];
         }
         StepOutcome::Applied { grad_norm: norm }
     }
+}
+
+/// A tensor as one row of its values (row-major).
+pub fn flat<const D: usize>(t: Tensor<D>) -> Tensor<1> {
+    let n = t.shape().num_elements();
+    t.reshape([n])
 }

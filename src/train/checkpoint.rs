@@ -1,4 +1,4 @@
-//! Training checkpoints: a folder with `state.safetensors` holding the LoRA pairs and both
+//! LoRA training checkpoints: a folder with `state.safetensors` holding the LoRA pairs and both
 //! AdamW moments bit for bit (adapter layout, f32), and the step, seed and settings in its
 //! metadata. All randomness of a step is drawn from (seed, step) (see `run`), so the step is
 //! the whole RNG state and `--resume` continues exactly.
@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::adamw::{AdamW, AdamWConfig};
+use super::adamw::{AdamW, AdamWConfig, flat};
 use super::params::{LoraPair, TrainableLora, host};
 use crate::engine::weights::{WeightSet, write_safetensors_f32};
 
@@ -31,14 +31,16 @@ pub fn save(dir: &Path, lora: &TrainableLora, opt: &AdamW, step: usize, seed: u6
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     let mut put = |name: String, t: &Tensor<2>| tensors.push((name, t.dims().to_vec(), host(t.clone())));
-    for (pair, [md, vd, mu, vu]) in lora.pairs.iter().zip(&opt.moments) {
+    for (pair, moments) in lora.pairs.iter().zip(opt.moments.chunks(2)) {
         let p = &pair.path;
+        let [[md, vd], [mu, vu]] = moments else { unreachable!("two slots per pair") };
+        let (down, up) = (pair.down.dims(), pair.up.dims());
         put(format!("{p}.down"), &pair.down);
         put(format!("{p}.up"), &pair.up);
-        put(format!("m.{p}.down"), md);
-        put(format!("v.{p}.down"), vd);
-        put(format!("m.{p}.up"), mu);
-        put(format!("v.{p}.up"), vu);
+        put(format!("m.{p}.down"), &md.clone().reshape(down));
+        put(format!("v.{p}.down"), &vd.clone().reshape(down));
+        put(format!("m.{p}.up"), &mu.clone().reshape(up));
+        put(format!("v.{p}.up"), &vu.clone().reshape(up));
     }
     let meta = [
         ("step", step.to_string()),
@@ -57,6 +59,18 @@ pub fn save(dir: &Path, lora: &TrainableLora, opt: &AdamW, step: usize, seed: u6
     write_safetensors_f32(&tmp, &shapes, &meta, |_, _| data.next().expect("one data vector per tensor"))?;
     std::fs::rename(&tmp, dir.join(FILE))?;
     Ok(())
+}
+
+/// The settings a checkpoint folder (LoRA or full training) was written with, read before
+/// anything is loaded so a resume with other settings is refused first.
+pub fn settings_of(dir: &Path) -> Result<String> {
+    let path = dir.join(FILE);
+    if !path.exists() {
+        bail!("{} is not a training checkpoint (no {FILE})", dir.display());
+    }
+    let set = WeightSet::open(&path)?;
+    let settings = set.metadata("settings");
+    settings.map(str::to_string).ok_or_else(|| anyhow::anyhow!("{}: no settings in the metadata", path.display()))
 }
 
 /// Reads a checkpoint folder written by [`save`].
@@ -89,12 +103,9 @@ pub fn load(dir: &Path, device: &Device) -> Result<Restored> {
     let mut moments = Vec::new();
     for p in paths {
         pairs.push(LoraPair { down: read(&format!("{p}.down"))?, up: read(&format!("{p}.up"))?, path: p.clone() });
-        moments.push([
-            read(&format!("m.{p}.down"))?,
-            read(&format!("v.{p}.down"))?,
-            read(&format!("m.{p}.up"))?,
-            read(&format!("v.{p}.up"))?,
-        ]);
+        let slot = |name: String| -> Result<Tensor<1>> { Ok(flat(read(&name)?)) };
+        moments.push([slot(format!("m.{p}.down"))?, slot(format!("v.{p}.down"))?]);
+        moments.push([slot(format!("m.{p}.up"))?, slot(format!("v.{p}.up"))?]);
     }
     let lora = TrainableLora { rank, alpha, pairs };
     let optimizer = AdamW { config, step: num("optimizer_step")?, moments };

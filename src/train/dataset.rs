@@ -25,9 +25,6 @@ pub struct Item {
 /// same stem, anything else is an error (so a typo'd extension is not silently skipped).
 /// Hidden files (`.DS_Store`) are ignored. Sorted by file name.
 pub fn scan(dir: &Path, trigger: &str, resolution: usize, max_images: usize) -> Result<Vec<Item>> {
-    if trigger.trim().is_empty() {
-        bail!("--trigger must not be empty");
-    }
     let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read the image folder {}", dir.display()))?;
     let mut images = Vec::new();
     for entry in entries {
@@ -79,14 +76,40 @@ pub fn open_oriented(path: &Path) -> Result<DynamicImage> {
     Ok(img)
 }
 
-/// The `.txt` beside the image, `[trigger]` replaced, else the trigger word.
-fn caption(image: &Path, trigger: &str) -> Result<String> {
-    let txt = image.with_extension("txt");
-    if !txt.exists() {
-        return Ok(trigger.to_string());
+/// RGB of `img`, its alpha (if any) composited over white.
+pub fn over_white(img: DynamicImage) -> image::RgbImage {
+    if !img.color().has_alpha() {
+        return img.to_rgb8();
     }
-    let text = std::fs::read_to_string(&txt).with_context(|| format!("cannot read the caption {}", txt.display()))?;
-    let text = text.trim().replace("[trigger]", trigger);
+    let rgba = img.to_rgba8();
+    image::RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let p = rgba.get_pixel(x, y);
+        let a = p[3] as u32;
+        // Rounded: c·a/255 + 255·(255 − a)/255.
+        let mix = |c: u8| ((c as u32 * a + 255 * (255 - a) + 127) / 255) as u8;
+        image::Rgb([mix(p[0]), mix(p[1]), mix(p[2])])
+    })
+}
+
+/// The `.txt` beside the image, `[trigger]` replaced, else the trigger word; without a trigger
+/// every image needs its caption (and captions cannot name `[trigger]`).
+fn caption(image: &Path, trigger: &str) -> Result<String> {
+    let trigger = trigger.trim();
+    let txt = image.with_extension("txt");
+    let text = match txt.exists() {
+        true => std::fs::read_to_string(&txt).with_context(|| format!("cannot read the caption {}", txt.display()))?,
+        false => String::new(),
+    };
+    let text = text.trim();
+    if trigger.is_empty() {
+        if text.is_empty() {
+            bail!("{} has no caption (.txt) and no --trigger was given to stand in for one", image.display());
+        }
+        if text.contains("[trigger]") {
+            bail!("{} says [trigger] but no --trigger was given", txt.display());
+        }
+    }
+    let text = text.replace("[trigger]", trigger);
     Ok(if text.is_empty() { trigger.to_string() } else { text })
 }
 
@@ -112,9 +135,10 @@ pub fn bucket(w: usize, h: usize, resolution: usize) -> Result<(usize, usize)> {
 }
 
 /// The image scaled to cover the bucket and center-cropped to it, as CHW values in [-1, 1]
-/// (what the VAE encoder takes).
+/// (what the VAE encoder takes). Transparent pixels are composited over white (dropping the
+/// alpha channel would show whatever colour the transparent pixels happen to store).
 pub fn pixels(item: &Item) -> Result<Vec<f32>> {
-    let img = open_oriented(&item.path)?.to_rgb8();
+    let img = over_white(open_oriented(&item.path)?);
     let (w, h) = (item.width as u32, item.height as u32);
     let scale = (w as f64 / img.width() as f64).max(h as f64 / img.height() as f64);
     let sw = ((img.width() as f64 * scale).round() as u32).max(w);
@@ -168,6 +192,25 @@ mod tests {
         let px = pixels(&items[1]).unwrap();
         assert_eq!(px.len(), 3 * items[1].width * items[1].height);
         assert!((px[0] - (200.0 / 127.5 - 1.0)).abs() < 0.02);
+        // Transparent pixels read as white, half-transparent red as pink.
+        let mut rgba = image::RgbaImage::from_pixel(16, 16, image::Rgba([0, 0, 0, 0]));
+        rgba.put_pixel(0, 0, image::Rgba([255, 0, 0, 128]));
+        rgba.save(d.join("t.png")).unwrap();
+        let t = Item { path: d.join("t.png"), caption: String::new(), source: (16, 16), width: 16, height: 16 };
+        let px = pixels(&t).unwrap();
+        let near = |a: f32, b: f32| (a - b).abs() < 0.01;
+        assert!(near(px[0], 1.0) && near(px[256], 127.0 / 127.5 - 1.0) && near(px[512], px[256]), "{px:?}");
+        assert!(near(px[1], 1.0) && near(px[257], 1.0), "transparent black reads as white");
+        std::fs::remove_file(d.join("t.png")).unwrap();
+        // Without a trigger every image needs its caption, and none may say [trigger].
+        let err = scan(d, "", 64, 30).unwrap_err();
+        assert!(format!("{err:#}").contains("a.txt says [trigger] but no --trigger"), "{err:#}");
+        std::fs::write(d.join("a.txt"), "a photo of a dog\n").unwrap();
+        let err = scan(d, "", 64, 30).unwrap_err();
+        assert!(format!("{err:#}").contains("b.png has no caption"), "{err:#}");
+        std::fs::write(d.join("b.txt"), "red square").unwrap();
+        assert_eq!(scan(d, "", 64, 30).unwrap()[1].caption, "red square");
+        std::fs::remove_file(d.join("b.txt")).unwrap();
         let err = scan(d, "sks", 64, 1).unwrap_err();
         assert!(format!("{err:#}").contains("at most 1"), "{err:#}");
         std::fs::write(d.join("c.png"), "not a png").unwrap();

@@ -1,4 +1,4 @@
-//! LoRA training for the FLUX transformer (`atelier train`).
+//! Training (`atelier train`): a LoRA for the FLUX transformer, or (`full`) every weight of it.
 //!
 //! - `dataset`: the image folder, captions, aspect buckets; `cache`: VAE latents and T5/CLIP
 //!   outputs computed once, encoders dropped after.
@@ -18,11 +18,13 @@ pub mod checkpoint;
 pub mod convert;
 pub mod dataset;
 pub mod export;
+pub mod full;
 pub mod objective;
 pub mod params;
 pub mod recompute;
 pub mod run;
 pub mod samples;
+pub mod trainee;
 
 #[cfg(test)]
 mod run_tests;

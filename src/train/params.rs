@@ -199,6 +199,21 @@ impl TrainableLora {
         Leaves(leaves)
     }
 
+    /// The optimizer's slots: each pair's down, then its up, flattened.
+    pub fn slots(&self) -> Vec<Tensor<1>> {
+        self.pairs.iter().flat_map(|p| [super::adamw::flat(p.down.clone()), super::adamw::flat(p.up.clone())]).collect()
+    }
+
+    /// Puts the values of [`TrainableLora::slots`] back into the pairs.
+    pub fn set_slots(&mut self, slots: Vec<Tensor<1>>) {
+        let mut slots = slots.into_iter();
+        for pair in &mut self.pairs {
+            let (down, up) = (slots.next().expect("a down slot"), slots.next().expect("an up slot"));
+            pair.down = down.reshape(pair.down.dims());
+            pair.up = up.reshape(pair.up.dims());
+        }
+    }
+
     /// PyTorch-layout factors `(path, A [r, in], B [out, r])` on the host.
     pub fn factors(&self) -> Vec<(String, Vec<f32>, Vec<f32>)> {
         self.pairs

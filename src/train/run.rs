@@ -13,18 +13,21 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-use crate::engine::flux::{self, Flux};
+use crate::engine::flux::{self, Flux, FluxConfig};
 use crate::engine::noise::{Mt19937, TorchGenerator};
 use crate::engine::pipeline::ModelFiles;
 
-use super::adamw::{AdamW, AdamWConfig, StepOutcome};
+use super::adamw::{AdamWConfig, StepOutcome};
 use super::cache::{self, CachedLatents, CachedText};
 use super::checkpoint;
 use super::dataset::{self, Item};
 use super::export::{self, Format, RunInfo};
-use super::objective::{Backprop, Batch, Timesteps, loss_and_grads, sample_sigmas};
+use super::full::FullParams;
+use super::objective::{Backprop, Batch, Timesteps, sample_sigmas};
 use super::params::{Targets, TrainableLora};
 use super::samples;
+use super::trainee::Trainee;
+use crate::engine::weights::StoreDtype;
 
 /// The settings of a run (`atelier train`'s options).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -51,6 +54,16 @@ pub struct Settings {
     pub max_sequence_length: Option<usize>,
     /// Block-level recompute (default) or one autodiff graph over the whole model.
     pub recompute: bool,
+    /// Train every weight of the transformer instead of a LoRA (`--full`).
+    #[serde(default)]
+    pub full: bool,
+    /// What a full run writes its transformer in.
+    #[serde(default = "default_save_dtype")]
+    pub save_dtype: StoreDtype,
+}
+
+fn default_save_dtype() -> StoreDtype {
+    StoreDtype::F32
 }
 
 impl Default for Settings {
@@ -74,6 +87,8 @@ impl Default for Settings {
             max_images: 30,
             max_sequence_length: None,
             recompute: true,
+            full: false,
+            save_dtype: StoreDtype::F32,
         }
     }
 }
@@ -87,6 +102,10 @@ pub struct Job {
     /// `checkpoints/step_N/` and `samples/`.
     pub out: PathBuf,
     pub resume: Option<PathBuf>,
+    /// Full training from random weights of this configuration (`--init random --transformer-config`):
+    /// drawn from the seed into `<stem>_train/init.safetensors`, which stands in for
+    /// `files.transformer`.
+    pub init: Option<FluxConfig>,
     pub dtype: DType,
     /// Stop after this many steps of this invocation (tests of `--resume`); None: run to
     /// `settings.steps`.
@@ -131,7 +150,8 @@ pub enum Control {
 
 /// The result of a run.
 pub struct Trained {
-    pub lora: TrainableLora,
+    /// The LoRA (None for full training, whose result is the file written).
+    pub lora: Option<TrainableLora>,
     pub losses: Vec<f32>,
     /// The file written, None when the run stopped early (`stop_after`).
     pub out: Option<PathBuf>,
@@ -176,56 +196,86 @@ pub fn train_with(
     if s.sample_every > 0 && s.sample_prompts.is_empty() {
         bail!("--sample-every needs at least one --sample-prompt");
     }
-    // Model files: headers only (a model without a transformer, or with mismatched parts, is
-    // refused here).
-    let config = job.files.check()?;
-    let rank_limit = config.hidden_size.min(config.mlp_hidden_dim);
-    if s.rank == 0 || s.rank > rank_limit {
-        bail!("--rank {} is larger than this model's layers allow (1..={rank_limit}: the hidden size)", s.rank);
+    if job.init.is_some() && !s.full {
+        bail!("--init random starts every weight from scratch: it needs --full");
+    }
+    if s.full && job.dtype != DType::F32 {
+        bail!("full training keeps the weights in f32: use --dtype f32 (or auto on the CPU)");
     }
     let items = dataset::scan(&job.images, &s.trigger, s.resolution, s.max_images)?;
     let settings_json = serde_json::to_string(&Restartable::from(s))?;
-    let restored = match &job.resume {
-        Some(dir) => {
-            let r = checkpoint::load(dir, device)?;
-            if r.settings != settings_json {
-                bail!(
-                    "{} was written by a run with other settings ({}); resume with the same settings",
-                    dir.display(),
-                    r.settings
-                );
-            }
-            Some(r)
+    if let Some(dir) = &job.resume {
+        let written = checkpoint::settings_of(dir)?;
+        if written != settings_json {
+            bail!(
+                "{} was written by a run with other settings ({written}); resume with the same settings",
+                dir.display()
+            );
         }
-        None => None,
-    };
+    }
     let out_dir = run_dir(&job.out);
     std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let files = match &job.init {
+        Some(config) => {
+            let path = out_dir.join("init.safetensors");
+            flux::write_random_checkpoint(config, &path, s.seed)?;
+            ModelFiles { transformer: path, ..job.files.clone() }
+        }
+        None => job.files.clone(),
+    };
+    // Model files: headers only (a model without a transformer, or with mismatched parts, is
+    // refused here).
+    let config = files.check()?;
+    let rank_limit = config.hidden_size.min(config.mlp_hidden_dim);
+    if !s.full && (s.rank == 0 || s.rank > rank_limit) {
+        bail!("--rank {} is larger than this model's layers allow (1..={rank_limit}: the hidden size)", s.rank);
+    }
 
     on(Event::Stage(format!("encoding {} images and their captions", items.len())));
     let is_dev = config.guidance_embed;
     let max_len = s.max_sequence_length.unwrap_or(if is_dev { 512 } else { 256 });
-    let latents = cache::encode_images(&job.files, &items, device)?;
+    let latents = cache::encode_images(&files, &items, device)?;
     let mut texts: Vec<String> = items.iter().map(|i| i.caption.clone()).collect();
     texts.push(String::new()); // the caption-dropout text
     texts.extend(s.sample_prompts.iter().cloned());
     let mut warnings = Vec::new();
-    let text_cache = cache::encode_texts(&job.files, &texts, max_len, device, &mut warnings)?;
+    let text_cache = cache::encode_texts(&files, &texts, max_len, device, &mut warnings)?;
     for w in warnings {
         on(Event::Warning(w));
     }
 
     on(Event::Stage("loading the transformer".into()));
-    let mut model = flux::load_transformer(&job.files.transformer, device, job.dtype, None)?;
-    let (mut lora, mut opt, start) = match restored {
-        Some(r) => (r.lora, r.optimizer, r.step),
-        None => {
-            let lora = TrainableLora::new(&mut model, s.targets, s.rank, s.alpha, s.seed, device)?;
-            let opt = AdamW::new(s.adamw, &lora);
-            (lora, opt, 0)
+    let (mut model, mut trainee, mut opt, start) = if s.full {
+        let (model, named, tensors) = flux::load_transformer_named(&files.transformer, device, job.dtype, None)?;
+        let params = FullParams::new(named, tensors)?;
+        match &job.resume {
+            Some(dir) => {
+                let (model, opt, state) = params.load_checkpoint(dir, model, device)?;
+                let step = state.metadata("step").and_then(|v| v.parse().ok()).unwrap_or(0);
+                (model, Trainee::Full(params), opt, step)
+            }
+            None => {
+                let trainee = Trainee::Full(params);
+                let opt = trainee.optimizer(&model, s.adamw);
+                (model, trainee, opt, 0)
+            }
+        }
+    } else {
+        let mut model = flux::load_transformer(&files.transformer, device, job.dtype, None)?;
+        match &job.resume {
+            Some(dir) => {
+                let r = checkpoint::load(dir, device)?;
+                (model, Trainee::Lora(r.lora), r.optimizer, r.step)
+            }
+            None => {
+                let trainee =
+                    Trainee::Lora(TrainableLora::new(&mut model, s.targets, s.rank, s.alpha, s.seed, device)?);
+                let opt = trainee.optimizer(&model, s.adamw);
+                (model, trainee, opt, 0)
+            }
         }
     };
-    on(Event::Stage(format!("training {} LoRA values on {} Linears", lora.numel(), lora.pairs.len())));
+    on(Event::Stage(trainee.describe()));
 
     let csv_path = out_dir.join("loss.csv");
     let mut csv = std::fs::OpenOptions::new().create(true).append(true).open(&csv_path)?;
@@ -243,18 +293,16 @@ pub fn train_with(
     for step in start..end {
         let t0 = Instant::now();
         let batch = make_batch(&model, &items, &latents, &text_cache, s, step, job.dtype, device)?;
-        let grads = loss_and_grads(&mut model, &lora, &batch, how)?;
-        let outcome =
-            if grads.loss.is_finite() { opt.step(&mut lora, grads.grads) } else { StepOutcome::SkippedNonFinite };
-        losses.push(grads.loss);
+        let (loss, outcome) = trainee.step(&mut model, &mut opt, &batch, how)?;
+        losses.push(loss);
         // A skipped (non-finite) step stays out of the mean rather than spoil 50 steps of it.
-        if grads.loss.is_finite() {
+        if loss.is_finite() {
             if window.len() == MEAN_WINDOW {
                 window.pop_front();
             }
-            window.push_back(grads.loss);
+            window.push_back(loss);
         }
-        let mean = if window.is_empty() { grads.loss } else { window.iter().sum::<f32>() / window.len() as f32 };
+        let mean = if window.is_empty() { loss } else { window.iter().sum::<f32>() / window.len() as f32 };
         let done = step + 1 - start;
         busy += t0.elapsed();
         let its = done as f64 / busy.as_secs_f64();
@@ -262,11 +310,11 @@ pub fn train_with(
             StepOutcome::Applied { grad_norm } => grad_norm,
             StepOutcome::SkippedNonFinite => f64::NAN,
         };
-        writeln!(csv, "{},{},{},{},{:.3}", step + 1, grads.loss, mean, norm, t0.elapsed().as_secs_f64())?;
+        writeln!(csv, "{},{},{},{},{:.3}", step + 1, loss, mean, norm, t0.elapsed().as_secs_f64())?;
         on(Event::Step {
             step: step + 1,
             steps: s.steps,
-            loss: grads.loss,
+            loss,
             mean,
             its,
             eta_s: (s.steps - step - 1) as f64 / its,
@@ -275,14 +323,23 @@ pub fn train_with(
         let n = step + 1;
         if s.save_every > 0 && n % s.save_every == 0 && n < s.steps {
             let dir = out_dir.join("checkpoints").join(format!("step_{n}"));
-            checkpoint::save(&dir, &lora, &opt, n, s.seed, &settings_json)?;
+            trainee.save(&dir, &model, &opt, n, s.seed, &settings_json)?;
             on(Event::Saved(dir));
         }
         if s.sample_every > 0 && (n % s.sample_every == 0 || n == s.steps) {
             for (i, prompt) in s.sample_prompts.iter().enumerate() {
                 let path = out_dir.join("samples").join(format!("step_{n:06}_{i}.png"));
                 let seed = s.seed.wrapping_add(i as u64);
-                samples::render(&job.files, &mut model, &lora, &text_cache[prompt], s.resolution, seed, &path, device)?;
+                samples::render(
+                    &files,
+                    &mut model,
+                    trainee.lora(),
+                    &text_cache[prompt],
+                    s.resolution,
+                    seed,
+                    &path,
+                    device,
+                )?;
                 on(Event::Sample(path));
             }
         }
@@ -294,38 +351,52 @@ pub fn train_with(
                 c @ (Control::Checkpoint | Control::Pause) => {
                     if !saved {
                         let dir = out_dir.join("checkpoints").join(format!("step_{n}"));
-                        checkpoint::save(&dir, &lora, &opt, n, s.seed, &settings_json)?;
+                        trainee.save(&dir, &model, &opt, n, s.seed, &settings_json)?;
                         on(Event::Saved(dir));
                     }
                     if c == Control::Pause {
-                        return Ok(Trained { lora, losses, out: None });
+                        return Ok(Trained { lora: trainee.into_lora(), losses, out: None });
                     }
                 }
-                Control::Stop => return Ok(Trained { lora, losses, out: None }),
+                Control::Stop => return Ok(Trained { lora: trainee.into_lora(), losses, out: None }),
             }
         }
     }
     if end < s.steps {
         // Stopped early: leave a checkpoint to resume from.
         let dir = out_dir.join("checkpoints").join(format!("step_{end}"));
-        checkpoint::save(&dir, &lora, &opt, end, s.seed, &settings_json)?;
+        trainee.save(&dir, &model, &opt, end, s.seed, &settings_json)?;
         on(Event::Saved(dir));
-        return Ok(Trained { lora, losses, out: None });
+        return Ok(Trained { lora: trainee.into_lora(), losses, out: None });
     }
-    let info = RunInfo {
-        trigger: s.trigger.clone(),
-        steps: s.steps,
-        resolution: s.resolution,
-        images: items.len(),
-        base_model: model_name(&job.files.transformer),
-        base_model_hash: base_model_hash(&job.files.transformer)?,
-        is_dev,
-        lr: s.adamw.lr,
-        seed: s.seed,
-    };
-    export::write(&lora, s.format, &info, &job.out)?;
+    match &trainee {
+        Trainee::Lora(lora) => {
+            let info = RunInfo {
+                trigger: s.trigger.clone(),
+                steps: s.steps,
+                resolution: s.resolution,
+                images: items.len(),
+                base_model: model_name(&job.files.transformer),
+                base_model_hash: base_model_hash(&files.transformer)?,
+                is_dev,
+                lr: s.adamw.lr,
+                seed: s.seed,
+            };
+            export::write(lora, s.format, &info, &job.out)?
+        }
+        Trainee::Full(params) => {
+            // The RoPE split cannot be read off the shapes: it travels in the metadata.
+            let meta = [
+                ("axes_dims_rope", serde_json::to_string(&model.config.axes_dim)?),
+                ("atelier_training", serde_json::to_string(&Restartable::from(s))?),
+                ("atelier_images", items.len().to_string()),
+            ];
+            let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            params.export(&model, &job.out, s.save_dtype, &meta)?;
+        }
+    }
     on(Event::Saved(job.out.clone()));
-    Ok(Trained { lora, losses, out: Some(job.out.clone()) })
+    Ok(Trained { lora: trainee.into_lora(), losses, out: Some(job.out.clone()) })
 }
 
 /// Steps the running mean of the loss spans.
@@ -363,6 +434,10 @@ struct Restartable {
     targets: Targets,
     caption_dropout: f32,
     seed: u64,
+    // Only written when set, so the settings of LoRA checkpoints from before `--full`
+    // existed still match.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    full: bool,
 }
 
 impl From<&Settings> for Restartable {
@@ -379,6 +454,7 @@ impl From<&Settings> for Restartable {
             targets: s.targets,
             caption_dropout: s.caption_dropout,
             seed: s.seed,
+            full: s.full,
         }
     }
 }

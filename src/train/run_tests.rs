@@ -45,12 +45,12 @@ fn settings() -> Settings {
 }
 
 fn job(files: ModelFiles, images: &Path, out: &Path) -> Job {
-    Job { files, images: images.into(), out: out.into(), resume: None, dtype: DType::F32, stop_after: None }
+    Job { files, images: images.into(), out: out.into(), resume: None, init: None, dtype: DType::F32, stop_after: None }
 }
 
 fn run(job: &Job, s: &Settings) -> (TrainableLora, Vec<f32>) {
     let t = train(job, s, &Device::flex(), |_| {}).unwrap();
-    (t.lora, t.losses)
+    (t.lora.unwrap(), t.losses)
 }
 
 /// ΔWᵀ of every Linear with adapters: what the LoRA changes, in the model's own terms.
@@ -86,12 +86,13 @@ fn train_exports_load_back_at_the_trained_strength_in_both_formats() {
     let csv = std::fs::read_to_string(dir.path().join("k_train/loss.csv")).unwrap();
     assert_eq!(csv.lines().count(), 7, "{csv}");
     // The trained ΔWᵀ = s · Aᵀ Bᵀ of each pair.
-    let s = t.lora.scale();
+    let lora = t.lora.expect("a LoRA run returns its LoRA");
+    let s = lora.scale();
     let expected: Vec<(String, Vec<f32>)> =
-        t.lora.pairs.iter().map(|p| (p.path.clone(), host(p.down.clone().matmul(p.up.clone()) * s))).collect();
+        lora.pairs.iter().map(|p| (p.path.clone(), host(p.down.clone().matmul(p.up.clone()) * s))).collect();
     assert!(expected.iter().any(|(_, d)| d.iter().any(|v| *v != 0.0)), "training moved B");
     let peft = dir.path().join("p.safetensors");
-    super::export::write(&t.lora, Format::Peft, &Default::default(), &peft).unwrap();
+    super::export::write(&lora, Format::Peft, &Default::default(), &peft).unwrap();
     for file in [&kohya, &peft] {
         let got = deltas(&files, file);
         assert_eq!(got.len(), expected.len(), "{}", file.display());
@@ -225,4 +226,68 @@ fn train_learns_a_pattern_about_as_well_as_torch_and_peft() {
     // Same model, noise and schedule: the base generations agree with diffusers'.
     assert!((d_base - g("d_base")).abs() <= 1e-3 * g("d_base"), "base distance {d_base} vs diffusers {}", g("d_base"));
     assert!(ratio <= g("ratio") + 0.1, "ratio {ratio} is more than 0.1 above torch + peft's {}", g("ratio"));
+}
+
+/// `--full --init random`: a transformer drawn from a config learns the pattern (the loss falls),
+/// the exported file loads back as exactly the trained weights, a run resumed from a checkpoint
+/// ends where the straight run does, and LoRA-only or random-only combinations are refused.
+#[test]
+fn train_full_from_random_weights_learns_exports_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = images(dir.path());
+    let files = model("dev");
+    // The fixture's sizes, with its own widths for the text encoders and the VAE.
+    let base = flux::open_checked(&files.transformer, None).unwrap().1;
+    let init = flux::FluxConfig { depth: 1, depth_single_blocks: 1, ..base };
+    let s = Settings {
+        full: true,
+        steps: 120,
+        batch: 2,
+        caption_dropout: 0.0,
+        adamw: super::adamw::AdamWConfig { lr: 3e-3, ..Default::default() },
+        save_every: 60,
+        ..settings()
+    };
+    let full_job = |out: &str| Job { init: Some(init.clone()), ..job(files.clone(), &imgs, &dir.path().join(out)) };
+    let straight = train(&full_job("a.safetensors"), &s, &Device::flex(), |_| {}).unwrap();
+    assert!(straight.lora.is_none());
+    let losses = &straight.losses;
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    let (first, last) = (mean(&losses[..20]), mean(&losses[losses.len() - 20..]));
+    eprintln!(
+        "full training from random weights: mean loss of the first 20 steps {first:.4}, of the last 20 {last:.4}"
+    );
+    assert!(last < 0.7 * first, "the loss did not fall: {first} → {last}");
+
+    // The file is a BFL checkpoint of the config's shapes (the RoPE axes in its metadata).
+    let out = dir.path().join("a.safetensors");
+    let (_, config) = flux::open_checked(&out, None).unwrap();
+    assert_eq!(config, init);
+
+    // Stopped at step 60 and resumed: the same losses and the same weights, bit for bit.
+    let first = Job { stop_after: Some(60), ..full_job("b.safetensors") };
+    let part = train(&first, &s, &Device::flex(), |_| {}).unwrap();
+    assert!(part.out.is_none());
+    let ckpt = dir.path().join("b_train/checkpoints/step_60");
+    let second = Job { resume: Some(ckpt.clone()), ..full_job("b.safetensors") };
+    let rest = train(&second, &s, &Device::flex(), |_| {}).unwrap();
+    assert_eq!([part.losses, rest.losses].concat(), straight.losses);
+    let (a, b) = (std::fs::read(&out).unwrap(), std::fs::read(dir.path().join("b.safetensors")).unwrap());
+    assert!(a == b, "the resumed run wrote other weights than the straight run");
+    // A LoRA run cannot resume a full checkpoint (other settings).
+    let lora_resume = Job { resume: Some(ckpt), ..job(files.clone(), &imgs, &dir.path().join("c.safetensors")) };
+    let err = train(&lora_resume, &Settings { full: false, ..s.clone() }, &Device::flex(), |_| {}).err().unwrap();
+    assert!(format!("{err:#}").contains("other settings"), "{err:#}");
+
+    // --save-dtype f16 writes half-size tensors (their values: train::tests' export check).
+    let f16 = Settings { steps: 2, save_dtype: crate::engine::weights::StoreDtype::F16, ..s.clone() };
+    train(&full_job("h.safetensors"), &f16, &Device::flex(), |_| {}).unwrap();
+    let half_size = std::fs::metadata(dir.path().join("h.safetensors")).unwrap().len() as f64;
+    assert!((half_size / a.len() as f64) < 0.55, "an f16 file is about half the f32 one");
+
+    // Refused before any work: random init without --full, full training in f16.
+    let e = train(&full_job("x.safetensors"), &Settings { full: false, ..s.clone() }, &Device::flex(), |_| {});
+    assert!(format!("{:#}", e.err().unwrap()).contains("needs --full"));
+    let e = train(&Job { dtype: DType::F16, ..full_job("x.safetensors") }, &s, &Device::flex(), |_| {});
+    assert!(format!("{:#}", e.err().unwrap()).contains("keeps the weights in f32"));
 }

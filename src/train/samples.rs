@@ -74,14 +74,14 @@ pub fn generate_latents(
 pub fn render(
     files: &ModelFiles,
     model: &mut Flux,
-    lora: &TrainableLora,
+    lora: Option<&TrainableLora>,
     text: &CachedText,
     size: usize,
     seed: u64,
     path: &Path,
     device: &Device,
 ) -> Result<()> {
-    let (z, [c, rows, cols]) = generate_latents(files, model, Some(lora), text, size, seed, device)?;
+    let (z, [c, rows, cols]) = generate_latents(files, model, lora, text, size, seed, device)?;
     // The VAE is loaded for the decode only: training keeps just the transformer resident.
     let vae = vae::load_vae(&files.vae, device, DType::F32, None)?;
     let pixels = vae.decode_tiled(Tensor::<4>::from_data(TensorData::new(z, [1, c, rows, cols]), device), 128, 16);

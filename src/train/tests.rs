@@ -6,10 +6,12 @@ use std::path::PathBuf;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use super::adamw::{AdamW, AdamWConfig, StepOutcome};
+use super::full::FullParams;
 use super::objective::{Backprop, Batch, loss_and_grads};
 use super::params::{PairGrad, Targets, TrainableLora, host};
+use super::trainee::full_loss_and_grads;
 use crate::engine::flux::{self, Flux, Rope};
-use crate::engine::weights::WeightSet;
+use crate::engine::weights::{StoreDtype, WeightSet};
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
@@ -167,7 +169,7 @@ fn train_adamw_steps_match_torch() {
     let c = case("schnell");
     let lr = c.golden.metadata("lr").unwrap().parse::<f64>().unwrap();
     let mut lora = c.lora.clone();
-    let mut opt = AdamW::new(AdamWConfig { lr, ..AdamWConfig::default() }, &lora);
+    let mut opt = AdamW::for_lora(AdamWConfig { lr, ..AdamWConfig::default() }, &lora);
     let device = Device::flex();
     let grads = |factor: f32| -> Vec<PairGrad> {
         c.lora
@@ -245,7 +247,7 @@ fn train_on_a_half_precision_base_keeps_f32_lora_and_near_f32_gradients() {
         assert!(err < grad_bound, "{dtype:?} gradients too far: {err}");
         assert!(out.grads.iter().all(|g| g.down.dtype() == DType::F32 && g.up.dtype() == DType::F32));
         let mut lora = c.lora.clone();
-        let mut opt = AdamW::new(AdamWConfig::default(), &lora);
+        let mut opt = AdamW::for_lora(AdamWConfig::default(), &lora);
         assert!(matches!(opt.step(&mut lora, out.grads), StepOutcome::Applied { .. }), "{dtype:?}");
         assert!(lora.pairs.iter().all(|p| p.down.dtype() == DType::F32));
     }
@@ -267,4 +269,85 @@ fn train_lora_grads_match_torch_on_wgpu() {
         Err(e) => panic!("CI must have a wgpu adapter (lavapipe): {e:#}"),
     };
     check_grads_on("dev", Backprop::Recompute, &device);
+}
+
+/// Full training (`--full`): the loss and the gradient of every weight of the tiny transformers
+/// against torch (tests/reference/make_full_train_goldens.py), and AdamW over all of them.
+fn check_full(kind: &str) {
+    let device = Device::flex();
+    let c = case(kind);
+    let golden = WeightSet::open(&fixture(&format!("train/{kind}_full.safetensors"))).unwrap();
+    let hint = flux::read_diffusers_config(&fixture(&format!("flux/{kind}/diffusers/transformer/config.json")))
+        .unwrap()
+        .unwrap();
+    let bfl = fixture(&format!("flux/{kind}/bfl.safetensors"));
+    let (model, named, tensors) = flux::load_transformer_named(&bfl, &device, DType::F32, Some(&hint)).unwrap();
+    let params = FullParams::new(named, tensors).unwrap();
+    assert_eq!(params.params.len(), WeightSet::open(&bfl).unwrap().keys().count(), "every tensor is trained");
+    let (loss, grads) = full_loss_and_grads(&model, &params, &c.batch).unwrap();
+    let expected = read(&golden, "loss")[0];
+    assert!(((loss - expected) / expected).abs() <= 1e-5, "{kind}: loss {loss} vs torch {expected}");
+    // Golden tensors in the module's layout (a Linear's weight is stored [in, out]).
+    let module_layout = |prefix: &str| -> Vec<Vec<f32>> {
+        params
+            .params
+            .iter()
+            .map(|p| {
+                let v = read(&golden, &format!("{prefix}.{}", p.name));
+                if p.transposed { crate::engine::layers::transpose(&v, p.shape[0], p.shape[1]) } else { v }
+            })
+            .collect()
+    };
+    let torch_grads = module_layout("grad");
+    let mut worst = 0f64;
+    for ((p, g), t) in params.params.iter().zip(&grads).zip(&torch_grads) {
+        let err = rel(&host(g.clone()), t);
+        worst = worst.max(err);
+        assert!(err <= 1e-4, "{kind}: gradient of {}: relative error {err:.2e}", p.name);
+    }
+    eprintln!("{kind} full: loss {loss} vs {expected}, worst gradient error {worst:.2e} over {} tensors", grads.len());
+
+    // One AdamW step from torch's gradients (the optimizer alone) gives torch's weights.
+    let lr = golden.metadata("lr").unwrap().parse::<f64>().unwrap();
+    let mut values = params.values(&model);
+    let mut opt = AdamW::new(AdamWConfig { lr, ..AdamWConfig::default() }, &values);
+    let torch_grads: Vec<Tensor<1>> =
+        torch_grads.into_iter().map(|g| Tensor::from_data(TensorData::new(g.clone(), [g.len()]), &device)).collect();
+    let norm = golden.metadata("grad_norm").unwrap().parse::<f64>().unwrap();
+    match opt.update(&mut values, torch_grads) {
+        StepOutcome::Applied { grad_norm } => assert!((grad_norm - norm).abs() / norm < 1e-5, "{grad_norm} vs {norm}"),
+        other => panic!("{other:?}"),
+    }
+    let model = params.set(model, values);
+    for ((p, v), t) in params.params.iter().zip(params.values(&model)).zip(module_layout("adamw1")) {
+        let err = rel(&host(v), &t);
+        assert!(err <= 1e-6, "{kind}: {} after one AdamW step: relative error {err:.2e}", p.name);
+    }
+
+    // Exported and loaded back: the same weights (f32 exactly, f16 to its rounding).
+    let dir = tempfile::tempdir().unwrap();
+    let axes = serde_json::to_string(&model.config.axes_dim).unwrap();
+    for dtype in [StoreDtype::F32, StoreDtype::F16] {
+        let path = dir.path().join(format!("{dtype:?}.safetensors"));
+        params.export(&model, &path, dtype, &[("axes_dims_rope", &axes)]).unwrap();
+        let (back, named, tensors) = flux::load_transformer_named(&path, &device, DType::F32, None).unwrap();
+        let back_params = FullParams::new(named, tensors).unwrap();
+        for ((p, a), b) in params.params.iter().zip(params.values(&model)).zip(back_params.values(&back)) {
+            let a: Vec<f32> = match dtype {
+                StoreDtype::F16 => host(a).iter().map(|v| half::f16::from_f32(*v).to_f32()).collect(),
+                _ => host(a),
+            };
+            assert_eq!(a, host(b), "{kind}: {} written as {dtype:?} and read back", p.name);
+        }
+    }
+}
+
+#[test]
+fn train_full_loss_grads_and_adamw_match_torch_schnell() {
+    check_full("schnell");
+}
+
+#[test]
+fn train_full_loss_grads_and_adamw_match_torch_dev() {
+    check_full("dev");
 }

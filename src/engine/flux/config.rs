@@ -134,6 +134,62 @@ impl FluxConfig {
     }
 }
 
+/// A complete diffusers `transformer/config.json` (`FluxTransformer2DModel`): what a model
+/// is built from when there are no weights yet (`atelier train --full --init random --transformer-config`).
+#[derive(Debug, Clone, Deserialize)]
+struct FullDiffusersConfig {
+    in_channels: usize,
+    out_channels: Option<usize>,
+    num_layers: usize,
+    num_single_layers: usize,
+    attention_head_dim: usize,
+    num_attention_heads: usize,
+    joint_attention_dim: usize,
+    pooled_projection_dim: usize,
+    guidance_embeds: bool,
+    axes_dims_rope: Vec<usize>,
+    #[serde(default = "default_mlp_ratio")]
+    mlp_ratio: f64,
+}
+
+fn default_mlp_ratio() -> f64 {
+    4.0
+}
+
+impl FluxConfig {
+    /// The configuration a diffusers `config.json` describes in full (every size given).
+    pub fn from_diffusers_json(text: &str) -> Result<Self> {
+        let c: FullDiffusersConfig = serde_json::from_str(text)
+            .map_err(|e| anyhow::anyhow!("not a complete FLUX transformer config.json: {e}"))?;
+        let head_dim = c.attention_head_dim;
+        let hidden_size = head_dim * c.num_attention_heads;
+        if hidden_size == 0 || c.in_channels == 0 || c.joint_attention_dim == 0 || c.pooled_projection_dim == 0 {
+            bail!("a FLUX transformer config needs non-zero sizes");
+        }
+        if c.axes_dims_rope.iter().sum::<usize>() != head_dim || c.axes_dims_rope.iter().any(|a| a % 2 != 0) {
+            bail!("axes_dims_rope {:?} must be even and sum to attention_head_dim {head_dim}", c.axes_dims_rope);
+        }
+        if c.num_layers + c.num_single_layers == 0 {
+            bail!("a FLUX transformer config needs at least one block");
+        }
+        Ok(FluxConfig {
+            in_channels: c.in_channels,
+            out_channels: c.out_channels.unwrap_or(c.in_channels),
+            vec_in_dim: c.pooled_projection_dim,
+            context_in_dim: c.joint_attention_dim,
+            hidden_size,
+            mlp_hidden_dim: (hidden_size as f64 * c.mlp_ratio) as usize,
+            num_heads: c.num_attention_heads,
+            depth: c.num_layers,
+            depth_single_blocks: c.num_single_layers,
+            axes_dim: c.axes_dims_rope,
+            theta: 10_000.0,
+            qkv_bias: true,
+            guidance_embed: c.guidance_embeds,
+        })
+    }
+}
+
 fn parse_axes(text: &str) -> Result<Vec<usize>> {
     serde_json::from_str(text)
         .map_err(|e| anyhow::anyhow!("metadata axes_dims_rope {text:?} is not a list of sizes: {e}"))

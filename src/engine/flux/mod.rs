@@ -28,6 +28,19 @@ pub fn load_transformer(
         .with_context(|| format!("loading the transformer {}", path.display()))
 }
 
+/// [`load_transformer`] for full training: every parameter with its checkpoint name, refused
+/// where some weights stay packed (GGUF, fp8).
+pub fn load_transformer_named(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+    axes_hint: Option<&DiffusersConfig>,
+) -> Result<(Flux, Vec<crate::engine::loader::NamedParam>, usize)> {
+    let (weights, config) = open_checked(path, axes_hint)?;
+    Flux::load_named(&weights, config, device, dtype)
+        .with_context(|| format!("loading the transformer {}", path.display()))
+}
+
 /// Opens a transformer checkpoint and reads its configuration off the header, checking that
 /// it holds exactly the tensors of that configuration. Reads no tensor data.
 pub fn open_checked(path: &Path, axes_hint: Option<&DiffusersConfig>) -> Result<(TransformerWeights, FluxConfig)> {

@@ -12,7 +12,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor};
 
 use crate::engine::layers::{self, Linear, gelu_tanh};
-use crate::engine::loader::{self, Init, Loader};
+use crate::engine::loader::{self, Init, Loader, NamedParam};
 use crate::engine::{cpu, profile};
 
 use super::config::FluxConfig;
@@ -455,8 +455,19 @@ impl Flux {
     /// Checks the checkpoint against `config`'s module tree, then loads it tensor by tensor, in
     /// `dtype` on `device`.
     pub fn load(weights: &TransformerWeights, config: FluxConfig, device: &Device, dtype: DType) -> Result<Self> {
+        Ok(Self::load_named(weights, config, device, dtype)?.0)
+    }
+
+    /// [`Flux::load`], with its parameters by checkpoint name and the number of tensors read
+    /// (full training).
+    pub fn load_named(
+        weights: &TransformerWeights,
+        config: FluxConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Self, Vec<NamedParam>, usize)> {
         let what = weights.describe();
-        loader::load(weights, device, dtype, (&what, "the FLUX layout"), |l| Self::build(l, config.clone()))
+        loader::load_named(weights, device, dtype, (&what, "the FLUX layout"), |l| Self::build(l, config.clone()))
     }
 
     /// Every Linear with its checkpoint path (`double_blocks.0.img_attn.qkv`): what LoRAs

@@ -1,0 +1,109 @@
+//! What a run trains: a LoRA on the frozen transformer (the default), or every weight of the
+//! transformer (`--full`). The loop in `run` is the same for both; this is where they differ.
+
+use std::path::Path;
+
+use anyhow::Result;
+use burn::tensor::Tensor;
+
+use super::adamw::{AdamW, StepOutcome};
+use super::batch::{Batch, mse};
+use super::checkpoint;
+use super::full::{FullParams, tracked};
+use super::objective::{Backprop, loss_and_grads};
+use super::params::{TrainableLora, host};
+use crate::engine::flux::Flux;
+
+pub enum Trainee {
+    Lora(TrainableLora),
+    Full(FullParams),
+}
+
+impl Trainee {
+    /// For the progress line: what is trained.
+    pub fn describe(&self) -> String {
+        match self {
+            Trainee::Lora(l) => format!("training {} LoRA values on {} Linears", l.numel(), l.pairs.len()),
+            Trainee::Full(f) => {
+                format!("training all {} values of the transformer ({} tensors)", f.numel(), f.params.len())
+            }
+        }
+    }
+
+    /// The optimizer state of a fresh run.
+    pub fn optimizer(&self, model: &Flux, config: super::adamw::AdamWConfig) -> AdamW {
+        match self {
+            Trainee::Lora(l) => AdamW::for_lora(config, l),
+            Trainee::Full(f) => AdamW::new(config, &f.values(model)),
+        }
+    }
+
+    /// Forward, backward and (where the loss is finite) one AdamW update on `batch`: the loss
+    /// and what the update did.
+    pub fn step(
+        &mut self,
+        model: &mut Flux,
+        opt: &mut AdamW,
+        batch: &Batch,
+        how: Backprop,
+    ) -> Result<(f32, StepOutcome)> {
+        match self {
+            Trainee::Lora(lora) => {
+                let grads = loss_and_grads(model, lora, batch, how)?;
+                let outcome =
+                    if grads.loss.is_finite() { opt.step(lora, grads.grads) } else { StepOutcome::SkippedNonFinite };
+                Ok((grads.loss, outcome))
+            }
+            Trainee::Full(params) => {
+                let (loss, grads) = full_loss_and_grads(model, params, batch)?;
+                if !loss.is_finite() {
+                    return Ok((loss, StepOutcome::SkippedNonFinite));
+                }
+                let mut values = params.values(&*model);
+                let outcome = opt.update(&mut values, grads);
+                if outcome != StepOutcome::SkippedNonFinite {
+                    *model = params.set(model.clone(), values);
+                }
+                Ok((loss, outcome))
+            }
+        }
+    }
+
+    /// A checkpoint of the run after `step` steps.
+    pub fn save(&self, dir: &Path, model: &Flux, opt: &AdamW, step: usize, seed: u64, settings: &str) -> Result<()> {
+        match self {
+            Trainee::Lora(lora) => checkpoint::save(dir, lora, opt, step, seed, settings),
+            Trainee::Full(params) => {
+                let meta = [("step", step.to_string()), ("seed", seed.to_string()), ("settings", settings.to_string())];
+                params.save_checkpoint(dir, model, opt, &meta)
+            }
+        }
+    }
+
+    /// The LoRA trained, if a LoRA is.
+    pub fn into_lora(self) -> Option<TrainableLora> {
+        match self {
+            Trainee::Lora(l) => Some(l),
+            Trainee::Full(_) => None,
+        }
+    }
+
+    /// The LoRA, when one is trained (samples show it applied).
+    pub fn lora(&self) -> Option<&TrainableLora> {
+        match self {
+            Trainee::Lora(l) => Some(l),
+            Trainee::Full(_) => None,
+        }
+    }
+}
+
+/// The loss of `batch` and the gradient of every parameter of the transformer (flattened, in
+/// `params` order). Every weight is a leaf here, so block recompute would save nothing: one
+/// graph over the whole forward.
+pub fn full_loss_and_grads(model: &Flux, params: &FullParams, batch: &Batch) -> Result<(f32, Vec<Tensor<1>>)> {
+    let leaves = tracked(model);
+    let pred = leaves.forward(batch.input(batch.noisy()))?;
+    let loss = mse(pred, batch.target());
+    let grads = loss.backward();
+    Ok((host(loss)[0], params.grads(&leaves, &grads)))
+}
