@@ -38,6 +38,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Quantize { input, output, ty } => quantize(&input, &output, &ty),
         Command::Generate(args) => run_generate(args, &config, &data_dir),
         Command::Train(args) => run_train(*args, &config),
+        Command::TrainVae(args) => {
+            let device = device::select(args.device.parse::<DeviceChoice>()?)?;
+            log::info!("training on {}", device.description);
+            atelier::cli::train::run_vae(&args, &device.device)
+        }
         Command::Serve(args) => {
             let extra_models = args.models.iter().map(|m| models::parse_cli_model(m)).collect::<Result<Vec<_>>>()?;
             atelier::server::serve(atelier::server::ServeOptions {

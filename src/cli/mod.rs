@@ -47,8 +47,12 @@ pub enum Command {
         #[arg(long = "type")]
         ty: String,
     },
-    /// Train a FLUX LoRA on a folder of images (kohya or diffusers/PEFT file out).
+    /// Train a FLUX LoRA on a folder of images (kohya or diffusers/PEFT file out), or with
+    /// --full every weight of the transformer.
     Train(Box<TrainArgs>),
+    /// Train a VAE (AutoencoderKL of the FLUX architecture) on a folder of images; writes a
+    /// diffusers vae/ folder with the latent shift and scale measured on the data.
+    TrainVae(Box<train::TrainVaeArgs>),
     /// Run the server: browser UI, HTTP API and OpenAI-compatible API, with the job queue.
     Serve(ServeArgs),
     /// Users, plans and prices: `user add|set-plan|grant|cancel|show|api-key`, `plan list`, `price`.

@@ -167,19 +167,11 @@ impl TrainArgs {
     }
 }
 
-/// Runs the training with a progress line per step on stderr.
-pub fn run(args: &TrainArgs, files: ModelFiles, device: &Device, dtype: burn::tensor::DType) -> Result<()> {
-    let job = Job {
-        files,
-        images: args.images.clone(),
-        out: args.out.clone(),
-        resume: args.resume.clone(),
-        init: args.init_config()?,
-        dtype,
-        stop_after: None,
-    };
+/// Logs stages and saves, and prints one progress line per step on stderr (rewritten in place
+/// on a terminal).
+fn progress_printer() -> impl FnMut(Event) {
     let terminal = std::io::stderr().is_terminal();
-    run::train(&job, &args.settings(), device, |e| match e {
+    move |e| match e {
         Event::Stage(s) => log::info!("{s}"),
         Event::Warning(w) => log::warn!("{w}"),
         Event::Saved(p) => log::info!("saved {}", p.display()),
@@ -199,7 +191,113 @@ pub fn run(args: &TrainArgs, files: ModelFiles, device: &Device, dtype: burn::te
                 eprintln!("{line}");
             }
         }
+    }
+}
+
+/// Runs the training with a progress line per step on stderr.
+pub fn run(args: &TrainArgs, files: ModelFiles, device: &Device, dtype: burn::tensor::DType) -> Result<()> {
+    let job = Job {
+        files,
+        images: args.images.clone(),
+        out: args.out.clone(),
+        resume: args.resume.clone(),
+        init: args.init_config()?,
+        dtype,
+        stop_after: None,
+    };
+    run::train(&job, &args.settings(), device, progress_printer())?;
+    println!("{}", args.out.display());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct TrainVaeArgs {
+    /// Folder of training images (png, jpg, webp; captions ignored).
+    #[arg(long)]
+    pub images: PathBuf,
+    /// The diffusers vae/ folder to write; `<name>_train/` beside it gets loss.csv and checkpoints.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Start from this VAE (file or folder) instead of random weights.
+    #[arg(long, conflicts_with = "vae_config")]
+    pub vae: Option<PathBuf>,
+    /// Random weights sized by this diffusers AutoencoderKL config.json (block_out_channels,
+    /// layers_per_block, latent_channels, norm_num_groups, in/out channels).
+    #[arg(long)]
+    pub vae_config: Option<PathBuf>,
+    /// Images never trained on; their reconstruction PSNR is reported (and kept in holdout.json).
+    #[arg(long)]
+    pub holdout: Option<PathBuf>,
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Side of the square training crops (a multiple of 8).
+    #[arg(long, default_value_t = 64)]
+    pub resolution: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Weight of the KL term (per latent value) against the L1 term (per pixel).
+    #[arg(long, default_value_t = 1e-4)]
+    pub kl_weight: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Checkpoint every N steps; 0: never.
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Continue from a checkpoint folder (`<name>_train/checkpoints/step_N`).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[arg(long, default_value_t = 10_000)]
+    pub max_images: usize,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub save_dtype: StoreDtype,
+    /// auto or cpu (VAE training runs in f32).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// Runs `atelier train-vae` with a progress line per step on stderr.
+pub fn run_vae(args: &TrainVaeArgs, device: &Device) -> Result<()> {
+    use crate::train::vae::{VaeInit, VaeJob, VaeSettings, train_vae};
+    let init = match (&args.vae, &args.vae_config) {
+        (Some(path), None) => VaeInit::From(path.clone()),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let config = crate::engine::vae::VaeConfig::from_diffusers_json(&text)
+                .with_context(|| path.display().to_string())?;
+            VaeInit::Random(config)
+        }
+        _ => bail!("give --vae (a VAE to fine-tune) or --vae-config (sizes of a new one)"),
+    };
+    let job = VaeJob {
+        images: args.images.clone(),
+        out: args.out.clone(),
+        init,
+        resume: args.resume.clone(),
+        holdout: args.holdout.clone(),
+        stop_after: None,
+    };
+    let settings = VaeSettings {
+        steps: args.steps,
+        batch: args.batch,
+        resolution: args.resolution,
+        adamw: AdamWConfig { lr: args.lr, ..AdamWConfig::default() },
+        kl_weight: args.kl_weight,
+        seed: args.seed,
+        save_every: args.save_every,
+        max_images: args.max_images,
+        save_dtype: args.save_dtype,
+    };
+    let mut printer = progress_printer();
+    let trained = train_vae(&job, &settings, device, |e| {
+        printer(e);
+        run::Control::Continue
     })?;
+    log::info!("latent shift {:.4}, scale {:.4}", trained.shift_factor, trained.scaling_factor);
+    if let Some(psnr) = trained.holdout_psnr {
+        log::info!("hold-out reconstruction PSNR {psnr:.2} dB");
+    }
     println!("{}", args.out.display());
     Ok(())
 }

@@ -25,6 +25,34 @@ pub struct Item {
 /// same stem, anything else is an error (so a typo'd extension is not silently skipped).
 /// Hidden files (`.DS_Store`) are ignored. Sorted by file name.
 pub fn scan(dir: &Path, trigger: &str, resolution: usize, max_images: usize) -> Result<Vec<Item>> {
+    image_files(dir, max_images)?
+        .into_iter()
+        .map(|path| {
+            let img = open_oriented(&path)?;
+            let source = (img.width(), img.height());
+            let (width, height) = bucket(source.0 as usize, source.1 as usize, resolution)
+                .with_context(|| format!("{}", path.display()))?;
+            let caption = caption(&path, trigger)?;
+            Ok(Item { path, caption, source, width, height })
+        })
+        .collect()
+}
+
+/// The folder's images as `side`² squares (scaled to cover, center-cropped), captions
+/// ignored: what the VAE trains and is measured on. Every image must decode.
+pub fn scan_square(dir: &Path, side: usize, max_images: usize) -> Result<Vec<Item>> {
+    image_files(dir, max_images)?
+        .into_iter()
+        .map(|path| {
+            let img = open_oriented(&path)?;
+            let source = (img.width(), img.height());
+            Ok(Item { path, caption: String::new(), source, width: side, height: side })
+        })
+        .collect()
+}
+
+/// The image files of `dir`, sorted; `.txt` captions are skipped, any other file is an error.
+fn image_files(dir: &Path, max_images: usize) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read the image folder {}", dir.display()))?;
     let mut images = Vec::new();
     for entry in entries {
@@ -49,17 +77,7 @@ pub fn scan(dir: &Path, trigger: &str, resolution: usize, max_images: usize) -> 
     if images.len() > max_images {
         bail!("{} holds {} images; at most {max_images} are allowed (--max-images)", dir.display(), images.len());
     }
-    images
-        .into_iter()
-        .map(|path| {
-            let img = open_oriented(&path)?;
-            let source = (img.width(), img.height());
-            let (width, height) = bucket(source.0 as usize, source.1 as usize, resolution)
-                .with_context(|| format!("{}", path.display()))?;
-            let caption = caption(&path, trigger)?;
-            Ok(Item { path, caption, source, width, height })
-        })
-        .collect()
+    Ok(images)
 }
 
 /// Decodes an image with its EXIF orientation applied.

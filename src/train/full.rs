@@ -88,6 +88,27 @@ impl FullParams {
         dtype: StoreDtype,
         metadata: &[(&str, &str)],
     ) -> Result<()> {
+        self.export_as(model, path, dtype, metadata, |p| Some((p.name.clone(), p.shape.clone())))
+    }
+
+    /// [`FullParams::export`] under another layout's names: `key` gives each parameter's stored
+    /// name and shape (the same number of values, row-major).
+    pub fn export_as<M: Module>(
+        &self,
+        model: &M,
+        path: &Path,
+        dtype: StoreDtype,
+        metadata: &[(&str, &str)],
+        key: impl Fn(&NamedParam) -> Option<(String, Vec<usize>)>,
+    ) -> Result<()> {
+        let mut shapes = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let (name, shape) = key(p).with_context(|| format!("{} has no name in the layout written", p.name))?;
+            if shape.iter().product::<usize>() != p.shape.iter().product::<usize>() {
+                bail!("{}: stored shape {shape:?} does not hold {:?}", p.name, p.shape);
+            }
+            shapes.push((name, shape));
+        }
         let values = self.values(model);
         let mut tensors = Vec::with_capacity(values.len());
         for (p, v) in self.params.iter().zip(values) {
@@ -101,7 +122,6 @@ impl FullParams {
             let v = if p.transposed { transpose(&v, p.shape[1], p.shape[0]) } else { v };
             tensors.push(v);
         }
-        let shapes: Vec<(String, Vec<usize>)> = self.params.iter().map(|p| (p.name.clone(), p.shape.clone())).collect();
         let mut data = tensors.into_iter();
         write_safetensors(path, &shapes, metadata, dtype, |_, _| data.next().expect("one tensor per name"))
             .with_context(|| format!("writing {}", path.display()))

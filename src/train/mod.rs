@@ -25,6 +25,7 @@ pub mod recompute;
 pub mod run;
 pub mod samples;
 pub mod trainee;
+pub mod vae;
 
 #[cfg(test)]
 mod run_tests;

@@ -462,7 +462,7 @@ impl From<&Settings> for Restartable {
 /// The items of step `step`: the epoch's shuffled order (a permutation drawn from the seed and
 /// the epoch), from position step·batch on; the rest of the batch are the next items of the
 /// same bucket in that order (a batch must share one size).
-fn pick(items: &[Item], seed: u64, batch: usize, step: usize) -> Vec<usize> {
+pub(super) fn pick(items: &[Item], seed: u64, batch: usize, step: usize) -> Vec<usize> {
     let n = items.len();
     let pos = step * batch;
     let (epoch, at) = (pos / n, pos % n);

@@ -117,7 +117,7 @@ fn count(set: &WeightSet, prefix: &str) -> usize {
 }
 
 /// diffusers' key for a BFL VAE name.
-fn diffusers_name(name: &str, levels: usize) -> Option<String> {
+pub fn diffusers_name(name: &str, levels: usize) -> Option<String> {
     let (side, rest) = name.split_once('.')?;
     let mapped = if let Some(r) = rest.strip_prefix("mid.") {
         let (part, tail) = r.split_once('.')?;

@@ -11,7 +11,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor};
 
 use crate::engine::layers::{Conv2d, GroupNorm};
-use crate::engine::loader::{self, Loader, TensorSource};
+use crate::engine::loader::{self, Loader, NamedParam, TensorSource};
 use crate::engine::profile;
 
 use super::layout::VaeWeights;
@@ -81,6 +81,75 @@ impl VaeConfig {
             }
         }
         Ok(config)
+    }
+}
+
+/// A complete diffusers `vae/config.json` (`AutoencoderKL`): what a VAE is built from when
+/// there are no weights yet, and what a trained one is written with.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct DiffusersVaeConfig {
+    in_channels: usize,
+    out_channels: usize,
+    block_out_channels: Vec<usize>,
+    layers_per_block: usize,
+    latent_channels: usize,
+    norm_num_groups: usize,
+    scaling_factor: Option<f64>,
+    shift_factor: Option<f64>,
+}
+
+impl VaeConfig {
+    /// The configuration a diffusers `config.json` describes (block widths must be multiples of
+    /// the first, as FLUX's `ch · ch_mult` are).
+    pub fn from_diffusers_json(text: &str) -> Result<Self> {
+        let c: DiffusersVaeConfig =
+            serde_json::from_str(text).map_err(|e| anyhow::anyhow!("not a complete AutoencoderKL config.json: {e}"))?;
+        let ch = c.block_out_channels.first().copied().unwrap_or(0);
+        if ch == 0 || c.latent_channels == 0 || c.layers_per_block == 0 || c.norm_num_groups == 0 {
+            bail!("an AutoencoderKL config needs non-zero widths, latent channels, layers and groups");
+        }
+        if let Some(w) = c.block_out_channels.iter().find(|w| *w % ch != 0 || *w % c.norm_num_groups != 0) {
+            bail!(
+                "block width {w} is not a multiple of the first width {ch} and of norm_num_groups {}",
+                c.norm_num_groups
+            );
+        }
+        let defaults = VaeConfig::flux();
+        Ok(VaeConfig {
+            in_channels: c.in_channels,
+            out_channels: c.out_channels,
+            ch,
+            ch_mult: c.block_out_channels.iter().map(|w| w / ch).collect(),
+            num_res_blocks: c.layers_per_block,
+            z_channels: c.latent_channels,
+            groups: c.norm_num_groups,
+            scaling_factor: c.scaling_factor.unwrap_or(defaults.scaling_factor),
+            shift_factor: c.shift_factor.unwrap_or(defaults.shift_factor),
+        })
+    }
+
+    /// This configuration as a diffusers `vae/config.json` (what `AutoencoderKL.from_pretrained`
+    /// and atelier read).
+    pub fn diffusers_json(&self) -> serde_json::Value {
+        let levels = self.ch_mult.len();
+        serde_json::json!({
+            "_class_name": "AutoencoderKL",
+            "act_fn": "silu",
+            "block_out_channels": self.ch_mult.iter().map(|m| m * self.ch).collect::<Vec<_>>(),
+            "down_block_types": vec!["DownEncoderBlock2D"; levels],
+            "up_block_types": vec!["UpDecoderBlock2D"; levels],
+            "force_upcast": true,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "latent_channels": self.z_channels,
+            "layers_per_block": self.num_res_blocks,
+            "mid_block_add_attention": true,
+            "norm_num_groups": self.groups,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "use_quant_conv": false,
+            "use_post_quant_conv": false,
+        })
     }
 }
 
@@ -316,8 +385,33 @@ impl Vae {
         loader::load(w, device, dtype, (&w.describe(), "the expected layout"), |l| Self::build(l, config.clone()))
     }
 
+    /// [`Vae::load`], with its parameters by checkpoint name and the number of tensors read
+    /// (VAE training).
+    pub fn load_named(
+        w: &VaeWeights,
+        config: VaeConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Self, Vec<NamedParam>, usize)> {
+        loader::load_named(w, device, dtype, (&w.describe(), "the expected layout"), |l| Self::build(l, config.clone()))
+    }
+
+    /// Random weights of `config` (U(±1/√fan_in), norm scales 1) drawn from `seed`, with the
+    /// parameters by name: a VAE trained from scratch.
+    pub fn random_named(config: VaeConfig, device: &Device, seed: u64) -> Result<(Self, Vec<NamedParam>, usize)> {
+        let walk = loader::Walk::random(device, DType::F32, seed);
+        let vae = Self::build(&walk.root(), config)?;
+        Ok((vae, walk.named_params(), walk.entries().len()))
+    }
+
     /// Image in [-1, 1], [B, 3, H, W] → posterior mean [B, z, H/8, W/8] (unscaled).
     pub fn encode_mean(&self, x: Tensor<4>) -> Tensor<4> {
+        self.encode_moments(x).0
+    }
+
+    /// Image in [-1, 1] → the posterior's mean and log-variance, each [B, z, H/8, W/8]
+    /// (log-variance clamped to [-30, 20], as diffusers' DiagonalGaussianDistribution does).
+    pub fn encode_moments(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let e = &self.encoder;
         let mut h = e.conv_in.forward(x);
         for level in &e.down {
@@ -329,7 +423,8 @@ impl Vae {
             }
         }
         let h = e.conv_out.forward(e.norm_out.forward_silu(e.mid.forward(h)));
-        h.narrow(1, 0, self.config.z_channels)
+        let z = self.config.z_channels;
+        (h.clone().narrow(1, 0, z), h.narrow(1, z, z).clamp(-30.0, 20.0))
     }
 
     /// Image in [-1, 1] → the latents the transformer works on: (mean − shift) · scale.
