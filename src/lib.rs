@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod datasets;
 pub mod db;
+pub mod emoji_eval;
 pub mod engine;
 pub mod jobs;
 pub mod ledger;

@@ -2,7 +2,7 @@
 
 import { get, post, setCsrf, onUnauthorized } from './js/api.js';
 import { store, loadPlans, refreshAccount, planName } from './js/store.js';
-import { toast, hideToast, setPlanNamer } from './js/ui.js';
+import { toast, hideToast, setPlanNamer, upscaleSmallImages } from './js/ui.js';
 import * as generate from './js/generate.js';
 import * as gallery from './js/gallery.js';
 import * as train from './js/train.js';
@@ -165,6 +165,7 @@ onUnauthorized(() => {
 });
 
 async function boot() {
+  upscaleSmallImages();
   document.getElementById('login-form').addEventListener('submit', login);
   document.getElementById('logout').addEventListener('click', logout);
   window.addEventListener('hashchange', route);

@@ -113,7 +113,8 @@ pub struct GenerateArgs {
     /// Distilled guidance (dev models); default 3.5.
     #[arg(long)]
     pub guidance: Option<f32>,
-    /// T5 tokens; default 256 for schnell, 512 for dev.
+    /// T5 tokens; default: what the transformer was trained with where its file records it,
+    /// else 256 for schnell and 512 for dev.
     #[arg(long)]
     pub max_sequence_length: Option<usize>,
     #[arg(long, default_value_t = 1)]

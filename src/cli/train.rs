@@ -91,7 +91,8 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
     #[arg(long, default_value_t = 30)]
     pub max_images: usize,
-    /// T5 tokens per caption; default 512 for dev, 256 for schnell.
+    /// T5 tokens per caption; default: what the transformer was trained with where its file
+    /// records it, else 512 for dev and 256 for schnell.
     #[arg(long)]
     pub max_sequence_length: Option<usize>,
     /// One autodiff graph over the whole model instead of block-level recompute (faster,

@@ -111,7 +111,8 @@ pub struct GenerateRequest {
     pub height: usize,
     /// Distilled guidance (dev only); None: [`DEFAULT_GUIDANCE`].
     pub guidance: Option<f32>,
-    /// T5 length; None: 256 for schnell, 512 for dev.
+    /// T5 length; None: the length the transformer was trained with where its file says so,
+    /// else 256 for schnell and 512 for dev.
     pub max_sequence_length: Option<usize>,
     /// Images to make; image i uses seed + i.
     pub batch: usize,
@@ -277,6 +278,9 @@ pub struct Resident {
     placement: Placement,
     /// The plan of the last job that started (None before the first, or after a refusal).
     last_plan: Option<MemoryPlan>,
+    /// The tokenizers last loaded and the folder they came from (None: the built-in ones):
+    /// building T5's unigram model takes longer than encoding a prompt with the small models.
+    tokenizers: Option<(Option<PathBuf>, FluxTokenizers)>,
 }
 
 /// Parsed LoRA factors kept between jobs, at most (f32 on the host).
@@ -328,7 +332,16 @@ impl Resident {
             dtype: p.dtype,
             placement: p,
             last_plan: None,
+            tokenizers: None,
         }
+    }
+
+    /// The tokenizers of `files`, loaded once per tokenizer folder.
+    fn tokenizers(&mut self, files: &ModelFiles) -> Result<&FluxTokenizers> {
+        if self.tokenizers.as_ref().is_none_or(|(dir, _)| *dir != files.tokenizers) {
+            self.tokenizers = Some((files.tokenizers.clone(), files.load_tokenizers()?));
+        }
+        Ok(&self.tokenizers.as_ref().expect("just loaded").1)
     }
 
     /// The memory plan of the last job that started.
@@ -460,7 +473,9 @@ pub fn prepare_with(files: &ModelFiles, req: &GenerateRequest, loras: &mut LoraC
         height,
         guidance: is_dev.then(|| req.guidance.unwrap_or(DEFAULT_GUIDANCE)),
         is_dev,
-        max_sequence_length: req.max_sequence_length.unwrap_or(if is_dev { 512 } else { 256 }),
+        max_sequence_length: req
+            .max_sequence_length
+            .unwrap_or_else(|| flux::default_sequence_length(&files.transformer, is_dev)),
         warnings,
         loras,
         model_hash,
@@ -647,7 +662,7 @@ pub fn encode_prompt(
     resident: &mut Resident,
     warnings: &mut Vec<String>,
 ) -> Result<PromptEmbeds> {
-    let tokenizers = files.load_tokenizers()?;
+    let tokenizers = resident.tokenizers(files)?;
     let t5_tokens = tokenizers.t5(prompt, max_len)?;
     let clip_tokens = tokenizers.clip(prompt)?;
     if t5_tokens.truncated() {

@@ -233,7 +233,7 @@ pub fn train_with(
 
     on(Event::Stage(format!("encoding {} images and their captions", items.len())));
     let is_dev = config.guidance_embed;
-    let max_len = s.max_sequence_length.unwrap_or(if is_dev { 512 } else { 256 });
+    let max_len = s.max_sequence_length.unwrap_or_else(|| flux::default_sequence_length(&files.transformer, is_dev));
     let latents = cache::encode_images(&files, &items, device)?;
     let mut texts: Vec<String> = items.iter().map(|i| i.caption.clone()).collect();
     texts.push(String::new()); // the caption-dropout text
@@ -390,6 +390,8 @@ pub fn train_with(
                 ("axes_dims_rope", serde_json::to_string(&model.config.axes_dim)?),
                 ("atelier_training", serde_json::to_string(&Restartable::from(s))?),
                 ("atelier_images", items.len().to_string()),
+                // The captions' T5 length: generation defaults to it (flux::default_sequence_length).
+                ("max_sequence_length", max_len.to_string()),
             ];
             let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
             params.export(&model, &job.out, s.save_dtype, &meta)?;

@@ -263,6 +263,9 @@ fn train_full_from_random_weights_learns_exports_and_resumes_exactly() {
     let out = dir.path().join("a.safetensors");
     let (_, config) = flux::open_checked(&out, None).unwrap();
     assert_eq!(config, init);
+    // It records the captions' T5 length, which generation then defaults to.
+    assert_eq!(flux::default_sequence_length(&out, true), 32);
+    assert_eq!(flux::default_sequence_length(&files.transformer, true), 512, "a file without the record");
 
     // Stopped at step 60 and resumed: the same losses and the same weights, bit for bit.
     let first = Job { stop_after: Some(60), ..full_job("b.safetensors") };

@@ -248,6 +248,15 @@ export async function busy(btn, fn) {
   }
 }
 
+/** Small images (the demo model draws 64×64) are shown upscaled with hard pixel edges rather
+ * than blurred; the files themselves are untouched. One capture listener covers every <img>. */
+export function upscaleSmallImages(limit = 256) {
+  document.addEventListener('load', (e) => {
+    const img = e.target;
+    if (img instanceof HTMLImageElement) img.classList.toggle('pixel', img.naturalWidth > 0 && img.naturalWidth < limit);
+  }, true);
+}
+
 export function debounce(fn, ms) {
   let t = null;
   const d = (...args) => {

@@ -53,6 +53,17 @@ pub fn open_checked(path: &Path, axes_hint: Option<&DiffusersConfig>) -> Result<
     Ok((weights, config))
 }
 
+/// The T5 length generation and training use by default: what the transformer was trained with
+/// where its file records it (atelier's full training writes `max_sequence_length` into the
+/// metadata: a model trained on short captions sees pad tokens it never learned beyond them),
+/// else FLUX's 512 for dev and 256 for schnell.
+pub fn default_sequence_length(path: &Path, is_dev: bool) -> usize {
+    let recorded = TransformerWeights::open(path)
+        .ok()
+        .and_then(|w| w.metadata("max_sequence_length").and_then(|v| v.parse::<usize>().ok()));
+    recorded.unwrap_or(if is_dev { 512 } else { 256 })
+}
+
 /// A diffusers `transformer/config.json`, if present.
 pub fn read_diffusers_config(path: &Path) -> Result<Option<DiffusersConfig>> {
     crate::engine::weights::read_config_json(path)

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The demo model, trained by atelier itself from the Noto emoji (scripts/demo/emoji_dataset.py):
+#   1. the data (npm package emoji-datasource-google 16.0.0, pinned)
+#   2. the VAE: `atelier train-vae` from random weights (scripts/demo/vae_config.json), its
+#      hold-out set the skin-tone variants
+#   3. the transformer: `atelier train --full --init random` (scripts/demo/transformer.json,
+#      schnell-like), on the VAE's latents and the demo's fixed random T5 and CLIP
+#   4. the dev-like transformer: the same weights with an all-zero guidance embedding
+#      (scripts/demo/add_zero_guidance.py), and the two pipeline folders
+# Every stage is reproducible from SEED and resumes after an interruption (finished stages are
+# skipped; training stages continue from their latest checkpoint). Run it again to resume.
+#
+#   bash scripts/demo/train_demo.sh [WORK_DIR]     (default target/demo-build)
+#
+# Tunables (environment): SEED, VAE_STEPS, STEPS, BATCH, LR. The result is in WORK_DIR/out/
+# (schnell/ and dev/ pipeline folders); copying it over weights/demo/ is a separate step.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+W=${1:-target/demo-build}
+SEED=${SEED:-1}
+VAE_STEPS=${VAE_STEPS:-2500}
+VAE_BATCH=${VAE_BATCH:-16}
+STEPS=${STEPS:-9000}
+BATCH=${BATCH:-32}
+LR=${LR:-5e-4}
+# The text encoders are the fixed random ones of the pipeline fixtures (shipped, never trained).
+ENCODERS=tests/fixtures/pipeline/schnell/diffusers
+mkdir -p "$W"
+log() { echo "[$(date -u +%H:%M:%S)] $*"; }
+
+cargo build --release --quiet
+A=target/release/atelier
+if [ -n "${CARGO_TARGET_DIR:-}" ]; then A=$CARGO_TARGET_DIR/release/atelier; fi
+
+# The latest checkpoint folder of a run (none: empty).
+latest() { ls -d "$1"/checkpoints/step_* 2>/dev/null | sort -t_ -k2 -n | tail -1; }
+resume_from() { local c; c=$(latest "$1"); if [ -n "$c" ]; then echo "--resume $c"; fi; }
+
+log "1/4 data"
+if [ ! -f "$W/data/names.tsv" ]; then
+  python3 scripts/demo/emoji_dataset.py "$W/data"
+fi
+
+log "2/4 VAE ($VAE_STEPS steps of $VAE_BATCH)"
+if [ ! -f "$W/vae/config.json" ]; then
+  # shellcheck disable=SC2046
+  "$A" train-vae --images "$W/data/train" --holdout "$W/data/holdout" \
+    --vae-config scripts/demo/vae_config.json --out "$W/vae" \
+    --steps "$VAE_STEPS" --batch "$VAE_BATCH" --lr 1e-3 --kl-weight 1e-4 --seed "$SEED" \
+    --save-every 250 --save-dtype f16 --device cpu $(resume_from "$W/vae_train")
+fi
+cat "$W/vae_train/holdout.json"
+
+log "3/4 transformer ($STEPS steps of $BATCH)"
+P=$W/pipeline
+rm -rf "$P" && mkdir -p "$P/transformer"
+cp -r "$ENCODERS/text_encoder" "$ENCODERS/text_encoder_2" "$ENCODERS/scheduler" "$ENCODERS/model_index.json" "$P/"
+cp -r "$W/vae" "$P/vae"
+# Stands in for the transformer until the trained one exists (--init random replaces it).
+cp "$ENCODERS/transformer/"* "$P/transformer/"
+if [ ! -f "$W/schnell.safetensors" ]; then
+  # shellcheck disable=SC2046
+  "$A" train --model "$P" --images "$W/data/train" --max-images 5000 --full --init random \
+    --transformer-config scripts/demo/transformer.json --out "$W/schnell.safetensors" \
+    --steps "$STEPS" --batch "$BATCH" --lr "$LR" --resolution 64 --max-sequence-length 32 \
+    --caption-dropout 0 --seed "$SEED" --save-every 500 --save-dtype f16 --device cpu \
+    --sample-every 1000 --sample-prompt "grinning face" --sample-prompt "red apple" --sample-prompt "cat face" \
+    $(resume_from "$W/schnell_train")
+fi
+
+log "4/4 pipeline folders"
+python3 scripts/demo/add_zero_guidance.py "$W/schnell.safetensors" "$W/dev.safetensors"
+for kind in schnell dev; do
+  O=$W/out/$kind
+  rm -rf "$O" && mkdir -p "$O/transformer"
+  cp -r "$P/text_encoder" "$P/text_encoder_2" "$P/vae" "$O/"
+  cp -r "tests/fixtures/pipeline/$kind/diffusers/scheduler" "tests/fixtures/pipeline/$kind/diffusers/model_index.json" "$O/"
+  cp "$W/$kind.safetensors" "$O/transformer/diffusion_pytorch_model.safetensors"
+  cp scripts/demo/transformer.json "$O/transformer/config.json"
+done
+sed -i 's/"guidance_embeds": false/"guidance_embeds": true/' "$W/out/dev/transformer/config.json"
+du -sh "$W/out"
+log "done: $W/out/{schnell,dev}"
