@@ -362,7 +362,10 @@ fn run_train(a: atelier::cli::TrainArgs, config: &Config) -> Result<()> {
         Some(d) => d,
         // bf16 keeps f32's range (no overflow clamp or loss scaling needed) where the GPU
         // computes in it; else f32 (the CPU backend is fastest in f32); f16 only when asked.
-        None if device.is_gpu && device.device.supports_dtype(burn::tensor::DType::BF16) => burn::tensor::DType::BF16,
+        // Full training keeps f32 weights (its optimizer updates them in place).
+        None if device.is_gpu && !a.full && device.device.supports_dtype(burn::tensor::DType::BF16) => {
+            burn::tensor::DType::BF16
+        }
         None => burn::tensor::DType::F32,
     };
     log::info!("training on {}", device.description);

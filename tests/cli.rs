@@ -683,3 +683,60 @@ fn bench_reports_json_with_a_profile_for_the_transformer_and_the_vae() {
         );
     }
 }
+
+/// `train --full --init random` and `train-vae` from the command line: each writes a model that
+/// `generate` loads (the transformer beside the demo's other components; the VAE as its VAE),
+/// and option combinations that would be ignored are refused before any work.
+#[test]
+fn full_and_vae_training_write_models_that_generate_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let images = training_images(d);
+    std::fs::write(images.join("0.txt"), "red stripes").unwrap();
+    for i in 1..4 {
+        std::fs::write(images.join(format!("{i}.txt")), format!("stripes {i}")).unwrap();
+    }
+    let config = d.join("transformer.json");
+    std::fs::write(
+        &config,
+        r#"{"in_channels": 64, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+            "num_attention_heads": 2, "joint_attention_dim": 8, "pooled_projection_dim": 4,
+            "guidance_embeds": false, "axes_dims_rope": [4, 6, 6]}"#,
+    )
+    .unwrap();
+    let model = demo("schnell");
+    let out = d.join("full.safetensors");
+    let (img, cfg, o_s) = (images.to_str().unwrap(), config.to_str().unwrap(), out.to_str().unwrap());
+    #[rustfmt::skip]
+    let full = ["train", "--model", &model, "--images", img, "--full", "--init", "random",
+        "--transformer-config", cfg, "--out", o_s, "--steps", "3", "--resolution", "32",
+        "--max-sequence-length", "32", "--save-dtype", "f16", "--device", "cpu"];
+    let o = atelier(d, &full);
+    assert!(o.status.success(), "full training failed: {}", stderr(&o));
+    assert!(stderr(&o).contains("training all"), "{}", stderr(&o));
+    let png = d.join("full.png");
+    let o = generate_small(d, &model, "red stripes", &png, &["--transformer", o_s]);
+    assert!(o.status.success(), "generate with the trained transformer failed: {}", stderr(&o));
+
+    let vae = d.join("vae");
+    let vae_config = fixture("pipeline/schnell/diffusers/vae/config.json");
+    #[rustfmt::skip]
+    let args = ["train-vae", "--images", img, "--vae-config", vae_config.to_str().unwrap(),
+        "--out", vae.to_str().unwrap(), "--steps", "2", "--batch", "2", "--resolution", "32", "--device", "cpu"];
+    let o = atelier(d, &args);
+    assert!(o.status.success(), "train-vae failed: {}", stderr(&o));
+    assert_eq!(files_in(&vae), ["config.json", "diffusion_pytorch_model.safetensors"]);
+    let o = generate_small(d, &model, "red stripes", &d.join("vae.png"), &["--vae", vae.to_str().unwrap()]);
+    assert!(o.status.success(), "generate with the trained VAE failed: {}", stderr(&o));
+
+    // Refused, with nothing computed: LoRA options with --full, a transformer to draw and
+    // to load at once, a VAE trainer told neither where to start nor its sizes.
+    let refused = |args: &[&str], says: &str| {
+        let o = atelier(d, args);
+        assert!(!o.status.success() && !computed(&o) && stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    };
+    refused(&[&full[..], &["--rank", "8"]].concat(), "--rank is a LoRA option");
+    refused(&[&full[..], &["--transformer", o_s]].concat(), "leave out --transformer");
+    refused(&["train-vae", "--images", img, "--out", "x"], "give --vae");
+    refused(&["train", "--model", &model, "--images", img, "--out", "x", "--save-dtype", "f16"], "--full runs");
+}

@@ -32,9 +32,13 @@ cargo build --release --quiet
 A=target/release/atelier
 if [ -n "${CARGO_TARGET_DIR:-}" ]; then A=$CARGO_TARGET_DIR/release/atelier; fi
 
-# The latest checkpoint folder of a run (none: empty).
-latest() { ls -d "$1"/checkpoints/step_* 2>/dev/null | sort -t_ -k2 -n | tail -1; }
-resume_from() { local c; c=$(latest "$1"); if [ -n "$c" ]; then echo "--resume $c"; fi; }
+# RESUME=(--resume <latest checkpoint of run folder $1>), or () when there is none.
+resume_from() {
+  local c
+  c=$(ls -d "$1"/checkpoints/step_* 2>/dev/null | sort -V | tail -1)
+  RESUME=()
+  if [ -n "$c" ]; then RESUME=(--resume "$c"); fi
+}
 
 log "1/4 data"
 if [ ! -f "$W/data/names.tsv" ]; then
@@ -42,12 +46,13 @@ if [ ! -f "$W/data/names.tsv" ]; then
 fi
 
 log "2/4 VAE ($VAE_STEPS steps of $VAE_BATCH)"
-if [ ! -f "$W/vae/config.json" ]; then
-  # shellcheck disable=SC2046
+# holdout.json is written last: a VAE folder without it is an interrupted run.
+if [ ! -f "$W/vae_train/holdout.json" ]; then
+  resume_from "$W/vae_train"
   "$A" train-vae --images "$W/data/train" --holdout "$W/data/holdout" \
     --vae-config scripts/demo/vae_config.json --out "$W/vae" \
     --steps "$VAE_STEPS" --batch "$VAE_BATCH" --lr 1e-3 --kl-weight 1e-4 --seed "$SEED" \
-    --save-every 250 --save-dtype f16 --device cpu $(resume_from "$W/vae_train")
+    --save-every 250 --save-dtype f16 --device cpu "${RESUME[@]}"
 fi
 cat "$W/vae_train/holdout.json"
 
@@ -59,13 +64,13 @@ cp -r "$W/vae" "$P/vae"
 # Stands in for the transformer until the trained one exists (--init random replaces it).
 cp "$ENCODERS/transformer/"* "$P/transformer/"
 if [ ! -f "$W/schnell.safetensors" ]; then
-  # shellcheck disable=SC2046
+  resume_from "$W/schnell_train"
   "$A" train --model "$P" --images "$W/data/train" --max-images 5000 --full --init random \
     --transformer-config scripts/demo/transformer.json --out "$W/schnell.safetensors" \
     --steps "$STEPS" --batch "$BATCH" --lr "$LR" --resolution 64 --max-sequence-length 32 \
     --caption-dropout 0 --seed "$SEED" --save-every 500 --save-dtype f16 --device cpu \
     --sample-every 1000 --sample-prompt "grinning face" --sample-prompt "red apple" --sample-prompt "cat face" \
-    $(resume_from "$W/schnell_train")
+    "${RESUME[@]}"
 fi
 
 log "4/4 pipeline folders"

@@ -123,16 +123,29 @@ impl TrainArgs {
         if self.save_dtype.is_some() && !self.full {
             bail!("--save-dtype is for --full runs (a LoRA is written in f32)");
         }
+        if self.full {
+            let d = Settings::default();
+            let lora_options = [
+                ("--rank", self.rank != d.rank),
+                ("--alpha", self.alpha != d.alpha),
+                ("--targets", self.targets != d.targets),
+                ("--format", self.format != d.format),
+                ("--no-recompute", self.no_recompute),
+            ];
+            if let Some((flag, _)) = lora_options.iter().find(|(_, given)| *given) {
+                bail!("{flag} is a LoRA option: --full trains every weight");
+            }
+        }
         match (self.init, &self.transformer_config) {
             (Init::Checkpoint, None) => Ok(None),
             (Init::Checkpoint, Some(_)) => bail!("--transformer-config sizes a random model: it needs --init random"),
             (Init::Random, None) => {
                 bail!("--init random needs --transformer-config (a diffusers transformer config.json)")
             }
-            (Init::Random, Some(path)) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-                Ok(Some(FluxConfig::from_diffusers_json(&text).with_context(|| path.display().to_string())?))
+            (Init::Random, Some(_)) if self.files.transformer.is_some() => {
+                bail!("--init random draws the transformer: leave out --transformer")
             }
+            (Init::Random, Some(path)) => Ok(Some(read_config(path, FluxConfig::from_diffusers_json)?)),
         }
     }
 
@@ -258,17 +271,18 @@ pub struct TrainVaeArgs {
     pub device: String,
 }
 
+/// A model configuration file read by `parse` (errors name the file).
+fn read_config<T>(path: &std::path::Path, parse: fn(&str) -> Result<T>) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse(&text).with_context(|| path.display().to_string())
+}
+
 /// Runs `atelier train-vae` with a progress line per step on stderr.
 pub fn run_vae(args: &TrainVaeArgs, device: &Device) -> Result<()> {
     use crate::train::vae::{VaeInit, VaeJob, VaeSettings, train_vae};
     let init = match (&args.vae, &args.vae_config) {
         (Some(path), None) => VaeInit::From(path.clone()),
-        (None, Some(path)) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let config = crate::engine::vae::VaeConfig::from_diffusers_json(&text)
-                .with_context(|| path.display().to_string())?;
-            VaeInit::Random(config)
-        }
+        (None, Some(path)) => VaeInit::Random(read_config(path, crate::engine::vae::VaeConfig::from_diffusers_json)?),
         _ => bail!("give --vae (a VAE to fine-tune) or --vae-config (sizes of a new one)"),
     };
     let job = VaeJob {

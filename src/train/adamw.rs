@@ -69,8 +69,12 @@ impl AdamW {
         assert_eq!(params.len(), self.moments.len(), "one moment pair per slot");
         assert_eq!(grads.len(), self.moments.len(), "one gradient per slot");
         let c = self.config;
-        let sq: f64 = grads.iter().map(|g| host(g.clone().square().sum())[0] as f64).sum();
-        let norm = sq.sqrt();
+        // Summed on the device and read once (one read per tensor costs a sync each).
+        let sums: Vec<Tensor<1>> = grads.iter().map(|g| g.clone().square().sum()).collect();
+        let norm = match sums.is_empty() {
+            true => 0.0,
+            false => (host(Tensor::cat(sums, 0).sum())[0] as f64).sqrt(),
+        };
         if !norm.is_finite() {
             return StepOutcome::SkippedNonFinite;
         }

@@ -66,7 +66,10 @@ pub fn encode_images(files: &ModelFiles, items: &[Item], device: &Device) -> Res
         buckets.entry((item.width, item.height)).or_default().push(i);
     }
     for ((w, h), members) in buckets {
-        for chunk in members.chunks(ENCODE_BATCH) {
+        // A batch of small images, one image at a time at large sizes (the encoder's activations
+        // grow with the pixels: 128 channels × 1024² is 0.5 GB per image).
+        let batch = (ENCODE_PIXELS / (w * h)).clamp(1, ENCODE_BATCH);
+        for chunk in members.chunks(batch) {
             let mut x = Vec::with_capacity(chunk.len() * 3 * w * h);
             for &i in chunk {
                 x.extend(pixels(&items[i])?);
@@ -83,8 +86,9 @@ pub fn encode_images(files: &ModelFiles, items: &[Item], device: &Device) -> Res
     Ok(out.into_iter().map(|l| l.expect("every item is in a bucket")).collect())
 }
 
-/// Images the VAE encodes in one call while caching.
+/// Images the VAE encodes in one call while caching, at most, and the pixels of one call.
 const ENCODE_BATCH: usize = 16;
+const ENCODE_PIXELS: usize = 16 * 128 * 128;
 
 /// T5 + CLIP outputs of each distinct text, the encoders loaded once for all of them.
 pub fn encode_texts(

@@ -61,16 +61,20 @@ pub fn save(dir: &Path, lora: &TrainableLora, opt: &AdamW, step: usize, seed: u6
     Ok(())
 }
 
-/// The settings a checkpoint folder (LoRA or full training) was written with, read before
-/// anything is loaded so a resume with other settings is refused first.
-pub fn settings_of(dir: &Path) -> Result<String> {
+/// Refuses to resume from `dir` when the run that wrote it (LoRA, full or VAE training) had
+/// other settings than `settings` (JSON), before anything is loaded.
+pub fn check_settings(dir: &Path, settings: &str) -> Result<()> {
     let path = dir.join(FILE);
     if !path.exists() {
         bail!("{} is not a training checkpoint (no {FILE})", dir.display());
     }
     let set = WeightSet::open(&path)?;
-    let settings = set.metadata("settings");
-    settings.map(str::to_string).ok_or_else(|| anyhow::anyhow!("{}: no settings in the metadata", path.display()))
+    let written =
+        set.metadata("settings").ok_or_else(|| anyhow::anyhow!("{}: no settings in the metadata", path.display()))?;
+    if written != settings {
+        bail!("{} was written by a run with other settings ({written}); resume with the same settings", dir.display());
+    }
+    Ok(())
 }
 
 /// Reads a checkpoint folder written by [`save`].

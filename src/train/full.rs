@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
-use super::adamw::{AdamW, AdamWConfig, flat};
+use super::adamw::{AdamW, AdamWConfig, StepOutcome, flat};
 use super::params::host;
 use crate::engine::layers::transpose;
 use crate::engine::loader::NamedParam;
@@ -32,8 +32,8 @@ impl FullParams {
     pub fn new(params: Vec<NamedParam>, expected: usize) -> Result<Self> {
         if params.len() != expected {
             bail!(
-                "{} of the model's {expected} tensors are packed (GGUF or fp8): full training needs a dense \
-                 (f32/f16/bf16) checkpoint",
+                "the checkpoint keeps some weights packed (GGUF or fp8; {} of its {expected} tensors are not \
+                 plain parameters): full training needs a dense (f32/f16/bf16) checkpoint",
                 expected - params.len()
             );
         }
@@ -67,16 +67,42 @@ impl FullParams {
     }
 
     /// The gradient of every parameter of `tracked` (a [`tracked`] copy of the model) in
-    /// `grads`, flattened; zeros for a parameter the loss does not depend on.
-    pub fn grads<M: Module>(&self, tracked: &M, grads: &Gradients) -> Vec<Tensor<1>> {
+    /// `grads`, flattened. A parameter the loss does not reach is an error: it would never train.
+    pub fn grads<M: Module>(&self, tracked: &M, grads: &Gradients) -> Result<Vec<Tensor<1>>> {
         let mut v = Collect { index: self.index(), grads: Some(grads), out: vec![None; self.params.len()] };
         tracked.visit(&mut v);
-        let device = tracked.devices().first().cloned().unwrap_or_else(Device::flex);
-        v.out
-            .into_iter()
-            .zip(&self.params)
-            .map(|(g, p)| g.unwrap_or_else(|| Tensor::zeros([p.shape.iter().product::<usize>()], &device)))
-            .collect()
+        let missing: Vec<&str> =
+            v.out.iter().zip(&self.params).filter(|(g, _)| g.is_none()).map(|(_, p)| p.name.as_str()).collect();
+        if !missing.is_empty() {
+            bail!("the loss does not depend on {}: those weights would never train", missing.join(", "));
+        }
+        Ok(v.out.into_iter().flatten().collect())
+    }
+
+    /// One training step of `model`: `loss` computed on an autodiff copy whose every parameter is
+    /// a leaf, backpropagated, and (when finite) one AdamW update written back into `model`.
+    /// Returns the loss and what the update did.
+    pub fn step<M: Module>(
+        &self,
+        model: &mut M,
+        opt: &mut AdamW,
+        loss: impl FnOnce(&M) -> Result<Tensor<1>>,
+    ) -> Result<(f32, StepOutcome)> {
+        let leaves = tracked(&*model);
+        let loss = loss(&leaves)?;
+        let grads = loss.backward();
+        let loss = host(loss)[0];
+        if !loss.is_finite() {
+            return Ok((loss, StepOutcome::SkippedNonFinite));
+        }
+        let grads = self.grads(&leaves, &grads)?;
+        drop(leaves);
+        let mut values = self.values(&*model);
+        let outcome = opt.update(&mut values, grads);
+        if outcome != StepOutcome::SkippedNonFinite {
+            *model = self.set(model.clone(), values);
+        }
+        Ok((loss, outcome))
     }
 
     /// Writes the model in its checkpoint layout (PyTorch shapes, the walk's names) to `path`.
@@ -113,6 +139,9 @@ impl FullParams {
         let mut tensors = Vec::with_capacity(values.len());
         for (p, v) in self.params.iter().zip(values) {
             let v = host(v);
+            if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
+                bail!("{} holds {bad}: the weights are broken, nothing was written", p.name);
+            }
             if dtype == StoreDtype::F16
                 && let Some(bad) = v.iter().find(|x| x.abs() > f32::from(half::f16::MAX))
             {
@@ -123,17 +152,22 @@ impl FullParams {
             tensors.push(v);
         }
         let mut data = tensors.into_iter();
-        write_safetensors(path, &shapes, metadata, dtype, |_, _| data.next().expect("one tensor per name"))
-            .with_context(|| format!("writing {}", path.display()))
+        // Written beside and renamed: an interrupted export never leaves a torn file at `path`.
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+        let tmp = path.with_file_name(format!(".{name}.partial"));
+        write_safetensors(&tmp, &shapes, metadata, dtype, |_, _| data.next().expect("one tensor per name"))
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
     }
 
-    /// Saves parameters and AdamW state after `step` steps into `dir/state.safetensors`.
+    /// Saves parameters and AdamW state after `step` steps into `dir/state.safetensors`, with
+    /// the run's seed and settings (what a resume must match) in its metadata.
     pub fn save_checkpoint<M: Module>(
         &self,
         dir: &Path,
         model: &M,
         opt: &AdamW,
-        meta: &[(&str, String)],
+        (step, seed, settings): (usize, u64, &str),
     ) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let values = self.values(model);
@@ -146,9 +180,13 @@ impl FullParams {
                 data.push(t);
             }
         }
-        let mut meta: Vec<(&str, String)> = meta.to_vec();
-        meta.push(("optimizer_step", opt.step.to_string()));
-        meta.push(("adamw", serde_json::to_string(&opt.config)?));
+        let meta = [
+            ("step", step.to_string()),
+            ("seed", seed.to_string()),
+            ("settings", settings.to_string()),
+            ("optimizer_step", opt.step.to_string()),
+            ("adamw", serde_json::to_string(&opt.config)?),
+        ];
         let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let tmp = dir.join(format!("{STATE}.partial"));
         let mut data = data.into_iter();
@@ -158,8 +196,8 @@ impl FullParams {
     }
 
     /// Restores what [`FullParams::save_checkpoint`] wrote: the model with the saved values, the
-    /// optimizer, and the checkpoint's metadata (read through `meta`).
-    pub fn load_checkpoint<M: Module>(&self, dir: &Path, model: M, device: &Device) -> Result<(M, AdamW, WeightSet)> {
+    /// optimizer, and the steps done.
+    pub fn load_checkpoint<M: Module>(&self, dir: &Path, model: M, device: &Device) -> Result<(M, AdamW, usize)> {
         let path = dir.join(STATE);
         if !path.exists() {
             bail!("{} is not a training checkpoint (no {STATE})", dir.display());
@@ -182,9 +220,12 @@ impl FullParams {
         let meta = |k: &str| -> Result<&str> {
             set.metadata(k).ok_or_else(|| anyhow::anyhow!("{}: no {k} in the metadata", path.display()))
         };
+        let number = |k: &str| -> Result<u64> {
+            meta(k)?.parse().with_context(|| format!("{}: {k} is not a number", path.display()))
+        };
         let config: AdamWConfig = serde_json::from_str(meta("adamw")?)?;
-        let optimizer = AdamW { config, step: meta("optimizer_step")?.parse()?, moments };
-        Ok((self.set(model, values), optimizer, set))
+        let optimizer = AdamW { config, step: number("optimizer_step")?, moments };
+        Ok((self.set(model, values), optimizer, number("step")? as usize))
     }
 }
 

@@ -203,15 +203,9 @@ pub fn train_with(
         bail!("full training keeps the weights in f32: use --dtype f32 (or auto on the CPU)");
     }
     let items = dataset::scan(&job.images, &s.trigger, s.resolution, s.max_images)?;
-    let settings_json = serde_json::to_string(&Restartable::from(s))?;
+    let settings_json = serde_json::to_string(&Restartable::new(s, job.init.as_ref()))?;
     if let Some(dir) = &job.resume {
-        let written = checkpoint::settings_of(dir)?;
-        if written != settings_json {
-            bail!(
-                "{} was written by a run with other settings ({written}); resume with the same settings",
-                dir.display()
-            );
-        }
+        checkpoint::check_settings(dir, &settings_json)?;
     }
     let out_dir = run_dir(&job.out);
     std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
@@ -250,8 +244,7 @@ pub fn train_with(
         let params = FullParams::new(named, tensors)?;
         match &job.resume {
             Some(dir) => {
-                let (model, opt, state) = params.load_checkpoint(dir, model, device)?;
-                let step = state.metadata("step").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let (model, opt, step) = params.load_checkpoint(dir, model, device)?;
                 (model, Trainee::Full(params), opt, step)
             }
             None => {
@@ -388,7 +381,7 @@ pub fn train_with(
             // The RoPE split cannot be read off the shapes: it travels in the metadata.
             let meta = [
                 ("axes_dims_rope", serde_json::to_string(&model.config.axes_dim)?),
-                ("atelier_training", serde_json::to_string(&Restartable::from(s))?),
+                ("atelier_training", settings_json.clone()),
                 ("atelier_images", items.len().to_string()),
                 // The captions' T5 length: generation defaults to it (flux::default_sequence_length).
                 ("max_sequence_length", max_len.to_string()),
@@ -436,14 +429,19 @@ struct Restartable {
     targets: Targets,
     caption_dropout: f32,
     seed: u64,
-    // Only written when set, so the settings of LoRA checkpoints from before `--full`
-    // existed still match.
+    // The fields below are only written when set, so the settings of LoRA checkpoints from
+    // before they existed still match.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     full: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_sequence_length: Option<usize>,
+    /// The configuration of a random start (`--init random`), which no shape may reveal (RoPE axes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    init: Option<String>,
 }
 
-impl From<&Settings> for Restartable {
-    fn from(s: &Settings) -> Self {
+impl Restartable {
+    fn new(s: &Settings, init: Option<&FluxConfig>) -> Self {
         Restartable {
             trigger: s.trigger.clone(),
             steps: s.steps,
@@ -457,6 +455,8 @@ impl From<&Settings> for Restartable {
             caption_dropout: s.caption_dropout,
             seed: s.seed,
             full: s.full,
+            max_sequence_length: s.max_sequence_length,
+            init: init.map(|c| format!("{c:?}")),
         }
     }
 }

@@ -54,18 +54,7 @@ impl Trainee {
                     if grads.loss.is_finite() { opt.step(lora, grads.grads) } else { StepOutcome::SkippedNonFinite };
                 Ok((grads.loss, outcome))
             }
-            Trainee::Full(params) => {
-                let (loss, grads) = full_loss_and_grads(model, params, batch)?;
-                if !loss.is_finite() {
-                    return Ok((loss, StepOutcome::SkippedNonFinite));
-                }
-                let mut values = params.values(&*model);
-                let outcome = opt.update(&mut values, grads);
-                if outcome != StepOutcome::SkippedNonFinite {
-                    *model = params.set(model.clone(), values);
-                }
-                Ok((loss, outcome))
-            }
+            Trainee::Full(params) => params.step(model, opt, |leaves| full_loss(leaves, batch)),
         }
     }
 
@@ -73,10 +62,7 @@ impl Trainee {
     pub fn save(&self, dir: &Path, model: &Flux, opt: &AdamW, step: usize, seed: u64, settings: &str) -> Result<()> {
         match self {
             Trainee::Lora(lora) => checkpoint::save(dir, lora, opt, step, seed, settings),
-            Trainee::Full(params) => {
-                let meta = [("step", step.to_string()), ("seed", seed.to_string()), ("settings", settings.to_string())];
-                params.save_checkpoint(dir, model, opt, &meta)
-            }
+            Trainee::Full(params) => params.save_checkpoint(dir, model, opt, (step, seed, settings)),
         }
     }
 
@@ -97,13 +83,17 @@ impl Trainee {
     }
 }
 
+/// The flow-matching loss of `model` on `batch` (every weight may be a leaf: full training keeps
+/// one graph over the whole forward, since block recompute would save nothing there).
+pub fn full_loss(model: &Flux, batch: &Batch) -> Result<Tensor<1>> {
+    Ok(mse(model.forward(batch.input(batch.noisy()))?, batch.target()))
+}
+
 /// The loss of `batch` and the gradient of every parameter of the transformer (flattened, in
-/// `params` order). Every weight is a leaf here, so block recompute would save nothing: one
-/// graph over the whole forward.
+/// `params` order).
 pub fn full_loss_and_grads(model: &Flux, params: &FullParams, batch: &Batch) -> Result<(f32, Vec<Tensor<1>>)> {
     let leaves = tracked(model);
-    let pred = leaves.forward(batch.input(batch.noisy()))?;
-    let loss = mse(pred, batch.target());
+    let loss = full_loss(&leaves, batch)?;
     let grads = loss.backward();
-    Ok((host(loss)[0], params.grads(&leaves, &grads)))
+    Ok((host(loss)[0], params.grads(&leaves, &grads)?))
 }

@@ -17,7 +17,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::adamw::{AdamW, AdamWConfig, StepOutcome};
 use super::dataset::{self, Item, pixels};
-use super::full::{FullParams, tracked};
+use super::full::FullParams;
 use super::params::host;
 use super::run::{Control, Event, pick, run_dir};
 use crate::engine::noise::TorchGenerator;
@@ -127,15 +127,15 @@ pub fn train_vae(
             (m, FullParams::new(named, tensors)?)
         }
     };
-    let settings_json = serde_json::to_string(s)?;
+    // What a resume must match: everything but how often and in what the results are saved,
+    // and the architecture (GroupNorm groups change no shape).
+    let settings_json = serde_json::to_string(&serde_json::json!({
+        "steps": s.steps, "batch": s.batch, "resolution": s.resolution, "adamw": s.adamw,
+        "kl_weight": s.kl_weight, "seed": s.seed, "max_images": s.max_images,
+        "config": format!("{:?}", model.config),
+    }))?;
     if let Some(dir) = &job.resume {
-        let written = super::checkpoint::settings_of(dir)?;
-        if written != settings_json {
-            bail!(
-                "{} was written by a run with other settings ({written}); resume with the same settings",
-                dir.display()
-            );
-        }
+        super::checkpoint::check_settings(dir, &settings_json)?;
     }
     let out_dir = run_dir(&job.out);
     std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
@@ -145,9 +145,9 @@ pub fn train_vae(
     let data: Vec<Vec<f32>> = items.iter().map(pixels).collect::<Result<_>>()?;
     let (mut opt, start) = match &job.resume {
         Some(dir) => {
-            let (m, opt, state) = params.load_checkpoint(dir, model, device)?;
+            let (m, opt, step) = params.load_checkpoint(dir, model, device)?;
             model = m;
-            (opt, state.metadata("step").and_then(|v| v.parse().ok()).unwrap_or(0))
+            (opt, step)
         }
         None => (AdamW::new(s.adamw, &params.values(&model)), 0),
     };
@@ -161,11 +161,12 @@ pub fn train_vae(
     }
     let end = job.stop_after.map_or(s.steps, |n| (start + n).min(s.steps));
     let mut losses = Vec::new();
+    // The running mean of the last 50 losses (this invocation's) for the progress line.
+    let mut window = std::collections::VecDeque::new();
     let mut busy = std::time::Duration::ZERO;
     let save = |model: &Vae, opt: &AdamW, n: usize| -> Result<PathBuf> {
         let dir = out_dir.join("checkpoints").join(format!("step_{n}"));
-        let meta = [("step", n.to_string()), ("seed", s.seed.to_string()), ("settings", settings_json.clone())];
-        params.save_checkpoint(&dir, model, opt, &meta)?;
+        params.save_checkpoint(&dir, model, opt, (n, s.seed, &settings_json))?;
         Ok(dir)
     };
     for step in start..end {
@@ -179,23 +180,20 @@ pub fn train_vae(
         let eps = rng.randn(b * z * (side / 8) * (side / 8));
         let eps = Tensor::<4>::from_data(TensorData::new(eps, [b, z, side / 8, side / 8]), device);
 
-        let leaves = tracked(&model);
-        let [loss, l1, kl] = vae_loss(&leaves, x, eps, s.kl_weight);
-        let grads = loss.backward();
-        let (loss, l1, kl) = (host(loss)[0], host(l1)[0], host(kl)[0]);
-        let grads = params.grads(&leaves, &grads);
-        drop(leaves);
-        let outcome = if loss.is_finite() {
-            let mut values = params.values(&model);
-            let outcome = opt.update(&mut values, grads);
-            if outcome != StepOutcome::SkippedNonFinite {
-                model = params.set(model, values);
-            }
-            outcome
-        } else {
-            StepOutcome::SkippedNonFinite
-        };
+        let mut terms = (f32::NAN, f32::NAN);
+        let (loss, outcome) = params.step(&mut model, &mut opt, |leaves| {
+            let [loss, l1, kl] = vae_loss(leaves, x, eps, s.kl_weight);
+            terms = (host(l1)[0], host(kl)[0]);
+            Ok(loss)
+        })?;
+        let (l1, kl) = terms;
         losses.push(loss);
+        if loss.is_finite() {
+            if window.len() == 50 {
+                window.pop_front();
+            }
+            window.push_back(loss);
+        }
         busy += t0.elapsed();
         let done = step + 1 - start;
         let its = done as f64 / busy.as_secs_f64();
@@ -208,7 +206,7 @@ pub fn train_vae(
             step: step + 1,
             steps: s.steps,
             loss,
-            mean: l1,
+            mean: window.iter().sum::<f32>() / window.len().max(1) as f32,
             its,
             eta_s: (s.steps - step - 1) as f64 / its,
             skipped: outcome == StepOutcome::SkippedNonFinite,
@@ -325,6 +323,7 @@ pub fn mean_psnr(model: &Vae, items: &[Item], device: &Device) -> Result<f64> {
 mod tests {
     use super::*;
     use crate::engine::weights::WeightSet;
+    use crate::train::full::tracked;
 
     fn fixture(rel: &str) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
@@ -364,7 +363,7 @@ mod tests {
         // floor of 1e-4 of the largest gradient instead of its own (zero) scale.
         let floor = expected.iter().flatten().fold(0f32, |m, v| m.max(v.abs())) * 1e-4;
         let mut worst = 0f32;
-        for ((p, g), expected) in params.params.iter().zip(params.grads(&leaves, &grads)).zip(expected) {
+        for ((p, g), expected) in params.params.iter().zip(params.grads(&leaves, &grads).unwrap()).zip(expected) {
             let g = host(g);
             let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs())).max(floor);
             let err = g.iter().zip(&expected).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
