@@ -9,8 +9,9 @@ Python's standard library.
 
 writes
     OUT_DIR/train/<code>.png + <code>.txt   every top-level emoji (skin-tone variants aside),
-                                            its caption: the lower-cased name first, then the
-                                            short names and the category words
+                                            its captions one per line: the lower-cased name,
+                                            then with the short names, then with the category
+                                            words too (the trainer draws one per step)
     OUT_DIR/holdout/<code>.png              skin-tone variants (the VAE's hold-out set: images
                                             the transformer never learns)
     OUT_DIR/names.tsv                       code <TAB> name of every training emoji
@@ -56,18 +57,23 @@ def words(text):
     return re.sub(r"[^a-z0-9']+", " ", text).strip()
 
 
-def caption(e):
+def captions(e):
+    """The emoji's captions, one per line of its .txt (the trainer draws one per step): the
+    lower-cased name alone, the name with its short names, and all of them with the category
+    words, so a prompt of the plain name meets a caption the model trained on."""
     name = (e.get("name") or e["short_name"]).lower()
     parts = [name]
     for s in e.get("short_names") or []:
         w = words(s)
         if w and w not in parts:
             parts.append(w)
+    with_short = len(parts)
     for c in (e.get("category"), e.get("subcategory")):
         w = words(c or "")
         if w and w not in parts:
             parts.append(w)
-    return ", ".join(parts)
+    lines = [name, ", ".join(parts[:with_short]), ", ".join(parts)]
+    return [line for i, line in enumerate(lines) if line not in lines[:i]]
 
 
 def main():
@@ -98,7 +104,7 @@ def main():
             code = e["image"][: -len(".png")]
             copy(e["image"], os.path.join(train, code + ".png"))
             with open(os.path.join(train, code + ".txt"), "w") as f:
-                f.write(caption(e) + "\n")
+                f.write("\n".join(captions(e)) + "\n")
             names.append((code, (e.get("name") or e["short_name"]).lower()))
             for v in (e.get("skin_variations") or {}).values():
                 if v.get("has_img_google"):

@@ -12,7 +12,8 @@ const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
 #[derive(Debug, Clone, PartialEq)]
 pub struct Item {
     pub path: PathBuf,
-    /// With `[trigger]` replaced; the trigger alone when there is no `.txt`.
+    /// With `[trigger]` replaced; the trigger alone when there is no `.txt`. Several lines are
+    /// several captions of the image, one drawn per step (see [`Item::variants`]).
     pub caption: String,
     /// The source size after EXIF orientation.
     pub source: (u32, u32),
@@ -80,6 +81,16 @@ fn image_files(dir: &Path, max_images: usize) -> Result<Vec<PathBuf>> {
     Ok(images)
 }
 
+impl Item {
+    /// The image's captions: each line of its caption (kohya's multi-line captions with
+    /// `--enable_wildcard`): the name alone, the name with more words, ... so a prompt of plain
+    /// words meets a caption the model trained on.
+    pub fn variants(&self) -> Vec<&str> {
+        let v: Vec<&str> = self.caption.lines().collect();
+        if v.is_empty() { vec![""] } else { v }
+    }
+}
+
 /// Decodes an image with its EXIF orientation applied.
 pub fn open_oriented(path: &Path) -> Result<DynamicImage> {
     let what = || format!("cannot read the image {}", path.display());
@@ -110,7 +121,8 @@ pub fn over_white(img: DynamicImage) -> image::RgbImage {
 }
 
 /// The `.txt` beside the image, `[trigger]` replaced, else the trigger word; without a trigger
-/// every image needs its caption (and captions cannot name `[trigger]`).
+/// every image needs its caption (and captions cannot name `[trigger]`). Each non-empty line
+/// is one caption (trimmed); they are kept one per line.
 fn caption(image: &Path, trigger: &str) -> Result<String> {
     let trigger = trigger.trim();
     let txt = image.with_extension("txt");
@@ -118,17 +130,19 @@ fn caption(image: &Path, trigger: &str) -> Result<String> {
         true => std::fs::read_to_string(&txt).with_context(|| format!("cannot read the caption {}", txt.display()))?,
         false => String::new(),
     };
-    let text = text.trim();
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     if trigger.is_empty() {
-        if text.is_empty() {
+        if lines.is_empty() {
             bail!("{} has no caption (.txt) and no --trigger was given to stand in for one", image.display());
         }
-        if text.contains("[trigger]") {
+        if lines.iter().any(|l| l.contains("[trigger]")) {
             bail!("{} says [trigger] but no --trigger was given", txt.display());
         }
     }
-    let text = text.replace("[trigger]", trigger);
-    Ok(if text.is_empty() { trigger.to_string() } else { text })
+    if lines.is_empty() {
+        return Ok(trigger.to_string());
+    }
+    Ok(lines.iter().map(|l| l.replace("[trigger]", trigger)).collect::<Vec<_>>().join("\n"))
 }
 
 /// The bucket for a `w`×`h` image at `resolution`: about resolution² pixels with the image's
@@ -228,6 +242,9 @@ mod tests {
         assert!(format!("{err:#}").contains("b.png has no caption"), "{err:#}");
         std::fs::write(d.join("b.txt"), "red square").unwrap();
         assert_eq!(scan(d, "", 64, 30).unwrap()[1].caption, "red square");
+        // Several lines are several captions; blank lines and spaces around them are dropped.
+        std::fs::write(d.join("b.txt"), "red square\n\n  red square, a shape  \n").unwrap();
+        assert_eq!(scan(d, "", 64, 30).unwrap()[1].variants(), ["red square", "red square, a shape"]);
         std::fs::remove_file(d.join("b.txt")).unwrap();
         let err = scan(d, "sks", 64, 1).unwrap_err();
         assert!(format!("{err:#}").contains("at most 1"), "{err:#}");

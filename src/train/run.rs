@@ -229,7 +229,7 @@ pub fn train_with(
     let is_dev = config.guidance_embed;
     let max_len = s.max_sequence_length.unwrap_or_else(|| flux::default_sequence_length(&files.transformer, is_dev));
     let latents = cache::encode_images(&files, &items, device)?;
-    let mut texts: Vec<String> = items.iter().map(|i| i.caption.clone()).collect();
+    let mut texts: Vec<String> = items.iter().flat_map(|i| i.variants()).map(String::from).collect();
     texts.push(String::new()); // the caption-dropout text
     texts.extend(s.sample_prompts.iter().cloned());
     let mut warnings = Vec::new();
@@ -510,8 +510,7 @@ fn make_batch(
     let (mut txts, mut ys) = (Vec::new(), Vec::new());
     for &i in &chosen {
         x0.extend_from_slice(&latents[i].packed);
-        let dropped = (coin.next_u32() as f64 / (u32::MAX as f64 + 1.0)) < s.caption_dropout as f64;
-        let caption = if dropped { "" } else { items[i].caption.as_str() };
+        let caption = choose_caption(&items[i], s.caption_dropout, &mut coin);
         let (t, y) = texts[caption].upload(device, dtype);
         txts.push(t);
         ys.push(y);
@@ -528,6 +527,19 @@ fn make_batch(
         y: Tensor::cat(ys, 0),
         rope: model.rope(txt_len, first.rows / 2, first.cols / 2, device),
     })
+}
+
+/// The caption item `item` trains with this time: "" with probability `dropout`, else one of
+/// its [`Item::variants`] (drawn only when there are several, so single captions draw exactly
+/// what they did before variants existed).
+fn choose_caption<'a>(item: &'a Item, dropout: f32, coin: &mut Mt19937) -> &'a str {
+    let dropped = (coin.next_u32() as f64 / (u32::MAX as f64 + 1.0)) < dropout as f64;
+    let variants = item.variants();
+    match (dropped, variants.len()) {
+        (true, _) => "",
+        (false, 1) => variants[0],
+        (false, n) => variants[coin.next_u32() as usize % n],
+    }
 }
 
 /// A per-step seed offset for the caption-dropout coin, distinct from the noise stream's.
@@ -581,6 +593,27 @@ mod tests {
         assert_eq!(recent_losses(&csv, 4, 50), [1.0, 2.0, 3.0]);
         assert_eq!(recent_losses(&csv, 4, 2), [2.0, 3.0]);
         assert!(recent_losses(&csv, 0, 50).is_empty(), "a fresh run starts empty");
+    }
+
+    #[test]
+    fn every_caption_variant_is_drawn_and_dropout_still_applies() {
+        let item = Item {
+            path: PathBuf::new(),
+            caption: "cat\ncat face\ncat face, animal".into(),
+            source: (1, 1),
+            width: 16,
+            height: 16,
+        };
+        let mut seen = std::collections::BTreeMap::new();
+        for step in 0..300 {
+            let mut coin = Mt19937::new(5u64.wrapping_add(coin_offset(step)));
+            *seen.entry(choose_caption(&item, 0.1, &mut coin)).or_insert(0) += 1;
+        }
+        assert_eq!(seen.keys().copied().collect::<Vec<_>>(), ["", "cat", "cat face", "cat face, animal"]);
+        assert!(seen.values().all(|n| *n >= 15), "{seen:?}");
+        let single = Item { caption: "cat".into(), ..item };
+        let mut coin = Mt19937::new(1);
+        assert_eq!(choose_caption(&single, 0.0, &mut coin), "cat");
     }
 
     #[test]
