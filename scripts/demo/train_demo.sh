@@ -22,7 +22,7 @@ VAE_STEPS=${VAE_STEPS:-2500}
 VAE_BATCH=${VAE_BATCH:-16}
 STEPS=${STEPS:-9000}
 BATCH=${BATCH:-32}
-LR=${LR:-5e-4}
+LR=${LR:-1e-3}
 # The text encoders are the fixed random ones of the pipeline fixtures (shipped, never trained).
 ENCODERS=tests/fixtures/pipeline/schnell/diffusers
 mkdir -p "$W"
