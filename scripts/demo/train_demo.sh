@@ -35,7 +35,8 @@ if [ -n "${CARGO_TARGET_DIR:-}" ]; then A=$CARGO_TARGET_DIR/release/atelier; fi
 # RESUME=(--resume <latest checkpoint of run folder $1>), or () when there is none.
 resume_from() {
   local c
-  c=$(ls -d "$1"/checkpoints/step_* 2>/dev/null | sort -V | tail -1)
+  # `|| true`: no checkpoint yet is not an error (set -e with pipefail would stop the script).
+  c=$(ls -d "$1"/checkpoints/step_* 2>/dev/null | sort -V | tail -1 || true)
   RESUME=()
   if [ -n "$c" ]; then RESUME=(--resume "$c"); fi
 }
