@@ -10,7 +10,7 @@ use clap::Args;
 use crate::engine::flux::FluxConfig;
 use crate::engine::pipeline::ModelFiles;
 use crate::engine::weights::StoreDtype;
-use crate::train::adamw::AdamWConfig;
+use crate::train::adamw::{AdamWConfig, LrSchedule};
 use crate::train::export::Format;
 use crate::train::objective::Timesteps;
 use crate::train::params::Targets;
@@ -53,6 +53,9 @@ pub struct TrainArgs {
     pub alpha: f32,
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
+    /// Learning-rate warmup and decay.
+    #[command(flatten)]
+    pub schedule: ScheduleArgs,
     /// AdamW weight decay (torch's default).
     #[arg(long, default_value_t = 1e-2)]
     pub weight_decay: f64,
@@ -105,6 +108,29 @@ pub struct TrainArgs {
     /// auto (f32 on the CPU, bf16 on a GPU), f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+}
+
+/// `--lr-schedule` and `--warmup-steps` (`--lr` is the peak rate).
+#[derive(Args, Debug, Clone)]
+pub struct ScheduleArgs {
+    /// constant, or cosine: decays from the peak towards 0 at the last step.
+    #[arg(long, value_enum, default_value = "constant")]
+    pub lr_schedule: LrDecay,
+    /// Steps over which the rate rises linearly from 0 to --lr.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LrDecay {
+    Constant,
+    Cosine,
+}
+
+impl ScheduleArgs {
+    pub fn schedule(&self) -> LrSchedule {
+        LrSchedule { warmup_steps: self.warmup_steps, cosine: self.lr_schedule == LrDecay::Cosine }
+    }
 }
 
 /// `--init`.
@@ -177,6 +203,7 @@ impl TrainArgs {
             recompute: !self.no_recompute,
             full: self.full,
             save_dtype: self.save_dtype.unwrap_or(StoreDtype::F32),
+            lr_schedule: self.schedule.schedule(),
         }
     }
 }
@@ -251,6 +278,9 @@ pub struct TrainVaeArgs {
     pub resolution: usize,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// Learning-rate warmup and decay.
+    #[command(flatten)]
+    pub schedule: ScheduleArgs,
     /// Weight of the KL term (per latent value) against the L1 term (per pixel).
     #[arg(long, default_value_t = 1e-4)]
     pub kl_weight: f64,
@@ -303,6 +333,7 @@ pub fn run_vae(args: &TrainVaeArgs, device: &Device) -> Result<()> {
         save_every: args.save_every,
         max_images: args.max_images,
         save_dtype: args.save_dtype,
+        lr_schedule: args.schedule.schedule(),
     };
     let mut printer = progress_printer();
     let trained = train_vae(&job, &settings, device, |e| {

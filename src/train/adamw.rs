@@ -25,6 +25,36 @@ impl Default for AdamWConfig {
     }
 }
 
+/// How the learning rate moves over a run: a linear warmup from 0 over the first
+/// `warmup_steps`, then constant or a cosine decay towards 0 at the last step (the usual recipe
+/// for training from scratch: the warmup keeps the first steps from blowing up fresh AdamW
+/// moments, the decay settles the weights the last steps leave behind).
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct LrSchedule {
+    pub warmup_steps: usize,
+    pub cosine: bool,
+}
+
+impl LrSchedule {
+    /// A constant rate (what every run had before schedules existed).
+    pub fn is_constant(&self) -> bool {
+        *self == LrSchedule::default()
+    }
+
+    /// The rate of step `step` (0-based) of a `total`-step run whose peak rate is `base`.
+    pub fn lr(&self, base: f64, step: usize, total: usize) -> f64 {
+        if step < self.warmup_steps {
+            return base * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        if !self.cosine {
+            return base;
+        }
+        let span = total.saturating_sub(self.warmup_steps).max(1);
+        let t = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
+        base * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+    }
+}
+
 /// The optimizer state: step count and both moments of every slot. A slot is one trained
 /// tensor, flattened: a LoRA's down or up matrix, or one parameter of a fully trained model.
 pub struct AdamW {
@@ -107,4 +137,26 @@ impl AdamW {
 pub fn flat<const D: usize>(t: Tensor<D>) -> Tensor<1> {
     let n = t.shape().num_elements();
     t.reshape([n])
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::LrSchedule;
+
+    #[test]
+    fn warmup_then_cosine_reaches_the_peak_and_decays_towards_zero() {
+        let s = LrSchedule { warmup_steps: 4, cosine: true };
+        let lrs: Vec<f64> = (0..12).map(|i| s.lr(1.0, i, 12)).collect();
+        assert_eq!(&lrs[..4], &[0.25, 0.5, 0.75, 1.0]);
+        assert_eq!(lrs[4], 1.0);
+        // Halfway through the decay: half the peak.
+        assert!((lrs[8] - 0.5).abs() < 1e-12);
+        assert!(lrs.windows(2).skip(4).all(|w| w[1] < w[0]));
+        assert!(lrs[11] > 0.0 && lrs[11] < 0.04);
+        let constant = LrSchedule::default();
+        assert!(constant.is_constant());
+        assert!((0..12).all(|i| constant.lr(3e-4, i, 12) == 3e-4));
+        let warm_only = LrSchedule { warmup_steps: 2, cosine: false };
+        assert_eq!([0, 1, 2, 9].map(|i| warm_only.lr(2.0, i, 10)), [1.0, 2.0, 2.0, 2.0]);
+    }
 }

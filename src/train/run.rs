@@ -17,7 +17,7 @@ use crate::engine::flux::{self, Flux, FluxConfig};
 use crate::engine::noise::{Mt19937, TorchGenerator};
 use crate::engine::pipeline::ModelFiles;
 
-use super::adamw::{AdamWConfig, StepOutcome};
+use super::adamw::{AdamWConfig, LrSchedule, StepOutcome};
 use super::cache::{self, CachedLatents, CachedText};
 use super::checkpoint;
 use super::dataset::{self, Item};
@@ -60,6 +60,9 @@ pub struct Settings {
     /// What a full run writes its transformer in.
     #[serde(default = "default_save_dtype")]
     pub save_dtype: StoreDtype,
+    /// Warmup and decay of the learning rate (`adamw.lr` is its peak).
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
 }
 
 fn default_save_dtype() -> StoreDtype {
@@ -89,6 +92,7 @@ impl Default for Settings {
             recompute: true,
             full: false,
             save_dtype: StoreDtype::F32,
+            lr_schedule: LrSchedule::default(),
         }
     }
 }
@@ -286,6 +290,7 @@ pub fn train_with(
     for step in start..end {
         let t0 = Instant::now();
         let batch = make_batch(&model, &items, &latents, &text_cache, s, step, job.dtype, device)?;
+        opt.config.lr = s.lr_schedule.lr(s.adamw.lr, step, s.steps);
         let (loss, outcome) = trainee.step(&mut model, &mut opt, &batch, how)?;
         losses.push(loss);
         // A skipped (non-finite) step stays out of the mean rather than spoil 50 steps of it.
@@ -438,6 +443,8 @@ struct Restartable {
     /// The configuration of a random start (`--init random`), which no shape may reveal (RoPE axes).
     #[serde(skip_serializing_if = "Option::is_none")]
     init: Option<String>,
+    #[serde(skip_serializing_if = "LrSchedule::is_constant")]
+    lr_schedule: LrSchedule,
 }
 
 impl Restartable {
@@ -457,6 +464,7 @@ impl Restartable {
             full: s.full,
             max_sequence_length: s.max_sequence_length,
             init: init.map(|c| format!("{c:?}")),
+            lr_schedule: s.lr_schedule,
         }
     }
 }

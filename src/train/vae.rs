@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::adamw::{AdamW, AdamWConfig, StepOutcome};
+use super::adamw::{AdamW, AdamWConfig, LrSchedule, StepOutcome};
 use super::dataset::{self, Item, pixels};
 use super::full::FullParams;
 use super::params::host;
@@ -38,6 +38,10 @@ pub struct VaeSettings {
     pub save_every: usize,
     pub max_images: usize,
     pub save_dtype: StoreDtype,
+    /// Warmup and decay of the learning rate (`adamw.lr` is its peak); left out of the settings
+    /// when constant, so checkpoints from before schedules existed still resume.
+    #[serde(default, skip_serializing_if = "LrSchedule::is_constant")]
+    pub lr_schedule: LrSchedule,
 }
 
 impl Default for VaeSettings {
@@ -52,6 +56,7 @@ impl Default for VaeSettings {
             save_every: 0,
             max_images: 10_000,
             save_dtype: StoreDtype::F32,
+            lr_schedule: LrSchedule::default(),
         }
     }
 }
@@ -180,6 +185,7 @@ pub fn train_vae(
         let eps = rng.randn(b * z * (side / 8) * (side / 8));
         let eps = Tensor::<4>::from_data(TensorData::new(eps, [b, z, side / 8, side / 8]), device);
 
+        opt.config.lr = s.lr_schedule.lr(s.adamw.lr, step, s.steps);
         let mut terms = (f32::NAN, f32::NAN);
         let (loss, outcome) = params.step(&mut model, &mut opt, |leaves| {
             let [loss, l1, kl] = vae_loss(leaves, x, eps, s.kl_weight);
