@@ -57,3 +57,89 @@ fn the_demo_model_draws_the_emoji_it_is_named_for() {
     assert!(trained >= 50, "the demo model drew {trained}/100 of the named emoji");
     assert!(trained >= baseline + 45, "demo {trained} vs random {baseline}");
 }
+
+/// How far an image is from sepia: the mean distance of its pixels (0–255 RGB) from the sepia
+/// line through (1.07, 0.86, 0.62)·gray, over the pixels that are not near white.
+fn off_sepia(img: &image::RgbImage) -> f64 {
+    let dir = [1.07f64, 0.86, 0.62];
+    let norm = dir.iter().map(|d| d * d).sum::<f64>().sqrt();
+    let dir = dir.map(|d| d / norm);
+    let (mut sum, mut n) = (0.0, 0usize);
+    for p in img.pixels() {
+        let v = p.0.map(f64::from);
+        if v.iter().all(|&c| c > 235.0) {
+            continue;
+        }
+        let along: f64 = v.iter().zip(dir).map(|(a, b)| a * b).sum();
+        let off: f64 = v.iter().zip(dir).map(|(a, b)| (a - along * b).powi(2)).sum::<f64>().sqrt();
+        sum += off;
+        n += 1;
+    }
+    sum / n.max(1) as f64
+}
+
+/// The demo model also trains: a LoRA learned from 4 emoji turned into old film photos (sepia
+/// and grain, like scripts/demo/make_grain_lora.sh) moves what the model draws for
+/// other emoji towards sepia.
+#[test]
+#[ignore = "weights/demo still holds the random fixtures: the trained demo model has not shipped yet"]
+fn a_lora_trained_on_the_demo_model_moves_its_style() {
+    use atelier::engine::lora::LoraChoice;
+    use atelier::train::run::{Job, Settings, train};
+
+    let atlas = EmojiAtlas::load(&root().join("tests/fixtures/demo")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for name in ["red apple", "cat face", "rocket", "rainbow"] {
+        let i = atlas.names.iter().position(|n| n == name).unwrap();
+        let tile = atlas.tile_image(i);
+        let sepia = image::RgbImage::from_fn(64, 64, |x, y| {
+            let p = tile.get_pixel(x, y).0.map(f64::from);
+            let gray = 0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2];
+            let grain = (((x * 7919 + y * 104_729) % 23) as f64 - 11.0) * 1.2;
+            image::Rgb([1.07, 0.86, 0.62].map(|k: f64| (k * gray * 0.9 + 15.0 + grain).clamp(0.0, 255.0) as u8))
+        });
+        sepia.save(images.join(format!("{}.png", name.replace(' ', "_")))).unwrap();
+        std::fs::write(images.join(format!("{}.txt", name.replace(' ', "_"))), format!("grainy film, {name}\n"))
+            .unwrap();
+    }
+    let files = ModelFiles::from_diffusers(&root().join("weights/demo/schnell"), None).unwrap();
+    let out = dir.path().join("grain.safetensors");
+    let job = Job {
+        files: files.clone(),
+        images,
+        out: out.clone(),
+        resume: None,
+        init: None,
+        dtype: burn::tensor::DType::F32,
+        stop_after: None,
+    };
+    let s = Settings {
+        trigger: "grainy film".into(),
+        steps: 150,
+        rank: 4,
+        alpha: 4.0,
+        batch: 4,
+        resolution: 64,
+        caption_dropout: 0.0,
+        seed: 1,
+        adamw: atelier::train::adamw::AdamWConfig { lr: 1e-3, ..Default::default() },
+        ..Settings::default()
+    };
+    train(&job, &s, &Device::flex(), |_| {}).unwrap();
+
+    let draw = |prompt: &str, seed: u64, loras: Vec<LoraChoice>| {
+        let req = GenerateRequest { prompt: prompt.into(), seed, width: 64, height: 64, loras, ..Default::default() };
+        generate(&files, &req, &Device::flex(), |_| {}).unwrap().images.remove(0)
+    };
+    let mut plain = 0.0;
+    let mut styled = 0.0;
+    for (k, name) in ["grinning face", "red heart", "dog face", "sun with face"].iter().enumerate() {
+        plain += off_sepia(&draw(name, k as u64, vec![]));
+        let lora = vec![LoraChoice { path: out.clone(), weight: 1.0 }];
+        styled += off_sepia(&draw(&format!("grainy film, {name}"), k as u64, lora));
+    }
+    eprintln!("mean distance from sepia: without the LoRA {:.1}, with it {:.1}", plain / 4.0, styled / 4.0);
+    assert!(styled < plain * 0.5, "the LoRA did not move the images towards sepia: {styled} vs {plain}");
+}

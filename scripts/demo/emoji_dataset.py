@@ -33,6 +33,9 @@ VERSION = "16.0.0"
 # sha1 of the npm tarball (`npm view emoji-datasource-google@16.0.0 dist.shasum`).
 SHASUM = "a80ac3e8106cbd4d8648ce758aa099e8827b6157"
 IMAGES = "package/img/google/64/"
+# Everyday names for emoji whose emoji.json name is an old Unicode 1.0 one (CLDR's short name);
+# each becomes one more caption of its emoji.
+ALIASES = {"2764-fe0f": "red heart"}
 # Hold-out images for the VAE: one skin-tone variant of this many emoji.
 HOLDOUT = 200
 
@@ -73,6 +76,9 @@ def captions(e):
         if w and w not in parts:
             parts.append(w)
     lines = [name, ", ".join(parts[:with_short]), ", ".join(parts)]
+    alias = ALIASES.get(e["image"][: -len(".png")])
+    if alias:
+        lines.insert(1, alias)
     return [line for i, line in enumerate(lines) if line not in lines[:i]]
 
 

@@ -4,7 +4,8 @@
 #   2. the VAE: `atelier train-vae` from random weights (scripts/demo/vae_config.json), its
 #      hold-out set the skin-tone variants
 #   3. the transformer: `atelier train --full --init random` (scripts/demo/transformer.json,
-#      schnell-like), on the VAE's latents and the demo's fixed random T5 and CLIP
+#      schnell-like), on the VAE's latents and the demo's fixed random text encoders: the
+#      pipeline fixtures' T5 and a wider CLIP drawn from SEED (scripts/demo/make_clip_encoder.py)
 #   4. the dev-like transformer: the same weights with an all-zero guidance embedding
 #      (scripts/demo/add_zero_guidance.py), and the two pipeline folders
 # Every stage is reproducible from SEED and resumes after an interruption (finished stages are
@@ -12,18 +13,20 @@
 #
 #   bash scripts/demo/train_demo.sh [WORK_DIR]     (default target/demo-build)
 #
-# Tunables (environment): SEED, VAE_STEPS, STEPS, BATCH, LR. The result is in WORK_DIR/out/
+# Tunables (environment): SEED, VAE_STEPS, STEPS, BATCH, LR, PYTHON (one with numpy). The result is in WORK_DIR/out/
 # (schnell/ and dev/ pipeline folders); copying it over weights/demo/ is a separate step.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=${1:-target/demo-build}
 SEED=${SEED:-1}
-VAE_STEPS=${VAE_STEPS:-2500}
+VAE_STEPS=${VAE_STEPS:-1000}
 VAE_BATCH=${VAE_BATCH:-16}
-STEPS=${STEPS:-9000}
+STEPS=${STEPS:-6000}
 BATCH=${BATCH:-32}
 LR=${LR:-1e-3}
-# The text encoders are the fixed random ones of the pipeline fixtures (shipped, never trained).
+PYTHON=${PYTHON:-python3}
+# The T5 is the pipeline fixtures' (random, shipped, never trained); so are the scheduler and
+# model_index.json. The CLIP is drawn in stage 1.
 ENCODERS=tests/fixtures/pipeline/schnell/diffusers
 mkdir -p "$W"
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
@@ -45,6 +48,7 @@ log "1/4 data"
 if [ ! -f "$W/data/names.tsv" ]; then
   python3 scripts/demo/emoji_dataset.py "$W/data"
 fi
+"$PYTHON" scripts/demo/make_clip_encoder.py "$W/clip" "$SEED"
 
 log "2/4 VAE ($VAE_STEPS steps of $VAE_BATCH)"
 # holdout.json is written last: a VAE folder without it is an interrupted run.
@@ -52,7 +56,7 @@ if [ ! -f "$W/vae_train/holdout.json" ]; then
   resume_from "$W/vae_train"
   "$A" train-vae --images "$W/data/train" --holdout "$W/data/holdout" \
     --vae-config scripts/demo/vae_config.json --out "$W/vae" \
-    --steps "$VAE_STEPS" --batch "$VAE_BATCH" --lr 1e-3 --kl-weight 1e-4 --seed "$SEED" \
+    --steps "$VAE_STEPS" --batch "$VAE_BATCH" --lr 1e-3 --warmup-steps 100 --lr-schedule cosine --kl-weight 1e-4 --seed "$SEED" \
     --save-every 250 --save-dtype f16 --device cpu "${RESUME[@]}"
 fi
 cat "$W/vae_train/holdout.json"
@@ -60,7 +64,8 @@ cat "$W/vae_train/holdout.json"
 log "3/4 transformer ($STEPS steps of $BATCH)"
 P=$W/pipeline
 rm -rf "$P" && mkdir -p "$P/transformer"
-cp -r "$ENCODERS/text_encoder" "$ENCODERS/text_encoder_2" "$ENCODERS/scheduler" "$ENCODERS/model_index.json" "$P/"
+cp -r "$W/clip" "$P/text_encoder"
+cp -r "$ENCODERS/text_encoder_2" "$ENCODERS/scheduler" "$ENCODERS/model_index.json" "$P/"
 cp -r "$W/vae" "$P/vae"
 # Stands in for the transformer until the trained one exists (--init random replaces it).
 cp "$ENCODERS/transformer/"* "$P/transformer/"
@@ -68,7 +73,7 @@ if [ ! -f "$W/schnell.safetensors" ]; then
   resume_from "$W/schnell_train"
   "$A" train --model "$P" --images "$W/data/train" --max-images 5000 --full --init random \
     --transformer-config scripts/demo/transformer.json --out "$W/schnell.safetensors" \
-    --steps "$STEPS" --batch "$BATCH" --lr "$LR" --resolution 64 --max-sequence-length 32 \
+    --steps "$STEPS" --batch "$BATCH" --lr "$LR" --warmup-steps 200 --lr-schedule cosine --resolution 64 --max-sequence-length 32 \
     --caption-dropout 0 --seed "$SEED" --save-every 500 --save-dtype f16 --device cpu \
     --sample-every 1000 --sample-prompt "grinning face" --sample-prompt "red apple" --sample-prompt "cat face" \
     "${RESUME[@]}"
