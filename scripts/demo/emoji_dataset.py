@@ -63,7 +63,10 @@ def words(text):
 def captions(e):
     """The emoji's captions, one per line of its .txt (the trainer draws one per step): the
     lower-cased name alone, the name with its short names, and all of them with the category
-    words, so a prompt of the plain name meets a caption the model trained on."""
+    words, so a prompt of the plain name meets a caption the model trained on. The plain name
+    (and its alias) is written as often as the longer captions together: half the draws, since a
+    name is what users type and the frozen random text encoders give a longer caption an
+    unrelated encoding, not a nearby one."""
     name = (e.get("name") or e["short_name"]).lower()
     parts = [name]
     for s in e.get("short_names") or []:
@@ -75,11 +78,11 @@ def captions(e):
         w = words(c or "")
         if w and w not in parts:
             parts.append(w)
-    lines = [name, ", ".join(parts[:with_short]), ", ".join(parts)]
     alias = ALIASES.get(e["image"][: -len(".png")])
-    if alias:
-        lines.insert(1, alias)
-    return [line for i, line in enumerate(lines) if line not in lines[:i]]
+    plain = [name] + ([alias] if alias else [])
+    longer = [", ".join(parts[:with_short]), ", ".join(parts)]
+    longer = [line for i, line in enumerate(longer) if line not in plain + longer[:i]]
+    return plain * max(1, len(longer)) + longer
 
 
 def main():
