@@ -25,9 +25,9 @@ STEPS=${STEPS:-12000}
 BATCH=${BATCH:-32}
 LR=${LR:-1e-3}
 PYTHON=${PYTHON:-python3}
-# The T5 is the pipeline fixtures' (random, shipped, never trained); so are the scheduler and
-# model_index.json. The CLIP is drawn in stage 1.
-ENCODERS=tests/fixtures/pipeline/schnell/diffusers
+# The pipeline folder and the transformer's options (scripts/demo/recipe.sh); the CLIP is drawn in
+# stage 1.
+. scripts/demo/recipe.sh
 mkdir -p "$W"
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
 
@@ -62,23 +62,13 @@ fi
 cat "$W/vae_train/holdout.json"
 
 log "3/4 transformer ($STEPS steps of $BATCH)"
-# T5 length 8: the text stream is most of a step's work (8 tokens instead of 32 make a step 2.1×
-# faster on 2 cores); 93% of the names fit whole (24 of 1911 share their first 8 tokens with
-# another). The length is recorded in the file, so generation pads to it too.
 # Checkpoints can be measured while the run goes on: scripts/demo/eval_checkpoint.py.
 P=$W/pipeline
-rm -rf "$P" && mkdir -p "$P/transformer"
-cp -r "$W/clip" "$P/text_encoder"
-cp -r "$ENCODERS/text_encoder_2" "$ENCODERS/scheduler" "$ENCODERS/model_index.json" "$P/"
-cp -r "$W/vae" "$P/vae"
-# Stands in for the transformer until the trained one exists (--init random replaces it).
-cp "$ENCODERS/transformer/"* "$P/transformer/"
+demo_pipeline "$W" "$P"
 if [ ! -f "$W/schnell.safetensors" ]; then
   resume_from "$W/schnell_train"
-  "$A" train --model "$P" --images "$W/data/train" --max-images 5000 --full --init random \
-    --transformer-config scripts/demo/transformer.json --out "$W/schnell.safetensors" \
-    --steps "$STEPS" --batch "$BATCH" --lr "$LR" --warmup-steps 200 --lr-schedule cosine --resolution 64 --max-sequence-length 8 \
-    --caption-dropout 0 --seed "$SEED" --save-every 500 --save-dtype f16 --device cpu \
+  "$A" train --model "$P" --images "$W/data/train" "${DEMO_TRANSFORMER_ARGS[@]}" --out "$W/schnell.safetensors" \
+    --steps "$STEPS" --batch "$BATCH" --lr "$LR" --warmup-steps 200 --seed "$SEED" --save-every 500 --device cpu \
     --sample-every 1000 --sample-prompt "grinning face" --sample-prompt "red apple" --sample-prompt "cat face" \
     "${RESUME[@]}"
 fi

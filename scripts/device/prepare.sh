@@ -17,13 +17,8 @@ rm -rf .dev && mkdir -p .dev .gl /tmp/amd64/partial
 strip -o /tmp/atelier.stripped "$T/release/atelier"
 xz -T0 -6 -c /tmp/atelier.stripped >.dev/atelier.xz
 (cd "$W/data" && tar cf - train | xz -T0 -9 >"$OLDPWD/.dev/train.tar.xz")
-E=tests/fixtures/pipeline/schnell/diffusers
-P=.dev/pipeline
-mkdir -p $P/transformer
-cp -r "$W/clip" $P/text_encoder
-cp -r "$W/vae" $P/vae
-cp -r $E/text_encoder_2 $E/scheduler $E/model_index.json $P/
-cp $E/transformer/* $P/transformer/
+. scripts/demo/recipe.sh
+demo_pipeline "$W" .dev/pipeline
 o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
 apt-get $o update >/dev/null
 (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
