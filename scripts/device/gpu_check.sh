@@ -6,6 +6,8 @@
 #   OUT=$OUT [NOCPU=1] [BUDGET=270] [CUTOFF=525] [BENCHTIME=90] [BATCH=1024] [LR=2e-3] bash scripts/device/gpu_check.sh
 # LOCAL=1 GPUDEV=cpu BATCH=32 BUDGET=60 GENTIME=5 checks the flow on this machine.
 set -uo pipefail
+: "${OUT:?set OUT to the folder the results go to}"
+cd "$(dirname "$0")/../.."
 . scripts/demo/recipe.sh
 T0=$(date +%s)
 el() { echo $(( $(date +%s) - T0 )); }

@@ -10,7 +10,7 @@
 #   bash scripts/device/prepare.sh WORK     (WORK: a train_demo.sh folder with data/, clip/, vae/)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-W=$1
+W=${1:?usage: bash scripts/device/prepare.sh WORK (a train_demo.sh folder with data/, clip/, vae/)}
 T=${CARGO_TARGET_DIR:-target}
 for d in /.dev/ /.gl/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >>.git/info/exclude; done
 rm -rf .dev && mkdir -p .dev .gl /tmp/amd64/partial
