@@ -375,6 +375,7 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
             y: y.clone(),
             guidance: c.guidance_embed.then(|| vec![1.0; spec.batch]),
             rope,
+            captions: Vec::new(),
         };
         let how = if t.recompute { objective::Backprop::Recompute } else { objective::Backprop::Plain };
         for i in 0..=spec.steps {

@@ -32,23 +32,29 @@ def read(path):
         return json.loads(f.read(n)), f.read()
 
 
-def export(state, ref_path, out):
-    """The checkpoint's weights as a BFL-layout f16 file shaped like `ref_path` (the run's
-    init.safetensors). Checkpoints hold burn's layout: flat, Linear weights as [in, out]."""
+def export(state, ref_path, out, prefix="", meta=None):
+    """The checkpoint's weights (those named `prefix` + a name of `ref_path`) as an f16 file
+    shaped like `ref_path` (the run's init.safetensors, or an encoder's model.safetensors).
+    Checkpoints hold burn's layout: flat, Linear weights as [in, out] (the ones the
+    `transposed` metadata names; before it existed, every matrix was a transformer Linear)."""
     ref, _ = read(ref_path)
     st, data = read(state)
-    settings = json.loads(st["__metadata__"]["settings"])
-    meta = ref.pop("__metadata__", {})
-    meta["max_sequence_length"] = str(settings["max_sequence_length"])
+    ref.pop("__metadata__", None)
+    transposed = st["__metadata__"].get("transposed")
+    transposed = set(json.loads(transposed)) if transposed is not None else None
     header, blobs, offset = {}, [], 0
     for name in sorted(ref):
-        a, b = st[name]["data_offsets"]
+        a, b = st[prefix + name]["data_offsets"]
         shape = ref[name]["shape"]
-        v = np.frombuffer(data[a:b], dtype=np.float32).reshape(shape[::-1]).T.astype(np.float16)
+        v = np.frombuffer(data[a:b], dtype=np.float32)
+        if len(shape) == 2 and (transposed is None or prefix + name in transposed):
+            v = v.reshape(shape[::-1]).T
+        v = v.reshape(shape).astype(np.float16)
         blobs.append(np.ascontiguousarray(v).tobytes())
         header[name] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + len(blobs[-1])]}
         offset += len(blobs[-1])
-    header["__metadata__"] = meta
+    if meta:
+        header["__metadata__"] = meta
     h = json.dumps(header).encode()
     h += b" " * (-len(h) % 8)
     with open(out, "wb") as f:
@@ -68,14 +74,32 @@ def main():
     dev = os.path.join(out, "dev")
     shutil.rmtree(dev, ignore_errors=True)
     os.makedirs(os.path.join(dev, "transformer"))
+    # Text encoders trained with the transformer (--train-text-encoders) come from the checkpoint
+    # or from the folders beside a finished run's file; frozen ones from the pipeline.
+    header = read(state)[0]
+    from_checkpoint = "settings" in header.get("__metadata__", {})
+    stem = os.path.splitext(state)[0]
     for part in ("text_encoder", "text_encoder_2", "vae"):
-        os.symlink(os.path.abspath(os.path.join(work, "pipeline", part)), os.path.join(dev, part))
+        source = os.path.join(work, "pipeline", part)
+        if from_checkpoint and any(k.startswith(part + ".") for k in header):
+            os.makedirs(os.path.join(dev, part))
+            shutil.copy(os.path.join(source, "config.json"), os.path.join(dev, part))
+            export(state, os.path.join(source, "model.safetensors"), os.path.join(dev, part, "model.safetensors"), part + ".")
+        elif not from_checkpoint and os.path.isdir(f"{stem}_{part}"):
+            shutil.copytree(f"{stem}_{part}", os.path.join(dev, part))
+        else:
+            os.symlink(os.path.abspath(source), os.path.join(dev, part))
     fixture = os.path.join(ROOT, "tests/fixtures/pipeline/dev/diffusers")
     shutil.copytree(os.path.join(fixture, "scheduler"), os.path.join(dev, "scheduler"))
     shutil.copy(os.path.join(fixture, "model_index.json"), dev)
     schnell = os.path.join(out, "schnell.safetensors")
-    if "settings" in read(state)[0].get("__metadata__", {}):
-        export(state, os.path.join(work, "schnell_train", "init.safetensors"), schnell)
+    if from_checkpoint:
+        init = os.path.join(os.path.dirname(state), "..", "..", "init.safetensors")
+        if not os.path.exists(init):
+            init = os.path.join(work, "schnell_train", "init.safetensors")
+        meta = read(init)[0].get("__metadata__", {})
+        meta["max_sequence_length"] = str(json.loads(header["__metadata__"]["settings"])["max_sequence_length"])
+        export(state, init, schnell, meta=meta)
     else:  # a finished run's output: already in BFL layout
         shutil.copy(state, schnell)
     weights = os.path.join(dev, "transformer", "diffusion_pytorch_model.safetensors")

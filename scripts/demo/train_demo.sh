@@ -3,9 +3,10 @@
 #   1. the data (npm package emoji-datasource-google 16.0.0, pinned)
 #   2. the VAE: `atelier train-vae` from random weights (scripts/demo/vae_config.json), its
 #      hold-out set the skin-tone variants
-#   3. the transformer: `atelier train --full --init random` (scripts/demo/transformer.json,
-#      schnell-like), on the VAE's latents and the demo's fixed random text encoders: the
-#      pipeline fixtures' T5 and a wider CLIP drawn from SEED (scripts/demo/make_clip_encoder.py)
+#   3. the transformer: `atelier train --full --init random --train-text-encoders`
+#      (scripts/demo/transformer.json, schnell-like), on the VAE's latents, with the text encoders
+#      trained from the pipeline fixtures' T5 and a wider CLIP drawn from SEED
+#      (scripts/demo/make_clip_encoder.py)
 #   4. the dev-like transformer: the same weights with an all-zero guidance embedding
 #      (scripts/demo/add_zero_guidance.py), and the two pipeline folders
 # Every stage is reproducible from SEED and resumes after an interruption (finished stages are
@@ -78,7 +79,10 @@ python3 scripts/demo/add_zero_guidance.py "$W/schnell.safetensors" "$W/dev.safet
 for kind in schnell dev; do
   O=$W/out/$kind
   rm -rf "$O" && mkdir -p "$O/transformer"
-  cp -r "$P/text_encoder" "$P/text_encoder_2" "$P/vae" "$O/"
+  # The trained text encoders (written beside the transformer), the VAE of stage 2.
+  cp -r "$W/schnell_text_encoder" "$O/text_encoder"
+  cp -r "$W/schnell_text_encoder_2" "$O/text_encoder_2"
+  cp -r "$P/vae" "$O/"
   cp -r "tests/fixtures/pipeline/$kind/diffusers/scheduler" "tests/fixtures/pipeline/$kind/diffusers/model_index.json" "$O/"
   cp "$W/$kind.safetensors" "$O/transformer/diffusion_pytorch_model.safetensors"
   cp scripts/demo/transformer.json "$O/transformer/config.json"

@@ -35,6 +35,10 @@ pub struct TrainArgs {
     /// BFL-layout transformer file. --rank, --alpha, --targets and --format are LoRA options.
     #[arg(long)]
     pub full: bool,
+    /// With --full: train the T5 and CLIP text encoders too (both must be transformers folders);
+    /// they are written as `<stem>_text_encoder/` and `<stem>_text_encoder_2/` beside --out.
+    #[arg(long)]
+    pub train_text_encoders: bool,
     /// Where a full run starts: the model's transformer, or random weights of --transformer-config.
     #[arg(long, value_enum, default_value = "checkpoint")]
     pub init: Init,
@@ -149,6 +153,9 @@ impl TrainArgs {
         if self.save_dtype.is_some() && !self.full {
             bail!("--save-dtype is for --full runs (a LoRA is written in f32)");
         }
+        if self.train_text_encoders && !self.full {
+            bail!("--train-text-encoders is for --full runs (a LoRA trains the transformer only)");
+        }
         if self.full {
             let d = Settings::default();
             let lora_options = [
@@ -204,6 +211,7 @@ impl TrainArgs {
             full: self.full,
             save_dtype: self.save_dtype.unwrap_or(StoreDtype::F32),
             lr_schedule: self.schedule.schedule(),
+            train_text_encoders: self.train_text_encoders,
         }
     }
 }

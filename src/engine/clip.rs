@@ -13,7 +13,7 @@ use burn::tensor::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::engine::layers::{Embedding, LayerNorm, Linear, gelu_tanh};
-use crate::engine::loader::{self, Loader, Prefixed, Walk};
+use crate::engine::loader::{self, Loader, NamedParam, Prefixed, Walk};
 use crate::engine::weights::{WeightSet, component_config};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -193,6 +193,17 @@ impl ClipText {
         let walk = Walk::load(&source, device, DType::F32);
         crate::engine::weights::low_peak_load(|| Self::build(&walk.root(), config))
             .with_context(|| format!("loading the CLIP text encoder {}", path.display()))
+    }
+
+    /// [`ClipText::load`] with every parameter and the name it was read under (without the
+    /// file's key prefix): what training the encoder updates and writes back.
+    pub fn load_named(path: &Path, device: &Device) -> Result<(Self, Vec<NamedParam>, usize)> {
+        let (set, prefix, config) = Self::open_checked(path, None)?;
+        let source = Prefixed { set: &set, prefix, ignored: clip_ignored };
+        loader::load_named(&source, device, DType::F32, ("CLIP checkpoint", "the CLIP text encoder"), |l| {
+            Self::build(l, config.clone())
+        })
+        .with_context(|| format!("loading the CLIP text encoder {}", path.display()))
     }
 
     /// The configuration of a checkpoint, read off its header (no tensor data), after checking

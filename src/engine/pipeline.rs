@@ -84,7 +84,7 @@ impl ModelFiles {
         Ok(flux)
     }
 
-    fn load_tokenizers(&self) -> Result<FluxTokenizers> {
+    pub fn load_tokenizers(&self) -> Result<FluxTokenizers> {
         let Some(dir) = &self.tokenizers else { return FluxTokenizers::builtin() };
         if dir.join("tokenizer_2/tokenizer.json").exists() {
             FluxTokenizers::from_files(&dir.join("tokenizer_2/tokenizer.json"), &dir.join("tokenizer/tokenizer.json"))

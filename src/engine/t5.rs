@@ -9,11 +9,11 @@ use anyhow::{Context, Result, anyhow, bail};
 use burn::module::{Module, Param};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::engine::layers::{Embedding, Linear, gelu_tanh};
-use crate::engine::loader::{self, Init, Loader, Prefixed, Walk};
+use crate::engine::loader::{self, Init, Loader, NamedParam, Prefixed, Walk};
 use crate::engine::weights::{WeightSet, component_config};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -216,6 +216,17 @@ impl T5Encoder {
             .with_context(|| format!("loading the T5 encoder {}", path.display()))
     }
 
+    /// [`T5Encoder::load`] in f32 with every parameter and the name it was read under (without
+    /// the file's key prefix): what training the encoder updates and writes back.
+    pub fn load_named(path: &Path, device: &Device) -> Result<(Self, Vec<NamedParam>, usize)> {
+        let (set, prefix, config) = Self::open_checked(path, None)?;
+        let source = Prefixed { set: &set, prefix, ignored: t5_ignored };
+        loader::load_named(&source, device, DType::F32, ("T5 checkpoint", "the T5 v1.1 encoder"), |l| {
+            Self::build(l, config.clone())
+        })
+        .with_context(|| format!("loading the T5 encoder {}", path.display()))
+    }
+
     /// The configuration of a checkpoint, read off its header (no tensor data), after checking
     /// that it holds exactly the tensors this encoder reads.
     pub fn check(path: &Path, hint: Option<&T5Hint>) -> Result<T5Config> {
@@ -261,21 +272,21 @@ impl T5Encoder {
     }
 
     /// Bidirectional relative position bias [1, heads, L, L] from block 0's table.
+    /// The relative-position bias [1, heads, len, len]: rows of block 0's table picked by each
+    /// (query, key) pair's bucket (a select, so the table trains when the encoder does).
     fn position_bias(&self, len: usize, device: &Device) -> Result<Tensor<4>> {
         let (heads, buckets) = (self.config.heads, self.config.buckets);
         let table = self.encoder.block.first().and_then(|b| b.layer_0.self_attention.relative_attention_bias.as_ref());
         let table = table.ok_or_else(|| anyhow!("T5 has no blocks"))?.weight.val().cast(DType::F32);
-        let table = table.into_data().try_to_vec::<f32>().map_err(|e| anyhow!("reading T5's position bias: {e:?}"))?;
-        let mut out = vec![0f32; heads * len * len];
+        let mut index = Vec::with_capacity(len * len);
         for q in 0..len {
             for k in 0..len {
-                let bucket = relative_bucket(k as i64 - q as i64, buckets, self.config.max_distance);
-                for h in 0..heads {
-                    out[(h * len + q) * len + k] = table[bucket * heads + h];
-                }
+                index.push(relative_bucket(k as i64 - q as i64, buckets, self.config.max_distance) as i32);
             }
         }
-        Ok(Tensor::from_data(TensorData::new(out, [1, heads, len, len]), device))
+        let index = Tensor::<1, Int>::from_data(TensorData::new(index, [len * len]), device);
+        // [len·len, heads] → [heads, len, len]
+        Ok(table.select(0, index).reshape([len, len, heads]).permute([2, 0, 1]).unsqueeze::<4>())
     }
 }
 

@@ -20,6 +20,8 @@ pub struct Batch {
     /// Per item, for guidance-distilled (dev) models: 1.0 when training.
     pub guidance: Option<Vec<f32>>,
     pub rope: Rope,
+    /// The caption each item trains with (what trained text encoders encode in the step).
+    pub captions: Vec<String>,
 }
 
 impl Batch {

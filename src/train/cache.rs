@@ -39,7 +39,7 @@ pub struct CachedText {
 }
 
 impl CachedText {
-    fn from_embeds(e: PromptEmbeds) -> Self {
+    pub(super) fn from_embeds(e: PromptEmbeds) -> Self {
         let [_, l, d] = e.txt.dims();
         CachedText { txt: host(e.txt), txt_shape: [l, d], y: host(e.y) }
     }

@@ -180,12 +180,16 @@ impl FullParams {
                 data.push(t);
             }
         }
+        // Which flat vectors hold a matrix transposed ([in, out]), so tools outside atelier can
+        // rebuild the checkpoint layout (scripts/demo/eval_checkpoint.py).
+        let transposed: Vec<&str> = self.params.iter().filter(|p| p.transposed).map(|p| p.name.as_str()).collect();
         let meta = [
             ("step", step.to_string()),
             ("seed", seed.to_string()),
             ("settings", settings.to_string()),
             ("optimizer_step", opt.step.to_string()),
             ("adamw", serde_json::to_string(&opt.config)?),
+            ("transposed", serde_json::to_string(&transposed)?),
         ];
         let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let tmp = dir.join(format!("{STATE}.partial"));

@@ -24,6 +24,7 @@ pub mod params;
 pub mod recompute;
 pub mod run;
 pub mod samples;
+pub mod text;
 pub mod trainee;
 pub mod vae;
 

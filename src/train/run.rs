@@ -26,6 +26,7 @@ use super::full::FullParams;
 use super::objective::{Backprop, Batch, Timesteps, sample_sigmas};
 use super::params::{Targets, TrainableLora};
 use super::samples;
+use super::text::TrainedText;
 use super::trainee::Trainee;
 use crate::engine::weights::StoreDtype;
 
@@ -63,6 +64,9 @@ pub struct Settings {
     /// Warmup and decay of the learning rate (`adamw.lr` is its peak).
     #[serde(default)]
     pub lr_schedule: LrSchedule,
+    /// With `full`: train the T5 and CLIP encoders too (see `train::text`).
+    #[serde(default)]
+    pub train_text_encoders: bool,
 }
 
 fn default_save_dtype() -> StoreDtype {
@@ -93,6 +97,7 @@ impl Default for Settings {
             full: false,
             save_dtype: StoreDtype::F32,
             lr_schedule: LrSchedule::default(),
+            train_text_encoders: false,
         }
     }
 }
@@ -203,6 +208,9 @@ pub fn train_with(
     if job.init.is_some() && !s.full {
         bail!("--init random starts every weight from scratch: it needs --full");
     }
+    if s.train_text_encoders && !s.full {
+        bail!("--train-text-encoders trains the encoders with every transformer weight: it needs --full");
+    }
     if s.full && job.dtype != DType::F32 {
         bail!("full training keeps the weights in f32: use --dtype f32 (or auto on the CPU)");
     }
@@ -224,6 +232,9 @@ pub fn train_with(
     // Model files: headers only (a model without a transformer, or with mismatched parts, is
     // refused here).
     let config = files.check()?;
+    if s.train_text_encoders {
+        super::text::check_sources(&files)?;
+    }
     let rank_limit = config.hidden_size.min(config.mlp_hidden_dim);
     if !s.full && (s.rank == 0 || s.rank > rank_limit) {
         bail!("--rank {} is larger than this model's layers allow (1..={rank_limit}: the hidden size)", s.rank);
@@ -243,7 +254,15 @@ pub fn train_with(
     }
 
     on(Event::Stage("loading the transformer".into()));
-    let (mut model, mut trainee, mut opt, start) = if s.full {
+    let (mut model, mut trainee, mut opt, start) = if s.full && s.train_text_encoders {
+        let (mut model, named, tensors) = flux::load_transformer_named(&files.transformer, device, job.dtype, None)?;
+        let mut text = TrainedText::load(&files, FullParams::new(named, tensors)?, &texts, max_len, device)?;
+        let (opt, start) = match &job.resume {
+            Some(dir) => text.load_checkpoint(dir, &mut model, device)?,
+            None => (text.optimizer(&model, s.adamw), 0),
+        };
+        (model, Trainee::FullWithText(Box::new(text)), opt, start)
+    } else if s.full {
         let (model, named, tensors) = flux::load_transformer_named(&files.transformer, device, job.dtype, None)?;
         let params = FullParams::new(named, tensors)?;
         match &job.resume {
@@ -328,11 +347,16 @@ pub fn train_with(
             for (i, prompt) in s.sample_prompts.iter().enumerate() {
                 let path = out_dir.join("samples").join(format!("step_{n:06}_{i}.png"));
                 let seed = s.seed.wrapping_add(i as u64);
+                // Trained encoders encode the prompt as they are now; frozen ones were cached.
+                let fresh = match &trainee {
+                    Trainee::FullWithText(t) => Some(t.encode(prompt, device)?),
+                    _ => None,
+                };
                 samples::render(
                     &files,
                     &mut model,
                     trainee.lora(),
-                    &text_cache[prompt],
+                    fresh.as_ref().unwrap_or(&text_cache[prompt]),
                     s.resolution,
                     seed,
                     &path,
@@ -383,20 +407,34 @@ pub fn train_with(
             export::write(lora, s.format, &info, &job.out)?
         }
         Trainee::Full(params) => {
-            // The RoPE split cannot be read off the shapes: it travels in the metadata.
-            let meta = [
-                ("axes_dims_rope", serde_json::to_string(&model.config.axes_dim)?),
-                ("atelier_training", settings_json.clone()),
-                ("atelier_images", items.len().to_string()),
-                // The captions' T5 length: generation defaults to it (flux::default_sequence_length).
-                ("max_sequence_length", max_len.to_string()),
-            ];
-            let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            params.export(&model, &job.out, s.save_dtype, &meta)?;
+            let meta = full_metadata(&model, &settings_json, items.len(), max_len)?;
+            params.export(&model, &job.out, s.save_dtype, &as_pairs(&meta))?
+        }
+        Trainee::FullWithText(text) => {
+            let meta = full_metadata(&model, &settings_json, items.len(), max_len)?;
+            for dir in text.export(&model, &job.out, s.save_dtype, &as_pairs(&meta))? {
+                on(Event::Saved(dir));
+            }
         }
     }
     on(Event::Saved(job.out.clone()));
     Ok(Trained { lora: trainee.into_lora(), losses, out: Some(job.out.clone()) })
+}
+
+/// What a fully trained transformer file records besides its tensors.
+fn full_metadata(model: &Flux, settings_json: &str, images: usize, max_len: usize) -> Result<Vec<(String, String)>> {
+    Ok(vec![
+        // The RoPE split cannot be read off the shapes: it travels in the metadata.
+        ("axes_dims_rope".into(), serde_json::to_string(&model.config.axes_dim)?),
+        ("atelier_training".into(), settings_json.to_string()),
+        ("atelier_images".into(), images.to_string()),
+        // The captions' T5 length: generation defaults to it (flux::default_sequence_length).
+        ("max_sequence_length".into(), max_len.to_string()),
+    ])
+}
+
+fn as_pairs(meta: &[(String, String)]) -> Vec<(&str, &str)> {
+    meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
 /// Steps the running mean of the loss spans.
@@ -445,6 +483,8 @@ struct Restartable {
     init: Option<String>,
     #[serde(skip_serializing_if = "LrSchedule::is_constant")]
     lr_schedule: LrSchedule,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    train_text_encoders: bool,
 }
 
 impl Restartable {
@@ -465,6 +505,7 @@ impl Restartable {
             max_sequence_length: s.max_sequence_length,
             init: init.map(|c| format!("{c:?}")),
             lr_schedule: s.lr_schedule,
+            train_text_encoders: s.train_text_encoders,
         }
     }
 }
@@ -515,13 +556,14 @@ fn make_batch(
     let sigmas = sample_sigmas(s.timesteps, b, tokens, &mut rng);
     let noise = rng.randn(b * tokens * width);
     let mut x0 = Vec::with_capacity(b * tokens * width);
-    let (mut txts, mut ys) = (Vec::new(), Vec::new());
+    let (mut txts, mut ys, mut captions) = (Vec::new(), Vec::new(), Vec::new());
     for &i in &chosen {
         x0.extend_from_slice(&latents[i].packed);
         let caption = choose_caption(&items[i], s.caption_dropout, &mut coin);
         let (t, y) = texts[caption].upload(device, dtype);
         txts.push(t);
         ys.push(y);
+        captions.push(caption.to_string());
     }
     let txt = Tensor::cat(txts, 0);
     let txt_len = txt.dims()[1];
@@ -534,6 +576,7 @@ fn make_batch(
         txt,
         y: Tensor::cat(ys, 0),
         rope: model.rope(txt_len, first.rows / 2, first.cols / 2, device),
+        captions,
     })
 }
 

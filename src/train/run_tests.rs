@@ -294,3 +294,95 @@ fn train_full_from_random_weights_learns_exports_and_resumes_exactly() {
     let e = train(&Job { dtype: DType::F16, ..full_job("x.safetensors") }, &s, &Device::flex(), |_| {});
     assert!(format!("{:#}", e.err().unwrap()).contains("keeps the weights in f32"));
 }
+
+/// `--full --train-text-encoders`: both encoders train with the transformer (the rows of the
+/// caption's tokens move, the others only by weight decay), are written as loadable
+/// transformers folders beside the transformer, and a resumed run ends bit for bit where the
+/// straight run does; single-file encoders and LoRA runs are refused before any work.
+#[test]
+fn train_text_encoders_moves_the_caption_rows_exports_folders_and_resumes_exactly() {
+    use crate::engine::clip::ClipText;
+    use crate::engine::t5::T5Encoder;
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = images(dir.path());
+    let files = model("schnell");
+    let base = flux::open_checked(&files.transformer, None).unwrap().1;
+    let init = flux::FluxConfig { depth: 1, depth_single_blocks: 1, ..base };
+    let s = Settings {
+        full: true,
+        train_text_encoders: true,
+        steps: 8,
+        batch: 2,
+        caption_dropout: 0.0,
+        max_sequence_length: Some(8),
+        adamw: super::adamw::AdamWConfig { lr: 1e-2, ..Default::default() },
+        save_every: 4,
+        ..settings()
+    };
+    let full_job = |out: &str| Job { init: Some(init.clone()), ..job(files.clone(), &imgs, &dir.path().join(out)) };
+    let straight = train(&full_job("a.safetensors"), &s, &Device::flex(), |_| {}).unwrap();
+    assert_eq!(straight.losses.len(), 8);
+
+    // The folders load as encoders; the caption's rows moved, an unused token's row barely.
+    let device = Device::flex();
+    let [clip_dir, t5_dir] = super::text::encoder_dirs(&dir.path().join("a.safetensors"));
+    let (t5_before, t5_after) =
+        (T5Encoder::load(&files.t5, &device, None).unwrap(), T5Encoder::load(&t5_dir, &device, None).unwrap());
+    let (clip_before, clip_after) =
+        (ClipText::load(&files.clip, &device, None).unwrap(), ClipText::load(&clip_dir, &device, None).unwrap());
+    let tokenizers = files.load_tokenizers().unwrap();
+    let row_shift = |before: &crate::engine::layers::Embedding, after: &crate::engine::layers::Embedding, id: u32| {
+        let (b, a) = (host(before.weight.val()), host(after.weight.val()));
+        let d = before.weight.val().dims()[1];
+        let r = id as usize * d..(id as usize + 1) * d;
+        b[r.clone()].iter().zip(&a[r]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+    };
+    let unused = 31_000; // a T5 and CLIP id no caption here contains
+    let t5_word = tokenizers.t5("zqx", 8).unwrap().ids[0];
+    let clip_word = tokenizers.clip("zqx").unwrap().ids[1];
+    let (t5_moved, t5_still) = (
+        row_shift(&t5_before.shared, &t5_after.shared, t5_word),
+        row_shift(&t5_before.shared, &t5_after.shared, unused),
+    );
+    let (ct, ca) = (&clip_before.embeddings.token_embedding, &clip_after.embeddings.token_embedding);
+    let (clip_moved, clip_still) = (row_shift(ct, ca, clip_word), row_shift(ct, ca, unused));
+    eprintln!("T5 row of the caption moved {t5_moved}, unused {t5_still}; CLIP {clip_moved}, {clip_still}");
+    assert!(t5_moved > 1e-2 && t5_moved > 10.0 * t5_still, "T5: {t5_moved} vs {t5_still}");
+    assert!(clip_moved > 1e-2 && clip_moved > 10.0 * clip_still, "CLIP: {clip_moved} vs {clip_still}");
+    assert!(t5_dir.join("config.json").is_file() && clip_dir.join("config.json").is_file());
+
+    // Stopped at step 4 and resumed: the same losses and the same three files.
+    let first = Job { stop_after: Some(4), ..full_job("b.safetensors") };
+    let part = train(&first, &s, &Device::flex(), |_| {}).unwrap();
+    let ckpt = dir.path().join("b_train/checkpoints/step_4");
+    let rest =
+        train(&Job { resume: Some(ckpt.clone()), ..full_job("b.safetensors") }, &s, &Device::flex(), |_| {}).unwrap();
+    assert_eq!([part.losses, rest.losses].concat(), straight.losses);
+    let [b_clip, b_t5] = super::text::encoder_dirs(&dir.path().join("b.safetensors"));
+    for (a, b) in [
+        (dir.path().join("a.safetensors"), dir.path().join("b.safetensors")),
+        (clip_dir.join("model.safetensors"), b_clip.join("model.safetensors")),
+        (t5_dir.join("model.safetensors"), b_t5.join("model.safetensors")),
+    ] {
+        assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "{} differs after a resume", b.display());
+    }
+    // A transformer-only run cannot resume it (other settings).
+    let only = Settings { train_text_encoders: false, ..s.clone() };
+    let err = train(&Job { resume: Some(ckpt), ..full_job("c.safetensors") }, &only, &Device::flex(), |_| {});
+    assert!(format!("{:#}", err.err().unwrap()).contains("other settings"));
+
+    // Refused before any work: without --full, and with a single-file encoder.
+    let lora = Settings { full: false, ..s.clone() };
+    let e = train(&job(files.clone(), &imgs, &dir.path().join("x.safetensors")), &lora, &Device::flex(), |_| {});
+    assert!(format!("{:#}", e.err().unwrap()).contains("needs --full"));
+    let single = ModelFiles { t5: files.t5.join("model.safetensors"), ..files.clone() };
+    let e = train(
+        &Job { init: Some(init.clone()), ..job(single, &imgs, &dir.path().join("y.safetensors")) },
+        &s,
+        &device,
+        |_| {},
+    );
+    let e = format!("{:#}", e.err().unwrap());
+    assert!(e.contains("transformers folders") && e.contains("T5"), "{e}");
+    assert!(!dir.path().join("y_train/checkpoints").exists());
+}

@@ -71,6 +71,7 @@ fn case_on(kind: &str, device: &Device) -> Case {
         y: tensor(&golden, "y", &device),
         guidance: golden.contains("guidance").then(|| read(&golden, "guidance")),
         rope: Rope::new(&all_ids, &model.config.axes_dim, model.config.theta, &device),
+        captions: Vec::new(),
     };
     Case { model, golden, lora, batch }
 }
@@ -235,6 +236,7 @@ fn train_on_a_half_precision_base_keeps_f32_lora_and_near_f32_gradients() {
             y: b.y.clone().cast(dtype),
             guidance: b.guidance.clone(),
             rope: Rope { cos: b.rope.cos.clone(), sin: b.rope.sin.clone() },
+            captions: b.captions.clone(),
         };
         let out = loss_and_grads(&mut model, &c.lora, &half, Backprop::Recompute).unwrap();
         let loss_err = ((out.loss - f32_grads.loss) / f32_grads.loss).abs();

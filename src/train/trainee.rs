@@ -1,5 +1,5 @@
-//! What a run trains: a LoRA on the frozen transformer (the default), or every weight of the
-//! transformer (`--full`). The loop in `run` is the same for both; this is where they differ.
+//! What a run trains: a LoRA on the frozen transformer (the default), every weight of the
+//! transformer (`--full`), or that and both text encoders (`--full --train-text-encoders`). The loop in `run` is the same for both; this is where they differ.
 
 use std::path::Path;
 
@@ -12,11 +12,14 @@ use super::checkpoint;
 use super::full::{FullParams, tracked};
 use super::objective::{Backprop, loss_and_grads};
 use super::params::{TrainableLora, host};
+use super::text::TrainedText;
 use crate::engine::flux::Flux;
 
 pub enum Trainee {
     Lora(TrainableLora),
     Full(FullParams),
+    /// Every weight of the transformer and of both text encoders.
+    FullWithText(Box<TrainedText>),
 }
 
 impl Trainee {
@@ -27,6 +30,12 @@ impl Trainee {
             Trainee::Full(f) => {
                 format!("training all {} values of the transformer ({} tensors)", f.numel(), f.params.len())
             }
+            Trainee::FullWithText(t) => format!(
+                "training all {} values of the transformer and {} of the text encoders ({} tensors)",
+                t.all.numel() - t.numel(),
+                t.numel(),
+                t.all.params.len()
+            ),
         }
     }
 
@@ -35,6 +44,7 @@ impl Trainee {
         match self {
             Trainee::Lora(l) => AdamW::for_lora(config, l),
             Trainee::Full(f) => AdamW::new(config, &f.values(model)),
+            Trainee::FullWithText(t) => t.optimizer(model, config),
         }
     }
 
@@ -55,6 +65,7 @@ impl Trainee {
                 Ok((grads.loss, outcome))
             }
             Trainee::Full(params) => params.step(model, opt, |leaves| full_loss(leaves, batch)),
+            Trainee::FullWithText(t) => t.step(model, opt, batch),
         }
     }
 
@@ -63,6 +74,7 @@ impl Trainee {
         match self {
             Trainee::Lora(lora) => checkpoint::save(dir, lora, opt, step, seed, settings),
             Trainee::Full(params) => params.save_checkpoint(dir, model, opt, (step, seed, settings)),
+            Trainee::FullWithText(t) => t.save_checkpoint(dir, model, opt, (step, seed, settings)),
         }
     }
 
@@ -70,7 +82,7 @@ impl Trainee {
     pub fn into_lora(self) -> Option<TrainableLora> {
         match self {
             Trainee::Lora(l) => Some(l),
-            Trainee::Full(_) => None,
+            Trainee::Full(_) | Trainee::FullWithText(_) => None,
         }
     }
 
@@ -78,7 +90,7 @@ impl Trainee {
     pub fn lora(&self) -> Option<&TrainableLora> {
         match self {
             Trainee::Lora(l) => Some(l),
-            Trainee::Full(_) => None,
+            Trainee::Full(_) | Trainee::FullWithText(_) => None,
         }
     }
 }
