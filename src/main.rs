@@ -33,7 +33,7 @@ fn run(cli: Cli) -> Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     let data_dir = cli.data.clone().unwrap_or_else(|| config.server.data_dir.clone());
     match cli.command {
-        Command::Bench(args) => run_bench(args),
+        Command::Bench(args) => run_bench(args, &config),
         Command::Inspect { path } => inspect(&path),
         Command::Quantize { input, output, ty } => quantize(&input, &output, &ty),
         Command::Generate(args) => run_generate(args, &config, &data_dir),
@@ -71,8 +71,14 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn run_bench(a: BenchArgs) -> Result<()> {
+fn run_bench(a: BenchArgs, config: &Config) -> Result<()> {
     // Options that the chosen mode would ignore are refused, not silently dropped.
+    let model_only = [("--width", a.width.is_some()), ("--height", a.height.is_some())];
+    if a.model.is_none()
+        && let Some((flag, _)) = model_only.iter().find(|(_, set)| *set)
+    {
+        anyhow::bail!("{flag} sizes the --model bench; the transformer bench is sized by --img-tokens");
+    }
     let transformer_only = [
         ("--checkpoint", a.checkpoint.is_some()),
         ("--quant", a.quant.is_some()),
@@ -80,6 +86,14 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         ("--train", a.train),
         ("--memory-budget", a.memory_budget.is_some()),
     ];
+    if a.model.is_some() {
+        if let Some((flag, _)) =
+            transformer_only.iter().chain(&[("--vae", a.vae), ("--profile", a.profile)]).find(|(_, set)| *set)
+        {
+            anyhow::bail!("{flag} is for the random-weights bench; --model times a whole generation");
+        }
+        return bench_model(&a, config);
+    }
     if a.vae
         && let Some((flag, _)) = transformer_only.iter().find(|(_, set)| *set)
     {
@@ -115,7 +129,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         img_tokens: a.img_tokens,
         txt_tokens: a.txt_tokens,
         batch: a.batch,
-        steps: a.steps,
+        steps: a.steps.unwrap_or(3),
         dtype: atelier::engine::device::compute_dtype(
             a.dtype.parse::<atelier::config::Dtype>().map_err(anyhow::Error::msg)?.burn(),
             &device,
@@ -152,6 +166,32 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     match a.json {
         true => println!("{}", serde_json::to_string_pretty(&report.json(&spec))?),
         false => report.print(&spec),
+    }
+    Ok(())
+}
+
+/// `atelier bench --model`: one generation of a real pipeline, timed by stage.
+fn bench_model(a: &BenchArgs, config: &Config) -> Result<()> {
+    let args = atelier::cli::ModelArgs { model: a.model.clone(), ..Default::default() };
+    let (files, name) = resolve_model(config, &args)?;
+    let device = device::select(a.device.parse::<DeviceChoice>()?)?;
+    let requested = a.dtype.parse::<atelier::config::Dtype>().map_err(anyhow::Error::msg)?;
+    let spec = bench::pipeline::PipelineSpec {
+        files,
+        name,
+        request: atelier::engine::pipeline::GenerateRequest {
+            prompt: a.prompt.clone(),
+            steps: a.steps,
+            width: a.width.unwrap_or(512),
+            height: a.height.unwrap_or(512),
+            ..Default::default()
+        },
+        dtype: device::compute_dtype(requested.burn(), &device).0,
+    };
+    let report = bench::pipeline::run_pipeline(&spec, &device)?;
+    match a.json {
+        true => println!("{}", serde_json::to_string_pretty(&report.json(&spec))?),
+        false => report.print(&spec, &device),
     }
     Ok(())
 }

@@ -181,6 +181,12 @@ fn demo(kind: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/demo").join(kind).to_str().unwrap().to_string()
 }
 
+/// The tiny random pipelines the LoRA and golden fixtures were made for (the demo models are
+/// wider since they were trained).
+fn pipeline_fixture(kind: &str) -> String {
+    fixture(&format!("pipeline/{kind}/diffusers")).to_str().unwrap().to_string()
+}
+
 fn files_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> =
         std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
@@ -433,7 +439,7 @@ fn generate_applies_loras_and_records_them() {
     let out = dir.path().join("fox.png");
     let lora = |n: &str, w: &str| format!("{}:{w}", fixture(&format!("lora/dev/{n}.safetensors")).to_str().unwrap());
     let (peft, kohya) = (lora("peft", "0.8"), lora("kohya", "-0.6"));
-    let model = demo("dev");
+    let model = pipeline_fixture("dev");
     #[rustfmt::skip]
     let args = [
         "generate", "--model", &model,
@@ -618,7 +624,7 @@ fn train_writes_a_lora_with_log_checkpoints_and_samples_that_generate_loads() {
 #[test]
 fn trained_loras_generate_the_images_diffusers_makes_with_them() {
     let dir = tempfile::tempdir().unwrap();
-    let model = demo("dev");
+    let model = pipeline_fixture("dev");
     for format in ["peft", "kohya"] {
         let out = dir.path().join(format!("{format}.png"));
         let lora = fixture(&format!("train/roundtrip/{format}.safetensors")).to_str().unwrap().to_string();
@@ -704,7 +710,7 @@ fn full_and_vae_training_write_models_that_generate_loads() {
             "guidance_embeds": false, "axes_dims_rope": [4, 6, 6]}"#,
     )
     .unwrap();
-    let model = demo("schnell");
+    let model = pipeline_fixture("schnell");
     let out = d.join("full.safetensors");
     let (img, cfg, o_s) = (images.to_str().unwrap(), config.to_str().unwrap(), out.to_str().unwrap());
     #[rustfmt::skip]
@@ -739,4 +745,44 @@ fn full_and_vae_training_write_models_that_generate_loads() {
     refused(&[&full[..], &["--transformer", o_s]].concat(), "leave out --transformer");
     refused(&["train-vae", "--images", img, "--out", "x"], "give --vae");
     refused(&["train", "--model", &model, "--images", img, "--out", "x", "--save-dtype", "f16"], "--full runs");
+}
+
+/// `atelier bench --model` times a real pipeline by stage: the demo model at its 64², every
+/// sampling step, the VAE encode; options of the random-weights bench are refused with it.
+#[test]
+fn bench_model_times_a_real_pipeline_by_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = atelier(
+        dir.path(),
+        &[
+            "bench",
+            "--model",
+            &demo("dev"),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "5",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let stages: Vec<&str> = report["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(stages, ["encoding the prompt", "loading the transformer", "sampling", "decoding"]);
+    assert_eq!(report["kind"], "dev");
+    assert_eq!(report["step_seconds"].as_array().unwrap().len(), 5);
+    for s in report["stages"].as_array().unwrap() {
+        assert!(s["seconds"].as_f64().unwrap() > 0.0 && s["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{s}");
+    }
+    assert!(report["vae_encode"]["seconds"].as_f64().unwrap() > 0.0);
+    for (flag, value) in [("--vae", None), ("--train", None), ("--quant", Some("q8_0"))] {
+        let mut args = vec!["bench", "--model", "demo-dev", "--device", "cpu", flag];
+        args.extend(value);
+        let o = atelier(dir.path(), &args);
+        assert!(!o.status.success() && stderr(&o).contains(flag), "{flag}: {}", stderr(&o));
+    }
 }

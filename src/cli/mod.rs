@@ -77,7 +77,7 @@ pub struct ServeArgs {
 }
 
 /// Which model a command runs: `--model` and/or single component files (`generate`, `train`).
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct ModelArgs {
     /// A diffusers pipeline folder, or a model id from config.toml.
     #[arg(long)]
@@ -150,6 +150,18 @@ pub struct BenchArgs {
     /// Benchmark this checkpoint instead of a random one.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// Time a real pipeline instead (a diffusers folder or a model id from config.toml): one
+    /// generation by stage (prompt encoding, transformer load and sampling, decoding) with the
+    /// peak RSS of each, every step, and a VAE encode of the image.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// With --model: the prompt, and the image size (default 512x512).
+    #[arg(long, default_value = "a red apple on a wooden table")]
+    pub prompt: String,
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub height: Option<usize>,
     #[arg(long, default_value_t = 768)]
     pub hidden: usize,
     #[arg(long, default_value_t = 128)]
@@ -164,9 +176,10 @@ pub struct BenchArgs {
     pub txt_tokens: usize,
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Timed steps (after one warm-up step).
-    #[arg(long, default_value_t = 3)]
-    pub steps: usize,
+    /// Timed steps (after one warm-up step; default 3). With --model: the sampling steps
+    /// (default: the model's, 4 for schnell and 28 for dev).
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// Give the model a guidance embedding (FLUX.1-dev style).
     #[arg(long)]
     pub guidance: bool,

@@ -3,6 +3,8 @@
 //! what the process held before the load), optionally with the checkpoint quantized to a
 //! city96-layout GGUF first (`--quant`), whose blocks stay packed in memory.
 
+pub mod pipeline;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -207,7 +209,7 @@ fn profile_json(profile: &[crate::engine::profile::Total], runs: usize) -> serde
         .collect()
 }
 
-fn median(runs: &[f64]) -> f64 {
+pub(crate) fn median(runs: &[f64]) -> f64 {
     let mut s = runs.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     s[s.len() / 2]
@@ -232,7 +234,7 @@ fn print_profile(profile: &[crate::engine::profile::Total], runs: &[f64]) {
 }
 
 /// Current and peak resident set size of this process, from /proc (Linux).
-fn rss_bytes() -> (u64, u64) {
+pub(crate) fn rss_bytes() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |key: &str| {
         status
@@ -246,7 +248,7 @@ fn rss_bytes() -> (u64, u64) {
 }
 
 /// Restarts the kernel's peak-RSS counter so VmHWM measures only what follows.
-fn reset_peak_rss() {
+pub(crate) fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
