@@ -47,6 +47,19 @@ impl EmojiAtlas {
 
     /// The index of the emoji nearest a 64×64 image (2×2 box average to 32×32, then L2).
     pub fn nearest(&self, img: &image::RgbImage) -> Result<usize> {
+        let d = self.distances(img)?;
+        (0..d.len()).min_by(|&a, &b| d[a].total_cmp(&d[b])).context("the atlas is empty")
+    }
+
+    /// How many emoji are nearer the image than emoji `i` (0: `i` is the nearest).
+    pub fn rank_of(&self, img: &image::RgbImage, i: usize) -> Result<usize> {
+        let d = self.distances(img)?;
+        let own = *d.get(i).context("no such emoji")?;
+        Ok(d.iter().filter(|&&x| x < own).count())
+    }
+
+    /// Squared L2 distance of the image (box-averaged to 32×32) to every tile.
+    fn distances(&self, img: &image::RgbImage) -> Result<Vec<f32>> {
         if img.dimensions() != (64, 64) {
             bail!("the nearest emoji is measured on 64×64 images, not {:?}", img.dimensions());
         }
@@ -62,9 +75,7 @@ impl EmojiAtlas {
                 }
             }
         }
-        let dist = |t: &Vec<f32>| t.iter().zip(&small).map(|(a, b)| (a - b) * (a - b)).sum::<f32>();
-        let best = (0..self.tiles.len()).min_by(|&a, &b| dist(&self.tiles[a]).total_cmp(&dist(&self.tiles[b])));
-        best.context("the atlas is empty")
+        Ok(self.tiles.iter().map(|t| t.iter().zip(&small).map(|(a, b)| (a - b) * (a - b)).sum::<f32>()).collect())
     }
 
     /// Tile `i` upscaled 2× (nearest), as a 64×64 image.

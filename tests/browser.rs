@@ -62,11 +62,13 @@ fn the_ui_works_in_headless_chromium() {
     let shots = repo().join("tests/browser/screenshots");
     let _ = std::fs::remove_dir_all(&shots);
     std::fs::create_dir_all(&shots).unwrap();
+    let results = tempfile::tempdir().unwrap();
     let out = Command::new("node")
         .arg(repo().join("tests/browser/ui.test.mjs"))
         .current_dir(repo().join("tests/browser"))
         .env("ATELIER_URL", &server.url)
         .env("SCREENSHOT_DIR", &shots)
+        .env("RESULT_DIR", results.path())
         .env("ADMIN_USER", admin)
         .env("ADMIN_PASS", admin_pass)
         .env("ALICE", "alice")
@@ -86,6 +88,16 @@ fn the_ui_works_in_headless_chromium() {
         .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
         .collect();
     assert!(pngs.len() >= 14, "expected screenshots of 7 pages × 2 widths, found {}", pngs.len());
+    // The first image a user asks for ("red heart" on the demo model, as the UI received it) is
+    // the emoji named: its nearest training emoji (tests/demo.rs's measure) is U+2764.
+    let heart = image::open(results.path().join("red-heart.png")).unwrap().to_rgb8();
+    let atlas = atelier::emoji_eval::EmojiAtlas::load(&repo().join("tests/fixtures/demo")).unwrap();
+    let nearest = atlas.nearest(&heart).unwrap();
+    assert_eq!(
+        atlas.names[nearest], "heavy black heart",
+        "\"red heart\" drew an image nearest {:?}",
+        atlas.names[nearest]
+    );
     for p in &pngs {
         let len = p.metadata().unwrap().len();
         assert!(len > 10_000, "{} is {len} bytes: blank?", p.path().display());
