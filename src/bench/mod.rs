@@ -117,7 +117,6 @@ impl BenchReport {
     }
 
     pub fn print(&self, spec: &BenchSpec) {
-        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let c = &spec.config;
         println!("device: {}", self.device);
         println!(
@@ -207,6 +206,11 @@ fn profile_json(profile: &[crate::engine::profile::Total], runs: usize) -> serde
         .iter()
         .map(|t| serde_json::json!({"op": t.label, "ms_per_run": t.seconds / n * 1e3, "calls_per_run": t.calls as f64 / n}))
         .collect()
+}
+
+/// Bytes as MiB, for the printed lines.
+pub(crate) fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
 }
 
 pub(crate) fn median(runs: &[f64]) -> f64 {
@@ -563,7 +567,6 @@ impl VaeReport {
     }
 
     pub fn print(&self, spec: &BenchSpec) {
-        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         println!("device: {}", self.device);
         println!(
             "vae: FLUX.1 architecture (random weights), {}x{} image, batch {}, {:?}",

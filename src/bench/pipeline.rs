@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Result;
 use burn::tensor::{Tensor, TensorData};
 
-use super::{reset_peak_rss, rss_bytes};
+use super::{mib, reset_peak_rss, rss_bytes};
 use crate::engine::device::SelectedDevice;
 use crate::engine::pipeline::{self, GenerateRequest, ModelFiles, Placement, Progress, Resident};
 use crate::engine::vae;
@@ -104,12 +104,7 @@ pub fn run_pipeline(spec: &PipelineSpec, device: &SelectedDevice) -> Result<Pipe
     // The image back through the VAE's encoder, as training's cache does.
     let img = &out.images[0];
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let mut x = vec![0f32; 3 * w * h];
-    for (i, p) in img.pixels().enumerate() {
-        for c in 0..3 {
-            x[c * w * h + i] = p.0[c] as f32 / 127.5 - 1.0;
-        }
-    }
+    let x = crate::train::dataset::to_chw(img);
     reset_peak_rss();
     let t = Instant::now();
     let vae = vae::load_vae(&spec.files.vae, &device.device, spec.dtype, None)?;
@@ -130,10 +125,6 @@ pub fn run_pipeline(spec: &PipelineSpec, device: &SelectedDevice) -> Result<Pipe
         width: w,
         height: h,
     })
-}
-
-fn mib(b: u64) -> f64 {
-    b as f64 / (1024.0 * 1024.0)
 }
 
 impl PipelineReport {

@@ -106,6 +106,13 @@ pub struct ClipText {
     pub config: ClipConfig,
 }
 
+/// Where a row of ids is pooled: transformers pools at argmax(ids), the first occurrence of the
+/// largest id, which is the first end-of-text (49407) for every tokenizer output.
+pub fn pooled_position(ids: &[u32]) -> usize {
+    let max = ids.iter().copied().max().unwrap_or(0);
+    ids.iter().position(|&t| t == max).unwrap_or(0)
+}
+
 /// What the encoder returns for a batch.
 pub struct ClipOutput {
     /// Final-LayerNorm states [B, L, hidden].
@@ -250,14 +257,11 @@ impl ClipText {
             x = x.clone() + mlp.fc2.forward(h);
         }
         let last_hidden = self.final_layer_norm.forward(x);
-        // transformers pools at argmax(ids): the first occurrence of the largest id, which is
-        // the first end-of-text (49407) for every tokenizer output.
         let rows: Vec<Tensor<2>> = ids
             .iter()
             .enumerate()
             .map(|(b, row)| {
-                let max = row.iter().copied().max().unwrap_or(0);
-                let at = row.iter().position(|&t| t == max).unwrap_or(0);
+                let at = pooled_position(row);
                 last_hidden.clone().narrow(0, b, 1).narrow(1, at, 1).reshape([1, c.hidden])
             })
             .collect();

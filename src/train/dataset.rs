@@ -177,14 +177,19 @@ pub fn pixels(item: &Item) -> Result<Vec<f32>> {
     let sh = ((img.height() as f64 * scale).round() as u32).max(h);
     let resized = image::imageops::resize(&img, sw, sh, image::imageops::FilterType::CatmullRom);
     let cropped = image::imageops::crop_imm(&resized, (sw - w) / 2, (sh - h) / 2, w, h).to_image();
-    let (w, h) = (w as usize, h as usize);
+    Ok(to_chw(&cropped))
+}
+
+/// An image as CHW values in [-1, 1], what the VAE encoder takes.
+pub fn to_chw(img: &image::RgbImage) -> Vec<f32> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
     let mut chw = vec![0f32; 3 * w * h];
-    for (x, y, p) in cropped.enumerate_pixels() {
+    for (x, y, p) in img.enumerate_pixels() {
         for c in 0..3 {
             chw[c * w * h + y as usize * w + x as usize] = p[c] as f32 / 127.5 - 1.0;
         }
     }
-    Ok(chw)
+    chw
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use super::adamw::{AdamW, AdamWConfig, StepOutcome};
 use super::batch::{Batch, mse};
 use super::cache::CachedText;
 use super::full::FullParams;
-use crate::engine::clip::ClipText;
+use crate::engine::clip::{ClipText, pooled_position};
 use crate::engine::flux::{Flux, FluxInput};
 use crate::engine::loader::NamedParam;
 use crate::engine::pipeline::{ModelFiles, PromptEmbeds};
@@ -60,7 +60,8 @@ pub struct TrainedText {
 
 impl TrainedText {
     /// Loads both encoders of `files` in f32 and tokenizes `texts` (every caption and sample
-    /// prompt) once. `flux` are the transformer's parameters.
+    /// prompt) once. `flux` are the transformer's parameters. The run has already refused
+    /// sources that are not folders ([`check_sources`], before any work).
     pub fn load(
         files: &ModelFiles,
         flux: FullParams,
@@ -68,7 +69,6 @@ impl TrainedText {
         max_len: usize,
         device: &Device,
     ) -> Result<Self> {
-        check_sources(files)?;
         let (t5, t5_named, t5_tensors) = T5Encoder::load_named(&files.t5, device)?;
         let (clip, clip_named, clip_tensors) = ClipText::load_named(&files.clip, device)?;
         let t5_params = FullParams::new(t5_named, t5_tensors)?;
@@ -129,11 +129,7 @@ impl TrainedText {
         }
         // CLIP is causal and pools at each row's argmax (its first end-of-text): the padding
         // after the batch's last pooled position changes nothing, so it is not computed.
-        let pooled_at = |row: &Vec<u32>| {
-            let max = row.iter().copied().max().unwrap_or(0);
-            row.iter().position(|&t| t == max).unwrap_or(0)
-        };
-        let len = clip_ids.iter().map(pooled_at).max().unwrap_or(0) + 1;
+        let len = clip_ids.iter().map(|row| pooled_position(row)).max().unwrap_or(0) + 1;
         clip_ids.iter_mut().for_each(|row| row.truncate(len));
         let device = batch.x0.device();
         let mut both = self.with(flux);
