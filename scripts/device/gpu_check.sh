@@ -7,25 +7,10 @@
 #   OUT=$OUT [NOCPU=1] [BUDGET=270] [CUTOFF=500] [BENCHTIME=90] [BATCH=1024] [LR=2e-3] bash scripts/device/gpu_check.sh
 # LOCAL=1 GPUDEV=cpu BATCH=32 BUDGET=60 GENTIME=5 checks the flow on this machine.
 set -uo pipefail
-: "${OUT:?set OUT to the folder the results go to}"
 cd "$(dirname "$0")/../.."
 . scripts/demo/recipe.sh
-T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
-log() { echo "[$(el)s] $*" | tee -a "$OUT/log.txt"; }
-
-# 1. Set-up: NVIDIA's Vulkan ICD is libGLX_nvidia.so.0, which needs glvnd beside the loader.
-if [ -z "${LOCAL:-}" ]; then for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; fi
-for j in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json; do
-  if [ -f $j ]; then export VK_DRIVER_FILES=$j; break; fi
-done
-export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
-log "icd: ${VK_DRIVER_FILES:-none}; $(nvidia-smi 2>/dev/null --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
-A=/tmp/atelier
-xz -dc .dev/atelier.xz >$A && chmod +x $A
-mkdir -p /tmp/data && tar xJf .dev/train.tar.xz -C /tmp/data
+. scripts/device/setup.sh
 cat "${VK_DRIVER_FILES:-/dev/null}" >>"$OUT/log.txt"
-log "setup done: $(ls /tmp/data/train | wc -l) files"
 
 # 2. The demo transformer. Each log line is prefixed with the wall clock (the per-caption
 # "T5 tokens" warnings are dropped).

@@ -292,6 +292,11 @@ pub struct TrainVaeArgs {
     /// Weight of the KL term (per latent value) against the L1 term (per pixel).
     #[arg(long, default_value_t = 1e-4)]
     pub kl_weight: f64,
+    /// Train only the decoder of --vae: the encoder, and so the latent space with its shift and
+    /// scale, stay as they are, so a transformer trained on this VAE's latents keeps working
+    /// (how Stability's ft-MSE VAEs were made).
+    #[arg(long)]
+    pub decoder_only: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Checkpoint every N steps; 0: never.
@@ -337,6 +342,7 @@ pub fn run_vae(args: &TrainVaeArgs, device: &Device) -> Result<()> {
         resolution: args.resolution,
         adamw: AdamWConfig { lr: args.lr, ..AdamWConfig::default() },
         kl_weight: args.kl_weight,
+        decoder_only: args.decoder_only,
         seed: args.seed,
         save_every: args.save_every,
         max_images: args.max_images,

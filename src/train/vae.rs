@@ -4,7 +4,9 @@
 //! reparameterized posterior, AdamW over every weight. At the end the latent shift and scale
 //! are measured on the training images (so the transformer sees zero-mean, unit-variance
 //! latents, as FLUX's 0.1159 / 0.3611 do for its VAE) and written with the weights as a
-//! diffusers `vae/` folder; the PSNR on a hold-out folder is reported.
+//! diffusers `vae/` folder; the PSNR on a hold-out folder is reported. `decoder_only` fine-tunes
+//! the decoder of an existing VAE on its frozen encoder's latents: the latent space (and the
+//! shift and scale) stay, so transformers trained on it keep working.
 //!
 //! Every random draw of step s comes from (seed, s), so a resumed run repeats the straight one.
 
@@ -34,6 +36,9 @@ pub struct VaeSettings {
     pub adamw: AdamWConfig,
     /// Weight of the KL term (mean over latent elements) against the L1 term (mean over pixels).
     pub kl_weight: f64,
+    /// Train the decoder only (the encoder, shift and scale stay the init's).
+    #[serde(default)]
+    pub decoder_only: bool,
     pub seed: u64,
     pub save_every: usize,
     pub max_images: usize,
@@ -52,6 +57,7 @@ impl Default for VaeSettings {
             resolution: 64,
             adamw: AdamWConfig { lr: 1e-3, ..AdamWConfig::default() },
             kl_weight: 1e-4,
+            decoder_only: false,
             seed: 0,
             save_every: 0,
             max_images: 10_000,
@@ -120,7 +126,10 @@ pub fn train_vae(
         Some(dir) => dataset::scan_square(dir, s.resolution, usize::MAX)?,
         None => Vec::new(),
     };
-    let (mut model, params) = match &job.init {
+    if s.decoder_only && matches!(job.init, VaeInit::Random(_)) {
+        bail!("--decoder-only fine-tunes the decoder of an existing VAE: give --vae, not --vae-config");
+    }
+    let (mut model, all) = match &job.init {
         VaeInit::Random(config) => {
             let (m, named, tensors) = Vae::random_named(config.clone(), device, s.seed)?;
             (m, FullParams::new(named, tensors)?)
@@ -132,13 +141,24 @@ pub fn train_vae(
             (m, FullParams::new(named, tensors)?)
         }
     };
+    // The trained parameters: all, or the decoder's (`all` still writes the whole VAE).
+    let params = if s.decoder_only {
+        FullParams { params: all.params.iter().filter(|p| p.name.starts_with("decoder.")).cloned().collect() }
+    } else {
+        all.clone()
+    };
     // What a resume must match: everything but how often and in what the results are saved,
-    // and the architecture (GroupNorm groups change no shape).
-    let settings_json = serde_json::to_string(&serde_json::json!({
+    // and the architecture (GroupNorm groups change no shape). `decoder_only` only when set, so
+    // checkpoints from before it existed still resume.
+    let mut settings = serde_json::json!({
         "steps": s.steps, "batch": s.batch, "resolution": s.resolution, "adamw": s.adamw,
         "kl_weight": s.kl_weight, "seed": s.seed, "max_images": s.max_images,
         "config": format!("{:?}", model.config),
-    }))?;
+    });
+    if s.decoder_only {
+        settings["decoder_only"] = true.into();
+    }
+    let settings_json = serde_json::to_string(&settings)?;
     if let Some(dir) = &job.resume {
         super::checkpoint::check_settings(dir, &settings_json)?;
     }
@@ -156,7 +176,8 @@ pub fn train_vae(
         }
         None => (AdamW::new(s.adamw, &params.values(&model)), 0),
     };
-    on(Event::Stage(format!("training all {} values of the VAE ({} tensors)", params.numel(), params.params.len())));
+    let what = if s.decoder_only { "of the VAE's decoder" } else { "of the VAE" };
+    on(Event::Stage(format!("training all {} values {what} ({} tensors)", params.numel(), params.params.len())));
 
     let csv_path = out_dir.join("loss.csv");
     let mut csv = std::fs::OpenOptions::new().create(true).append(true).open(&csv_path)?;
@@ -187,8 +208,13 @@ pub fn train_vae(
 
         opt.config.lr = s.lr_schedule.lr(s.adamw.lr, step, s.steps);
         let mut terms = (f32::NAN, f32::NAN);
+        // A frozen encoder runs outside the autodiff graph: its moments are constants.
+        let frozen = s.decoder_only.then(|| model.encode_moments(x.clone()));
         let (loss, outcome) = params.step(&mut model, &mut opt, |leaves| {
-            let [loss, l1, kl] = vae_loss(leaves, x, eps, s.kl_weight);
+            let [loss, l1, kl] = match frozen {
+                Some(moments) => decoder_loss(leaves, moments, x, eps),
+                None => vae_loss(leaves, x, eps, s.kl_weight),
+            };
             terms = (host(l1)[0], host(kl)[0]);
             Ok(loss)
         })?;
@@ -241,36 +267,53 @@ pub fn train_vae(
         return Ok(stopped(losses));
     }
 
-    on(Event::Stage("measuring the latent shift and scale".into()));
-    let (shift, std) = latent_stats(&model, &data, side, device);
-    if !(std > 0.0 && std.is_finite()) {
-        bail!("the trained VAE's latents have no spread (std {std}): it did not learn; try a lower --lr");
+    if !s.decoder_only {
+        on(Event::Stage("measuring the latent shift and scale".into()));
+        let (shift, std) = latent_stats(&model, &data, side, device);
+        if !(std > 0.0 && std.is_finite()) {
+            bail!("the trained VAE's latents have no spread (std {std}): it did not learn; try a lower --lr");
+        }
+        model.config.shift_factor = shift;
+        model.config.scaling_factor = 1.0 / std;
     }
-    model.config.shift_factor = shift;
-    model.config.scaling_factor = 1.0 / std;
-    write_folder(&model, &params, &job.out, s.save_dtype)?;
+    let (shift, scale) = (model.config.shift_factor, model.config.scaling_factor);
+    write_folder(&model, &all, &job.out, s.save_dtype)?;
     on(Event::Saved(job.out.clone()));
     let holdout_psnr = if holdout.is_empty() {
         None
     } else {
         on(Event::Stage(format!("measuring {} hold-out images", holdout.len())));
         let psnr = mean_psnr(&model, &holdout, device)?;
-        let report = serde_json::json!({ "holdout_images": holdout.len(), "psnr_db": psnr, "shift_factor": shift, "scaling_factor": 1.0 / std });
+        let report = serde_json::json!({ "holdout_images": holdout.len(), "psnr_db": psnr, "shift_factor": shift, "scaling_factor": scale });
         std::fs::write(out_dir.join("holdout.json"), serde_json::to_string_pretty(&report)?)?;
         Some(psnr)
     };
-    Ok(VaeTrained { losses, out: Some(job.out.clone()), holdout_psnr, shift_factor: shift, scaling_factor: 1.0 / std })
+    Ok(VaeTrained { losses, out: Some(job.out.clone()), holdout_psnr, shift_factor: shift, scaling_factor: scale })
 }
 
 /// The training loss of images `x` with posterior noise `eps` (the reparameterization
 /// z = mean + σ·eps): [L1 + kl_weight·KL, L1, KL], each a one-element tensor. L1 is the mean over
 /// pixels, KL the mean over latent values of KL(N(mean, σ²) ‖ N(0, 1)).
 pub fn vae_loss(model: &Vae, x: Tensor<4>, eps: Tensor<4>, kl_weight: f64) -> [Tensor<1>; 3] {
-    let (mean, logvar) = model.encode_moments(x.clone());
+    let [l1, kl] = reconstruction_terms(model, model.encode_moments(x.clone()), x, eps);
+    [l1.clone() + kl.clone() * kl_weight, l1, kl]
+}
+
+/// [`vae_loss`] with the encoder frozen: its posterior `moments` come from outside the autodiff
+/// graph, so only the decoder is differentiated; the loss is L1 alone (KL, reported, has no
+/// gradient here).
+fn decoder_loss(model: &Vae, moments: (Tensor<4>, Tensor<4>), x: Tensor<4>, eps: Tensor<4>) -> [Tensor<1>; 3] {
+    let [l1, kl] = reconstruction_terms(model, moments, x, eps);
+    [l1.clone(), l1, kl]
+}
+
+/// [L1, KL] of the decoded reparameterized sample of posterior (mean, log-variance).
+fn reconstruction_terms(model: &Vae, moments: (Tensor<4>, Tensor<4>), x: Tensor<4>, eps: Tensor<4>) -> [Tensor<1>; 2] {
+    let (mean, logvar) = moments;
     let sample = mean.clone() + (logvar.clone() * 0.5).exp() * eps;
     let l1 = (model.decode_raw(sample) - x).abs().mean();
     let kl = (mean.square() + logvar.clone().exp() - logvar - 1.0).mean() * 0.5;
-    [l1.clone() + kl.clone() * kl_weight, l1, kl]
+    [l1, kl]
 }
 
 fn stopped(losses: Vec<f32>) -> VaeTrained {
@@ -391,6 +434,79 @@ mod tests {
             img.save(d.join(format!("{i}.png"))).unwrap();
         }
         d
+    }
+
+    /// --decoder-only: the written folder keeps the init's encoder bit for bit and its shift and
+    /// scale (the latent space a transformer was trained on), the decoder learns (hold-out PSNR
+    /// rises), and it needs an existing VAE and its own checkpoints.
+    #[test]
+    fn decoder_only_training_keeps_the_latent_space_and_improves_reconstruction() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (train, holdout) = (images(d, "train", 0), images(d, "holdout", 3));
+        let init = fixture("pipeline/schnell/diffusers/vae");
+        let s = VaeSettings {
+            steps: 30,
+            batch: 2,
+            resolution: 32,
+            save_every: 10,
+            decoder_only: true,
+            save_dtype: StoreDtype::F32,
+            ..VaeSettings::default()
+        };
+        let job = |out: &str| VaeJob {
+            images: train.clone(),
+            out: d.join(out),
+            init: VaeInit::From(init.clone()),
+            resume: None,
+            holdout: Some(holdout.clone()),
+            stop_after: None,
+        };
+        let trained = train_vae(&job("a"), &s, &Device::flex(), |_| Control::Continue).unwrap();
+        let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+        let (first, last) = (mean(&trained.losses[..5]), mean(&trained.losses[25..]));
+        assert!(last < 0.8 * first, "the loss did not fall: {first} → {last}");
+
+        let before = vae::load_vae(&init, &Device::flex(), burn::tensor::DType::F32, None).unwrap();
+        let after = vae::load_vae(&d.join("a"), &Device::flex(), burn::tensor::DType::F32, None).unwrap();
+        assert_eq!(
+            (after.config.shift_factor, after.config.scaling_factor),
+            (before.config.shift_factor, before.config.scaling_factor)
+        );
+        let file = |dir: &Path| WeightSet::open(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+        let (old, new) = (file(&init), file(&d.join("a")));
+        let (mut same, mut moved) = (0, 0);
+        for name in old.keys() {
+            let (a, b) = (old.read(name).unwrap().data, new.read(name).unwrap().data);
+            if name.starts_with("encoder.") {
+                assert!(a == b, "{name} changed");
+                same += 1;
+            } else if a != b {
+                moved += 1;
+            }
+        }
+        assert!(same > 0 && moved > 0, "{same} encoder tensors kept, {moved} decoder tensors moved");
+        let held = dataset::scan_square(&holdout, 32, 10).unwrap();
+        let (p0, p1) = (mean_psnr(&before, &held, &Device::flex()).unwrap(), trained.holdout_psnr.unwrap());
+        assert!(p1 > p0 + 1.0, "hold-out PSNR {p0:.2} dB → {p1:.2} dB");
+        eprintln!("decoder-only: loss {first:.4} → {last:.4}, hold-out PSNR {p0:.2} → {p1:.2} dB");
+
+        // A random init has no encoder to keep; a full run's checkpoint is not this run's.
+        let config =
+            VaeConfig::from_diffusers_json(&std::fs::read_to_string(init.join("config.json")).unwrap()).unwrap();
+        let e = train_vae(&VaeJob { init: VaeInit::Random(config), ..job("b") }, &s, &Device::flex(), |_| {
+            Control::Continue
+        });
+        assert!(format!("{:#}", e.unwrap_err()).contains("--decoder-only fine-tunes"));
+        let full = VaeSettings { decoder_only: false, ..s.clone() };
+        train_vae(&VaeJob { stop_after: Some(10), ..job("c") }, &full, &Device::flex(), |_| Control::Continue).unwrap();
+        let e = train_vae(
+            &VaeJob { resume: Some(d.join("c_train/checkpoints/step_10")), ..job("d") },
+            &s,
+            &Device::flex(),
+            |_| Control::Continue,
+        );
+        assert!(format!("{:#}", e.unwrap_err()).contains("other settings"));
     }
 
     #[test]

@@ -1,0 +1,18 @@
+# Sourced by the scripts/device/ checks on a lent GPU machine (no Rust, no network there): Vulkan
+# (NVIDIA's ICD is libGLX_nvidia.so.0, which needs glvnd beside the loader: .gl/, packed by
+# prepare.sh), the release binary as $A and the demo's training images under /tmp/data/train.
+# Defines el (seconds since sourcing) and log (to stdout and $OUT/log.txt). LOCAL=1: this machine.
+: "${OUT:?set OUT to the folder the results go to}"
+T0=$(date +%s)
+el() { echo $(( $(date +%s) - T0 )); }
+log() { echo "[$(el)s] $*" | tee -a "$OUT/log.txt"; }
+if [ -z "${LOCAL:-}" ]; then for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; fi
+for j in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json; do
+  if [ -f $j ]; then export VK_DRIVER_FILES=$j; break; fi
+done
+export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+log "icd: ${VK_DRIVER_FILES:-none}; $(nvidia-smi 2>/dev/null --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+A=/tmp/atelier
+xz -dc .dev/atelier.xz >$A && chmod +x $A
+mkdir -p /tmp/data && tar xJf .dev/train.tar.xz -C /tmp/data
+log "setup done: $(ls /tmp/data/train | wc -l) files"
