@@ -42,7 +42,7 @@ fn measure(files: &ModelFiles, atlas: &EmojiAtlas, max_len: usize) -> (usize, us
 /// output before it ships.)
 ///
 /// Issue 17 asks for at least half of the names drawn as the nearest emoji; the shipped model
-/// (weights/demo/README.md: 16000 CPU steps of 32, 400 H200 steps of 1024, a 300-step CPU decay)
+/// (weights/demo/README.md: 16000 CPU steps of 32, 400 + 120 H200 steps of 1024, a CPU decay)
 /// draws 33/100 (an emoji whose image has an identical twin counts when the image is nearest
 /// both), with the named emoji at median rank 3 of 1911 (a random model: 0/100, median rank
 /// ~1000): the exact emoji a third of the time, a close neighbour (another face, the same flag
