@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (the device tool): continues the demo model's training — transformer and
-# text encoders together, as scripts/demo/recipe.sh trains them — from the shipped weights/demo/schnell,
-# on wgpu, where an H200 runs the recipe ~40× faster than
-# 2 CPU cores. the cosine schedule spans STEPS; the run stops at LIMIT seconds whatever it reached, and then the latest
-# checkpoint comes back instead (split into 15 MB parts: the tool returns files of 16 MB at most).
+# text encoders together, as scripts/demo/recipe.sh trains them — from the shipped
+# weights/demo/schnell, on wgpu (an H200 ran it ~17× faster than 2 CPU cores, after ~175 s of
+# start-up). The cosine schedule spans STEPS; the run stops at LIMIT seconds whatever it reached,
+# and then the latest checkpoint comes back instead (split into 15 MB parts: the tool returns
+# files of 16 MB at most).
 # If the joint run fails before its first step, the transformer trains alone on the trained
 # (frozen) encoders, the path gpu_check.sh ran on the H200. GPU benchmarks follow while time is
 # left (none starts after CUTOFF seconds).
@@ -30,9 +31,7 @@ train() { # LIMIT_S LOGFILE [extra options]
   rm -rf $R && mkdir -p $R
   timeout "$limit" $A train --model weights/demo/schnell --images /tmp/data/train "${ARGS[@]}" "$@" \
     --dtype f32 --out $R/demo.safetensors --steps "$STEPS" --batch "$BATCH" --lr "$LR" --warmup-steps $(( STEPS / 20 )) \
-    --seed 1 --save-every $(( STEPS / 8 )) --device "$DEV" 2>&1 |
-    grep --line-buffered -v "T5 tokens" |
-    while IFS= read -r l; do printf '%s %s\n' "$EPOCHREALTIME" "$l"; done >"$logf"
+    --seed 1 --save-every $(( STEPS / 8 )) --device "$DEV" 2>&1 | stamped >"$logf"
 }
 log "joint run: $DEV batch $BATCH lr $LR steps $STEPS, at most $LIMIT s"
 train "$LIMIT" /tmp/main.log
@@ -45,7 +44,7 @@ if ! grep -q " step 1/" /tmp/main.log; then
   train $(( LIMIT - $(el) + 30 )) /tmp/main.log
   cat /tmp/joint.log >>"$OUT/log.txt"
 fi
-{ grep -v " step " /tmp/main.log; grep " step " /tmp/main.log | awk 'NR%25==1'; grep " step " /tmp/main.log | tail -3; } >"$OUT/main_log.txt"
+summarize /tmp/main.log 25 >"$OUT/main_log.txt"
 cp $R/demo_train/loss.csv "$OUT/" 2>/dev/null
 if [ -f $R/demo.safetensors ]; then
   cp -r $R/demo.safetensors $R/demo_text_encoder $R/demo_text_encoder_2 "$OUT/" 2>/dev/null

@@ -12,14 +12,11 @@ cd "$(dirname "$0")/../.."
 . scripts/device/setup.sh
 cat "${VK_DRIVER_FILES:-/dev/null}" >>"$OUT/log.txt"
 
-# 2. The demo transformer. Each log line is prefixed with the wall clock (the per-caption
-# "T5 tokens" warnings are dropped).
+# 2. The demo transformer (its log stamped with the wall clock).
 train() { # LIMIT_S DEVICE BATCH STEPS OUT LOGFILE
   local warm=$(( $4 / 10 < 200 ? $4 / 10 : 200 ))
   timeout "$1" $A train --model .dev/pipeline --images /tmp/data/train "${DEMO_TRANSFORMER_ARGS[@]}" \
-    --out "$5" --steps "$4" --batch "$3" --lr "$LR" --warmup-steps $warm --seed 1 --save-every "$4" --device "$2" 2>&1 |
-    grep --line-buffered -v "T5 tokens" |
-    while IFS= read -r l; do printf '%s %s\n' "$EPOCHREALTIME" "$l"; done >"$6"
+    --out "$5" --steps "$4" --batch "$3" --lr "$LR" --warmup-steps $warm --seed 1 --save-every "$4" --device "$2" 2>&1 | stamped >"$6"
 }
 # P="seconds per step between steps 10 and 40, seconds from start to step 1", or "fail".
 probe() { # DEVICE BATCH
@@ -45,7 +42,7 @@ if [ "$P" != fail ]; then
   train $(( BUDGET + 60 )) "$DEV" "$BATCH" "$STEPS" /tmp/demo.safetensors /tmp/main.log
   log "main run rc=$? in $(python3 -c "print(round($EPOCHREALTIME-$S))") s"
   cp /tmp/demo.safetensors /tmp/demo_train/loss.csv "$OUT/" 2>/dev/null
-  { grep -v " step " /tmp/main.log; grep " step " /tmp/main.log | awk 'NR%50==1'; tail -3 /tmp/main.log; } >"$OUT/main_log.txt"
+  summarize /tmp/main.log 50 >"$OUT/main_log.txt"
 fi
 cat /tmp/probe.log >>"$OUT/main_log.txt"
 

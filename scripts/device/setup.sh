@@ -1,7 +1,8 @@
 # Sourced by the scripts/device/ checks on a lent GPU machine (no Rust, no network there): Vulkan
 # (NVIDIA's ICD is libGLX_nvidia.so.0, which needs glvnd beside the loader: .gl/, packed by
 # prepare.sh), the release binary as $A and the demo's training images under /tmp/data/train.
-# Defines el (seconds since sourcing) and log (to stdout and $OUT/log.txt). LOCAL=1: this machine.
+# Defines el (seconds since sourcing), log (to stdout and $OUT/log.txt), stamped and
+# summarize (below). LOCAL=1: this machine.
 : "${OUT:?set OUT to the folder the results go to}"
 T0=$(date +%s)
 el() { echo $(( $(date +%s) - T0 )); }
@@ -16,3 +17,9 @@ A=/tmp/atelier
 xz -dc .dev/atelier.xz >$A && chmod +x $A
 mkdir -p /tmp/data && tar xJf .dev/train.tar.xz -C /tmp/data
 log "setup done: $(ls /tmp/data/train | wc -l) files"
+
+# A training run's output with each line prefixed by the wall clock, the per-caption "T5 tokens"
+# warnings dropped.
+stamped() { grep --line-buffered -v "T5 tokens" | while IFS= read -r l; do printf '%s %s\n' "$EPOCHREALTIME" "$l"; done; }
+# summarize LOG EVERY: LOG's other lines, every EVERY-th step line and the last three.
+summarize() { grep -v " step " "$1"; grep " step " "$1" | awk -v n="$2" 'NR%n==1'; grep " step " "$1" | tail -3; }
