@@ -286,7 +286,7 @@ fn run_generate(a: GenerateArgs, config: &Config, data_dir: &std::path::Path) ->
         keep_resident: a.keep_resident,
         dtype,
         memory_budget,
-        stream_transformer: false,
+        stream_blocks: false,
     });
     let out = pipeline::generate_prepared(&files, &req, &prepared, &device.device, &mut resident, |p| match p {
         Progress::Stage(s) => log::info!("{s}"),
@@ -321,7 +321,18 @@ fn quantize(input: &std::path::Path, output: &std::path::Path, ty: &str) -> Resu
     if input == output {
         anyhow::bail!("the output must be another file than the input");
     }
-    let written = atelier::engine::to_gguf::convert_transformer(input, output, ty, None)?;
+    use atelier::engine::{flux, t5::T5Encoder, to_gguf};
+    // A FLUX transformer, else a T5 encoder; neither: both reasons.
+    let written = match flux::open_checked(input, None) {
+        Ok(_) => to_gguf::convert_transformer(input, output, ty, None)?,
+        Err(as_flux) => match T5Encoder::check(input, None) {
+            Ok(_) => to_gguf::convert_t5(input, output, ty)?,
+            Err(as_t5) => anyhow::bail!(
+                "{} is neither a FLUX transformer ({as_flux:#}) nor a T5 encoder ({as_t5:#})",
+                input.display()
+            ),
+        },
+    };
     println!("{}: {} bytes", output.display(), written.file_bytes);
     for (ty, count, bytes) in written.per_type {
         println!("  {:<5} {count:>5} tensors {bytes:>14} bytes", ty.name());
@@ -426,8 +437,18 @@ fn inspect(path: &std::path::Path) -> Result<()> {
             println!("  {:<5} {count:>5} tensors {bytes:>14} bytes", ty.name());
         }
     }
-    let (weights, config) = flux::open_checked(path, None)?;
-    println!("layout: {:?}", weights.layout());
-    println!("{config:#?}");
+    match flux::open_checked(path, None) {
+        Ok((weights, config)) => {
+            println!("layout: {:?}", weights.layout());
+            println!("{config:#?}");
+        }
+        Err(as_flux) => match atelier::engine::t5::T5Encoder::check(path, None) {
+            Ok(config) => println!("T5 encoder: {config:#?}"),
+            Err(as_t5) => anyhow::bail!(
+                "{} is neither a FLUX transformer ({as_flux:#}) nor a T5 encoder ({as_t5:#})",
+                path.display()
+            ),
+        },
+    }
     Ok(())
 }

@@ -594,6 +594,54 @@ fn quantize_writes_the_city96_file_the_gguf_package_writes() {
     assert!(!o.status.success() && stderr(&o).contains("expected q8_0, q5_0, q4_0"), "{}", stderr(&o));
 }
 
+#[test]
+fn quantize_writes_a_t5_that_inspect_names_and_generate_takes_as_t5() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t5_q8_0.gguf");
+    let src = fixture("gguf/t5_mixed.gguf");
+    let o = atelier(dir.path(), &["quantize", src.to_str().unwrap(), out.to_str().unwrap(), "--type", "q8_0"]);
+    assert!(o.status.success(), "quantize failed: {}", stderr(&o));
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(fixture("quantize/t5_q8_0.gguf")).unwrap());
+    let o = atelier(dir.path(), &["inspect", out.to_str().unwrap()]);
+    assert!(o.status.success(), "inspect failed: {}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    for line in [
+        "architecture t5encoder, 21 tensors",
+        "Q8_0 15 tensors",
+        "F32 6 tensors",
+        "T5 encoder",
+        "d_model: 256",
+        "layers: 2",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from {text}");
+    }
+    // The pipeline's own T5 as a GGUF, given with --t5 beside --model.
+    let t5 = dir.path().join("tiny_t5.gguf");
+    let folder = fixture("pipeline/schnell/diffusers/text_encoder_2");
+    let o = atelier(dir.path(), &["quantize", folder.to_str().unwrap(), t5.to_str().unwrap(), "--type", "q8_0"]);
+    assert!(o.status.success(), "quantize failed: {}", stderr(&o));
+    let png = dir.path().join("fox.png");
+    let model = fixture("pipeline/schnell/diffusers");
+    let args = ["--prompt", "a red fox in the snow, studio photo", "--seed", "42", "--steps", "3", "--width", "80"];
+    let args = [&args[..], &["--height", "48", "--max-sequence-length", "32", "--device", "cpu"]].concat();
+    let mut run = vec!["generate", "--model", model.to_str().unwrap(), "--t5", t5.to_str().unwrap()];
+    run.extend(args.iter().copied());
+    run.extend(["--out", png.to_str().unwrap()]);
+    let o = atelier(dir.path(), &run);
+    assert!(o.status.success(), "generate failed: {}", stderr(&o));
+    let img = image::load_from_memory(&std::fs::read(&png).unwrap()).unwrap().to_rgb8();
+    let golden = safetensors_image(&fixture("pipeline/schnell/golden.safetensors"));
+    let worst = img.as_raw().iter().zip(&golden).map(|(a, b)| (*a as f32 - b).abs()).fold(0f32, f32::max);
+    assert!(worst <= 2.0, "the image with a Q8_0 T5 is {worst}/255 from the golden");
+    // Neither a transformer nor a T5: both reasons, no file written.
+    let vae = fixture("pipeline/single/ae.safetensors");
+    let bad = dir.path().join("vae.gguf");
+    let o = atelier(dir.path(), &["quantize", vae.to_str().unwrap(), bad.to_str().unwrap(), "--type", "q8_0"]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("neither a FLUX transformer") && e.contains("nor a T5 encoder"), "{e}");
+    assert!(!bad.exists());
+}
+
 /// Four 32×32 images of one pattern, one with a caption.
 fn training_images(dir: &Path) -> PathBuf {
     let d = dir.join("images");

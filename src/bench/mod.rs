@@ -446,21 +446,7 @@ fn plan_transformer(
 ) -> Result<crate::engine::memory::MemoryPlan> {
     use crate::engine::memory::{JobSize, ModelSizes, plan};
     let t = crate::engine::footprint::transformer_sizes(path, spec.dtype)?;
-    let sizes = ModelSizes {
-        t5: 0,
-        clip: 0,
-        vae: 0,
-        transformer_stem: t.stem,
-        transformer_blocks: t.blocks,
-        dequant_bytes: t.dequant_bytes,
-        hidden: t.config.hidden_size,
-        heads: t.config.num_heads,
-        mlp: t.config.mlp_hidden_dim,
-        t5_heads: 0,
-        t5_d_ff: 0,
-        vae_channels: 0,
-        dtype_bytes: spec.dtype.size(),
-    };
+    let sizes = ModelSizes::of_transformer(t, spec.dtype.size());
     // The bench's tokens as a square image of that many 16-pixel patches.
     let (rows, cols) = grid_for(spec.img_tokens);
     let job = JobSize { width: cols * 16, height: rows * 16, batch: spec.batch, text_tokens: spec.txt_tokens };

@@ -31,14 +31,16 @@ pub enum Command {
     Bench(BenchArgs),
     /// Text to image: prompt → PNG (with A1111 `parameters` metadata).
     Generate(GenerateArgs),
-    /// Show what a transformer checkpoint is: its layout and inferred configuration.
+    /// Show what a transformer or T5 checkpoint is: its layout and inferred configuration.
     Inspect {
-        /// A BFL / ComfyUI .safetensors or .gguf file, or a diffusers transformer folder
-        /// (a GGUF file's block types and bytes per type are listed first).
+        /// A BFL / ComfyUI .safetensors or .gguf file, or a diffusers transformer folder; or a
+        /// T5 encoder (safetensors, folder, GGUF) (a GGUF file's block types and bytes per
+        /// type are listed first).
         path: PathBuf,
     },
     /// Write a FLUX transformer (any layout atelier reads: BFL / ComfyUI / diffusers
-    /// safetensors, fp8, GGUF) as a city96-layout GGUF, the files ComfyUI-GGUF and
+    /// safetensors, fp8, GGUF) as a city96-layout GGUF, or a T5 encoder as a GGUF with
+    /// llama.cpp's T5 names (city96's encoder files): what ComfyUI-GGUF and
     /// stable-diffusion.cpp load.
     Quantize {
         input: PathBuf,

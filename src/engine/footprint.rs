@@ -77,10 +77,24 @@ pub fn model_sizes(transformer: &Path, t5: &Path, clip: &Path, vae_path: &Path, 
     let flux = transformer_sizes(transformer, dtype)?;
     let (set, prefix, t5_config) = T5Encoder::open_checked(t5, None)?;
     let c = t5_config.clone();
-    let t5_bytes = entries(|l| T5Encoder::build(l, c).map(drop))?
-        .iter()
-        .map(|e| bytes(e, 4, &|n| set.packed_len(&format!("{prefix}{n}"))))
-        .sum();
+    // Per block (`encoder.block.{i}.`) and outside the blocks; f32, packed where the file is.
+    let (mut t5_stem, mut t5_blocks) = (0, vec![0u64; t5_config.layers]);
+    let (mut t5_largest_packed, mut t5_packed) = (0, false);
+    for e in &entries(|l| T5Encoder::build(l, c).map(drop))? {
+        let packed = set.packed_len(&format!("{prefix}{}", e.name));
+        let b = bytes(e, 4, &|_| packed);
+        let block = e.name.strip_prefix("encoder.block.").and_then(|r| r.split('.').next()?.parse::<usize>().ok());
+        match block {
+            Some(i) => t5_blocks[i] += b,
+            None => t5_stem += b,
+        }
+        if let Some(p) = packed {
+            t5_packed = true;
+            t5_largest_packed = t5_largest_packed.max(p.max((e.shape.iter().product::<usize>() * 4) as u64));
+        }
+    }
+    // Block 0's table is also loaded with the stem while the blocks stream.
+    let t5_table = (t5_config.buckets * t5_config.heads * 4) as u64;
     let (set, prefix, clip_config) = ClipText::open_checked(clip, None)?;
     let clip_bytes = entries(|l| ClipText::build(l, clip_config).map(drop))?
         .iter()
@@ -97,7 +111,11 @@ pub fn model_sizes(transformer: &Path, t5: &Path, clip: &Path, vae_path: &Path, 
     let vae_bytes = entries(|l| Vae::build(l, vae_config).map(drop))?.iter().map(|e| bytes(e, d, &|_| None)).sum();
 
     Ok(ModelSizes {
-        t5: t5_bytes,
+        t5: t5_stem + t5_blocks.iter().sum::<u64>(),
+        t5_stem: t5_stem + t5_table,
+        t5_block: t5_blocks.iter().copied().max().unwrap_or(0),
+        // As for the transformer: a packed matrix dense three times over while it is used.
+        t5_dequant_bytes: if t5_packed { 3 * t5_largest_packed } else { 0 },
         clip: clip_bytes,
         vae: vae_bytes,
         transformer_stem: flux.stem,

@@ -457,7 +457,17 @@ pub fn open_prefixed<C: Clone, M>(
     infer: impl FnOnce(&WeightSet) -> Result<(String, C)>,
     build: impl FnOnce(&Loader, C) -> Result<M>,
 ) -> Result<(WeightSet, String, C)> {
-    let set = WeightSet::open(path)?;
+    check_prefixed(WeightSet::open(path)?, (what, expected), ignored, infer, build)
+}
+
+/// [`open_prefixed`] on a set already open (e.g. [`WeightSet::renamed`] into the model's names).
+pub fn check_prefixed<C: Clone, M>(
+    set: WeightSet,
+    (what, expected): (&str, &str),
+    ignored: fn(&str) -> bool,
+    infer: impl FnOnce(&WeightSet) -> Result<(String, C)>,
+    build: impl FnOnce(&Loader, C) -> Result<M>,
+) -> Result<(WeightSet, String, C)> {
     let (prefix, config) = infer(&set)?;
     let source = Prefixed { set: &set, prefix: prefix.clone(), ignored };
     check(&source, what, expected, |l| build(l, config.clone()))?;

@@ -5,7 +5,7 @@
 //! is made from the component headers (bytes as the device will hold them: packed bytes for
 //! quantized weights, dtype size × parameters otherwise) and an estimate of the activations
 //! for the job's size. Each component is then resident (kept between jobs), staged (loaded in
-//! its stage and dropped after it) or, for the transformer only, streamed block by block
+//! its stage and dropped after it) or, for the transformer and T5, streamed block by block
 //! from host memory (ComfyUI's lowvram and stable-diffusion.cpp's layer streaming): the
 //! non-block layers stay loaded and each block is uploaded just before it runs.
 
@@ -120,6 +120,12 @@ pub fn mib(b: u64) -> String {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSizes {
     pub t5: u64,
+    /// T5's embedding, final norm and position-bias table: what stays while its blocks stream.
+    pub t5_stem: u64,
+    /// T5's largest block (0: nothing to stream).
+    pub t5_block: u64,
+    /// What T5's per-layer dequantization holds at once (see `dequant_bytes`).
+    pub t5_dequant_bytes: u64,
     pub clip: u64,
     pub vae: u64,
     /// The transformer's non-block layers (embedders, final layer).
@@ -146,6 +152,28 @@ impl ModelSizes {
     pub fn transformer(&self) -> u64 {
         self.transformer_stem + self.transformer_blocks.iter().sum::<u64>()
     }
+
+    /// A transformer alone (the other components of size 0): what `bench` plans.
+    pub fn of_transformer(t: crate::engine::footprint::TransformerSizes, dtype_bytes: usize) -> Self {
+        ModelSizes {
+            t5: 0,
+            t5_stem: 0,
+            t5_block: 0,
+            t5_dequant_bytes: 0,
+            clip: 0,
+            vae: 0,
+            transformer_stem: t.stem,
+            transformer_blocks: t.blocks,
+            dequant_bytes: t.dequant_bytes,
+            hidden: t.config.hidden_size,
+            heads: t.config.num_heads,
+            mlp: t.config.mlp_hidden_dim,
+            t5_heads: 0,
+            t5_d_ff: 0,
+            vae_channels: 0,
+            dtype_bytes,
+        }
+    }
 }
 
 /// The size of a job, as the activations see it.
@@ -166,7 +194,8 @@ pub enum Mode {
     Resident,
     /// Loaded for its stage and dropped after it.
     Staged,
-    /// Non-block layers loaded for the stage; each block uploaded just before it runs.
+    /// Non-block layers loaded for the stage; each block uploaded just before it runs (the
+    /// transformer and T5).
     Streamed,
 }
 
@@ -266,18 +295,20 @@ pub fn vae_activations(s: &ModelSizes, job: &JobSize) -> u64 {
     maps + latent * latent * 4 * 2
 }
 
-/// Activations of the T5 encoder (f32): scores of every head and the gated FFN.
+/// Activations of the T5 encoder (f32): scores of every head, the gated FFN, and one
+/// dequantized weight.
 pub fn t5_activations(s: &ModelSizes, job: &JobSize) -> u64 {
     let l = job.text_tokens as u64;
-    2 * s.t5_heads as u64 * l * l * 4 + 3 * l * s.t5_d_ff as u64 * 4
+    2 * s.t5_heads as u64 * l * l * 4 + 3 * l * s.t5_d_ff as u64 * 4 + s.t5_dequant_bytes
 }
 
 /// CLIP's 77 tokens: small beside its weights; a fixed allowance.
 const CLIP_ACTIVATIONS: u64 = 8 << 20;
 
 /// Plans a job: everything resident when asked and it fits; else each component staged;
-/// else the transformer streamed; else refused, naming the stage that does not fit.
-/// `force_stream` streams the transformer whatever the budget (tests, `bench`).
+/// else the transformer and/or T5 streamed where their own stage does not fit staged; else
+/// refused, naming the stage that does not fit.
+/// `force_stream` streams the transformer and T5 whatever the budget (tests).
 pub fn plan(
     s: &ModelSizes,
     job: JobSize,
@@ -311,35 +342,38 @@ pub fn plan(
     if !force_stream && fits(staged_peak) {
         return Ok(make([Mode::Staged; 4], staged_peak));
     }
-    // The transformer streamed: its stem, its activations, and two blocks: a GPU runs its
+    // A component whose own stage does not fit (or every one that can, when forced) streams
+    // block by block: its non-block layers, its activations and two blocks (a GPU runs its
     // queue behind the host, so the next block is uploaded while the last one's kernels may
-    // still hold theirs.
-    let block = s.transformer_blocks.iter().copied().max().unwrap_or(0);
-    let streamed = s.transformer_stem + 2 * block + acts[2].2;
-    let others = [acts[0], acts[1], acts[3]];
-    let other_peak = others.iter().map(|a| a.1 + a.2).max().unwrap_or(0);
-    let peak = streamed.max(other_peak);
-    if fits(peak) {
-        return Ok(make([Mode::Staged, Mode::Staged, Mode::Streamed, Mode::Staged], peak));
+    // still hold theirs).
+    let t5_stream = s.t5_block > 0 && (force_stream || !fits(acts[0].1 + acts[0].2));
+    let flux_stream = force_stream || !fits(acts[2].1 + acts[2].2);
+    let flux_block = s.transformer_blocks.iter().copied().max().unwrap_or(0);
+    let stream = |(name, bytes, activations): (&'static str, u64, u64), on: bool, stem: u64, block: u64| {
+        if on {
+            let what = format!(
+                "the {name} streamed block by block: {} of non-block layers + 2 × {} for its largest block + {} of activations",
+                mib(stem),
+                mib(block),
+                mib(activations)
+            );
+            (stem + 2 * block + activations, what, Mode::Streamed)
+        } else {
+            let what = format!("the {name} stage: {} of weights + {} of activations", mib(bytes), mib(activations));
+            (bytes + activations, what, Mode::Staged)
+        }
+    };
+    let stages = [
+        stream(acts[0], t5_stream, s.t5_stem, s.t5_block),
+        stream(acts[1], false, 0, 0),
+        stream(acts[2], flux_stream, s.transformer_stem, flux_block),
+        stream(acts[3], false, 0, 0),
+    ];
+    let (needed, what, _) = stages.iter().max_by_key(|st| st.0).cloned().expect("four stages");
+    if fits(needed) {
+        return Ok(make(stages.map(|st| st.2), needed));
     }
     let budget = budget.expect("fits() is true without a budget");
-    let (needed, what) = if streamed >= other_peak {
-        (
-            streamed,
-            format!(
-                "the transformer streamed block by block: {} of non-block layers + 2 × {} for its largest block + {} of activations",
-                mib(s.transformer_stem),
-                mib(block),
-                mib(acts[2].2)
-            ),
-        )
-    } else {
-        let worst = others.iter().max_by_key(|a| a.1 + a.2).expect("three stages");
-        (
-            worst.1 + worst.2,
-            format!("the {} stage: {} of weights + {} of activations", worst.0, mib(worst.1), mib(worst.2)),
-        )
-    };
     Err(OutOfBudget { needed, budget, width: job.width, height: job.height, what })
 }
 
@@ -350,6 +384,9 @@ mod tests {
     fn sizes() -> ModelSizes {
         ModelSizes {
             t5: 100 << 20,
+            t5_stem: 20 << 20,
+            t5_block: 10 << 20,
+            t5_dequant_bytes: 0,
             clip: 10 << 20,
             vae: 20 << 20,
             transformer_stem: 10 << 20,
@@ -436,6 +473,35 @@ mod tests {
         );
         // No budget: planned, never refused.
         assert!(plan(&s, job(4096), None, false, false).is_ok());
-        assert!(plan(&s, job(64), None, false, true).unwrap().transformer_streamed());
+        let forced = plan(&s, job(64), None, false, true).unwrap();
+        assert!(forced.transformer_streamed() && forced.mode("t5") == Some(Mode::Streamed));
+    }
+
+    #[test]
+    fn t5_streams_when_its_own_stage_does_not_fit() {
+        // 95 MiB: neither T5 (100 MiB) nor the transformer (410 MiB) fits whole; streamed, T5
+        // holds its 20 MiB stem and two 10 MiB blocks.
+        let s = sizes();
+        let both = plan(&s, job(64), Some(95 << 20), false, false).unwrap();
+        assert_eq!((both.mode("t5"), both.mode("transformer")), (Some(Mode::Streamed), Some(Mode::Streamed)));
+        assert_eq!(both.mode("clip"), Some(Mode::Staged));
+        // A T5 larger than the transformer (T5-XXL in f32 beside a quantized FLUX): only T5
+        // streams, the transformer stays whole.
+        let big_t5 = ModelSizes { t5: 600 << 20, t5_stem: 40 << 20, t5_block: 10 << 20, ..sizes() };
+        let p = plan(&big_t5, job(64), Some(500 << 20), false, false).unwrap();
+        assert_eq!(
+            (p.mode("t5"), p.mode("transformer")),
+            (Some(Mode::Streamed), Some(Mode::Staged)),
+            "{}",
+            p.summary()
+        );
+        assert!(p.peak <= 500 << 20);
+        // A T5 stem alone over the budget: refused, naming T5's streamed needs.
+        let err = plan(&ModelSizes { t5_stem: 600 << 20, ..big_t5.clone() }, job(64), Some(500 << 20), false, false)
+            .unwrap_err();
+        assert!(err.what.contains("t5 streamed block by block"), "{err}");
+        // Nothing to stream (no block sizes known): refused as a stage.
+        let err = plan(&ModelSizes { t5_block: 0, ..big_t5 }, job(64), Some(500 << 20), false, false).unwrap_err();
+        assert!(err.what.contains("the t5 stage"), "{err}");
     }
 }

@@ -15,7 +15,7 @@ use crate::engine::lora::{LoraCache, LoraSet, set_clip_loras, set_loras};
 use crate::engine::memory::{JobSize, MemoryPlan};
 use crate::engine::noise::torch_randn;
 use crate::engine::sampler::{ScheduleConfig, StepEvent, denoise};
-use crate::engine::streaming::StreamedFlux;
+use crate::engine::streaming::{StreamedFlux, StreamedT5};
 use crate::engine::t5::T5Encoder;
 use crate::engine::tokenize::{FluxTokenizers, MIN_T5_LENGTH};
 use crate::engine::vae;
@@ -304,14 +304,14 @@ pub struct Placement {
     pub dtype: DType,
     /// Device memory jobs are planned against (`engine::memory`); None: planned, never refused.
     pub memory_budget: Option<u64>,
-    /// Stream the transformer block by block whatever the budget (tests, `bench`).
-    pub stream_transformer: bool,
+    /// Stream the transformer and T5 block by block whatever the budget (tests).
+    pub stream_blocks: bool,
 }
 
 impl Placement {
     /// Per stage, in `dtype`, without a budget.
     pub fn staged(dtype: DType) -> Self {
-        Placement { keep_resident: false, dtype, memory_budget: None, stream_transformer: false }
+        Placement { keep_resident: false, dtype, memory_budget: None, stream_blocks: false }
     }
 }
 
@@ -363,7 +363,7 @@ impl Resident {
             text_tokens: prepared.max_sequence_length,
         };
         let p = &self.placement;
-        let plan = crate::engine::memory::plan(&sizes, job, p.memory_budget, p.keep_resident, p.stream_transformer)?;
+        let plan = crate::engine::memory::plan(&sizes, job, p.memory_budget, p.keep_resident, p.stream_blocks)?;
         let keep = plan.all_resident();
         self.t5.set_keep(keep);
         self.clip.set_keep(keep);
@@ -536,7 +536,9 @@ pub fn generate_prepared(
     let plan = resident.plan(files, prepared, req)?;
 
     progress(Progress::Stage("encoding the prompt"));
-    let prompt = encode_prompt(files, &req.prompt, max_len, &prepared.loras, device, resident, &mut warnings)?;
+    let stream_t5 = plan.mode("t5") == Some(crate::engine::memory::Mode::Streamed);
+    let prompt =
+        encode_prompt(files, &req.prompt, max_len, &prepared.loras, device, resident, stream_t5, &mut warnings)?;
 
     progress(Progress::Stage("loading the transformer"));
     let schedule = match &files.scheduler {
@@ -651,8 +653,10 @@ pub struct PromptEmbeds {
     pub y: Tensor<2>,
 }
 
-/// Tokenizes the prompt and runs both text encoders (each loaded in its turn); truncation is
+/// Tokenizes the prompt and runs both text encoders (each loaded in its turn; T5 block by
+/// block with `stream_t5`, the memory plan's choice when it does not fit whole); truncation is
 /// reported in `warnings`.
+#[allow(clippy::too_many_arguments)]
 pub fn encode_prompt(
     files: &ModelFiles,
     prompt: &str,
@@ -660,6 +664,7 @@ pub fn encode_prompt(
     loras: &[LoraSet],
     device: &Device,
     resident: &mut Resident,
+    stream_t5: bool,
     warnings: &mut Vec<String>,
 ) -> Result<PromptEmbeds> {
     let tokenizers = resident.tokenizers(files)?;
@@ -675,10 +680,13 @@ pub fn encode_prompt(
         warnings
             .push(format!("the prompt has {} CLIP tokens; CLIP sees only the first 77", clip_tokens.untruncated_len));
     }
-    let txt = resident.t5.with(
-        || T5Encoder::load(&files.t5, device, None),
-        |t5| t5.forward(std::slice::from_ref(&t5_tokens.ids), device),
-    )?;
+    let ids = std::slice::from_ref(&t5_tokens.ids);
+    let txt = if stream_t5 {
+        resident.t5.loads += 1;
+        StreamedT5::load(&files.t5, device)?.forward(ids, device)?
+    } else {
+        resident.t5.with(|| T5Encoder::load(&files.t5, device, None), |t5| t5.forward(ids, device))?
+    };
     let y = resident.clip.with(
         || ClipText::load(&files.clip, device, None),
         |clip| {

@@ -1,5 +1,6 @@
-//! The transformer streamed block by block, for jobs whose memory plan does not fit the whole
-//! transformer on the device (as ComfyUI's lowvram and stable-diffusion.cpp's layer streaming).
+//! The transformer and the T5 encoder streamed block by block, for jobs whose memory plan does
+//! not fit the whole component on the device (as ComfyUI's lowvram and stable-diffusion.cpp's
+//! layer streaming).
 //!
 //! The non-block layers (embedders, final layer) are loaded as usual. The blocks stay in the
 //! memory-mapped checkpoint (host memory: the page cache, not this process's allocations):
@@ -13,13 +14,15 @@ use std::borrow::Cow;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use burn::tensor::{DType, Device};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::engine::flux::model::{BlockSource, DoubleStreamBlock, SingleStreamBlock};
 use crate::engine::flux::{self, Flux, TransformerWeights};
-use crate::engine::layers::Linear;
-use crate::engine::loader::Walk;
+use crate::engine::layers::{Embedding, Linear};
+use crate::engine::loader::{Prefixed, Walk};
 use crate::engine::lora::{LoraSet, set_block_loras, set_stem_loras};
+use crate::engine::t5::{T5Block, T5Encoder};
+use crate::engine::weights::WeightSet;
 
 pub struct StreamedFlux {
     /// The non-block layers, on the device for the whole stage.
@@ -83,6 +86,38 @@ impl BlockSource for StreamedFlux {
     }
 }
 
+/// T5 with only its embedding, final norm and position-bias table loaded; each block is built
+/// from the file as the forward reaches it (T5-XXL in f32 is 19 GB, its blocks 0.8 GB each).
+pub struct StreamedT5 {
+    stem: T5Encoder,
+    table: Embedding,
+    weights: WeightSet,
+    prefix: String,
+    device: Device,
+}
+
+impl StreamedT5 {
+    /// Checks the whole checkpoint (as a resident load does), then loads the stem.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let (weights, prefix, config) = T5Encoder::open_checked(path, None)?;
+        let source = Prefixed { set: &weights, prefix: prefix.clone(), ignored: |_| false };
+        let walk = Walk::load(&source, device, DType::F32);
+        let (stem, table) = T5Encoder::build_stem(&walk.root(), config)
+            .with_context(|| format!("loading the T5 encoder {}", path.display()))?;
+        Ok(StreamedT5 { stem, table, weights, prefix, device: device.clone() })
+    }
+
+    /// [`T5Encoder::forward`], one block on the device at a time.
+    pub fn forward(&self, ids: &[Vec<u32>], device: &Device) -> Result<Tensor<3>> {
+        let c = &self.stem.config;
+        self.stem.forward_blocks(ids, device, &self.table, |i| {
+            let source = Prefixed { set: &self.weights, prefix: self.prefix.clone(), ignored: |_| false };
+            let walk = Walk::load(&source, &self.device, DType::F32);
+            Ok(Cow::Owned(T5Block::load(&walk.root().pp("encoder.block").pp(i), c, i == 0)?))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::{DType, Device, Tensor, TensorData};
@@ -116,21 +151,7 @@ mod tests {
 
         // The plan at a quarter of the transformer's size streams it.
         let t = crate::engine::footprint::transformer_sizes(&path, DType::F32).unwrap();
-        let sizes = crate::engine::memory::ModelSizes {
-            t5: 0,
-            clip: 0,
-            vae: 0,
-            transformer_stem: t.stem,
-            transformer_blocks: t.blocks,
-            dequant_bytes: t.dequant_bytes,
-            hidden: c.hidden_size,
-            heads: c.num_heads,
-            mlp: c.mlp_hidden_dim,
-            t5_heads: 1,
-            t5_d_ff: 1,
-            vae_channels: 0,
-            dtype_bytes: 4,
-        };
+        let sizes = crate::engine::memory::ModelSizes::of_transformer(t, 4);
         let job = JobSize { width: 64, height: 64, batch: 1, text_tokens: 8 };
         let quarter = sizes.transformer() / 4;
         let p = plan(&sizes, job, Some(quarter), false, false).unwrap();

@@ -1,8 +1,10 @@
 //! The T5 v1.1 encoder (FLUX's `text_encoder_2`, `t5xxl_*.safetensors`): RMS-normed
 //! pre-norm blocks, attention without 1/√d scaling plus a relative position bias computed once
 //! (block 0's table, shared by every block), gated-GELU(tanh) feed-forward. Runs in f32: T5 in
-//! f16 overflows.
+//! f16 overflows. Files: transformers' names (safetensors, also under a ComfyUI prefix) or
+//! llama.cpp's (GGUF, whose quantized matrices stay packed: `engine::packed`).
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -12,6 +14,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 
+use crate::engine::gguf::{self, t5_names};
 use crate::engine::layers::{Embedding, Linear, gelu_tanh};
 use crate::engine::loader::{self, Init, Loader, NamedParam, Prefixed, Walk};
 use crate::engine::weights::{WeightSet, component_config};
@@ -116,7 +119,8 @@ pub struct T5Block {
 }
 
 impl T5Block {
-    fn load(l: &Loader, c: &T5Config, first: bool) -> Result<Self> {
+    /// `encoder.block.{i}` (`first`: block 0, which holds the position-bias table).
+    pub fn load(l: &Loader, c: &T5Config, first: bool) -> Result<Self> {
         let (a, f) = (l.pp("layer").pp(0), l.pp("layer").pp(1));
         let ff = f.pp("DenseReluDense");
         Ok(T5Block {
@@ -186,9 +190,69 @@ fn infer_config(set: &WeightSet, hint: &T5Hint) -> Result<(String, T5Config)> {
     Ok((prefix, config))
 }
 
-/// A tied copy a T5 file may hold beside the encoder's own tensors.
+/// A tied copy a T5 file may hold beside the encoder's own tensors, and the decoder of a
+/// whole-T5 GGUF file.
 fn t5_ignored(key: &str) -> bool {
-    key.ends_with("encoder.embed_tokens.weight")
+    key.ends_with("encoder.embed_tokens.weight") || t5_names::is_decoder(key)
+}
+
+/// The checkpoint's tensors under transformers' names: a GGUF file (llama.cpp's T5 names,
+/// city96's encoder files) renamed after its architecture is checked; other files as they are.
+fn open_weights(path: &Path) -> Result<WeightSet> {
+    let set = WeightSet::open(path)?;
+    let Some(file) = set.gguf_files().next() else { return Ok(set) };
+    match file.architecture() {
+        Some(a) if t5_names::ARCHITECTURES.contains(&a) => {}
+        found => bail!(
+            "{} is a GGUF file of architecture {}, not a T5 encoder (general.architecture = t5encoder or t5)",
+            path.display(),
+            found.map_or_else(|| "(none given)".to_string(), |a| format!("{a:?}"))
+        ),
+    }
+    set.renamed(t5_names::from_llama)
+}
+
+/// A GGUF T5's metadata: `{arch}.*` values by their key's tail.
+fn gguf_value(set: &WeightSet, tail: &str) -> Option<gguf::Value> {
+    let file = set.gguf_files().next()?;
+    file.metadata().get(&format!("{}.{tail}", file.architecture()?)).cloned()
+}
+
+/// What a GGUF T5 says of itself where no `config.json` can (llama.cpp's conversion writes
+/// both epsilons, the same value; the maximum distance is fixed at 128 there).
+fn gguf_hint(set: &WeightSet) -> Option<T5Hint> {
+    set.gguf_files().next()?;
+    let eps = ["attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"]
+        .iter()
+        .find_map(|k| gguf_value(set, k).and_then(|v| v.as_float()))
+        // Stored as f32: its shortest decimal (1e-6, not 9.99999997e-7), as transformers has it.
+        .and_then(|e| (e as f32).to_string().parse().ok());
+    Some(T5Hint { relative_attention_max_distance: None, layer_norm_epsilon: eps })
+}
+
+/// A GGUF T5 whose metadata disagrees with its tensors is broken (a hand-edited or cut file):
+/// an error naming every difference.
+fn check_gguf_metadata(set: &WeightSet, c: &T5Config) -> Result<()> {
+    let expected = [
+        ("embedding_length", c.d_model),
+        ("feed_forward_length", c.d_ff),
+        ("block_count", c.layers),
+        ("attention.head_count", c.heads),
+        ("attention.key_length", c.d_kv),
+        ("attention.value_length", c.d_kv),
+        ("attention.relative_buckets_count", c.buckets),
+    ];
+    let wrong: Vec<String> = expected
+        .iter()
+        .filter_map(|(key, found)| {
+            let said = gguf_value(set, key)?.as_int()?;
+            (said != *found as i128).then(|| format!("{key} = {said} (the tensors say {found})"))
+        })
+        .collect();
+    if !wrong.is_empty() {
+        bail!("the GGUF metadata disagrees with its tensors: {}", wrong.join(", "));
+    }
+    Ok(())
 }
 
 impl T5Encoder {
@@ -207,6 +271,24 @@ impl T5Encoder {
         })
     }
 
+    /// What stays loaded while the blocks stream (`engine::streaming::StreamedT5`): the
+    /// embedding and the final norm, no blocks; and block 0's position-bias table.
+    pub fn build_stem(l: &Loader, config: T5Config) -> Result<(Self, Embedding)> {
+        let c = &config;
+        let shared = if l.has("shared.weight") { "shared" } else { "encoder.embed_tokens" };
+        let table =
+            l.pp("encoder.block.0.layer.0.SelfAttention").embedding("relative_attention_bias", c.buckets, c.heads)?;
+        let stem = T5Encoder {
+            shared: l.embedding(shared, c.vocab, c.d_model)?,
+            encoder: T5Stack {
+                block: Vec::new(),
+                final_layer_norm: T5LayerNorm::load(&l.pp("encoder.final_layer_norm"), c)?,
+            },
+            config,
+        };
+        Ok((stem, table))
+    }
+
     /// A `t5xxl_*.safetensors` file or a transformers `text_encoder_2/` folder.
     pub fn load(path: &Path, device: &Device, hint: Option<&T5Hint>) -> Result<Self> {
         let (set, prefix, config) = Self::open_checked(path, hint)?;
@@ -220,6 +302,13 @@ impl T5Encoder {
     /// the file's key prefix): what training the encoder updates and writes back.
     pub fn load_named(path: &Path, device: &Device) -> Result<(Self, Vec<NamedParam>, usize)> {
         let (set, prefix, config) = Self::open_checked(path, None)?;
+        if set.gguf_files().next().is_some() {
+            // Its quantized matrices stay packed, outside the parameters training updates.
+            bail!(
+                "{} is a GGUF T5: training the text encoders needs full-precision weights (a .safetensors file or folder)",
+                path.display()
+            );
+        }
         let source = Prefixed { set: &set, prefix, ignored: t5_ignored };
         loader::load_named(&source, device, DType::F32, ("T5 checkpoint", "the T5 v1.1 encoder"), |l| {
             Self::build(l, config.clone())
@@ -235,14 +324,36 @@ impl T5Encoder {
 
     /// The checkpoint, the key prefix of this component in it, and its configuration.
     pub fn open_checked(path: &Path, hint: Option<&T5Hint>) -> Result<(WeightSet, String, T5Config)> {
-        let infer = |set: &WeightSet| infer_config(set, &component_config(path, hint)?.unwrap_or_default());
-        loader::open_prefixed(path, ("T5 checkpoint", "the T5 v1.1 encoder"), t5_ignored, infer, Self::build)
-            .with_context(|| format!("reading the T5 encoder {}", path.display()))
+        let read = || {
+            let set = open_weights(path)?;
+            let infer = |set: &WeightSet| {
+                let hint = component_config(path, hint)?.or_else(|| gguf_hint(set)).unwrap_or_default();
+                let (prefix, config) = infer_config(set, &hint)?;
+                check_gguf_metadata(set, &config)?;
+                Ok((prefix, config))
+            };
+            loader::check_prefixed(set, ("T5 checkpoint", "the T5 v1.1 encoder"), t5_ignored, infer, Self::build)
+        };
+        read().with_context(|| format!("reading the T5 encoder {}", path.display()))
     }
 
     /// Token ids [B][L] → last hidden state [B, L, d_model]. No attention mask: FLUX attends
     /// over the padding, as the reference pipeline does.
     pub fn forward(&self, ids: &[Vec<u32>], device: &Device) -> Result<Tensor<3>> {
+        let table = self.encoder.block.first().and_then(|b| b.layer_0.self_attention.relative_attention_bias.as_ref());
+        let table = table.ok_or_else(|| anyhow!("T5 has no blocks"))?;
+        self.forward_blocks(ids, device, table, |i| Ok(Cow::Borrowed(&self.encoder.block[i])))
+    }
+
+    /// [`T5Encoder::forward`] over blocks `block(i)` gives (its own, or built one at a time
+    /// from the file: `engine::streaming::StreamedT5`), with block 0's position-bias `table`.
+    pub fn forward_blocks<'a>(
+        &self,
+        ids: &[Vec<u32>],
+        device: &Device,
+        table: &Embedding,
+        block: impl Fn(usize) -> Result<Cow<'a, T5Block>>,
+    ) -> Result<Tensor<3>> {
         let batch = ids.len();
         let len = ids.first().map_or(0, |r| r.len());
         if batch == 0 || len == 0 || ids.iter().any(|r| r.len() != len) {
@@ -250,34 +361,18 @@ impl T5Encoder {
         }
         let c = &self.config;
         let mut x = self.shared.forward(ids, "T5")?;
-        let bias = self.position_bias(len, device)?.expand([batch, c.heads, len, len]);
-        let options = AttentionModuleOptions { scale: Some(1.0), ..Default::default() };
-        for b in &self.encoder.block {
-            let (sa, ff) = (&b.layer_0.self_attention, &b.layer_1.dense_relu_dense);
-            let h = b.layer_0.layer_norm.forward(x.clone());
-            let heads = |t: Tensor<3>| t.reshape([batch, len, c.heads, c.d_kv]).swap_dims(1, 2);
-            let a = attention(
-                heads(sa.q.forward(h.clone())),
-                heads(sa.k.forward(h.clone())),
-                heads(sa.v.forward(h)),
-                None,
-                Some(bias.clone()),
-                options,
-            );
-            x = x + sa.o.forward(a.swap_dims(1, 2).reshape([batch, len, c.heads * c.d_kv]));
-            let h = b.layer_1.layer_norm.forward(x.clone());
-            x = x.clone() + ff.wo.forward(gelu_tanh(ff.wi_0.forward(h.clone())) * ff.wi_1.forward(h));
+        let bias = self.position_bias(table, len, device).expand([batch, c.heads, len, len]);
+        for i in 0..c.layers {
+            x = block(i)?.forward(x, bias.clone(), c);
         }
         Ok(self.encoder.final_layer_norm.forward(x))
     }
 
-    /// Bidirectional relative position bias [1, heads, L, L] from block 0's table.
     /// The relative-position bias [1, heads, len, len]: rows of block 0's table picked by each
     /// (query, key) pair's bucket (a select, so the table trains when the encoder does).
-    fn position_bias(&self, len: usize, device: &Device) -> Result<Tensor<4>> {
+    fn position_bias(&self, table: &Embedding, len: usize, device: &Device) -> Tensor<4> {
         let (heads, buckets) = (self.config.heads, self.config.buckets);
-        let table = self.encoder.block.first().and_then(|b| b.layer_0.self_attention.relative_attention_bias.as_ref());
-        let table = table.ok_or_else(|| anyhow!("T5 has no blocks"))?.weight.val().cast(DType::F32);
+        let table = table.weight.val().cast(DType::F32);
         let mut index = Vec::with_capacity(len * len);
         for q in 0..len {
             for k in 0..len {
@@ -286,7 +381,30 @@ impl T5Encoder {
         }
         let index = Tensor::<1, Int>::from_data(TensorData::new(index, [len * len]), device);
         // [len·len, heads] → [heads, len, len]
-        Ok(table.select(0, index).reshape([len, len, heads]).permute([2, 0, 1]).unsqueeze::<4>())
+        table.select(0, index).reshape([len, len, heads]).permute([2, 0, 1]).unsqueeze::<4>()
+    }
+}
+
+impl T5Block {
+    /// One pre-norm block: self-attention (no 1/√d scaling, the shared position `bias`
+    /// [B, heads, L, L]) and the gated feed-forward, each added to the stream.
+    fn forward(&self, x: Tensor<3>, bias: Tensor<4>, c: &T5Config) -> Tensor<3> {
+        let [batch, len, _] = x.dims();
+        let (sa, ff) = (&self.layer_0.self_attention, &self.layer_1.dense_relu_dense);
+        let h = self.layer_0.layer_norm.forward(x.clone());
+        let heads = |t: Tensor<3>| t.reshape([batch, len, c.heads, c.d_kv]).swap_dims(1, 2);
+        let options = AttentionModuleOptions { scale: Some(1.0), ..Default::default() };
+        let a = attention(
+            heads(sa.q.forward(h.clone())),
+            heads(sa.k.forward(h.clone())),
+            heads(sa.v.forward(h)),
+            None,
+            Some(bias),
+            options,
+        );
+        let x = x + sa.o.forward(a.swap_dims(1, 2).reshape([batch, len, c.heads * c.d_kv]));
+        let h = self.layer_1.layer_norm.forward(x.clone());
+        x.clone() + ff.wo.forward(gelu_tanh(ff.wi_0.forward(h.clone())) * ff.wi_1.forward(h))
     }
 }
 

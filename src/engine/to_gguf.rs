@@ -1,5 +1,6 @@
 //! A FLUX transformer checkpoint (any layout atelier reads) → a city96-layout GGUF file:
-//! what `atelier quantize` writes and `atelier bench --quant` measures.
+//! what `atelier quantize` writes and `atelier bench --quant` measures; and a T5 encoder → a
+//! GGUF with llama.cpp's T5 names (city96's encoder files) at the end.
 //!
 //! city96's files (ComfyUI-GGUF `tools/convert.py` + its llama.cpp patch): architecture `flux`,
 //! BFL key names without `model.diffusion_model.`, PyTorch shapes with ggml's dims reversed,
@@ -15,8 +16,11 @@ use anyhow::{Context, Result, bail};
 use crate::engine::flux::{self, DiffusersConfig, Flux};
 use crate::engine::gguf::quant::GgmlType;
 use crate::engine::gguf::quantize::quantize;
+use crate::engine::gguf::t5_names;
 use crate::engine::gguf::writer::{self, MetaValue, TensorPlan};
+use crate::engine::host_tensor::HostTensor;
 use crate::engine::loader::Walk;
+use crate::engine::t5::T5Encoder;
 
 /// Tensors city96 keeps at 16 bits whatever the target (`KEEP_F16` of the reference script).
 const KEEP_F16: [&str; 5] =
@@ -88,14 +92,81 @@ pub fn convert_transformer(
     if config.axes_dim != [16, 56, 56] {
         metadata.push(("axes_dims_rope", MetaValue::Str(serde_json::to_string(&config.axes_dim)?)));
     }
-    writer::write(output, &metadata, &plans, |i| {
+    write_file(output, &metadata, &plans, |name| weights.read(name))
+}
+
+/// The type one T5 tensor gets in a file of type `target` (llama.cpp's rules: norms and the
+/// position bias stay F32, `llama-quantize` never quantizes `attn_rel_b`; F16 where rows are
+/// not whole blocks).
+pub fn t5_type_for(llama_name: &str, shape: &[usize], target: GgmlType) -> GgmlType {
+    if shape.len() <= 1 || llama_name.contains(".attn_rel_b.") {
+        return GgmlType::F32;
+    }
+    let sixteen = if target == GgmlType::BF16 { GgmlType::BF16 } else { GgmlType::F16 };
+    if !shape[shape.len() - 1].is_multiple_of(target.block().0) {
+        return sixteen;
+    }
+    target
+}
+
+/// Converts the T5 encoder at `input` (safetensors in any prefix, a transformers folder, or a
+/// GGUF T5) to a GGUF file with llama.cpp's names and metadata (architecture `t5encoder`, as
+/// city96's `t5-v1_1-xxl-encoder-*.gguf`), tensors sorted by name.
+pub fn convert_t5(input: &Path, output: &Path, target: &str) -> Result<Written> {
+    let (ty, file_type) = parse_target(target)?;
+    let (weights, prefix, c) = T5Encoder::open_checked(input, None)?;
+    if c.max_distance != 128 {
+        bail!("llama.cpp's T5 has a relative-attention maximum distance of 128, not {}", c.max_distance);
+    }
+    let walk = Walk::plan();
+    T5Encoder::build(&walk.root(), c.clone())?;
+    let mut plans: Vec<TensorPlan> = Vec::new();
+    for e in walk.entries() {
+        let name = t5_names::to_llama(&e.name).with_context(|| format!("{} has no llama.cpp name", e.name))?;
+        plans.push(TensorPlan { ty: t5_type_for(&name, &e.shape, ty), name, shape: e.shape });
+    }
+    plans.sort_by(|a, b| a.name.cmp(&b.name));
+    let arch = "t5encoder";
+    let count = |v: usize| MetaValue::U32(v as u32);
+    let key = |k: &str| format!("{arch}.{k}");
+    let metadata = [
+        ("general.architecture".to_string(), MetaValue::Str(arch.into())),
+        ("general.quantization_version".into(), MetaValue::U32(2)),
+        ("general.file_type".into(), MetaValue::U32(file_type)),
+        (key("context_length"), count(512)),
+        (key("embedding_length"), count(c.d_model)),
+        (key("feed_forward_length"), count(c.d_ff)),
+        (key("block_count"), count(c.layers)),
+        (key("attention.head_count"), count(c.heads)),
+        (key("attention.key_length"), count(c.d_kv)),
+        (key("attention.value_length"), count(c.d_kv)),
+        (key("attention.layer_norm_epsilon"), MetaValue::F32(c.eps as f32)),
+        (key("attention.layer_norm_rms_epsilon"), MetaValue::F32(c.eps as f32)),
+        (key("attention.relative_buckets_count"), count(c.buckets)),
+    ];
+    let metadata: Vec<(&str, MetaValue)> = metadata.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    write_file(output, &metadata, &plans, |name| {
+        let own = t5_names::from_llama(name).with_context(|| format!("{name} is not a T5 encoder tensor"))?;
+        weights.read(&format!("{prefix}{own}"))
+    })
+}
+
+/// Writes `plans` (each tensor's values from `read`, by its name in the file) and counts what
+/// went where.
+fn write_file(
+    output: &Path,
+    metadata: &[(&str, MetaValue)],
+    plans: &[TensorPlan],
+    read: impl Fn(&str) -> Result<HostTensor>,
+) -> Result<Written> {
+    writer::write(output, metadata, plans, |i| {
         let plan = &plans[i];
-        let t = weights.read(&plan.name)?;
+        let t = read(&plan.name)?;
         quantize(plan.ty, &t.data).with_context(|| format!("quantizing {}", plan.name))
     })
     .with_context(|| format!("writing {}", output.display()))?;
     let mut per_type: Vec<(GgmlType, usize, u64)> = Vec::new();
-    for p in &plans {
+    for p in plans {
         let bytes = p.bytes()? as u64;
         match per_type.iter_mut().find(|(t, _, _)| *t == p.ty) {
             Some(e) => {

@@ -259,7 +259,10 @@ impl WeightFile {
 /// All tensors of a checkpoint, possibly spread over several files.
 pub struct WeightSet {
     files: Vec<WeightFile>,
+    /// Key (the set's naming) → file.
     index: BTreeMap<String, usize>,
+    /// Key → the file's own name for it, where [`WeightSet::renamed`] changed it.
+    stored: BTreeMap<String, String>,
 }
 
 impl WeightSet {
@@ -278,7 +281,31 @@ impl WeightSet {
             }
             files.push(file);
         }
-        Ok(WeightSet { files, index })
+        Ok(WeightSet { files, index, stored: BTreeMap::new() })
+    }
+
+    /// The same tensors under other keys: `rename` gives a file key's new name, or None to keep
+    /// it (e.g. llama.cpp's T5 names seen as transformers' ones, `engine::gguf::t5_names`).
+    pub fn renamed(self, rename: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let WeightSet { files, index, stored } = self;
+        let (mut new_index, mut new_stored) = (BTreeMap::new(), BTreeMap::new());
+        for (key, file) in index {
+            let own = stored.get(&key).cloned().unwrap_or_else(|| key.clone());
+            let name = rename(&key).unwrap_or(key);
+            if new_index.insert(name.clone(), file).is_some() {
+                bail!("two tensors of {} are both named {name}", files[file].path().display());
+            }
+            if name != own {
+                new_stored.insert(name, own);
+            }
+        }
+        Ok(WeightSet { files, index: new_index, stored: new_stored })
+    }
+
+    /// The file and the file's own name of the tensor `name`.
+    fn locate(&self, name: &str) -> Option<(&WeightFile, String)> {
+        let file = &self.files[*self.index.get(name)?];
+        Some((file, self.stored.get(name).cloned().unwrap_or_else(|| name.to_string())))
     }
 
     /// A single `.safetensors` or `.gguf` file, or a diffusers component folder (sharded or not).
@@ -301,25 +328,27 @@ impl WeightSet {
     }
 
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.files[*self.index.get(name)?].shape(name)
+        let (file, own) = self.locate(name)?;
+        file.shape(&own)
     }
 
     pub fn read(&self, name: &str) -> Result<HostTensor> {
-        let file = self.index.get(name).ok_or_else(|| anyhow!("missing tensor {name}"))?;
-        self.files[*file].read(name)
+        let (file, own) = self.locate(name).ok_or_else(|| anyhow!("missing tensor {name}"))?;
+        file.read(&own)
     }
 
     /// The matrix `name` as its file packs it (GGUF quant blocks, fp8), or None where it is
     /// stored as plain floats (read it with [`WeightSet::read`]).
     pub fn packed(&self, name: &str) -> Result<Option<PackedHost>> {
-        let file = self.index.get(name).ok_or_else(|| anyhow!("missing tensor {name}"))?;
-        self.files[*file].packed(name)
+        let (file, own) = self.locate(name).ok_or_else(|| anyhow!("missing tensor {name}"))?;
+        file.packed(&own)
     }
 
     /// The bytes [`WeightSet::packed`] would return for `name` (None where it reads as floats),
     /// from the header alone: what the memory plan counts for a packed weight.
     pub fn packed_len(&self, name: &str) -> Option<u64> {
-        self.files[*self.index.get(name)?].packed_len(name)
+        let (file, own) = self.locate(name)?;
+        file.packed_len(&own)
     }
 
     /// `__metadata__` entries of all files (string metadata of GGUF files).

@@ -147,8 +147,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         m.memory_budget = memory_budget;
         m.memory_budget_source = budget_source;
     }
-    let placement =
-        Placement { keep_resident: config.queue.keep_resident, dtype, memory_budget, stream_transformer: false };
+    let placement = Placement { keep_resident: config.queue.keep_resident, dtype, memory_budget, stream_blocks: false };
     let worker = Worker::spawn(jobs.clone(), pool.open()?, dev.device.clone(), placement);
     let sweeper =
         Sweeper::spawn(pool.config().data_dir.join(crate::ledger::DB_FILE), plans.clone(), clock.clone(), |e| {

@@ -104,7 +104,7 @@ pub fn encode_texts(
         if out.contains_key(t) {
             continue;
         }
-        let e = encode_prompt(files, t, max_len, &[], device, &mut resident, warnings)?;
+        let e = encode_prompt(files, t, max_len, &[], device, &mut resident, false, warnings)?;
         out.insert(t.clone(), CachedText::from_embeds(e));
     }
     Ok(out)

@@ -10,5 +10,6 @@ mod noise_golden;
 mod pipeline_golden;
 mod quantized;
 mod sampler_golden;
+mod t5_gguf;
 mod text_golden;
 mod vae_golden;

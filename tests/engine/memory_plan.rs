@@ -1,4 +1,4 @@
-//! The memory plan end to end: a streamed transformer makes the image a resident one makes,
+//! The memory plan end to end: a streamed transformer and T5 make the image resident ones make,
 //! and a job the budget cannot hold is refused before any compute.
 
 use std::path::PathBuf;
@@ -29,15 +29,16 @@ fn request() -> GenerateRequest {
 }
 
 #[test]
-fn a_streamed_transformer_makes_the_image_the_staged_one_makes() {
+fn a_streamed_transformer_and_t5_make_the_image_the_staged_ones_make() {
     let (files, req) = (files(), request());
     let staged = pipeline::generate(&files, &req, &Device::flex(), |_| {}).unwrap();
     let mut resident =
-        Resident::placed(Placement { stream_transformer: true, memory_budget: None, ..Placement::staged(DType::F32) });
+        Resident::placed(Placement { stream_blocks: true, memory_budget: None, ..Placement::staged(DType::F32) });
     let streamed = pipeline::generate_with(&files, &req, &Device::flex(), &mut resident, |_| {}).unwrap();
     let plan = resident.last_plan().expect("a plan for the job");
     assert_eq!(plan.mode("transformer"), Some(Mode::Streamed), "{}", plan.summary());
-    assert_eq!(plan.mode("t5"), Some(Mode::Staged));
+    assert_eq!(plan.mode("t5"), Some(Mode::Streamed));
+    assert_eq!(resident.loads().t5, 1);
     assert_eq!(staged.images[0].as_raw(), streamed.images[0].as_raw(), "streaming changed the image");
 }
 
@@ -96,7 +97,7 @@ fn a_streamed_transformer_applies_loras_to_each_block_as_a_resident_one_does() {
     let req = GenerateRequest { loras, ..request() };
     let staged = pipeline::generate(&files, &req, &Device::flex(), |_| {}).unwrap();
     let mut resident =
-        Resident::placed(Placement { stream_transformer: true, memory_budget: None, ..Placement::staged(DType::F32) });
+        Resident::placed(Placement { stream_blocks: true, memory_budget: None, ..Placement::staged(DType::F32) });
     let streamed = pipeline::generate_with(&files, &req, &Device::flex(), &mut resident, |_| {}).unwrap();
     assert!(resident.last_plan().unwrap().transformer_streamed());
     assert_eq!(staged.warnings, streamed.warnings, "the same LoRA warnings for the whole model");

@@ -145,13 +145,19 @@ fn generate(transformer: PathBuf) -> Vec<u8> {
     generate_with_loras(transformer, Vec::new())
 }
 
-fn generate_with_loras(transformer: PathBuf, loras: Vec<atelier::engine::lora::LoraChoice>) -> Vec<u8> {
-    let mut files = ModelFiles::from_diffusers(
+fn schnell_files() -> ModelFiles {
+    ModelFiles::from_diffusers(
         &fixture("pipeline/schnell/diffusers"),
         Some(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/tokenizers")),
     )
-    .unwrap();
-    files.transformer = transformer;
+    .unwrap()
+}
+
+fn generate_with_loras(transformer: PathBuf, loras: Vec<atelier::engine::lora::LoraChoice>) -> Vec<u8> {
+    generate_files(ModelFiles { transformer, ..schnell_files() }, loras)
+}
+
+fn generate_files(files: ModelFiles, loras: Vec<atelier::engine::lora::LoraChoice>) -> Vec<u8> {
     let req = GenerateRequest {
         prompt: "a red fox in the snow, studio photo".into(),
         seed: 42,
@@ -183,6 +189,30 @@ fn a_gguf_transformer_generates_the_image_of_its_dequantized_copy() {
         eprintln!("{quant}: worst pixel vs its F32 copy {worst}/255; PSNR vs the unquantized image {db:.1} dB");
         assert!(worst <= 1, "{quant}: {worst}/255");
         assert!(db > floor, "{quant}: PSNR {db:.1} dB");
+    }
+}
+
+#[test]
+fn a_gguf_t5_generates_the_image_of_its_source() {
+    // The pipeline's own T5 folder written as GGUF (llama.cpp names) and given as --t5.
+    let dir = tempfile::tempdir().unwrap();
+    let files = schnell_files();
+    let reference = generate_files(schnell_files(), Vec::new());
+    for (ty, most) in [("f16", 1), ("q8_0", 2)] {
+        let t5 = dir.path().join(format!("t5_{ty}.gguf"));
+        atelier::engine::to_gguf::convert_t5(&files.t5, &t5, ty).unwrap();
+        let sizes = atelier::engine::footprint::model_sizes(
+            &files.transformer,
+            &t5,
+            &files.clip,
+            &files.vae,
+            burn::tensor::DType::F32,
+        )
+        .unwrap();
+        let img = generate_files(ModelFiles { t5, ..schnell_files() }, Vec::new());
+        let worst = img.iter().zip(&reference).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+        eprintln!("T5 as GGUF {ty}: worst pixel {worst}/255 vs the safetensors T5; planned T5 bytes {}", sizes.t5);
+        assert!(worst <= most, "{ty}: {worst}/255");
     }
 }
 

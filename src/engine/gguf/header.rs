@@ -25,6 +25,15 @@ impl Value {
     pub fn as_int(&self) -> Option<i128> {
         if let Value::Int(n) = self { Some(*n) } else { None }
     }
+
+    /// A float, or an integer read as one.
+    pub fn as_float(&self) -> Option<f64> {
+        match self {
+            Value::Float(x) => Some(*x),
+            Value::Int(n) => Some(*n as f64),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Value {

@@ -8,6 +8,7 @@
 pub mod header;
 pub mod quant;
 pub mod quantize;
+pub mod t5_names;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};
@@ -149,6 +150,12 @@ impl GgufFile {
             let _ = self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start, t.len);
         }
         Ok(HostTensor { shape: t.shape.clone(), data })
+    }
+
+    /// The stored bytes of `name`, whatever its type (what a rewrite copies unchanged).
+    pub fn raw(&self, name: &str) -> Result<&[u8]> {
+        let t = self.tensors.get(name).ok_or_else(|| anyhow!("tensor {name} not in {}", self.path.display()))?;
+        Ok(&self.mmap[t.start..t.start + t.len])
     }
 
     /// The matrix `name` as its quant blocks (type, PyTorch shape, bytes), or None for

@@ -18,6 +18,7 @@ const ALIGNMENT: u64 = 32;
 #[derive(Debug, Clone, PartialEq)]
 pub enum MetaValue {
     U32(u32),
+    F32(f32),
     Str(String),
 }
 
@@ -81,6 +82,10 @@ pub fn write(
         match value {
             MetaValue::U32(v) => {
                 head.extend(4u32.to_le_bytes());
+                head.extend(v.to_le_bytes());
+            }
+            MetaValue::F32(v) => {
+                head.extend(6u32.to_le_bytes());
                 head.extend(v.to_le_bytes());
             }
             MetaValue::Str(s) => {
