@@ -22,6 +22,11 @@ fn entries(build: impl FnOnce(&Loader) -> Result<()>) -> Result<Vec<Entry>> {
     Ok(walk.entries())
 }
 
+/// A packed weight in use, in dense f32 matrices of its size: on the host path the rows, their
+/// transpose and the upload; on the device path (`dequant_device`) the block bytes as ints,
+/// the quants as ints and as floats, and the scaled values.
+const DEQUANT_COPIES: u64 = 4;
+
 fn bytes(e: &Entry, elem: usize, packed: &dyn Fn(&str) -> Option<u64>) -> u64 {
     packed(&e.name).unwrap_or_else(|| (e.shape.iter().product::<usize>() * elem) as u64)
 }
@@ -66,7 +71,7 @@ pub fn transformer_sizes(path: &Path, dtype: DType) -> Result<TransformerSizes> 
         }
     }
     // Dense weights are used in place; packed ones are dequantized per use (see ModelSizes).
-    let dequant_bytes = if packed { 3 * largest_linear } else { 0 };
+    let dequant_bytes = if packed { DEQUANT_COPIES * largest_linear } else { 0 };
     Ok(TransformerSizes { stem, blocks, dequant_bytes, config })
 }
 
@@ -114,8 +119,8 @@ pub fn model_sizes(transformer: &Path, t5: &Path, clip: &Path, vae_path: &Path, 
         t5: t5_stem + t5_blocks.iter().sum::<u64>(),
         t5_stem: t5_stem + t5_table,
         t5_block: t5_blocks.iter().copied().max().unwrap_or(0),
-        // As for the transformer: a packed matrix dense three times over while it is used.
-        t5_dequant_bytes: if t5_packed { 3 * t5_largest_packed } else { 0 },
+        // As for the transformer.
+        t5_dequant_bytes: if t5_packed { DEQUANT_COPIES * t5_largest_packed } else { 0 },
         clip: clip_bytes,
         vae: vae_bytes,
         transformer_stem: flux.stem,

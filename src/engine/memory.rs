@@ -133,8 +133,8 @@ pub struct ModelSizes {
     /// Each double then single block.
     pub transformer_blocks: Vec<u64>,
     /// What the transformer's per-layer dequantization holds at once: for packed weights,
-    /// the largest Linear as a dense matrix three times over (the dequantized rows, their
-    /// transpose and the uploaded tensor); 0 when nothing is packed.
+    /// the largest Linear as a dense matrix four times over (`footprint::DEQUANT_COPIES`); 0
+    /// when nothing is packed.
     pub dequant_bytes: u64,
     pub hidden: usize,
     pub heads: usize,

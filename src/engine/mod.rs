@@ -2,6 +2,7 @@
 
 pub mod clip;
 pub mod cpu;
+pub mod dequant_device;
 pub mod device;
 pub mod filehash;
 pub mod flux;

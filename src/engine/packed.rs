@@ -7,15 +7,17 @@
 //! WGSL has no byte type); a forward turns them into the [in, out] matrix in the compute dtype,
 //! multiplies, and drops it, so at most one layer's dense weight exists at a time.
 //!
-//! The dequantization itself runs on the host over the bytes (`gguf::quant`, bit-equal to the
-//! `gguf` package, rows split over the CPU's cores): on the CPU backend the "device" is host
-//! memory and this is the whole cost. On a GPU it reads the bytes back each time, which is
-//! correct but slow; a device kernel over the words is the next step there.
+//! On the CPU backend the dequantization runs over the bytes in place (`gguf::quant`,
+//! bit-equal to the `gguf` package, rows split over the CPU's cores): there the "device" is
+//! host memory. On a GPU, Q8_0, Q4_0/1 and Q5_0/1 blocks are expanded on the device by tensor
+//! ops over the words (`engine::dequant_device`); other types (the K-quants, fp8) are still read
+//! back, dequantized on the host and uploaded per use: correct, but slow there.
 
 use anyhow::{Result, bail};
 use burn::module::{Module, Param};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
+use crate::engine::dequant_device;
 use crate::engine::fp8;
 use crate::engine::gguf::quant::{GgmlType, dequantize_into};
 
@@ -127,6 +129,17 @@ impl PackedWeight {
     /// The dense [in, out] weight in the compute dtype, made for one use.
     pub fn dense(&self) -> Tensor<2> {
         let device = self.words.device();
+        // On a GPU the blocks are expanded where they are (no readback); on the CPU the host
+        // kernel below is the faster path over the same memory.
+        if let Packing::Gguf(ty) = self.packing
+            && device != Device::flex()
+            && dequant_device::supports(ty)
+        {
+            let rows =
+                dequant_device::dequantize(ty, self.words.clone(), self.len).reshape([self.outputs, self.inputs]);
+            let w = rows.transpose();
+            return if self.dtype == DType::F32 { w } else { w.cast(self.dtype) };
+        }
         let data = self.words.clone().into_data();
         let bytes = &data.as_bytes()[..self.len];
         let rows = dequantize_rows(self.packing, bytes, self.outputs, self.inputs, &self.scale);

@@ -416,3 +416,58 @@ fn a_lora_on_a_packed_base_gives_the_image_of_the_lora_on_its_f32_copy() {
     assert!(worst <= 1, "{worst}/255");
     assert!(moved > packed.len() / 10, "the LoRA must change the image");
 }
+
+#[test]
+fn legacy_blocks_dequantize_on_the_device_as_the_gguf_package_does() {
+    // The reference file's random blocks (random f16 scales of both signs), expanded by tensor
+    // ops over the packed words: on the CPU backend bit for bit; on wgpu (lavapipe in CI) the
+    // same, but where a shader compiler fuses d·q + m (Q4_1, Q5_1) into one rounding.
+    use atelier::engine::dequant_device::{dequantize, supports};
+    use atelier::engine::packed::{PackedHost, Packing};
+    let file = GgufFile::open(&fixture("gguf/blocks.gguf")).unwrap();
+    let golden = Golden::open("gguf/blocks_golden.safetensors");
+    let mut devices = vec![("cpu", Device::flex())];
+    devices.extend(crate::common::wgpu_device().map(|d| ("wgpu", d)));
+    for (label, device) in devices {
+        let mut checked = 0;
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1] {
+            assert!(supports(ty));
+            let name = ty.name().to_ascii_lowercase();
+            let (found, shape, bytes) = file.quantized(&name).unwrap().expect("a quantized tensor");
+            assert_eq!(found, ty);
+            let len = bytes.len();
+            let weight = PackedHost::new(Packing::Gguf(ty), &shape, bytes, vec![]).unwrap().upload(&device, DType::F32);
+            let ours = dequantize(ty, weight.words.clone(), len).into_data().try_to_vec::<f32>().unwrap();
+            let theirs = golden.vec(&name);
+            assert_eq!(ours.len(), theirs.len());
+            let fused = label == "wgpu" && matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+            for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                let close = a.to_bits() == b.to_bits() || (fused && (a - b).abs() <= 1e-6 * b.abs().max(1e-3));
+                assert!(close, "{label} {name} value {i}: {a} vs {b}");
+            }
+            // Through a Linear on the GPU (the path every packed layer takes there; one type
+            // and f32 only: lavapipe compiles each new kernel for minutes): what the same layer
+            // on the CPU computes.
+            for dtype in [DType::F32].into_iter().filter(|_| label == "wgpu" && ty == GgmlType::Q8_0) {
+                let (_, _, bytes) = file.quantized(&name).unwrap().unwrap();
+                let host = PackedHost::new(Packing::Gguf(ty), &shape, bytes, vec![]).unwrap();
+                let x: Vec<f32> = (0..2 * shape[1]).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+                let y = |device: &Device| {
+                    let linear =
+                        atelier::engine::layers::packed_linear(host.clone(), None, &name, device, dtype).unwrap();
+                    let x = burn::tensor::Tensor::<2>::from_data(
+                        burn::tensor::TensorData::new(x.clone(), [2, shape[1]]),
+                        device,
+                    );
+                    linear.forward(x.cast(dtype)).cast(DType::F32).into_data().try_to_vec::<f32>().unwrap()
+                };
+                let err = crate::common::relative_error(&y(&device), &y(&Device::flex()));
+                eprintln!("{label} {name} {dtype:?} Linear vs the CPU's: relative error {err:.1e}");
+                assert!(err <= 1e-5, "{label} {name} {dtype:?} Linear: {err:.2e}");
+            }
+            checked += 1;
+        }
+        eprintln!("{label}: {checked} block types dequantized on the device as the gguf package does");
+    }
+    assert!(!supports(GgmlType::Q4K));
+}
