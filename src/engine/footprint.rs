@@ -27,8 +27,10 @@ fn entries(build: impl FnOnce(&Loader) -> Result<()>) -> Result<Vec<Entry>> {
 /// the quants as ints and as floats, and the scaled values.
 const DEQUANT_COPIES: u64 = 4;
 
+/// Device bytes of one tensor: its packed size where the file packs a Linear's weight, else
+/// its values in `elem` bytes each.
 fn bytes(e: &Entry, elem: usize, packed: &dyn Fn(&str) -> Option<u64>) -> u64 {
-    packed(&e.name).unwrap_or_else(|| (e.shape.iter().product::<usize>() * elem) as u64)
+    e.packable.then(|| packed(&e.name)).flatten().unwrap_or_else(|| (e.shape.iter().product::<usize>() * elem) as u64)
 }
 
 /// The block a transformer tensor belongs to: its index among the double blocks then the
@@ -61,13 +63,14 @@ pub fn transformer_sizes(path: &Path, dtype: DType) -> Result<TransformerSizes> 
     let (mut largest_linear, mut packed) = (0, false);
     for e in &entries(|l| Flux::build(l, cfg).map(drop))? {
         let b = bytes(e, d, &|n| weights.packed_len(n));
-        packed |= weights.packed_len(&e.name).is_some();
+        packed |= e.packable && weights.packed_len(&e.name).is_some();
         match block_of(&e.name, config.depth) {
             Some(i) => blocks[i] += b,
             None => stem += b,
         }
-        if e.shape.len() == 2 && e.name.ends_with(".weight") {
-            largest_linear = largest_linear.max((e.shape[0] * e.shape[1] * d) as u64);
+        // In f32 whatever the compute dtype: the dequantization's intermediates are 32-bit.
+        if e.packable {
+            largest_linear = largest_linear.max((e.shape[0] * e.shape[1] * 4) as u64);
         }
     }
     // Dense weights are used in place; packed ones are dequantized per use (see ModelSizes).
@@ -84,18 +87,20 @@ pub fn model_sizes(transformer: &Path, t5: &Path, clip: &Path, vae_path: &Path, 
     let c = t5_config.clone();
     // Per block (`encoder.block.{i}.`) and outside the blocks; f32, packed where the file is.
     let (mut t5_stem, mut t5_blocks) = (0, vec![0u64; t5_config.layers]);
-    let (mut t5_largest_packed, mut t5_packed) = (0, false);
+    let (mut t5_largest_linear, mut t5_packed) = (0, false);
     for e in &entries(|l| T5Encoder::build(l, c).map(drop))? {
-        let packed = set.packed_len(&format!("{prefix}{}", e.name));
+        let packed = set.packed_len(&format!("{prefix}{}", e.name)).filter(|_| e.packable);
         let b = bytes(e, 4, &|_| packed);
         let block = e.name.strip_prefix("encoder.block.").and_then(|r| r.split('.').next()?.parse::<usize>().ok());
         match block {
             Some(i) => t5_blocks[i] += b,
             None => t5_stem += b,
         }
-        if let Some(p) = packed {
+        if packed.is_some() {
             t5_packed = true;
-            t5_largest_packed = t5_largest_packed.max(p.max((e.shape.iter().product::<usize>() * 4) as u64));
+        }
+        if e.packable {
+            t5_largest_linear = t5_largest_linear.max((e.shape.iter().product::<usize>() * 4) as u64);
         }
     }
     // Block 0's table is also loaded with the stem while the blocks stream.
@@ -120,7 +125,7 @@ pub fn model_sizes(transformer: &Path, t5: &Path, clip: &Path, vae_path: &Path, 
         t5_stem: t5_stem + t5_table,
         t5_block: t5_blocks.iter().copied().max().unwrap_or(0),
         // As for the transformer.
-        t5_dequant_bytes: if t5_packed { DEQUANT_COPIES * t5_largest_packed } else { 0 },
+        t5_dequant_bytes: if t5_packed { DEQUANT_COPIES * t5_largest_linear } else { 0 },
         clip: clip_bytes,
         vae: vae_bytes,
         transformer_stem: flux.stem,

@@ -114,6 +114,9 @@ pub struct Entry {
     pub name: String,
     pub shape: Vec<usize>,
     pub init: Init,
+    /// A Linear's weight: what stays packed where its file packs it (embeddings and tables are
+    /// read as floats whatever the file holds).
+    pub packable: bool,
 }
 
 enum Mode<'a> {
@@ -222,7 +225,12 @@ impl<'a> Walk<'a> {
 
     /// The host values of `name`, or None where the walk makes no values (check, plan).
     fn host(&self, name: String, shape: &[usize], init: Init) -> Result<Option<HostTensor>> {
-        let entry = Entry { name, shape: shape.to_vec(), init };
+        self.host_as(name, shape, init, false)
+    }
+
+    /// [`Walk::host`], recording whether the tensor is a Linear's weight.
+    fn host_as(&self, name: String, shape: &[usize], init: Init, packable: bool) -> Result<Option<HostTensor>> {
+        let entry = Entry { name, shape: shape.to_vec(), init, packable };
         let out = match self.mode {
             Mode::Load(source) => {
                 match source.shape(&entry.name) {
@@ -259,7 +267,7 @@ impl<'a> Walk<'a> {
             return Ok(None);
         }
         let Some(packed) = source.packed(name)? else { return Ok(None) };
-        self.entries.borrow_mut().push(Entry { name: name.to_string(), shape: shape.to_vec(), init });
+        self.entries.borrow_mut().push(Entry { name: name.to_string(), shape: shape.to_vec(), init, packable: true });
         Ok(Some(packed))
     }
 
@@ -367,7 +375,7 @@ impl<'a> Loader<'a> {
             let bias = if bias { w.host(l.key("bias"), &[outputs], bound)? } else { None };
             return layers::packed_linear(packed, bias, &l.path, &w.device, w.dtype);
         }
-        let weight = w.host(l.key("weight"), &[outputs, inputs], bound)?;
+        let weight = w.host_as(l.key("weight"), &[outputs, inputs], bound, true)?;
         let bias = if bias { Some(w.host(l.key("bias"), &[outputs], bound)?) } else { None };
         match weight {
             Some(weight) => {

@@ -253,7 +253,8 @@ impl MemoryPlan {
     }
 }
 
-/// A job refused by its plan: it would not fit the device even with the transformer streamed.
+/// A job refused by its plan: it would not fit the device even with the transformer and T5
+/// streamed where they do not fit whole.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
     "this job needs about {} of device memory at {width}×{height} ({what}), more than the memory budget of {}; a smaller size may fit",

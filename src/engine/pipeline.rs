@@ -682,8 +682,9 @@ pub fn encode_prompt(
     }
     let ids = std::slice::from_ref(&t5_tokens.ids);
     let txt = if stream_t5 {
+        let streamed = StreamedT5::load(&files.t5, device)?;
         resident.t5.loads += 1;
-        StreamedT5::load(&files.t5, device)?.forward(ids, device)?
+        streamed.forward(ids, device)?
     } else {
         resident.t5.with(|| T5Encoder::load(&files.t5, device, None), |t5| t5.forward(ids, device))?
     };

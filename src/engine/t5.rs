@@ -172,14 +172,18 @@ fn infer_config(set: &WeightSet, hint: &T5Hint) -> Result<(String, T5Config)> {
     if bias.len() != 2 || bias[1] == 0 || embedding.len() != 2 {
         bail!("T5 checkpoint has an embedding of shape {embedding:?} and a position bias of shape {bias:?}");
     }
-    let inner = dims("encoder.block.0.layer.0.SelfAttention.q.weight")?[0];
+    // Checked, as above: a GGUF header may give a tensor no dims at all.
+    let rows = |n: &str| {
+        dims(n).and_then(|d| if d.len() == 2 { Ok(d[0]) } else { Err(anyhow!("{n} has shape {d:?}, not a matrix")) })
+    };
+    let inner = rows("encoder.block.0.layer.0.SelfAttention.q.weight")?;
     let config = T5Config {
         vocab: embedding[0],
         d_model: embedding[1],
         heads: bias[1],
         d_kv: inner / bias[1],
-        d_ff: dims("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
-            .context("only gated-GELU T5 (v1.1) is supported")?[0],
+        d_ff: rows("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
+            .context("only gated-GELU T5 (v1.1) is supported")?,
         layers: (0..)
             .take_while(|i| set.contains(&key(&format!("encoder.block.{i}.layer.0.layer_norm.weight"))))
             .count(),
@@ -202,14 +206,16 @@ fn open_weights(path: &Path) -> Result<WeightSet> {
     let set = WeightSet::open(path)?;
     let Some(file) = set.gguf_files().next() else { return Ok(set) };
     match file.architecture() {
-        Some(a) if t5_names::ARCHITECTURES.contains(&a) => {}
-        found => bail!(
-            "{} is a GGUF file of architecture {}, not a T5 encoder (general.architecture = t5encoder or t5)",
-            path.display(),
-            found.map_or_else(|| "(none given)".to_string(), |a| format!("{a:?}"))
+        Some(a) if t5_names::ARCHITECTURES.contains(&a) => set.renamed(t5_names::from_llama),
+        // stable-diffusion.cpp's conversions carry no architecture and keep the checkpoint's
+        // own names; llama.cpp's names without the key are renamed all the same.
+        None if set.keys().any(|k| t5_names::from_llama(k).is_some()) => set.renamed(t5_names::from_llama),
+        None => Ok(set),
+        Some(a) => bail!(
+            "{} is a GGUF file of architecture {a:?}, not a T5 encoder (general.architecture = t5encoder or t5)",
+            path.display()
         ),
     }
-    set.renamed(t5_names::from_llama)
 }
 
 /// A GGUF T5's metadata: `{arch}.*` values by their key's tail.

@@ -144,3 +144,27 @@ fn a_streamed_t5_gives_the_resident_ones_output() {
         assert_eq!(a, b, "{}", path.display());
     }
 }
+
+#[test]
+fn a_gguf_t5_without_an_architecture_and_with_its_checkpoint_names_loads() {
+    // stable-diffusion.cpp's conversions: no general.architecture, the checkpoint's own keys.
+    use atelier::engine::gguf::GgmlType;
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("pipeline/single/t5xxl.safetensors");
+    let (set, prefix, _) = T5Encoder::open_checked(&src, None).unwrap();
+    let mut names: Vec<String> = set.keys().map(String::from).collect();
+    names.sort();
+    let plans: Vec<TensorPlan> = names
+        .iter()
+        .map(|n| TensorPlan { name: n.clone(), shape: set.shape(n).unwrap().to_vec(), ty: GgmlType::F32 })
+        .collect();
+    let out = dir.path().join("sdcpp_t5.gguf");
+    writer::write(&out, &[], &plans, |i| quantize(GgmlType::F32, &set.read(&plans[i].name)?.data)).unwrap();
+    let device = Device::flex();
+    let ids = vec![vec![37, 8, 1, 0, 5, 100, 32000, 1]];
+    let forward = |p: &Path| {
+        let t5 = T5Encoder::load(p, &device, None).unwrap_or_else(|e| panic!("{e:#}"));
+        t5.forward(&ids, &device).unwrap().into_data().try_to_vec::<f32>().unwrap()
+    };
+    assert_eq!(forward(&out), forward(&src), "prefix {prefix:?}");
+}

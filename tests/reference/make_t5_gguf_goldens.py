@@ -76,11 +76,8 @@ def encode(rng, qtype, shape, scale):
     return gguf.quants.quantize(x, qtype), qtype
 
 
-def main():
-    rng = np.random.default_rng(5)
-    path = os.path.join(OUT, "t5_mixed.gguf")
-    w = gguf.GGUFWriter(path, "t5encoder")
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+def add_t5_metadata(w):
+    """llama.cpp's t5encoder keys, in the order atelier writes them after general.*."""
     w.add_context_length(512)
     w.add_embedding_length(D)
     w.add_feed_forward_length(FF)
@@ -91,6 +88,14 @@ def main():
     w.add_layer_norm_eps(1e-6)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_relative_attn_buckets_count(BUCKETS)
+
+
+def main():
+    rng = np.random.default_rng(5)
+    path = os.path.join(OUT, "t5_mixed.gguf")
+    w = gguf.GGUFWriter(path, "t5encoder")
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_t5_metadata(w)
     data, raw = encode(rng, T.Q8_0, (VOCAB, D), 1.0)
     w.add_tensor("token_embd.weight", data, raw_dtype=raw)
     w.add_tensor("enc.output_norm.weight", (1 + 0.1 * rng.standard_normal(D)).astype(np.float32))
@@ -147,16 +152,7 @@ def quantized_q8_0():
     w = gguf.GGUFWriter(path, "t5encoder")
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_file_type(7)  # LLAMA_FTYPE_MOSTLY_Q8_0
-    w.add_context_length(512)
-    w.add_embedding_length(D)
-    w.add_feed_forward_length(FF)
-    w.add_block_count(LAYERS)
-    w.add_head_count(HEADS)
-    w.add_key_length(DKV)
-    w.add_value_length(DKV)
-    w.add_layer_norm_eps(1e-6)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_relative_attn_buckets_count(BUCKETS)
+    add_t5_metadata(w)
     for t in sorted(src.tensors, key=lambda t: t.name):
         shape = [int(d) for d in reversed(t.shape)]
         x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)

@@ -27,26 +27,26 @@ const WHOLE: [(&str, &str); 2] =
 
 /// transformers' name → llama.cpp's (None for a name the encoder does not have).
 pub fn to_llama(name: &str) -> Option<String> {
-    if let Some((_, l)) = WHOLE.iter().find(|(t, _)| *t == name) {
-        return Some(l.to_string());
-    }
-    let (block, rest) = name.strip_prefix("encoder.block.")?.split_once('.')?;
-    block.parse::<usize>().ok()?;
-    let part = rest.strip_suffix(".weight")?;
-    let (_, l) = BLOCK_PARTS.iter().find(|(t, _)| *t == part)?;
-    Some(format!("enc.blk.{block}.{l}.weight"))
+    translate(name, true)
 }
 
 /// llama.cpp's name → transformers' (None for a name of no encoder tensor).
 pub fn from_llama(name: &str) -> Option<String> {
-    if let Some((t, _)) = WHOLE.iter().find(|(_, l)| *l == name) {
-        return Some(t.to_string());
+    translate(name, false)
+}
+
+/// One table read either way: (transformers, llama.cpp) pairs, `to_llama` picking the side.
+fn translate(name: &str, to_llama: bool) -> Option<String> {
+    let side = |&(t, l): &(&'static str, &'static str)| if to_llama { (t, l) } else { (l, t) };
+    if let Some((_, out)) = WHOLE.iter().map(side).find(|(from, _)| *from == name) {
+        return Some(out.to_string());
     }
-    let (block, rest) = name.strip_prefix("enc.blk.")?.split_once('.')?;
+    let (prefix, out_prefix) = side(&("encoder.block.", "enc.blk."));
+    let (block, rest) = name.strip_prefix(prefix)?.split_once('.')?;
     block.parse::<usize>().ok()?;
     let part = rest.strip_suffix(".weight")?;
-    let (t, _) = BLOCK_PARTS.iter().find(|(_, l)| *l == part)?;
-    Some(format!("encoder.block.{block}.{t}.weight"))
+    let (_, out) = BLOCK_PARTS.iter().map(side).find(|(from, _)| *from == part)?;
+    Some(format!("{out_prefix}{block}.{out}.weight"))
 }
 
 /// The decoder of a whole-T5 file (`dec.*`, the LM head `output.weight`): not FLUX's, skipped.

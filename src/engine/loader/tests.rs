@@ -39,7 +39,7 @@ fn a_check_walk_names_missing_misshapen_and_unknown_keys() {
     let mut entries = walk.entries();
     entries.retain(|e| e.name != "txt_in.bias");
     entries.iter_mut().find(|e| e.name == "img_in.bias").unwrap().shape = vec![3];
-    entries.push(Entry { name: "img_in.extra".into(), shape: vec![1], init: Init::Zeros });
+    entries.push(Entry { name: "img_in.extra".into(), shape: vec![1], init: Init::Zeros, packable: false });
     write_random(&path, &entries, &[], 1).unwrap();
     let weights = TransformerWeights::open(&path).unwrap();
     let msg = check(&weights, "test checkpoint", "the FLUX layout", |l| Flux::build(l, FluxConfig::tiny()))
