@@ -321,17 +321,10 @@ fn quantize(input: &std::path::Path, output: &std::path::Path, ty: &str) -> Resu
     if input == output {
         anyhow::bail!("the output must be another file than the input");
     }
-    use atelier::engine::{flux, t5::T5Encoder, to_gguf};
-    // A FLUX transformer, else a T5 encoder; neither: both reasons.
-    let written = match flux::open_checked(input, None) {
-        Ok(_) => to_gguf::convert_transformer(input, output, ty, None)?,
-        Err(as_flux) => match T5Encoder::check(input, None) {
-            Ok(_) => to_gguf::convert_t5(input, output, ty)?,
-            Err(as_t5) => anyhow::bail!(
-                "{} is neither a FLUX transformer ({as_flux:#}) nor a T5 encoder ({as_t5:#})",
-                input.display()
-            ),
-        },
+    use atelier::engine::to_gguf;
+    let written = match transformer_or_t5(input)? {
+        Checkpoint::Transformer(..) => to_gguf::convert_transformer(input, output, ty, None)?,
+        Checkpoint::T5(_) => to_gguf::convert_t5(input, output, ty)?,
     };
     println!("{}: {} bytes", output.display(), written.file_bytes);
     for (ty, count, bytes) in written.per_type {
@@ -437,18 +430,32 @@ fn inspect(path: &std::path::Path) -> Result<()> {
             println!("  {:<5} {count:>5} tensors {bytes:>14} bytes", ty.name());
         }
     }
-    match flux::open_checked(path, None) {
-        Ok((weights, config)) => {
+    match transformer_or_t5(path)? {
+        Checkpoint::Transformer(weights, config) => {
             println!("layout: {:?}", weights.layout());
             println!("{config:#?}");
         }
-        Err(as_flux) => match atelier::engine::t5::T5Encoder::check(path, None) {
-            Ok(config) => println!("T5 encoder: {config:#?}"),
-            Err(as_t5) => anyhow::bail!(
-                "{} is neither a FLUX transformer ({as_flux:#}) nor a T5 encoder ({as_t5:#})",
-                path.display()
-            ),
-        },
+        Checkpoint::T5(config) => println!("T5 encoder: {config:#?}"),
     }
     Ok(())
+}
+
+/// What `inspect` and `quantize` take, checked against its header.
+enum Checkpoint {
+    Transformer(flux::TransformerWeights, flux::FluxConfig),
+    T5(atelier::engine::t5::T5Config),
+}
+
+/// A FLUX transformer, else a T5 encoder; neither: an error with both reasons.
+fn transformer_or_t5(path: &std::path::Path) -> Result<Checkpoint> {
+    let as_flux = match flux::open_checked(path, None) {
+        Ok((weights, config)) => return Ok(Checkpoint::Transformer(weights, config)),
+        Err(e) => e,
+    };
+    match atelier::engine::t5::T5Encoder::check(path, None) {
+        Ok(config) => Ok(Checkpoint::T5(config)),
+        Err(as_t5) => {
+            anyhow::bail!("{} is neither a FLUX transformer ({as_flux:#}) nor a T5 encoder ({as_t5:#})", path.display())
+        }
+    }
 }

@@ -265,7 +265,7 @@ impl T5Encoder {
     /// The module tree of `config`, walked once: from a checkpoint, as a check, or random.
     pub fn build(l: &Loader, config: T5Config) -> Result<Self> {
         let c = &config;
-        let shared = if l.has("shared.weight") { "shared" } else { "encoder.embed_tokens" };
+        let shared = Self::embedding_name(|n| l.has(n));
         let e = l.pp("encoder");
         Ok(T5Encoder {
             shared: l.embedding(shared, c.vocab, c.d_model)?,
@@ -277,11 +277,17 @@ impl T5Encoder {
         })
     }
 
+    /// The token table's module name: `shared`, or in files without it `encoder.embed_tokens`
+    /// (`has` asks for a key, without the file's prefix).
+    pub fn embedding_name(has: impl Fn(&str) -> bool) -> &'static str {
+        if has("shared.weight") { "shared" } else { "encoder.embed_tokens" }
+    }
+
     /// What stays loaded while the blocks stream (`engine::streaming::StreamedT5`): the
     /// embedding and the final norm, no blocks; and block 0's position-bias table.
     pub fn build_stem(l: &Loader, config: T5Config) -> Result<(Self, Embedding)> {
         let c = &config;
-        let shared = if l.has("shared.weight") { "shared" } else { "encoder.embed_tokens" };
+        let shared = Self::embedding_name(|n| l.has(n));
         let table =
             l.pp("encoder.block.0.layer.0.SelfAttention").embedding("relative_attention_bias", c.buckets, c.heads)?;
         let stem = T5Encoder {

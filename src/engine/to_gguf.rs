@@ -147,9 +147,11 @@ pub fn convert_t5(input: &Path, output: &Path, target: &str) -> Result<Written> 
     let metadata: Vec<(&str, MetaValue)> = metadata.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     write_file(output, &metadata, &plans, |name| {
         let own = t5_names::from_llama(name).with_context(|| format!("{name} is not a T5 encoder tensor"))?;
-        // A file without `shared` holds the table as `encoder.embed_tokens` (the walk's fallback).
+        // The walk names the table `shared`; the file may hold it as `encoder.embed_tokens`.
         let own = match own.as_str() {
-            "shared.weight" if !weights.contains(&format!("{prefix}{own}")) => "encoder.embed_tokens.weight".into(),
+            "shared.weight" => {
+                format!("{}.weight", T5Encoder::embedding_name(|n| weights.contains(&format!("{prefix}{n}"))))
+            }
             _ => own,
         };
         weights.read(&format!("{prefix}{own}"))
