@@ -342,8 +342,9 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
     }
     let c = model.config.clone();
     let dev = &device.device;
+    let dtype = crate::engine::cpu::activation_dtype(dev, spec.dtype);
     let upload = |seed: u64, shape: [usize; 3]| {
-        Tensor::<3>::from_data(TensorData::new(torch_randn(seed, &shape), shape), dev).cast(spec.dtype)
+        Tensor::<3>::from_data(TensorData::new(torch_randn(seed, &shape), shape), dev).cast(dtype)
     };
     let img = upload(1, [spec.batch, spec.img_tokens, c.in_channels]);
     let txt = upload(2, [spec.batch, spec.txt_tokens, c.context_in_dim]);
@@ -351,7 +352,7 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
         TensorData::new(torch_randn(3, &[spec.batch, c.vec_in_dim]), [spec.batch, c.vec_in_dim]),
         dev,
     )
-    .cast(spec.dtype);
+    .cast(dtype);
     let (rows, cols) = grid_for(spec.img_tokens);
     let rope = model.rope(spec.txt_tokens, rows, cols, dev);
     let timesteps = vec![0.5f32; spec.batch];
@@ -500,9 +501,10 @@ pub fn run_vae(spec: &BenchSpec, device: &SelectedDevice) -> Result<VaeReport> {
     let (rows, cols) = grid_for(spec.img_tokens);
     let (h, w) = (2 * rows, 2 * cols);
     let z_shape = [spec.batch, 16, h, w];
-    let z = Tensor::<4>::from_data(TensorData::new(torch_randn(1, &z_shape), z_shape), dev).cast(spec.dtype);
+    let dtype = crate::engine::cpu::activation_dtype(dev, spec.dtype);
+    let z = Tensor::<4>::from_data(TensorData::new(torch_randn(1, &z_shape), z_shape), dev).cast(dtype);
     let x_shape = [spec.batch, 3, 8 * h, 8 * w];
-    let x = Tensor::<4>::from_data(TensorData::new(torch_randn(2, &x_shape), x_shape), dev).cast(spec.dtype);
+    let x = Tensor::<4>::from_data(TensorData::new(torch_randn(2, &x_shape), x_shape), dev).cast(dtype);
     let timed = |f: &dyn Fn()| -> (Vec<f64>, Vec<crate::engine::profile::Total>, u64) {
         f(); // warm-up: kernel compilation and autotuning on GPUs
         reset_peak_rss();

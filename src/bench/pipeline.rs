@@ -110,7 +110,8 @@ pub fn run_pipeline(spec: &PipelineSpec, device: &SelectedDevice) -> Result<Pipe
     let vae = vae::load_vae(&spec.files.vae, &device.device, spec.dtype, None)?;
     let vae_load_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let z = vae.encode(Tensor::<4>::from_data(TensorData::new(x, [1, 3, h, w]), &device.device).cast(spec.dtype));
+    let dtype = crate::engine::cpu::activation_dtype(&device.device, spec.dtype);
+    let z = vae.encode(Tensor::<4>::from_data(TensorData::new(x, [1, 3, h, w]), &device.device).cast(dtype));
     let _ = z.into_data(); // waits for a GPU backend
     let vae_encode_seconds = t.elapsed().as_secs_f64();
     Ok(PipelineReport {

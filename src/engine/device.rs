@@ -273,7 +273,14 @@ pub fn select(choice: DeviceChoice) -> Result<SelectedDevice> {
 /// that computes in it, f16 on one with `shader-f16`, else f32. With the reason, for the log.
 pub fn compute_dtype(requested: Option<DType>, device: &SelectedDevice) -> (DType, String) {
     if let Some(d) = requested {
-        return (d, format!("{d:?} as configured"));
+        let how = match d {
+            DType::BF16 if crate::engine::cpu::bf16_tiles(&device.device, d) => {
+                ": Linear weights as bf16 AMX tiles, activations f32"
+            }
+            DType::BF16 | DType::F16 if !device.is_gpu => ": emulated by the CPU backend (slower than f32)",
+            _ => "",
+        };
+        return (d, format!("{d:?} as configured{how}"));
     }
     if !device.is_gpu {
         return (DType::F32, "F32: auto on the CPU".into());

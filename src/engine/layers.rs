@@ -8,7 +8,7 @@ use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
-use crate::engine::packed::{PackedHost, Weight};
+use crate::engine::packed::{PackedHost, Packing, Weight};
 use crate::engine::weights::HostTensor;
 
 /// Puts a host tensor on `device` in the compute `dtype`.
@@ -159,8 +159,15 @@ impl Linear {
     }
 
     fn forward_unprofiled<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let bias = self.bias.as_ref().map(Param::val);
+        let tiled = match &self.weight {
+            Weight::Packed(p) if p.packing == Packing::Bf16Tiles => {
+                crate::engine::cpu::tiled_linear(&x, &p.words, (p.inputs, p.outputs), bias.as_ref())
+            }
+            _ => None,
+        };
         // A packed weight's dense matrix lives only for this product.
-        let base = product(&x, self.weight.val(), self.bias.as_ref().map(Param::val));
+        let base = tiled.unwrap_or_else(|| product(&x, self.weight.val(), bias));
         self.adapters.iter().fold(base, |y, a| {
             let h = product(&x, a.down.val(), None);
             let h = match &a.up {

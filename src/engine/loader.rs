@@ -135,6 +135,9 @@ pub struct Walk<'a> {
     mode: Mode<'a>,
     device: Device,
     dtype: DType,
+    /// Linear weights become bf16 AMX tiles (`engine::cpu::amx`), the rest f32: bf16 asked for
+    /// on a CPU with AMX.
+    bf16_tiles: bool,
     rng: RefCell<Mt19937>,
     entries: RefCell<Vec<Entry>>,
     params: RefCell<Vec<NamedParam>>,
@@ -144,10 +147,12 @@ pub struct Walk<'a> {
 
 impl<'a> Walk<'a> {
     fn new(mode: Mode<'a>, device: Device, dtype: DType, seed: u64) -> Self {
+        let bf16_tiles = crate::engine::cpu::bf16_tiles(&device, dtype);
         Walk {
             mode,
+            dtype: crate::engine::cpu::activation_dtype(&device, dtype),
             device,
-            dtype,
+            bf16_tiles,
             rng: RefCell::new(Mt19937::new(seed)),
             entries: RefCell::default(),
             params: RefCell::default(),
@@ -377,6 +382,11 @@ impl<'a> Loader<'a> {
         }
         let weight = w.host_as(l.key("weight"), &[outputs, inputs], bound, true)?;
         let bias = if bias { Some(w.host(l.key("bias"), &[outputs], bound)?) } else { None };
+        if let Some(rows) = weight.as_ref().filter(|_| w.bf16_tiles)
+            && let Some(tiles) = PackedHost::bf16_tiles(&rows.data, outputs, inputs)
+        {
+            return layers::packed_linear(tiles, bias.flatten(), &l.path, &w.device, w.dtype);
+        }
         match weight {
             Some(weight) => {
                 let linear = layers::linear(weight, bias.flatten(), &l.path, &w.device, w.dtype)?;

@@ -9,17 +9,17 @@
 //!
 //! On the CPU backend the dequantization runs over the bytes in place (`gguf::quant`,
 //! bit-equal to the `gguf` package, rows split over the CPU's cores): there the "device" is
-//! host memory. On a GPU, Q8_0, Q4_0/1 and Q5_0/1 blocks are expanded on the device by tensor
-//! ops over the words (`engine::dequant_device`); other types (the K-quants, fp8) are still read
-//! back, dequantized on the host and uploaded per use: correct, but slow there.
+//! host memory. On a GPU every packing (the ggml blocks and fp8) is expanded on the device by
+//! tensor ops over the words (`engine::dequant_device`), bit-equal to the host kernel: no
+//! readback per use.
 
 use anyhow::{Result, bail};
 use burn::module::{Module, Param};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
-use crate::engine::dequant_device;
 use crate::engine::fp8;
 use crate::engine::gguf::quant::{GgmlType, dequantize_into};
+use crate::engine::{cpu, dequant_device};
 
 /// How a packed weight's bytes encode its values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +30,8 @@ pub enum Packing {
     F8E4M3,
     /// One float8_e5m2 per value, times the layer's scale.
     F8E5M2,
+    /// bf16 in AMX's tile layout (`engine::cpu::amx`): `--dtype bf16` on a CPU with AMX.
+    Bf16Tiles,
 }
 
 impl Packing {
@@ -38,6 +40,7 @@ impl Packing {
             Packing::Gguf(t) => t.name(),
             Packing::F8E4M3 => "F8_E4M3",
             Packing::F8E5M2 => "F8_E5M2",
+            Packing::Bf16Tiles => "BF16 (AMX tiles)",
         }
     }
 
@@ -49,6 +52,7 @@ impl Packing {
                 inputs.is_multiple_of(values).then(|| inputs / values * bytes)
             }
             Packing::F8E4M3 | Packing::F8E5M2 => Some(inputs),
+            Packing::Bf16Tiles => Some(inputs * 2),
         }
     }
 }
@@ -80,8 +84,19 @@ impl PackedHost {
         Ok(PackedHost { packing, outputs, inputs, bytes, scale })
     }
 
+    /// PyTorch's [out, in] f32 rows as bf16 tiles for the AMX product; None where the shape
+    /// is not whole 32×32 blocks.
+    pub fn bf16_tiles(rows: &[f32], outputs: usize, inputs: usize) -> Option<Self> {
+        let bytes = cpu::amx::fits(outputs, inputs).then(|| cpu::amx::pack(rows, outputs, inputs))?;
+        Some(PackedHost { packing: Packing::Bf16Tiles, outputs, inputs, bytes, scale: Vec::new() })
+    }
+
     /// The values [out, in], row-major, in f32.
     pub fn dequantize(&self) -> Vec<f32> {
+        if self.packing == Packing::Bf16Tiles {
+            let columns = cpu::amx::unpack(&self.bytes, self.outputs, self.inputs);
+            return transpose(&columns, self.inputs, self.outputs);
+        }
         dequantize_rows(self.packing, &self.bytes, self.outputs, self.inputs, &self.scale)
     }
 
@@ -131,20 +146,19 @@ impl PackedWeight {
         let device = self.words.device();
         // On a GPU the blocks are expanded where they are (no readback); on the CPU the host
         // kernel below is the faster path over the same memory.
-        if let Packing::Gguf(ty) = self.packing
-            && device != Device::flex()
-            && dequant_device::supports(ty)
-        {
-            let rows =
-                dequant_device::dequantize(ty, self.words.clone(), self.len).reshape([self.outputs, self.inputs]);
-            let w = rows.transpose();
+        if device != Device::flex() && dequant_device::supports(self.packing) {
+            let w = self.device_rows().transpose();
             return if self.dtype == DType::F32 { w } else { w.cast(self.dtype) };
         }
         let data = self.words.clone().into_data();
         let bytes = &data.as_bytes()[..self.len];
-        let rows = dequantize_rows(self.packing, bytes, self.outputs, self.inputs, &self.scale);
-        let t = transpose(&rows, self.outputs, self.inputs);
-        drop(rows);
+        let t = if self.packing == Packing::Bf16Tiles {
+            // Off the AMX product (autodiff inputs, a LoRA's merge): the tiles hold [in, out].
+            cpu::amx::unpack(bytes, self.outputs, self.inputs)
+        } else {
+            let rows = dequantize_rows(self.packing, bytes, self.outputs, self.inputs, &self.scale);
+            transpose(&rows, self.outputs, self.inputs)
+        };
         let shape = [self.inputs, self.outputs];
         // Converted on the host so no f32 copy is made on the device for f16 / bf16.
         let data = match self.dtype {
@@ -155,6 +169,21 @@ impl PackedWeight {
         let dtype = data.dtype();
         let w = Tensor::<2>::from_data(data, (&device, dtype));
         if dtype == self.dtype { w } else { w.cast(self.dtype) }
+    }
+
+    /// The [out, in] values in f32, dequantized by tensor ops where the words are, times the
+    /// layer's scale as the host multiplies it (`dequantize_rows`).
+    pub fn device_rows(&self) -> Tensor<2> {
+        let rows =
+            dequant_device::dequantize(self.packing, self.words.clone(), self.len).reshape([self.outputs, self.inputs]);
+        match self.scale.len() {
+            0 => rows,
+            1 => rows.mul_scalar(self.scale[0]),
+            n => {
+                let scale = Tensor::<1>::from_data(TensorData::new(self.scale.clone(), [n]), &self.words.device());
+                rows * scale.reshape([n, 1])
+            }
+        }
     }
 
     /// Bytes it holds on the device.
@@ -223,6 +252,7 @@ fn dequantize_rows(packing: Packing, bytes: &[u8], outputs: usize, inputs: usize
             Packing::Gguf(ty) => dequantize_into(ty, chunk, &mut out),
             Packing::F8E4M3 => out.extend(chunk.iter().map(|&b| fp8::e4m3fn(b))),
             Packing::F8E5M2 => out.extend(chunk.iter().map(|&b| fp8::e5m2(b))),
+            Packing::Bf16Tiles => unreachable!("tiles are not rows: `cpu::amx::unpack` reads them"),
         }
         // w = fp8 · scale, as the dense reader computes it (the same f32 products).
         match scale.len() {

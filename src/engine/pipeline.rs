@@ -735,7 +735,8 @@ fn decode(
     device: &Device,
     resident: &mut Resident,
 ) -> Result<Vec<Vec<f32>>> {
-    let dtype = resident.dtype;
+    // bf16 on a CPU with AMX: f32 activations over bf16 Linear tiles (`engine::cpu::amx`).
+    let dtype = crate::engine::cpu::activation_dtype(device, resident.dtype);
     resident.vae.with(
         || vae::load_vae(&files.vae, device, dtype, None),
         |vae| {

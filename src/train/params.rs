@@ -174,7 +174,7 @@ impl TrainableLora {
             let Some(linear) = linears.get_mut(&pair.path) else {
                 continue; // `new` and `from_factors` only name this model's Linears
             };
-            let dtype = linear.weight.val().dtype();
+            let dtype = linear.weight.dtype();
             let (down, up) = if tracked {
                 let down = pair.down.clone().autodiff().require_grad();
                 let up = pair.up.clone().autodiff().require_grad();

@@ -300,6 +300,8 @@ pub fn train_with(
         writeln!(csv, "step,loss,mean,grad_norm,seconds")?;
     }
     let how = if s.recompute { Backprop::Recompute } else { Backprop::Plain };
+    // bf16 on a CPU with AMX: f32 activations over bf16 Linear tiles (`engine::cpu::amx`).
+    let activations = crate::engine::cpu::activation_dtype(device, job.dtype);
     let end = job.stop_after.map_or(s.steps, |n| (start + n).min(s.steps));
     let mut losses = Vec::new();
     // The running mean spans a resume (the last 50 losses logged before it), and the speed
@@ -308,7 +310,7 @@ pub fn train_with(
     let mut busy = std::time::Duration::ZERO;
     for step in start..end {
         let t0 = Instant::now();
-        let batch = make_batch(&model, &items, &latents, &text_cache, s, step, job.dtype, device)?;
+        let batch = make_batch(&model, &items, &latents, &text_cache, s, step, activations, device)?;
         opt.config.lr = s.lr_schedule.lr(s.adamw.lr, step, s.steps);
         let (loss, outcome) = trainee.step(&mut model, &mut opt, &batch, how)?;
         losses.push(loss);

@@ -37,7 +37,7 @@ pub fn generate_latents(
     let tokens = (rows / 2) * (cols / 2);
     let sigmas = schedule.sigmas(steps, tokens);
     let timesteps = schedule.timesteps(&sigmas);
-    let dtype = model.img_in.weight.val().dtype();
+    let dtype = model.img_in.weight.dtype();
     let (txt, y) = text.upload(device, dtype);
     let rope = model.rope(txt.dims()[1], rows / 2, cols / 2, device);
     match lora {

@@ -2,6 +2,7 @@
 //! from every checkpoint layout.
 
 use atelier::engine::flux::{self, DiffusersConfig, Flux, FluxInput, Layout, Rope, TransformerWeights};
+use atelier::engine::packed::Packing;
 use burn::tensor::{DType, Device};
 
 use crate::common::{Golden, fixture, relative_error, wgpu_device};
@@ -120,27 +121,40 @@ fn wgpu_matches_diffusers() {
 #[test]
 fn half_precision_compute_stays_close() {
     // f16 and bf16 weights and activations on the CPU backend; QK-norm, RoPE and the norms
-    // run in f32 inside, as the reference does.
+    // run in f32 inside, as the reference does. On a CPU with AMX, bf16 is bf16 Linear
+    // weights in tiles with f32 activations (`engine::cpu::amx`; the fixture's widths are
+    // multiples of 32, so most Linears take the tile product).
     let device = Device::flex();
     let golden = Golden::open("flux/dev/golden.safetensors");
     for (dtype, bound) in [(DType::F16, 1e-2), (DType::BF16, 5e-2)] {
         let path = fixture("flux/dev/bfl.safetensors");
-        let model = flux::load_transformer(&path, &device, dtype, Some(&axes_hint("dev"))).unwrap();
+        let mut model = flux::load_transformer(&path, &device, dtype, Some(&axes_hint("dev"))).unwrap();
+        let tiled = atelier::engine::cpu::bf16_tiles(&device, dtype);
+        let activations = atelier::engine::cpu::activation_dtype(&device, dtype);
+        let linears = model.linears_mut();
+        let tiles = linears.iter().filter(|(_, l)| l.weight.packing() == Some(Packing::Bf16Tiles)).count();
+        assert!(
+            if tiled { tiles * 10 >= linears.len() * 8 } else { tiles == 0 },
+            "{tiles} of {} Linears in tiles",
+            linears.len()
+        );
+        drop(linears);
         let rope = model.rope(7, 3, 5, &device);
         let out = model
             .forward(FluxInput {
-                img: golden.tensor::<3>("img", &device).cast(dtype),
-                txt: golden.tensor::<3>("txt", &device).cast(dtype),
-                y: golden.tensor::<2>("y", &device).cast(dtype),
+                img: golden.tensor::<3>("img", &device).cast(activations),
+                txt: golden.tensor::<3>("txt", &device).cast(activations),
+                y: golden.tensor::<2>("y", &device).cast(activations),
                 timesteps: &golden.vec("timesteps"),
                 guidance: Some(&golden.vec("guidance")),
                 rope: &rope,
             })
             .unwrap();
-        assert_eq!(out.dtype(), dtype);
+        assert_eq!(out.dtype(), activations);
         let out = out.cast(DType::F32).into_data().try_to_vec::<f32>().unwrap();
         let err = relative_error(&out, &golden.vec("out"));
-        eprintln!("dev in {dtype:?}: relative error {err:.2e}");
+        let how = if tiled { " (AMX tiles, f32 activations)" } else { "" };
+        eprintln!("dev in {dtype:?}{how}: relative error {err:.2e}");
         assert!(err <= bound, "{dtype:?}: relative error {err:.3e} > {bound}");
     }
 }

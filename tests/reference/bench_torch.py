@@ -66,6 +66,9 @@ def main():
     ap.add_argument("--size", type=int, default=512, help="image side for --vae")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                    help="bf16: the transformer and its inputs in torch.bfloat16 (oneDNN's bf16 kernels, AMX "
+                         "where the CPU has it), beside `atelier bench --dtype bf16`")
     args = ap.parse_args()
 
     if args.vae:
@@ -98,6 +101,9 @@ def main():
     t = torch.tensor([0.5])
     img_ids = FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu", torch.float32)
     txt_ids = torch.zeros(spec["txt_len"], 3)
+    if args.dtype == "bf16":
+        model = model.to(torch.bfloat16)
+        img, txt, y, t = (v.to(torch.bfloat16) for v in (img, txt, y, t))
 
     def step():
         with torch.no_grad():
@@ -114,7 +120,7 @@ def main():
         out = step()
         times.append(time.perf_counter() - t0)
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    print(f"torch {torch.__version__}, {args.dtype}, threads {torch.get_num_threads()}, "
           f"{'QUICK' if args.quick else 'full'} config: {n_params / 1e6:.1f}M params, "
           f"{h * w} img + {spec['txt_len']} txt tokens, out {tuple(out.shape)}")
     print(f"runs: {', '.join(f'{x:.4f}' for x in times)}")
