@@ -140,7 +140,7 @@ fn input_tiles(x: &[f32], m: usize, k: usize, stride: usize, blocks16: usize) ->
 }
 
 /// 32 f32 → 32 bf16, rounding to nearest even.
-#[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+#[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
     for half in 0..2 {
         // SAFETY: src and dst hold 32 values (the caller's chunks).
@@ -166,6 +166,8 @@ pub fn matmul(
     y: &mut [f32],
 ) {
     assert!(available() && fits(n, k) && weight.len() == n * k && y.len() == m * n);
+    // The tiles read the bias 16 values at a time, unchecked.
+    assert!(bias.is_none_or(|b| b.len() == n), "a bias of {} values for {n} outputs", bias.map_or(0, <[f32]>::len));
     let pairs_m = m.div_ceil(32);
     let a = input_tiles(x, m, k, stride, pairs_m * 2);
     // The tiles write whole pairs of 16 rows: a row count that is not a multiple of 32 goes
