@@ -67,7 +67,10 @@ fn main() {
             .into_data();
     });
     time("attention atelier (fused, merged heads out)", || {
-        let _ = atelier::engine::cpu::attention(&q, &q, &q).unwrap().into_data();
+        let _ = atelier::engine::cpu::attention(&q, &q, &q, false).unwrap().into_data();
+    });
+    time("attention atelier bf16 (AMX tiles where the CPU has them)", || {
+        let _ = atelier::engine::cpu::attention(&q, &q, &q, true).unwrap().into_data();
     });
     time("manual attention", || {
         let s = q.clone().matmul(q.clone().swap_dims(2, 3)) * (1.0 / (128f64).sqrt());

@@ -223,19 +223,6 @@ mod tests {
     use super::*;
     use crate::engine::packed::PackedHost;
 
-    const GGUF: [GgmlType; 10] = [
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q2K,
-        GgmlType::Q3K,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-    ];
-
     /// Where a block of `ty` keeps its f16 scales.
     fn f16_fields(ty: GgmlType) -> &'static [usize] {
         match ty {
@@ -280,7 +267,7 @@ mod tests {
     #[test]
     fn every_packing_dequantizes_on_the_device_bit_for_bit_as_on_the_host() {
         let device = Device::flex();
-        for ty in GGUF {
+        for ty in GgmlType::QUANTIZED {
             assert!(supports(Packing::Gguf(ty)));
             // 3 rows of one block: 102, 54 and 66 bytes (Q8_0, Q4_0, Q5_0) and Q3_K's 330 leave
             // the last word part padding.

@@ -288,20 +288,7 @@ fn mixed_gguf(dir: &Path) -> (PathBuf, PathBuf, Vec<GgmlType>) {
     };
     let walk = atelier::engine::loader::Walk::plan();
     Flux::build(&walk.root(), config).unwrap();
-    let cycle = [
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q2K,
-        GgmlType::Q3K,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-        GgmlType::F16,
-        GgmlType::BF16,
-    ];
+    let cycle: Vec<GgmlType> = GgmlType::QUANTIZED.into_iter().chain([GgmlType::F16, GgmlType::BF16]).collect();
     let mut next = 0;
     let mut plans = Vec::new();
     for e in walk.entries() {

@@ -20,10 +20,12 @@ use rayon::prelude::*;
 
 use super::SharedMut;
 
-/// Input blocks of 32 per chunk (2048 inputs): the sums stay in the tiles over a whole chunk,
-/// and FLUX's widths (3072) take two chunks. Shorter chunks, which would keep a weight panel
-/// in L1, measured no faster: reloading the f32 sums costs what they save.
-const K_CHUNK: usize = 64;
+/// Input blocks of 32 per chunk (8192 inputs): the sums stay in the tiles over a whole chunk,
+/// so most of FLUX's products (3072 or 12288 inputs) reload them at most once. Shorter chunks,
+/// which keep a weight panel in L1, measured slower (a standalone test at 1152×3072×3072:
+/// 16 blocks ~460, 32 ~450, whole K ~540 GFLOP/s per core): reloading the f32 sums costs more.
+/// (In `atelier bench`, 64 and 256 measured the same within the run-to-run ±5 %.)
+const K_CHUNK: usize = 256;
 /// Row pairs per cache block (256 rows: a 256 KiB input panel, kept in L2).
 const M_BLOCK: usize = 8;
 
@@ -90,6 +92,49 @@ pub fn unpack(bytes: &[u8], outputs: usize, inputs: usize) -> Vec<f32> {
     dense
 }
 
+/// The second operand of a product whose value (input k, output n) is `value(n, k)`, in the
+/// tile layout (`fits(outputs, inputs)` must hold): attention's keys (n a key, k a head
+/// channel) and values (n a channel, k a key), read in place from their strided storage.
+pub fn tiles_of(outputs: usize, inputs: usize, value: impl Fn(usize, usize) -> f32) -> Vec<u16> {
+    assert!(fits(outputs, inputs));
+    let mut tiles = vec![0u16; outputs * inputs];
+    for n in 0..outputs {
+        for k in 0..inputs {
+            tiles[tile_index(k, n, inputs)] = half::bf16::from_f32(value(n, k)).to_bits();
+        }
+    }
+    tiles
+}
+
+/// out [m, n] = x [m, k] · W on the calling thread (one task of a parallel loop), W as
+/// [`tiles_of`] makes it; x row r at `x[r·stride..]`, out row r at `out + r·out_stride`.
+///
+/// # Safety
+/// `out` must address m rows of n values at `out_stride`, written by no one else meanwhile.
+pub unsafe fn product_rows(
+    x: &[f32],
+    (m, k, stride): (usize, usize, usize),
+    weight: &[u16],
+    n: usize,
+    (out, out_stride): (*mut f32, usize),
+) {
+    assert!(available() && fits(n, k) && weight.len() == n * k && m > 0);
+    let pairs_m = m.div_ceil(32);
+    let a = input_tiles(x, (m, k, stride), pairs_m * 2, false);
+    if m.is_multiple_of(32) {
+        // SAFETY: as the caller promised; the tiles write exactly m rows of n.
+        unsafe { block_product(&a, weight, None, (SharedMut(out), out_stride), (pairs_m, k), 0..n / 32) };
+        return;
+    }
+    let mut padded = vec![0f32; pairs_m * 32 * n];
+    // SAFETY: `padded` holds pairs_m·32 rows of n.
+    unsafe { block_product(&a, weight, None, (SharedMut(padded.as_mut_ptr()), n), (pairs_m, k), 0..n / 32) };
+    for (r, row) in padded.chunks_exact(n).take(m).enumerate() {
+        // SAFETY: as the caller promised, row r of out holds n values.
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * out_stride), n) };
+    }
+}
+
 /// The tile shapes every product uses: tiles 0–3 the 16×16 f32 sums, 4–5 input rows, 6–7
 /// weights; all 16 rows of 64 bytes.
 #[repr(C, align(64))]
@@ -123,10 +168,10 @@ macro_rules! tile_store {
 
 /// x rows (m of them, `k` values each, row r at `x[r·stride..]`) → bf16 tiles [row block of
 /// 16][input block of 32][16][32], rows past m zero, `blocks16` row blocks.
-fn input_tiles(x: &[f32], m: usize, k: usize, stride: usize, blocks16: usize) -> Vec<u16> {
+fn input_tiles(x: &[f32], (m, k, stride): (usize, usize, usize), blocks16: usize, parallel: bool) -> Vec<u16> {
     let kb = k / 32;
     let mut tiles = vec![0u16; blocks16 * kb * 512];
-    tiles.par_chunks_mut(kb * 512).enumerate().for_each(|(b, out)| {
+    let convert = |(b, out): (usize, &mut [u16])| {
         for r in 0..16.min(m.saturating_sub(b * 16)) {
             let row = &x[(b * 16 + r) * stride..][..k];
             for (blk, chunk) in row.chunks_exact(32).enumerate() {
@@ -135,7 +180,12 @@ fn input_tiles(x: &[f32], m: usize, k: usize, stride: usize, blocks16: usize) ->
                 unsafe { to_bf16(chunk, dst) };
             }
         }
-    });
+    };
+    if parallel {
+        tiles.par_chunks_mut(kb * 512).enumerate().for_each(convert);
+    } else {
+        tiles.chunks_mut(kb * 512).enumerate().for_each(convert);
+    }
     tiles
 }
 
@@ -169,7 +219,7 @@ pub fn matmul(
     // The tiles read the bias 16 values at a time, unchecked.
     assert!(bias.is_none_or(|b| b.len() == n), "a bias of {} values for {n} outputs", bias.map_or(0, <[f32]>::len));
     let pairs_m = m.div_ceil(32);
-    let a = input_tiles(x, m, k, stride, pairs_m * 2);
+    let a = input_tiles(x, (m, k, stride), pairs_m * 2, true);
     // The tiles write whole pairs of 16 rows: a row count that is not a multiple of 32 goes
     // through a padded buffer.
     let mut padded = Vec::new();
@@ -186,7 +236,7 @@ pub fn matmul(
         let range = t * per..((t + 1) * per).min(pairs_n);
         // SAFETY: each task writes the output columns of its own output pairs; the tiles and
         // rows read are inside `a`, `weight`, `bias` by the shapes checked above.
-        unsafe { block_product(&a, weight, bias, out, (pairs_m, k, n), range) };
+        unsafe { block_product(&a, weight, bias, (out, n), (pairs_m, k), range) };
     });
     if !padded.is_empty() {
         y.copy_from_slice(&padded[..m * n]);
@@ -199,12 +249,12 @@ unsafe fn block_product(
     a: &[u16],
     w: &[u16],
     bias: Option<&[f32]>,
-    y: SharedMut,
-    (pairs_m, k, n): (usize, usize, usize),
+    (y, y_stride): (SharedMut, usize),
+    (pairs_m, k): (usize, usize),
     pairs: std::ops::Range<usize>,
 ) {
     let kb = k / 32;
-    let row_bytes = n * 4;
+    let row_bytes = y_stride * 4;
     // SAFETY: CONFIG is a valid palette-1 configuration; every load, store and product below
     // stays inside the buffers (rows pairs_m·32 of y, pairs_m·2 row blocks of a, the pairs of w).
     unsafe {
@@ -214,8 +264,8 @@ unsafe fn block_product(
             for m0 in (0..pairs_m).step_by(M_BLOCK) {
                 for p in pairs.clone() {
                     for mp in m0..(m0 + M_BLOCK).min(pairs_m) {
-                        let c0 = y.at(mp * 32 * n + p * 32);
-                        let (c1, c2, c3) = (c0.add(16), c0.add(16 * n), c0.add(16 * n + 16));
+                        let c0 = y.at(mp * 32 * y_stride + p * 32);
+                        let (c1, c2, c3) = (c0.add(16), c0.add(16 * y_stride), c0.add(16 * y_stride + 16));
                         if k0 > 0 {
                             tile_load!("0", c0, row_bytes);
                             tile_load!("1", c1, row_bytes);

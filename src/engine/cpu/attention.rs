@@ -24,7 +24,10 @@ fn strides(t: &FlexTensor) -> Strides {
 }
 
 /// softmax(q·kᵀ/√D)·v for q, k, v of [B, H, L, D] (any strides); returns [B, L_q, H·D].
-pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<3>> {
+/// `bf16`: both products on AMX tiles with their operands rounded to bf16 (as torch's bf16
+/// attention), scores and softmax in f32, where the CPU has AMX and the shapes are whole tiles
+/// (`--dtype bf16` on the CPU: the model's Linears are tiles too).
+pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bf16: bool) -> Option<Tensor<3>> {
     let (q, k, v) = (super::flex_f32(q)?, super::flex_f32(k)?, super::flex_f32(v)?);
     let [b, h, lq, d] = super::dims4(&q);
     let [kb, kh, lk, kd] = super::dims4(&k);
@@ -35,6 +38,12 @@ pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<3
     if [&q, &k, &v].iter().any(|t| t.layout().strides().iter().any(|&s| s < 0)) {
         return None;
     }
+    #[cfg(target_arch = "x86_64")]
+    if bf16 && super::amx::available() && super::amx::fits(lk, d) && q.layout().strides()[3] == 1 {
+        return Some(super::into_tensor(tiled(&q, &k, &v)));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bf16;
     let mut out = FlexTensor::empty(Shape::new([b, lq, h * d]), q.dtype());
     let dst = SharedMut(out.storage_mut::<f32>().as_mut_ptr());
     let (qs, ks, vs) = (strides(&q), strides(&k), strides(&v));
@@ -93,6 +102,61 @@ pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<3
     Some(super::into_tensor(out))
 }
 
+/// [`attention`] on AMX tiles: per (batch, head) the keys and values in the tile layout, then
+/// per block of query rows scores = q·kᵀ (bf16 products, f32 sums), the f32 softmax, and
+/// p·v (p rounded to bf16) straight into the merged heads.
+#[cfg(target_arch = "x86_64")]
+fn tiled(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> FlexTensor {
+    use super::amx;
+    let [b, h, lq, d] = super::dims4(q);
+    let lk = super::dims4(k)[2];
+    let (qs, ks, vs) = (strides(q), strides(k), strides(v));
+    let (qo, ko, vo) = (q.layout().start_offset(), k.layout().start_offset(), v.layout().start_offset());
+    let (qd, kd, vd): (&[f32], &[f32], &[f32]) = (q.storage(), k.storage(), v.storage());
+    let at = |o: usize, s: Strides, (bi, hi, row, col): (usize, usize, usize, usize)| {
+        (o as isize + bi as isize * s.0[0] + hi as isize * s.0[1] + row as isize * s.0[2] + col as isize * s.0[3])
+            as usize
+    };
+    // keys: output n = key, input = channel; values: output = channel, input = key.
+    let operands: Vec<(Vec<u16>, Vec<u16>)> = (0..b * h)
+        .into_par_iter()
+        .map(|bh| {
+            let (bi, hi) = (bh / h, bh % h);
+            let keys = amx::tiles_of(lk, d, |n, c| kd[at(ko, ks, (bi, hi, n, c))]);
+            let values = amx::tiles_of(d, lk, |c, n| vd[at(vo, vs, (bi, hi, n, c))]);
+            (keys, values)
+        })
+        .collect();
+    let mut out = FlexTensor::empty(Shape::new([b, lq, h * d]), q.dtype());
+    let dst = SharedMut(out.storage_mut::<f32>().as_mut_ptr());
+    let scale = 1.0 / (d as f32).sqrt();
+    let blocks = lq.div_ceil(ROWS);
+    (0..b * h * blocks).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
+        let (bh, block) = (task / blocks, task % blocks);
+        let (bi, hi) = (bh / h, bh % h);
+        let (keys, values) = &operands[bh];
+        let row0 = block * ROWS;
+        let rows = ROWS.min(lq - row0);
+        scores.resize(rows * lk, 0.0);
+        let q_rows = &qd[at(qo, qs, (bi, hi, row0, 0))..];
+        // SAFETY: q rows are `d` contiguous values at the row stride (checked by the caller);
+        // `scores` holds rows × lk; the output rows (bi, row0.., hi·D..hi·D+D) are this task's.
+        unsafe { amx::product_rows(q_rows, (rows, d, qs.0[2] as usize), keys, lk, (scores.as_mut_ptr(), lk)) };
+        scores.iter_mut().for_each(|x| *x *= scale);
+        let sums = softmax_rows(scores, lk);
+        let out_row = |row: usize| (bi * lq + row) * h * d + hi * d;
+        unsafe {
+            amx::product_rows(scores, (rows, lk, lk), values, d, (dst.at(out_row(row0)), h * d));
+            for (r, sum) in sums.into_iter().enumerate() {
+                let row = std::slice::from_raw_parts_mut(dst.at(out_row(row0 + r)), d);
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+    });
+    out
+}
+
 /// Each row of `scores` (rows of `len`) becomes exp(x − max); returns the rows' sums.
 fn softmax_rows(scores: &mut [f32], len: usize) -> Vec<f32> {
     scores.chunks_mut(len).map(softmax_row).collect()
@@ -139,8 +203,24 @@ mod tests {
     fn matches_burns_attention_with_ragged_blocks() {
         // 150 query rows: two full blocks of 64 and a ragged one; 90 keys.
         let (q, k, v) = (random([2, 3, 150, 16]), random([2, 3, 90, 16]) * 2.0, random([2, 3, 90, 16]));
-        let ours = super::attention(&q, &k, &v).unwrap();
+        let ours = super::attention(&q, &k, &v, false).unwrap();
         assert!(max_diff(ours, reference(q, k, v)) < 1e-5);
+    }
+
+    #[test]
+    fn bf16_tiles_stay_within_bf16_rounding_of_burns_attention() {
+        // Whole tiles (64 channels, 96 keys) with a ragged last query block (150 rows), read
+        // as strided views; without AMX the f32 path answers and the bound holds all the more.
+        let (q, k, v) = (random([1, 150, 2, 64]), random([1, 96, 2, 64]), random([1, 96, 2, 64]));
+        let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2) * 0.5, v.swap_dims(1, 2));
+        let ours = super::attention(&q, &k, &v, true).unwrap();
+        let diff = max_diff(ours, reference(q, k, v));
+        eprintln!("bf16 attention (AMX: {}): largest difference {diff:.1e}", super::super::amx::available());
+        // Operands rounded to bf16 (relative 2^-9) in sums of 64 products of unit values.
+        assert!(diff < 3e-2, "{diff}");
+        if super::super::amx::available() {
+            assert!(diff > 1e-5, "the tiles round to bf16: an f32-exact answer means they were not used");
+        }
     }
 
     #[test]
@@ -148,7 +228,7 @@ mod tests {
         // [B, L, H, D] storage viewed as [B, H, L, D], as heads split from a fused projection.
         let (q, k, v) = (random([1, 70, 2, 8]), random([1, 70, 2, 8]), random([1, 70, 2, 8]));
         let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
-        let ours = super::attention(&q, &k, &v).unwrap();
+        let ours = super::attention(&q, &k, &v, false).unwrap();
         assert!(max_diff(ours, reference(q, k, v)) < 1e-5);
     }
 }

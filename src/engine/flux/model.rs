@@ -13,6 +13,7 @@ use burn::tensor::{DType, Device, Tensor};
 
 use crate::engine::layers::{self, Linear, gelu_tanh};
 use crate::engine::loader::{self, Init, Loader, NamedParam};
+use crate::engine::packed::Packing;
 use crate::engine::{cpu, profile};
 
 use super::config::FluxConfig;
@@ -147,10 +148,11 @@ fn joint_heads(streams: &[(Tensor<3>, &QkNorm)], heads: usize, hd: usize, rope: 
     })
 }
 
-/// Scaled dot-product attention; returns [B, L, H·D].
-fn attention_merged(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
+/// Scaled dot-product attention; returns [B, L, H·D]. `bf16`: on AMX tiles where the CPU has
+/// them (the block's Linears are bf16 tiles: `--dtype bf16` on such a CPU).
+fn attention_merged(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bf16: bool) -> Tensor<3> {
     profile::span("attention", || {
-        if let Some(x) = cpu::attention(&q, &k, &v) {
+        if let Some(x) = cpu::attention(&q, &k, &v, bf16) {
             return x;
         }
         let x = attention(q, k, v, None, None, AttentionModuleOptions::default());
@@ -272,7 +274,7 @@ impl DoubleStreamBlock {
         let hd = self.img_attn.proj.dims().0;
         let streams = [(txt_qkv, &self.txt_attn.norm), (img_qkv, &self.img_attn.norm)];
         let [q, k, v] = joint_heads(&streams, self.num_heads, hd, rope);
-        let attn = attention_merged(q, k, v);
+        let attn = attention_merged(q, k, v, self.img_attn.qkv.weight.packing() == Some(Packing::Bf16Tiles));
         let txt_len = txt.dims()[1];
         let txt_attn = attn.clone().narrow(1, 0, txt_len);
         let img_attn = attn.narrow(1, txt_len, img.dims()[1]);
@@ -329,7 +331,7 @@ impl SingleStreamBlock {
         let mlp_dim = h.dims()[2] - 3 * self.hidden_size;
         let mlp = h.clone().narrow(2, 3 * self.hidden_size, mlp_dim);
         let [q, k, v] = joint_heads(&[(h, &self.norm)], self.num_heads, self.hidden_size, rope);
-        let attn = attention_merged(q, k, v);
+        let attn = attention_merged(q, k, v, self.linear1.weight.packing() == Some(Packing::Bf16Tiles));
         let mlp = gelu(mlp);
         let hidden = profile::span("concat", || Tensor::cat(vec![attn, mlp], 2));
         let out = self.linear2.forward(hidden);

@@ -28,6 +28,20 @@ pub enum GgmlType {
 const QK_K: usize = 256;
 
 impl GgmlType {
+    /// The block-quantized types (every type but the plain floats), legacy then K-quants.
+    pub const QUANTIZED: [GgmlType; 10] = [
+        Self::Q8_0,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q2K,
+        Self::Q3K,
+        Self::Q4K,
+        Self::Q5K,
+        Self::Q6K,
+    ];
+
     /// The type with ggml number `n`; an error naming known-but-unsupported types.
     pub fn from_u32(n: u32) -> Result<Self> {
         Ok(match n {
