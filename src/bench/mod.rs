@@ -374,6 +374,7 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
             dev,
         )?;
         let mut opt = adamw::AdamW::for_lora(adamw::AdamWConfig::default(), &lora);
+        opt.loss_scale = adamw::LossScale::for_dtype(dtype);
         let batch = objective::Batch {
             x0: img.clone(),
             noise: upload(4, [spec.batch, spec.img_tokens, c.in_channels]),
@@ -387,8 +388,9 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
         let how = if t.recompute { objective::Backprop::Recompute } else { objective::Backprop::Plain };
         for i in 0..=spec.steps {
             let t = Instant::now();
-            let g = objective::loss_and_grads(&mut model, &lora, &batch, how)?;
-            opt.step(&mut lora, g.grads);
+            let g = objective::loss_and_grads(&mut model, &lora, &batch, how, opt.loss_scale.scale)?;
+            let outcome = opt.step(&mut lora, g.grads);
+            opt.loss_scale.update(outcome);
             let _ = lora.pairs[0].down.clone().into_data();
             if i > 0 {
                 step_seconds.push(t.elapsed().as_secs_f64());

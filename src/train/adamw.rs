@@ -62,6 +62,59 @@ pub struct AdamW {
     pub step: u64,
     /// (m, v) of every slot, index-aligned with the slots `update` is given.
     pub moments: Vec<[Tensor<1>; 2]>,
+    /// The loss scale of an f16 run (part of the state a checkpoint keeps).
+    pub loss_scale: LossScale,
+}
+
+/// Dynamic loss scaling for f16 training (torch's `GradScaler`, its defaults): the loss is
+/// multiplied by `scale` before the backward so small gradients survive f16's range (below
+/// 6e-8 they flush to zero), the gradients divided by it after (a power of two: exact). A step
+/// whose gradients are not finite is skipped and halves the scale; 2000 finite steps in a row
+/// double it. Off (scale 1, never changed) for f32 and bf16, which have f32's range.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScale {
+    pub scale: f32,
+    /// Finite steps since the scale last changed.
+    pub good_steps: u32,
+    pub dynamic: bool,
+}
+
+impl LossScale {
+    pub const INITIAL: f32 = 65536.0;
+    pub const GROWTH_INTERVAL: u32 = 2000;
+
+    pub fn off() -> Self {
+        LossScale { scale: 1.0, good_steps: 0, dynamic: false }
+    }
+
+    /// Dynamic scaling where the base computes in `dtype` (f16), else off.
+    pub fn for_dtype(dtype: burn::tensor::DType) -> Self {
+        match dtype {
+            burn::tensor::DType::F16 => LossScale { scale: Self::INITIAL, good_steps: 0, dynamic: true },
+            _ => Self::off(),
+        }
+    }
+
+    /// After a step: back off on an overflow, grow after a long run of finite steps.
+    pub fn update(&mut self, outcome: StepOutcome) {
+        if !self.dynamic {
+            return;
+        }
+        match outcome {
+            StepOutcome::SkippedNonFinite => {
+                // Never below 2^-24: a scale that small means the loss itself is not finite.
+                self.scale = (self.scale * 0.5).max(f32::powi(2.0, -24));
+                self.good_steps = 0;
+            }
+            StepOutcome::Applied { .. } => {
+                self.good_steps += 1;
+                if self.good_steps >= Self::GROWTH_INTERVAL {
+                    self.scale = (self.scale * 2.0).min(f32::powi(2.0, 64));
+                    self.good_steps = 0;
+                }
+            }
+        }
+    }
 }
 
 /// What one step did.
@@ -77,7 +130,7 @@ impl AdamW {
     /// Zero moments for `slots`.
     pub fn new(config: AdamWConfig, slots: &[Tensor<1>]) -> Self {
         let moments = slots.iter().map(|p| [p.zeros_like(), p.zeros_like()]).collect();
-        AdamW { config, step: 0, moments }
+        AdamW { config, step: 0, moments, loss_scale: LossScale::off() }
     }
 
     /// For the pairs of `lora` (slots: each pair's down, then its up).
@@ -137,6 +190,29 @@ impl AdamW {
 pub fn flat<const D: usize>(t: Tensor<D>) -> Tensor<1> {
     let n = t.shape().num_elements();
     t.reshape([n])
+}
+
+#[cfg(test)]
+mod loss_scale_tests {
+    use super::{LossScale, StepOutcome};
+
+    #[test]
+    fn the_scale_halves_on_overflow_and_doubles_after_the_growth_interval() {
+        let applied = StepOutcome::Applied { grad_norm: 1.0 };
+        let mut s = LossScale::for_dtype(burn::tensor::DType::F16);
+        s.update(StepOutcome::SkippedNonFinite);
+        s.update(StepOutcome::SkippedNonFinite);
+        assert_eq!((s.scale, s.good_steps), (16384.0, 0));
+        for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
+            s.update(applied);
+        }
+        assert_eq!(s.scale, 16384.0);
+        s.update(applied);
+        assert_eq!((s.scale, s.good_steps), (32768.0, 0));
+        let mut off = LossScale::for_dtype(burn::tensor::DType::F32);
+        off.update(StepOutcome::SkippedNonFinite);
+        assert_eq!(off, LossScale::off());
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::adamw::{AdamW, AdamWConfig, flat};
+use super::adamw::{AdamW, AdamWConfig, LossScale, flat};
 use super::params::{LoraPair, TrainableLora, host};
 use crate::engine::weights::{WeightSet, write_safetensors_f32};
 
@@ -45,6 +45,10 @@ pub fn save(dir: &Path, lora: &TrainableLora, opt: &AdamW, step: usize, seed: u6
     let meta = [
         ("step", step.to_string()),
         ("optimizer_step", opt.step.to_string()),
+        (
+            "loss_scale",
+            serde_json::to_string(&(opt.loss_scale.scale, opt.loss_scale.good_steps, opt.loss_scale.dynamic))?,
+        ),
         ("seed", seed.to_string()),
         ("rank", lora.rank.to_string()),
         ("alpha", lora.alpha.to_string()),
@@ -112,6 +116,15 @@ pub fn load(dir: &Path, device: &Device) -> Result<Restored> {
         moments.push([slot(format!("m.{p}.up"))?, slot(format!("v.{p}.up"))?]);
     }
     let lora = TrainableLora { rank, alpha, pairs };
-    let optimizer = AdamW { config, step: num("optimizer_step")?, moments };
+    // Checkpoints from before loss scaling have none: off, as those runs were.
+    let loss_scale = match set.metadata("loss_scale") {
+        Some(json) => {
+            let (scale, good_steps, dynamic): (f32, u32, bool) = serde_json::from_str(json)
+                .with_context(|| format!("{}: unreadable loss_scale {json}", path.display()))?;
+            LossScale { scale, good_steps, dynamic }
+        }
+        None => LossScale::off(),
+    };
+    let optimizer = AdamW { config, step: num("optimizer_step")?, moments, loss_scale };
     Ok(Restored { lora, optimizer, step: num("step")? as usize, seed: num("seed")?, settings: meta("settings")? })
 }

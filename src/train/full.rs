@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
-use super::adamw::{AdamW, AdamWConfig, StepOutcome, flat};
+use super::adamw::{AdamW, AdamWConfig, LossScale, StepOutcome, flat};
 use super::params::host;
 use crate::engine::layers::transpose;
 use crate::engine::loader::NamedParam;
@@ -228,7 +228,7 @@ impl FullParams {
             meta(k)?.parse().with_context(|| format!("{}: {k} is not a number", path.display()))
         };
         let config: AdamWConfig = serde_json::from_str(meta("adamw")?)?;
-        let optimizer = AdamW { config, step: number("optimizer_step")?, moments };
+        let optimizer = AdamW { config, step: number("optimizer_step")?, moments, loss_scale: LossScale::off() };
         Ok((self.set(model, values), optimizer, number("step")? as usize))
     }
 }

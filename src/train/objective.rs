@@ -55,19 +55,27 @@ pub struct StepGrads {
     pub grads: Vec<PairGrad>,
 }
 
-/// Forward + backward for one batch. The model's adapters are left cleared.
-pub fn loss_and_grads(model: &mut Flux, lora: &TrainableLora, batch: &Batch, how: Backprop) -> Result<StepGrads> {
+/// Forward + backward for one batch, the backward seeded with `loss_scale` (1, or an f16
+/// run's [`super::adamw::LossScale`]; the gradients come back divided by it). The model's
+/// adapters are left cleared.
+pub fn loss_and_grads(
+    model: &mut Flux,
+    lora: &TrainableLora,
+    batch: &Batch,
+    how: Backprop,
+    loss_scale: f32,
+) -> Result<StepGrads> {
     let mut acc: Vec<Option<PairGrad>> = vec![None; lora.pairs.len()];
     let loss = match how {
         Backprop::Plain => {
             let leaves = lora.install(model, "", true);
             let pred = model.forward(batch.input(batch.noisy()))?;
             let loss = mse(pred, batch.target());
-            let grads = loss.backward();
+            let grads = scaled(loss.clone(), loss_scale).backward();
             leaves.collect(&grads, &mut acc);
             host(loss)[0]
         }
-        Backprop::Recompute => super::recompute::backward(model, lora, batch, &mut acc)?,
+        Backprop::Recompute => super::recompute::backward(model, lora, batch, &mut acc, loss_scale)?,
     };
     crate::engine::lora::clear_loras(model);
     let grads = acc
@@ -76,8 +84,17 @@ pub fn loss_and_grads(model: &mut Flux, lora: &TrainableLora, batch: &Batch, how
         .map(|(g, p)| {
             // A pair outside every path of the graph (cannot happen for block Linears) has
             // a zero gradient.
-            g.unwrap_or_else(|| PairGrad { down: p.down.zeros_like(), up: p.up.zeros_like() })
+            let g = g.unwrap_or_else(|| PairGrad { down: p.down.zeros_like(), up: p.up.zeros_like() });
+            match loss_scale {
+                1.0 => g,
+                s => PairGrad { down: g.down / s, up: g.up / s },
+            }
         })
         .collect();
     Ok(StepGrads { loss, grads })
+}
+
+/// `loss · scale` in the loss's dtype, the seed of a scaled backward.
+pub fn scaled(loss: burn::tensor::Tensor<1>, scale: f32) -> burn::tensor::Tensor<1> {
+    if scale == 1.0 { loss } else { loss * scale }
 }

@@ -17,7 +17,14 @@ use super::batch::{Batch, mse};
 use super::params::{PairGrad, TrainableLora, host};
 
 /// Loss of `batch`; adds each pair's gradient into `acc`.
-pub fn backward(model: &mut Flux, lora: &TrainableLora, batch: &Batch, acc: &mut [Option<PairGrad>]) -> Result<f32> {
+/// The backward starts from `loss · loss_scale` (see `objective::loss_and_grads`).
+pub fn backward(
+    model: &mut Flux,
+    lora: &TrainableLora,
+    batch: &Batch,
+    acc: &mut [Option<PairGrad>],
+    loss_scale: f32,
+) -> Result<f32> {
     lora.install(model, "", false);
     let rope = &batch.rope;
     let Embedded { mut img, mut txt, vec } = model.embed(batch.input(batch.noisy()))?;
@@ -40,7 +47,7 @@ pub fn backward(model: &mut Flux, lora: &TrainableLora, batch: &Batch, acc: &mut
     let x = x.autodiff().require_grad();
     let pred = model.final_layer.forward(x.clone().narrow(1, txt_len, img_len), vec.clone());
     let loss = mse(pred, batch.target());
-    let grads = loss.backward();
+    let grads = super::objective::scaled(loss.clone(), loss_scale).backward();
     let mut grad_x = x.grad(&grads).expect("the loss depends on the last block's output");
     let loss = host(loss)[0];
 

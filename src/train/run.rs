@@ -17,7 +17,7 @@ use crate::engine::flux::{self, Flux, FluxConfig};
 use crate::engine::noise::{Mt19937, TorchGenerator};
 use crate::engine::pipeline::ModelFiles;
 
-use super::adamw::{AdamWConfig, LrSchedule, StepOutcome};
+use super::adamw::{AdamWConfig, LossScale, LrSchedule, StepOutcome};
 use super::cache::{self, CachedLatents, CachedText};
 use super::checkpoint;
 use super::dataset::{self, Item};
@@ -286,7 +286,9 @@ pub fn train_with(
             None => {
                 let trainee =
                     Trainee::Lora(TrainableLora::new(&mut model, s.targets, s.rank, s.alpha, s.seed, device)?);
-                let opt = trainee.optimizer(&model, s.adamw);
+                let mut opt = trainee.optimizer(&model, s.adamw);
+                // f16 activations: dynamic loss scaling (a resumed run keeps its checkpoint's).
+                opt.loss_scale = LossScale::for_dtype(crate::engine::cpu::activation_dtype(device, job.dtype));
                 (model, trainee, opt, 0)
             }
         }

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-use super::adamw::{AdamW, AdamWConfig, StepOutcome};
+use super::adamw::{AdamW, AdamWConfig, LossScale, StepOutcome};
 use super::full::FullParams;
-use super::objective::{Backprop, Batch, loss_and_grads};
+use super::objective::{Backprop, Batch, StepGrads, loss_and_grads};
 use super::params::{PairGrad, Targets, TrainableLora, host};
 use super::trainee::full_loss_and_grads;
 use crate::engine::flux::{self, Flux, Rope};
@@ -96,7 +96,7 @@ fn check_grads(kind: &str, how: Backprop) -> Vec<PairGrad> {
 
 fn check_grads_on(kind: &str, how: Backprop, device: &Device) -> Vec<PairGrad> {
     let mut c = case_on(kind, device);
-    let out = loss_and_grads(&mut c.model, &c.lora, &c.batch, how).unwrap();
+    let out = loss_and_grads(&mut c.model, &c.lora, &c.batch, how, 1.0).unwrap();
     let loss = read(&c.golden, "loss")[0];
     let loss_err = ((out.loss - loss) / loss).abs();
     eprintln!("{kind} {how:?}: loss {} vs torch {loss} (rel {loss_err:.2e})", out.loss);
@@ -220,7 +220,7 @@ fn train_adamw_steps_match_torch() {
 fn train_on_a_half_precision_base_keeps_f32_lora_and_near_f32_gradients() {
     let mut c = case("dev");
     let device = Device::flex();
-    let f32_grads = loss_and_grads(&mut c.model, &c.lora, &c.batch, Backprop::Recompute).unwrap();
+    let f32_grads = loss_and_grads(&mut c.model, &c.lora, &c.batch, Backprop::Recompute, 1.0).unwrap();
     let hint = flux::read_diffusers_config(&fixture("flux/dev/diffusers/transformer/config.json")).unwrap().unwrap();
     // Bounds: bf16 keeps 8 mantissa bits (≈ 0.4 % per rounding), f16 11; over a few blocks the
     // gradients drift by a few percent, far inside these.
@@ -240,7 +240,10 @@ fn train_on_a_half_precision_base_keeps_f32_lora_and_near_f32_gradients() {
             rope: Rope { cos: b.rope.cos.clone(), sin: b.rope.sin.clone() },
             captions: b.captions.clone(),
         };
-        let out = loss_and_grads(&mut model, &c.lora, &half, Backprop::Recompute).unwrap();
+        // An f16 base backpropagates a scaled loss, as training does: from the initial 2^16
+        // down to the first scale whose gradients stay finite.
+        let (out, scale) = backed_off(&mut model, &c.lora, &half, LossScale::for_dtype(act));
+        eprintln!("{dtype:?}: loss scale {scale}");
         let loss_err = ((out.loss - f32_grads.loss) / f32_grads.loss).abs();
         assert!(loss_err < loss_bound, "{dtype:?}: loss {} vs {}", out.loss, f32_grads.loss);
         let (all_half, all_f32): (Vec<f32>, Vec<f32>) = (
@@ -256,6 +259,80 @@ fn train_on_a_half_precision_base_keeps_f32_lora_and_near_f32_gradients() {
         assert!(matches!(opt.step(&mut lora, out.grads), StepOutcome::Applied { .. }), "{dtype:?}");
         assert!(lora.pairs.iter().all(|p| p.down.dtype() == DType::F32));
     }
+}
+
+/// The gradients of `batch` at the first scale, halving from `scale`'s, whose gradients are
+/// finite (what a run's skipped steps do), with that scale.
+fn backed_off(model: &mut Flux, lora: &TrainableLora, batch: &Batch, mut scale: LossScale) -> (StepGrads, f32) {
+    for _ in 0..40 {
+        let out = loss_and_grads(model, lora, batch, Backprop::Recompute, scale.scale).unwrap();
+        let finite =
+            out.grads.iter().all(|g| host(g.down.clone()).iter().chain(&host(g.up.clone())).all(|v| v.is_finite()));
+        if finite {
+            return (out, scale.scale);
+        }
+        scale.update(StepOutcome::SkippedNonFinite);
+    }
+    panic!("no finite gradients down to loss scale {}", scale.scale);
+}
+
+/// Loss scaling (f16 runs): a scaled backward gives the unscaled gradients back (the scale is a
+/// power of two: exactly so in f32, both ways of backpropagating); in f16 a scale too large
+/// overflows, the step is skipped with nothing moved and the scale halves; the scale and its
+/// count of good steps survive a checkpoint.
+#[test]
+fn loss_scaling_returns_the_gradients_and_backs_off_on_overflow() {
+    let mut c = case("dev");
+    for how in [Backprop::Plain, Backprop::Recompute] {
+        let plain = loss_and_grads(&mut c.model, &c.lora, &c.batch, how, 1.0).unwrap();
+        let scaled = loss_and_grads(&mut c.model, &c.lora, &c.batch, how, 1024.0).unwrap();
+        assert_eq!(plain.loss, scaled.loss, "{how:?}: the loss is reported unscaled");
+        let flat = |g: &[PairGrad]| -> Vec<f32> { g.iter().flat_map(|p| host(p.up.clone())).collect() };
+        let err = rel(&flat(&scaled.grads), &flat(&plain.grads));
+        assert!(err <= 1e-6, "{how:?}: scaled gradients differ by {err:.2e}");
+    }
+
+    let device = Device::flex();
+    let hint = flux::read_diffusers_config(&fixture("flux/dev/diffusers/transformer/config.json")).unwrap().unwrap();
+    let mut model =
+        flux::load_transformer(&fixture("flux/dev/bfl.safetensors"), &device, DType::F16, Some(&hint)).unwrap();
+    let b = &c.batch;
+    let half = Batch {
+        x0: b.x0.clone().cast(DType::F16),
+        noise: b.noise.clone().cast(DType::F16),
+        sigmas: b.sigmas.clone(),
+        txt: b.txt.clone().cast(DType::F16),
+        y: b.y.clone().cast(DType::F16),
+        guidance: b.guidance.clone(),
+        rope: Rope { cos: b.rope.cos.clone(), sin: b.rope.sin.clone() },
+        captions: b.captions.clone(),
+    };
+    let mut lora = c.lora.clone();
+    let mut opt = AdamW::for_lora(AdamWConfig::default(), &lora);
+    assert_eq!(LossScale::for_dtype(DType::F16).scale, 65536.0);
+    assert!(!LossScale::for_dtype(DType::BF16).dynamic);
+    opt.loss_scale = LossScale { scale: 2f32.powi(40), good_steps: 7, dynamic: true };
+    let before = lora.factors();
+    let out = loss_and_grads(&mut model, &lora, &half, Backprop::Recompute, opt.loss_scale.scale).unwrap();
+    assert!(out.loss.is_finite(), "the loss itself stays finite");
+    let outcome = opt.step(&mut lora, out.grads);
+    assert_eq!(outcome, StepOutcome::SkippedNonFinite, "2^40 overflows f16's gradients");
+    opt.loss_scale.update(outcome);
+    assert_eq!((opt.loss_scale.scale, opt.loss_scale.good_steps), (2f32.powi(39), 0));
+    assert_eq!(lora.factors(), before);
+    // From the initial scale, backing off reaches a step that applies.
+    let (out, scale) = backed_off(&mut model, &lora, &half, LossScale::for_dtype(DType::F16));
+    opt.loss_scale.scale = scale;
+    let outcome = opt.step(&mut lora, out.grads);
+    assert!(matches!(outcome, StepOutcome::Applied { .. }), "{outcome:?}");
+    opt.loss_scale.update(outcome);
+    assert_eq!(opt.loss_scale.good_steps, 1);
+    assert_ne!(lora.factors(), before);
+
+    let dir = tempfile::tempdir().unwrap();
+    super::checkpoint::save(dir.path(), &lora, &opt, 1, 3, "{}").unwrap();
+    let restored = super::checkpoint::load(dir.path(), &device).unwrap();
+    assert_eq!(restored.optimizer.loss_scale, opt.loss_scale);
 }
 
 /// The same gradients on the wgpu backend (lavapipe in CI; skipped where no adapter exists

@@ -59,9 +59,10 @@ impl Trainee {
     ) -> Result<(f32, StepOutcome)> {
         match self {
             Trainee::Lora(lora) => {
-                let grads = loss_and_grads(model, lora, batch, how)?;
+                let grads = loss_and_grads(model, lora, batch, how, opt.loss_scale.scale)?;
                 let outcome =
                     if grads.loss.is_finite() { opt.step(lora, grads.grads) } else { StepOutcome::SkippedNonFinite };
+                opt.loss_scale.update(outcome);
                 Ok((grads.loss, outcome))
             }
             Trainee::Full(params) => params.step(model, opt, |leaves| full_loss(leaves, batch)),
