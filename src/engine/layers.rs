@@ -69,6 +69,9 @@ pub struct Conv2d {
     pub stride: usize,
     pub pad_before: usize,
     pub pad_after: usize,
+    /// 3×3 products on AMX tiles in bf16 (`--dtype bf16` on a CPU with AMX; weights stay f32).
+    #[module(skip)]
+    pub bf16_tiles: bool,
 }
 
 impl Conv2d {
@@ -82,7 +85,7 @@ impl Conv2d {
         crate::engine::profile::span("conv2d", || {
             let (weight, bias) = (self.weight.val(), self.bias.val());
             let fused = (self.stride, self.pad_before, self.pad_after) == (1, 1, 1) && weight.dims()[2..] == [3, 3];
-            if fused && let Some(y) = crate::engine::cpu::conv3x3(&x, &weight, Some(&bias)) {
+            if fused && let Some(y) = crate::engine::cpu::conv3x3(&x, &weight, Some(&bias), self.bf16_tiles) {
                 return y;
             }
             conv2d(x, weight, Some(bias), options)

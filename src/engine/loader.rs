@@ -424,6 +424,7 @@ impl<'a> Loader<'a> {
             stride,
             pad_before: padding.0,
             pad_after: padding.1,
+            bf16_tiles: l.walk.bf16_tiles,
         })
     }
 

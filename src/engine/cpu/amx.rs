@@ -106,6 +106,36 @@ pub fn tiles_of(outputs: usize, inputs: usize, value: impl Fn(usize, usize) -> f
     tiles
 }
 
+/// The second operand of a product from f32 rows [k inputs][n outputs] (row-major, as the
+/// Winograd convolution's transformed inputs come), into `out` in the tile layout;
+/// `fits(n, k)` must hold. Rounds to nearest even in integer arithmetic the compiler
+/// vectorizes (as `vcvtneps2bf16` for finite values), two input rows per pass.
+pub fn tiles_from_rows(rows: &[f32], (k, n): (usize, usize), out: &mut [u16]) {
+    assert!(available() && fits(n, k) && rows.len() == k * n && out.len() == k * n);
+    // SAFETY: `available()` implies AVX-512 (AMX CPUs have it).
+    unsafe { tiles_from_rows_avx512(rows, (k, n), out) }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn tiles_from_rows_avx512(rows: &[f32], (k, n): (usize, usize), out: &mut [u16]) {
+    let blocks = k / 32;
+    let round = |x: u32| x.wrapping_add(0x7fff + ((x >> 16) & 1));
+    for kp in 0..k / 2 {
+        let (r0, r1) = (&rows[2 * kp * n..][..n], &rows[(2 * kp + 1) * n..][..n]);
+        let (block, within) = (2 * kp / 32, 2 * kp % 32);
+        for (c, (a, b)) in r0.chunks_exact(16).zip(r1.chunks_exact(16)).enumerate() {
+            let (pair, half) = (c / 2, c % 2);
+            let at = ((pair * blocks + block) * 2 + half) * 512 + within / 2 * 32;
+            let dst = &mut out[at..at + 32];
+            for i in 0..16 {
+                let (x0, x1) = (round(a[i].to_bits()), round(b[i].to_bits()));
+                dst[2 * i] = (x0 >> 16) as u16;
+                dst[2 * i + 1] = (x1 >> 16) as u16;
+            }
+        }
+    }
+}
+
 /// out [m, n] = x [m, k] · W on the calling thread (one task of a parallel loop), W as
 /// [`tiles_of`] makes it; x row r at `x[r·stride..]`, out row r at `out + r·out_stride`.
 ///
@@ -334,6 +364,14 @@ mod tests {
             }
         }
         assert!(!fits(48, 64) && !fits(64, 48) && fits(32, 32));
+        if available() {
+            // The same tiles from [in][out] rows (the convolution's operand).
+            let columns: Vec<f32> = (0..inputs * outputs).map(|i| rows[(i % outputs) * inputs + i / outputs]).collect();
+            let mut tiles = vec![0u16; outputs * inputs];
+            tiles_from_rows(&columns, (inputs, outputs), &mut tiles);
+            let bytes: Vec<u8> = tiles.iter().flat_map(|t| t.to_le_bytes()).collect();
+            assert_eq!(bytes, pack(&rows, outputs, inputs));
+        }
     }
 
     /// Against f64 sums of the bf16-rounded operands: odd row counts (padding), a bias, and

@@ -16,7 +16,9 @@ use super::{SharedMut, Strided, matmul};
 const BAND_ELEMENTS: usize = 4 << 20;
 
 /// `x` [B, C_in, H, W] ⋆ `weight` [C_out, C_in, 3, 3] + `bias`, stride 1, zero padding 1.
-pub fn conv3x3(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>) -> Option<Tensor<4>> {
+/// `bf16`: the 16 products on AMX tiles, their operands rounded to bf16 (`--dtype bf16` on a
+/// CPU with AMX), where C_in and the tiles per row are multiples of 32.
+pub fn conv3x3(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, bf16: bool) -> Option<Tensor<4>> {
     let x = super::contiguous(super::flex_f32(x)?);
     let w = super::contiguous(super::flex_f32(weight)?);
     let bias = match bias {
@@ -48,6 +50,15 @@ pub fn conv3x3(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>) -> O
     let band_rows = (BAND_ELEMENTS / (16 * cin.max(cout) * tw)).clamp(1, th);
     let mut v = vec![0f32; 16 * cin * band_rows * tw];
     let mut m = vec![0f32; 16 * cout * band_rows * tw];
+    #[cfg(target_arch = "x86_64")]
+    let tiles = bf16 && super::amx::available() && cin.is_multiple_of(32) && tw.is_multiple_of(32);
+    #[cfg(not(target_arch = "x86_64"))]
+    let tiles = {
+        let _ = bf16;
+        false
+    };
+    #[cfg(target_arch = "x86_64")]
+    let mut v_tiles = if tiles { vec![0u16; v.len()] } else { Vec::new() };
     let mut out = FlexTensor::empty(Shape::new([batch, cout, h, wd]), x.dtype());
     let dst = SharedMut(out.storage_mut::<f32>().as_mut_ptr());
     let src: &[f32] = x.storage();
@@ -69,23 +80,39 @@ pub fn conv3x3(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>) -> O
             let (v, m) = (&mut v[..16 * cin * nt], &mut m[..16 * cout * nt]);
             transform_inputs(&padded, plane, half, r0, rows, tw, cin, v);
             let v = &*v;
-            // M_ξ [C_out, tiles] = U_ξ [C_out, C_in] · V_ξ [C_in, tiles], the 16 in parallel.
-            m.par_chunks_mut(cout * nt).enumerate().for_each(|(xi, m)| {
-                // SAFETY: U_ξ, V_ξ and M_ξ are contiguous row-major blocks of the given sizes.
-                unsafe {
-                    matmul(
-                        cout,
-                        nt,
-                        cin,
-                        Strided { ptr: m.as_mut_ptr(), row: nt as isize, col: 1 },
-                        false,
-                        Strided { ptr: u[xi * cout * cin..].as_ptr(), row: cin as isize, col: 1 },
-                        Strided { ptr: v[xi * cin * nt..].as_ptr(), row: nt as isize, col: 1 },
-                        1.0,
-                        false,
-                    );
+            if tiles {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let v_tiles = &mut v_tiles[..16 * cin * nt];
+                    v_tiles.par_chunks_mut(cin * nt).zip(v.par_chunks(cin * nt)).for_each(|(t, v)| {
+                        super::amx::tiles_from_rows(v, (cin, nt), t);
+                    });
+                    let v_tiles = &*v_tiles;
+                    m.par_chunks_mut(cout * nt).enumerate().for_each(|(xi, m)| {
+                        let (u, vt) = (&u[xi * cout * cin..][..cout * cin], &v_tiles[xi * cin * nt..][..cin * nt]);
+                        // SAFETY: M_ξ is this task's contiguous [C_out, tiles] block.
+                        unsafe { super::amx::product_rows(u, (cout, cin, cin), vt, nt, (m.as_mut_ptr(), nt)) };
+                    });
                 }
-            });
+            } else {
+                // M_ξ [C_out, tiles] = U_ξ [C_out, C_in] · V_ξ [C_in, tiles], the 16 in parallel.
+                m.par_chunks_mut(cout * nt).enumerate().for_each(|(xi, m)| {
+                    // SAFETY: U_ξ, V_ξ and M_ξ are contiguous row-major blocks of the given sizes.
+                    unsafe {
+                        matmul(
+                            cout,
+                            nt,
+                            cin,
+                            Strided { ptr: m.as_mut_ptr(), row: nt as isize, col: 1 },
+                            false,
+                            Strided { ptr: u[xi * cout * cin..].as_ptr(), row: cin as isize, col: 1 },
+                            Strided { ptr: v[xi * cin * nt..].as_ptr(), row: nt as isize, col: 1 },
+                            1.0,
+                            false,
+                        );
+                    }
+                });
+            }
             let m = &*m;
             (0..cout).into_par_iter().for_each_init(
                 || vec![0f32; 4 * tw],
@@ -242,7 +269,26 @@ mod tests {
         let (x, w, b) = (random([2, 5, 7, 9]), random([4, 5, 3, 3]), random([4]));
         let options = ConvOptions { stride: [1; 2], padding: [(1, 1); 2], dilation: [1; 2], groups: 1 };
         let want = conv2d(x.clone(), w.clone(), Some(b.clone()), options);
-        assert!(max_diff(super::conv3x3(&x, &w, Some(&b)).unwrap(), want) < 1e-4);
+        assert!(max_diff(super::conv3x3(&x, &w, Some(&b), false).unwrap(), want) < 1e-4);
+    }
+
+    #[test]
+    fn bf16_tiles_stay_within_bf16_rounding_of_burns_conv2d() {
+        // 64 input channels and 64 columns (32 tiles per row): the AMX path where the CPU has
+        // it; 2 images, an odd height (a ragged last tile row) and 40 output channels (padded
+        // rows of the tile product).
+        let (x, w, b) = (random([2, 64, 7, 64]), random([40, 64, 3, 3]) * 0.1, random([40]));
+        let options = ConvOptions { stride: [1; 2], padding: [(1, 1); 2], dilation: [1; 2], groups: 1 };
+        let want = conv2d(x.clone(), w.clone(), Some(b.clone()), options);
+        let scale: f32 = want.clone().abs().max().into_scalar();
+        let diff = max_diff(super::conv3x3(&x, &w, Some(&b), true).unwrap(), want);
+        let amx = cfg!(target_arch = "x86_64") && super::super::amx::available();
+        eprintln!("bf16 3x3 convolution (AMX: {amx}): largest difference {diff:.1e} of {scale:.1}");
+        // Transformed operands rounded to bf16 (2^-9 relative) in sums of 64·16 terms.
+        assert!(diff <= 2e-2 * scale, "{diff} of {scale}");
+        if amx {
+            assert!(diff > 1e-4, "the tiles round to bf16: an f32-exact answer means they were not used");
+        }
     }
 
     #[test]
@@ -251,6 +297,6 @@ mod tests {
         let (x, w) = (random([1, 2, 40, 2048]), random([300, 2, 3, 3]));
         let options = ConvOptions { stride: [1; 2], padding: [(1, 1); 2], dilation: [1; 2], groups: 1 };
         let want = conv2d(x.clone(), w.clone(), None, options);
-        assert!(max_diff(super::conv3x3(&x, &w, None).unwrap(), want) < 1e-4);
+        assert!(max_diff(super::conv3x3(&x, &w, None, false).unwrap(), want) < 1e-4);
     }
 }
