@@ -735,15 +735,16 @@ fn decode(
     device: &Device,
     resident: &mut Resident,
 ) -> Result<Vec<Vec<f32>>> {
-    // bf16 on a CPU with AMX: f32 activations over bf16 Linear tiles (`engine::cpu::amx`).
-    let dtype = crate::engine::cpu::activation_dtype(device, resident.dtype);
+    let dtype = resident.dtype;
+    // bf16 on a CPU with AMX: f32 activations, the products on bf16 tiles (`engine::cpu::amx`).
+    let activations = crate::engine::cpu::activation_dtype(device, dtype);
     resident.vae.with(
         || vae::load_vae(&files.vae, device, dtype, None),
         |vae| {
             Ok(latents
                 .into_iter()
                 .map(|z| {
-                    let z = Tensor::<4>::from_data(TensorData::new(z, grid.shape()), device).cast(dtype);
+                    let z = Tensor::<4>::from_data(TensorData::new(z, grid.shape()), device).cast(activations);
                     vae.decode_tiled(z, 128, 16)
                 })
                 .collect())
