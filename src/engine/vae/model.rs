@@ -229,8 +229,13 @@ impl AttnBlock {
             |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2).reshape([b * h * w * c]).reshape([b, 1, h * w, c]);
         let (q, k, v) = (self.q.forward(n.clone()), self.k.forward(n.clone()), self.v.forward(n));
         let out = profile::span("attention", || {
-            let out = attention(seq(q), seq(k), seq(v), None, None, AttentionModuleOptions::default());
-            out.reshape([b, h * w, c]).swap_dims(1, 2).reshape([b, c, h, w])
+            let (q, k, v) = (seq(q), seq(k), seq(v));
+            // The CPU kernel (on AMX tiles in bf16 mode, as the convolutions) where it applies.
+            let out = match crate::engine::cpu::attention(&q, &k, &v, self.q.bf16_tiles) {
+                Some(merged) => merged,
+                None => attention(q, k, v, None, None, AttentionModuleOptions::default()).reshape([b, h * w, c]),
+            };
+            out.swap_dims(1, 2).reshape([b, c, h, w])
         });
         x + self.proj_out.forward(out)
     }
