@@ -67,17 +67,8 @@ fn tile_index(k: usize, n: usize, inputs: usize) -> usize {
 /// PyTorch's [out, in] rows (f32) as bf16 (round to nearest even) in the tile layout, as
 /// little-endian bytes.
 pub fn pack(rows: &[f32], outputs: usize, inputs: usize) -> Vec<u8> {
-    assert!(fits(outputs, inputs) && rows.len() == outputs * inputs);
-    let mut tiles = vec![0u16; rows.len()];
-    // One output pair's tiles are contiguous: a task per pair.
-    tiles.par_chunks_mut(32 * inputs).zip(rows.par_chunks(32 * inputs)).for_each(|(out, rows)| {
-        for (n, row) in rows.chunks_exact(inputs).enumerate() {
-            for (k, &v) in row.iter().enumerate() {
-                out[tile_index(k, n, inputs)] = half::bf16::from_f32(v).to_bits();
-            }
-        }
-    });
-    tiles.into_iter().flat_map(u16::to_le_bytes).collect()
+    assert!(rows.len() == outputs * inputs);
+    tiles_of(outputs, inputs, |n, k| rows[n * inputs + k]).into_iter().flat_map(u16::to_le_bytes).collect()
 }
 
 /// The [in, out] matrix (f32) of tile-layout bytes: what a product off the AMX path multiplies by.
@@ -93,16 +84,20 @@ pub fn unpack(bytes: &[u8], outputs: usize, inputs: usize) -> Vec<f32> {
 }
 
 /// The second operand of a product whose value (input k, output n) is `value(n, k)`, in the
-/// tile layout (`fits(outputs, inputs)` must hold): attention's keys (n a key, k a head
-/// channel) and values (n a channel, k a key), read in place from their strided storage.
-pub fn tiles_of(outputs: usize, inputs: usize, value: impl Fn(usize, usize) -> f32) -> Vec<u16> {
+/// tile layout (`fits(outputs, inputs)` must hold), rounded to bf16 (nearest even): weights
+/// ([`pack`]), attention's keys (n a key, k a head channel) and values (n a channel, k a key),
+/// read in place from their strided storage.
+pub fn tiles_of(outputs: usize, inputs: usize, value: impl Fn(usize, usize) -> f32 + Sync) -> Vec<u16> {
     assert!(fits(outputs, inputs));
     let mut tiles = vec![0u16; outputs * inputs];
-    for n in 0..outputs {
-        for k in 0..inputs {
-            tiles[tile_index(k, n, inputs)] = half::bf16::from_f32(value(n, k)).to_bits();
+    // One output pair's tiles are contiguous: a task per pair.
+    tiles.par_chunks_mut(32 * inputs).enumerate().for_each(|(pair, out)| {
+        for n in 0..32 {
+            for k in 0..inputs {
+                out[tile_index(k, n, inputs)] = half::bf16::from_f32(value(32 * pair + n, k)).to_bits();
+            }
         }
-    }
+    });
     tiles
 }
 

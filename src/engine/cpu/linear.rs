@@ -2,8 +2,8 @@
 //! place when it is a view of rows (a narrow of a wider projection); burn's path adds the
 //! bias in a second pass and copies such views first.
 
-use burn::tensor::{DType, Shape, Tensor};
-use burn_flex::FlexTensor;
+use burn::tensor::{DType, Int, Shape, Tensor};
+use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use super::{Strided, matmul};
@@ -11,31 +11,55 @@ use super::{Strided, matmul};
 /// Products smaller than this many multiply-adds run on one thread (as burn's flex does).
 const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
 
+/// A Linear's input as the kernels read it: `x` [..., K] as rows of K at a uniform stride
+/// from `offset` of its storage (copied only when it is not such a view), the bias contiguous,
+/// and the output [..., N] to write.
+struct Operands {
+    x: FlexTensor,
+    rows: usize,
+    stride: usize,
+    bias: Option<FlexTensor>,
+    out: FlexTensor,
+}
+
+impl Operands {
+    /// None unless `x` and `bias` are plain flex f32, `x`'s rows hold `k` values and the bias `n`.
+    fn read<const D: usize>(x: &Tensor<D>, bias: Option<&Tensor<1>>, (k, n): (usize, usize)) -> Option<Self> {
+        let mut x = super::flex_f32(x)?;
+        let bias = match bias {
+            Some(b) => Some(super::contiguous(super::flex_f32(b)?)),
+            None => None,
+        };
+        if bias.as_ref().is_some_and(|b| b.layout().num_elements() != n) {
+            return None;
+        }
+        let (rows, len, stride) = match super::rows(&x) {
+            Some(r) => r,
+            None => {
+                x = super::contiguous(x);
+                super::rows(&x)?
+            }
+        };
+        if len != k {
+            return None;
+        }
+        let mut dims = x.layout().shape().to_vec();
+        dims[D - 1] = n;
+        let out = FlexTensor::empty(Shape::from(dims), DType::F32);
+        Some(Operands { x, rows, stride, bias, out })
+    }
+}
+
+/// The storage of `x` from its first element: row r of an [`Operands`] input at `[r·stride..]`.
+fn from_start(x: &FlexTensor) -> &[f32] {
+    &x.storage::<f32>()[x.layout().start_offset()..]
+}
+
 /// `x` [..., K] times `weight` [K, N] plus `bias` [N].
 pub fn linear<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Option<&Tensor<1>>) -> Option<Tensor<D>> {
-    let mut t = super::flex_f32(x)?;
     let w = super::contiguous(super::flex_f32(weight)?);
     let [k, n] = w.layout().shape().dims::<2>();
-    let bias = match bias {
-        Some(b) => Some(super::contiguous(super::flex_f32(b)?)),
-        None => None,
-    };
-    if bias.as_ref().is_some_and(|b| b.layout().num_elements() != n) {
-        return None;
-    }
-    let (rows, len, stride) = match super::rows(&t) {
-        Some(r) => r,
-        None => {
-            t = super::contiguous(t);
-            super::rows(&t)?
-        }
-    };
-    if len != k {
-        return None;
-    }
-    let mut dims = t.layout().shape().to_vec();
-    dims[D - 1] = n;
-    let mut out = FlexTensor::empty(Shape::from(dims), DType::F32);
+    let Operands { x, rows, stride, bias, mut out } = Operands::read(x, bias, (k, n))?;
     let dst: &mut [f32] = out.storage_mut();
     if let Some(b) = &bias {
         let b: &[f32] = b.storage();
@@ -44,7 +68,7 @@ pub fn linear<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Option<&T
     if rows == 0 || n == 0 || k == 0 {
         return Some(super::into_tensor(out));
     }
-    let src = &t.storage::<f32>()[t.layout().start_offset()..];
+    let src = from_start(&x);
     // SAFETY: lhs row r (< rows) starts at r·stride within `src` and holds k elements (the
     // layout's rows); rhs is the contiguous [k, n] weight; dst is the [rows, n] output.
     unsafe {
@@ -61,6 +85,39 @@ pub fn linear<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Option<&T
         );
     }
     Some(super::into_tensor(out))
+}
+
+/// `x` [..., K] times a tile-layout bf16 weight (`words`, [K, N] as `amx` lays it out) plus
+/// `bias`: the AMX product, when `x` is an f32 tensor of the plain CPU backend.
+#[cfg(target_arch = "x86_64")]
+pub fn tiled_linear<const D: usize>(
+    x: &Tensor<D>,
+    words: &Tensor<1, Int>,
+    (inputs, outputs): (usize, usize),
+    bias: Option<&Tensor<1>>,
+) -> Option<Tensor<D>> {
+    if !super::amx::available() {
+        return None;
+    }
+    let Operands { x, rows, stride, bias, mut out } = Operands::read(x, bias, (inputs, outputs))?;
+    let words = super::contiguous(words.clone().try_into_primitive::<Flex>().ok()?);
+    let weight: &[i32] = words.storage();
+    // SAFETY: the words hold the tile layout's u16 values, two per word, little-endian.
+    let weight = unsafe { std::slice::from_raw_parts(weight.as_ptr() as *const u16, weight.len() * 2) };
+    let bias = bias.as_ref().map(|b| b.storage::<f32>());
+    let weight = &weight[..inputs * outputs];
+    super::amx::matmul(from_start(&x), (rows, inputs, stride), weight, outputs, bias, out.storage_mut());
+    Some(super::into_tensor(out))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub fn tiled_linear<const D: usize>(
+    _x: &Tensor<D>,
+    _words: &Tensor<1, Int>,
+    _dims: (usize, usize),
+    _bias: Option<&Tensor<1>>,
+) -> Option<Tensor<D>> {
+    None
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ pub use attention::attention;
 pub use conv::conv3x3;
 pub use gelu::gelu_tanh;
 pub use heads::{HeadStream, joint_heads};
-pub use linear::linear;
+pub use linear::{linear, tiled_linear};
 pub use norm::group_norm;
 
 /// Whether weights loaded for `dtype` on `device` become bf16 AMX tiles (`amx`): bf16 asked
@@ -48,53 +48,6 @@ pub fn bf16_tiles(device: &burn::tensor::Device, dtype: DType) -> bool {
 /// on `device`: f32 where the Linears are bf16 tiles, else `dtype` itself.
 pub fn activation_dtype(device: &burn::tensor::Device, dtype: DType) -> DType {
     if bf16_tiles(device, dtype) { DType::F32 } else { dtype }
-}
-
-/// `x` [..., K] times a tile-layout bf16 weight (`words`, [K, N] as `amx` lays it out) plus
-/// `bias`: the AMX product, when `x` is an f32 tensor of the plain CPU backend.
-#[cfg(target_arch = "x86_64")]
-pub fn tiled_linear<const D: usize>(
-    x: &Tensor<D>,
-    words: &Tensor<1, burn::tensor::Int>,
-    (inputs, outputs): (usize, usize),
-    bias: Option<&Tensor<1>>,
-) -> Option<Tensor<D>> {
-    let mut t = flex_f32(x)?;
-    let bias = match bias {
-        Some(b) => Some(contiguous(flex_f32(b)?)),
-        None => None,
-    };
-    let words = contiguous(words.clone().try_into_primitive::<Flex>().ok()?);
-    let (rows, len, stride) = match self::rows(&t) {
-        Some(r) => r,
-        None => {
-            t = contiguous(t);
-            self::rows(&t)?
-        }
-    };
-    if len != inputs || !amx::available() {
-        return None;
-    }
-    let src = &t.storage::<f32>()[t.layout().start_offset()..];
-    let weight: &[i32] = words.storage();
-    // SAFETY: the words hold the tile layout's u16 values, two per word, little-endian.
-    let weight = unsafe { std::slice::from_raw_parts(weight.as_ptr() as *const u16, weight.len() * 2) };
-    let bias = bias.as_ref().map(|b| b.storage::<f32>());
-    let mut dims = t.layout().shape().to_vec();
-    dims[D - 1] = outputs;
-    let mut out = FlexTensor::empty(burn::tensor::Shape::from(dims), DType::F32);
-    amx::matmul(src, (rows, inputs, stride), &weight[..inputs * outputs], outputs, bias, out.storage_mut());
-    Some(into_tensor(out))
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-pub fn tiled_linear<const D: usize>(
-    _x: &Tensor<D>,
-    _words: &Tensor<1, burn::tensor::Int>,
-    _dims: (usize, usize),
-    _bias: Option<&Tensor<1>>,
-) -> Option<Tensor<D>> {
-    None
 }
 
 use burn::tensor::{DType, Tensor};
