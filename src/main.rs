@@ -99,9 +99,6 @@ fn run_bench(a: BenchArgs, config: &Config) -> Result<()> {
     {
         anyhow::bail!("{flag} is for the transformer bench; --vae times a random FLUX.1 VAE");
     }
-    if a.profile && a.train {
-        anyhow::bail!("--profile times forward passes; it cannot be combined with --train");
-    }
     if a.head_dim == 0 || !a.hidden.is_multiple_of(a.head_dim) || !a.head_dim.is_multiple_of(8) {
         anyhow::bail!("--hidden must be a multiple of --head-dim, and --head-dim a multiple of 8");
     }

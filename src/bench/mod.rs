@@ -387,9 +387,12 @@ pub fn run(spec: &BenchSpec, device: &SelectedDevice) -> Result<BenchReport> {
         };
         let how = if t.recompute { objective::Backprop::Recompute } else { objective::Backprop::Plain };
         for i in 0..=spec.steps {
+            if i == 1 && spec.profile {
+                crate::engine::profile::enable(true);
+            }
             let t = Instant::now();
             let g = objective::loss_and_grads(&mut model, &lora, &batch, how, opt.loss_scale.scale)?;
-            let outcome = opt.step(&mut lora, g.grads);
+            let outcome = crate::engine::profile::span("optimizer", || opt.step(&mut lora, g.grads));
             opt.loss_scale.update(outcome);
             let _ = lora.pairs[0].down.clone().into_data();
             if i > 0 {

@@ -206,7 +206,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub memory_budget: Option<String>,
     /// Print where the timed steps spend their time, by operation (wall clock on the CPU
-    /// backend; a GPU backend only queues work, so its figures there mean little).
+    /// backend; a GPU backend only queues work, so its figures there mean little). With
+    /// --train the forward's operations (untracked and under autodiff alike), burn's backward
+    /// passes and the optimizer.
     #[arg(long)]
     pub profile: bool,
     /// Time FLUX.1's VAE instead (its real architecture, random weights): a decode of the

@@ -169,6 +169,18 @@ impl Linear {
             }
             _ => None,
         };
+        // LoRA training on the CPU: the frozen base and its one side path as one op.
+        if tiled.is_none()
+            && x.is_autodiff()
+            && let [Adapter { down, up: Some(up), bias: None }] = &self.adapters[..]
+            && let Some(y) = crate::engine::cpu::tracked::lora_linear(
+                &x,
+                (&self.weight.val(), bias.as_ref()),
+                (&down.val(), &up.val()),
+            )
+        {
+            return y;
+        }
         // A packed weight's dense matrix lives only for this product.
         let base = tiled.unwrap_or_else(|| product(&x, self.weight.val(), bias));
         self.adapters.iter().fold(base, |y, a| {
@@ -192,9 +204,13 @@ impl Linear {
     }
 }
 
-/// x·w (+ b): the CPU kernel where it applies (`engine::cpu::linear`), else burn's.
+/// x·w (+ b): the CPU kernel where it applies (`engine::cpu::linear`; under autodiff with a
+/// frozen `w`, `engine::cpu::tracked::linear`), else burn's.
 fn product<const D: usize>(x: &Tensor<D>, w: Tensor<2>, b: Option<Tensor<1>>) -> Tensor<D> {
-    crate::engine::cpu::linear(x, &w, b.as_ref()).unwrap_or_else(|| burn::tensor::module::linear(x.clone(), w, b))
+    use crate::engine::cpu;
+    cpu::linear(x, &w, b.as_ref())
+        .or_else(|| cpu::tracked::linear(x, &w, b.as_ref()))
+        .unwrap_or_else(|| burn::tensor::module::linear(x.clone(), w, b))
 }
 
 /// A linear layer whose weight stays packed ([`PackedHost`] [out, in]), computing in `dtype`.
@@ -255,9 +271,10 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// GELU with the tanh approximation, written as x·σ(2z) with z = √(2/π)(x + 0.044715x³):
 /// the same function (½(1 + tanh z) = σ(2z)), but sigmoid is several times cheaper than tanh
 /// on the CPU backend, and this runs over the widest activations of every block.
-/// On the CPU backend in f32 this is one fused pass (`engine::cpu`).
+/// On the CPU backend in f32 this is one fused pass (`engine::cpu`), under autodiff too.
 pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    crate::engine::cpu::gelu_tanh(&x).unwrap_or_else(|| gelu_tanh_burn(x))
+    use crate::engine::cpu;
+    cpu::gelu_tanh(&x).or_else(|| cpu::tracked::gelu_tanh(&x)).unwrap_or_else(|| gelu_tanh_burn(x))
 }
 
 /// [`gelu_tanh`] in burn's operations: every backend, autodiff included.

@@ -71,7 +71,7 @@ pub fn loss_and_grads(
             let leaves = lora.install(model, "", true);
             let pred = model.forward(batch.input(batch.noisy()))?;
             let loss = mse(pred, batch.target());
-            let grads = scaled(loss.clone(), loss_scale).backward();
+            let grads = gradients_of(scaled(loss.clone(), loss_scale));
             leaves.collect(&grads, &mut acc);
             host(loss)[0]
         }
@@ -92,6 +92,11 @@ pub fn loss_and_grads(
         })
         .collect();
     Ok(StepGrads { loss, grads })
+}
+
+/// The gradients of `seed` (a scalar): burn's backward pass, as one profile span.
+pub fn gradients_of(seed: burn::tensor::Tensor<1>) -> burn::tensor::Gradients {
+    crate::engine::profile::span("backward", || seed.backward())
 }
 
 /// `loss · scale` in the loss's dtype, the seed of a scaled backward.

@@ -14,6 +14,7 @@ use burn::tensor::Tensor;
 use crate::engine::flux::{Embedded, Flux};
 
 use super::batch::{Batch, mse};
+use super::objective::{gradients_of, scaled};
 use super::params::{PairGrad, TrainableLora, host};
 
 /// Loss of `batch`; adds each pair's gradient into `acc`.
@@ -47,7 +48,7 @@ pub fn backward(
     let x = x.autodiff().require_grad();
     let pred = model.final_layer.forward(x.clone().narrow(1, txt_len, img_len), vec.clone());
     let loss = mse(pred, batch.target());
-    let grads = super::objective::scaled(loss.clone(), loss_scale).backward();
+    let grads = gradients_of(scaled(loss.clone(), loss_scale));
     let mut grad_x = x.grad(&grads).expect("the loss depends on the last block's output");
     let loss = host(loss)[0];
 
@@ -55,7 +56,7 @@ pub fn backward(
         let leaves = lora.install(model, &format!("single_blocks.{i}."), true);
         let input = input.autodiff().require_grad();
         let out = model.single_blocks[i].forward(input.clone(), vec.clone(), rope);
-        let grads = (out * grad_x).sum().backward();
+        let grads = gradients_of((out * grad_x).sum());
         leaves.collect(&grads, acc);
         grad_x = input.grad(&grads).expect("a block's output depends on its input");
         lora.install(model, &format!("single_blocks.{i}."), false);
@@ -67,7 +68,7 @@ pub fn backward(
         let leaves = lora.install(model, &format!("double_blocks.{i}."), true);
         let (img, txt) = (img.autodiff().require_grad(), txt.autodiff().require_grad());
         let (img_out, txt_out) = model.double_blocks[i].forward(img.clone(), txt.clone(), vec.clone(), rope);
-        let grads = ((img_out * grad_img).sum() + (txt_out * grad_txt).sum()).backward();
+        let grads = gradients_of((img_out * grad_img).sum() + (txt_out * grad_txt).sum());
         leaves.collect(&grads, acc);
         grad_img = img.grad(&grads).expect("a block's image output depends on its input");
         grad_txt = txt.grad(&grads).expect("a block's text output depends on its input");

@@ -29,24 +29,36 @@ fn strides(t: &FlexTensor) -> Strides {
 /// (`--dtype bf16` on the CPU: the model's Linears are tiles too).
 pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bf16: bool) -> Option<Tensor<3>> {
     let (q, k, v) = (super::flex_f32(q)?, super::flex_f32(k)?, super::flex_f32(v)?);
-    let [b, h, lq, d] = super::dims4(&q);
-    let [kb, kh, lk, kd] = super::dims4(&k);
-    if [kb, kh, kd] != [b, h, d] || super::dims4(&v) != [b, h, lk, d] || lk == 0 {
+    forward(&q, &k, &v, bf16).map(super::into_tensor)
+}
+
+/// Whether [`forward`] and [`backward`] take these f32 operands: q [B, H, Lq, D], k and v
+/// [B, H, Lk, D] with Lk > 0, no negative strides (flips are not expected here).
+pub(super) fn supported(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> bool {
+    let [b, h, _, d] = super::dims4(q);
+    let [kb, kh, lk, kd] = super::dims4(k);
+    [kb, kh, kd] == [b, h, d]
+        && super::dims4(v) == [b, h, lk, d]
+        && lk > 0
+        && [q, k, v].iter().all(|t| t.layout().strides().iter().all(|&s| s >= 0))
+}
+
+/// [`attention`] of flex tensors.
+pub(super) fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bf16: bool) -> Option<FlexTensor> {
+    if !supported(q, k, v) {
         return None;
     }
-    // Negative strides (flips) are not expected here; let burn handle them.
-    if [&q, &k, &v].iter().any(|t| t.layout().strides().iter().any(|&s| s < 0)) {
-        return None;
-    }
+    let [b, h, lq, d] = super::dims4(q);
+    let lk = super::dims4(k)[2];
     #[cfg(target_arch = "x86_64")]
     if bf16 && super::amx::available() && super::amx::fits(lk, d) && q.layout().strides()[3] == 1 {
-        return Some(super::into_tensor(tiled(&q, &k, &v)));
+        return Some(tiled(q, k, v));
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = bf16;
-    let mut out = FlexTensor::empty(Shape::new([b, lq, h * d]), q.dtype());
+    let mut out = super::zeros(Shape::new([b, lq, h * d]));
     let dst = SharedMut(out.storage_mut::<f32>().as_mut_ptr());
-    let (qs, ks, vs) = (strides(&q), strides(&k), strides(&v));
+    let (qs, ks, vs) = (strides(q), strides(k), strides(v));
     let (qo, ko, vo) = (q.layout().start_offset(), k.layout().start_offset(), v.layout().start_offset());
     let (qd, kd, vd): (&[f32], &[f32], &[f32]) = (q.storage(), k.storage(), v.storage());
     let scale = 1.0 / (d as f32).sqrt();
@@ -99,7 +111,108 @@ pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bf16: bool) -> Opt
             }
         }
     });
-    Some(super::into_tensor(out))
+    Some(out)
+}
+
+/// The gradients of [`forward`] (f32) at q, k and v given `grad` at its merged output
+/// [B, Lq, H·D]: per (batch, head) the probabilities P are recomputed (one product and a
+/// softmax, as flash attention's backward does, rather than kept from the forward), then
+/// dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = s·dS·K, dK = s·dSᵀ·Q, every
+/// operand read in place at its strides. The gradients come back contiguous [B, H, L, D].
+pub(super) fn backward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, grad: FlexTensor) -> [FlexTensor; 3] {
+    let [b, h, lq, d] = super::dims4(q);
+    let lk = super::dims4(k)[2];
+    let grad = super::contiguous(grad);
+    let mut dq = super::zeros(Shape::new([b, h, lq, d]));
+    let mut dk = super::zeros(Shape::new([b, h, lk, d]));
+    let mut dv = super::zeros(Shape::new([b, h, lk, d]));
+    let (dq_at, dk_at, dv_at) = (
+        SharedMut(dq.storage_mut::<f32>().as_mut_ptr()),
+        SharedMut(dk.storage_mut::<f32>().as_mut_ptr()),
+        SharedMut(dv.storage_mut::<f32>().as_mut_ptr()),
+    );
+    let (qs, ks, vs) = (strides(q), strides(k), strides(v));
+    let (qo, ko, vo) = (q.layout().start_offset(), k.layout().start_offset(), v.layout().start_offset());
+    let (qd, kd, vd): (&[f32], &[f32], &[f32]) = (q.storage(), k.storage(), v.storage());
+    let gd: &[f32] = grad.storage();
+    let scale = 1.0 / (d as f32).sqrt();
+    let buffers = || (Vec::new(), Vec::new());
+    (0..b * h).into_par_iter().for_each_init(buffers, |(p, dp): &mut (Vec<f32>, Vec<f32>), bh| {
+        let (bi, hi) = (bh / h, bh % h);
+        p.resize(lq * lk, 0.0);
+        dp.resize(lq * lk, 0.0);
+        let at = |o: usize, s: Strides| o as isize + bi as isize * s.0[0] + hi as isize * s.0[1];
+        // SAFETY: q, k, v are read at their layouts' offsets and strides; the gradient `grad`
+        // is the contiguous [B, Lq, H·D] (this head's dO: rows at stride H·D from hi·D); p and
+        // dp hold lq × lk; the (bi, hi) slices of dq, dk, dv (contiguous) are this task's.
+        unsafe {
+            let (qp, kp, vp) =
+                (qd.as_ptr().offset(at(qo, qs)), kd.as_ptr().offset(at(ko, ks)), vd.as_ptr().offset(at(vo, vs)));
+            let q_rows = Strided { ptr: qp, row: qs.0[2], col: qs.0[3] };
+            let k_rows = Strided { ptr: kp, row: ks.0[2], col: ks.0[3] };
+            let d_out = Strided { ptr: gd.as_ptr().add(bi * lq * h * d + hi * d), row: (h * d) as isize, col: 1 };
+            let p_cols = Strided { ptr: p.as_ptr(), row: 1, col: lk as isize };
+            let own = |at: SharedMut, l: usize| Strided { ptr: at.at(bh * l * d), row: d as isize, col: 1 };
+            // P = softmax(s·Q·Kᵀ)
+            let transposed_k = Strided { ptr: kp, row: ks.0[3], col: ks.0[2] };
+            matmul(
+                lq,
+                lk,
+                d,
+                Strided { ptr: p.as_mut_ptr(), row: lk as isize, col: 1 },
+                false,
+                q_rows,
+                transposed_k,
+                scale,
+                false,
+            );
+            let sums = softmax_rows(p, lk);
+            for (row, sum) in p.chunks_mut(lk).zip(sums) {
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+            // dV = Pᵀ·dO
+            matmul(lk, d, lq, own(dv_at, lk), false, p_cols, d_out, 1.0, false);
+            // dP = dO·Vᵀ, then dS in place
+            let transposed_v = Strided { ptr: vp, row: vs.0[3], col: vs.0[2] };
+            matmul(
+                lq,
+                lk,
+                d,
+                Strided { ptr: dp.as_mut_ptr(), row: lk as isize, col: 1 },
+                false,
+                d_out,
+                transposed_v,
+                1.0,
+                false,
+            );
+            for (ds, p) in dp.chunks_mut(lk).zip(p.chunks(lk)) {
+                softmax_grad_row(p, ds);
+            }
+            let ds_rows = Strided { ptr: dp.as_ptr(), row: lk as isize, col: 1 };
+            let ds_cols = Strided { ptr: dp.as_ptr(), row: 1, col: lk as isize };
+            // dQ = s·dS·K, dK = s·dSᵀ·Q
+            matmul(lq, d, lk, own(dq_at, lq), false, ds_rows, k_rows, scale, false);
+            matmul(lk, d, lq, own(dk_at, lk), false, ds_cols, q_rows, scale, false);
+        }
+    });
+    [dq, dk, dv]
+}
+
+simd_dispatch! {
+    /// dS = P ⊙ (dP − Σ P ⊙ dP) over one row, in place of dP.
+    fn softmax_grad_row(p: &[f32], dp: &mut [f32]) {
+        let mut acc = [0f32; 16];
+        for (p, dp) in p.chunks(16).zip(dp.chunks(16)) {
+            for ((p, dp), a) in p.iter().zip(dp).zip(acc.iter_mut()) {
+                *a += p * dp;
+            }
+        }
+        let dot: f32 = acc.iter().sum();
+        for (p, dp) in p.iter().zip(dp.iter_mut()) {
+            *dp = p * (*dp - dot);
+        }
+    }
 }
 
 /// [`attention`] on AMX tiles: per (batch, head) the keys and values in the tile layout, then
@@ -127,7 +240,7 @@ fn tiled(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> FlexTensor {
             (keys, values)
         })
         .collect();
-    let mut out = FlexTensor::empty(Shape::new([b, lq, h * d]), q.dtype());
+    let mut out = super::zeros(Shape::new([b, lq, h * d]));
     let dst = SharedMut(out.storage_mut::<f32>().as_mut_ptr());
     let scale = 1.0 / (d as f32).sqrt();
     let blocks = lq.div_ceil(ROWS);

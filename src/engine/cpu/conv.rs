@@ -6,7 +6,6 @@
 //! tiles and does the full 36.
 
 use burn::tensor::{Shape, Tensor};
-use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::math::simd_dispatch;
@@ -59,7 +58,7 @@ pub fn conv3x3(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, bf16
     };
     #[cfg(target_arch = "x86_64")]
     let mut v_tiles = if tiles { vec![0u16; v.len()] } else { Vec::new() };
-    let mut out = FlexTensor::empty(Shape::new([batch, cout, h, wd]), x.dtype());
+    let mut out = super::zeros(Shape::new([batch, cout, h, wd]));
     let dst = SharedMut(out.storage_mut::<f32>().as_mut_ptr());
     let src: &[f32] = x.storage();
     let bias: Option<&[f32]> = bias.as_ref().map(|b| b.storage());

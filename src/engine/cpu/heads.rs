@@ -4,7 +4,6 @@
 //! split, several passes per norm and rotation, and one more copy to join the streams.
 
 use burn::tensor::{Shape, Tensor};
-use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::SharedMut;
@@ -56,7 +55,7 @@ pub fn joint_heads(
         return None;
     }
     let shape = Shape::new([batch, heads, total, d]);
-    let mut outs = [0, 1, 2].map(|_| FlexTensor::empty(shape.clone(), burn::tensor::DType::F32));
+    let mut outs = [0, 1, 2].map(|_| super::zeros(shape.clone()));
     let [q_ptr, k_ptr, v_ptr] = outs.each_mut().map(|o| SharedMut(o.storage_mut::<f32>().as_mut_ptr()));
     let (cos_d, sin_d): (&[f32], &[f32]) = (cos.storage(), sin.storage());
     let mut at = 0;

@@ -2,7 +2,7 @@
 //! place when it is a view of rows (a narrow of a wider projection); burn's path adds the
 //! bias in a second pass and copies such views first.
 
-use burn::tensor::{DType, Int, Shape, Tensor};
+use burn::tensor::{Int, Shape, Tensor};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
@@ -24,12 +24,17 @@ struct Operands {
 
 impl Operands {
     /// None unless `x` and `bias` are plain flex f32, `x`'s rows hold `k` values and the bias `n`.
-    fn read<const D: usize>(x: &Tensor<D>, bias: Option<&Tensor<1>>, (k, n): (usize, usize)) -> Option<Self> {
-        let mut x = super::flex_f32(x)?;
+    fn read<const D: usize>(x: &Tensor<D>, bias: Option<&Tensor<1>>, dims: (usize, usize)) -> Option<Self> {
         let bias = match bias {
-            Some(b) => Some(super::contiguous(super::flex_f32(b)?)),
+            Some(b) => Some(super::flex_f32(b)?),
             None => None,
         };
+        Self::of(super::flex_f32(x)?, bias, dims)
+    }
+
+    /// [`Operands::read`] of flex tensors (`x` f32, of any rank).
+    fn of(mut x: FlexTensor, bias: Option<FlexTensor>, (k, n): (usize, usize)) -> Option<Self> {
+        let bias = bias.map(super::contiguous);
         if bias.as_ref().is_some_and(|b| b.layout().num_elements() != n) {
             return None;
         }
@@ -44,8 +49,8 @@ impl Operands {
             return None;
         }
         let mut dims = x.layout().shape().to_vec();
-        dims[D - 1] = n;
-        let out = FlexTensor::empty(Shape::from(dims), DType::F32);
+        *dims.last_mut()? = n;
+        let out = super::zeros(Shape::from(dims));
         Some(Operands { x, rows, stride, bias, out })
     }
 }
@@ -59,14 +64,193 @@ fn from_start(x: &FlexTensor) -> &[f32] {
 pub fn linear<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Option<&Tensor<1>>) -> Option<Tensor<D>> {
     let w = super::contiguous(super::flex_f32(weight)?);
     let [k, n] = w.layout().shape().dims::<2>();
-    let Operands { x, rows, stride, bias, mut out } = Operands::read(x, bias, (k, n))?;
+    product(Operands::read(x, bias, (k, n))?, &w).map(super::into_tensor)
+}
+
+/// [`linear`] of flex tensors: `x` f32 [..., K], `weight` a contiguous f32 [K, N]. Also
+/// returns `x` as the product read it (rows at a uniform stride: itself, or a copy).
+pub(super) fn forward(
+    x: FlexTensor,
+    weight: &FlexTensor,
+    bias: Option<FlexTensor>,
+) -> Option<(FlexTensor, FlexTensor)> {
+    let [k, n] = weight.layout().shape().dims::<2>();
+    let operands = Operands::of(x, bias, (k, n))?;
+    let x = operands.x.clone();
+    Some((product(operands, weight)?, x))
+}
+
+/// The gradient at a Linear's input given `grad` [..., N] at its output: grad · weightᵀ, with
+/// `weight` the contiguous [K, N] matrix read transposed in place.
+pub(super) fn input_grad(grad: FlexTensor, weight: &FlexTensor) -> FlexTensor {
+    let [k, n] = weight.layout().shape().dims::<2>();
+    let grad = super::contiguous(grad);
+    let mut dims = grad.layout().shape().to_vec();
+    let rows = grad.layout().num_elements() / n.max(1);
+    *dims.last_mut().expect("a Linear's output has a last dim") = k;
+    let mut out = super::zeros(Shape::from(dims));
+    // (`empty` is zeroed: an empty sum needs nothing written.)
+    if rows == 0 || k == 0 || n == 0 {
+        return out;
+    }
+    let dst: &mut [f32] = out.storage_mut();
+    // SAFETY: lhs is the contiguous [rows, n] gradient; rhs element (j, i) = weight[i, j] sits
+    // at j + i·n of the contiguous [k, n] weight; dst is the [rows, k] output.
+    unsafe {
+        matmul(
+            rows,
+            k,
+            n,
+            Strided { ptr: dst.as_mut_ptr(), row: k as isize, col: 1 },
+            false,
+            Strided { ptr: grad.storage::<f32>().as_ptr(), row: n as isize, col: 1 },
+            Strided { ptr: weight.storage::<f32>().as_ptr(), row: 1, col: n as isize },
+            1.0,
+            rows * n * k >= PARALLEL_THRESHOLD,
+        );
+    }
+    out
+}
+
+/// A LoRA side path's products on a Linear's input: with `x` rows [rows, K] read from
+/// `from_start(x)` at `stride`, h = x·D [rows, r] (D the contiguous [K, r] `down`), then
+/// `out` [rows, N] += h·U (U the contiguous [r, N] `up`). Returns h, which the backward needs.
+pub(super) fn add_side_path(
+    x: &FlexTensor,
+    down: &FlexTensor,
+    up: &FlexTensor,
+    out: &mut FlexTensor,
+) -> Option<FlexTensor> {
+    let [k, r] = down.layout().shape().dims::<2>();
+    let [ur, n] = up.layout().shape().dims::<2>();
+    let (rows, len, stride) = super::rows(x)?;
+    if len != k || ur != r || out.layout().num_elements() != rows * n {
+        return None;
+    }
+    let mut h = super::zeros(Shape::new([rows, r]));
+    if rows == 0 || r == 0 || k == 0 || n == 0 {
+        return Some(h);
+    }
+    let parallel = rows * r * (k + n) >= PARALLEL_THRESHOLD;
+    let dst: &mut [f32] = h.storage_mut();
+    // SAFETY: x's rows as in `product`; down and up contiguous at their shapes; h and out are
+    // the contiguous [rows, r] and [rows, n] outputs.
+    unsafe {
+        matmul(
+            rows,
+            r,
+            k,
+            Strided { ptr: dst.as_mut_ptr(), row: r as isize, col: 1 },
+            false,
+            Strided { ptr: from_start(x).as_ptr(), row: stride as isize, col: 1 },
+            Strided { ptr: down.storage::<f32>().as_ptr(), row: r as isize, col: 1 },
+            1.0,
+            parallel,
+        );
+        matmul(
+            rows,
+            n,
+            r,
+            Strided { ptr: out.storage_mut::<f32>().as_mut_ptr(), row: n as isize, col: 1 },
+            true,
+            Strided { ptr: h.storage::<f32>().as_ptr(), row: r as isize, col: 1 },
+            Strided { ptr: up.storage::<f32>().as_ptr(), row: n as isize, col: 1 },
+            1.0,
+            parallel,
+        );
+    }
+    Some(h)
+}
+
+/// The gradients of a LoRA side path (see [`add_side_path`]) given `grad` [rows, N] (contiguous)
+/// at the Linear's output: adds gh·Dᵀ into `input_grad` [rows, K] (gh = grad·Uᵀ) and returns
+/// (dD = xᵀ·gh [K, r], dU = hᵀ·grad [r, N]).
+pub(super) fn side_path_grads(
+    grad: &FlexTensor,
+    x: &FlexTensor,
+    h: &FlexTensor,
+    (down, up): (&FlexTensor, &FlexTensor),
+    input_grad: &mut FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let [k, r] = down.layout().shape().dims::<2>();
+    let n = up.layout().shape().dims::<2>()[1];
+    let (rows, _, stride) = super::rows(x).expect("the forward read x as rows");
+    let mut gh = super::zeros(Shape::new([rows, r]));
+    let mut d_down = super::zeros(Shape::new([k, r]));
+    let mut d_up = super::zeros(Shape::new([r, n]));
+    if rows == 0 || r == 0 || k == 0 || n == 0 {
+        return (d_down, d_up);
+    }
+    let parallel = rows * r * (k + n) >= PARALLEL_THRESHOLD;
+    let g = grad.storage::<f32>().as_ptr();
+    // SAFETY: grad, h, gh, d_down, d_up, input_grad contiguous at their shapes; up [r, n] read
+    // transposed (element (j, i) at j + i·n); x's rows as in the forward, read transposed
+    // (element (i, row) at row·stride + i); down [k, r] read transposed likewise.
+    unsafe {
+        // gh = grad · Uᵀ
+        matmul(
+            rows,
+            r,
+            n,
+            Strided { ptr: gh.storage_mut::<f32>().as_mut_ptr(), row: r as isize, col: 1 },
+            false,
+            Strided { ptr: g, row: n as isize, col: 1 },
+            Strided { ptr: up.storage::<f32>().as_ptr(), row: 1, col: n as isize },
+            1.0,
+            parallel,
+        );
+        // dU = hᵀ · grad
+        matmul(
+            r,
+            n,
+            rows,
+            Strided { ptr: d_up.storage_mut::<f32>().as_mut_ptr(), row: n as isize, col: 1 },
+            false,
+            Strided { ptr: h.storage::<f32>().as_ptr(), row: 1, col: r as isize },
+            Strided { ptr: g, row: n as isize, col: 1 },
+            1.0,
+            parallel,
+        );
+        let gh = gh.storage::<f32>().as_ptr();
+        // dD = xᵀ · gh
+        matmul(
+            k,
+            r,
+            rows,
+            Strided { ptr: d_down.storage_mut::<f32>().as_mut_ptr(), row: r as isize, col: 1 },
+            false,
+            Strided { ptr: from_start(x).as_ptr(), row: 1, col: stride as isize },
+            Strided { ptr: gh, row: r as isize, col: 1 },
+            1.0,
+            parallel,
+        );
+        // input_grad += gh · Dᵀ
+        matmul(
+            rows,
+            k,
+            r,
+            Strided { ptr: input_grad.storage_mut::<f32>().as_mut_ptr(), row: k as isize, col: 1 },
+            true,
+            Strided { ptr: gh, row: r as isize, col: 1 },
+            Strided { ptr: down.storage::<f32>().as_ptr(), row: 1, col: r as isize },
+            1.0,
+            parallel,
+        );
+    }
+    (d_down, d_up)
+}
+
+/// The product of a [`linear`]'s operands with the contiguous [K, N] `w`.
+fn product(operands: Operands, w: &FlexTensor) -> Option<FlexTensor> {
+    let [k, n] = w.layout().shape().dims::<2>();
+    let Operands { x, rows, stride, bias, mut out } = operands;
     let dst: &mut [f32] = out.storage_mut();
     if let Some(b) = &bias {
         let b: &[f32] = b.storage();
         dst.par_chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(b));
     }
     if rows == 0 || n == 0 || k == 0 {
-        return Some(super::into_tensor(out));
+        return Some(out);
     }
     let src = from_start(&x);
     // SAFETY: lhs row r (< rows) starts at r·stride within `src` and holds k elements (the
@@ -84,7 +268,7 @@ pub fn linear<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Option<&T
             rows * n * k >= PARALLEL_THRESHOLD,
         );
     }
-    Some(super::into_tensor(out))
+    Some(out)
 }
 
 /// `x` [..., K] times a tile-layout bf16 weight (`words`, [K, N] as `amx` lays it out) plus

@@ -30,6 +30,7 @@ mod heads;
 mod linear;
 mod math;
 mod norm;
+pub mod tracked;
 
 pub use attention::attention;
 pub use conv::conv3x3;
@@ -64,6 +65,14 @@ fn flex_f32<const D: usize>(x: &Tensor<D>) -> Option<FlexTensor> {
 /// `t` laid out row-major from offset 0 of its own storage (a copy unless it already is).
 fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.is_contiguous() && t.layout().start_offset() == 0 { t } else { t.to_contiguous() }
+}
+
+/// A zeroed contiguous f32 tensor of `shape`. `FlexTensor::empty` builds its storage from a
+/// `Vec<u8>` and then copies it into a 16-byte-aligned allocation: a memset and a memmove of
+/// every output, where this is one zeroed allocation (f32's own alignment is all flex needs).
+fn zeros(shape: burn::tensor::Shape) -> FlexTensor {
+    let n = shape.num_elements();
+    FlexTensor::new(burn_backend::Bytes::from_elems(vec![0f32; n]), burn_flex::Layout::contiguous(shape), DType::F32)
 }
 
 /// (rows, row length, row stride) when `t` is rows of contiguous elements at a uniform stride

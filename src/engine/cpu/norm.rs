@@ -3,7 +3,6 @@
 //! values. burn's path makes about eight passes and a scalar `exp` for the SiLU.
 
 use burn::tensor::Tensor;
-use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::math::{exp, simd_dispatch};
@@ -46,7 +45,7 @@ pub fn group_norm(
             ((pivot as f64 + mean) as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
         })
         .collect();
-    let mut out = FlexTensor::empty(x.layout().shape().clone(), x.dtype());
+    let mut out = super::zeros(x.layout().shape().clone());
     let (wv, bv): (&[f32], &[f32]) = (w.storage(), b.storage());
     let dst: &mut [f32] = out.storage_mut();
     dst.par_chunks_mut(plane.max(1)).zip(src.par_chunks(plane.max(1))).enumerate().for_each(|(i, (d, s))| {

@@ -152,7 +152,7 @@ fn joint_heads(streams: &[(Tensor<3>, &QkNorm)], heads: usize, hd: usize, rope: 
 /// them (the block's Linears are bf16 tiles: `--dtype bf16` on such a CPU).
 fn attention_merged(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bf16: bool) -> Tensor<3> {
     profile::span("attention", || {
-        if let Some(x) = cpu::attention(&q, &k, &v, bf16) {
+        if let Some(x) = cpu::attention(&q, &k, &v, bf16).or_else(|| cpu::tracked::attention(&q, &k, &v)) {
             return x;
         }
         let x = attention(q, k, v, None, None, AttentionModuleOptions::default());
