@@ -168,6 +168,65 @@ pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<3
     }))
 }
 
+/// A block's joint attention under autodiff, from its streams' fused q/k/v projections to the
+/// merged output [B, ΣL, H·D]: the heads (split, q/k RMS norm with frozen scales, RoPE, joined
+/// along the sequence; `heads::joint_heads`) and attention as one op, whose backward runs
+/// attention's and then the heads' (rotation and norm transposed, v copied) by hand. burn's
+/// path records about thirty ops per stream, among them narrows whose backward each allocates
+/// a zeroed projection-sized gradient.
+pub fn joint_attention(
+    streams: &[super::HeadStream],
+    heads: usize,
+    eps: f32,
+    rope: (&Tensor<4>, &Tensor<4>),
+) -> Option<Tensor<3>> {
+    match streams.len() {
+        1 => joint_attention_of::<1>(streams, heads, eps, rope),
+        2 => joint_attention_of::<2>(streams, heads, eps, rope),
+        _ => None,
+    }
+}
+
+fn joint_attention_of<const N: usize>(
+    streams: &[super::HeadStream],
+    heads: usize,
+    eps: f32,
+    rope: (&Tensor<4>, &Tensor<4>),
+) -> Option<Tensor<3>> {
+    #[derive(Debug)]
+    struct JointAttention;
+    impl<const N: usize> Backward<Flex, N> for JointAttention {
+        /// The heads' operands and q, k, v.
+        type State = (super::heads::Joint, [FlexTensor; 3]);
+        fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (joint, [q, k, v]) = ops.state;
+            let grad = grads.consume::<Flex>(&ops.node);
+            let qkv_grads = super::attention::backward(&q, &k, &v, grad);
+            for (parent, g) in ops.parents.into_iter().zip(joint.backward(&qkv_grads)) {
+                if let Some(node) = parent {
+                    grads.register::<Flex>(node.id, g);
+                }
+            }
+        }
+    }
+    let mut tracked = Vec::with_capacity(N);
+    for s in streams {
+        tracked.push(tracked_f32(s.qkv)?);
+    }
+    let joint =
+        super::heads::Joint::of(tracked.iter().map(|t| t.primitive().clone()).collect(), streams, heads, eps, rope)?;
+    let [q, k, v] = joint.forward();
+    if !super::attention::supported(&q, &k, &v) {
+        return None;
+    }
+    let out = super::attention::forward(&q, &k, &v, false)?;
+    let nodes: [_; N] = tracked.iter().map(|t| t.node()).collect::<Vec<_>>().try_into().ok()?;
+    Some(into_tensor(match JointAttention.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((joint, [q, k, v]), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::Tensor;
@@ -276,5 +335,56 @@ mod attention_tests {
         assert!(max_diff(fused.3, plain.3) < 1e-4);
         // Plain tensors are the inference kernel's.
         assert!(super::attention(&q, &k, &v).is_none());
+    }
+}
+
+#[cfg(test)]
+mod joint_attention_tests {
+    use burn::tensor::Tensor;
+    use burn::tensor::module::attention as burn_attention;
+
+    use super::super::HeadStream;
+    use super::super::test_util::{max_diff, random};
+    use crate::engine::flux::model::rms_norm;
+    use crate::engine::flux::rope::{Rope, image_ids, text_ids};
+
+    #[test]
+    fn joint_attention_matches_burns_heads_and_attention_and_their_gradients() {
+        let (heads, d) = (2, 16);
+        let hd = heads * d;
+        let txt = random([2, 5, 3 * hd]);
+        // The single blocks' case: q/k/v are the first columns of a wider projection.
+        let img = random([2, 12, 3 * hd + 40]);
+        let scales = [random([d]), random([d]), random([d]), random([d])];
+        let mut ids = text_ids(5);
+        ids.extend(image_ids(3, 4));
+        let rope = Rope::new(&ids, &[4, 6, 6], 10_000.0, &burn::tensor::Device::flex());
+        let seed = random([2, 17, hd]);
+        let run = |fused: bool| {
+            let (t, i) = (txt.clone().autodiff().require_grad(), img.clone().autodiff().require_grad());
+            let out = if fused {
+                let streams = [
+                    HeadStream { qkv: &t, q_scale: &scales[0], k_scale: &scales[1] },
+                    HeadStream { qkv: &i, q_scale: &scales[2], k_scale: &scales[3] },
+                ];
+                super::joint_attention(&streams, heads, 1e-6, (&rope.cos, &rope.sin)).unwrap()
+            } else {
+                let split = |x: &Tensor<3>, n: usize| {
+                    let [b, l, _] = x.dims();
+                    x.clone().narrow(2, n * hd, hd).reshape([b, l, heads, d]).swap_dims(1, 2)
+                };
+                let q = Tensor::cat(vec![rms_norm(split(&t, 0), &scales[0]), rms_norm(split(&i, 0), &scales[2])], 2);
+                let k = Tensor::cat(vec![rms_norm(split(&t, 1), &scales[1]), rms_norm(split(&i, 1), &scales[3])], 2);
+                let v = Tensor::cat(vec![split(&t, 2), split(&i, 2)], 2);
+                let x = burn_attention(rope.apply(q), rope.apply(k), v, None, None, Default::default());
+                x.swap_dims(1, 2).reshape([2, 17, hd])
+            };
+            let grads = (out.clone() * seed.clone().autodiff()).sum().backward();
+            (out.inner(), t.grad(&grads).unwrap(), i.grad(&grads).unwrap())
+        };
+        let (fused, plain) = (run(true), run(false));
+        assert!(max_diff(fused.0, plain.0) < 1e-5);
+        assert!(max_diff(fused.1, plain.1) < 1e-4);
+        assert!(max_diff(fused.2, plain.2) < 1e-4);
     }
 }

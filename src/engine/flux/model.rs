@@ -125,13 +125,9 @@ fn split_qkv(qkv: Tensor<3>, heads: usize, hd: usize) -> [Tensor<4>; 3] {
 /// in order: q and k normalized and rotated (in f32), then all three in the model dtype.
 fn joint_heads(streams: &[(Tensor<3>, &QkNorm)], heads: usize, hd: usize, rope: &Rope) -> [Tensor<4>; 3] {
     profile::span("heads (norm, rope, join)", || {
-        let (qs, ks): (Vec<_>, Vec<_>) = streams.iter().map(|(_, n)| (n.query_norm.val(), n.key_norm.val())).unzip();
-        let fused: Vec<_> = streams
-            .iter()
-            .zip(qs.iter().zip(&ks))
-            .map(|((qkv, _), (q_scale, k_scale))| cpu::HeadStream { qkv, q_scale, k_scale })
-            .collect();
-        if let Some(heads) = cpu::joint_heads(&fused, heads, EPS as f32, &rope.cos, &rope.sin) {
+        let fused =
+            with_head_streams(streams, |fused| cpu::joint_heads(fused, heads, EPS as f32, &rope.cos, &rope.sin));
+        if let Some(heads) = fused {
             return heads;
         }
         let dtype = streams[0].0.dtype();
@@ -145,6 +141,33 @@ fn joint_heads(streams: &[(Tensor<3>, &QkNorm)], heads: usize, hd: usize, rope: 
         }
         let (q, k, v) = (Tensor::cat(q, 2), Tensor::cat(k, 2), Tensor::cat(v, 2));
         [rope.apply(q).cast(dtype), rope.apply(k).cast(dtype), v]
+    })
+}
+
+/// `f` of the streams as the CPU kernels take them (projections and q/k norm scales).
+fn with_head_streams<T>(streams: &[(Tensor<3>, &QkNorm)], f: impl FnOnce(&[cpu::HeadStream]) -> T) -> T {
+    let (qs, ks): (Vec<_>, Vec<_>) = streams.iter().map(|(_, n)| (n.query_norm.val(), n.key_norm.val())).unzip();
+    let fused: Vec<_> = streams
+        .iter()
+        .zip(qs.iter().zip(&ks))
+        .map(|((qkv, _), (q_scale, k_scale))| cpu::HeadStream { qkv, q_scale, k_scale })
+        .collect();
+    f(&fused)
+}
+
+/// Attention over the joint sequence of `streams` (projection, its q/k norm): the heads
+/// ([`joint_heads`]) then [`attention_merged`]; [B, ΣL, H·D]. Under autodiff on the CPU
+/// (LoRA training) both are one op with a hand-written backward (`cpu::tracked`).
+fn joint_attention(streams: &[(Tensor<3>, &QkNorm)], heads: usize, hd: usize, rope: &Rope, bf16: bool) -> Tensor<3> {
+    let tracked = streams.first().is_some_and(|(x, _)| x.is_autodiff());
+    let fused = tracked.then(|| {
+        profile::span("heads+attention (autodiff)", || {
+            with_head_streams(streams, |s| cpu::tracked::joint_attention(s, heads, EPS as f32, (&rope.cos, &rope.sin)))
+        })
+    });
+    fused.flatten().unwrap_or_else(|| {
+        let [q, k, v] = joint_heads(streams, heads, hd, rope);
+        attention_merged(q, k, v, bf16)
     })
 }
 
@@ -273,8 +296,8 @@ impl DoubleStreamBlock {
         // Joint attention over text then image tokens.
         let hd = self.img_attn.proj.dims().0;
         let streams = [(txt_qkv, &self.txt_attn.norm), (img_qkv, &self.img_attn.norm)];
-        let [q, k, v] = joint_heads(&streams, self.num_heads, hd, rope);
-        let attn = attention_merged(q, k, v, self.img_attn.qkv.weight.packing() == Some(Packing::Bf16Tiles));
+        let bf16 = self.img_attn.qkv.weight.packing() == Some(Packing::Bf16Tiles);
+        let attn = joint_attention(&streams, self.num_heads, hd, rope, bf16);
         let txt_len = txt.dims()[1];
         let txt_attn = attn.clone().narrow(1, 0, txt_len);
         let img_attn = attn.narrow(1, txt_len, img.dims()[1]);
@@ -330,8 +353,8 @@ impl SingleStreamBlock {
         let h = self.linear1.forward(m.modulate(layer_norm(x.clone())));
         let mlp_dim = h.dims()[2] - 3 * self.hidden_size;
         let mlp = h.clone().narrow(2, 3 * self.hidden_size, mlp_dim);
-        let [q, k, v] = joint_heads(&[(h, &self.norm)], self.num_heads, self.hidden_size, rope);
-        let attn = attention_merged(q, k, v, self.linear1.weight.packing() == Some(Packing::Bf16Tiles));
+        let bf16 = self.linear1.weight.packing() == Some(Packing::Bf16Tiles);
+        let attn = joint_attention(&[(h, &self.norm)], self.num_heads, self.hidden_size, rope, bf16);
         let mlp = gelu(mlp);
         let hidden = profile::span("concat", || Tensor::cat(vec![attn, mlp], 2));
         let out = self.linear2.forward(hidden);
