@@ -29,6 +29,7 @@ mod gelu;
 mod heads;
 mod linear;
 mod math;
+mod modulated_norm;
 mod norm;
 pub mod tracked;
 
@@ -37,6 +38,7 @@ pub use conv::conv3x3;
 pub use gelu::gelu_tanh;
 pub use heads::{HeadStream, joint_heads};
 pub use linear::{linear, tiled_linear};
+pub use modulated_norm::modulated_layer_norm;
 pub use norm::group_norm;
 
 /// Whether weights loaded for `dtype` on `device` become bf16 AMX tiles (`amx`): bf16 asked

@@ -168,6 +168,35 @@ pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<3
     }))
 }
 
+/// AdaLN's (1 + scale)·LayerNorm(x) + shift under autodiff (x [B, L, H], shift and scale
+/// [B, 1, H], any of them tracked), with its backward in one pass per token and one reduction
+/// for the modulation (`modulated_norm`).
+pub fn modulated_layer_norm(x: &Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>, eps: f32) -> Option<Tensor<3>> {
+    #[derive(Debug)]
+    struct ModulatedLayerNorm;
+    impl Backward<Flex, 3> for ModulatedLayerNorm {
+        type State = super::modulated_norm::ModulatedNorm;
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let grad = grads.consume::<Flex>(&ops.node);
+            for (parent, g) in ops.parents.into_iter().zip(ops.state.backward(grad)) {
+                if let Some(node) = parent {
+                    grads.register::<Flex>(node.id, g);
+                }
+            }
+        }
+    }
+    let (xt, shift_t, scale_t) = (tracked_f32(x)?, tracked_f32(shift)?, tracked_f32(scale)?);
+    let parts = [&xt, &shift_t, &scale_t].map(|t| t.primitive().clone());
+    let [xf, shift_f, scale_f] = parts;
+    let norm = super::modulated_norm::ModulatedNorm::of(xf, shift_f, scale_f, eps)?;
+    let out = norm.forward();
+    let nodes = [xt.node(), shift_t.node(), scale_t.node()];
+    Some(into_tensor(match ModulatedLayerNorm.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(norm, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }))
+}
+
 /// A block's joint attention under autodiff, from its streams' fused q/k/v projections to the
 /// merged output [B, ΣL, H·D]: the heads (split, q/k RMS norm with frozen scales, RoPE, joined
 /// along the sequence; `heads::joint_heads`) and attention as one op, whose backward runs
@@ -386,5 +415,33 @@ mod joint_attention_tests {
         assert!(max_diff(fused.0, plain.0) < 1e-5);
         assert!(max_diff(fused.1, plain.1) < 1e-4);
         assert!(max_diff(fused.2, plain.2) < 1e-4);
+    }
+}
+
+#[cfg(test)]
+mod modulated_norm_tests {
+    use super::super::test_util::{max_diff, random};
+
+    #[test]
+    fn modulated_layer_norm_matches_burns_path_and_its_gradients() {
+        let x = random([2, 37, 40]) * 3.0 + 1.5;
+        let (shift, scale) = (random([2, 1, 40]), random([2, 1, 40]));
+        let seed = random([2, 37, 40]);
+        let run = |fused: bool| {
+            let leaf = |t: &burn::tensor::Tensor<3>| t.clone().autodiff().require_grad();
+            let (x, t, s) = (leaf(&x), leaf(&shift), leaf(&scale));
+            let out = if fused {
+                super::modulated_layer_norm(&x, &t, &s, 1e-6).unwrap()
+            } else {
+                (s.clone() + 1.0) * crate::engine::layers::layer_norm(x.clone(), 1e-6, None) + t.clone()
+            };
+            let grads = (out.clone() * seed.clone().autodiff()).sum().backward();
+            (out.inner(), x.grad(&grads).unwrap(), t.grad(&grads).unwrap(), s.grad(&grads).unwrap())
+        };
+        let (fused, plain) = (run(true), run(false));
+        assert!(max_diff(fused.0, plain.0) < 1e-5);
+        assert!(max_diff(fused.1, plain.1) < 1e-4);
+        assert!(max_diff(fused.2, plain.2) < 1e-4);
+        assert!(max_diff(fused.3, plain.3) < 1e-4);
     }
 }

@@ -70,11 +70,6 @@ pub(crate) fn rms_norm(x: Tensor<4>, scale: &Tensor<1>) -> Tensor<4> {
     x * rrms * scale
 }
 
-/// LayerNorm without affine parameters (eps 1e-6), computed in f32.
-fn layer_norm(x: Tensor<3>) -> Tensor<3> {
-    profile::span("layer_norm", || layers::layer_norm(x, EPS, None))
-}
-
 /// One (shift, scale, gate) triple, each [B, 1, hidden].
 pub struct ModulationOut {
     pub shift: Tensor<3>,
@@ -83,10 +78,20 @@ pub struct ModulationOut {
 }
 
 impl ModulationOut {
-    /// (1 + scale) · x + shift
-    fn modulate(&self, x: Tensor<3>) -> Tensor<3> {
-        profile::span("modulate", || (self.scale.clone() + 1.0) * x + self.shift.clone())
+    /// (1 + scale) · LayerNorm(x) + shift: AdaLN's modulated norm.
+    fn modulate_norm(&self, x: Tensor<3>) -> Tensor<3> {
+        modulated_norm(x, &self.shift, &self.scale)
     }
+}
+
+/// (1 + scale) · LayerNorm(x) + shift (eps 1e-6, no affine): one fused pass on the CPU, under
+/// autodiff too; else burn's LayerNorm in f32 and the modulation.
+fn modulated_norm(x: Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>) -> Tensor<3> {
+    profile::span("norm+modulate", || {
+        cpu::modulated_layer_norm(&x, shift, scale, EPS as f32)
+            .or_else(|| cpu::tracked::modulated_layer_norm(&x, shift, scale, EPS as f32))
+            .unwrap_or_else(|| (scale.clone() + 1.0) * layers::layer_norm(x, EPS, None) + shift.clone())
+    })
 }
 
 /// Projects the conditioning vector to `chunks` modulation vectors.
@@ -290,8 +295,8 @@ impl DoubleStreamBlock {
             self.img_mod.triples(vec.clone()).try_into().ok().expect("6 chunks");
         let [txt_mod1, txt_mod2]: [ModulationOut; 2] = self.txt_mod.triples(vec).try_into().ok().expect("6 chunks");
 
-        let img_qkv = self.img_attn.qkv.forward(img_mod1.modulate(layer_norm(img.clone())));
-        let txt_qkv = self.txt_attn.qkv.forward(txt_mod1.modulate(layer_norm(txt.clone())));
+        let img_qkv = self.img_attn.qkv.forward(img_mod1.modulate_norm(img.clone()));
+        let txt_qkv = self.txt_attn.qkv.forward(txt_mod1.modulate_norm(txt.clone()));
 
         // Joint attention over text then image tokens.
         let hd = self.img_attn.proj.dims().0;
@@ -303,11 +308,9 @@ impl DoubleStreamBlock {
         let img_attn = attn.narrow(1, txt_len, img.dims()[1]);
 
         let img = gated_add(img, img_mod1.gate, self.img_attn.proj.forward(img_attn));
-        let img =
-            gated_add(img.clone(), img_mod2.gate.clone(), self.img_mlp.forward(img_mod2.modulate(layer_norm(img))));
+        let img = gated_add(img.clone(), img_mod2.gate.clone(), self.img_mlp.forward(img_mod2.modulate_norm(img)));
         let txt = gated_add(txt, txt_mod1.gate, self.txt_attn.proj.forward(txt_attn));
-        let txt =
-            gated_add(txt.clone(), txt_mod2.gate.clone(), self.txt_mlp.forward(txt_mod2.modulate(layer_norm(txt))));
+        let txt = gated_add(txt.clone(), txt_mod2.gate.clone(), self.txt_mlp.forward(txt_mod2.modulate_norm(txt)));
         (img, f16_guard(txt))
     }
 }
@@ -350,7 +353,7 @@ impl SingleStreamBlock {
 
     pub fn forward(&self, x: Tensor<3>, vec: Tensor<2>, rope: &Rope) -> Tensor<3> {
         let m = self.modulation.triples(vec).pop().expect("3 chunks");
-        let h = self.linear1.forward(m.modulate(layer_norm(x.clone())));
+        let h = self.linear1.forward(m.modulate_norm(x.clone()));
         let mlp_dim = h.dims()[2] - 3 * self.hidden_size;
         let mlp = h.clone().narrow(2, 3 * self.hidden_size, mlp_dim);
         let bf16 = self.linear1.weight.packing() == Some(Packing::Bf16Tiles);
@@ -383,7 +386,7 @@ impl LastLayer {
         let mut parts = self.ada_ln_modulation.forward(silu(vec)).unsqueeze_dim::<3>(1).chunk(2, 2);
         let scale = parts.pop().unwrap();
         let shift = parts.pop().unwrap();
-        self.linear.forward((scale + 1.0) * layer_norm(x) + shift)
+        self.linear.forward(modulated_norm(x, &shift, &scale))
     }
 }
 
