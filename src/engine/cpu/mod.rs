@@ -25,6 +25,7 @@ pub mod amx {
 }
 mod attention;
 mod conv;
+mod gated;
 mod gelu;
 mod heads;
 mod linear;
@@ -35,6 +36,7 @@ pub mod tracked;
 
 pub use attention::attention;
 pub use conv::conv3x3;
+pub use gated::gated_add;
 pub use gelu::gelu_tanh;
 pub use heads::{HeadStream, joint_heads};
 pub use linear::{linear, tiled_linear};

@@ -197,6 +197,33 @@ pub fn modulated_layer_norm(x: &Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>,
     }))
 }
 
+/// x + gate·y under autodiff (x, y [B, L, H], gate [B, 1, H]; see `gated`): the residual
+/// update of every block, its backward one pass and one reduction over the tokens.
+pub fn gated_add(x: &Tensor<3>, gate: &Tensor<3>, y: &Tensor<3>) -> Option<Tensor<3>> {
+    #[derive(Debug)]
+    struct GatedAdd;
+    impl Backward<Flex, 3> for GatedAdd {
+        type State = super::gated::Gated;
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let grad = grads.consume::<Flex>(&ops.node);
+            for (parent, g) in ops.parents.into_iter().zip(ops.state.backward(grad)) {
+                if let Some(node) = parent {
+                    grads.register::<Flex>(node.id, g);
+                }
+            }
+        }
+    }
+    let (xt, gate_t, yt) = (tracked_f32(x)?, tracked_f32(gate)?, tracked_f32(y)?);
+    let [xf, gf, yf] = [&xt, &gate_t, &yt].map(|t| t.primitive().clone());
+    let gated = super::gated::Gated::of(xf, gf, yf)?;
+    let out = gated.forward();
+    let nodes = [xt.node(), gate_t.node(), yt.node()];
+    Some(into_tensor(match GatedAdd.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(gated, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }))
+}
+
 /// A block's joint attention under autodiff, from its streams' fused q/k/v projections to the
 /// merged output [B, ΣL, H·D]: the heads (split, q/k RMS norm with frozen scales, RoPE, joined
 /// along the sequence; `heads::joint_heads`) and attention as one op, whose backward runs
@@ -443,5 +470,28 @@ mod modulated_norm_tests {
         assert!(max_diff(fused.1, plain.1) < 1e-4);
         assert!(max_diff(fused.2, plain.2) < 1e-4);
         assert!(max_diff(fused.3, plain.3) < 1e-4);
+    }
+}
+
+#[cfg(test)]
+mod gated_tests {
+    use super::super::test_util::{max_diff, random};
+
+    #[test]
+    fn gated_add_matches_burns_path_and_its_gradients() {
+        let (x, y, gate) = (random([2, 37, 40]), random([2, 37, 40]), random([2, 1, 40]));
+        let seed = random([2, 37, 40]);
+        let run = |fused: bool| {
+            let leaf = |t: &burn::tensor::Tensor<3>| t.clone().autodiff().require_grad();
+            let (x, g, y) = (leaf(&x), leaf(&gate), leaf(&y));
+            let out = if fused { super::gated_add(&x, &g, &y).unwrap() } else { x.clone() + g.clone() * y.clone() };
+            let grads = (out.clone() * seed.clone().autodiff()).sum().backward();
+            (out.inner(), x.grad(&grads).unwrap(), g.grad(&grads).unwrap(), y.grad(&grads).unwrap())
+        };
+        let (fused, plain) = (run(true), run(false));
+        assert!(max_diff(fused.0, plain.0) < 1e-6);
+        assert!(max_diff(fused.1, plain.1) < 1e-6);
+        assert!(max_diff(fused.2, plain.2) < 1e-4);
+        assert!(max_diff(fused.3, plain.3) < 1e-6);
     }
 }

@@ -191,7 +191,9 @@ fn attention_merged(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bf16: bool) -> Ten
 
 /// x + gate · y, the residual update of every block.
 fn gated_add(x: Tensor<3>, gate: Tensor<3>, y: Tensor<3>) -> Tensor<3> {
-    profile::span("gated residual", || x + gate * y)
+    profile::span("gated residual", || {
+        cpu::gated_add(&x, &gate, &y).or_else(|| cpu::tracked::gated_add(&x, &gate, &y)).unwrap_or_else(|| x + gate * y)
+    })
 }
 
 fn gelu(x: Tensor<3>) -> Tensor<3> {
