@@ -8,6 +8,11 @@
 # vae: FLUX.1's VAE (real architecture, random weights), decode and encode at 512x512.
 # generate: `atelier generate` as a process (load included) against one FluxPipeline call (load
 #   excluded) on tests/reference/make_medium_pipeline.py's folder, 512x512, 4 steps.
+# train256, train512: a LoRA training step (rank 16 on every block Linear; forward, backward,
+#   AdamW) on the medium config at 256x256 (256 image tokens) or 512x512 (1024), 128 text
+#   tokens: `atelier bench --train` against tests/reference/bench_train_torch.py (torch + peft),
+#   one graph over the model (-plain) and per-block recompute against torch's gradient
+#   checkpointing (-recompute).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -45,6 +50,17 @@ for i in $(seq "$ROUNDS"); do
           --steps 4 --max-sequence-length 256 --out "$W/out.png" >/dev/null
         a=$(python3 -c "import time; print(f'{time.time() - $s:.3f}')")
         rec generate "$t" "$a" ;;
+      train256 | train512)
+        if [ "$stage" = train256 ]; then grid="16 16" tokens=256; else grid="32 32" tokens=1024; fi
+        for mode in plain recompute; do
+          if [ "$mode" = plain ]; then ckpt=() ours=(--no-recompute); else ckpt=(--checkpointing) ours=(); fi
+          # shellcheck disable=SC2086
+          t=$(quiet "$PYTHON" tests/reference/bench_train_torch.py --grid $grid --warmup 1 --runs 3 "${ckpt[@]}" |
+            sed -n 's/^median seconds per training step: //p')
+          a=$(quiet "$BIN" bench --device cpu --train "${ours[@]}" --img-tokens "$tokens" --txt-tokens 128 --steps 3 |
+            sed -n 's/^step: median \([0-9.]*\) s.*/\1/p')
+          rec "$stage-$mode" "$t" "$a"
+        done ;;
     esac
   done
 done
@@ -56,5 +72,5 @@ for line in open(sys.argv[1]):
     runs[stage].append((float(t), float(a)))
 for stage, rows in runs.items():
     t = statistics.median(r[0] for r in rows); a = statistics.median(r[1] for r in rows)
-    print(f"{stage:<11} torch {t:7.3f} s   atelier {a:7.3f} s   atelier/torch {a / t:.2f}x   ({len(rows)} rounds)")
+    print(f"{stage:<18} torch {t:7.3f} s   atelier {a:7.3f} s   atelier/torch {a / t:.2f}x   ({len(rows)} rounds)")
 PY

@@ -94,14 +94,25 @@ pub(super) fn input_grad(grad: FlexTensor, weight: &FlexTensor) -> FlexTensor {
         return out;
     }
     let dst: &mut [f32] = out.storage_mut();
+    // gemm runs this product (its weight read transposed) 1.3-1.7x faster into a column-major
+    // output when there are few rows (measured at 384 rows for 768 -> 2304..5376 Linears: 153-197
+    // against 261-266 GFLOP/s; at 1152 rows within 5 %), and transposing the few rows back
+    // costs far less; with many rows the transposition would cost what it saves.
+    let column_major = rows <= COLUMN_MAJOR_ROWS;
+    let mut scratch = if column_major { vec![0f32; rows * k] } else { Vec::new() };
+    let target = match column_major {
+        true => Strided { ptr: scratch.as_mut_ptr(), row: 1, col: rows as isize },
+        false => Strided { ptr: dst.as_mut_ptr(), row: k as isize, col: 1 },
+    };
     // SAFETY: lhs is the contiguous [rows, n] gradient; rhs element (j, i) = weight[i, j] sits
-    // at j + i·n of the contiguous [k, n] weight; dst is the [rows, k] output.
+    // at j + i·n of the contiguous [k, n] weight; the target is the [rows, k] output or the
+    // scratch holding it column-major.
     unsafe {
         matmul(
             rows,
             k,
             n,
-            Strided { ptr: dst.as_mut_ptr(), row: k as isize, col: 1 },
+            target,
             false,
             Strided { ptr: grad.storage::<f32>().as_ptr(), row: n as isize, col: 1 },
             Strided { ptr: weight.storage::<f32>().as_ptr(), row: 1, col: n as isize },
@@ -109,7 +120,30 @@ pub(super) fn input_grad(grad: FlexTensor, weight: &FlexTensor) -> FlexTensor {
             rows * n * k >= PARALLEL_THRESHOLD,
         );
     }
+    if column_major {
+        transpose(&scratch, k, rows, &mut dst[..rows * k]);
+    }
     out
+}
+
+/// Up to this many rows [`input_grad`] goes through a column-major output.
+const COLUMN_MAJOR_ROWS: usize = 512;
+
+/// `dst` [cols, rows] = `src` [rows, cols]ᵀ, both row-major, in parallel over blocks of dst
+/// rows, each read from `src` in cache-sized tiles.
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 32;
+    dst.par_chunks_mut(TILE * rows).enumerate().for_each(|(block, d)| {
+        let c0 = block * TILE;
+        for r0 in (0..rows).step_by(TILE) {
+            for (i, d) in d.chunks_mut(rows).enumerate() {
+                let c = c0 + i;
+                for r in r0..(r0 + TILE).min(rows) {
+                    d[r] = src[r * cols + c];
+                }
+            }
+        }
+    });
 }
 
 /// A LoRA side path's products on a Linear's input: with `x` rows [rows, K] read from
@@ -307,6 +341,19 @@ pub fn tiled_linear<const D: usize>(
 #[cfg(test)]
 mod tests {
     use burn::tensor::module::linear as burn_linear;
+
+    #[test]
+    fn transpose_covers_ragged_tiles() {
+        let (rows, cols) = (70, 45);
+        let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let mut dst = vec![0f32; rows * cols];
+        super::transpose(&src, rows, cols, &mut dst);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(dst[c * rows + r], src[r * cols + c]);
+            }
+        }
+    }
 
     use super::super::test_util::{max_diff, random};
 

@@ -326,6 +326,12 @@ mod tests {
         let (want, want_grad) = output_and_grad(&x, &seed, |x| burn_linear(x, w.clone(), Some(b.clone())));
         assert!(max_diff(out, want) < 1e-5);
         assert!(max_diff(grad, want_grad) < 1e-5);
+        // Past input_grad's column-major threshold: the gradient written row-major.
+        let many = random([1, 600, 24]);
+        let seed600 = random([1, 600, 10]);
+        let (_, grad) = output_and_grad(&many, &seed600, |x| super::linear(&x, &w, Some(&b)).unwrap());
+        let (_, want_grad) = output_and_grad(&many, &seed600, |x| burn_linear(x, w.clone(), Some(b.clone())));
+        assert!(max_diff(grad, want_grad) < 1e-5);
         // A view of a wider tensor, no bias: the gradient lands in the view's columns only.
         let wide = random([2, 7, 40]);
         let (out, grad) = output_and_grad(&wide, &seed, |x| super::linear(&x.narrow(2, 16, 24), &w, None).unwrap());
