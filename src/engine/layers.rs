@@ -171,8 +171,8 @@ impl Linear {
         };
         // LoRA training on the CPU: the frozen base and its one side path as one op.
         if tiled.is_none()
-            && x.is_autodiff()
             && let [Adapter { down, up: Some(up), bias: None }] = &self.adapters[..]
+            && (x.is_autodiff() || down.val().is_autodiff())
             && let Some(y) = crate::engine::cpu::tracked::lora_linear(
                 &x,
                 (&self.weight.val(), bias.as_ref()),

@@ -10,6 +10,9 @@ use rayon::prelude::*;
 use super::math::{exp, simd_dispatch};
 use super::{SharedMut, Strided, matmul};
 
+/// Query rows per block of the backward (see [`backward`]).
+const BACKWARD_ROWS: usize = 256;
+
 /// Query rows per task: the task's scores (rows × keys) stay in the core's L2 cache for the
 /// sequence lengths FLUX uses (4096 keys: 1 MiB).
 const ROWS: usize = 64;
@@ -139,61 +142,58 @@ pub(super) fn backward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, grad: Fle
     let buffers = || (Vec::new(), Vec::new());
     (0..b * h).into_par_iter().for_each_init(buffers, |(p, dp): &mut (Vec<f32>, Vec<f32>), bh| {
         let (bi, hi) = (bh / h, bh % h);
-        p.resize(lq * lk, 0.0);
-        dp.resize(lq * lk, 0.0);
         let at = |o: usize, s: Strides| o as isize + bi as isize * s.0[0] + hi as isize * s.0[1];
-        // SAFETY: q, k, v are read at their layouts' offsets and strides; the gradient `grad`
-        // is the contiguous [B, Lq, H·D] (this head's dO: rows at stride H·D from hi·D); p and
-        // dp hold lq × lk; the (bi, hi) slices of dq, dk, dv (contiguous) are this task's.
-        unsafe {
-            let (qp, kp, vp) =
-                (qd.as_ptr().offset(at(qo, qs)), kd.as_ptr().offset(at(ko, ks)), vd.as_ptr().offset(at(vo, vs)));
-            let q_rows = Strided { ptr: qp, row: qs.0[2], col: qs.0[3] };
-            let k_rows = Strided { ptr: kp, row: ks.0[2], col: ks.0[3] };
-            let d_out = Strided { ptr: gd.as_ptr().add(bi * lq * h * d + hi * d), row: (h * d) as isize, col: 1 };
-            let p_cols = Strided { ptr: p.as_ptr(), row: 1, col: lk as isize };
-            let own = |at: SharedMut, l: usize| Strided { ptr: at.at(bh * l * d), row: d as isize, col: 1 };
-            // P = softmax(s·Q·Kᵀ)
-            let transposed_k = Strided { ptr: kp, row: ks.0[3], col: ks.0[2] };
-            matmul(
-                lq,
-                lk,
-                d,
-                Strided { ptr: p.as_mut_ptr(), row: lk as isize, col: 1 },
-                false,
-                q_rows,
-                transposed_k,
-                scale,
-                false,
-            );
-            let sums = softmax_rows(p, lk);
-            for (row, sum) in p.chunks_mut(lk).zip(sums) {
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|x| *x *= inv);
+        // Blocks of query rows keep the two score-sized buffers at BACKWARD_ROWS × lk (4096
+        // keys: 8 MiB per thread) instead of lq × lk; dK and dV accumulate over the blocks.
+        for row0 in (0..lq).step_by(BACKWARD_ROWS) {
+            let rows = BACKWARD_ROWS.min(lq - row0);
+            p.resize(rows * lk, 0.0);
+            dp.resize(rows * lk, 0.0);
+            // SAFETY: q, k, v are read at their layouts' offsets and strides; the gradient
+            // `grad` is the contiguous [B, Lq, H·D] (this head's dO: rows at stride H·D from
+            // hi·D); p and dp hold rows × lk; the (bi, hi) slices of dq, dk, dv (contiguous)
+            // are this task's.
+            unsafe {
+                let (qp, kp, vp) = (
+                    qd.as_ptr().offset(at(qo, qs) + row0 as isize * qs.0[2]),
+                    kd.as_ptr().offset(at(ko, ks)),
+                    vd.as_ptr().offset(at(vo, vs)),
+                );
+                let q_rows = Strided { ptr: qp, row: qs.0[2], col: qs.0[3] };
+                let k_rows = Strided { ptr: kp, row: ks.0[2], col: ks.0[3] };
+                let d_out =
+                    Strided { ptr: gd.as_ptr().add((bi * lq + row0) * h * d + hi * d), row: (h * d) as isize, col: 1 };
+                let p_cols = Strided { ptr: p.as_ptr(), row: 1, col: lk as isize };
+                let own = |at: SharedMut, l: usize, first: usize| Strided {
+                    ptr: at.at((bh * l + first) * d),
+                    row: d as isize,
+                    col: 1,
+                };
+                let accumulate = row0 > 0;
+                // P = softmax(s·Q·Kᵀ) for these rows
+                let transposed_k = Strided { ptr: kp, row: ks.0[3], col: ks.0[2] };
+                let p_out = Strided { ptr: p.as_mut_ptr(), row: lk as isize, col: 1 };
+                matmul(rows, lk, d, p_out, false, q_rows, transposed_k, scale, false);
+                let sums = softmax_rows(p, lk);
+                for (row, sum) in p.chunks_mut(lk).zip(sums) {
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                }
+                // dV += Pᵀ·dO
+                matmul(lk, d, rows, own(dv_at, lk, 0), accumulate, p_cols, d_out, 1.0, false);
+                // dP = dO·Vᵀ, then dS in place
+                let transposed_v = Strided { ptr: vp, row: vs.0[3], col: vs.0[2] };
+                let dp_out = Strided { ptr: dp.as_mut_ptr(), row: lk as isize, col: 1 };
+                matmul(rows, lk, d, dp_out, false, d_out, transposed_v, 1.0, false);
+                for (ds, p) in dp.chunks_mut(lk).zip(p.chunks(lk)) {
+                    softmax_grad_row(p, ds);
+                }
+                let ds_rows = Strided { ptr: dp.as_ptr(), row: lk as isize, col: 1 };
+                let ds_cols = Strided { ptr: dp.as_ptr(), row: 1, col: lk as isize };
+                // dQ = s·dS·K for these rows, dK += s·dSᵀ·Q
+                matmul(rows, d, lk, own(dq_at, lq, row0), false, ds_rows, k_rows, scale, false);
+                matmul(lk, d, rows, own(dk_at, lk, 0), accumulate, ds_cols, q_rows, scale, false);
             }
-            // dV = Pᵀ·dO
-            matmul(lk, d, lq, own(dv_at, lk), false, p_cols, d_out, 1.0, false);
-            // dP = dO·Vᵀ, then dS in place
-            let transposed_v = Strided { ptr: vp, row: vs.0[3], col: vs.0[2] };
-            matmul(
-                lq,
-                lk,
-                d,
-                Strided { ptr: dp.as_mut_ptr(), row: lk as isize, col: 1 },
-                false,
-                d_out,
-                transposed_v,
-                1.0,
-                false,
-            );
-            for (ds, p) in dp.chunks_mut(lk).zip(p.chunks(lk)) {
-                softmax_grad_row(p, ds);
-            }
-            let ds_rows = Strided { ptr: dp.as_ptr(), row: lk as isize, col: 1 };
-            let ds_cols = Strided { ptr: dp.as_ptr(), row: 1, col: lk as isize };
-            // dQ = s·dS·K, dK = s·dSᵀ·Q
-            matmul(lq, d, lk, own(dq_at, lq), false, ds_rows, k_rows, scale, false);
-            matmul(lk, d, lq, own(dk_at, lk), false, ds_cols, q_rows, scale, false);
         }
     });
     [dq, dk, dv]

@@ -197,14 +197,14 @@ pub(super) fn add_side_path(
 }
 
 /// The gradients of a LoRA side path (see [`add_side_path`]) given `grad` [rows, N] (contiguous)
-/// at the Linear's output: adds gh·Dᵀ into `input_grad` [rows, K] (gh = grad·Uᵀ) and returns
-/// (dD = xᵀ·gh [K, r], dU = hᵀ·grad [r, N]).
+/// at the Linear's output: adds gh·Dᵀ into `input_grad` [rows, K] (gh = grad·Uᵀ) when the
+/// input's gradient is wanted, and returns (dD = xᵀ·gh [K, r], dU = hᵀ·grad [r, N]).
 pub(super) fn side_path_grads(
     grad: &FlexTensor,
     x: &FlexTensor,
     h: &FlexTensor,
     (down, up): (&FlexTensor, &FlexTensor),
-    input_grad: &mut FlexTensor,
+    input_grad: Option<&mut FlexTensor>,
 ) -> (FlexTensor, FlexTensor) {
     let [k, r] = down.layout().shape().dims::<2>();
     let n = up.layout().shape().dims::<2>()[1];
@@ -259,17 +259,19 @@ pub(super) fn side_path_grads(
             parallel,
         );
         // input_grad += gh · Dᵀ
-        matmul(
-            rows,
-            k,
-            r,
-            Strided { ptr: input_grad.storage_mut::<f32>().as_mut_ptr(), row: k as isize, col: 1 },
-            true,
-            Strided { ptr: gh, row: r as isize, col: 1 },
-            Strided { ptr: down.storage::<f32>().as_ptr(), row: 1, col: r as isize },
-            1.0,
-            parallel,
-        );
+        if let Some(input_grad) = input_grad {
+            matmul(
+                rows,
+                k,
+                r,
+                Strided { ptr: input_grad.storage_mut::<f32>().as_mut_ptr(), row: k as isize, col: 1 },
+                true,
+                Strided { ptr: gh, row: r as isize, col: 1 },
+                Strided { ptr: down.storage::<f32>().as_ptr(), row: 1, col: r as isize },
+                1.0,
+                parallel,
+            );
+        }
     }
     (d_down, d_up)
 }
