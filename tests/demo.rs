@@ -42,12 +42,12 @@ fn measure(files: &ModelFiles, atlas: &EmojiAtlas, max_len: usize) -> (usize, us
 /// output before it ships.)
 ///
 /// Issue 17 asks for at least half of the names drawn as the nearest emoji; the shipped model
-/// (weights/demo/README.md: 16000 CPU steps of 32, 400 + 120 H200 steps of 1024, CPU decays)
-/// draws 40/100 (an emoji whose image has an identical twin counts when the image is nearest
-/// both), with the named emoji at median rank 1 of 1911 (a random model: 0/100, median rank
-/// ~1000): the exact emoji two times in five, a close neighbour (another face, the same flag
-/// colours) most of the rest. The bounds below
-/// hold what it does, not the goal.
+/// (weights/demo/README.md: 16000 CPU steps of 32, 400 + 120 H200 steps of 1024, CPU decays
+/// and warm restarts) draws 48/100 (an emoji whose image has an identical twin counts when the
+/// image is nearest both), with the named emoji at median rank 1 of 1911 (a random model:
+/// 0/100, median rank ~1000): the exact emoji about half the time, a close neighbour (another
+/// face, the same flag colours) most of the rest. The bounds below hold what it does (with
+/// room for another recipe's noise), not the goal.
 #[test]
 fn the_demo_model_draws_the_emoji_it_is_named_for() {
     let atlas = EmojiAtlas::load(&root().join("tests/fixtures/demo")).unwrap();
@@ -70,7 +70,7 @@ fn the_demo_model_draws_the_emoji_it_is_named_for() {
         "nearest emoji is the named one: demo model {trained}/100 (median rank {trained_rank}), random weights \
          {baseline}/100 (median rank {baseline_rank})"
     );
-    assert!(trained >= 32 && trained >= baseline + 32, "demo {trained}/100 vs random {baseline}/100");
+    assert!(trained >= 40 && trained >= baseline + 40, "demo {trained}/100 vs random {baseline}/100");
     assert!(trained_rank <= 5 && baseline_rank >= 400, "median ranks: demo {trained_rank}, random {baseline_rank}");
 }
 
