@@ -7,6 +7,7 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::math::simd_dispatch;
+use super::tracked::Kernel3;
 
 /// x + gate·y for x and y [B, L, H] and gate [B, 1, H].
 pub fn gated_add(x: &Tensor<3>, gate: &Tensor<3>, y: &Tensor<3>) -> Option<Tensor<3>> {
@@ -33,9 +34,11 @@ impl Gated {
         let [x, gate, y] = [x, gate, y].map(super::contiguous);
         Some(Gated { x, gate, y, dims: [b, l, h] })
     }
+}
 
+impl Kernel3 for Gated {
     /// x + gate·y.
-    pub fn forward(&self) -> FlexTensor {
+    fn forward(&self) -> FlexTensor {
         let [b, l, h] = self.dims;
         let mut out = super::zeros(self.x.layout().shape().clone());
         let (x, gate, y) = (self.x.storage::<f32>(), self.gate.storage::<f32>(), self.y.storage::<f32>());
@@ -47,7 +50,7 @@ impl Gated {
     }
 
     /// The gradients at x (the output's), gate (Σ over the tokens of g·y) and y (gate·g).
-    pub fn backward(&self, grad: FlexTensor) -> [FlexTensor; 3] {
+    fn backward(&self, grad: FlexTensor) -> [FlexTensor; 3] {
         let [b, l, h] = self.dims;
         let grad = super::contiguous(grad);
         let (g, gate, y) = (grad.storage::<f32>(), self.gate.storage::<f32>(), self.y.storage::<f32>());

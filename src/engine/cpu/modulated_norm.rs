@@ -7,6 +7,7 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::math::simd_dispatch;
+use super::tracked::Kernel3;
 
 /// (1 + scale)·LayerNorm(x) + shift over the last dim of `x` [B, L, H] (no affine, `eps`),
 /// with `shift` and `scale` [B, 1, H].
@@ -52,8 +53,10 @@ impl ModulatedNorm {
         });
         out
     }
+}
 
-    pub fn forward(&self) -> FlexTensor {
+impl Kernel3 for ModulatedNorm {
+    fn forward(&self) -> FlexTensor {
         let eps = self.eps;
         self.per_token(|_, x, shift, scale, y| {
             let (mean, inv) = stats(x, eps);
@@ -64,7 +67,7 @@ impl ModulatedNorm {
     /// The gradients at x, shift and scale given `grad` [B, L, H] at the output: with
     /// n = LayerNorm(x) and dn = (1 + scale)·g, dx = (dn − mean(dn) − n·mean(dn·n))/σ;
     /// dshift = Σ_tokens g and dscale = Σ_tokens g·n per batch item.
-    pub fn backward(&self, grad: FlexTensor) -> [FlexTensor; 3] {
+    fn backward(&self, grad: FlexTensor) -> [FlexTensor; 3] {
         let [b, l, h] = self.dims;
         let grad = super::contiguous(grad);
         let g = &grad.storage::<f32>()[..b * l * h];

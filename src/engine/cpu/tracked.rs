@@ -11,7 +11,7 @@ use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_backend::BackendTypes;
 use burn_flex::{Flex, FlexTensor};
 
@@ -45,16 +45,37 @@ fn into_tensor<const D: usize>(t: TrackedTensor) -> Tensor<D> {
     Tensor::from_primitive::<Tracked>(t)
 }
 
-/// Registers a one-input op: `output` computed from `input`, whose gradient `backward` gives
-/// from the output's (with `state`, kept only when the input is tracked).
-fn unary_op<const D: usize, Op>(op: Op, input: &TrackedTensor, state: Op::State, output: FlexTensor) -> Tensor<D>
+/// Registers an op of N inputs and returns its output: `output` computed from `inputs`, and
+/// `state` kept for the backward when any input is tracked.
+fn finish<const D: usize, const N: usize, Op>(
+    op: Op,
+    inputs: [&TrackedTensor; N],
+    state: Op::State,
+    output: FlexTensor,
+) -> Tensor<D>
 where
-    Op: Backward<Flex, 1>,
+    Op: Backward<Flex, N>,
 {
-    into_tensor(match op.prepare::<NoCheckpointing>([input.node()]).compute_bound().stateful() {
+    into_tensor(match op.prepare::<NoCheckpointing>(inputs.map(|t| t.node())).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish(state, output),
         OpsKind::UnTracked(prep) => prep.finish(output),
     })
+}
+
+/// An op's backward: `gradients(state, the output's gradient, which inputs want theirs)`
+/// gives each input its gradient (`None` where not wanted), registered for the tracked ones.
+fn give_gradients<S, const N: usize>(
+    ops: Ops<S, N>,
+    grads: &mut Gradients,
+    gradients: impl FnOnce(S, FlexTensor, [bool; N]) -> Vec<Option<FlexTensor>>,
+) {
+    let grad = grads.consume::<Flex>(&ops.node);
+    let values = gradients(ops.state, grad, ops.parents.each_ref().map(Option::is_some));
+    for (parent, g) in ops.parents.into_iter().zip(values) {
+        if let (Some(node), Some(g)) = (parent, g) {
+            grads.register::<Flex>(node.id, g);
+        }
+    }
 }
 
 /// GELU (tanh approximation) under autodiff; the input is kept for the backward.
@@ -64,14 +85,13 @@ pub fn gelu_tanh<const D: usize>(x: &Tensor<D>) -> Option<Tensor<D>> {
     impl Backward<Flex, 1> for GeluTanh {
         type State = FlexTensor;
         fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let input = ops.state;
-            unary::<Flex, _>(ops.parents, ops.node, grads, |grad| super::gelu::backward(&input, grad));
+            give_gradients(ops, grads, |input, grad, _| vec![Some(super::gelu::backward(&input, grad))]);
         }
     }
     let t = tracked_f32(x)?;
     let input = t.primitive().clone();
     let out = super::gelu::forward(input.clone())?;
-    Some(unary_op(GeluTanh, &t, input, out))
+    Some(finish(GeluTanh, [&t], input, out))
 }
 
 /// x·W + b under autodiff with W [K, N] and b constants (a frozen base Linear): the forward is
@@ -83,8 +103,7 @@ pub fn linear<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Option<&T
     impl Backward<Flex, 1> for FrozenLinear {
         type State = FlexTensor;
         fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let weight = ops.state;
-            unary::<Flex, _>(ops.parents, ops.node, grads, |grad| super::linear::input_grad(grad, &weight));
+            give_gradients(ops, grads, |weight, grad, _| vec![Some(super::linear::input_grad(grad, &weight))]);
         }
     }
     let t = tracked_f32(x)?;
@@ -94,7 +113,7 @@ pub fn linear<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Option<&T
         None => None,
     };
     let (out, _) = super::linear::forward(t.primitive().clone(), &weight, bias)?;
-    Some(unary_op(FrozenLinear, &t, weight, out))
+    Some(finish(FrozenLinear, [&t], weight, out))
 }
 
 /// x·W + b + (x·D)·U under autodiff: a frozen Linear (W [K, N], b constants) with one LoRA side
@@ -121,20 +140,14 @@ pub fn lora_linear<const D: usize>(
     impl Backward<Flex, 3> for LoraLinear {
         type State = Saved;
         fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let Saved { x, h, weight, down, up } = ops.state;
-            let [px, pd, pu] = ops.parents;
-            let grad = super::contiguous(grads.consume::<Flex>(&ops.node));
-            // The input's gradient only when it is wanted (not for the first block's input).
-            let mut grad_x = px.as_ref().map(|_| super::linear::input_grad(grad.clone(), &weight));
-            let (grad_down, grad_up) = super::linear::side_path_grads(&grad, &x, &h, (&down, &up), grad_x.as_mut());
-            if let (Some(node), Some(g)) = (px, grad_x) {
-                grads.register::<Flex>(node.id, g);
-            }
-            for (parent, g) in [(pd, grad_down), (pu, grad_up)] {
-                if let Some(node) = parent {
-                    grads.register::<Flex>(node.id, g);
-                }
-            }
+            give_gradients(ops, grads, |saved, grad, [want_x, ..]| {
+                let Saved { x, h, weight, down, up } = saved;
+                let grad = super::contiguous(grad);
+                // The input's gradient only when it is wanted (not for the first block's input).
+                let mut grad_x = want_x.then(|| super::linear::input_grad(grad.clone(), &weight));
+                let (grad_down, grad_up) = super::linear::side_path_grads(&grad, &x, &h, (&down, &up), grad_x.as_mut());
+                vec![grad_x, Some(grad_down), Some(grad_up)]
+            });
         }
     }
     // A plain input (the first block's) is an untracked leaf: the factors still need it.
@@ -149,11 +162,7 @@ pub fn lora_linear<const D: usize>(
     let (mut out, read) = super::linear::forward(t.primitive().clone(), &weight, bias)?;
     let h = super::linear::add_side_path(&read, &down_f, &up_f, &mut out)?;
     let saved = Saved { x: read, h, weight, down: down_f, up: up_f };
-    let nodes = [t.node(), down_t.node(), up_t.node()];
-    Some(into_tensor(match LoraLinear.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(saved, out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }))
+    Some(finish(LoraLinear, [&t, &down_t, &up_t], saved, out))
 }
 
 /// Scaled dot-product attention under autodiff for q, k, v [B, H, L, D] (any of them leaves or
@@ -167,81 +176,53 @@ pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<3
     impl Backward<Flex, 3> for Attention {
         type State = [FlexTensor; 3];
         fn backward(self, ops: Ops<[FlexTensor; 3], 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let [q, k, v] = ops.state;
-            let grad = grads.consume::<Flex>(&ops.node);
-            let d = super::attention::backward(&q, &k, &v, grad);
-            for (parent, g) in ops.parents.into_iter().zip(d) {
-                if let Some(node) = parent {
-                    grads.register::<Flex>(node.id, g);
-                }
-            }
+            give_gradients(ops, grads, |[q, k, v], grad, _| {
+                super::attention::backward(&q, &k, &v, grad).map(Some).to_vec()
+            });
         }
     }
     let [qt, kt, vt] = tracked_operands([q, k, v])?;
     let operands = [qt.primitive().clone(), kt.primitive().clone(), vt.primitive().clone()];
     let [qf, kf, vf] = &operands;
     let out = super::attention::forward(qf, kf, vf, false)?;
-    let nodes = [qt.node(), kt.node(), vt.node()];
-    Some(into_tensor(match Attention.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(operands, out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }))
+    Some(finish(Attention, [&qt, &kt, &vt], operands, out))
+}
+
+/// A fused kernel over three activations of rank 3 with its own forward and backward.
+pub(super) trait Kernel3: Clone + Send + std::fmt::Debug + 'static {
+    fn forward(&self) -> FlexTensor;
+    /// The gradients at the three inputs, in order, given the output's.
+    fn backward(&self, grad: FlexTensor) -> [FlexTensor; 3];
+}
+
+/// A [`Kernel3`] under autodiff: `make` builds it from the inputs' flex tensors (plain ones
+/// taken as untracked leaves).
+fn kernel3<K: Kernel3>(inputs: [&Tensor<3>; 3], make: impl FnOnce([FlexTensor; 3]) -> Option<K>) -> Option<Tensor<3>> {
+    #[derive(Debug)]
+    struct Op<K>(std::marker::PhantomData<K>);
+    impl<K: Kernel3> Backward<Flex, 3> for Op<K> {
+        type State = K;
+        fn backward(self, ops: Ops<K, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            give_gradients(ops, grads, |kernel, grad, _| kernel.backward(grad).map(Some).to_vec());
+        }
+    }
+    let tracked = tracked_operands(inputs)?;
+    let kernel = make(tracked.each_ref().map(|t| t.primitive().clone()))?;
+    let out = kernel.forward();
+    Some(finish(Op::<K>(std::marker::PhantomData), tracked.each_ref(), kernel, out))
 }
 
 /// AdaLN's (1 + scale)·LayerNorm(x) + shift under autodiff (x [B, L, H], shift and scale
 /// [B, 1, H], any of them tracked), with its backward in one pass per token and one reduction
 /// for the modulation (`modulated_norm`).
 pub fn modulated_layer_norm(x: &Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>, eps: f32) -> Option<Tensor<3>> {
-    #[derive(Debug)]
-    struct ModulatedLayerNorm;
-    impl Backward<Flex, 3> for ModulatedLayerNorm {
-        type State = super::modulated_norm::ModulatedNorm;
-        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let grad = grads.consume::<Flex>(&ops.node);
-            for (parent, g) in ops.parents.into_iter().zip(ops.state.backward(grad)) {
-                if let Some(node) = parent {
-                    grads.register::<Flex>(node.id, g);
-                }
-            }
-        }
-    }
-    let [xt, shift_t, scale_t] = tracked_operands([x, shift, scale])?;
-    let parts = [&xt, &shift_t, &scale_t].map(|t| t.primitive().clone());
-    let [xf, shift_f, scale_f] = parts;
-    let norm = super::modulated_norm::ModulatedNorm::of(xf, shift_f, scale_f, eps)?;
-    let out = norm.forward();
-    let nodes = [xt.node(), shift_t.node(), scale_t.node()];
-    Some(into_tensor(match ModulatedLayerNorm.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(norm, out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }))
+    kernel3([x, shift, scale], |[x, shift, scale]| super::modulated_norm::ModulatedNorm::of(x, shift, scale, eps))
 }
 
 /// x + gate·y under autodiff (x, y [B, L, H], gate [B, 1, H]; see `gated`): the residual
 /// update of every block, its backward one pass and one reduction over the tokens.
 pub fn gated_add(x: &Tensor<3>, gate: &Tensor<3>, y: &Tensor<3>) -> Option<Tensor<3>> {
-    #[derive(Debug)]
-    struct GatedAdd;
-    impl Backward<Flex, 3> for GatedAdd {
-        type State = super::gated::Gated;
-        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let grad = grads.consume::<Flex>(&ops.node);
-            for (parent, g) in ops.parents.into_iter().zip(ops.state.backward(grad)) {
-                if let Some(node) = parent {
-                    grads.register::<Flex>(node.id, g);
-                }
-            }
-        }
-    }
-    let [xt, gate_t, yt] = tracked_operands([x, gate, y])?;
-    let [xf, gf, yf] = [&xt, &gate_t, &yt].map(|t| t.primitive().clone());
-    let gated = super::gated::Gated::of(xf, gf, yf)?;
-    let out = gated.forward();
-    let nodes = [xt.node(), gate_t.node(), yt.node()];
-    Some(into_tensor(match GatedAdd.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(gated, out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }))
+    kernel3([x, gate, y], |[x, gate, y]| super::gated::Gated::of(x, gate, y))
 }
 
 /// A block's joint attention under autodiff, from its streams' fused q/k/v projections to the
@@ -275,14 +256,10 @@ fn joint_attention_of<const N: usize>(
         /// The heads' operands and q, k, v.
         type State = (super::heads::Joint, [FlexTensor; 3]);
         fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let (joint, [q, k, v]) = ops.state;
-            let grad = grads.consume::<Flex>(&ops.node);
-            let qkv_grads = super::attention::backward(&q, &k, &v, grad);
-            for (parent, g) in ops.parents.into_iter().zip(joint.backward(&qkv_grads)) {
-                if let Some(node) = parent {
-                    grads.register::<Flex>(node.id, g);
-                }
-            }
+            give_gradients(ops, grads, |(joint, [q, k, v]), grad, _| {
+                let qkv_grads = super::attention::backward(&q, &k, &v, grad);
+                joint.backward(&qkv_grads).into_iter().map(Some).collect()
+            });
         }
     }
     let qkv: [&Tensor<3>; N] = streams.iter().map(|s| s.qkv).collect::<Vec<_>>().try_into().ok()?;
@@ -294,30 +271,47 @@ fn joint_attention_of<const N: usize>(
         return None;
     }
     let out = super::attention::forward(&q, &k, &v, false)?;
-    let nodes: [_; N] = tracked.iter().map(|t| t.node()).collect::<Vec<_>>().try_into().ok()?;
-    Some(into_tensor(match JointAttention.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((joint, [q, k, v]), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }))
+    Some(finish(JointAttention, tracked.each_ref(), (joint, [q, k, v]), out))
 }
 
 #[cfg(test)]
 mod tests {
     use burn::tensor::Tensor;
-    use burn::tensor::module::linear as burn_linear;
+    use burn::tensor::module::{attention as burn_attention, linear as burn_linear};
 
+    use super::super::HeadStream;
     use super::super::test_util::{max_diff, random};
+    use crate::engine::flux::model::rms_norm;
+    use crate::engine::flux::rope::{Rope, image_ids, text_ids};
 
-    /// The output of `f` on a fresh leaf copy of `x`, and the gradient of Σ out·`seed` there.
-    fn output_and_grad<const D: usize, const E: usize>(
-        x: &Tensor<D>,
+    /// An op's output and the gradient of Σ output·seed at each of its inputs.
+    type Outcome<const D: usize, const E: usize> = (Tensor<E>, Vec<Tensor<D>>);
+
+    /// The output of `f` on fresh leaf copies of `xs`, and the gradient of Σ out·`seed` at each.
+    fn output_and_grads<const D: usize, const E: usize>(
+        xs: &[&Tensor<D>],
         seed: &Tensor<E>,
-        f: impl Fn(Tensor<D>) -> Tensor<E>,
-    ) -> (Tensor<E>, Tensor<D>) {
-        let leaf = x.clone().autodiff().require_grad();
-        let out = f(leaf.clone());
+        f: impl Fn(&[Tensor<D>]) -> Tensor<E>,
+    ) -> Outcome<D, E> {
+        let leaves: Vec<_> = xs.iter().map(|x| (*x).clone().autodiff().require_grad()).collect();
+        let out = f(&leaves);
         let grads = (out.clone() * seed.clone().autodiff()).sum().backward();
-        (out.inner(), leaf.grad(&grads).unwrap())
+        (out.inner(), leaves.iter().map(|l| l.grad(&grads).unwrap()).collect())
+    }
+
+    /// The fused op's outcome against burn's path: outputs within `out_tol`, gradients within
+    /// `grad_tol`.
+    fn assert_agree<const D: usize, const E: usize>(
+        fused: Outcome<D, E>,
+        burn: Outcome<D, E>,
+        (out_tol, grad_tol): (f32, f32),
+    ) {
+        let diff = max_diff(fused.0, burn.0);
+        assert!(diff < out_tol, "output: {diff}");
+        for (i, (a, b)) in fused.1.into_iter().zip(burn.1).enumerate() {
+            let diff = max_diff(a, b);
+            assert!(diff < grad_tol, "gradient {i}: {diff}");
+        }
     }
 
     #[test]
@@ -325,11 +319,10 @@ mod tests {
         let x = random([2, 33, 70]) * 4.0;
         let seed = random([2, 33, 50]);
         // A narrow view (the MLP half of a fused projection) read in place.
-        let (out, grad) = output_and_grad(&x, &seed, |x| super::gelu_tanh(&x.narrow(2, 10, 50)).unwrap());
-        let (want, want_grad) =
-            output_and_grad(&x, &seed, |x| crate::engine::layers::gelu_tanh_burn(x.narrow(2, 10, 50)));
-        assert!(max_diff(out, want) < 2e-6);
-        assert!(max_diff(grad, want_grad) < 1e-5);
+        let fused = output_and_grads(&[&x], &seed, |x| super::gelu_tanh(&x[0].clone().narrow(2, 10, 50)).unwrap());
+        let burn =
+            output_and_grads(&[&x], &seed, |x| crate::engine::layers::gelu_tanh_burn(x[0].clone().narrow(2, 10, 50)));
+        assert_agree(fused, burn, (2e-6, 1e-5));
         // Off autodiff, or in f16, the op stands aside.
         assert!(super::gelu_tanh(&x).is_none());
         assert!(super::gelu_tanh(&x.autodiff().cast(burn::tensor::DType::F16)).is_none());
@@ -339,23 +332,21 @@ mod tests {
     fn frozen_linear_matches_burns_path_and_its_input_gradient() {
         let (w, b) = (random([24, 10]), random([10]));
         let seed = random([2, 7, 10]);
+        let ours = |x: &Tensor<3>| super::linear(x, &w, Some(&b)).unwrap();
+        let theirs = |x: &Tensor<3>| burn_linear(x.clone(), w.clone(), Some(b.clone()));
         let x = random([2, 7, 24]);
-        let (out, grad) = output_and_grad(&x, &seed, |x| super::linear(&x, &w, Some(&b)).unwrap());
-        let (want, want_grad) = output_and_grad(&x, &seed, |x| burn_linear(x, w.clone(), Some(b.clone())));
-        assert!(max_diff(out, want) < 1e-5);
-        assert!(max_diff(grad, want_grad) < 1e-5);
+        let fused = output_and_grads(&[&x], &seed, |x| ours(&x[0]));
+        assert_agree(fused, output_and_grads(&[&x], &seed, |x| theirs(&x[0])), (1e-5, 1e-5));
         // Past input_grad's column-major threshold: the gradient written row-major.
-        let many = random([1, 600, 24]);
-        let seed600 = random([1, 600, 10]);
-        let (_, grad) = output_and_grad(&many, &seed600, |x| super::linear(&x, &w, Some(&b)).unwrap());
-        let (_, want_grad) = output_and_grad(&many, &seed600, |x| burn_linear(x, w.clone(), Some(b.clone())));
-        assert!(max_diff(grad, want_grad) < 1e-5);
+        let (many, seed600) = (random([1, 600, 24]), random([1, 600, 10]));
+        let fused = output_and_grads(&[&many], &seed600, |x| ours(&x[0]));
+        assert_agree(fused, output_and_grads(&[&many], &seed600, |x| theirs(&x[0])), (1e-5, 1e-5));
         // A view of a wider tensor, no bias: the gradient lands in the view's columns only.
         let wide = random([2, 7, 40]);
-        let (out, grad) = output_and_grad(&wide, &seed, |x| super::linear(&x.narrow(2, 16, 24), &w, None).unwrap());
-        let (want, want_grad) = output_and_grad(&wide, &seed, |x| burn_linear(x.narrow(2, 16, 24), w.clone(), None));
-        assert!(max_diff(out, want) < 1e-5);
-        assert!(max_diff(grad, want_grad) < 1e-5);
+        let fused =
+            output_and_grads(&[&wide], &seed, |x| super::linear(&x[0].clone().narrow(2, 16, 24), &w, None).unwrap());
+        let burn = output_and_grads(&[&wide], &seed, |x| burn_linear(x[0].clone().narrow(2, 16, 24), w.clone(), None));
+        assert_agree(fused, burn, (1e-5, 1e-5));
         // With a LoRA side path whose factors are leaves: every gradient as burn's path gives it.
         let (down, up) = (random([24, 3]), random([3, 10]));
         let leaves = |t: &Tensor<2>| t.clone().autodiff().require_grad();
@@ -380,59 +371,29 @@ mod tests {
         let x = x.autodiff().require_grad();
         assert!(super::linear(&x, &w.clone().autodiff().require_grad(), None).is_none());
     }
-}
-
-#[cfg(test)]
-mod attention_tests {
-    use burn::tensor::Tensor;
-    use burn::tensor::module::attention as burn_attention;
-
-    use super::super::test_util::{max_diff, random};
 
     #[test]
     fn attention_matches_burns_path_and_its_gradients_on_strided_views() {
         // One block of query rows in the backward, and three (600 > 2 · 256).
-        attention_case(37, 29);
-        attention_case(600, 45);
+        for (lq, lk) in [(37, 29), (600, 45)] {
+            // q, k, v as the model makes them: heads split from [B, L, H, D] by a swap (strided).
+            let (b, h, d) = (2, 3, 16);
+            let (q, k, v) = (random([b, lq, h, d]), random([b, lk, h, d]), random([b, lk, h, d]));
+            let seed = random([b, lq, h * d]);
+            let heads = |x: &[Tensor<4>]| x.iter().map(|t| t.clone().swap_dims(1, 2)).collect::<Vec<_>>();
+            let fused = output_and_grads(&[&q, &k, &v], &seed, |x| {
+                let [q, k, v] = &heads(x)[..] else { unreachable!() };
+                super::attention(q, k, v).unwrap()
+            });
+            let burn = output_and_grads(&[&q, &k, &v], &seed, |x| {
+                let [q, k, v]: [Tensor<4>; 3] = heads(x).try_into().unwrap();
+                burn_attention(q, k, v, None, None, Default::default()).swap_dims(1, 2).reshape([b, lq, h * d])
+            });
+            assert_agree(fused, burn, (1e-5, 1e-4));
+            // Plain tensors are the inference kernel's.
+            assert!(super::attention(&q, &k, &v).is_none());
+        }
     }
-
-    fn attention_case(lq: usize, lk: usize) {
-        // q, k, v as the model makes them: heads split from [B, L, H, D] by a swap (strided).
-        let (b, h, d) = (2, 3, 16);
-        let q = random([b, lq, h, d]);
-        let (k, v) = (random([b, lk, h, d]), random([b, lk, h, d]));
-        let seed = random([b, lq, h * d]);
-        let run = |fused: bool| {
-            let leaf = |t: &Tensor<4>| t.clone().autodiff().require_grad();
-            let (ql, kl, vl) = (leaf(&q), leaf(&k), leaf(&v));
-            let (qv, kv, vv) = (ql.clone().swap_dims(1, 2), kl.clone().swap_dims(1, 2), vl.clone().swap_dims(1, 2));
-            let out = if fused {
-                super::attention(&qv, &kv, &vv).unwrap()
-            } else {
-                burn_attention(qv, kv, vv, None, None, Default::default()).swap_dims(1, 2).reshape([b, lq, h * d])
-            };
-            let grads = (out.clone() * seed.clone().autodiff()).sum().backward();
-            (out.inner(), ql.grad(&grads).unwrap(), kl.grad(&grads).unwrap(), vl.grad(&grads).unwrap())
-        };
-        let (fused, plain) = (run(true), run(false));
-        assert!(max_diff(fused.0, plain.0) < 1e-5);
-        assert!(max_diff(fused.1, plain.1) < 1e-4);
-        assert!(max_diff(fused.2, plain.2) < 1e-4);
-        assert!(max_diff(fused.3, plain.3) < 1e-4);
-        // Plain tensors are the inference kernel's.
-        assert!(super::attention(&q, &k, &v).is_none());
-    }
-}
-
-#[cfg(test)]
-mod joint_attention_tests {
-    use burn::tensor::Tensor;
-    use burn::tensor::module::attention as burn_attention;
-
-    use super::super::HeadStream;
-    use super::super::test_util::{max_diff, random};
-    use crate::engine::flux::model::rms_norm;
-    use crate::engine::flux::rope::{Rope, image_ids, text_ids};
 
     #[test]
     fn joint_attention_matches_burns_heads_and_attention_and_their_gradients() {
@@ -446,82 +407,51 @@ mod joint_attention_tests {
         ids.extend(image_ids(3, 4));
         let rope = Rope::new(&ids, &[4, 6, 6], 10_000.0, &burn::tensor::Device::flex());
         let seed = random([2, 17, hd]);
-        let run = |fused: bool| {
-            let (t, i) = (txt.clone().autodiff().require_grad(), img.clone().autodiff().require_grad());
-            let out = if fused {
-                let streams = [
-                    HeadStream { qkv: &t, q_scale: &scales[0], k_scale: &scales[1] },
-                    HeadStream { qkv: &i, q_scale: &scales[2], k_scale: &scales[3] },
-                ];
-                super::joint_attention(&streams, heads, 1e-6, (&rope.cos, &rope.sin)).unwrap()
-            } else {
-                let split = |x: &Tensor<3>, n: usize| {
-                    let [b, l, _] = x.dims();
-                    x.clone().narrow(2, n * hd, hd).reshape([b, l, heads, d]).swap_dims(1, 2)
-                };
-                let q = Tensor::cat(vec![rms_norm(split(&t, 0), &scales[0]), rms_norm(split(&i, 0), &scales[2])], 2);
-                let k = Tensor::cat(vec![rms_norm(split(&t, 1), &scales[1]), rms_norm(split(&i, 1), &scales[3])], 2);
-                let v = Tensor::cat(vec![split(&t, 2), split(&i, 2)], 2);
-                let x = burn_attention(rope.apply(q), rope.apply(k), v, None, None, Default::default());
-                x.swap_dims(1, 2).reshape([2, 17, hd])
+        let fused = output_and_grads(&[&txt, &img], &seed, |x| {
+            let streams = [
+                HeadStream { qkv: &x[0], q_scale: &scales[0], k_scale: &scales[1] },
+                HeadStream { qkv: &x[1], q_scale: &scales[2], k_scale: &scales[3] },
+            ];
+            super::joint_attention(&streams, heads, 1e-6, (&rope.cos, &rope.sin)).unwrap()
+        });
+        let burn = output_and_grads(&[&txt, &img], &seed, |x| {
+            let split = |x: &Tensor<3>, n: usize| {
+                let [b, l, _] = x.dims();
+                x.clone().narrow(2, n * hd, hd).reshape([b, l, heads, d]).swap_dims(1, 2)
             };
-            let grads = (out.clone() * seed.clone().autodiff()).sum().backward();
-            (out.inner(), t.grad(&grads).unwrap(), i.grad(&grads).unwrap())
-        };
-        let (fused, plain) = (run(true), run(false));
-        assert!(max_diff(fused.0, plain.0) < 1e-5);
-        assert!(max_diff(fused.1, plain.1) < 1e-4);
-        assert!(max_diff(fused.2, plain.2) < 1e-4);
+            let joined = |n: usize| {
+                let (t, i) = (split(&x[0], n), split(&x[1], n));
+                match n {
+                    2 => Tensor::cat(vec![t, i], 2),
+                    _ => Tensor::cat(vec![rms_norm(t, &scales[n]), rms_norm(i, &scales[2 + n])], 2),
+                }
+            };
+            let (q, k) = (rope.apply(joined(0)), rope.apply(joined(1)));
+            burn_attention(q, k, joined(2), None, None, Default::default()).swap_dims(1, 2).reshape([2, 17, hd])
+        });
+        assert_agree(fused, burn, (1e-5, 1e-4));
     }
-}
-
-#[cfg(test)]
-mod modulated_norm_tests {
-    use super::super::test_util::{max_diff, random};
 
     #[test]
     fn modulated_layer_norm_matches_burns_path_and_its_gradients() {
         let x = random([2, 37, 40]) * 3.0 + 1.5;
         let (shift, scale) = (random([2, 1, 40]), random([2, 1, 40]));
         let seed = random([2, 37, 40]);
-        let run = |fused: bool| {
-            let leaf = |t: &burn::tensor::Tensor<3>| t.clone().autodiff().require_grad();
-            let (x, t, s) = (leaf(&x), leaf(&shift), leaf(&scale));
-            let out = if fused {
-                super::modulated_layer_norm(&x, &t, &s, 1e-6).unwrap()
-            } else {
-                (s.clone() + 1.0) * crate::engine::layers::layer_norm(x.clone(), 1e-6, None) + t.clone()
-            };
-            let grads = (out.clone() * seed.clone().autodiff()).sum().backward();
-            (out.inner(), x.grad(&grads).unwrap(), t.grad(&grads).unwrap(), s.grad(&grads).unwrap())
-        };
-        let (fused, plain) = (run(true), run(false));
-        assert!(max_diff(fused.0, plain.0) < 1e-5);
-        assert!(max_diff(fused.1, plain.1) < 1e-4);
-        assert!(max_diff(fused.2, plain.2) < 1e-4);
-        assert!(max_diff(fused.3, plain.3) < 1e-4);
+        let fused = output_and_grads(&[&x, &shift, &scale], &seed, |t| {
+            super::modulated_layer_norm(&t[0], &t[1], &t[2], 1e-6).unwrap()
+        });
+        let burn = output_and_grads(&[&x, &shift, &scale], &seed, |t| {
+            (t[2].clone() + 1.0) * crate::engine::layers::layer_norm(t[0].clone(), 1e-6, None) + t[1].clone()
+        });
+        assert_agree(fused, burn, (1e-5, 1e-4));
     }
-}
-
-#[cfg(test)]
-mod gated_tests {
-    use super::super::test_util::{max_diff, random};
 
     #[test]
     fn gated_add_matches_burns_path_and_its_gradients() {
         let (x, y, gate) = (random([2, 37, 40]), random([2, 37, 40]), random([2, 1, 40]));
         let seed = random([2, 37, 40]);
-        let run = |fused: bool| {
-            let leaf = |t: &burn::tensor::Tensor<3>| t.clone().autodiff().require_grad();
-            let (x, g, y) = (leaf(&x), leaf(&gate), leaf(&y));
-            let out = if fused { super::gated_add(&x, &g, &y).unwrap() } else { x.clone() + g.clone() * y.clone() };
-            let grads = (out.clone() * seed.clone().autodiff()).sum().backward();
-            (out.inner(), x.grad(&grads).unwrap(), g.grad(&grads).unwrap(), y.grad(&grads).unwrap())
-        };
-        let (fused, plain) = (run(true), run(false));
-        assert!(max_diff(fused.0, plain.0) < 1e-6);
-        assert!(max_diff(fused.1, plain.1) < 1e-6);
-        assert!(max_diff(fused.2, plain.2) < 1e-4);
-        assert!(max_diff(fused.3, plain.3) < 1e-6);
+        let fused = output_and_grads(&[&x, &gate, &y], &seed, |t| super::gated_add(&t[0], &t[1], &t[2]).unwrap());
+        let burn = output_and_grads(&[&x, &gate, &y], &seed, |t| t[0].clone() + t[1].clone() * t[2].clone());
+        assert_agree(fused, burn, (1e-6, 1e-4));
     }
 }
