@@ -739,15 +739,21 @@ fn bench_reports_json_with_a_profile_for_the_transformer_and_the_vae() {
     assert_eq!(step["step"]["seconds"].as_array().unwrap().len(), 2);
     assert!(step["step"]["median_seconds"].as_f64().unwrap() > 0.0);
     let ops_step = ops(&step["step"]["profile"]);
-    for op in ["linear", "attention", "gelu", "layer_norm"] {
+    for op in ["linear", "attention", "gelu", "norm+modulate", "gated residual"] {
         assert!(ops_step.iter().any(|o| o == op), "{op} missing from {ops_step:?}");
+    }
+    // A training step's profile: the forward's ops (the fused autodiff ones among them), burn's
+    // backward passes and the optimizer.
+    let train = json(&["--img-tokens", "16", "--txt-tokens", "8", "--steps", "1", "--train", "--profile", "--json"]);
+    let ops_train = ops(&train["step"]["profile"]);
+    for op in ["linear", "heads+attention (autodiff)", "gelu", "backward", "optimizer"] {
+        assert!(ops_train.iter().any(|o| o == op), "{op} missing from {ops_train:?}");
     }
     let rss = &step["rss_bytes"];
     assert!(rss["peak_during_load"].as_u64().unwrap() >= rss["after_load"].as_u64().unwrap());
 
     // Options the mode would ignore are refused with a message naming them.
-    for (extra, flag) in [(&["--vae", "--quant", "q8_0"][..], "--quant"), (&["--profile", "--train"][..], "--profile")]
-    {
+    for (extra, flag) in [(&["--vae", "--quant", "q8_0"][..], "--quant"), (&["--vae", "--train"][..], "--train")] {
         let args: Vec<&str> = ["bench"].iter().chain(&tiny).chain(extra).copied().collect();
         let o = atelier(dir.path(), &args);
         assert!(!o.status.success() && stderr(&o).contains(flag), "{}", stderr(&o));
