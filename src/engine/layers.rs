@@ -252,19 +252,10 @@ pub fn linear(
     Ok(Linear { weight: Weight::Dense(Param::from_tensor(weight)), bias, adapters: Vec::new() })
 }
 
-/// Row-major [rows, cols] → [cols, rows], in cache-sized tiles.
+/// Row-major [rows, cols] → [cols, rows] (`engine::cpu::transpose_into`).
 pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const TILE: usize = 32;
     let mut dst = vec![0f32; src.len()];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
-                }
-            }
-        }
-    }
+    crate::engine::cpu::transpose_into(src, rows, cols, &mut dst);
     dst
 }
 

@@ -60,20 +60,8 @@ impl Kernel3 for Gated {
             scale_row(&g[r * h..][..h], &gate[bi * h..][..h], o);
         });
         let mut dgate = super::zeros(self.gate.layout().shape().clone());
-        const TOKENS: usize = 64;
-        for (bi, dg) in dgate.storage_mut::<f32>()[..b * h].chunks_mut(h).enumerate() {
-            let total = (0..l.div_ceil(TOKENS))
-                .into_par_iter()
-                .map(|i| {
-                    let mut acc = vec![0f32; h];
-                    for r in bi * l + i * TOKENS..bi * l + ((i + 1) * TOKENS).min(l) {
-                        fma_into(&g[r * h..][..h], &y[r * h..][..h], &mut acc);
-                    }
-                    acc
-                })
-                .reduce(|| vec![0f32; h], |a, c| a.iter().zip(&c).map(|(a, c)| a + c).collect());
-            dg.copy_from_slice(&total);
-        }
+        let sums = super::token_sums((b, l), h, |r, acc| fma_into(&g[r * h..][..h], &y[r * h..][..h], acc));
+        dgate.storage_mut::<f32>()[..b * h].copy_from_slice(&sums);
         [grad, dgate, dy]
     }
 }

@@ -121,30 +121,13 @@ pub(super) fn input_grad(grad: FlexTensor, weight: &FlexTensor) -> FlexTensor {
         );
     }
     if column_major {
-        transpose(&scratch, k, rows, &mut dst[..rows * k]);
+        super::transpose_into(&scratch, k, rows, &mut dst[..rows * k]);
     }
     out
 }
 
 /// Up to this many rows [`input_grad`] goes through a column-major output.
 const COLUMN_MAJOR_ROWS: usize = 512;
-
-/// `dst` [cols, rows] = `src` [rows, cols]ᵀ, both row-major, in parallel over blocks of dst
-/// rows, each read from `src` in cache-sized tiles.
-fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const TILE: usize = 32;
-    dst.par_chunks_mut(TILE * rows).enumerate().for_each(|(block, d)| {
-        let c0 = block * TILE;
-        for r0 in (0..rows).step_by(TILE) {
-            for (i, d) in d.chunks_mut(rows).enumerate() {
-                let c = c0 + i;
-                for r in r0..(r0 + TILE).min(rows) {
-                    d[r] = src[r * cols + c];
-                }
-            }
-        }
-    });
-}
 
 /// A LoRA side path's products on a Linear's input: with `x` rows [rows, K] read from
 /// `from_start(x)` at `stride`, h = x·D [rows, r] (D the contiguous [K, r] `down`), then
@@ -343,19 +326,6 @@ pub fn tiled_linear<const D: usize>(
 #[cfg(test)]
 mod tests {
     use burn::tensor::module::linear as burn_linear;
-
-    #[test]
-    fn transpose_covers_ragged_tiles() {
-        let (rows, cols) = (70, 45);
-        let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-        let mut dst = vec![0f32; rows * cols];
-        super::transpose(&src, rows, cols, &mut dst);
-        for r in 0..rows {
-            for c in 0..cols {
-                assert_eq!(dst[c * rows + r], src[r * cols + c]);
-            }
-        }
-    }
 
     use super::super::test_util::{max_diff, random};
 

@@ -79,6 +79,50 @@ fn zeros(shape: burn::tensor::Shape) -> FlexTensor {
     FlexTensor::new(burn_backend::Bytes::from_elems(vec![0f32; n]), burn_flex::Layout::contiguous(shape), DType::F32)
 }
 
+/// Per batch item, Σ over its `tokens` of what `add(token row, acc)` adds into a `width`-long
+/// accumulator (a modulation's gradient): blocks of tokens summed in parallel, then the blocks.
+/// Returns batch × width values.
+fn token_sums((batch, tokens): (usize, usize), width: usize, add: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    const TOKENS: usize = 64;
+    let mut sums = vec![0f32; batch * width];
+    for (bi, sums) in sums.chunks_mut(width.max(1)).enumerate() {
+        let total = (0..tokens.div_ceil(TOKENS))
+            .into_par_iter()
+            .map(|i| {
+                let mut acc = vec![0f32; width];
+                for r in bi * tokens + i * TOKENS..bi * tokens + ((i + 1) * TOKENS).min(tokens) {
+                    add(r, &mut acc);
+                }
+                acc
+            })
+            .reduce(|| vec![0f32; width], |a, c| a.iter().zip(&c).map(|(a, c)| a + c).collect());
+        sums.copy_from_slice(&total);
+    }
+    sums
+}
+
+/// `dst` [cols, rows] = `src` [rows, cols]ᵀ, both row-major, in parallel over blocks of dst
+/// rows, each read from `src` in cache-sized tiles.
+pub fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    if rows == 0 {
+        return;
+    }
+    dst.par_chunks_mut(TILE * rows).enumerate().for_each(|(block, d)| {
+        let c0 = block * TILE;
+        for r0 in (0..rows).step_by(TILE) {
+            for (i, d) in d.chunks_mut(rows).enumerate() {
+                let c = c0 + i;
+                for r in r0..(r0 + TILE).min(rows) {
+                    d[r] = src[r * cols + c];
+                }
+            }
+        }
+    });
+}
+
 /// (rows, row length, row stride) when `t` is rows of contiguous elements at a uniform stride
 /// from its start offset: a contiguous tensor, or a narrow of its last dim.
 fn rows(t: &FlexTensor) -> Option<(usize, usize, usize)> {

@@ -76,27 +76,13 @@ impl Kernel3 for ModulatedNorm {
             let (mean, inv) = stats(x, eps);
             norm_grad_row(x, scale, (mean, inv), &g[r * h..][..h], dx);
         });
-        // Σ g and Σ g·n over each batch item's tokens, in blocks of tokens summed in parallel.
-        let mut sums = vec![0f32; b * 2 * h];
+        // Σ g and Σ g·n over each batch item's tokens.
         let x: &[f32] = self.x.storage();
-        for (bi, sums) in sums.chunks_mut(2 * h).enumerate() {
-            let block = |(start, end): (usize, usize)| {
-                let mut acc = vec![0f32; 2 * h];
-                for r in bi * l + start..bi * l + end {
-                    let xr = &x[r * h..][..h];
-                    let (mean, inv) = stats(xr, eps);
-                    let (ds, dc) = acc.split_at_mut(h);
-                    modulation_grad_row(xr, (mean, inv), &g[r * h..][..h], ds, dc);
-                }
-                acc
-            };
-            const TOKENS: usize = 64;
-            let total = (0..l.div_ceil(TOKENS))
-                .into_par_iter()
-                .map(|i| block((i * TOKENS, ((i + 1) * TOKENS).min(l))))
-                .reduce(|| vec![0f32; 2 * h], |a, c| a.iter().zip(&c).map(|(a, c)| a + c).collect());
-            sums.copy_from_slice(&total);
-        }
+        let sums = super::token_sums((b, l), 2 * h, |r, acc| {
+            let xr = &x[r * h..][..h];
+            let (ds, dc) = acc.split_at_mut(h);
+            modulation_grad_row(xr, stats(xr, eps), &g[r * h..][..h], ds, dc);
+        });
         let part = |k: usize| {
             let v: Vec<f32> = sums.chunks(2 * h).flat_map(|s| s[k * h..][..h].to_vec()).collect();
             let mut t = super::zeros(self.shift.layout().shape().clone());

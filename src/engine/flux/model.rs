@@ -164,7 +164,7 @@ fn with_head_streams<T>(streams: &[(Tensor<3>, &QkNorm)], f: impl FnOnce(&[cpu::
 /// ([`joint_heads`]) then [`attention_merged`]; [B, ΣL, H·D]. Under autodiff on the CPU
 /// (LoRA training) both are one op with a hand-written backward (`cpu::tracked`).
 fn joint_attention(streams: &[(Tensor<3>, &QkNorm)], heads: usize, hd: usize, rope: &Rope, bf16: bool) -> Tensor<3> {
-    let tracked = streams.first().is_some_and(|(x, _)| x.is_autodiff());
+    let tracked = streams.iter().any(|(x, _)| x.is_autodiff());
     let fused = tracked.then(|| {
         profile::span("heads+attention (autodiff)", || {
             with_head_streams(streams, |s| cpu::tracked::joint_attention(s, heads, EPS as f32, (&rope.cos, &rope.sin)))
