@@ -327,6 +327,9 @@ fn quantize(input: &std::path::Path, output: &std::path::Path, ty: &str) -> Resu
     for (ty, count, bytes) in written.per_type {
         println!("  {:<5} {count:>5} tensors {bytes:>14} bytes", ty.name());
     }
+    if let Some(t) = written.tokenizer {
+        println!("  tokenizer: {t}");
+    }
     Ok(())
 }
 
@@ -425,6 +428,11 @@ fn inspect(path: &std::path::Path) -> Result<()> {
         );
         for (ty, count, bytes) in file.bytes_per_type() {
             println!("  {:<5} {count:>5} tensors {bytes:>14} bytes", ty.name());
+        }
+        match atelier::engine::gguf::t5_vocab::T5Vocab::from_gguf(file.metadata()) {
+            Ok(Some(v)) => println!("tokenizer: T5 (llama.cpp's tokenizer.ggml.*), {} tokens", v.tokens.len()),
+            Ok(None) => {}
+            Err(e) => println!("tokenizer: unreadable ({e:#})"),
         }
     }
     match transformer_or_t5(path)? {

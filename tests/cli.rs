@@ -620,6 +620,11 @@ fn quantize_writes_a_t5_that_inspect_names_and_generate_takes_as_t5() {
     let folder = fixture("pipeline/schnell/diffusers/text_encoder_2");
     let o = atelier(dir.path(), &["quantize", folder.to_str().unwrap(), t5.to_str().unwrap(), "--type", "q8_0"]);
     assert!(o.status.success(), "quantize failed: {}", stderr(&o));
+    // It carries its tokenizer (llama.cpp's keys), which inspect names.
+    assert!(String::from_utf8_lossy(&o.stdout).contains("tokenizer: 32128 tokens, from"), "{o:?}");
+    let o = atelier(dir.path(), &["inspect", t5.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("tokenizer: T5 (llama.cpp's tokenizer.ggml.*), 32128 tokens"), "{text}");
     let png = dir.path().join("fox.png");
     let model = fixture("pipeline/schnell/diffusers");
     let args = ["--prompt", "a red fox in the snow, studio photo", "--seed", "42", "--steps", "3", "--width", "80"];

@@ -16,11 +16,13 @@ use anyhow::{Context, Result, bail};
 use crate::engine::flux::{self, DiffusersConfig, Flux};
 use crate::engine::gguf::quant::GgmlType;
 use crate::engine::gguf::quantize::quantize;
-use crate::engine::gguf::t5_names;
+use crate::engine::gguf::t5_vocab::T5Vocab;
 use crate::engine::gguf::writer::{self, MetaValue, TensorPlan};
+use crate::engine::gguf::{self, GgufFile, t5_names};
 use crate::engine::host_tensor::HostTensor;
 use crate::engine::loader::Walk;
 use crate::engine::t5::T5Encoder;
+use crate::engine::tokenize::T5_TOKENIZER_JSON;
 
 /// Tensors city96 keeps at 16 bits whatever the target (`KEEP_F16` of the reference script).
 const KEEP_F16: [&str; 5] =
@@ -61,6 +63,8 @@ pub fn type_for(name: &str, shape: &[usize], target: GgmlType) -> GgmlType {
 pub struct Written {
     pub file_bytes: u64,
     pub per_type: Vec<(GgmlType, usize, u64)>,
+    /// A T5's tokenizer: what went into the file, or why none did.
+    pub tokenizer: Option<String>,
 }
 
 /// Converts the transformer at `input` to `output` in type `target` (see [`parse_target`]),
@@ -144,8 +148,11 @@ pub fn convert_t5(input: &Path, output: &Path, target: &str) -> Result<Written> 
         (key("attention.layer_norm_rms_epsilon"), MetaValue::F32(c.eps as f32)),
         (key("attention.relative_buckets_count"), count(c.buckets)),
     ];
+    let (vocab, tokenizer) = t5_tokenizer(input, c.vocab)?;
+    let metadata: Vec<(String, MetaValue)> =
+        metadata.into_iter().chain(vocab.iter().flat_map(T5Vocab::metadata)).collect();
     let metadata: Vec<(&str, MetaValue)> = metadata.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-    write_file(output, &metadata, &plans, |name| {
+    let mut written = write_file(output, &metadata, &plans, |name| {
         let own = t5_names::from_llama(name).with_context(|| format!("{name} is not a T5 encoder tensor"))?;
         // The walk names the table `shared`; the file may hold it as `encoder.embed_tokens`.
         let own = match own.as_str() {
@@ -155,7 +162,35 @@ pub fn convert_t5(input: &Path, output: &Path, target: &str) -> Result<Written> 
             _ => own,
         };
         weights.read(&format!("{prefix}{own}"))
-    })
+    })?;
+    written.tokenizer = Some(tokenizer);
+    Ok(written)
+}
+
+/// The tokenizer a T5 GGUF carries, and where it came from: the input GGUF's own; else a
+/// `tokenizer.json` in the input's folder (a transformers folder) or in its pipeline's
+/// `tokenizer_2/` (diffusers); else FLUX's T5 v1.1 tokenizer built into atelier. None (and
+/// why) when the model's vocabulary cannot hold it.
+fn t5_tokenizer(input: &Path, n_vocab: usize) -> Result<(Option<T5Vocab>, String)> {
+    let own = match gguf::is_gguf(input) {
+        true => T5Vocab::from_gguf(GgufFile::open(input)?.metadata())
+            .with_context(|| format!("the tokenizer in {}", input.display()))?,
+        false => None,
+    };
+    if let Some(v) = own {
+        let from = format!("{} tokens, from {}", v.tokens.len(), input.display());
+        return Ok((Some(v), from));
+    }
+    let dir = if input.is_dir() { Some(input) } else { input.parent() };
+    let beside = dir.into_iter().flat_map(|d| [d.join("tokenizer.json"), d.join("../tokenizer_2/tokenizer.json")]);
+    let (bytes, from) = match beside.into_iter().find(|p| p.is_file()) {
+        Some(p) => (std::fs::read(&p)?, p.display().to_string()),
+        None => (T5_TOKENIZER_JSON.to_vec(), "atelier's built-in T5 v1.1 tokenizer".to_string()),
+    };
+    match T5Vocab::from_tokenizer_json(&bytes, n_vocab) {
+        Ok(v) => Ok((Some(v), format!("{n_vocab} tokens, from {from}"))),
+        Err(e) => Ok((None, format!("none written ({from}: {e})"))),
+    }
 }
 
 /// Writes `plans` (each tensor's values from `read`, by its name in the file) and counts what
@@ -184,7 +219,7 @@ fn write_file(
         }
     }
     per_type.sort();
-    Ok(Written { file_bytes: std::fs::metadata(output)?.len(), per_type })
+    Ok(Written { file_bytes: std::fs::metadata(output)?.len(), per_type, tokenizer: None })
 }
 
 #[cfg(test)]

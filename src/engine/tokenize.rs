@@ -8,6 +8,9 @@ use std::path::Path;
 use anyhow::{Result, anyhow, bail};
 use tokenizers::Tokenizer;
 
+/// FLUX's T5 tokenizer (T5 v1.1's Unigram, `weights/tokenizers/t5/`), built into the binary.
+pub const T5_TOKENIZER_JSON: &[u8] = include_bytes!("../../weights/tokenizers/t5/tokenizer.json");
+
 /// CLIP's context length.
 pub const CLIP_LENGTH: usize = 77;
 const CLIP_EOS: u32 = 49407;
@@ -57,7 +60,7 @@ impl FluxTokenizers {
     /// The tokenizers shipped in `weights/tokenizers/`, built into the binary so that it works
     /// from any folder.
     pub fn builtin() -> Result<Self> {
-        const T5: &[u8] = include_bytes!("../../weights/tokenizers/t5/tokenizer.json");
+        const T5: &[u8] = T5_TOKENIZER_JSON;
         const CLIP: &[u8] = include_bytes!("../../weights/tokenizers/clip/tokenizer.json");
         let load = |bytes: &[u8], what: &str| {
             let t = Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("built-in {what} tokenizer: {e}"))?;

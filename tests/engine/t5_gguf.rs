@@ -168,3 +168,44 @@ fn a_gguf_t5_without_an_architecture_and_with_its_checkpoint_names_loads() {
     };
     assert_eq!(forward(&out), forward(&src), "prefix {prefix:?}");
 }
+
+#[test]
+fn a_t5_gguf_carries_its_tokenizer_as_llama_cpps_converter_writes_it() {
+    use atelier::engine::gguf::t5_vocab::T5Vocab;
+    use atelier::engine::to_gguf::convert_t5;
+    use atelier::engine::tokenize::T5_TOKENIZER_JSON;
+    use sha2::Digest;
+
+    // The tokenizer keys alone, byte for byte what the `gguf` package writes for them in the
+    // order of llama.cpp's converter (the golden is that file's hash: it is 1 MB).
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("quantize/t5_tokenizer.json")).unwrap()).unwrap();
+    let vocab = T5Vocab::from_tokenizer_json(T5_TOKENIZER_JSON, 32128).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.gguf");
+    let mut meta = vec![("general.architecture".to_string(), MetaValue::Str("t5encoder".into()))];
+    meta.extend(vocab.metadata());
+    let meta: Vec<(&str, MetaValue)> = meta.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    writer::write(&keys, &meta, &[], |_| unreachable!()).unwrap();
+    let bytes = std::fs::read(&keys).unwrap();
+    assert_eq!(bytes.len() as u64, golden["bytes"].as_u64().unwrap());
+    assert_eq!(format!("{:x}", sha2::Sha256::digest(&bytes)), golden["sha256"].as_str().unwrap());
+
+    // `atelier quantize` of a T5 with T5's 32128 embeddings (the tiny pipeline's) carries the
+    // built-in tokenizer; quantizing that GGUF again carries the file's own.
+    let a = dir.path().join("a.gguf");
+    let written = convert_t5(&fixture("pipeline/single/t5xxl.safetensors"), &a, "q8_0").unwrap();
+    assert!(written.tokenizer.as_deref().unwrap().contains("built-in"), "{written:?}");
+    assert_eq!(T5Vocab::from_gguf(GgufFile::open(&a).unwrap().metadata()).unwrap().as_ref(), Some(&vocab));
+    let b = dir.path().join("b.gguf");
+    let written = convert_t5(&a, &b, "f16").unwrap();
+    assert!(written.tokenizer.as_deref().unwrap().contains("a.gguf"), "{written:?}");
+    assert_eq!(T5Vocab::from_gguf(GgufFile::open(&b).unwrap().metadata()).unwrap(), Some(vocab));
+
+    // A T5 whose 300 embeddings cannot hold T5's pieces gets none, and says why.
+    let c = dir.path().join("c.gguf");
+    let written = convert_t5(&fixture("gguf/t5_mixed.gguf"), &c, "q8_0").unwrap();
+    let why = written.tokenizer.unwrap();
+    assert!(why.starts_with("none written") && why.contains("300"), "{why}");
+    assert!(!GgufFile::open(&c).unwrap().metadata().keys().any(|k| k.starts_with("tokenizer.")));
+}

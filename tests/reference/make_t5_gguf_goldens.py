@@ -21,8 +21,16 @@ Writes
                                     llama.cpp's names sorted, general.* then t5encoder.* metadata,
                                     norms and attn_rel_b F32, other matrices Q8_0 (F16 where rows
                                     are not whole blocks)
+  quantize/t5_tokenizer.json        the sha256 and size of a GGUF holding only llama.cpp's T5
+                                    tokenizer keys (convert_hf_to_gguf.py's T5 set_vocab over the
+                                    built-in tokenizer, 32128 ids) as the package writes them;
+                                    checked first by rebuilding a SentencePiece model from that
+                                    file (as ComfyUI-GGUF does) and tokenizing the prompts of
+                                    tokenizers_expected.json. `... tokenizer` makes this one alone
+                                    (needs sentencepiece and protobuf too).
 """
 
+import base64
 import os
 import sys
 
@@ -169,6 +177,94 @@ def quantized_q8_0():
     print(path, os.path.getsize(path), "bytes")
 
 
+def llama_cpp_vocab(tokenizer_json, vocab_size):
+    """What llama.cpp's convert_hf_to_gguf.py (T5Model.set_vocab) writes for a T5 whose
+    SentencePiece model is the Unigram in `tokenizer_json`: every id `[PAD{id}]` (score -10000,
+    UNUSED), then the SentencePiece pieces (the vocab before T5's `<extra_id_N>` sentinels,
+    which the SentencePiece model does not have) with their scores and types."""
+    import json
+    t = json.load(open(tokenizer_json))
+    special = {a["id"] for a in t["added_tokens"] if a["special"]}
+    unk = t["model"]["unk_id"]
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for i, (piece, score) in enumerate(t["model"]["vocab"]):
+        if piece.startswith("<extra_id_"):
+            break
+        tokens[i] = piece.encode()
+        scores[i] = score
+        types[i] = gguf.TokenType.UNKNOWN if i == unk else gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+    norms = t["normalizer"]["normalizers"]
+    charsmap = base64.b64decode(next(n for n in norms if n["type"] == "Precompiled")["precompiled_charsmap"])
+    remove_ws = any(n["type"] == "Replace" and n["pattern"].get("Regex") == " {2,}" for n in norms)
+    return tokens, scores, types, t["pre_tokenizer"]["add_prefix_space"], remove_ws, charsmap
+
+
+def tokenizer_golden():
+    """quantize/t5_tokenizer.json: the sha256 of a GGUF holding only llama.cpp's T5 tokenizer
+    keys (the built-in tokenizer over the tiny pipeline T5's 32128 embeddings), written by the
+    package's writer in the converter's order; atelier must write the same bytes. Then the
+    file is read back the way ComfyUI-GGUF rebuilds a SentencePiece model from a GGUF, and that
+    model must tokenize the prompts of tokenizers_expected.json as transformers does."""
+    import hashlib
+    import json
+    import tempfile
+
+    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+    tokens, scores, types, prefix, remove_ws, charsmap = llama_cpp_vocab("weights/tokenizers/t5/tokenizer.json", 32128)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "t5_tokenizer.gguf")
+        w = gguf.GGUFWriter(path, "t5encoder")
+        w.add_tokenizer_model("t5")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(prefix)
+        w.add_remove_extra_whitespaces(remove_ws)
+        w.add_precompiled_charsmap(charsmap)
+        w.add_eos_token_id(1)
+        w.add_unk_token_id(2)
+        w.add_pad_token_id(0)
+        w.add_add_bos_token(False)
+        w.add_add_eos_token(True)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        data = open(path, "rb").read()
+
+        r = gguf.GGUFReader(path)
+        field = lambda k: r.fields[k]  # noqa: E731
+        proto = spm_pb2.ModelProto()
+        proto.trainer_spec.model_type = 1  # UNIGRAM
+        proto.trainer_spec.unk_id = int(field("tokenizer.ggml.unknown_token_id").contents())
+        proto.trainer_spec.eos_id = int(field("tokenizer.ggml.eos_token_id").contents())
+        proto.trainer_spec.pad_id = int(field("tokenizer.ggml.padding_token_id").contents())
+        proto.trainer_spec.bos_id = -1
+        proto.normalizer_spec.add_dummy_prefix = bool(field("tokenizer.ggml.add_space_prefix").contents())
+        proto.normalizer_spec.remove_extra_whitespaces = bool(field("tokenizer.ggml.remove_extra_whitespaces").contents())
+        proto.normalizer_spec.precompiled_charsmap = bytes(field("tokenizer.ggml.precompiled_charsmap").contents())
+        for piece, score, ty in zip(field("tokenizer.ggml.tokens").contents(), field("tokenizer.ggml.scores").contents(),
+                                    field("tokenizer.ggml.token_type").contents()):
+            p = proto.pieces.add()
+            p.piece, p.score, p.type = piece, score, ty
+        sp = SentencePieceProcessor(model_proto=proto.SerializeToString())
+        expected = json.load(open("tests/fixtures/tokenizers_expected.json"))
+        for prompt, ids in expected.items():
+            got = sp.encode(prompt) + [1]
+            assert got == ids["t5"], (prompt, got, ids["t5"])
+    out = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "tokens": len(tokens)}
+    json.dump(out, open("tests/fixtures/quantize/t5_tokenizer.json", "w"), indent=1)
+    print("tokenizer:", out, f"; SentencePiece from the GGUF reproduces {len(expected)} prompts")
+
+
 if __name__ == "__main__":
-    main()
-    quantized_q8_0()
+    if sys.argv[1:] == ["tokenizer"]:
+        tokenizer_golden()
+    else:
+        main()
+        quantized_q8_0()
+        tokenizer_golden()

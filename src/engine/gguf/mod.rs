@@ -9,6 +9,7 @@ pub mod header;
 pub mod quant;
 pub mod quantize;
 pub mod t5_names;
+pub mod t5_vocab;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};

@@ -19,7 +19,58 @@ const ALIGNMENT: u64 = 32;
 pub enum MetaValue {
     U32(u32),
     F32(f32),
+    Bool(bool),
     Str(String),
+    /// Arrays, typed as the `gguf` package types them (a token list, scores, token types, a
+    /// byte string).
+    Strings(Vec<String>),
+    F32s(Vec<f32>),
+    I32s(Vec<i32>),
+    U8s(Vec<u8>),
+}
+
+/// GGUF's value type numbers.
+const U8: u32 = 0;
+const U32: u32 = 4;
+const I32: u32 = 5;
+const F32: u32 = 6;
+const BOOL: u32 = 7;
+const STRING: u32 = 8;
+const ARRAY: u32 = 9;
+
+impl MetaValue {
+    fn put(&self, out: &mut Vec<u8>) {
+        fn array<T>(out: &mut Vec<u8>, ty: u32, items: &[T], mut each: impl FnMut(&mut Vec<u8>, &T)) {
+            out.extend(ARRAY.to_le_bytes());
+            out.extend(ty.to_le_bytes());
+            out.extend((items.len() as u64).to_le_bytes());
+            for item in items {
+                each(out, item);
+            }
+        }
+        match self {
+            MetaValue::U32(v) => {
+                out.extend(U32.to_le_bytes());
+                out.extend(v.to_le_bytes());
+            }
+            MetaValue::F32(v) => {
+                out.extend(F32.to_le_bytes());
+                out.extend(v.to_le_bytes());
+            }
+            MetaValue::Bool(v) => {
+                out.extend(BOOL.to_le_bytes());
+                out.push(*v as u8);
+            }
+            MetaValue::Str(s) => {
+                out.extend(STRING.to_le_bytes());
+                string(out, s);
+            }
+            MetaValue::Strings(v) => array(out, STRING, v, |o, s| string(o, s)),
+            MetaValue::F32s(v) => array(out, F32, v, |o, x| o.extend(x.to_le_bytes())),
+            MetaValue::I32s(v) => array(out, I32, v, |o, x| o.extend(x.to_le_bytes())),
+            MetaValue::U8s(v) => array(out, U8, v, |o, x| o.push(*x)),
+        }
+    }
 }
 
 /// One tensor to write: its name, PyTorch shape (outermost first) and block type.
@@ -79,20 +130,7 @@ pub fn write(
     head.extend((metadata.len() as u64).to_le_bytes());
     for (key, value) in metadata {
         string(&mut head, key);
-        match value {
-            MetaValue::U32(v) => {
-                head.extend(4u32.to_le_bytes());
-                head.extend(v.to_le_bytes());
-            }
-            MetaValue::F32(v) => {
-                head.extend(6u32.to_le_bytes());
-                head.extend(v.to_le_bytes());
-            }
-            MetaValue::Str(s) => {
-                head.extend(8u32.to_le_bytes());
-                string(&mut head, s);
-            }
-        }
+        value.put(&mut head);
     }
     let mut offset = 0u64;
     let mut sizes = Vec::with_capacity(tensors.len());
@@ -108,7 +146,11 @@ pub fn write(
         offset += (bytes as u64).div_ceil(ALIGNMENT) * ALIGNMENT;
         sizes.push(bytes);
     }
-    pad(&mut head, 0);
+    // Tensor data starts aligned; a file without tensors (a vocabulary) ends unpadded, as the
+    // `gguf` package writes it.
+    if !tensors.is_empty() {
+        pad(&mut head, 0);
+    }
     let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut out = BufWriter::new(file);
     out.write_all(&head)?;
