@@ -771,7 +771,7 @@ fn bench_reports_json_with_a_profile_for_the_transformer_and_the_vae() {
         assert!(vae[stage]["median_seconds"].as_f64().unwrap() > 0.0);
         let ops_vae = ops(&vae[stage]["profile"]);
         assert!(
-            ops_vae.iter().any(|o| o == "conv2d") && ops_vae.iter().any(|o| o == "group_norm + silu"),
+            ops_vae.iter().any(|o| o == "conv2d") && ops_vae.iter().any(|o| o == "group_norm + silu + conv2d"),
             "{ops_vae:?}"
         );
     }

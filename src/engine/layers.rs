@@ -84,12 +84,61 @@ impl Conv2d {
         };
         crate::engine::profile::span("conv2d", || {
             let (weight, bias) = (self.weight.val(), self.bias.val());
-            let fused = (self.stride, self.pad_before, self.pad_after) == (1, 1, 1) && weight.dims()[2..] == [3, 3];
-            if fused && let Some(y) = crate::engine::cpu::conv3x3(&x, &weight, Some(&bias), self.bf16_tiles) {
+            if self.is_3x3_same()
+                && let Some(y) = crate::engine::cpu::conv3x3(&x, &weight, Some(&bias), self.bf16_tiles)
+            {
                 return y;
             }
             conv2d(x, weight, Some(bias), options)
         })
+    }
+
+    /// `self(silu(norm(x)))`, as the VAE's blocks apply them. On the CPU the convolution
+    /// normalises its input as it reads it, so no normalised copy of `x` is ever whole.
+    pub fn forward_normed(&self, x: Tensor<4>, norm: &GroupNorm) -> Tensor<4> {
+        let input = |x: &Tensor<4>| {
+            let affine = crate::engine::cpu::group_affine(x, norm.groups, 1e-6, &norm.weight.val(), &norm.bias.val())?;
+            Some(crate::engine::cpu::ConvInput { affine: Some(affine), silu: true, upsample: false })
+        };
+        match self.fused(&x, "group_norm + silu + conv2d", input) {
+            Some(y) => y,
+            None => self.forward(norm.forward_silu(x)),
+        }
+    }
+
+    /// `self` on `x` doubled by nearest neighbours (the VAE's upsamplers); on the CPU without
+    /// the doubled copy.
+    pub fn forward_upsampled(&self, x: Tensor<4>) -> Tensor<4> {
+        let input = |_: &Tensor<4>| Some(crate::engine::cpu::ConvInput { upsample: true, ..Default::default() });
+        if let Some(y) = self.fused(&x, "upsample + conv2d", input) {
+            return y;
+        }
+        let [b, c, h, w] = x.dims();
+        let doubled = crate::engine::profile::span("upsample", || {
+            x.reshape([b, c, h, 1, w, 1]).expand([b, c, h, 2, w, 2]).reshape([b, c, 2 * h, 2 * w])
+        });
+        self.forward(doubled)
+    }
+
+    /// The CPU's 3×3 convolution with `input` applied as it reads `x`; None where it does not run.
+    fn fused(
+        &self,
+        x: &Tensor<4>,
+        label: &'static str,
+        input: impl FnOnce(&Tensor<4>) -> Option<crate::engine::cpu::ConvInput>,
+    ) -> Option<Tensor<4>> {
+        if !self.is_3x3_same() {
+            return None;
+        }
+        crate::engine::profile::span(label, || {
+            let (weight, bias) = (self.weight.val(), self.bias.val());
+            crate::engine::cpu::conv3x3_with(x, &weight, Some(&bias), self.bf16_tiles, &input(x)?)
+        })
+    }
+
+    /// Stride 1, padding 1, a 3×3 kernel: what the CPU's Winograd convolution covers.
+    fn is_3x3_same(&self) -> bool {
+        (self.stride, self.pad_before, self.pad_after) == (1, 1, 1) && self.weight.dims()[2..] == [3, 3]
     }
 }
 

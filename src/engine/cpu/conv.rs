@@ -14,18 +14,48 @@ use super::{SharedMut, Strided, matmul};
 /// Transformed inputs (and products) per band, in elements of the larger of the two: 16 MiB.
 const BAND_ELEMENTS: usize = 4 << 20;
 
+/// What [`conv3x3_with`] applies to its input as it reads it, so that the transformed input is
+/// never materialised whole (the VAE's largest activations are exactly those copies).
+#[derive(Debug, Clone, Default)]
+pub struct ConvInput {
+    /// Per (image, input channel) y = x·a + k: a GroupNorm (`group_affine`).
+    pub affine: Option<Vec<(f32, f32)>>,
+    /// SiLU (after the affine map, if any).
+    pub silu: bool,
+    /// Nearest-neighbour ×2 first: the convolution runs on the doubled image.
+    pub upsample: bool,
+}
+
 /// `x` [B, C_in, H, W] ⋆ `weight` [C_out, C_in, 3, 3] + `bias`, stride 1, zero padding 1.
 /// `bf16`: the 16 products on AMX tiles, their operands rounded to bf16 (`--dtype bf16` on a
 /// CPU with AMX), where C_in and the tiles per row are multiples of 32.
 pub fn conv3x3(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, bf16: bool) -> Option<Tensor<4>> {
+    conv3x3_with(x, weight, bias, bf16, &ConvInput::default())
+}
+
+/// [`conv3x3`] of `input` applied to `x` (normalised, activated, doubled), with the same
+/// values as materialising that input first. The zero-padded input is built band by band
+/// (the tile rows one pass of products covers), never whole.
+pub fn conv3x3_with(
+    x: &Tensor<4>,
+    weight: &Tensor<4>,
+    bias: Option<&Tensor<1>>,
+    bf16: bool,
+    input: &ConvInput,
+) -> Option<Tensor<4>> {
     let x = super::contiguous(super::flex_f32(x)?);
     let w = super::contiguous(super::flex_f32(weight)?);
     let bias = match bias {
         Some(b) => Some(super::contiguous(super::flex_f32(b)?)),
         None => None,
     };
-    let [batch, cin, h, wd] = super::dims4(&x);
+    let [batch, cin, h_in, wd_in] = super::dims4(&x);
+    let scale = if input.upsample { 2 } else { 1 };
+    let (h, wd) = (scale * h_in, scale * wd_in);
     let [cout, wcin, kh, kw] = super::dims4(&w);
+    if input.affine.as_ref().is_some_and(|a| a.len() != batch * cin) {
+        return None;
+    }
     if wcin != cin
         || kh != 3
         || kw != 3
@@ -44,9 +74,11 @@ pub fn conv3x3(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, bf16
     let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
     let half = tw + 1;
     let prow = 2 * half;
-    let plane = (2 * th + 2) * prow;
-    let mut padded = vec![0f32; cin * plane];
     let band_rows = (BAND_ELEMENTS / (16 * cin.max(cout) * tw)).clamp(1, th);
+    // The padded rows of one band: 2·rows + 2 per channel. Columns outside the image are never
+    // written, so they stay zero from here on.
+    let plane = (2 * band_rows + 2) * prow;
+    let mut padded = vec![0f32; cin * plane];
     let mut v = vec![0f32; 16 * cin * band_rows * tw];
     let mut m = vec![0f32; 16 * cout * band_rows * tw];
     #[cfg(target_arch = "x86_64")]
@@ -63,21 +95,38 @@ pub fn conv3x3(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, bf16
     let src: &[f32] = x.storage();
     let bias: Option<&[f32]> = bias.as_ref().map(|b| b.storage());
     for b in 0..batch {
-        let image = &src[b * cin * h * wd..][..cin * h * wd];
-        padded.par_chunks_mut(plane).zip(image.par_chunks(h * wd)).for_each(|(p, c)| {
-            for (y, row) in c.chunks(wd).enumerate() {
-                let (even, odd) = p[(y + 1) * prow..][..prow].split_at_mut(half);
-                // Padded column x + 1: odd for even x.
-                for (x, &value) in row.iter().enumerate() {
-                    if x % 2 == 0 { odd[x / 2] = value } else { even[x.div_ceil(2)] = value }
-                }
-            }
-        });
+        let image = &src[b * cin * h_in * wd_in..][..cin * h_in * wd_in];
+        let affine = input.affine.as_ref().map(|a| &a[b * cin..][..cin]);
         for r0 in (0..th).step_by(band_rows) {
             let rows = band_rows.min(th - r0);
             let nt = rows * tw;
             let (v, m) = (&mut v[..16 * cin * nt], &mut m[..16 * cout * nt]);
-            transform_inputs(&padded, plane, half, r0, rows, tw, cin, v);
+            let fill = |(ci, (p, c)): (usize, (&mut [f32], &[f32]))| {
+                let map = affine.map(|a| a[ci]).or(input.silu.then_some((1.0, 0.0)));
+                let mut mapped = vec![0f32; if map.is_some() { wd_in } else { 0 }];
+                // Band row l is padded row 2·r0 + l, image row 2·r0 + l − 1.
+                for (l, padded_row) in p.chunks_mut(prow).take(2 * rows + 2).enumerate() {
+                    let (even, odd) = padded_row.split_at_mut(half);
+                    let y = (2 * r0 + l).checked_sub(1).filter(|&y| y < h);
+                    let Some(y) = y else {
+                        even.fill(0.0);
+                        odd.fill(0.0);
+                        continue;
+                    };
+                    let mut row = &c[y / scale * wd_in..][..wd_in];
+                    if let Some((a, k)) = map {
+                        super::norm::apply_affine(row, &mut mapped, a, k, input.silu);
+                        row = &mapped;
+                    }
+                    // Padded column x + 1: odd for even x.
+                    for x in 0..wd {
+                        let value = row[x / scale];
+                        if x % 2 == 0 { odd[x / 2] = value } else { even[x.div_ceil(2)] = value }
+                    }
+                }
+            };
+            padded.par_chunks_mut(plane).zip(image.par_chunks(h_in * wd_in)).enumerate().for_each(fill);
+            transform_inputs(&padded, plane, half, 0, rows, tw, cin, v);
             let v = &*v;
             if tiles {
                 #[cfg(target_arch = "x86_64")]
@@ -288,6 +337,36 @@ mod tests {
         if amx {
             assert!(diff > 1e-4, "the tiles round to bf16: an f32-exact answer means they were not used");
         }
+    }
+
+    #[test]
+    fn normalising_and_doubling_as_it_reads_gives_the_materialised_inputs_answer() {
+        use super::super::{group_affine, group_norm};
+        use super::{ConvInput, conv3x3, conv3x3_with};
+        let data = |t: burn::tensor::Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
+        // Two images, odd sizes (ragged tiles), 4 groups of 2 channels.
+        let (x, w, b) = (random([2, 8, 7, 9]), random([5, 8, 3, 3]), random([5]));
+        let (gw, gb) = (random::<1>([8]), random::<1>([8]));
+        let normed = group_norm(&x, 4, 1e-6, &gw, &gb, true).unwrap();
+        let want = conv3x3(&normed, &w, Some(&b), false).unwrap();
+        let affine = Some(group_affine(&x, 4, 1e-6, &gw, &gb).unwrap());
+        let input = ConvInput { affine, silu: true, upsample: false };
+        // The same values reach the same products: equal to the bit.
+        assert_eq!(data(conv3x3_with(&x, &w, Some(&b), false, &input).unwrap()), data(want));
+        let doubled = x.clone().reshape([2, 8, 7, 1, 9, 1]).expand([2, 8, 7, 2, 9, 2]).reshape([2, 8, 14, 18]);
+        let want = conv3x3(&doubled, &w, Some(&b), false).unwrap();
+        let input = ConvInput { upsample: true, ..Default::default() };
+        assert_eq!(data(conv3x3_with(&x, &w, Some(&b), false, &input).unwrap()), data(want));
+        // Normalised and doubled, over many bands of 2 tile rows, against burn's conv2d.
+        let (x, w) = (random([1, 3, 21, 600]), random([300, 3, 3, 3]));
+        let (gw, gb) = (random::<1>([3]), random::<1>([3]));
+        let normed = group_norm(&x, 1, 1e-6, &gw, &gb, true).unwrap();
+        let doubled = normed.reshape([1, 3, 21, 1, 600, 1]).expand([1, 3, 21, 2, 600, 2]).reshape([1, 3, 42, 1200]);
+        let options = ConvOptions { stride: [1; 2], padding: [(1, 1); 2], dilation: [1; 2], groups: 1 };
+        let want = conv2d(doubled, w.clone(), None, options);
+        let affine = Some(group_affine(&x, 1, 1e-6, &gw, &gb).unwrap());
+        let input = ConvInput { affine, silu: true, upsample: true };
+        assert!(max_diff(conv3x3_with(&x, &w, None, false, &input).unwrap(), want) < 1e-4);
     }
 
     #[test]

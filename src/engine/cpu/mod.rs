@@ -35,13 +35,13 @@ mod norm;
 pub mod tracked;
 
 pub use attention::attention;
-pub use conv::conv3x3;
+pub use conv::{ConvInput, conv3x3, conv3x3_with};
 pub use gated::gated_add;
 pub use gelu::gelu_tanh;
 pub use heads::{HeadStream, joint_heads};
 pub use linear::{linear, tiled_linear};
 pub use modulated_norm::modulated_layer_norm;
-pub use norm::group_norm;
+pub use norm::{group_affine, group_norm};
 
 /// Whether weights loaded for `dtype` on `device` become bf16 AMX tiles (`amx`): bf16 asked
 /// for on the CPU backend of a CPU with AMX.

@@ -24,9 +24,47 @@ pub fn group_norm(
         return None;
     }
     let plane = h * wd;
-    let group_len = c / groups * plane;
     let src: &[f32] = x.storage();
     let src = &src[..batch * c * plane];
+    let affine = affine_of(src, (batch, c, plane), groups, eps, w.storage(), b.storage());
+    let mut out = super::zeros(x.layout().shape().clone());
+    let dst: &mut [f32] = out.storage_mut();
+    dst.par_chunks_mut(plane.max(1)).zip(src.par_chunks(plane.max(1))).zip(&affine).for_each(|((d, s), &(a, k))| {
+        affine_silu(s, d, a, k, silu);
+    });
+    Some(super::into_tensor(out))
+}
+
+/// GroupNorm of `x` as one affine map per (image, channel), y = x·a + k: what a convolution
+/// that normalises its input as it reads it needs (`conv3x3_with`). None where
+/// [`group_norm`] would not run.
+pub fn group_affine(
+    x: &Tensor<4>,
+    groups: usize,
+    eps: f32,
+    weight: &Tensor<1>,
+    bias: &Tensor<1>,
+) -> Option<Vec<(f32, f32)>> {
+    let x = super::contiguous(super::flex_f32(x)?);
+    let (w, b) = (super::contiguous(super::flex_f32(weight)?), super::contiguous(super::flex_f32(bias)?));
+    let [batch, c, h, wd] = super::dims4(&x);
+    if groups == 0 || !c.is_multiple_of(groups) || w.layout().num_elements() != c || b.layout().num_elements() != c {
+        return None;
+    }
+    let src: &[f32] = x.storage();
+    Some(affine_of(&src[..batch * c * h * wd], (batch, c, h * wd), groups, eps, w.storage(), b.storage()))
+}
+
+/// Per (image, channel) `(a, k)` with a = w/σ and k = b − mean·w/σ of the channel's group.
+fn affine_of(
+    src: &[f32],
+    (batch, c, plane): (usize, usize, usize),
+    groups: usize,
+    eps: f32,
+    w: &[f32],
+    b: &[f32],
+) -> Vec<(f32, f32)> {
+    let group_len = c / groups * plane;
     // Mean and 1/σ per (batch, group): deviations from the group's first value (against
     // cancellation), summed in f32 lanes per block and the blocks in f64.
     let stats: Vec<(f32, f32)> = src
@@ -45,17 +83,20 @@ pub fn group_norm(
             ((pivot as f64 + mean) as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
         })
         .collect();
-    let mut out = super::zeros(x.layout().shape().clone());
-    let (wv, bv): (&[f32], &[f32]) = (w.storage(), b.storage());
-    let dst: &mut [f32] = out.storage_mut();
-    dst.par_chunks_mut(plane.max(1)).zip(src.par_chunks(plane.max(1))).enumerate().for_each(|(i, (d, s))| {
-        let (bi, ch) = (i / c, i % c);
-        let (mean, inv) = stats[bi * groups + ch / (c / groups)];
-        // y = x·a + k with a = inv·w, k = b − mean·inv·w.
-        let a = inv * wv[ch];
-        affine_silu(s, d, a, bv[ch] - mean * a, silu);
-    });
-    Some(super::into_tensor(out))
+    (0..batch * c)
+        .map(|i| {
+            let (bi, ch) = (i / c, i % c);
+            let (mean, inv) = stats[bi * groups + ch / (c / groups)];
+            let a = inv * w[ch];
+            (a, b[ch] - mean * a)
+        })
+        .collect()
+}
+
+/// y = x·a + k, then SiLU when `silu`, from `src` into `dst`: [`group_norm`]'s write pass, also
+/// what the convolution that normalises its input as it reads it applies (the same values).
+pub(super) fn apply_affine(src: &[f32], dst: &mut [f32], a: f32, k: f32, silu: bool) {
+    affine_silu(src, dst, a, k, silu);
 }
 
 /// Σ(x − pivot) and Σ(x − pivot)² of `block`.

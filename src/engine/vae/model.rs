@@ -188,8 +188,8 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
-        let h = self.conv2.forward(self.norm2.forward_silu(h));
+        let h = self.conv1.forward_normed(x.clone(), &self.norm1);
+        let h = self.conv2.forward_normed(h, &self.norm2);
         let x = match &self.nin_shortcut {
             Some(s) => s.forward(x),
             None => x,
@@ -427,7 +427,7 @@ impl Vae {
                 h = down.conv.forward(h);
             }
         }
-        let h = e.conv_out.forward(e.norm_out.forward_silu(e.mid.forward(h)));
+        let h = e.conv_out.forward_normed(e.mid.forward(h), &e.norm_out);
         let z = self.config.z_channels;
         (h.clone().narrow(1, 0, z), h.narrow(1, z, z).clamp(-30.0, 20.0))
     }
@@ -446,15 +446,11 @@ impl Vae {
                 h = block.forward(h);
             }
             if let Some(up) = &level.upsample {
-                let [b, c, hh, ww] = h.dims();
                 // Nearest-neighbour ×2, then the 3×3 conv.
-                let doubled = profile::span("upsample", || {
-                    h.reshape([b, c, hh, 1, ww, 1]).expand([b, c, hh, 2, ww, 2]).reshape([b, c, 2 * hh, 2 * ww])
-                });
-                h = up.conv.forward(doubled);
+                h = up.conv.forward_upsampled(h);
             }
         }
-        d.conv_out.forward(d.norm_out.forward_silu(h))
+        d.conv_out.forward_normed(h, &d.norm_out)
     }
 
     /// Transformer latents → image: undo the scaling and shift, then decode.
