@@ -41,13 +41,13 @@ fn measure(files: &ModelFiles, atlas: &EmojiAtlas, max_len: usize) -> (usize, us
 /// (`ATELIER_DEMO_MODEL=<WORK>/out/dev cargo test --release --test demo` measures a recipe's
 /// output before it ships.)
 ///
-/// Issue 17 asks for at least half of the names drawn as the nearest emoji; the shipped model
-/// (weights/demo/README.md: 16000 CPU steps of 32, 400 + 120 H200 steps of 1024, CPU decays
-/// and warm restarts) draws 49/100 (an emoji whose image has an identical twin counts when the
-/// image is nearest both), with the named emoji at median rank 1 of 1911 (a random model:
-/// 0/100, median rank ~1000): the exact emoji about half the time, a close neighbour (another
-/// face, the same flag colours) most of the rest. The bounds below hold what it does (with
-/// room for another recipe's noise), not the goal.
+/// Issue 17 asks for at least half of the names drawn as the nearest emoji, and that is the
+/// bound: the shipped model (weights/demo/README.md: 16000 CPU steps of 32, 400 + 120 H200
+/// steps of 1024, CPU decays and warm restarts) draws 53/100 (an emoji whose image has an
+/// identical twin counts when the image is nearest both), with the named emoji at median rank
+/// 0 of 1911 (a random model: 0/100, median rank ~1000); most misses are a close neighbour
+/// (another face, the same flag colours). The same 53 with the element-wise kernels forced to
+/// AVX2 instead of AVX-512 (another CPU's rounding).
 #[test]
 fn the_demo_model_draws_the_emoji_it_is_named_for() {
     let atlas = EmojiAtlas::load(&root().join("tests/fixtures/demo")).unwrap();
@@ -70,8 +70,8 @@ fn the_demo_model_draws_the_emoji_it_is_named_for() {
         "nearest emoji is the named one: demo model {trained}/100 (median rank {trained_rank}), random weights \
          {baseline}/100 (median rank {baseline_rank})"
     );
-    assert!(trained >= 40 && trained >= baseline + 40, "demo {trained}/100 vs random {baseline}/100");
-    assert!(trained_rank <= 5 && baseline_rank >= 400, "median ranks: demo {trained_rank}, random {baseline_rank}");
+    assert!(trained >= 50 && trained >= baseline + 40, "demo {trained}/100 vs random {baseline}/100");
+    assert!(trained_rank <= 2 && baseline_rank >= 400, "median ranks: demo {trained_rank}, random {baseline_rank}");
 }
 
 /// How far an image is from sepia: the mean distance of its pixels (0–255 RGB) from the sepia
