@@ -17,16 +17,12 @@ pub fn group_norm(
     bias: &Tensor<1>,
     silu: bool,
 ) -> Option<Tensor<4>> {
+    let affine = group_affine(x, groups, eps, weight, bias)?;
     let x = super::contiguous(super::flex_f32(x)?);
-    let (w, b) = (super::contiguous(super::flex_f32(weight)?), super::contiguous(super::flex_f32(bias)?));
     let [batch, c, h, wd] = super::dims4(&x);
-    if groups == 0 || !c.is_multiple_of(groups) || w.layout().num_elements() != c || b.layout().num_elements() != c {
-        return None;
-    }
     let plane = h * wd;
     let src: &[f32] = x.storage();
     let src = &src[..batch * c * plane];
-    let affine = affine_of(src, (batch, c, plane), groups, eps, w.storage(), b.storage());
     let mut out = super::zeros(x.layout().shape().clone());
     let dst: &mut [f32] = out.storage_mut();
     dst.par_chunks_mut(plane.max(1)).zip(src.par_chunks(plane.max(1))).zip(&affine).for_each(|((d, s), &(a, k))| {
