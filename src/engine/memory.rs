@@ -257,7 +257,7 @@ impl MemoryPlan {
 /// streamed where they do not fit whole.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
-    "this job needs about {} of device memory at {width}×{height} ({what}), more than the memory budget of {}; a smaller size may fit",
+    "this job needs about {} of device memory at {width}×{height} ({what}), more than the memory budget of {}; {hint}",
     mib(*.needed), mib(*.budget)
 )]
 pub struct OutOfBudget {
@@ -267,6 +267,9 @@ pub struct OutOfBudget {
     pub height: usize,
     /// The stage that does not fit and its parts.
     pub what: String,
+    /// What the user can change: the image size for the transformer's and the VAE's stages,
+    /// the T5 length for T5's (its activations do not depend on the size).
+    pub hint: &'static str,
 }
 
 /// Activations of one transformer forward (one image): the attention scores and
@@ -370,12 +373,20 @@ pub fn plan(
         stream(acts[2], flux_stream, s.transformer_stem, flux_block),
         stream(acts[3], false, 0, 0),
     ];
-    let (needed, what, _) = stages.iter().max_by_key(|st| st.0).cloned().expect("four stages");
+    let (stage, (needed, what, _)) =
+        stages.iter().cloned().enumerate().max_by_key(|(_, st)| st.0).expect("four stages");
     if fits(needed) {
         return Ok(make(stages.map(|st| st.2), needed));
     }
     let budget = budget.expect("fits() is true without a budget");
-    Err(OutOfBudget { needed, budget, width: job.width, height: job.height, what })
+    let hint = match stage {
+        0 => {
+            "T5's stage does not depend on the image size: it needs fewer T5 tokens (--max-sequence-length) or a larger budget"
+        }
+        1 => "CLIP's stage does not depend on the job: it needs a larger budget",
+        _ => "a smaller size may fit",
+    };
+    Err(OutOfBudget { needed, budget, width: job.width, height: job.height, what, hint })
 }
 
 #[cfg(test)]
@@ -468,7 +479,9 @@ mod tests {
         let fits = plan(&s, job(64), Some(200 << 20), false, false).unwrap();
         let err = plan(&s, job(2048), Some(200 << 20), false, false).unwrap_err();
         assert!(
-            err.to_string().contains("2048×2048") && err.what.contains("activations"),
+            err.to_string().contains("2048×2048")
+                && err.what.contains("activations")
+                && err.to_string().ends_with("a smaller size may fit"),
             "{err} / {}",
             fits.summary()
         );
@@ -501,6 +514,8 @@ mod tests {
         let err = plan(&ModelSizes { t5_stem: 600 << 20, ..big_t5.clone() }, job(64), Some(500 << 20), false, false)
             .unwrap_err();
         assert!(err.what.contains("t5 streamed block by block"), "{err}");
+        // What the user can change there is T5's length, not the image size.
+        assert!(err.to_string().ends_with("fewer T5 tokens (--max-sequence-length) or a larger budget"), "{err}");
         // Nothing to stream (no block sizes known): refused as a stage.
         let err = plan(&ModelSizes { t5_block: 0, ..big_t5 }, job(64), Some(500 << 20), false, false).unwrap_err();
         assert!(err.what.contains("the t5 stage"), "{err}");
