@@ -6,7 +6,7 @@ use burn::tensor::{Int, Shape, Tensor};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::{Strided, matmul};
+use super::{SharedMut, Strided, matmul};
 
 /// Products smaller than this many multiply-adds run on one thread (as burn's flex does).
 const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
@@ -19,7 +19,8 @@ struct Operands {
     rows: usize,
     stride: usize,
     bias: Option<FlexTensor>,
-    out: FlexTensor,
+    /// The output's shape: the input's with its last dim N.
+    out: Shape,
 }
 
 impl Operands {
@@ -50,8 +51,7 @@ impl Operands {
         }
         let mut dims = x.layout().shape().to_vec();
         *dims.last_mut()? = n;
-        let out = super::zeros(Shape::from(dims));
-        Some(Operands { x, rows, stride, bias, out })
+        Some(Operands { x, rows, stride, bias, out: Shape::from(dims) })
     }
 }
 
@@ -88,26 +88,19 @@ pub(super) fn input_grad(grad: FlexTensor, weight: &FlexTensor) -> FlexTensor {
     let mut dims = grad.layout().shape().to_vec();
     let rows = grad.layout().num_elements() / n.max(1);
     *dims.last_mut().expect("a Linear's output has a last dim") = k;
-    let mut out = super::zeros(Shape::from(dims));
-    // (`empty` is zeroed: an empty sum needs nothing written.)
     if rows == 0 || k == 0 || n == 0 {
-        return out;
+        // An empty sum.
+        return super::zeros(Shape::from(dims));
     }
-    let dst: &mut [f32] = out.storage_mut();
     // gemm runs this product (its weight read transposed) 1.3-1.7x faster into a column-major
     // output when there are few rows (measured at 384 rows for 768 -> 2304..5376 Linears: 153-197
     // against 261-266 GFLOP/s; at 1152 rows within 5 %), and transposing the few rows back
     // costs far less; with many rows the transposition would cost what it saves.
     let column_major = rows <= COLUMN_MAJOR_ROWS;
-    let mut scratch = if column_major { vec![0f32; rows * k] } else { Vec::new() };
-    let target = match column_major {
-        true => Strided { ptr: scratch.as_mut_ptr(), row: 1, col: rows as isize },
-        false => Strided { ptr: dst.as_mut_ptr(), row: k as isize, col: 1 },
-    };
     // SAFETY: lhs is the contiguous [rows, n] gradient; rhs element (j, i) = weight[i, j] sits
-    // at j + i·n of the contiguous [k, n] weight; the target is the [rows, k] output or the
-    // scratch holding it column-major.
-    unsafe {
+    // at j + i·n of the contiguous [k, n] weight; `target` is [rows, k] (its `row`/`col`
+    // strides) and gemm writes every element of it (no accumulation).
+    let product = |target: Strided<*mut f32>| unsafe {
         matmul(
             rows,
             k,
@@ -118,12 +111,19 @@ pub(super) fn input_grad(grad: FlexTensor, weight: &FlexTensor) -> FlexTensor {
             Strided { ptr: weight.storage::<f32>().as_ptr(), row: 1, col: n as isize },
             1.0,
             rows * n * k >= PARALLEL_THRESHOLD,
-        );
-    }
-    if column_major {
-        super::transpose_into(&scratch, k, rows, &mut dst[..rows * k]);
-    }
-    out
+        )
+    };
+    let data = if column_major {
+        // SAFETY: the column-major product writes all rows·k values.
+        let scratch = unsafe { super::written(rows * k, |p| product(Strided { ptr: p, row: 1, col: rows as isize })) };
+        let mut data = vec![0f32; rows * k];
+        super::transpose_into(&scratch, k, rows, &mut data);
+        data
+    } else {
+        // SAFETY: the row-major product writes all rows·k values.
+        unsafe { super::written(rows * k, |p| product(Strided { ptr: p, row: k as isize, col: 1 })) }
+    };
+    super::from_vec(data, Shape::from(dims))
 }
 
 /// Up to this many rows [`input_grad`] goes through a column-major output.
@@ -262,32 +262,44 @@ pub(super) fn side_path_grads(
 /// The product of a [`linear`]'s operands with the contiguous [K, N] `w`.
 fn product(operands: Operands, w: &FlexTensor) -> Option<FlexTensor> {
     let [k, n] = w.layout().shape().dims::<2>();
-    let Operands { x, rows, stride, bias, mut out } = operands;
-    let dst: &mut [f32] = out.storage_mut();
-    if let Some(b) = &bias {
-        let b: &[f32] = b.storage();
-        dst.par_chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(b));
-    }
+    let Operands { x, rows, stride, bias, out } = operands;
     if rows == 0 || n == 0 || k == 0 {
+        // An empty sum: the bias alone.
+        let mut out = super::zeros(out);
+        if let Some(b) = &bias {
+            let b: &[f32] = b.storage();
+            out.storage_mut::<f32>().chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(b));
+        }
         return Some(out);
     }
     let src = from_start(&x);
-    // SAFETY: lhs row r (< rows) starts at r·stride within `src` and holds k elements (the
-    // layout's rows); rhs is the contiguous [k, n] weight; dst is the [rows, n] output.
-    unsafe {
-        matmul(
-            rows,
-            n,
-            k,
-            Strided { ptr: dst.as_mut_ptr(), row: n as isize, col: 1 },
-            bias.is_some(),
-            Strided { ptr: src.as_ptr(), row: stride as isize, col: 1 },
-            Strided { ptr: w.storage::<f32>().as_ptr(), row: n as isize, col: 1 },
-            1.0,
-            rows * n * k >= PARALLEL_THRESHOLD,
-        );
-    }
-    Some(out)
+    let write = |dst: *mut f32| {
+        if let Some(b) = &bias {
+            let (b, dst): (&[f32], _) = (b.storage(), SharedMut(dst));
+            // SAFETY: row r of the [rows, n] output is written by its task alone.
+            (0..rows)
+                .into_par_iter()
+                .for_each(|r| unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), dst.at(r * n), n) });
+        }
+        // SAFETY: lhs row r (< rows) starts at r·stride within `src` and holds k elements (the
+        // layout's rows); rhs is the contiguous [k, n] weight; dst is the [rows, n] output,
+        // which gemm adds to (over the bias) or writes whole.
+        unsafe {
+            matmul(
+                rows,
+                n,
+                k,
+                Strided { ptr: dst, row: n as isize, col: 1 },
+                bias.is_some(),
+                Strided { ptr: src.as_ptr(), row: stride as isize, col: 1 },
+                Strided { ptr: w.storage::<f32>().as_ptr(), row: n as isize, col: 1 },
+                1.0,
+                rows * n * k >= PARALLEL_THRESHOLD,
+            );
+        }
+    };
+    // SAFETY: the bias rows, or else the product, write all rows·n values.
+    Some(super::from_vec(unsafe { super::written(rows * n, write) }, out))
 }
 
 /// `x` [..., K] times a tile-layout bf16 weight (`words`, [K, N] as `amx` lays it out) plus
@@ -302,7 +314,8 @@ pub fn tiled_linear<const D: usize>(
     if !super::amx::available() {
         return None;
     }
-    let Operands { x, rows, stride, bias, mut out } = Operands::read(x, bias, (inputs, outputs))?;
+    let Operands { x, rows, stride, bias, out } = Operands::read(x, bias, (inputs, outputs))?;
+    let mut out = super::zeros(out);
     let words = super::contiguous(words.clone().try_into_primitive::<Flex>().ok()?);
     let weight: &[i32] = words.storage();
     // SAFETY: the words hold the tile layout's u16 values, two per word, little-endian.

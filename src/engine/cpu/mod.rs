@@ -79,6 +79,29 @@ fn zeros(shape: burn::tensor::Shape) -> FlexTensor {
     FlexTensor::new(burn_backend::Bytes::from_elems(vec![0f32; n]), burn_flex::Layout::contiguous(shape), DType::F32)
 }
 
+/// A contiguous f32 tensor of `shape` holding `data`.
+fn from_vec(data: Vec<f32>, shape: burn::tensor::Shape) -> FlexTensor {
+    debug_assert_eq!(data.len(), shape.num_elements());
+    FlexTensor::new(burn_backend::Bytes::from_elems(data), burn_flex::Layout::contiguous(shape), DType::F32)
+}
+
+/// `n` values that `write` stores through the pointer it is given, without zeroing them first
+/// (for outputs a product writes whole, the zeroing was a memset of every output: 3 % of a
+/// LoRA training step).
+///
+/// # Safety
+/// `write` must initialise all `n` values.
+unsafe fn written(n: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit values need no initialisation.
+    unsafe { v.set_len(n) };
+    write(v.as_mut_ptr().cast());
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: the caller initialised every value; MaybeUninit<f32> has f32's layout, and the
+    // allocation, length and capacity are the vector's own.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
+}
+
 /// Per batch item, Σ over its `tokens` of what `add(token row, acc)` adds into a `width`-long
 /// accumulator (a modulation's gradient): blocks of tokens summed in parallel, then the blocks.
 /// Returns batch × width values.
