@@ -11,6 +11,7 @@
 use anyhow::Result;
 use burn::tensor::Tensor;
 
+use crate::engine::cpu::tracked::keeping_probabilities;
 use crate::engine::flux::{Embedded, Flux};
 
 use super::batch::{Batch, mse};
@@ -55,7 +56,7 @@ pub fn backward(
     for (i, input) in single_inputs.into_iter().enumerate().rev() {
         let leaves = lora.install(model, &format!("single_blocks.{i}."), true);
         let input = input.autodiff().require_grad();
-        let out = model.single_blocks[i].forward(input.clone(), vec.clone(), rope);
+        let out = keeping_probabilities(|| model.single_blocks[i].forward(input.clone(), vec.clone(), rope));
         let grads = gradients_of((out * grad_x).sum());
         leaves.collect(&grads, acc);
         grad_x = input.grad(&grads).expect("a block's output depends on its input");
@@ -67,7 +68,8 @@ pub fn backward(
     for (i, (img, txt)) in double_inputs.into_iter().enumerate().rev() {
         let leaves = lora.install(model, &format!("double_blocks.{i}."), true);
         let (img, txt) = (img.autodiff().require_grad(), txt.autodiff().require_grad());
-        let (img_out, txt_out) = model.double_blocks[i].forward(img.clone(), txt.clone(), vec.clone(), rope);
+        let (img_out, txt_out) =
+            keeping_probabilities(|| model.double_blocks[i].forward(img.clone(), txt.clone(), vec.clone(), rope));
         let grads = gradients_of((img_out * grad_img).sum() + (txt_out * grad_txt).sum());
         leaves.collect(&grads, acc);
         grad_img = img.grad(&grads).expect("a block's image output depends on its input");

@@ -13,6 +13,12 @@ use super::{SharedMut, Strided, matmul};
 /// Query rows per block of the backward (see [`backward`]).
 const BACKWARD_ROWS: usize = 256;
 
+/// Bytes of probabilities (every head of one call) up to which attention under autodiff keeps
+/// them from its forward for the backward, instead of the backward recomputing them (one
+/// product and a softmax of five): a medium block at 512² holds 6 heads × 1152² = 32 MiB; FLUX
+/// at 1024² (24 heads × 4608², 2 GiB) recomputes.
+pub(super) const KEEP_PROBABILITIES: usize = 64 << 20;
+
 /// Query rows per task: the task's scores (rows × keys) stay in the core's L2 cache for the
 /// sequence lengths FLUX uses (4096 keys: 1 MiB).
 const ROWS: usize = 64;
@@ -51,14 +57,35 @@ pub(super) fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bf16: bool
     if !supported(q, k, v) {
         return None;
     }
-    let [b, h, lq, d] = super::dims4(q);
-    let lk = super::dims4(k)[2];
     #[cfg(target_arch = "x86_64")]
-    if bf16 && super::amx::available() && super::amx::fits(lk, d) && q.layout().strides()[3] == 1 {
-        return Some(tiled(q, k, v));
+    if bf16 && super::amx::available() {
+        let (d, lk) = (super::dims4(q)[3], super::dims4(k)[2]);
+        if super::amx::fits(lk, d) && q.layout().strides()[3] == 1 {
+            return Some(tiled(q, k, v));
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = bf16;
+    Some(forward_f32(q, k, v, None))
+}
+
+/// [`forward`] in f32 that also returns the probabilities P [B, H, Lq, Lk] for [`backward`].
+pub(super) fn forward_keeping(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> Option<(FlexTensor, FlexTensor)> {
+    if !supported(q, k, v) {
+        return None;
+    }
+    let [b, h, lq, _] = super::dims4(q);
+    let lk = super::dims4(k)[2];
+    let mut p = super::zeros(Shape::new([b, h, lq, lk]));
+    let out = forward_f32(q, k, v, Some(SharedMut(p.storage_mut::<f32>().as_mut_ptr())));
+    Some((out, p))
+}
+
+/// The f32 attention of supported operands; with `keep`, the normalised probabilities are
+/// also written there ([B, H, Lq, Lk] contiguous).
+fn forward_f32(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, keep: Option<SharedMut>) -> FlexTensor {
+    let [b, h, lq, d] = super::dims4(q);
+    let lk = super::dims4(k)[2];
     let mut out = super::zeros(Shape::new([b, lq, h * d]));
     let dst = SharedMut(out.storage_mut::<f32>().as_mut_ptr());
     let (qs, ks, vs) = (strides(q), strides(k), strides(v));
@@ -92,7 +119,17 @@ pub(super) fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bf16: bool
                 false,
             );
         }
-        let sums = softmax_rows(scores, lk);
+        let mut sums = softmax_rows(scores, lk);
+        if let Some(keep) = keep {
+            // Normalised before the product, and kept (rows of this task's (b, h) only).
+            for (r, (row, sum)) in scores.chunks_mut(lk).zip(sums.iter_mut()).enumerate() {
+                let inv = 1.0 / *sum;
+                row.iter_mut().for_each(|x| *x *= inv);
+                *sum = 1.0;
+                // SAFETY: row (bh, row0 + r) of the [B·H, Lq, Lk] probabilities is this task's.
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), keep.at((bh * lq + row0 + r) * lk), lk) };
+            }
+        }
         let out_row = |row: usize| (bi * lq + row) * h * d + hi * d;
         unsafe {
             // out[rows, D] = p[rows, lk] · v[lk, D], unnormalized
@@ -114,15 +151,21 @@ pub(super) fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bf16: bool
             }
         }
     });
-    Some(out)
+    out
 }
 
 /// The gradients of [`forward`] (f32) at q, k and v given `grad` at its merged output
-/// [B, Lq, H·D]: per (batch, head) the probabilities P are recomputed (one product and a
-/// softmax, as flash attention's backward does, rather than kept from the forward), then
+/// [B, Lq, H·D]: per (batch, head) the probabilities P, `kept` by [`forward_keeping`] or else
+/// recomputed (one product and a softmax, as flash attention's backward does), then
 /// dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = s·dS·K, dK = s·dSᵀ·Q, every
 /// operand read in place at its strides. The gradients come back contiguous [B, H, L, D].
-pub(super) fn backward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, grad: FlexTensor) -> [FlexTensor; 3] {
+pub(super) fn backward(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    kept: Option<&FlexTensor>,
+    grad: FlexTensor,
+) -> [FlexTensor; 3] {
     let [b, h, lq, d] = super::dims4(q);
     let lk = super::dims4(k)[2];
     let grad = super::contiguous(grad);
@@ -138,6 +181,7 @@ pub(super) fn backward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, grad: Fle
     let (qo, ko, vo) = (q.layout().start_offset(), k.layout().start_offset(), v.layout().start_offset());
     let (qd, kd, vd): (&[f32], &[f32], &[f32]) = (q.storage(), k.storage(), v.storage());
     let gd: &[f32] = grad.storage();
+    let kept: Option<&[f32]> = kept.map(|p| p.storage());
     let scale = 1.0 / (d as f32).sqrt();
     let buffers = || (Vec::new(), Vec::new());
     (0..b * h).into_par_iter().for_each_init(buffers, |(p, dp): &mut (Vec<f32>, Vec<f32>), bh| {
@@ -147,7 +191,9 @@ pub(super) fn backward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, grad: Fle
         // keys: 8 MiB per thread) instead of lq × lk; dK and dV accumulate over the blocks.
         for row0 in (0..lq).step_by(BACKWARD_ROWS) {
             let rows = BACKWARD_ROWS.min(lq - row0);
-            p.resize(rows * lk, 0.0);
+            if kept.is_none() {
+                p.resize(rows * lk, 0.0);
+            }
             dp.resize(rows * lk, 0.0);
             // SAFETY: q, k, v are read at their layouts' offsets and strides; the gradient
             // `grad` is the contiguous [B, Lq, H·D] (this head's dO: rows at stride H·D from
@@ -163,22 +209,28 @@ pub(super) fn backward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, grad: Fle
                 let k_rows = Strided { ptr: kp, row: ks.0[2], col: ks.0[3] };
                 let d_out =
                     Strided { ptr: gd.as_ptr().add((bi * lq + row0) * h * d + hi * d), row: (h * d) as isize, col: 1 };
-                let p_cols = Strided { ptr: p.as_ptr(), row: 1, col: lk as isize };
                 let own = |at: SharedMut, l: usize, first: usize| Strided {
                     ptr: at.at((bh * l + first) * d),
                     row: d as isize,
                     col: 1,
                 };
                 let accumulate = row0 > 0;
-                // P = softmax(s·Q·Kᵀ) for these rows
-                let transposed_k = Strided { ptr: kp, row: ks.0[3], col: ks.0[2] };
-                let p_out = Strided { ptr: p.as_mut_ptr(), row: lk as isize, col: 1 };
-                matmul(rows, lk, d, p_out, false, q_rows, transposed_k, scale, false);
-                let sums = softmax_rows(p, lk);
-                for (row, sum) in p.chunks_mut(lk).zip(sums) {
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|x| *x *= inv);
-                }
+                // P for these rows: kept, or softmax(s·Q·Kᵀ) again
+                let p: &[f32] = match kept {
+                    Some(kept) => &kept[(bh * lq + row0) * lk..][..rows * lk],
+                    None => {
+                        let transposed_k = Strided { ptr: kp, row: ks.0[3], col: ks.0[2] };
+                        let p_out = Strided { ptr: p.as_mut_ptr(), row: lk as isize, col: 1 };
+                        matmul(rows, lk, d, p_out, false, q_rows, transposed_k, scale, false);
+                        let sums = softmax_rows(p, lk);
+                        for (row, sum) in p.chunks_mut(lk).zip(sums) {
+                            let inv = 1.0 / sum;
+                            row.iter_mut().for_each(|x| *x *= inv);
+                        }
+                        p
+                    }
+                };
+                let p_cols = Strided { ptr: p.as_ptr(), row: 1, col: lk as isize };
                 // dV += Pᵀ·dO
                 matmul(lk, d, rows, own(dv_at, lk, 0), accumulate, p_cols, d_out, 1.0, false);
                 // dP = dO·Vᵀ, then dS in place
@@ -310,6 +362,27 @@ mod tests {
         let x = burn_attention(q, k, v, None, None, Default::default());
         let [b, h, l, d] = x.dims();
         x.swap_dims(1, 2).reshape([b, l, h * d])
+    }
+
+    #[test]
+    fn kept_probabilities_give_the_recomputed_ones_gradients() {
+        use burn_flex::FlexTensor;
+        let flex = |t: &burn::tensor::Tensor<4>| super::super::flex_f32(t).unwrap();
+        // 300 query rows: two blocks of the backward, the last ragged; 70 keys.
+        let (q, k, v) = (flex(&random([2, 3, 300, 16])), flex(&random([2, 3, 70, 16])), flex(&random([2, 3, 70, 16])));
+        let grad = super::super::flex_f32(&random::<3>([2, 300, 48])).unwrap();
+        let diff = |a: &FlexTensor, b: &FlexTensor| {
+            let (a, b): (&[f32], &[f32]) = (a.storage(), b.storage());
+            a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+        };
+        let plain = super::forward(&q, &k, &v, false).unwrap();
+        let (out, p) = super::forward_keeping(&q, &k, &v).unwrap();
+        assert!(diff(&plain, &out) < 1e-5, "{}", diff(&plain, &out));
+        let recomputed = super::backward(&q, &k, &v, None, grad.clone());
+        let kept = super::backward(&q, &k, &v, Some(&p), grad);
+        for (a, b) in recomputed.iter().zip(&kept) {
+            assert!(diff(a, b) < 1e-5, "{}", diff(a, b));
+        }
     }
 
     #[test]
