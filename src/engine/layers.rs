@@ -97,7 +97,8 @@ impl Conv2d {
     /// normalises its input as it reads it, so no normalised copy of `x` is ever whole.
     pub fn forward_normed(&self, x: Tensor<4>, norm: &GroupNorm) -> Tensor<4> {
         let input = |x: &Tensor<4>| {
-            let affine = crate::engine::cpu::group_affine(x, norm.groups, 1e-6, &norm.weight.val(), &norm.bias.val())?;
+            let affine =
+                crate::engine::cpu::group_affine(x, norm.groups, GroupNorm::EPS, &norm.weight.val(), &norm.bias.val())?;
             Some(crate::engine::cpu::ConvInput { affine: Some(affine), silu: true, upsample: false })
         };
         match self.fused(&x, "group_norm + silu + conv2d", input) {
@@ -151,6 +152,9 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
+    /// FLUX's VAE's epsilon (diffusers' `GroupNorm(eps=1e-6)`).
+    pub const EPS: f32 = 1e-6;
+
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.forward_then(x, false)
     }
@@ -163,7 +167,7 @@ impl GroupNorm {
     fn forward_then(&self, x: Tensor<4>, silu: bool) -> Tensor<4> {
         crate::engine::profile::span(if silu { "group_norm + silu" } else { "group_norm" }, || {
             let (w, b) = (self.weight.val(), self.bias.val());
-            if let Some(y) = crate::engine::cpu::group_norm(&x, self.groups, 1e-6, &w, &b, silu) {
+            if let Some(y) = crate::engine::cpu::group_norm(&x, self.groups, Self::EPS, &w, &b, silu) {
                 return y;
             }
             let y = self.forward_burn(x);
@@ -178,7 +182,7 @@ impl GroupNorm {
         let dtype = x.dtype();
         let g = x.cast(DType::F32).reshape([b, self.groups, (c / self.groups) * h * w]);
         let (var, mean) = g.clone().var_mean_bias(2);
-        let normed = ((g - mean) / (var + 1e-6).sqrt()).reshape([b, c, h, w]).cast(dtype);
+        let normed = ((g - mean) / (var + Self::EPS).sqrt()).reshape([b, c, h, w]).cast(dtype);
         normed * self.weight.val().reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1])
     }
 }

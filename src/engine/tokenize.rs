@@ -60,13 +60,12 @@ impl FluxTokenizers {
     /// The tokenizers shipped in `weights/tokenizers/`, built into the binary so that it works
     /// from any folder.
     pub fn builtin() -> Result<Self> {
-        const T5: &[u8] = T5_TOKENIZER_JSON;
         const CLIP: &[u8] = include_bytes!("../../weights/tokenizers/clip/tokenizer.json");
         let load = |bytes: &[u8], what: &str| {
             let t = Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("built-in {what} tokenizer: {e}"))?;
             ours(t, what)
         };
-        Ok(FluxTokenizers { t5: load(T5, "T5")?, clip: load(CLIP, "CLIP")? })
+        Ok(FluxTokenizers { t5: load(T5_TOKENIZER_JSON, "T5")?, clip: load(CLIP, "CLIP")? })
     }
 
     fn raw(tokenizer: &Tokenizer, prompt: &str) -> Result<Vec<u32>> {

@@ -76,9 +76,10 @@ pub(super) fn forward_keeping(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) ->
     }
     let [b, h, lq, _] = super::dims4(q);
     let lk = super::dims4(k)[2];
-    let mut p = super::zeros(Shape::new([b, h, lq, lk]));
-    let out = forward_f32(q, k, v, Some(SharedMut(p.storage_mut::<f32>().as_mut_ptr())));
-    Some((out, p))
+    let mut out = None;
+    // SAFETY: the forward writes every row of every (batch, head)'s probabilities.
+    let p = unsafe { super::written(b * h * lq * lk, |p| out = Some(forward_f32(q, k, v, Some(SharedMut(p))))) };
+    Some((out?, super::from_vec(p, Shape::new([b, h, lq, lk]))))
 }
 
 /// The f32 attention of supported operands; with `keep`, the normalised probabilities are

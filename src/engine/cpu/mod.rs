@@ -75,8 +75,7 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
 /// `Vec<u8>` and then copies it into a 16-byte-aligned allocation: a memset and a memmove of
 /// every output, where this is one zeroed allocation (f32's own alignment is all flex needs).
 fn zeros(shape: burn::tensor::Shape) -> FlexTensor {
-    let n = shape.num_elements();
-    FlexTensor::new(burn_backend::Bytes::from_elems(vec![0f32; n]), burn_flex::Layout::contiguous(shape), DType::F32)
+    from_vec(vec![0f32; shape.num_elements()], shape)
 }
 
 /// A contiguous f32 tensor of `shape` holding `data`.

@@ -3,6 +3,7 @@
 //! values. burn's path makes about eight passes and a scalar `exp` for the SiLU.
 
 use burn::tensor::Tensor;
+use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::math::{exp, simd_dispatch};
@@ -17,8 +18,7 @@ pub fn group_norm(
     bias: &Tensor<1>,
     silu: bool,
 ) -> Option<Tensor<4>> {
-    let affine = group_affine(x, groups, eps, weight, bias)?;
-    let x = super::contiguous(super::flex_f32(x)?);
+    let (x, affine) = read_with_affine(x, groups, eps, weight, bias)?;
     let [batch, c, h, wd] = super::dims4(&x);
     let plane = h * wd;
     let src: &[f32] = x.storage();
@@ -41,6 +41,17 @@ pub fn group_affine(
     weight: &Tensor<1>,
     bias: &Tensor<1>,
 ) -> Option<Vec<(f32, f32)>> {
+    read_with_affine(x, groups, eps, weight, bias).map(|(_, affine)| affine)
+}
+
+/// `x` as the contiguous flex tensor both passes read, and its [`group_affine`].
+fn read_with_affine(
+    x: &Tensor<4>,
+    groups: usize,
+    eps: f32,
+    weight: &Tensor<1>,
+    bias: &Tensor<1>,
+) -> Option<(FlexTensor, Vec<(f32, f32)>)> {
     let x = super::contiguous(super::flex_f32(x)?);
     let (w, b) = (super::contiguous(super::flex_f32(weight)?), super::contiguous(super::flex_f32(bias)?));
     let [batch, c, h, wd] = super::dims4(&x);
@@ -48,7 +59,8 @@ pub fn group_affine(
         return None;
     }
     let src: &[f32] = x.storage();
-    Some(affine_of(&src[..batch * c * h * wd], (batch, c, h * wd), groups, eps, w.storage(), b.storage()))
+    let affine = affine_of(&src[..batch * c * h * wd], (batch, c, h * wd), groups, eps, w.storage(), b.storage());
+    Some((x, affine))
 }
 
 /// Per (image, channel) `(a, k)` with a = w/σ and k = b − mean·w/σ of the channel's group.

@@ -168,9 +168,8 @@ pub fn lora_linear<const D: usize>(
 /// Scaled dot-product attention under autodiff for q, k, v [B, H, L, D] (any of them leaves or
 /// results of tracked ops), merged to [B, Lq, H·D]: the inference kernel's f32 forward, and a
 /// backward from the probabilities it kept ([`keeping_probabilities`]), else recomputed per
-/// head (see `attention::backward`). burn's
-/// path records eleven ops, the score matrix kept by several of them, and copies the output
-/// to merge the heads.
+/// head (see `attention::backward`). burn's path records eleven ops, the score matrix kept by
+/// several of them, and copies the output to merge the heads.
 pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<3>> {
     #[derive(Debug)]
     struct Attention;
