@@ -7,18 +7,21 @@
 #   .gl/*.deb           the Vulkan loader AND glvnd: NVIDIA's Vulkan ICD is libGLX_nvidia.so.0,
 #                       which finds no adapter without libGLdispatch (libglvnd0) — seen on the H200
 #
-#   bash scripts/device/prepare.sh WORK     (WORK: a train_demo.sh folder with data/, clip/, vae/)
+#   bash scripts/device/prepare.sh [WORK]   (WORK: a train_demo.sh folder with data/, clip/, vae/;
+#                                           without it only the binary and .gl: gpu_tables.sh)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-W=${1:?usage: bash scripts/device/prepare.sh WORK (a train_demo.sh folder with data/, clip/, vae/)}
+W=${1:-}
 T=${CARGO_TARGET_DIR:-target}
 for d in /.dev/ /.gl/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >>.git/info/exclude; done
 rm -rf .dev && mkdir -p .dev .gl /tmp/amd64/partial
 strip -o /tmp/atelier.stripped "$T/release/atelier"
 xz -T0 -6 -c /tmp/atelier.stripped >.dev/atelier.xz
-(cd "$W/data" && tar cf - train | xz -T0 -9 >"$OLDPWD/.dev/train.tar.xz")
-. scripts/demo/recipe.sh
-demo_pipeline "$W" .dev/pipeline
+if [ -n "$W" ]; then
+  (cd "$W/data" && tar cf - train | xz -T0 -9 >"$OLDPWD/.dev/train.tar.xz")
+  . scripts/demo/recipe.sh
+  demo_pipeline "$W" .dev/pipeline
+fi
 o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
 apt-get $o update >/dev/null
 (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
