@@ -79,7 +79,22 @@ pub fn tokenizers_dir(config: &Config) -> Option<PathBuf> {
 /// The files of a config entry.
 pub fn resolve_files(id: &str, entry: &ModelEntry, tokenizers: Option<&Path>) -> Result<ModelFiles> {
     match (&entry.path, &entry.transformer) {
-        (Some(p), _) => ModelFiles::from_diffusers(p, tokenizers),
+        // The folder gives every component; single files named beside it replace theirs (a
+        // GGUF or fp8 transformer with the folder's VAE and text encoders), as on the CLI.
+        (Some(p), _) => {
+            let mut files = ModelFiles::from_diffusers(p, tokenizers)?;
+            for (file, part) in [
+                (&entry.transformer, &mut files.transformer),
+                (&entry.vae, &mut files.vae),
+                (&entry.clip, &mut files.clip),
+                (&entry.t5, &mut files.t5),
+            ] {
+                if let Some(f) = file {
+                    *part = f.clone();
+                }
+            }
+            Ok(files)
+        }
         (None, Some(t)) => {
             let need = |p: &Option<PathBuf>, what: &str| {
                 p.clone().ok_or_else(|| anyhow!("[models.{id}] names a transformer file but no {what}"))
@@ -183,5 +198,24 @@ impl ModelRegistry {
 
     pub fn get(&self, id: &str) -> Option<&ServedModel> {
         self.models.get(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_files_beside_a_folder_replace_its_components() {
+        let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/demo/schnell");
+        let gguf = PathBuf::from("/models/flux1-schnell-Q4_K.gguf");
+        let entry = ModelEntry { path: Some(demo.clone()), transformer: Some(gguf.clone()), ..ModelEntry::default() };
+        let files = resolve_files("x", &entry, None).unwrap();
+        let folder = ModelFiles::from_diffusers(&demo, None).unwrap();
+        assert_eq!(files.transformer, gguf);
+        assert_eq!((&files.vae, &files.clip, &files.t5), (&folder.vae, &folder.clip, &folder.t5));
+        assert_eq!(files.scheduler, folder.scheduler);
+        let entry = ModelEntry { path: Some(demo), ..ModelEntry::default() };
+        assert_eq!(resolve_files("x", &entry, None).unwrap().transformer, folder.transformer);
     }
 }

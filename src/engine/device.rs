@@ -191,13 +191,21 @@ fn init_adapter(index: usize) -> std::result::Result<SelectedDevice, String> {
     runtimes
         .entry(index)
         .or_insert_with(|| {
-            let (api, kind) = burn_address(adapters(), index);
-            let (device, setup) = Device::wgpu_options()
-                .graphics_api(api)
-                .device_kind(kind)
-                .init_with_setup()
-                .map_err(|e| e.to_string())?;
-            let info = setup.adapter.get_info();
+            let (device, adapter) = if cfg!(feature = "vulkan") {
+                // The SPIR-V path asks the device for Vulkan extensions of its own: burn makes it.
+                let (api, kind) = burn_address(adapters(), index);
+                let (device, setup) = Device::wgpu_options()
+                    .graphics_api(api)
+                    .device_kind(kind)
+                    .init_with_setup()
+                    .map_err(|e| e.to_string())?;
+                (device, setup.adapter)
+            } else {
+                let setup = wgsl_setup(index)?;
+                let adapter = setup.adapter.clone();
+                (Device::wgpu_options().setup(setup).init().map_err(|e| e.to_string())?, adapter)
+            };
+            let info = adapter.get_info();
             Ok(SelectedDevice {
                 device,
                 description: format!(
@@ -205,10 +213,52 @@ fn init_adapter(index: usize) -> std::result::Result<SelectedDevice, String> {
                     info.name, info.device_type, info.backend, info.driver, info.driver_info
                 ),
                 is_gpu: true,
-                memory_bytes: device_local_bytes(&setup.adapter),
+                memory_bytes: device_local_bytes(&adapter),
             })
         })
         .clone()
+}
+
+/// Percent of the memory budget the driver reports at which wgpu refuses new buffers (an error
+/// instead of the driver's own failure) and at which it gives the device up. The job's memory
+/// plan keeps well below; these only turn a misjudged plan into a clean failure.
+const BUDGET_THRESHOLDS: wgpu::MemoryBudgetThresholds =
+    wgpu::MemoryBudgetThresholds { for_resource_creation: Some(95), for_device_loss: Some(99) };
+
+/// `adapters()[index]` brought up as burn's WGSL runtime would bring it up (every feature
+/// the adapter has but mappable primary buffers, its own limits, allocations sized for memory
+/// use), on an instance with [`BUDGET_THRESHOLDS`], which burn gives no way to set.
+fn wgsl_setup(index: usize) -> std::result::Result<burn::tensor::wgpu::WgpuSetup, String> {
+    use futures_util::FutureExt;
+    let wanted = &adapters()[index];
+    let backend = wanted.backend;
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: backend.into(),
+        memory_budget_thresholds: BUDGET_THRESHOLDS,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let found = instance.enumerate_adapters(backend.into()).now_or_never().ok_or("wgpu did not list its adapters")?;
+    // The same place among its API's adapters as in `adapters()`, which lists them the same way.
+    let nth = adapters()[..index].iter().filter(|a| a.backend == backend).count();
+    let adapter = found.into_iter().nth(nth).ok_or_else(|| format!("{wanted} is gone"))?;
+    if adapter.get_info().name != wanted.name {
+        return Err(format!("the adapters changed order ({wanted} expected)"));
+    }
+    let descriptor = wgpu::DeviceDescriptor {
+        label: None,
+        required_features: adapter.features().difference(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS),
+        required_limits: adapter.limits(),
+        memory_hints: wgpu::MemoryHints::MemoryUsage,
+        trace: wgpu::Trace::Off,
+        // SAFETY: what burn's WGSL runtime enables on the devices it makes itself.
+        experimental_features: unsafe { wgpu::ExperimentalFeatures::enabled() },
+    };
+    let (device, queue) = adapter
+        .request_device(&descriptor)
+        .now_or_never()
+        .ok_or("wgpu did not create the device at once")?
+        .map_err(|e| e.to_string())?;
+    Ok(burn::tensor::wgpu::WgpuSetup { instance, adapter, device, queue, backend })
 }
 
 pub fn cpu() -> SelectedDevice {

@@ -103,3 +103,29 @@ pub fn gradients_of(seed: burn::tensor::Tensor<1>) -> burn::tensor::Gradients {
 pub fn scaled(loss: burn::tensor::Tensor<1>, scale: f32) -> burn::tensor::Tensor<1> {
     if scale == 1.0 { loss } else { loss * scale }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `torch.manual_seed(0); torch.randn(4)` drawn through σ = sigmoid(z), and kohya's
+    /// `flux_shift` of it (`time_shift(mu, 1, t)`, mu linear in the token count from 0.5 at
+    /// 256 tokens to 1.15 at 4096), written out here independently of the sampler's code.
+    #[test]
+    fn sigmas_are_torchs_normal_draws_through_sigmoid_and_kohyas_flux_shift() {
+        let z = [1.540_996_1_f64, -0.293_428_9, -2.178_789_4, 0.568_431_3];
+        let sigmoid: Vec<f64> = z.iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect();
+        let got = sample_sigmas(Timesteps::Sigmoid, 4, 1024, &mut TorchGenerator::new(0));
+        for (g, e) in got.iter().zip(&sigmoid) {
+            assert!((*g as f64 - e).abs() < 1e-6, "sigmoid: {got:?} vs {sigmoid:?}");
+        }
+        for (tokens, mu) in [(256usize, 0.5f64), (1024, 0.63), (4096, 1.15)] {
+            let got = sample_sigmas(Timesteps::Shift, 4, tokens, &mut TorchGenerator::new(0));
+            for (g, t) in got.iter().zip(&sigmoid) {
+                let e = mu.exp() / (mu.exp() + (1.0 / t - 1.0));
+                assert!((*g as f64 - e).abs() < 1e-5, "{tokens} tokens: {g} vs {e}");
+                assert!(*g as f64 > *t && *g < 1.0, "the shift moves σ toward noise, inside (0, 1)");
+            }
+        }
+    }
+}

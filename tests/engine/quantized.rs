@@ -364,6 +364,24 @@ fn a_gguf_of_every_block_type_stays_packed_and_generates_its_f32_copys_image() {
     assert!(spread > 16, "a flat image would prove nothing");
 }
 
+/// Issue 14's quality figure: a hidden-256 transformer (rows of whole K-quant blocks) quantized
+/// by `atelier quantize` to each type users pick, against its F32 image.
+#[test]
+fn quantized_transformers_stay_close_to_their_f32_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, f32_copy, _) = mixed_gguf(dir.path());
+    let reference: Vec<f32> = generate(f32_copy.clone()).into_iter().map(f32::from).collect();
+    for (ty, floor) in [("q8_0", 55.0), ("q5_0", 45.0), ("q4_k", 35.0), ("q4_0", 30.0)] {
+        let out = dir.path().join(format!("{ty}.gguf"));
+        let written = atelier::engine::to_gguf::convert_transformer(&f32_copy, &out, ty, None).unwrap();
+        let target = written.per_type.iter().find(|(t, _, _)| t.name().eq_ignore_ascii_case(ty)).map_or(0, |e| e.1);
+        let db = psnr(&generate(out), &reference);
+        eprintln!("{ty}: {target} tensors of the type; PSNR vs the F32 image {db:.1} dB");
+        assert!(target >= 6, "{ty}: only {target} tensors quantized");
+        assert!(db > floor, "{ty}: PSNR {db:.1} dB");
+    }
+}
+
 #[test]
 fn atelier_quantize_writes_the_bytes_of_the_gguf_packages_writer() {
     let dir = tempfile::tempdir().unwrap();
