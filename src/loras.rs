@@ -58,6 +58,25 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
+    /// Bounds on what a user may write into a sidecar (it is listed with every LoRA).
+    pub fn check(&self) -> Result<(), LibraryError> {
+        let long = |what: &str, text: &Option<String>, max: usize| match text {
+            Some(t) if t.chars().count() > max => {
+                Err(LibraryError::Invalid(format!("the {what} is longer than {max} characters")))
+            }
+            _ => Ok(()),
+        };
+        long("label", &self.label, 100)?;
+        long("licence", &self.licence, 200)?;
+        long("description", &self.description, 5000)?;
+        if self.triggers.len() > 20 || self.triggers.iter().any(|t| t.trim().is_empty() || t.chars().count() > 100) {
+            return Err(LibraryError::Invalid("at most 20 trigger words, each 1 to 100 characters".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Sidecar {
     fn read(path: &Path) -> Sidecar {
         let Ok(bytes) = std::fs::read(path) else { return Sidecar::default() };
         match serde_json::from_slice::<Sidecar>(&bytes) {
@@ -475,6 +494,7 @@ impl Library {
         if *change == Sidecar::default() {
             return Ok(());
         }
+        change.check()?;
         let path = self.user_dir(user).join(format!("{name}.json"));
         let mut side = Sidecar::read(&path);
         if change.label.is_some() {
@@ -521,6 +541,23 @@ impl Library {
         let dest = Self::file(&self.studio, as_name);
         if dest.exists() {
             return Err(LibraryError::Conflict(format!("the studio library has a LoRA named {as_name:?}")));
+        }
+        // Another user's LoRA of that name would shadow the studio's for them (private names
+        // win in prompts), which uploads and renames already prevent. The owner's own copy under
+        // the same name is the very file published.
+        let owner_dir = self.user_dir(owner);
+        let holders = std::fs::read_dir(&self.private_root)
+            .map(|dirs| {
+                dirs.filter_map(|d| d.ok())
+                    .filter(|d| !(as_name == name && d.path() == owner_dir))
+                    .filter(|d| Self::file(&d.path(), as_name).is_file())
+                    .count()
+            })
+            .unwrap_or(0);
+        if holders > 0 {
+            return Err(LibraryError::Conflict(format!(
+                "{holders} user(s) have a private LoRA named {as_name:?}; publish it under another name"
+            )));
         }
         std::fs::create_dir_all(&self.studio)?;
         // Copied beside and renamed: the studio never lists half a file.

@@ -99,8 +99,14 @@ fn run_bench(a: BenchArgs, config: &Config) -> Result<()> {
     {
         anyhow::bail!("{flag} is for the transformer bench; --vae times a random FLUX.1 VAE");
     }
-    if a.head_dim == 0 || !a.hidden.is_multiple_of(a.head_dim) || !a.head_dim.is_multiple_of(8) {
-        anyhow::bail!("--hidden must be a multiple of --head-dim, and --head-dim a multiple of 8");
+    if a.hidden == 0 || a.head_dim == 0 || !a.hidden.is_multiple_of(a.head_dim) || !a.head_dim.is_multiple_of(8) {
+        anyhow::bail!("--hidden must be a positive multiple of --head-dim, and --head-dim a multiple of 8");
+    }
+    if a.txt_tokens == 0 {
+        anyhow::bail!("--txt-tokens must be at least 1 (FLUX always sees the prompt's tokens)");
+    }
+    if a.lora_rank == 0 {
+        anyhow::bail!("--lora-rank must be at least 1");
     }
     let first = a.head_dim / 8;
     let rest = (a.head_dim - first) / 2;
@@ -315,9 +321,8 @@ fn run_generate(a: GenerateArgs, config: &Config, data_dir: &std::path::Path) ->
 }
 
 fn quantize(input: &std::path::Path, output: &std::path::Path, ty: &str) -> Result<()> {
-    if input == output {
-        anyhow::bail!("the output must be another file than the input");
-    }
+    atelier::engine::outfile::refuse_overwriting_input(output, input)?;
+    atelier::engine::outfile::destination(output)?;
     use atelier::engine::to_gguf;
     let written = match transformer_or_t5(input)? {
         Checkpoint::Transformer(..) => to_gguf::convert_transformer(input, output, ty, None)?,

@@ -211,6 +211,11 @@ impl Limits {
         if p.prompt.len() > self.max_prompt_bytes {
             return bad(format!("{prompt} is longer than {} bytes", self.max_prompt_bytes));
         }
+        // Line breaks and tabs are text; other control characters are not (a NUL would also cut
+        // the PNG's text chunk short in every reader).
+        if let Some(c) = p.prompt.chars().find(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t')) {
+            return bad(format!("{prompt} contains the control character U+{:04X}", u32::from(c)));
+        }
         let step = u64::from(self.size_step.max(1));
         let (mut width, mut height, mut warnings) = (p.width, p.height, Vec::new());
         match self.sizes {
@@ -425,6 +430,11 @@ mod tests {
         assert!(with(&|s| s.batch = 64).validate(&server).is_ok());
         assert_eq!(with(&|s| s.prompt = " ".into()).validate(&server).unwrap_err().0, "the prompt is empty");
         assert_eq!(with(&|s| s.prompt = " ".into()).validate(&cli).unwrap_err().0, "--prompt is empty");
+        assert_eq!(
+            with(&|s| s.prompt = "red\u{0}heart".into()).validate(&server).unwrap_err().0,
+            "the prompt contains the control character U+0000"
+        );
+        assert!(with(&|s| s.prompt = "red\nheart\t".into()).validate(&server).is_ok());
         assert!(with(&|s| s.prompt = "x".repeat(10_001)).validate(&server).is_err());
     }
 

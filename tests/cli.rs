@@ -873,3 +873,108 @@ fn bench_model_times_a_real_pipeline_by_stage() {
         assert!(!o.status.success() && stderr(&o).contains(flag), "{flag}: {}", stderr(&o));
     }
 }
+
+/// Outputs never replace what they must not: the model being read, a device or a link (written
+/// through), a name of another format; a training's output is checked before any compute and a
+/// refused run leaves no folder behind.
+#[test]
+fn outputs_never_replace_inputs_devices_or_links_and_refusals_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // quantize into the folder it reads: refused, the input untouched.
+    let model = dir.path().join("transformer");
+    std::fs::create_dir(&model).unwrap();
+    let src = PathBuf::from(demo("schnell")).join("transformer");
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(src.join(f), model.join(f)).unwrap();
+    }
+    let weights = model.join("diffusion_pytorch_model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    let link = dir.path().join("link.safetensors");
+    std::os::unix::fs::symlink(&weights, &link).unwrap();
+    for out in [&weights, &link] {
+        let o = atelier(dir.path(), &["quantize", model.to_str().unwrap(), out.to_str().unwrap(), "--type", "q8_0"]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains("would overwrite the input"), "{}", stderr(&o));
+    }
+    assert_eq!(std::fs::read(&weights).unwrap(), before, "the input is untouched");
+
+    // generate: a device or another format is refused before the compute; a link is written
+    // through and stays a link.
+    let png = dir.path().join("real.png");
+    std::fs::write(&png, b"old").unwrap();
+    let png_link = dir.path().join("out.png");
+    std::os::unix::fs::symlink(&png, &png_link).unwrap();
+    for (out, expected) in [("/dev/null", "not a plain file"), ("x.jpg", "PNG")] {
+        let o = generate_small(dir.path(), &demo("schnell"), "a fox", Path::new(out), &[]);
+        assert_eq!(o.status.code(), Some(1), "{out}: {}", stderr(&o));
+        assert!(stderr(&o).contains(expected) && !computed(&o), "{out}: {}", stderr(&o));
+    }
+    let o = generate_small(dir.path(), &demo("schnell"), "a fox", &png_link, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::symlink_metadata(&png_link).unwrap().file_type().is_symlink());
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+
+    // train: a bad --out, alpha, rank or sample prompt is refused before anything is made.
+    let images = training_images(dir.path());
+    let folder = dir.path().join("ds");
+    std::fs::create_dir(&folder).unwrap();
+    let m = demo("schnell");
+    let base = ["train", "--model", &m, "--images", images.to_str().unwrap(), "--trigger", "zqx", "--steps", "1"];
+    let cases: [(&[&str], &str); 5] = [
+        (&["--out", folder.to_str().unwrap()], "is a folder"),
+        (&["--out", "l.safetensors", "--alpha", "0"], "--alpha must be a positive number"),
+        (&["--out", "l.safetensors", "--rank", "0"], "--rank 0 does not fit"),
+        (&["--out", "l.safetensors", "--sample-every", "1", "--sample-prompt", " "], "must not be empty"),
+        (&["--out", "/proc/x/l.safetensors"], "does not exist"),
+    ];
+    for (extra, expected) in cases {
+        let mut args = base.to_vec();
+        args.extend(extra);
+        args.extend(["--device", "cpu"]);
+        let o = atelier(dir.path(), &args);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(expected), "{extra:?}: expected {expected:?} in {}", stderr(&o));
+        assert!(!stderr(&o).contains("encoding"), "{extra:?} computed: {}", stderr(&o));
+    }
+    assert!(
+        !dir.path().join("ds_train").exists() && !dir.path().join("l_train").exists(),
+        "{:?}",
+        files_in(dir.path())
+    );
+}
+
+/// A LoRA with NaN values or rank 0 is refused when read, naming the file, instead of a black
+/// image (NaN) or a panic (rank 0); a weight after the colon that is not a number is named as such.
+#[test]
+fn damaged_loras_are_refused_when_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = fixture("lora/dev/kohya.safetensors");
+    let bytes = std::fs::read(&good).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let (name, info) =
+        header.as_object().unwrap().iter().find(|(k, _)| k.ends_with("lora_down.weight")).expect("a down factor");
+    let at = 8 + n + info["data_offsets"][0].as_u64().unwrap() as usize;
+    let nan: &[u8] = match info["dtype"].as_str().unwrap() {
+        "F32" => &[0, 0, 0xc0, 0x7f],
+        "F16" => &[0, 0x7e],
+        "BF16" => &[0xc0, 0x7f],
+        d => panic!("{d}"),
+    };
+    let mut damaged = bytes.clone();
+    damaged[at..at + nan.len()].copy_from_slice(nan);
+    let nan_file = dir.path().join("nan.safetensors");
+    std::fs::write(&nan_file, damaged).unwrap();
+    let model = pipeline_fixture("dev");
+    let out = dir.path().join("x.png");
+    let typo = format!("{}:abc", good.to_str().unwrap());
+    let nan_arg = nan_file.to_str().unwrap().to_string();
+    for (lora, expected) in [(nan_arg.as_str(), "NaN or infinite"), (typo.as_str(), "is not a number")] {
+        let o = generate_small(dir.path(), &model, "a fox", &out, &["--lora", lora]);
+        assert_eq!(o.status.code(), Some(1), "{lora}: {}", stderr(&o));
+        assert!(stderr(&o).contains(expected), "{lora}: expected {expected:?} in {}", stderr(&o));
+        assert!(!computed(&o) && !stderr(&o).contains("panicked"), "{}", stderr(&o));
+    }
+    assert!(stderr(&generate_small(dir.path(), &model, "a fox", &out, &["--lora", &nan_arg])).contains(name));
+    assert!(!out.exists());
+}

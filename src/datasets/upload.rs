@@ -341,6 +341,9 @@ fn image_id(now_ms: u64, n: usize) -> String {
 /// Decodes the image at `path` (the client called it `name`): the format sniffed from its
 /// bytes, never its name; its size read from the header and refused past `max_megapixels`
 /// before any pixel is allocated; EXIF orientation applied.
+/// The shortest side a dataset image may have.
+const MIN_SIDE: u32 = 16;
+
 pub fn decode(path: &Path, name: &str, max_megapixels: u32) -> Result<DynamicImage, DatasetError> {
     let name = shown(name);
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -375,6 +378,13 @@ pub fn decode(path: &Path, name: &str, max_megapixels: u32) -> Result<DynamicIma
     }
     if w == 0 || h == 0 {
         return Err(DatasetError::Invalid(format!("{name}: the image has no pixels ({w}×{h})")));
+    }
+    // Training never upscales past 2× and needs 16-pixel sides: anything smaller would only
+    // fail the training later.
+    if w.min(h) < MIN_SIDE {
+        return Err(DatasetError::Invalid(format!(
+            "{name}: {w}×{h} pixels is too small to train on (a side needs at least {MIN_SIDE} pixels)"
+        )));
     }
     let mut limits = Limits::default();
     // Room for the largest allowed image at 16 bits × 4 channels, and no more.

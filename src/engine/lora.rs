@@ -110,6 +110,13 @@ impl LoraChoice {
         if s.is_empty() {
             bail!("--lora needs a file (FILE[:WEIGHT])");
         }
+        // `x.safetensors:abc` where no such file exists: a mistyped weight, not a path.
+        if let Some((path, w)) = s.rsplit_once(':')
+            && !std::path::Path::new(s).exists()
+            && std::path::Path::new(path).is_file()
+        {
+            bail!("--lora {s}: the weight after the colon ({w:?}) is not a number");
+        }
         Ok(LoraChoice { path: s.into(), weight: 1.0 })
     }
 }
@@ -159,6 +166,16 @@ enum Target {
     Linear(Part, String, Rows),
     /// A T5 module: not applied.
     T5,
+}
+
+/// `t` when every value is finite: a NaN or infinity in a factor would turn every image made
+/// with the LoRA black, so the file is refused when it is read.
+fn finite(key: &str, t: HostTensor) -> Result<HostTensor> {
+    let bad = t.data.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        bail!("{key} holds {bad} NaN or infinite values of {}: the file is damaged", t.data.len());
+    }
+    Ok(t)
 }
 
 impl Lora {
@@ -221,10 +238,17 @@ impl Lora {
             let mut list = Vec::new();
             match (roles.get(&Role::Down), roles.get(&Role::Up)) {
                 (Some(dk), Some(uk)) => {
-                    let (down, up) = (set.read(dk)?, set.read(uk)?);
+                    let (down, up) = (finite(dk, set.read(dk)?)?, finite(uk, set.read(uk)?)?);
                     if down.shape.len() != 2 || up.shape.len() != 2 || down.shape[0] != up.shape[1] {
                         bail!(
                             "{module}: down {:?} and up {:?} are not the two factors of one LoRA (a conv LoRA?)",
+                            down.shape,
+                            up.shape
+                        );
+                    }
+                    if down.shape[0] == 0 {
+                        bail!(
+                            "{module}: rank 0 (down {:?}, up {:?}): a LoRA needs at least one rank",
                             down.shape,
                             up.shape
                         );
@@ -234,6 +258,11 @@ impl Lora {
                         Some(ak) => Some(set.read(ak)?.data.first().copied().ok_or_else(|| anyhow!("{ak} is empty"))?),
                         None => meta.alpha(module),
                     };
+                    if let Some(a) = alpha
+                        && !a.is_finite()
+                    {
+                        bail!("{module}: its alpha is {a}, not a number");
+                    }
                     let scale = alpha.map_or(1.0, |a| a / rank);
                     list.push((dk.clone(), Change::LowRank { down, up, scale, rows }));
                 }
@@ -246,13 +275,13 @@ impl Lora {
                 if rows != Rows::All {
                     bail!("{k}: a full delta on part of a fused weight is not supported");
                 }
-                list.push((k.clone(), Change::Diff(set.read(k)?)));
+                list.push((k.clone(), Change::Diff(finite(k, set.read(k)?)?)));
             }
             if let Some(k) = roles.get(&Role::DiffBias) {
                 if rows != Rows::All {
                     bail!("{k}: a bias delta on part of a fused weight is not supported");
                 }
-                list.push((k.clone(), Change::DiffBias(set.read(k)?)));
+                list.push((k.clone(), Change::DiffBias(finite(k, set.read(k)?)?)));
             }
             // A module with only an alpha has nothing to apply.
             if !list.is_empty() {

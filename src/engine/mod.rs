@@ -15,6 +15,7 @@ pub mod loader;
 pub mod lora;
 pub mod memory;
 pub mod noise;
+pub mod outfile;
 pub mod packed;
 pub mod pipeline;
 pub mod pngfile;

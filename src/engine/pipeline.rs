@@ -565,10 +565,29 @@ pub fn generate_prepared(
     if is_canceled(req) {
         return Err(Canceled.into());
     }
+    non_finite_check(&latents, "the transformer's latents", &prepared.loras)?;
     progress(Progress::Stage("decoding"));
-    let images =
-        decode(files, &grid, latents, device, resident)?.iter().map(|pixels| to_rgb(pixels, width, height)).collect();
+    let pixels = decode(files, &grid, latents, device, resident)?;
+    non_finite_check(&pixels, "the VAE's decoded image", &prepared.loras)?;
+    let images = pixels.iter().map(|p| to_rgb(p, width, height)).collect();
     Ok(Generated { images, seeds: prepared.seeds(req), steps, width, height, guidance, is_dev, warnings })
+}
+
+/// A NaN or infinity would quantize to a black (or white) image that looks like a result: the
+/// job fails instead, naming what usually causes it.
+fn non_finite_check(values: &[Vec<f32>], what: &str, loras: &[LoraSet]) -> Result<()> {
+    let bad: usize = values.iter().map(|v| v.iter().filter(|x| !x.is_finite()).count()).sum();
+    if bad == 0 {
+        return Ok(());
+    }
+    let total: usize = values.iter().map(Vec::len).sum();
+    let cause = if loras.is_empty() {
+        "the model's weights (a file with NaN or huge values?) or f16 overflow (try --dtype f32)".to_string()
+    } else {
+        let names: Vec<String> = loras.iter().map(|l| format!("{} at {}", l.lora.name, l.weight)).collect();
+        format!("the LoRAs ({}: NaN values or too high a strength?) or the model's weights", names.join(", "))
+    };
+    bail!("{what} have {bad} of {total} values that are not finite (NaN or infinity): check {cause}")
 }
 
 /// The transformer's part: for each image, its seed's noise denoised into clean latents

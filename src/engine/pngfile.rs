@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use png::text_metadata::{EncodableTextChunk, ITXtChunk, TEXtChunk};
@@ -89,13 +88,15 @@ impl PendingPng {
     /// Creates the temporary file; `private` makes it (and so the image) readable by its owner
     /// only. Errors name the folder that does not exist or cannot be written.
     pub fn create(dest: &Path, private: bool) -> Result<PendingPng> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        if dest.is_dir() {
-            bail!("cannot write the image to {}: it is a folder", dest.display());
+        if let Some(ext) = dest.extension()
+            && !ext.eq_ignore_ascii_case("png")
+        {
+            bail!("cannot write the image to {}: atelier writes PNG files (name it .png)", dest.display());
         }
-        let name = dest.file_name().with_context(|| format!("{} has no file name", dest.display()))?;
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = dest.with_file_name(format!(".{}.{}-{n}.tmp", name.to_string_lossy(), std::process::id()));
+        let dest = &crate::engine::outfile::destination(dest).map_err(|e| {
+            anyhow::anyhow!("{}", e.to_string().replacen("cannot write", "cannot write the image to", 1))
+        })?;
+        let tmp = crate::engine::outfile::temporary(dest)?;
         let mut options = if private { crate::private_files::open_options() } else { std::fs::OpenOptions::new() };
         let file = options.write(true).create_new(true).open(&tmp).map_err(|e| {
             let folder = match dest.parent() {

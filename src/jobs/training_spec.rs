@@ -109,11 +109,11 @@ impl TrainingOrder {
             return Err(format!("resolution must be one of {}, not {resolution}", list.join(", ")));
         }
         let trigger = self.trigger.clone().unwrap_or_else(|| dataset_trigger.to_string()).trim().to_string();
-        if trigger.is_empty() || trigger.len() > 100 || trigger.chars().any(char::is_control) {
+        if trigger.is_empty() || trigger.chars().count() > 100 || trigger.chars().any(char::is_control) {
             return Err("the trigger word must be 1 to 100 characters (set it on the dataset or in the request)".into());
         }
         if self.sample_prompts.len() > MAX_SAMPLE_PROMPTS
-            || self.sample_prompts.iter().any(|p| p.trim().is_empty() || p.len() > 500)
+            || self.sample_prompts.iter().any(|p| p.trim().is_empty() || p.chars().count() > 500)
         {
             return Err(format!("at most {MAX_SAMPLE_PROMPTS} sample prompts, each 1 to 500 characters"));
         }

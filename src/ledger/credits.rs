@@ -350,10 +350,33 @@ pub(crate) struct NewGrant<'a> {
 
 /// Inserts a grant and its `grant` entry. With a `grant_key` that exists already, inserts
 /// nothing and returns `None` (period grants happen once).
+/// The largest single grant, and the most a user may hold open (remaining + held) of one
+/// resource: a trillion and a quadrillion credits, beyond any plan, and 9000× short of `i64::MAX`.
+pub const MAX_GRANT: i64 = 1_000_000_000_000;
+pub const MAX_OPEN: i64 = 1_000_000_000_000_000;
+
 pub(crate) fn insert_grant(t: &Tx<'_>, g: &NewGrant<'_>) -> Result<Option<GrantId>, LedgerError> {
     let NewGrant { user, resource, amount, source, period, effective_at, expires_at, priority, grant_key } = *g;
     if amount <= 0 {
         return Err(LedgerError::Invalid(format!("a grant must be > 0 (got {amount})")));
+    }
+    if amount > MAX_GRANT {
+        return Err(LedgerError::Invalid(format!("a grant must be at most {MAX_GRANT} (got {amount})")));
+    }
+    // Every sum the ledger takes over a user's grants (balances, the audit) stays far inside
+    // SQLite's 64-bit integers: a grant that would take the user's open credits past the cap is
+    // refused before anything is written.
+    let open: i64 = t.query_row(
+        "SELECT COALESCE(SUM(remaining + held), 0) FROM grants WHERE user_id = ?1 AND resource = ?2",
+        params![user, resource.as_str()],
+        |r| r.get(0),
+    )?;
+    if open + amount > MAX_OPEN {
+        return Err(LedgerError::Invalid(format!(
+            "this grant would give the user {} open {} (at most {MAX_OPEN})",
+            open + amount,
+            resource.as_str()
+        )));
     }
     let n = t.execute(
         "INSERT INTO grants (user_id, resource, amount, remaining, source, period_kind, effective_at, expires_at, priority, grant_key, created_at)

@@ -40,7 +40,8 @@ use serde::Serialize;
 pub use authorize::{JobAuthorization, JobRequest, TrainingRequest};
 pub use clock::{Clock, SystemClock, TestClock};
 pub use credits::{
-    AuditReport, Balance, Grant, GrantRequest, GrantSource, Hold, HoldOutcome, HoldRequest, HoldStatus, SettledBy,
+    AuditReport, Balance, Grant, GrantRequest, GrantSource, Hold, HoldOutcome, HoldRequest, HoldStatus, MAX_GRANT,
+    MAX_OPEN, SettledBy,
 };
 pub use events::Event;
 pub use plans::{

@@ -46,7 +46,7 @@ pub(crate) fn insert(
 }
 
 pub(crate) fn validate_name(name: &str) -> Result<(), LedgerError> {
-    if name.is_empty() || name.len() > 64 {
+    if name.is_empty() || name.chars().count() > 64 {
         return Err(LedgerError::Invalid("a user name has 1 to 64 characters".into()));
     }
     if name.chars().any(|c| c.is_whitespace() || c.is_control()) || name.starts_with('-') {

@@ -76,9 +76,32 @@ pub fn check_settings(dir: &Path, settings: &str) -> Result<()> {
     let written =
         set.metadata("settings").ok_or_else(|| anyhow::anyhow!("{}: no settings in the metadata", path.display()))?;
     if written != settings {
-        bail!("{} was written by a run with other settings ({written}); resume with the same settings", dir.display());
+        bail!(
+            "{} was written by a run with other settings ({}); resume with the same settings",
+            dir.display(),
+            settings_difference(written, settings)
+        );
     }
     Ok(())
+}
+
+/// What differs between two runs' settings (JSON objects), field by field: "steps: 1000 there,
+/// 2000 here". Falls back to both texts when either is not an object.
+fn settings_difference(there: &str, here: &str) -> String {
+    use serde_json::Value;
+    let (Ok(Value::Object(a)), Ok(Value::Object(b))) =
+        (serde_json::from_str::<Value>(there), serde_json::from_str::<Value>(here))
+    else {
+        return format!("{there} there, {here} here");
+    };
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let shown = |v: Option<&Value>| v.map_or("none".to_string(), Value::to_string);
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k}: {} there, {} here", shown(a.get(k)), shown(b.get(k))))
+        .collect();
+    if diffs.is_empty() { "the same fields, in another order".into() } else { diffs.join("; ") }
 }
 
 /// Reads a checkpoint folder written by [`save`].

@@ -47,6 +47,14 @@ pub fn scan_square(dir: &Path, side: usize, max_images: usize) -> Result<Vec<Ite
         .map(|path| {
             let img = open_oriented(&path)?;
             let source = (img.width(), img.height());
+            if 2 * (source.0.min(source.1) as usize) < side {
+                bail!(
+                    "{}: {}×{} pixels is too small for --resolution {side} (images are never upscaled past 2×)",
+                    path.display(),
+                    source.0,
+                    source.1
+                );
+            }
             Ok(Item { path, caption: String::new(), source, width: side, height: side })
         })
         .collect()
@@ -92,10 +100,23 @@ impl Item {
 }
 
 /// Decodes an image with its EXIF orientation applied.
+/// The most pixels a training image may have (a 10000×10000 photo).
+const MAX_PIXELS: u64 = 100_000_000;
+
 pub fn open_oriented(path: &Path) -> Result<DynamicImage> {
     let what = || format!("cannot read the image {}", path.display());
     let reader = ImageReader::open(path).with_context(what)?.with_guessed_format().with_context(what)?;
+    // Making the decoder reads the header only: the size is checked before any pixel is
+    // allocated (a header can claim any size).
     let mut decoder = reader.into_decoder().with_context(what)?;
+    let (w, h) = decoder.dimensions();
+    if u64::from(w) * u64::from(h) > MAX_PIXELS {
+        bail!("{}: {w}×{h} pixels, more than training reads ({} megapixels)", path.display(), MAX_PIXELS / 1_000_000);
+    }
+    let mut limits = image::Limits::default();
+    // The largest allowed image at 16 bits × 4 channels, and no more.
+    limits.max_alloc = Some(MAX_PIXELS * 8 + (16 << 20));
+    decoder.set_limits(limits).with_context(what)?;
     let orientation = decoder.orientation().with_context(what)?;
     let mut img = DynamicImage::from_decoder(decoder).with_context(what)?;
     img.apply_orientation(orientation);

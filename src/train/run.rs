@@ -200,7 +200,7 @@ pub fn train_with(
         bail!("--lr must be a positive number");
     }
     if s.resolution < 16 || !s.resolution.is_multiple_of(16) {
-        bail!("--resolution must be a multiple of 16, not {}", s.resolution);
+        bail!("--resolution must be a positive multiple of 16, not {}", s.resolution);
     }
     if s.sample_every > 0 && s.sample_prompts.is_empty() {
         bail!("--sample-every needs at least one --sample-prompt");
@@ -214,10 +214,27 @@ pub fn train_with(
     if s.full && job.dtype != DType::F32 {
         bail!("full training keeps the weights in f32: use --dtype f32 (or auto on the CPU)");
     }
+    let alpha_ok = s.alpha > 0.0 && s.alpha.is_finite();
+    if !s.full && !alpha_ok {
+        bail!("--alpha must be a positive number, not {} (the LoRA's scale is alpha / rank)", s.alpha);
+    }
+    if s.sample_prompts.iter().any(|p| p.trim().is_empty()) {
+        bail!("--sample-prompt must not be empty");
+    }
+    check_output(&job.out)?;
     let items = dataset::scan(&job.images, &s.trigger, s.resolution, s.max_images)?;
     let settings_json = serde_json::to_string(&Restartable::new(s, job.init.as_ref()))?;
     if let Some(dir) = &job.resume {
         checkpoint::check_settings(dir, &settings_json)?;
+    }
+    if job.init.is_none() {
+        // Model files: headers only (a model without a transformer, or with mismatched parts,
+        // is refused here, before the run's folder exists).
+        let config = job.files.check()?;
+        let rank_limit = config.hidden_size.min(config.mlp_hidden_dim);
+        if !s.full && (s.rank == 0 || s.rank > rank_limit) {
+            bail!("--rank {} does not fit this model: it must be 1..={rank_limit} (its hidden size)", s.rank);
+        }
     }
     let out_dir = run_dir(&job.out);
     std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
@@ -229,15 +246,9 @@ pub fn train_with(
         }
         None => job.files.clone(),
     };
-    // Model files: headers only (a model without a transformer, or with mismatched parts, is
-    // refused here).
     let config = files.check()?;
     if s.train_text_encoders {
         super::text::check_sources(&files)?;
-    }
-    let rank_limit = config.hidden_size.min(config.mlp_hidden_dim);
-    if !s.full && (s.rank == 0 || s.rank > rank_limit) {
-        bail!("--rank {} is larger than this model's layers allow (1..={rank_limit}: the hidden size)", s.rank);
     }
 
     on(Event::Stage(format!("encoding {} images and their captions", items.len())));
@@ -281,6 +292,7 @@ pub fn train_with(
         match &job.resume {
             Some(dir) => {
                 let r = checkpoint::load(dir, device)?;
+                r.lora.check_fits(&mut model).with_context(|| format!("resuming from {}", dir.display()))?;
                 (model, Trainee::Lora(r.lora), r.optimizer, r.step)
             }
             None => {
@@ -296,11 +308,7 @@ pub fn train_with(
     on(Event::Stage(trainee.describe()));
 
     let csv_path = out_dir.join("loss.csv");
-    let mut csv = std::fs::OpenOptions::new().create(true).append(true).open(&csv_path)?;
-    if start == 0 {
-        csv.set_len(0)?;
-        writeln!(csv, "step,loss,mean,grad_norm,seconds")?;
-    }
+    let mut csv = open_log(&csv_path, start, "step,loss,mean,grad_norm,seconds")?;
     let how = if s.recompute { Backprop::Recompute } else { Backprop::Plain };
     // bf16 on a CPU with AMX: f32 activations over bf16 Linear tiles (`engine::cpu::amx`).
     let activations = crate::engine::cpu::activation_dtype(device, job.dtype);
@@ -443,6 +451,42 @@ fn as_pairs(meta: &[(String, String)]) -> Vec<(&str, &str)> {
 
 /// Steps the running mean of the loss spans.
 const MEAN_WINDOW: usize = 50;
+
+/// Checks before any compute that `out` can be written: a plain file (or a new name) in a
+/// folder that exists and takes new files. Nothing is left behind.
+pub(crate) fn check_output(out: &Path) -> Result<()> {
+    let dest = crate::engine::outfile::destination(out)?;
+    let tmp = crate::engine::outfile::temporary(&dest)?;
+    std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| {
+        let folder = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                anyhow::anyhow!("cannot write {}: the folder {} does not exist", out.display(), folder.display())
+            }
+            _ => anyhow::Error::new(e).context(format!("cannot write {}", out.display())),
+        }
+    })?;
+    let _ = std::fs::remove_file(&tmp);
+    Ok(())
+}
+
+/// The run's `loss.csv`, open for appending: new (with `header`) for a run from step 0; for a
+/// resume from step `start`, without the rows an earlier run logged past `start` (they are
+/// about to be logged again).
+pub(crate) fn open_log(path: &Path, start: usize, header: &str) -> Result<std::fs::File> {
+    let mut kept = format!("{header}\n");
+    if start > 0 {
+        let old = std::fs::read_to_string(path).unwrap_or_default();
+        for line in old.lines().skip(1) {
+            if line.split(',').next().and_then(|f| f.parse::<usize>().ok()).is_some_and(|step| step <= start) {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+    }
+    std::fs::write(path, kept).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot write {}", path.display()))
+}
 
 /// The last `n` losses `loss.csv` logged for steps up to `upto` (a resumed run's earlier
 /// steps; a step logged twice counts once, the later row).

@@ -113,13 +113,26 @@ pub fn train_vae(
         bail!("--steps and --batch must be at least 1");
     }
     if s.resolution < 8 || !s.resolution.is_multiple_of(8) {
-        bail!("--resolution must be a multiple of 8, not {}", s.resolution);
+        bail!("--resolution must be a positive multiple of 8, not {}", s.resolution);
     }
     if !(s.adamw.lr > 0.0 && s.adamw.lr.is_finite()) {
         bail!("--lr must be a positive number");
     }
     if !(s.kl_weight >= 0.0 && s.kl_weight.is_finite()) {
         bail!("--kl-weight must be a number at least 0");
+    }
+    if let Some(dir) = &job.holdout
+        && std::fs::canonicalize(dir).ok() == std::fs::canonicalize(&job.images).ok()
+    {
+        bail!("--holdout is the training folder itself: its PSNR would not measure images the VAE never saw");
+    }
+    if job.out.exists() && !job.out.is_dir() {
+        bail!("--out {} is a file: train-vae writes a diffusers vae/ folder there", job.out.display());
+    }
+    if let Some(parent) = job.out.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        bail!("cannot write {}: the folder {} does not exist", job.out.display(), parent.display());
     }
     let items = dataset::scan_square(&job.images, s.resolution, s.max_images)?;
     let holdout = match &job.holdout {
@@ -179,12 +192,8 @@ pub fn train_vae(
     let what = if s.decoder_only { "of the VAE's decoder" } else { "of the VAE" };
     on(Event::Stage(format!("training all {} values {what} ({} tensors)", params.numel(), params.params.len())));
 
-    let csv_path = out_dir.join("loss.csv");
-    let mut csv = std::fs::OpenOptions::new().create(true).append(true).open(&csv_path)?;
-    if start == 0 {
-        csv.set_len(0)?;
-        writeln!(csv, "step,loss,l1,kl,grad_norm,seconds")?;
-    }
+    let csv = out_dir.join("loss.csv");
+    let mut csv = super::run::open_log(&csv, start, "step,loss,l1,kl,grad_norm,seconds")?;
     let end = job.stop_after.map_or(s.steps, |n| (start + n).min(s.steps));
     let mut losses = Vec::new();
     // The running mean of the last 50 losses (this invocation's) for the progress line.

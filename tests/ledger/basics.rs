@@ -601,3 +601,27 @@ fn an_idempotency_key_is_bound_to_the_request_it_was_first_used_for() {
     assert_eq!(l.balance(u, Resource::Credits).unwrap().held, first.hold.amount);
     audit(&mut l);
 }
+
+#[test]
+fn a_grant_past_the_caps_is_refused_and_writes_nothing() {
+    use atelier::ledger::{MAX_GRANT, MAX_OPEN, Resource};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut l, _clock) = open(&dir, PlansConfig::defaults());
+    let u = l.add_user("cy", false, None).unwrap().id;
+    let before = l.grants(u).unwrap().len();
+    // Near i64::MAX: once stored, every balance sum over this user's grants would overflow.
+    let e = l.grant(u, &GrantRequest::credits(9_223_372_036_854_775_000, GrantSource::Admin, None)).unwrap_err();
+    assert!(e.to_string().contains("at most"), "{e}");
+    for _ in 0..(MAX_OPEN / MAX_GRANT) {
+        if l.grant(u, &GrantRequest::credits(MAX_GRANT, GrantSource::Admin, None)).is_err() {
+            break;
+        }
+    }
+    let e = l.grant(u, &GrantRequest::credits(MAX_GRANT, GrantSource::Admin, None)).unwrap_err();
+    assert!(e.to_string().contains("open"), "{e}");
+    // The user stays usable: balances read, small grants still fail cleanly at the cap.
+    let b = l.balance(u, Resource::Credits).unwrap();
+    assert!(b.available <= MAX_OPEN, "{b:?}");
+    assert!(l.grants(u).unwrap().len() > before);
+    audit(&mut l);
+}

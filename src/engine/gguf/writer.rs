@@ -4,7 +4,6 @@
 //! The byte layout is the `gguf` package's `GGUFWriter`: key/values in the order given,
 //! tensor infos with ggml dims (innermost first) and offsets aligned to 32, data padded to 32.
 
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
@@ -151,25 +150,27 @@ pub fn write(
     if !tensors.is_empty() {
         pad(&mut head, 0);
     }
-    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut out = BufWriter::new(file);
-    out.write_all(&head)?;
-    for (i, (t, size)) in tensors.iter().zip(sizes).enumerate() {
-        let mut bytes = data(i)?;
-        if bytes.len() != size {
-            bail!(
-                "{}: {} bytes for a {} tensor of shape {:?} ({size} expected)",
-                t.name,
-                bytes.len(),
-                t.ty.name(),
-                t.shape
-            );
+    // Written beside `path` and renamed into place: a failure halfway leaves no partial GGUF.
+    crate::engine::outfile::write_replacing(path, |file| {
+        let mut out = BufWriter::new(file);
+        out.write_all(&head)?;
+        for (i, (t, size)) in tensors.iter().zip(sizes).enumerate() {
+            let mut bytes = data(i)?;
+            if bytes.len() != size {
+                bail!(
+                    "{}: {} bytes for a {} tensor of shape {:?} ({size} expected)",
+                    t.name,
+                    bytes.len(),
+                    t.ty.name(),
+                    t.shape
+                );
+            }
+            pad(&mut bytes, 0);
+            out.write_all(&bytes)?;
         }
-        pad(&mut bytes, 0);
-        out.write_all(&bytes)?;
-    }
-    out.flush().with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+        out.flush().with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    })
 }
 
 /// Zero bytes up to the next multiple of the alignment (counted from `base`).

@@ -137,7 +137,7 @@ pub async fn create_key(state: Data, caller: Caller, body: web::Json<NewKey>) ->
         return Err(ApiError::forbidden("create API keys from a logged-in browser session, not with an API key"));
     }
     let label = body.into_inner().label.trim().to_string();
-    if label.len() > 100 {
+    if label.chars().count() > 100 {
         return Err(ApiError::bad_request("the label is longer than 100 characters"));
     }
     let id = caller.user.id;

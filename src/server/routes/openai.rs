@@ -61,10 +61,15 @@ pub async fn generations(
     }
     let model = match b.model {
         Some(m) => m,
-        // No model named: the first ready one.
-        None => state.jobs.models.models.values().find(|m| m.is_ready()).map(|m| m.id.clone()).ok_or_else(|| {
-            ApiError::new(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "no_model", "no model is available")
-        })?,
+        // No model named: the first ready schnell model (the kind every plan may use without a
+        // quota), else the first ready one.
+        None => {
+            let ready = || state.jobs.models.models.values().filter(|m| m.is_ready());
+            let schnell = ready().find(|m| m.kind == Some(crate::config::FluxKind::Schnell));
+            schnell.or_else(|| ready().next()).map(|m| m.id.clone()).ok_or_else(|| {
+                ApiError::new(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "no_model", "no model is available")
+            })?
+        }
     };
     let (width, height) = match &b.size {
         Some(s) => parse_size(s)?,
@@ -105,8 +110,14 @@ pub async fn generations(
     }
     let images = match outcome.expect("loop ends with an outcome") {
         JobEvent::Succeeded { images, .. } => images,
+        // The job's own reason (a memory refusal, non-finite output, a LoRA that does not fit),
+        // as /api/jobs reports it; its credits were released.
         JobEvent::Failed { error } => {
-            return Err(ApiError::internal(format!("generation failed: {error}")));
+            return Err(ApiError::new(
+                actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "generation_failed",
+                format!("generation failed: {error}"),
+            ));
         }
         _ => return Err(ApiError::conflict("the job was canceled")),
     };
