@@ -535,25 +535,27 @@ pub fn write_safetensors(
     while header.len() % 8 != 0 {
         header.push(b' ');
     }
-    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut out = std::io::BufWriter::new(file);
-    out.write_all(&(header.len() as u64).to_le_bytes())?;
-    out.write_all(&header)?;
-    for (name, shape) in tensors {
-        let values = fill(name, shape);
-        if values.len() != shape.iter().product::<usize>() {
-            bail!("{name}: {} values for shape {shape:?}", values.len());
-        }
-        for v in values {
-            match dtype {
-                StoreDtype::F32 => out.write_all(&v.to_le_bytes())?,
-                StoreDtype::F16 => out.write_all(&half::f16::from_f32(v).to_le_bytes())?,
-                StoreDtype::Bf16 => out.write_all(&half::bf16::from_f32(v).to_le_bytes())?,
+    // Written beside `path` and renamed into place: a failure leaves no torn file.
+    crate::engine::outfile::write_replacing(path, |file| {
+        let mut out = std::io::BufWriter::new(file);
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(&header)?;
+        for (name, shape) in tensors {
+            let values = fill(name, shape);
+            if values.len() != shape.iter().product::<usize>() {
+                bail!("{name}: {} values for shape {shape:?}", values.len());
+            }
+            for v in values {
+                match dtype {
+                    StoreDtype::F32 => out.write_all(&v.to_le_bytes())?,
+                    StoreDtype::F16 => out.write_all(&half::f16::from_f32(v).to_le_bytes())?,
+                    StoreDtype::Bf16 => out.write_all(&half::bf16::from_f32(v).to_le_bytes())?,
+                }
             }
         }
-    }
-    out.flush()?;
-    Ok(())
+        out.flush()?;
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -158,3 +158,30 @@ fn half_precision_compute_stays_close() {
         assert!(err <= bound, "{dtype:?}: relative error {err:.3e} > {bound}");
     }
 }
+
+/// f16 on wgpu (lavapipe in CI: WGSL with `shader-f16`) against the f32 golden, with the CPU's
+/// f16 bound: f16's 11-bit mantissa gives ~5e-4 per rounding, and the error of a few blocks of
+/// products and norms stays an order of magnitude under 1e-2 (the CPU's f16 run: ~3e-3).
+#[test]
+fn wgpu_f16_stays_close() {
+    let Some(device) = wgpu_device() else { return };
+    let golden = Golden::open("flux/dev/golden.safetensors");
+    let path = fixture("flux/dev/bfl.safetensors");
+    let model = flux::load_transformer(&path, &device, DType::F16, Some(&axes_hint("dev"))).unwrap();
+    let rope = model.rope(7, 3, 5, &device);
+    let out = model
+        .forward(FluxInput {
+            img: golden.tensor::<3>("img", &device).cast(DType::F16),
+            txt: golden.tensor::<3>("txt", &device).cast(DType::F16),
+            y: golden.tensor::<2>("y", &device).cast(DType::F16),
+            timesteps: &golden.vec("timesteps"),
+            guidance: Some(&golden.vec("guidance")),
+            rope: &rope,
+        })
+        .unwrap();
+    assert_eq!(out.dtype(), DType::F16);
+    let out = out.cast(DType::F32).into_data().try_to_vec::<f32>().unwrap();
+    let err = relative_error(&out, &golden.vec("out"));
+    eprintln!("dev in F16 on wgpu: relative error {err:.2e}");
+    assert!(err <= 1e-2, "relative error {err:.3e} > 1e-2");
+}

@@ -206,6 +206,15 @@ fn refusals_say_why_out_of_credits_402_not_in_plan_403() {
         dave.post("/api/jobs", json!({"model": "nope", "prompt": "p", "width": 512, "height": 512})).status,
         404
     );
+    // A control character in the prompt (a NUL would cut the PNG's text short): 400.
+    let r =
+        dave.post("/api/jobs", json!({"model": "demo-schnell", "prompt": "red\u{0}heart", "width": 64, "height": 64}));
+    assert_eq!(r.status, 400, "{}", r.message());
+    assert!(r.message().contains("control character"), "{}", r.message());
+    // A body past the JSON limit: 413, not 400.
+    let huge = json!({"model": "demo-schnell", "prompt": "p".repeat(300 * 1024), "width": 64, "height": 64});
+    let r = dave.post_body("/api/jobs", huge.to_string().as_bytes(), "application/json");
+    assert_eq!(r.status, 413, "{}", r.message());
 
     // 402: out of credits, saying when they renew. Dave has 250; two long dev jobs hold 218.
     let long = dave.submit(json!({"model": "demo-dev", "prompt": "a", "width": 1024, "height": 1024, "steps": 100}));

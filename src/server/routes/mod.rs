@@ -19,11 +19,18 @@ use crate::server::error::ApiError;
 
 /// Mounts every route on an app.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(
-        web::JsonConfig::default()
-            .limit(256 * 1024)
-            .error_handler(|e, _| ApiError::bad_request(format!("invalid JSON body: {e}")).into()),
-    )
+    cfg.app_data(web::JsonConfig::default().limit(256 * 1024).error_handler(|e, _| {
+        match e {
+            actix_web::error::JsonPayloadError::Overflow { .. }
+            | actix_web::error::JsonPayloadError::OverflowKnownLength { .. } => ApiError::new(
+                actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "the JSON body is larger than 256 KiB",
+            )
+            .into(),
+            e => ApiError::bad_request(format!("invalid JSON body: {e}")).into(),
+        }
+    }))
     .app_data(
         web::QueryConfig::default().error_handler(|e, _| ApiError::bad_request(format!("invalid query: {e}")).into()),
     )
