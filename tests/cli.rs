@@ -689,6 +689,17 @@ fn train_writes_a_lora_with_log_checkpoints_and_samples_that_generate_loads() {
     let o = generate_small(dir.path(), &model, "zqx stripes", &png, &["--lora", &lora]);
     assert!(o.status.success(), "generate with the trained LoRA failed: {}", stderr(&o));
 
+    // Resuming on another model (the tiny fixture pipeline, narrower than the demo): refused
+    // from the checkpoint's header, before any image is encoded.
+    let other = pipeline_fixture("schnell");
+    let step2 = run.join("checkpoints/step_2");
+    let mut resumed = args.to_vec();
+    resumed[2] = other.as_str();
+    resumed.extend(["--resume", step2.to_str().unwrap()]);
+    let o = atelier(dir.path(), &resumed);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("trained on another model") && !stderr(&o).contains("encoding"), "{}", stderr(&o));
+
     // A rank larger than the layers: a clear error, nothing computed.
     let mut bad = args.to_vec();
     let at = bad.iter().position(|a| *a == "--rank").unwrap();

@@ -338,12 +338,12 @@ fn image_id(now_ms: u64, n: usize) -> String {
     format!("{now_ms:012x}{:04x}{}", n & 0xffff, crate::secret::random_hex(8))
 }
 
-/// Decodes the image at `path` (the client called it `name`): the format sniffed from its
-/// bytes, never its name; its size read from the header and refused past `max_megapixels`
-/// before any pixel is allocated; EXIF orientation applied.
 /// The shortest side a dataset image may have.
 const MIN_SIDE: u32 = 16;
 
+/// Decodes the image at `path` (the client called it `name`): the format sniffed from its
+/// bytes, never its name; its size read from the header and refused past `max_megapixels`
+/// before any pixel is allocated; EXIF orientation applied.
 pub fn decode(path: &Path, name: &str, max_megapixels: u32) -> Result<DynamicImage, DatasetError> {
     let name = shown(name);
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;

@@ -220,10 +220,11 @@ fn init_adapter(index: usize) -> std::result::Result<SelectedDevice, String> {
 }
 
 /// Percent of the memory budget the driver reports at which wgpu refuses new buffers (an error
-/// instead of the driver's own failure) and at which it gives the device up. The job's memory
-/// plan keeps well below; these only turn a misjudged plan into a clean failure.
+/// instead of the driver's own failure). The job's memory plan keeps well below; this only
+/// turns a misjudged plan into a clean failure. No device-loss threshold: a lost device would
+/// need the server restarted, and the budget counts other processes' memory too.
 const BUDGET_THRESHOLDS: wgpu::MemoryBudgetThresholds =
-    wgpu::MemoryBudgetThresholds { for_resource_creation: Some(95), for_device_loss: Some(99) };
+    wgpu::MemoryBudgetThresholds { for_resource_creation: Some(95), for_device_loss: None };
 
 /// `adapters()[index]` brought up as burn's WGSL runtime would bring it up (every feature
 /// the adapter has but mappable primary buffers, its own limits, allocations sized for memory

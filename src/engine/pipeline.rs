@@ -582,7 +582,7 @@ fn non_finite_check(values: &[Vec<f32>], what: &str, loras: &[LoraSet]) -> Resul
     }
     let total: usize = values.iter().map(Vec::len).sum();
     let cause = if loras.is_empty() {
-        "the model's weights (a file with NaN or huge values?) or f16 overflow (try --dtype f32)".to_string()
+        "the model's weights (a file with NaN or huge values?) or f16 overflow (compute in f32: --dtype f32 or [engine] dtype)".to_string()
     } else {
         let names: Vec<String> = loras.iter().map(|l| format!("{} at {}", l.lora.name, l.weight)).collect();
         format!("the LoRAs ({}: NaN values or too high a strength?) or the model's weights", names.join(", "))

@@ -96,24 +96,8 @@ impl PendingPng {
         let dest = &crate::engine::outfile::destination(dest).map_err(|e| {
             anyhow::anyhow!("{}", e.to_string().replacen("cannot write", "cannot write the image to", 1))
         })?;
-        let tmp = crate::engine::outfile::temporary(dest)?;
-        let mut options = if private { crate::private_files::open_options() } else { std::fs::OpenOptions::new() };
-        let file = options.write(true).create_new(true).open(&tmp).map_err(|e| {
-            let folder = match dest.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p,
-                _ => Path::new("."),
-            };
-            match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    anyhow::anyhow!("cannot write {}: the folder {} does not exist", dest.display(), folder.display())
-                }
-                _ => anyhow::Error::new(e).context(format!(
-                    "cannot write {} (in the folder {})",
-                    dest.display(),
-                    folder.display()
-                )),
-            }
-        })?;
+        let options = if private { crate::private_files::open_options() } else { std::fs::OpenOptions::new() };
+        let (tmp, file) = crate::engine::outfile::create_beside(dest, options)?;
         Ok(PendingPng { tmp, dest: dest.to_path_buf(), file: Some(file) })
     }
 

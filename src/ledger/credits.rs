@@ -348,35 +348,18 @@ pub(crate) struct NewGrant<'a> {
     pub grant_key: Option<&'a str>,
 }
 
-/// Inserts a grant and its `grant` entry. With a `grant_key` that exists already, inserts
-/// nothing and returns `None` (period grants happen once).
-/// The largest single grant, and the most a user may hold open (remaining + held) of one
-/// resource: a trillion and a quadrillion credits, beyond any plan, and 9000× short of `i64::MAX`.
+/// The largest single grant, and the most a user may hold open (remaining + held, in grants
+/// not past their expiry) of one resource: a trillion and a quadrillion credits, beyond any
+/// plan, and 9000× short of `i64::MAX`, so no sum the ledger takes overflows.
 pub const MAX_GRANT: i64 = 1_000_000_000_000;
 pub const MAX_OPEN: i64 = 1_000_000_000_000_000;
 
+/// Inserts a grant and its `grant` entry. With a `grant_key` that exists already, inserts
+/// nothing and returns `None` (period grants happen once).
 pub(crate) fn insert_grant(t: &Tx<'_>, g: &NewGrant<'_>) -> Result<Option<GrantId>, LedgerError> {
     let NewGrant { user, resource, amount, source, period, effective_at, expires_at, priority, grant_key } = *g;
     if amount <= 0 {
         return Err(LedgerError::Invalid(format!("a grant must be > 0 (got {amount})")));
-    }
-    if amount > MAX_GRANT {
-        return Err(LedgerError::Invalid(format!("a grant must be at most {MAX_GRANT} (got {amount})")));
-    }
-    // Every sum the ledger takes over a user's grants (balances, the audit) stays far inside
-    // SQLite's 64-bit integers: a grant that would take the user's open credits past the cap is
-    // refused before anything is written.
-    let open: i64 = t.query_row(
-        "SELECT COALESCE(SUM(remaining + held), 0) FROM grants WHERE user_id = ?1 AND resource = ?2",
-        params![user, resource.as_str()],
-        |r| r.get(0),
-    )?;
-    if open + amount > MAX_OPEN {
-        return Err(LedgerError::Invalid(format!(
-            "this grant would give the user {} open {} (at most {MAX_OPEN})",
-            open + amount,
-            resource.as_str()
-        )));
     }
     let n = t.execute(
         "INSERT INTO grants (user_id, resource, amount, remaining, source, period_kind, effective_at, expires_at, priority, grant_key, created_at)
@@ -820,8 +803,25 @@ impl Ledger {
         if matches!(req.source, GrantSource::Signup | GrantSource::Period) {
             return Err(LedgerError::Invalid("signup and period grants come from the subscription".into()));
         }
+        if req.amount > MAX_GRANT {
+            return Err(LedgerError::Invalid(format!("a grant must be at most {MAX_GRANT} (got {})", req.amount)));
+        }
         self.write(|t| {
             users::require_user(t, user)?;
+            // Plans' own grants (sign-up, periods) are bounded by the plans' validation; an
+            // admin's grant must not take the user's open credits past the cap either.
+            let open: i64 = t.query_row(
+                "SELECT COALESCE(SUM(remaining + held), 0) FROM grants
+                 WHERE user_id = ?1 AND resource = ?2 AND (expires_at IS NULL OR expires_at > ?3)",
+                params![user, req.resource.as_str(), t.now],
+                |r| r.get(0),
+            )?;
+            if open.checked_add(req.amount).is_none_or(|total| total > MAX_OPEN) {
+                return Err(LedgerError::Invalid(format!(
+                    "this grant would give the user more than {MAX_OPEN} open {} ({open} now)",
+                    req.resource.as_str()
+                )));
+            }
             let expires = req.expires_at.map(unix);
             if let Some(e) = expires
                 && e <= t.now

@@ -586,8 +586,8 @@ impl PlansConfig {
                 ("training_weekly", p.training_weekly),
                 ("training_yearly", p.training_yearly),
             ] {
-                if v < 0 {
-                    return bad(format!("{} must be >= 0", at(k)));
+                if !(0..=crate::ledger::MAX_GRANT).contains(&v) {
+                    return bad(format!("{} must be 0 to {}", at(k), crate::ledger::MAX_GRANT));
                 }
             }
             let mut seen = BTreeSet::new();

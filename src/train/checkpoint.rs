@@ -104,6 +104,36 @@ fn settings_difference(there: &str, here: &str) -> String {
     if diffs.is_empty() { "the same fields, in another order".into() } else { diffs.join("; ") }
 }
 
+/// Checks from the checkpoint's header alone that its LoRA fits a transformer of `config`
+/// (every pair names one of its Linears, with its sizes): resuming on another model is refused
+/// before any image is encoded.
+pub fn check_fits(dir: &Path, config: &crate::engine::flux::FluxConfig) -> Result<()> {
+    let path = dir.join(FILE);
+    if !path.exists() {
+        bail!("{} is not a training checkpoint (no {FILE})", dir.display());
+    }
+    let set = WeightSet::open(&path)?;
+    let walk = crate::engine::loader::Walk::plan();
+    crate::engine::flux::Flux::build(&walk.root(), config.clone())?;
+    let weights: std::collections::HashMap<String, Vec<usize>> =
+        walk.entries().into_iter().map(|e| (e.name, e.shape)).collect();
+    for key in set.keys().filter(|k| !k.starts_with("m.") && !k.starts_with("v.")) {
+        let Some(module) = key.strip_suffix(".down") else { continue };
+        let (down, up) = (set.shape(key), set.shape(&format!("{module}.up")));
+        let (Some(&[inputs, _]), Some(&[_, outputs])) = (down, up) else {
+            bail!("{}: {module} is not a pair of LoRA matrices", path.display());
+        };
+        match weights.get(&format!("{module}.weight")).map(Vec::as_slice) {
+            Some(&[o, i]) if (o, i) == (outputs, inputs) => {}
+            Some(shape) => bail!(
+                "its LoRA's {module} is [{outputs}, {inputs}] but the model's layer is {shape:?}: it was trained on another model"
+            ),
+            None => bail!("its LoRA trains {module}, which this model does not have: it was trained on another model"),
+        }
+    }
+    Ok(())
+}
+
 /// Reads a checkpoint folder written by [`save`].
 pub fn load(dir: &Path, device: &Device) -> Result<Restored> {
     let path = dir.join(FILE);

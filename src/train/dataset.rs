@@ -99,10 +99,10 @@ impl Item {
     }
 }
 
-/// Decodes an image with its EXIF orientation applied.
 /// The most pixels a training image may have (a 10000×10000 photo).
 const MAX_PIXELS: u64 = 100_000_000;
 
+/// Decodes an image with its EXIF orientation applied.
 pub fn open_oriented(path: &Path) -> Result<DynamicImage> {
     let what = || format!("cannot read the image {}", path.display());
     let reader = ImageReader::open(path).with_context(what)?.with_guessed_format().with_context(what)?;

@@ -152,12 +152,9 @@ impl FullParams {
             tensors.push(v);
         }
         let mut data = tensors.into_iter();
-        // Written beside and renamed: an interrupted export never leaves a torn file at `path`.
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("model");
-        let tmp = path.with_file_name(format!(".{name}.partial"));
-        write_safetensors(&tmp, &shapes, metadata, dtype, |_, _| data.next().expect("one tensor per name"))
-            .with_context(|| format!("writing {}", path.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+        // (Written beside and renamed by the writer: an interrupted export leaves no torn file.)
+        write_safetensors(path, &shapes, metadata, dtype, |_, _| data.next().expect("one tensor per name"))
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Saves parameters and AdamW state after `step` steps into `dir/state.safetensors`, with

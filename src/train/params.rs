@@ -160,31 +160,6 @@ impl TrainableLora {
         self.pairs.iter().map(|p| p.down.shape().num_elements() + p.up.shape().num_elements()).sum()
     }
 
-    /// Checks that every pair names a Linear of `model` with its sizes (a checkpoint resumed on
-    /// another model would fail deep inside a matmul instead).
-    pub fn check_fits(&self, model: &mut Flux) -> Result<()> {
-        let linears: BTreeMap<String, (usize, usize)> =
-            model.linears_mut().into_iter().map(|(p, l)| (p, l.dims())).collect();
-        for pair in &self.pairs {
-            let [inputs, r] = pair.down.dims();
-            let [_, outputs] = pair.up.dims();
-            match linears.get(&pair.path) {
-                None => bail!(
-                    "this LoRA trains {}, which the model does not have: it was trained on another model",
-                    pair.path
-                ),
-                Some(&dims) if dims != (inputs, outputs) => bail!(
-                    "this LoRA's {} is [{outputs}, {inputs}] (rank {r}) but the model's layer is [{}, {}]: it was trained on another model",
-                    pair.path,
-                    dims.1,
-                    dims.0
-                ),
-                Some(_) => {}
-            }
-        }
-        Ok(())
-    }
-
     /// Sets the adapters of the Linears whose path starts with `prefix` ("" for all pairs):
     /// as autodiff leaves when `tracked` (returned, to read their gradients after backward),
     /// else as plain tensors (a forward that records nothing). Other Linears keep theirs.

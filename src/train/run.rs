@@ -221,7 +221,7 @@ pub fn train_with(
     if s.sample_prompts.iter().any(|p| p.trim().is_empty()) {
         bail!("--sample-prompt must not be empty");
     }
-    check_output(&job.out)?;
+    crate::engine::outfile::check_writable(&job.out)?;
     let items = dataset::scan(&job.images, &s.trigger, s.resolution, s.max_images)?;
     let settings_json = serde_json::to_string(&Restartable::new(s, job.init.as_ref()))?;
     if let Some(dir) = &job.resume {
@@ -235,6 +235,12 @@ pub fn train_with(
         if !s.full && (s.rank == 0 || s.rank > rank_limit) {
             bail!("--rank {} does not fit this model: it must be 1..={rank_limit} (its hidden size)", s.rank);
         }
+        if let (Some(dir), false) = (&job.resume, s.full) {
+            checkpoint::check_fits(dir, &config).with_context(|| format!("resuming from {}", dir.display()))?;
+        }
+    }
+    if s.train_text_encoders {
+        super::text::check_sources(&job.files)?;
     }
     let out_dir = run_dir(&job.out);
     std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
@@ -247,9 +253,6 @@ pub fn train_with(
         None => job.files.clone(),
     };
     let config = files.check()?;
-    if s.train_text_encoders {
-        super::text::check_sources(&files)?;
-    }
 
     on(Event::Stage(format!("encoding {} images and their captions", items.len())));
     let is_dev = config.guidance_embed;
@@ -292,7 +295,6 @@ pub fn train_with(
         match &job.resume {
             Some(dir) => {
                 let r = checkpoint::load(dir, device)?;
-                r.lora.check_fits(&mut model).with_context(|| format!("resuming from {}", dir.display()))?;
                 (model, Trainee::Lora(r.lora), r.optimizer, r.step)
             }
             None => {
@@ -452,24 +454,6 @@ fn as_pairs(meta: &[(String, String)]) -> Vec<(&str, &str)> {
 /// Steps the running mean of the loss spans.
 const MEAN_WINDOW: usize = 50;
 
-/// Checks before any compute that `out` can be written: a plain file (or a new name) in a
-/// folder that exists and takes new files. Nothing is left behind.
-pub(crate) fn check_output(out: &Path) -> Result<()> {
-    let dest = crate::engine::outfile::destination(out)?;
-    let tmp = crate::engine::outfile::temporary(&dest)?;
-    std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| {
-        let folder = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                anyhow::anyhow!("cannot write {}: the folder {} does not exist", out.display(), folder.display())
-            }
-            _ => anyhow::Error::new(e).context(format!("cannot write {}", out.display())),
-        }
-    })?;
-    let _ = std::fs::remove_file(&tmp);
-    Ok(())
-}
-
 /// The run's `loss.csv`, open for appending: new (with `header`) for a run from step 0; for a
 /// resume from step `start`, without the rows an earlier run logged past `start` (they are
 /// about to be logged again).
@@ -484,7 +468,8 @@ pub(crate) fn open_log(path: &Path, start: usize, header: &str) -> Result<std::f
             }
         }
     }
-    std::fs::write(path, kept).with_context(|| format!("cannot write {}", path.display()))?;
+    // Replaced whole, so a crash here keeps the old log.
+    crate::engine::outfile::write_replacing(path, |f| Ok(f.write_all(kept.as_bytes())?))?;
     std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot write {}", path.display()))
 }
 

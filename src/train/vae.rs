@@ -122,7 +122,8 @@ pub fn train_vae(
         bail!("--kl-weight must be a number at least 0");
     }
     if let Some(dir) = &job.holdout
-        && std::fs::canonicalize(dir).ok() == std::fs::canonicalize(&job.images).ok()
+        && let (Ok(a), Ok(b)) = (std::fs::canonicalize(dir), std::fs::canonicalize(&job.images))
+        && a == b
     {
         bail!("--holdout is the training folder itself: its PSNR would not measure images the VAE never saw");
     }

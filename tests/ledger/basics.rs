@@ -608,20 +608,25 @@ fn a_grant_past_the_caps_is_refused_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (mut l, _clock) = open(&dir, PlansConfig::defaults());
     let u = l.add_user("cy", false, None).unwrap().id;
-    let before = l.grants(u).unwrap().len();
+    let grants = |l: &mut Ledger| l.grants(u).unwrap().len();
+    let before = grants(&mut l);
     // Near i64::MAX: once stored, every balance sum over this user's grants would overflow.
     let e = l.grant(u, &GrantRequest::credits(9_223_372_036_854_775_000, GrantSource::Admin, None)).unwrap_err();
     assert!(e.to_string().contains("at most"), "{e}");
-    for _ in 0..(MAX_OPEN / MAX_GRANT) {
-        if l.grant(u, &GrantRequest::credits(MAX_GRANT, GrantSource::Admin, None)).is_err() {
-            break;
-        }
+    assert_eq!(grants(&mut l), before, "nothing written");
+    // Up to the cap on open credits, then refused, the refused grant writing nothing.
+    let mut accepted = 0;
+    while l.grant(u, &GrantRequest::credits(MAX_GRANT, GrantSource::Admin, None)).is_ok() {
+        accepted += 1;
+        assert!(accepted <= MAX_OPEN / MAX_GRANT, "the cap did not stop the grants");
     }
+    let at_cap = grants(&mut l);
     let e = l.grant(u, &GrantRequest::credits(MAX_GRANT, GrantSource::Admin, None)).unwrap_err();
-    assert!(e.to_string().contains("open"), "{e}");
-    // The user stays usable: balances read, small grants still fail cleanly at the cap.
+    assert!(e.to_string().contains("open credits"), "{e}");
+    assert_eq!(grants(&mut l), at_cap, "nothing written");
+    // The user stays usable: the balance reads, jobs can still be held against it.
     let b = l.balance(u, Resource::Credits).unwrap();
-    assert!(b.available <= MAX_OPEN, "{b:?}");
-    assert!(l.grants(u).unwrap().len() > before);
+    assert!(b.available <= MAX_OPEN && b.available > MAX_OPEN - MAX_GRANT, "{b:?}");
+    l.place_hold(&HoldRequest::credits(u, "j", "k", 45)).unwrap();
     audit(&mut l);
 }
