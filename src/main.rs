@@ -321,8 +321,8 @@ fn run_generate(a: GenerateArgs, config: &Config, data_dir: &std::path::Path) ->
 }
 
 fn quantize(input: &std::path::Path, output: &std::path::Path, ty: &str) -> Result<()> {
+    // (Also refuses an output that cannot be written: a folder, a device.)
     atelier::engine::outfile::refuse_overwriting_input(output, input)?;
-    atelier::engine::outfile::destination(output)?;
     use atelier::engine::to_gguf;
     let written = match transformer_or_t5(input)? {
         Checkpoint::Transformer(..) => to_gguf::convert_transformer(input, output, ty, None)?,

@@ -125,14 +125,19 @@ pub fn write_replacing(dest: &Path, write: impl FnOnce(&mut std::fs::File) -> Re
     }
     let mut pending = Pending(Some(tmp.clone()));
     write(&mut file)?;
-    // A file replaced keeps its permissions (one the user made private stays private).
-    if let Ok(old) = std::fs::metadata(&dest) {
+    commit(&file, &tmp, &dest)?;
+    pending.0 = None;
+    Ok(())
+}
+
+/// Puts the written temporary `file` at `tmp` in place of `dest`: a file it replaces keeps its
+/// permissions (one the user made private stays private), the data reaches the disk first.
+pub fn commit(file: &std::fs::File, tmp: &Path, dest: &Path) -> Result<()> {
+    if let Ok(old) = std::fs::metadata(dest) {
         file.set_permissions(old.permissions()).with_context(|| format!("writing {}", dest.display()))?;
     }
     file.sync_all().with_context(|| format!("writing {}", dest.display()))?;
-    std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
-    pending.0 = None;
-    Ok(())
+    std::fs::rename(tmp, dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))
 }
 
 #[cfg(test)]

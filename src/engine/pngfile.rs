@@ -112,12 +112,9 @@ impl PendingPng {
         let file = self.file.take().expect("a pending PNG is written once");
         let mut out = std::io::BufWriter::new(file);
         encode(&mut out, img, text).with_context(|| format!("writing {}", self.dest.display()))?;
-        out.into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("writing {}", self.dest.display()))?;
-        std::fs::rename(&self.tmp, &self.dest)
-            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
+        let file =
+            out.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", self.dest.display()))?;
+        crate::engine::outfile::commit(&file, &self.tmp, &self.dest)?;
         self.tmp = PathBuf::new();
         Ok(())
     }

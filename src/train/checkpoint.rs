@@ -68,11 +68,7 @@ pub fn save(dir: &Path, lora: &TrainableLora, opt: &AdamW, step: usize, seed: u6
 /// Refuses to resume from `dir` when the run that wrote it (LoRA, full or VAE training) had
 /// other settings than `settings` (JSON), before anything is loaded.
 pub fn check_settings(dir: &Path, settings: &str) -> Result<()> {
-    let path = dir.join(FILE);
-    if !path.exists() {
-        bail!("{} is not a training checkpoint (no {FILE})", dir.display());
-    }
-    let set = WeightSet::open(&path)?;
+    let (path, set) = open(dir)?;
     let written =
         set.metadata("settings").ok_or_else(|| anyhow::anyhow!("{}: no settings in the metadata", path.display()))?;
     if written != settings {
@@ -108,11 +104,7 @@ fn settings_difference(there: &str, here: &str) -> String {
 /// (every pair names one of its Linears, with its sizes): resuming on another model is refused
 /// before any image is encoded.
 pub fn check_fits(dir: &Path, config: &crate::engine::flux::FluxConfig) -> Result<()> {
-    let path = dir.join(FILE);
-    if !path.exists() {
-        bail!("{} is not a training checkpoint (no {FILE})", dir.display());
-    }
-    let set = WeightSet::open(&path)?;
+    let (path, set) = open(dir)?;
     let walk = crate::engine::loader::Walk::plan();
     crate::engine::flux::Flux::build(&walk.root(), config.clone())?;
     let weights: std::collections::HashMap<String, Vec<usize>> =
@@ -134,13 +126,19 @@ pub fn check_fits(dir: &Path, config: &crate::engine::flux::FluxConfig) -> Resul
     Ok(())
 }
 
-/// Reads a checkpoint folder written by [`save`].
-pub fn load(dir: &Path, device: &Device) -> Result<Restored> {
+/// The checkpoint file of `dir` (its path, for messages), header read.
+fn open(dir: &Path) -> Result<(std::path::PathBuf, WeightSet)> {
     let path = dir.join(FILE);
     if !path.exists() {
         bail!("{} is not a training checkpoint (no {FILE})", dir.display());
     }
     let set = WeightSet::open(&path)?;
+    Ok((path, set))
+}
+
+/// Reads a checkpoint folder written by [`save`].
+pub fn load(dir: &Path, device: &Device) -> Result<Restored> {
+    let (path, set) = open(dir)?;
     let meta = |k: &str| -> Result<String> {
         set.metadata(k).map(str::to_string).ok_or_else(|| anyhow::anyhow!("{}: no {k} in the metadata", path.display()))
     };

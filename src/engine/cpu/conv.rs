@@ -115,7 +115,7 @@ pub fn conv3x3_with(
                     };
                     let mut row = &c[y / scale * wd_in..][..wd_in];
                     if let Some((a, k)) = map {
-                        super::norm::apply_affine(row, &mut mapped, a, k, input.silu);
+                        super::norm::affine_silu(row, &mut mapped, a, k, input.silu);
                         row = &mapped;
                     }
                     // Padded column x + 1: odd for even x.

@@ -37,9 +37,9 @@ pub fn exp(x: f32) -> f32 {
 /// AVX2 + FMA and for the baseline, and runs the best one the CPU supports. The body's loops
 /// are then vectorized at that width by the compiler.
 macro_rules! simd_dispatch {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]

@@ -101,12 +101,6 @@ fn affine_of(
         .collect()
 }
 
-/// y = x·a + k, then SiLU when `silu`, from `src` into `dst`: [`group_norm`]'s write pass, also
-/// what the convolution that normalises its input as it reads it applies (the same values).
-pub(super) fn apply_affine(src: &[f32], dst: &mut [f32], a: f32, k: f32, silu: bool) {
-    affine_silu(src, dst, a, k, silu);
-}
-
 /// Σ(x − pivot) and Σ(x − pivot)² of `block`.
 fn deviation_sums(block: &[f32], pivot: f32) -> (f32, f32) {
     let (mut sum, mut squares) = (0.0, 0.0);
@@ -131,7 +125,9 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    fn affine_silu(src: &[f32], dst: &mut [f32], a: f32, k: f32, silu: bool) {
+    /// y = x·a + k, then SiLU when `silu`, from `src` into `dst`: [`group_norm`]'s write pass,
+    /// also what the convolution that normalises its input as it reads it applies.
+    pub(super) fn affine_silu(src: &[f32], dst: &mut [f32], a: f32, k: f32, silu: bool) {
         if silu {
             for (d, &x) in dst.iter_mut().zip(src) {
                 let y = x * a + k;
