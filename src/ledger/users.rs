@@ -33,10 +33,17 @@ pub(crate) fn insert(
     is_admin: bool,
     password_hash: Option<&str>,
 ) -> Result<UserId, LedgerError> {
-    let exists: Option<i64> =
-        t.query_row("SELECT id FROM users WHERE name = ?1", params![name], |r| r.get(0)).optional()?;
-    if exists.is_some() {
-        return Err(LedgerError::UserExists(name.to_string()));
+    // Names that differ only in case are one person to whoever reads them (and logs in with
+    // them): refused like the same name. Compared here, not by SQLite's lower(), which folds
+    // ASCII only.
+    let folded = name.to_lowercase();
+    let mut st = t.prepare("SELECT name FROM users")?;
+    let names = st.query_map([], |r| r.get::<_, String>(0))?;
+    for existing in names {
+        let existing = existing?;
+        if existing.to_lowercase() == folded {
+            return Err(LedgerError::UserExists(existing));
+        }
     }
     t.execute(
         "INSERT INTO users (name, is_admin, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)",

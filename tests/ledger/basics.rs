@@ -486,6 +486,10 @@ fn ledger_entries_are_append_only_and_schema_is_versioned() {
     assert!(l.verify_password("fay", "s3cret").unwrap());
     assert!(!l.verify_password("fay", "nope").unwrap());
     assert!(matches!(l.add_user("fay", false, None), Err(LedgerError::UserExists(_))));
+    // A name differing only in case (Unicode too) is the same person to whoever reads it.
+    assert!(matches!(l.add_user("Fay", false, None), Err(LedgerError::UserExists(n)) if n == "fay"));
+    l.add_user("Émile", false, None).unwrap();
+    assert!(matches!(l.add_user("éMILE", false, None), Err(LedgerError::UserExists(n)) if n == "Émile"));
     assert!(matches!(l.add_user("", false, None), Err(LedgerError::Invalid(_))));
     assert!(matches!(l.add_user("a b", false, None), Err(LedgerError::Invalid(_))));
     let path = l.path().to_path_buf();
@@ -496,7 +500,7 @@ fn ledger_entries_are_append_only_and_schema_is_versioned() {
     assert_eq!(conn.2.to_lowercase(), "wal");
     // Reopening an up-to-date database migrates nothing and works.
     let mut l = Ledger::open(&path, Arc::new(PlansConfig::defaults()), Arc::new(TestClock::new(t0()))).unwrap();
-    assert_eq!(l.users().unwrap().len(), 1);
+    assert_eq!(l.users().unwrap().len(), 2);
     l.audit().unwrap();
 }
 
