@@ -6,16 +6,10 @@
 #   ~/.cache/ref-venv/bin/python scripts/demo/probe_grown_decoder.py MULT LAYERS MINUTES LR l1|mse
 # (DATA below: a train_demo.sh data folder with train/ and holdout/.)
 import sys, time, glob, json, math, torch, numpy as np
-from PIL import Image
 from diffusers import AutoencoderKL
 torch.set_num_threads(2); torch.manual_seed(0)
-D = __import__("os").environ.get("DATA", "/work/demo11/data")
-def load(d):
-    xs=[]
-    for p in sorted(glob.glob(d+'/*.png')):
-        im=Image.open(p).convert('RGBA'); bg=Image.new('RGBA',im.size,(255,255,255,255)); im=Image.alpha_composite(bg,im).convert('RGB')
-        xs.append(torch.from_numpy(np.asarray(im,dtype=np.float32)/127.5-1).permute(2,0,1))
-    return torch.stack(xs)
+sys.path.insert(0, __import__('os').path.dirname(__file__))
+from probe_data import DATA as D, load
 tr,ho=load(D+'/train'),load(D+'/holdout'); print(tr.shape,ho.shape)
 old=AutoencoderKL.from_pretrained('weights/demo/schnell/vae',torch_dtype=torch.float32).eval()
 def psnr(vae,x):

@@ -6,16 +6,10 @@
 #   DATA=<train_demo.sh data folder> ~/.cache/ref-venv/bin/python scripts/demo/probe_vae_finetune.py \
 #       WIDTHS LAYERS random|shipped ANCHOR MINUTES LR [KL]      (e.g. 16,32,48,48 1 shipped 1 10 3e-4)
 import sys, time, glob, math, torch, numpy as np
-from PIL import Image
 from diffusers import AutoencoderKL
 torch.set_num_threads(2); torch.manual_seed(0)
-D=__import__("os").environ.get("DATA", "/work/demo11/data")
-def load(d):
-    xs=[]
-    for p in sorted(glob.glob(d+'/*.png')):
-        im=Image.open(p).convert('RGBA'); bg=Image.new('RGBA',im.size,(255,255,255,255)); im=Image.alpha_composite(bg,im).convert('RGB')
-        xs.append(torch.from_numpy(np.asarray(im,dtype=np.float32)/127.5-1).permute(2,0,1))
-    return torch.stack(xs)
+sys.path.insert(0, __import__('os').path.dirname(__file__))
+from probe_data import DATA as D, load
 tr,ho=load(D+'/train'),load(D+'/holdout')
 widths=[int(c) for c in sys.argv[1].split(',')]; lpb=int(sys.argv[2]); init=sys.argv[3]; anchor=float(sys.argv[4]); minutes=float(sys.argv[5]); lr=float(sys.argv[6]); klw=float(sys.argv[7]) if len(sys.argv)>7 else 1e-4
 old=AutoencoderKL.from_pretrained('weights/demo/schnell/vae',torch_dtype=torch.float32).eval()

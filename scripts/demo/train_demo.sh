@@ -78,7 +78,7 @@ if [ ! -f "$W/schnell.safetensors" ]; then
 fi
 
 log "4/5 VAE fine-tune on the transformer's latent space ($VAE_FT_STEPS steps of $VAE_BATCH)"
-# The whole VAE trains again (~2 s a step on 2 cores), its latents held near stage 2's (a drift
+# The whole VAE trains again (1.1–2 s a step on 2 cores; ~27 minutes), its latents held near stage 2's (a drift
 # penalty of weight 1: ~0.02 rms in scaled units, the posterior's own spread), so the
 # transformer trained on stage 2's latents keeps working while the encoder helps the
 # reconstruction too.

@@ -11,9 +11,10 @@
 #   bash scripts/device/prepare.sh WORK; rm -rf .dev/pipeline   (the tree travels up to 64 MiB), then
 #   with carry [".dev", ".gl"]: OUT=$OUT [STEPS=800] [LIMIT=430] [BATCH=1024] [LR=1e-3] bash scripts/device/continue_demo.sh
 # LOCAL=1 GPUDEV=cpu BATCH=16 STEPS=6 LIMIT=300 checks the flow on this machine.
-# Back here: in a train_demo.sh folder WORK (its data and VAE the shipped model's), the files of
-# $OUT become WORK/schnell.safetensors and schnell_text_encoder*/ (eval_checkpoint.py measures
-# them), then train_demo.sh WORK finishes stage 4 and install_demo.sh WORK ships it.
+# Back here: in a train_demo.sh folder WORK (its data and stage-2 VAE the shipped model's: the VAE
+# before stage 4's fine-tune, which would otherwise drift a second time), the files of $OUT become
+# WORK/schnell.safetensors and schnell_text_encoder*/ (eval_checkpoint.py measures them), then
+# train_demo.sh WORK runs stages 4 and 5 and install_demo.sh WORK ships it.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/demo/recipe.sh

@@ -300,7 +300,8 @@ pub struct TrainVaeArgs {
     /// Fine-tune encoder and decoder of --vae while holding the encoder's latents near its own:
     /// WEIGHT × their mean squared drift (in the scaled units a transformer sees) joins the loss,
     /// and the shift and scale stay, so a transformer trained on this VAE keeps working while the
-    /// encoder helps the reconstruction too (the drift on --holdout is reported).
+    /// encoder helps the reconstruction too (the drift on --holdout is reported). 0: a plain
+    /// fine-tune of the whole VAE, its shift and scale measured again.
     #[arg(long, value_name = "WEIGHT", conflicts_with = "decoder_only")]
     pub keep_latents: Option<f64>,
     #[arg(long, default_value_t = 0)]

@@ -33,9 +33,9 @@ pub(crate) fn insert(
     is_admin: bool,
     password_hash: Option<&str>,
 ) -> Result<UserId, LedgerError> {
-    // Names that differ only in case are one person to whoever reads them (and logs in with
-    // them): refused like the same name. Compared here, not by SQLite's lower(), which folds
-    // ASCII only.
+    // Names that differ only in case read as one person (in lists, on the admin page): refused
+    // like the same name. Compared here, not by SQLite's lower(), which folds ASCII only (this
+    // is lower-casing, not full Unicode case folding or normalisation). Log-in stays exact.
     let folded = name.to_lowercase();
     let mut st = t.prepare("SELECT name FROM users")?;
     let names = st.query_map([], |r| r.get::<_, String>(0))?;

@@ -508,6 +508,31 @@ mod tests {
         d
     }
 
+    /// The fine-tuning tests' set-up in `d`: the fixture VAE as the init, a hold-out folder, and
+    /// the job writing `out` (training on a folder beside it).
+    fn fine_tuning(d: &Path) -> (PathBuf, PathBuf, impl Fn(&str) -> VaeJob) {
+        let (train, holdout) = (images(d, "train", 0), images(d, "holdout", 3));
+        let init = fixture("pipeline/schnell/diffusers/vae");
+        let (d, i, h) = (d.to_path_buf(), init.clone(), holdout.clone());
+        let job = move |out: &str| VaeJob {
+            images: train.clone(),
+            out: d.join(out),
+            init: VaeInit::From(i.clone()),
+            resume: None,
+            holdout: Some(h.clone()),
+            stop_after: None,
+        };
+        (init, holdout, job)
+    }
+
+    /// `job` from random weights of its init's configuration.
+    fn random_init(job: VaeJob) -> VaeJob {
+        let VaeInit::From(path) = &job.init else { return job };
+        let config =
+            VaeConfig::from_diffusers_json(&std::fs::read_to_string(path.join("config.json")).unwrap()).unwrap();
+        VaeJob { init: VaeInit::Random(config), ..job }
+    }
+
     /// --decoder-only: the written folder keeps the init's encoder bit for bit and its shift and
     /// scale (the latent space a transformer was trained on), the decoder learns (hold-out PSNR
     /// rises), and it needs an existing VAE and its own checkpoints.
@@ -515,8 +540,7 @@ mod tests {
     fn decoder_only_training_keeps_the_latent_space_and_improves_reconstruction() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let (train, holdout) = (images(d, "train", 0), images(d, "holdout", 3));
-        let init = fixture("pipeline/schnell/diffusers/vae");
+        let (init, holdout, job) = fine_tuning(d);
         let s = VaeSettings {
             steps: 30,
             batch: 2,
@@ -525,14 +549,6 @@ mod tests {
             decoder_only: true,
             save_dtype: StoreDtype::F32,
             ..VaeSettings::default()
-        };
-        let job = |out: &str| VaeJob {
-            images: train.clone(),
-            out: d.join(out),
-            init: VaeInit::From(init.clone()),
-            resume: None,
-            holdout: Some(holdout.clone()),
-            stop_after: None,
         };
         let trained = train_vae(&job("a"), &s, &Device::flex(), |_| Control::Continue).unwrap();
         let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
@@ -564,11 +580,7 @@ mod tests {
         eprintln!("decoder-only: loss {first:.4} → {last:.4}, hold-out PSNR {p0:.2} → {p1:.2} dB");
 
         // A random init has no encoder to keep; a full run's checkpoint is not this run's.
-        let config =
-            VaeConfig::from_diffusers_json(&std::fs::read_to_string(init.join("config.json")).unwrap()).unwrap();
-        let e = train_vae(&VaeJob { init: VaeInit::Random(config), ..job("b") }, &s, &Device::flex(), |_| {
-            Control::Continue
-        });
+        let e = train_vae(&random_init(job("b")), &s, &Device::flex(), |_| Control::Continue);
         assert!(format!("{:#}", e.unwrap_err()).contains("--decoder-only fine-tunes"));
         let full = VaeSettings { decoder_only: false, ..s.clone() };
         train_vae(&VaeJob { stop_after: Some(10), ..job("c") }, &full, &Device::flex(), |_| Control::Continue).unwrap();
@@ -587,8 +599,7 @@ mod tests {
     fn keep_latents_training_holds_the_latent_space_near_the_init() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let (train, holdout) = (images(d, "train", 0), images(d, "holdout", 3));
-        let init = fixture("pipeline/schnell/diffusers/vae");
+        let (init, holdout, job) = fine_tuning(d);
         let s = VaeSettings {
             steps: 30,
             batch: 2,
@@ -596,14 +607,6 @@ mod tests {
             keep_latents: 10.0,
             save_dtype: StoreDtype::F32,
             ..VaeSettings::default()
-        };
-        let job = |out: &str| VaeJob {
-            images: train.clone(),
-            out: d.join(out),
-            init: VaeInit::From(init.clone()),
-            resume: None,
-            holdout: Some(holdout.clone()),
-            stop_after: None,
         };
         let go = |out: &str, s: &VaeSettings| train_vae(&job(out), s, &Device::flex(), |_| Control::Continue);
         let kept = go("kept", &s).unwrap();
@@ -635,12 +638,23 @@ mod tests {
         assert!(drift < 0.5 * unheld_drift, "drift {drift:.4} with the penalty, {unheld_drift:.4} without");
         eprintln!("keep-latents: hold-out PSNR {p0:.2} → {p1:.2} dB, drift {drift:.4} (without: {unheld_drift:.4})");
 
+        // Stopped at step 10 and resumed: the anchor is the init again (not the checkpoint), so
+        // the losses and the file are the straight run's.
+        let part = train_vae(&VaeJob { stop_after: Some(10), ..job("r") }, &s, &Device::flex(), |_| Control::Continue)
+            .unwrap();
+        let resumed = train_vae(
+            &VaeJob { resume: Some(d.join("r_train/checkpoints/step_10")), ..job("r") },
+            &s,
+            &Device::flex(),
+            |_| Control::Continue,
+        )
+        .unwrap();
+        assert_eq!([part.losses, resumed.losses].concat(), kept.losses);
+        let bytes = |f: &str| std::fs::read(d.join(f).join("diffusion_pytorch_model.safetensors")).unwrap();
+        assert!(bytes("kept") == bytes("r"), "the resumed run wrote other weights");
+
         // It needs an existing VAE, and excludes --decoder-only.
-        let config =
-            VaeConfig::from_diffusers_json(&std::fs::read_to_string(init.join("config.json")).unwrap()).unwrap();
-        let e = train_vae(&VaeJob { init: VaeInit::Random(config), ..job("b") }, &s, &Device::flex(), |_| {
-            Control::Continue
-        });
+        let e = train_vae(&random_init(job("b")), &s, &Device::flex(), |_| Control::Continue);
         assert!(format!("{:#}", e.unwrap_err()).contains("--keep-latents keeps"));
         let e = go("c", &VaeSettings { decoder_only: true, ..s.clone() });
         assert!(format!("{:#}", e.unwrap_err()).contains("give one of them"));
