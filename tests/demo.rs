@@ -47,8 +47,9 @@ fn measure(files: &ModelFiles, atlas: &EmojiAtlas, max_len: usize) -> (usize, us
 /// 52/100 (53 with the VAE before that fine-tune; an emoji whose image has an
 /// identical twin counts when the image is nearest both), with the named emoji at median rank
 /// 0 of 1911 (a random model: 0/100, median rank ~1000); most misses are a close neighbour
-/// (another face, the same flag colours). With the earlier VAE: the same 53 with the
-/// element-wise kernels forced to AVX2 instead of AVX-512 (another CPU's rounding).
+/// (another face, the same flag colours). The same 52 (and the same LoRA figures below) with the
+/// element-wise kernels forced to AVX2 instead of AVX-512 and `ATELIER_NO_AMX=1` (another CPU's
+/// rounding); the earlier VAE kept its 53 so too.
 #[test]
 fn the_demo_model_draws_the_emoji_it_is_named_for() {
     let atlas = EmojiAtlas::load(&root().join("tests/fixtures/demo")).unwrap();
