@@ -165,6 +165,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         credentials: tokio::sync::watch::channel(0).0,
     });
     let bound_state = state.clone();
+    let stop_jobs = jobs.clone();
     let system = actix_web::rt::System::new();
     let result = system.block_on(async move {
         let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes::configure))
@@ -173,7 +174,9 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             // Progress streams stay open for a long time: keep-alive and shutdown must allow it.
             .shutdown_timeout(5)
             .backlog(2048)
-            .max_connection_rate(1024);
+            .max_connection_rate(1024)
+            // Signals are ours (below): jobs must stop at once, not after the streams drain.
+            .disable_signals();
         // Before the "listening" line, so whoever waits for that line also sees this warning.
         let _ = bound_state.public_url.set(public_url(&bound_state.config.server, &server.addrs()));
         for addr in server.addrs() {
@@ -181,9 +184,45 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             println!("listening on http://{addr}");
             log::info!("listening on http://{addr}");
         }
-        server.run().await.context("running the HTTP server")
+        let running = server.run();
+        let handle = running.handle();
+        let stopping = stop_jobs.clone();
+        actix_web::rt::spawn(async move {
+            let name = stop_signal().await;
+            // The running job stops at its next step now (a training checkpoints and pauses),
+            // while the HTTP server lets open progress streams see that for up to 5 s.
+            log::info!("{name} received: stopping jobs, then the HTTP server");
+            stopping.stop();
+            handle.stop(true).await;
+        });
+        running.await.context("running the HTTP server")
     });
     worker.stop();
     sweeper.stop();
     result
+}
+
+/// The first of SIGTERM, SIGINT or SIGQUIT (Ctrl-C elsewhere), by name.
+async fn stop_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use actix_web::rt::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::quit())) {
+            (Ok(mut term), Ok(mut int), Ok(mut quit)) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = quit.recv() => "SIGQUIT",
+            },
+            _ => {
+                log::warn!("cannot listen for stop signals; Ctrl-C only");
+                let _ = actix_web::rt::signal::ctrl_c().await;
+                "Ctrl-C"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = actix_web::rt::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
 }

@@ -410,7 +410,10 @@ fn a_server_stop_checkpoints_the_training_and_the_next_start_resumes_it() {
     let mut server = start(&data, &config);
     let sol = Client::login(&server.url, "sol", "sol-password");
     let ds = dataset(&data, user_id(&sol), 4);
-    let id = submit_training(&sol, order(&ds, "dusk", 400))["job"]["id"].as_str().unwrap().to_string();
+    // 1000 steps (a few ms each on the tiny model): room for a late step-5 event on a loaded
+    // machine. (With 400, CI once saw the training finish before the stop: jobs were stopped
+    // only after the HTTP server had drained, up to 5 s; now at the signal.)
+    let id = submit_training(&sol, order(&ds, "dusk", 1000))["job"]["id"].as_str().unwrap().to_string();
     sol.sse_until(&format!("/api/jobs/{id}/events"), |e| e["type"] == "training_step" && e["step"] == 5);
     let pid = server.child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
@@ -421,7 +424,7 @@ fn a_server_stop_checkpoints_the_training_and_the_next_start_resumes_it() {
     assert_eq!(t["status"], "succeeded", "{t}");
     assert!(server.log().contains(&format!("training {id}: resuming from step_")), "{}", server.log());
     let steps: Vec<u64> = t["loss"].as_array().unwrap().iter().map(|p| p["step"].as_u64().unwrap()).collect();
-    assert_eq!(steps, (1..=400).collect::<Vec<_>>());
+    assert_eq!(steps, (1..=1000).collect::<Vec<_>>());
     assert!(training_holds(&sol).is_empty());
     assert_eq!(sol.get("/api/usage").json()["training_available"], 0);
 }
