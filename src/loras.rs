@@ -74,9 +74,7 @@ impl Sidecar {
         }
         Ok(())
     }
-}
 
-impl Sidecar {
     fn read(path: &Path) -> Sidecar {
         let Ok(bytes) = std::fs::read(path) else { return Sidecar::default() };
         match serde_json::from_slice::<Sidecar>(&bytes) {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
 use super::{DatasetError, Datasets, ImageInfo, captions};
 use crate::config::DatasetsConfig;
@@ -371,7 +371,7 @@ pub fn decode(path: &Path, name: &str, max_megapixels: u32) -> Result<DynamicIma
         e => DatasetError::Invalid(format!("{name}: not a readable image (damaged or truncated?): {e}")),
     };
     // Making the decoder reads the header only (within image's default limits).
-    let mut decoder = reader.into_decoder().map_err(undecodable)?;
+    let decoder = reader.into_decoder().map_err(undecodable)?;
     let (w, h) = decoder.dimensions();
     if u64::from(w) * u64::from(h) > max_pixels {
         return Err(too_many(w, h));
@@ -386,14 +386,7 @@ pub fn decode(path: &Path, name: &str, max_megapixels: u32) -> Result<DynamicIma
             "{name}: {w}×{h} pixels is too small to train on (a side needs at least {MIN_SIDE} pixels)"
         )));
     }
-    let mut limits = Limits::default();
-    // Room for the largest allowed image at 16 bits × 4 channels, and no more.
-    limits.max_alloc = Some(max_pixels * 8 + (16 << 20));
-    decoder.set_limits(limits).map_err(undecodable)?;
-    let orientation = decoder.orientation().map_err(undecodable)?;
-    let mut img = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
-    img.apply_orientation(orientation);
-    Ok(img)
+    crate::train::dataset::decode_bounded(decoder, max_pixels).map_err(undecodable)
 }
 
 /// Writes `img` as an 8-bit PNG (RGBA when it has alpha, else RGB): no metadata travels.

@@ -186,13 +186,12 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         }
         let running = server.run();
         let handle = running.handle();
-        let stopping = stop_jobs.clone();
         actix_web::rt::spawn(async move {
             let name = stop_signal().await;
             // The running job stops at its next step now (a training checkpoints and pauses),
             // while the HTTP server lets open progress streams see that for up to 5 s.
             log::info!("{name} received: stopping jobs, then the HTTP server");
-            stopping.stop();
+            stop_jobs.stop();
             handle.stop(true).await;
         });
         running.await.context("running the HTTP server")

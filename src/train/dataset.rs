@@ -102,24 +102,31 @@ impl Item {
 /// The most pixels a training image may have (a 10000×10000 photo).
 const MAX_PIXELS: u64 = 100_000_000;
 
+/// Decodes what `decoder` holds (its header read and its size checked by the caller) with no
+/// more memory than an image of `max_pixels` needs, its EXIF orientation applied.
+pub fn decode_bounded(mut decoder: impl ImageDecoder, max_pixels: u64) -> image::ImageResult<DynamicImage> {
+    let mut limits = image::Limits::default();
+    // Room for the largest allowed image at 16 bits × 4 channels, and no more.
+    limits.max_alloc = Some(max_pixels * 8 + (16 << 20));
+    decoder.set_limits(limits)?;
+    let orientation = decoder.orientation()?;
+    let mut img = DynamicImage::from_decoder(decoder)?;
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
 /// Decodes an image with its EXIF orientation applied.
 pub fn open_oriented(path: &Path) -> Result<DynamicImage> {
     let what = || format!("cannot read the image {}", path.display());
     let reader = ImageReader::open(path).with_context(what)?.with_guessed_format().with_context(what)?;
     // Making the decoder reads the header only: the size is checked before any pixel is
     // allocated (a header can claim any size).
-    let mut decoder = reader.into_decoder().with_context(what)?;
+    let decoder = reader.into_decoder().with_context(what)?;
     let (w, h) = decoder.dimensions();
     if u64::from(w) * u64::from(h) > MAX_PIXELS {
         bail!("{}: {w}×{h} pixels, more than training reads ({} megapixels)", path.display(), MAX_PIXELS / 1_000_000);
     }
-    let mut limits = image::Limits::default();
-    // The largest allowed image at 16 bits × 4 channels, and no more.
-    limits.max_alloc = Some(MAX_PIXELS * 8 + (16 << 20));
-    decoder.set_limits(limits).with_context(what)?;
-    let orientation = decoder.orientation().with_context(what)?;
-    let mut img = DynamicImage::from_decoder(decoder).with_context(what)?;
-    img.apply_orientation(orientation);
+    let img = decode_bounded(decoder, MAX_PIXELS).with_context(what)?;
     if img.width() == 0 || img.height() == 0 {
         bail!("{} is empty (0 pixels)", path.display());
     }

@@ -227,16 +227,16 @@ pub fn train_with(
     if let Some(dir) = &job.resume {
         checkpoint::check_settings(dir, &settings_json)?;
     }
-    if job.init.is_none() {
-        // Model files: headers only (a model without a transformer, or with mismatched parts,
-        // is refused here, before the run's folder exists).
-        let config = job.files.check()?;
+    // Model files: headers only (a model without a transformer, or with mismatched parts, is
+    // refused here, before the run's folder exists). A random init is checked once written.
+    let checked = if job.init.is_none() { Some(job.files.check()?) } else { None };
+    if let Some(config) = &checked {
         let rank_limit = config.hidden_size.min(config.mlp_hidden_dim);
         if !s.full && (s.rank == 0 || s.rank > rank_limit) {
             bail!("--rank {} does not fit this model: it must be 1..={rank_limit} (its hidden size)", s.rank);
         }
         if let (Some(dir), false) = (&job.resume, s.full) {
-            checkpoint::check_fits(dir, &config).with_context(|| format!("resuming from {}", dir.display()))?;
+            checkpoint::check_fits(dir, config).with_context(|| format!("resuming from {}", dir.display()))?;
         }
     }
     if s.train_text_encoders {
@@ -252,7 +252,10 @@ pub fn train_with(
         }
         None => job.files.clone(),
     };
-    let config = files.check()?;
+    let config = match checked {
+        Some(config) => config,
+        None => files.check()?,
+    };
 
     on(Event::Stage(format!("encoding {} images and their captions", items.len())));
     let is_dev = config.guidance_embed;
