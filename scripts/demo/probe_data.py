@@ -8,8 +8,9 @@ DATA = os.environ.get("DATA", "/work/demo11/data")
 
 
 def load(d):
+    """A folder's PNGs, or a list of PNG paths."""
     xs = []
-    for p in sorted(glob.glob(d + "/*.png")):
+    for p in d if isinstance(d, list) else sorted(glob.glob(d + "/*.png")):
         im = Image.open(p).convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
         xs.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
